@@ -1,0 +1,42 @@
+"""The `quark` command. Each step of the life cycle registers one subcommand here; its module
+provides configure_parser(parser) and run_cli(args) -> exit code, and is imported only when run,
+so `quark --help` stays fast."""
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS = {
+    "info": ("quark._runtime", "version, CPU features, kernel dispatch paths, threads, GPU stack"),
+    "run": ("quark.pipeline", "run a recipe end to end (default: the embedded default recipe)"),
+}
+
+
+def build_parser(chosen=None):
+    parser = argparse.ArgumentParser(prog="quark", description="Quark: develop language models end to end.")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:
+            importlib.import_module(module).configure_parser(p)
+    return parser
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(chosen if chosen in COMMANDS else None)
+    args = parser.parse_args(argv)
+    if args.version:
+        import quark
+        print(quark.__version__)
+        return 0
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return importlib.import_module(COMMANDS[args.command][0]).run_cli(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

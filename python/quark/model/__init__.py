@@ -1,0 +1,5 @@
+"""Llama-style GPT model, its config and presets."""
+from quark.model.config import PRESETS, GPTConfig, preset
+from quark.model.gpt import GPT, KVCache
+
+__all__ = ["GPT", "GPTConfig", "KVCache", "PRESETS", "preset"]
