@@ -1,0 +1,78 @@
+"""Model directories: model.safetensors + config.json (GPTConfig) [+ tokenizer.json].
+
+Every step that produces a model writes one of these (run_dir/<step>/final/), and every step that
+consumes one loads it here. safetensors only: nothing is ever unpickled.
+"""
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from quark.io import atomic_open, atomic_write_text
+from quark.model.config import GPTConfig
+from quark.model.gpt import GPT
+
+# Steps that produce a model, latest in the life cycle first.
+MODEL_STEPS = ("dpo", "sft", "pretrain")
+
+
+def save_model(model: GPT, directory, tokenizer_path=None, metadata=None):
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight", None)   # shared with tok_emb.weight; safetensors refuses aliases
+    with atomic_open(directory / "model.safetensors") as f:
+        f.write(_serialize(state, {k: str(v) for k, v in (metadata or {}).items()}))
+    atomic_write_text(directory / "config.json", model.config.to_json())
+    if tokenizer_path is not None and Path(tokenizer_path).resolve() != (directory / "tokenizer.json").resolve():
+        shutil.copyfile(tokenizer_path, directory / "tokenizer.json")
+    return directory
+
+
+def _serialize(state, metadata):
+    from safetensors.torch import save
+    return save(state, metadata=metadata or None)
+
+
+def load_config(directory):
+    path = Path(directory) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{directory} is not a model directory: config.json is missing")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    return GPTConfig.from_dict(data, where=str(path))
+
+
+def load_model(directory, device="cpu", dtype=None) -> GPT:
+    directory = Path(directory)
+    config = load_config(directory)
+    weights = directory / "model.safetensors"
+    if not weights.exists():
+        raise FileNotFoundError(f"{directory} is not a model directory: model.safetensors is missing")
+    try:
+        state = load_file(weights)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{weights} is corrupted or truncated: {e}") from None
+    model = GPT(config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (config.tie_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise ValueError(f"{weights} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.to(device).eval()
+
+
+def latest_model_dir(run_dir):
+    """The most aligned model a run has produced: dpo, else sft, else pretrain (…/final)."""
+    for step in MODEL_STEPS:
+        d = Path(run_dir) / step / "final"
+        if (d / "model.safetensors").exists():
+            return d
+    raise FileNotFoundError(f"{run_dir} holds no trained model (looked for {', '.join(MODEL_STEPS)}/final)")
