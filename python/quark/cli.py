@@ -10,6 +10,7 @@ COMMANDS = {
     "info": ("quark._runtime", "version, CPU features, kernel dispatch paths, threads, GPU stack"),
     "run": ("quark.pipeline", "run a recipe end to end (default: the embedded default recipe)"),
     "report": ("quark.eval.report", "write report.html (tables and plots) for a run directory"),
+    "augment": ("quark.improve.augment", "augment chat data: noise, model paraphrases, code/docstring round trips"),
     "registry": ("quark.improve.registry", "model registry: list, show, register, promote through the eval gate"),
     "eval": ("quark.eval.harness", "evaluate a model: perplexity, tasks, code pass@k; --gate fails on regressions"),
 }
