@@ -1,4 +1,3 @@
-import difflib
 import json
 import random
 import subprocess
@@ -13,7 +12,10 @@ def test_noise_is_deterministic_and_near_its_rate():
     text = "the quick brown fox jumps over the lazy dog " * 20
     a, b = noise(text, random.Random(1), 0.05), noise(text, random.Random(1), 0.05)
     assert a == b and a != text
-    assert 0.85 < difflib.SequenceMatcher(None, a, text, autojunk=False).ratio() < 1.0
+    assert abs(len(a) - len(text)) < 0.15 * len(text)
+    words = set(text.split())
+    intact = sum(w in words for w in a.split()) / len(a.split())
+    assert 0.6 < intact < 1.0           # most words survive a 5% edit rate, some do not
     assert noise(text, random.Random(1), 0.0) == text
 
 
