@@ -20,6 +20,9 @@
 // (max, sum, accumulator), and a final pass merges the splits (flash-decoding), so a batch of one
 // still spreads over every thread. bf16 and int8 caches are widened to fp32 in registers.
 //
+// Every OpenMP loop is scheduled dynamically, packing included: on a shared, oversubscribed machine a
+// descheduled thread must not hold a static share of the work while the others wait at the barrier.
+//
 // Everything here is in an anonymous namespace: each ISA translation unit compiles its own copy.
 #pragma once
 #include <algorithm>
@@ -168,7 +171,7 @@ struct Blocked {
 #pragma omp parallel
     {
       Buffer tmp = alloc_floats(D);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
       for (int64_t bk = 0; bk < nbk; ++bk) {
         pack_kt(a.k, a.dtype, bk * a.Sk * D, a.Sk, D, kt.get() + bk * Skp * D, tmp.get());
         pack_rows(a.v, a.dtype, bk * a.Sk * D, a.Sk, D, Dp, Skp, vp.get() + bk * Skp * Dp);
@@ -191,37 +194,56 @@ struct Blocked {
         const int64_t kend = visible_keys(i0 + mb - 1, a.Sq, a.Sk, a.causal);
         for (int64_t j0 = 0; j0 < kend; j0 += BN) {
           gemm<V>(mb, BN, Gemm{D, qb.get(), D, 1, ktb + (j0 / BN) * D * BN, BN, s.get(), BN, nullptr, false});
-          for (int64_t r = 0; r < mb; ++r) {
-            float* row = s.get() + r * BN;
-            const int64_t nv = std::min(BN, visible_keys(i0 + r, a.Sq, a.Sk, a.causal) - j0);
-            if (nv <= 0) {  // this row sees nothing in the block (causal top rows, or padding)
-              std::memset(row, 0, sizeof(float) * BN);
-              alpha[r] = 1.f;
-              continue;
-            }
-            for (int64_t j = nv; j < BN; ++j) row[j] = kNegInf;
-            reg mx = V::load(row);
-            for (int64_t c = W; c < BN; c += W) mx = V::max(mx, V::load(row + c));
-            const float m_new = std::max(m[r], V::hmax(mx));
-            alpha[r] = std::exp2(m[r] - m_new);  // 0 on the first visible block (m = -inf)
-            const reg mv = V::set1(m_new);
-            reg sum = V::zero();
-            for (int64_t c = 0; c < BN; c += W) {
-              const reg p = V::exp2(V::sub(V::load(row + c), mv));
-              V::store(row + c, p);
-              sum = V::add(sum, p);
-            }
-            l[r] = l[r] * alpha[r] + V::hsum(sum);
-            m[r] = m_new;
-          }
+          online_softmax(a, s.get(), mb, i0, j0, 1.f, m, l, alpha);
           gemm<V>(mb, Dp, Gemm{BN, s.get(), BN, 1, vpb + j0 * Dp, Dp, o.get(), Dp, alpha, true});
         }
-        for (int64_t r = 0; r < mb; ++r) {
-          const int64_t row = bh * a.Sq + i0 + r;
-          store_row(a.out, a.dtype, row * D, D, o.get() + r * Dp, l[r] > 0.f ? 1.f / l[r] : 0.f);
-          if (a.lse) a.lse[row] = l[r] > 0.f ? (m[r] + std::log2(l[r])) * kLn2 : kNegInf;
-        }
+        store_rows(a, o.get(), Dp, bh, i0, mb, m, l);
       }
+    }
+  }
+
+  // One key block of the online softmax on the (mb, BN) score tile s (base-2 logits after the factor
+  // smul): masks what row i0 + r may not see, updates its running max m and sum l, leaves P in s and
+  // the factor alpha that rescales the row's accumulator.
+  static void online_softmax(const AttentionFwdArgs& a, float* s, int64_t mb, int64_t i0, int64_t j0, float smul,
+                             float* m, float* l, float* alpha) {
+    const reg mulv = V::set1(smul);
+    for (int64_t r = 0; r < mb; ++r) {
+      float* row = s + r * BN;
+      const int64_t nv = std::min(BN, visible_keys(i0 + r, a.Sq, a.Sk, a.causal) - j0);
+      if (nv <= 0) {  // this row sees nothing in the block (causal top rows)
+        std::memset(row, 0, sizeof(float) * BN);
+        alpha[r] = 1.f;
+        continue;
+      }
+      for (int64_t j = nv; j < BN; ++j) row[j] = kNegInf;
+      reg mx = V::set1(kNegInf);
+      for (int64_t c = 0; c < BN; c += W) {
+        const reg x = V::mul(V::load(row + c), mulv);
+        V::store(row + c, x);
+        mx = V::max(mx, x);
+      }
+      const float m_new = std::max(m[r], V::hmax(mx));
+      alpha[r] = std::exp2(m[r] - m_new);  // 0 on the first visible block (m = -inf)
+      const reg mv = V::set1(m_new);
+      reg sum = V::zero();
+      for (int64_t c = 0; c < BN; c += W) {
+        const reg p = V::exp2(V::sub(V::load(row + c), mv));
+        V::store(row + c, p);
+        sum = V::add(sum, p);
+      }
+      l[r] = l[r] * alpha[r] + V::hsum(sum);
+      m[r] = m_new;
+    }
+  }
+
+  // out rows = O / l, and lse = ln(sum exp) = (m + log2 l) * ln 2; zeros / -inf for rows that saw no key.
+  static void store_rows(const AttentionFwdArgs& a, const float* o, int64_t ldo, int64_t bh, int64_t i0, int64_t mb,
+                         const float* m, const float* l) {
+    for (int64_t r = 0; r < mb; ++r) {
+      const int64_t row = bh * a.Sq + i0 + r;
+      store_row(a.out, a.dtype, row * a.D, a.D, o + r * ldo, l[r] > 0.f ? 1.f / l[r] : 0.f);
+      if (a.lse) a.lse[row] = l[r] > 0.f ? (m[r] + std::log2(l[r])) * kLn2 : kNegInf;
     }
   }
 
@@ -426,7 +448,7 @@ struct Blocked {
         for (int64_t g = 0; g < G; ++g) std::memcpy(pt + g * (Dp + 2), acc.get() + g * Dp, sizeof(float) * Dp);
       }
       // Merge the splits of every (batch, query head).
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
       for (int64_t bh = 0; bh < a.B * a.Hq; ++bh) {
         const int64_t bk = (bh / a.Hq) * a.Hkv + (bh % a.Hq) / G, g = (bh % a.Hq) % G;
         float M = kNegInf;
