@@ -63,3 +63,39 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None, k_scale=Non
     s = s.masked_fill(~valid[:, None, :], float("-inf"))
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)                                  # length 0 -> zeros
     return torch.einsum("bhs,bhsd->bhd", p, v).to(q.dtype)
+
+
+def _wide(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def rmsnorm(x, weight, eps=1e-6):
+    """x (..., C), weight (C,) -> x * rsqrt(mean(x^2) + eps) * weight in x's dtype (fp32 math)."""
+    xf = x.to(_wide(x))
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.to(xf.dtype)).to(x.dtype)
+
+
+def rope(x, cos, sin):
+    """Rotate-half RoPE (quark.model.gpt.apply_rope): x (B, H, S, D), cos/sin (S, D/2) or (B, S, D/2)."""
+    if cos.ndim == 3:
+        cos, sin = cos[:, None], sin[:, None]                                     # (B, 1, S, D/2)
+    xf = x.to(_wide(x))
+    cos, sin = cos.to(xf.dtype), sin.to(xf.dtype)
+    x1, x2 = xf[..., : x.shape[-1] // 2], xf[..., x.shape[-1] // 2:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+
+
+def swiglu(a, b):
+    """silu(a) * b in a's dtype (fp32 math)."""
+    af = a.to(_wide(a))
+    return (torch.nn.functional.silu(af) * b.to(af.dtype)).to(a.dtype)
+
+
+def fused_linear_cross_entropy(x, weight, target, bias=None, ignore_index=-100, reduction="mean"):
+    """cross_entropy(x @ weight.T + bias, target): x (N, C), weight (V, C), target (N,) int; the
+    logits are materialised in fp32 (the unfused baseline). Targets equal to ignore_index add nothing;
+    "mean" divides by the number of the others."""
+    logits = x.to(_wide(x)) @ weight.to(_wide(x)).T
+    if bias is not None:
+        logits = logits + bias.to(logits.dtype)
+    return torch.nn.functional.cross_entropy(logits, target, ignore_index=ignore_index, reduction=reduction)
