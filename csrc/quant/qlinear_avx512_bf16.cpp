@@ -28,10 +28,12 @@ template <int R>
 void vnni_tile(const uint8_t* xu, int64_t ldx, int64_t k4n, const int8_t* panel, const int32_t* colsum,
                int32_t* dots, int64_t ldd, int cols) {
   __m512i c0[R], c1[R];
+  #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) { c0[r] = _mm512_setzero_si512(); c1[r] = _mm512_setzero_si512(); }
   for (int64_t k4 = 0; k4 < k4n; ++k4) {
     const __m512i b0 = _mm512_load_si512(panel + k4 * NR * 4);
     const __m512i b1 = _mm512_load_si512(panel + k4 * NR * 4 + 64);
+    #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       int32_t quad;
       std::memcpy(&quad, xu + r * ldx + 4 * k4, 4);
@@ -44,6 +46,7 @@ void vnni_tile(const uint8_t* xu, int64_t ldx, int64_t k4n, const int8_t* panel,
   const __m512i shift1 = _mm512_slli_epi32(_mm512_loadu_si512(colsum + 16), 7);
   const __mmask16 m0 = cols >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << cols) - 1);
   const __mmask16 m1 = cols <= 16 ? 0 : cols >= 32 ? 0xFFFF : static_cast<__mmask16>((1u << (cols - 16)) - 1);
+  #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
     _mm512_mask_storeu_epi32(dots + r * ldd, m0, _mm512_sub_epi32(c0[r], shift0));
     _mm512_mask_storeu_epi32(dots + r * ldd + 16, m1, _mm512_sub_epi32(c1[r], shift1));
