@@ -9,6 +9,7 @@ import sys
 COMMANDS = {
     "info": ("quark._runtime", "version, CPU features, kernel dispatch paths, threads, GPU stack"),
     "run": ("quark.pipeline", "run a recipe end to end (default: the embedded default recipe)"),
+    "quantize": ("quark.optimize.quantize", "quantize a model's Linear layers (int8 / int4 / w8a8) and save it"),
 }
 
 
