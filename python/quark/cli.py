@@ -13,6 +13,7 @@ COMMANDS = {
     "augment": ("quark.improve.augment", "augment chat data: noise, model paraphrases, code/docstring round trips"),
     "registry": ("quark.improve.registry", "model registry: list, show, register, promote through the eval gate"),
     "eval": ("quark.eval.harness", "evaluate a model: perplexity, tasks, code pass@k; --gate fails on regressions"),
+    "quantize": ("quark.optimize.quantize", "quantize a model's Linear layers (int8 / int4 / w8a8) and save it"),
 }
 
 

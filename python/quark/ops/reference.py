@@ -99,3 +99,18 @@ def fused_linear_cross_entropy(x, weight, target, bias=None, ignore_index=-100, 
     if bias is not None:
         logits = logits + bias.to(logits.dtype)
     return torch.nn.functional.cross_entropy(logits, target, ignore_index=ignore_index, reduction=reduction)
+
+
+def qlinear(x, qt, bias=None):
+    """Same contract as quark.ops.qlinear: x (..., K) @ dequantize(qt).T + bias in x's dtype; "w8a8"
+    first quantizes x per row to int8 exactly as the kernel does."""
+    from quark.ops.quant import dequantize, quantize_activations
+    w = dequantize(qt).to(x.device)
+    xf = x.float().reshape(-1, x.shape[-1])
+    if qt.scheme == "w8a8":
+        q, s = quantize_activations(xf)
+        xf = q.float() * s[:, None]
+    y = xf @ w.T
+    if bias is not None:
+        y = y + bias.float()
+    return y.reshape(*x.shape[:-1], w.shape[0]).to(x.dtype)
