@@ -2,8 +2,9 @@
 new token per sequence over a KV cache (float32, bfloat16 or int8 with per-token scales).
 
 Dispatch: CPU tensors run the C++ kernels in csrc/attention (FlashAttention-2-style tiles with an
-online softmax, O(S*D) memory; backward recomputes the scores), other devices torch's SDPA / the
-reference in quark.ops.reference.
+online softmax, O(S*D) memory; backward recomputes the scores), CUDA tensors the Triton kernels in
+quark.ops.triton (when triton is installed), other devices torch's SDPA / the reference in
+quark.ops.reference.
 
 Conventions (shared with the reference): q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D), Hq % Hkv == 0 (GQA/MQA);
 the causal mask aligns the last query with the last key, so Sq < Sk continues a cached prefix; a query
@@ -14,8 +15,10 @@ import torch.nn.functional as F
 
 from quark import _C
 from quark.ops import reference
+from quark.ops import triton as triton_ops
 
 _CPU_DTYPES = (torch.float32, torch.bfloat16)
+_GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _check_tensor(name, t, ndim):
@@ -83,6 +86,9 @@ def attention(q, k, v, causal=True, scale=None):
     """
     _check_qkv(q, k, v)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if q.device.type == "cuda" and triton_ops.available() and q.dtype in _GPU_DTYPES and q.shape[-1] <= 256:
+        from quark.ops.triton.attention import attention as attention_triton
+        return attention_triton(q, k, v, causal, scale)
     if q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
                                               enable_gqa=q.shape[1] != k.shape[1])
@@ -143,6 +149,10 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None, k_scale=Non
                 raise ValueError(f"{name} must have shape {(B, Hkv, Smax)}, got {tuple(s.shape)}")
     scale = D ** -0.5 if scale is None else float(scale)
     lengths = _lengths(cache_seqlens, B, Smax)
+    if (q.device.type == "cuda" and triton_ops.available() and q.dtype in _GPU_DTYPES
+            and k_cache.dtype in (q.dtype, torch.int8)):
+        from quark.ops.triton.decode_attention import decode_attention as decode_triton
+        return decode_triton(q, k_cache, v_cache, lengths.to(q.device), scale, k_scale, v_scale)
     if q.device.type != "cpu":
         return reference.decode_attention(q, k_cache, v_cache, lengths.to(q.device), scale, k_scale, v_scale)
     _check_cpu("q", q)

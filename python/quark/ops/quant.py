@@ -27,6 +27,7 @@ import torch
 
 from quark import _C
 from quark.io import atomic_write_bytes
+from quark.ops import triton as triton_ops
 from quark.ops._checks import check_array, device_of
 
 SCHEMES = ("int8", "int4", "w8a8")
@@ -294,7 +295,8 @@ def quantize_activations(x):
 def qlinear(x, qt, bias=None):
     """x (..., K) float32 or bfloat16 -> (..., N) in x's dtype: x @ dequantize(qt).T + bias.
 
-    numpy in -> numpy out. CPU runs the C++ kernels; other devices use quark.ops.reference.qlinear.
+    numpy in -> numpy out. CPU runs the C++ kernels, CUDA the Triton kernels (quark.ops.triton.qmatmul);
+    other devices use quark.ops.reference.qlinear.
     bf16 x is widened to fp32 for the kernel and the result rounded back to bf16.
     """
     if not isinstance(qt, QuantizedTensor):
@@ -311,6 +313,13 @@ def qlinear(x, qt, bias=None):
         if not isinstance(bias, torch.Tensor) or not bias.is_floating_point() or tuple(bias.shape) != (N,):
             raise ValueError(f"bias must be a floating-point tensor of shape ({N},), got "
                              f"{getattr(bias, 'shape', type(bias).__name__)}")
+    if device_of(xt) == "cuda" and qt.data.device.type == "cuda" and triton_ops.available():
+        from quark.ops.triton.qmatmul import qmatmul
+        if qt.scheme == "w8a8":                    # the same activation rounding as the CPU kernels
+            q, s = quantize_activations(xt.reshape(-1, K).float())
+            xt = (q.float() * s[:, None]).to(xt.dtype).reshape(xt.shape)
+        return qmatmul(xt, "int4" if qt.scheme == "int4" else "int8", qt.data, qt.scales, qt.zeros,
+                       qt.group_size, bias)
     if device_of(xt) != "cpu" or qt.data.device.type != "cpu":
         from quark.ops import reference
         return reference.qlinear(xt, qt, bias)

@@ -12,3 +12,8 @@ whether it compiles for the GPU or runs under the CPU interpreter (TRITON_INTERP
     qmatmul.py                    int4 / int8 weight-dequantizing GEMV and GEMM (quark.ops.quant formats)
     distance.py                   pairwise distances and fused per-block top-k for vector search
 """
+import importlib.util
+
+def available():
+    """True when triton is installed (the kernels themselves are imported on first use)."""
+    return importlib.util.find_spec("triton") is not None
