@@ -14,6 +14,7 @@ whether it compiles for the GPU or runs under the CPU interpreter (TRITON_INTERP
 """
 import importlib.util
 
+
 def available():
     """True when triton is installed (the kernels themselves are imported on first use)."""
     return importlib.util.find_spec("triton") is not None
