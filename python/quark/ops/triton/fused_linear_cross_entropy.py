@@ -8,7 +8,9 @@ chosen so that a chunk's logits (n_c, V) are about the size of x itself:
         then overwrite the row in place with its gradient (softmax - onehot) / n_valid
     grad_x_c = dlogits_c @ W, grad_W += dlogits_c^T @ x_c, grad_b += colsum(dlogits_c)
 so the gradients are ready when forward ends (backward only scales them by the incoming grad, a
-scalar). Peak extra memory: one logits chunk + grad_W in fp32.
+scalar). grad_W accumulates in W's dtype, as Liger does (each chunk's GEMM sums in fp32, the running
+total is rounded once per chunk): an fp32 (V, C) accumulator would alone cost 2x a bf16 weight. Peak
+extra memory: one logits chunk + grad_x + grad_W.
 Targets equal to ignore_index contribute no loss and no gradient; "mean" divides by the count of the
 others (read on device, no host sync). Reference: Liger-Kernel fused_linear_cross_entropy (2024).
 """
@@ -65,7 +67,7 @@ def fused_linear_cross_entropy_forward(x, weight, target, bias, ignore_index, re
     loss_rows = torch.empty(N, dtype=torch.float32, device=x.device)
     n_valid = (target != ignore_index).sum().to(torch.float32).reshape(1)          # stays on device
     grad_x = torch.empty_like(x) if need_grads[0] else None
-    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if need_grads[1] else None
+    grad_w = torch.zeros_like(weight) if need_grads[1] else None
     grad_b = torch.zeros(V, dtype=torch.float32, device=x.device) if need_grads[2] else None
     n_c = _chunk_rows(N, C, V)
     block_v = min(triton.next_power_of_2(V), 4096)
@@ -81,7 +83,7 @@ def fused_linear_cross_entropy_forward(x, weight, target, bias, ignore_index, re
         if grad_x is not None:
             torch.matmul(logits, weight, out=grad_x[s:s + n_c])                    # (n_c, C)
         if grad_w is not None:
-            grad_w.addmm_(logits.T.to(torch.float32), x_c.to(torch.float32))       # (V, C) fp32 sum
+            grad_w.addmm_(logits.T, x_c.to(weight.dtype))                          # (V, C)
         if grad_b is not None:
             grad_b += logits.sum(0, dtype=torch.float32)
     loss = loss_rows.sum()
