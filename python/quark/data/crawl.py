@@ -578,7 +578,9 @@ class Crawler:
                 parser.parse([])
             else:
                 parser.disallow_all = True
-        except FetchFailed:
+        except FetchFailed as e:
+            if e.reason == "blocked address":
+                raise  # the host itself is refused: say so rather than blaming robots.txt
             parser.disallow_all = True
         delay = parser.crawl_delay(self.cfg.user_agent)
         if delay:
