@@ -70,3 +70,26 @@ class ShardWriter:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class AppendWriter:
+    """One JSONL file with the same checkpoint discipline: reopened at a committed byte offset,
+    everything after it is truncated."""
+
+    def __init__(self, path, offset=0):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "ab")
+        self._f.truncate(offset)
+        self._f.seek(offset)
+
+    def write(self, record):
+        self._f.write(json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n")
+
+    def sync(self):
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        return self._f.tell()
+
+    def close(self):
+        self._f.close()
