@@ -71,3 +71,37 @@ def test_quark_minhash(benchmark):
 def test_datasketch_minhash(benchmark):
     docs = make_docs(100, 300)
     benchmark(datasketch_signatures, docs)
+
+
+def dedup_at_scale(n=1_000_000, words=30, dup_fraction=0.1, run_dir="/tmp/quark-dedup-scale"):
+    """The 1M-short-documents measurement in BENCHMARKS.md: writes run_dir/clean/docs.jsonl with n
+    documents of `words` random words, a dup_fraction of them near copies (last word changed) of
+    earlier ones, runs the dedup step in this process and prints its stats (time, peak RSS).
+    `python -c "from benchmarks.bench_data import dedup_at_scale; dedup_at_scale()"`"""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from quark.data import dedup
+    rng = random.Random(0)
+    vocab = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(50_000)]
+    root = Path(run_dir)
+    shutil.rmtree(root, ignore_errors=True)
+    (root / "clean").mkdir(parents=True)
+    kept_sample = []
+    with open(root / "clean" / "docs.jsonl", "w") as f:
+        for i in range(n):
+            if kept_sample and rng.random() < dup_fraction:
+                w = rng.choice(kept_sample).split()
+                w[-1] = rng.choice(vocab)  # last word changed: 25 of 27 word 5-grams shared, J ~ 0.93
+                text = " ".join(w)
+            else:
+                text = " ".join(rng.choice(vocab) for _ in range(words))
+                if len(kept_sample) < 10_000:
+                    kept_sample.append(text)
+                else:
+                    kept_sample[rng.randrange(10_000)] = text
+            f.write(json.dumps({"id": str(i), "text": text, "source": "synthetic", "meta": {}}) + "\n")
+    stats = dedup.run_step(root, {"seed": 0})
+    print(json.dumps(stats, indent=1))
+    return stats
