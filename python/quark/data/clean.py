@@ -39,7 +39,7 @@ from typing import Literal
 from tqdm import tqdm
 
 from quark.config import ConfigError, from_dict
-from quark.data.shards import AppendWriter, shard_paths
+from quark.data.shards import AppendWriter, file_state, fingerprint, shard_paths
 from quark.io import atomic_write_json
 
 WEB_FILTERS = ("gopher_repetition", "gopher_quality", "c4", "fineweb")
@@ -319,7 +319,10 @@ def run_step(run_dir, cfg):
         raise FileNotFoundError(f"no crawl/pages-*.jsonl or scrape/files-*.jsonl under {run_dir}: run crawl/scrape first")
     out = run_dir / "clean"
     progress_path = out / "progress.json"
-    progress = json.loads(progress_path.read_text()) if progress_path.exists() else {"done": 0, "offset": 0, "counts": {}}
+    fp = fingerprint(vars(c), file_state(shard_paths(run_dir / "crawl", "pages") + shard_paths(run_dir / "scrape", "files")))
+    progress = json.loads(progress_path.read_text()) if progress_path.exists() else {}
+    if progress.get("fingerprint") != fp:  # new inputs or settings: start over
+        progress = {"fingerprint": fp, "done": 0, "offset": 0, "counts": {}}
     counts = collections.Counter(progress["counts"])
     writer = AppendWriter(out / "docs.jsonl", progress["offset"])
     t0 = time.time()
@@ -336,9 +339,9 @@ def run_step(run_dir, cfg):
                 counts["chars_out"] += len(doc["text"])
             bar.update(1)
             if (i + 1) % 500 == 0:
-                progress = {"done": i + 1, "offset": writer.sync(), "counts": dict(counts)}
+                progress = {"fingerprint": fp, "done": i + 1, "offset": writer.sync(), "counts": dict(counts)}
                 atomic_write_json(progress_path, progress)
-    progress = {"done": sum(v for k, v in counts.items() if k.startswith("in.")), "offset": writer.sync(),
+    progress = {"fingerprint": fp, "done": sum(v for k, v in counts.items() if k.startswith("in.")), "offset": writer.sync(),
                 "counts": dict(counts)}
     atomic_write_json(progress_path, progress)
     writer.close()

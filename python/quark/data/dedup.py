@@ -30,6 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from quark.config import ConfigError, from_dict
+from quark.data.shards import file_state
 from quark.io import atomic_open, atomic_write_json
 from quark.ops import minhash
 
@@ -151,8 +152,9 @@ def run_step(run_dir, cfg):
     work.mkdir(parents=True, exist_ok=True)
     bands, rows = (c.bands, c.num_perm // c.bands) if c.bands else optimal_bands(c.threshold, c.num_perm)
     settings = {"num_perm": c.num_perm, "ngram": c.ngram, "unit": c.unit, "bands": bands, "rows": rows,
-                "seed": c.seed, "chunk_docs": c.chunk_docs}
+                "seed": c.seed, "chunk_docs": c.chunk_docs, "input": file_state([src])}
     settings_path = work / "settings.json"
+    settings = json.loads(json.dumps(settings))  # tuples -> lists, as they come back from the file
     if not settings_path.exists() or json.loads(settings_path.read_text()) != settings:
         for old in work.glob("keys-*.npy"):  # keys from other settings would not match
             old.unlink()

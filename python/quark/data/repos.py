@@ -31,7 +31,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from quark.config import ConfigError, from_dict
-from quark.data.shards import ShardWriter, shard_paths
+from quark.data.shards import ShardWriter, fingerprint, shard_paths
 from quark.io import atomic_write_json
 
 LANGUAGES = {
@@ -269,8 +269,12 @@ def run_step(run_dir, cfg):
     out = Path(run_dir) / "scrape"
     out.mkdir(parents=True, exist_ok=True)
     progress_path = out / "progress.json"
-    progress = json.loads(progress_path.read_text()) if progress_path.exists() else \
-        {"next": 0, "kept": 0, "skipped": {}, "bytes": 0, "languages": {}, "licenses": {}, "position": None}
+    # max_files may grow between runs (the scrape continues); any other change starts over.
+    fp = fingerprint({k: v for k, v in vars(c).items() if k != "max_files"})
+    progress = json.loads(progress_path.read_text()) if progress_path.exists() else {}
+    if progress.get("fingerprint") != fp:
+        progress = {"fingerprint": fp, "next": 0, "kept": 0, "skipped": {}, "bytes": 0, "languages": {},
+                    "licenses": {}, "position": None}
     t0 = time.time()
     todo = candidates(c)
     licenses = {root: LicenseFinder(root) for root in {r for r, _ in todo}}

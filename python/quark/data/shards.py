@@ -93,3 +93,20 @@ class AppendWriter:
 
     def close(self):
         self._f.close()
+
+
+def fingerprint(*parts):
+    """A short hash of JSON-able parts (settings, input file sizes): a step's saved progress is
+    reused only while its inputs and settings have this same fingerprint."""
+    import hashlib
+    blob = json.dumps(parts, sort_keys=True, default=str).encode("utf-8")
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def file_state(paths):
+    """(name, size, mtime_ns) of each file: changes whenever an upstream step rewrote its output."""
+    out = []
+    for p in paths:
+        st = Path(p).stat()
+        out.append((Path(p).name, st.st_size, st.st_mtime_ns))
+    return out
