@@ -22,7 +22,7 @@ inline uint64_t fmix64(uint64_t k) {  // MurmurHash3 finalizer: every input bit 
   return k;
 }
 
-constexpr uint64_t kFnvOffset = 0xcbf29ce484222325ULL, kFnvPrime = 0x100000001b3ULL;
+constexpr uint64_t kFnvOffset = 0xcbf29ce484222325ULL;
 constexpr uint64_t kShingleInit = 0x9E3779B97F4A7C15ULL;
 
 inline uint64_t splitmix64(uint64_t& state) {
@@ -36,30 +36,67 @@ inline bool is_word_byte(unsigned char c) {
   return c >= 0x80 || (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z');
 }
 
-void word_shingles(const unsigned char* s, int64_t len, int ngram, std::vector<uint64_t>& words,
-                   std::vector<uint64_t>& out) {
+// Byte-string hash: 8 bytes at a time (little-endian, the last block zero-padded), each block
+// folded in with one multiply, then fmix64 with the length. Per block the step is a bijection of
+// the block, so distinct words of up to 8 bytes never collide; the per-byte work is only packing.
+constexpr uint64_t kBlockMul = 0x9FB21C651E98DF25ULL;
+inline uint64_t fold_block(uint64_t h, uint64_t v) {
+  h = (h ^ v) * kBlockMul;
+  return h ^ (h >> 32);
+}
+
+struct BytesHasher {
+  uint64_t h = kFnvOffset, block = 0;
+  int fill = 0;
+  uint64_t len = 0;
+  inline void push(unsigned char c) {
+    block |= (uint64_t)c << (8 * fill);
+    ++len;
+    if (++fill == 8) { h = fold_block(h, block); block = 0; fill = 0; }
+  }
+  inline uint64_t finish() {
+    if (fill) h = fold_block(h, block);
+    return fmix64(h ^ len);
+  }
+};
+
+// Shingle hash: fmix64(sum_t w_t * m_t) with a distinct odd multiplier per position t: the n
+// multiplies are independent (no serial dependency chain) and the result depends on word order.
+void shingle_multipliers(int ngram, std::vector<uint64_t>& m) {
+  m.resize(ngram);
+  uint64_t state = kShingleInit;
+  for (int t = 0; t < ngram; ++t) m[t] = splitmix64(state) | 1;
+}
+
+void combine_shingles(const std::vector<uint64_t>& units, int ngram, const std::vector<uint64_t>& mul,
+                      std::vector<uint64_t>& out) {
+  out.clear();
+  const int64_t k = (int64_t)units.size();
+  if (k == 0) return;
+  const int64_t span = k < ngram ? k : ngram;
+  for (int64_t j = 0; j + span <= k; ++j) {
+    uint64_t h = 0;
+    for (int64_t t = 0; t < span; ++t) h += units[j + t] * mul[t];
+    out.push_back(fmix64(h));
+  }
+}
+
+void word_shingles(const unsigned char* s, int64_t len, int ngram, const std::vector<uint64_t>& mul,
+                   std::vector<uint64_t>& words, std::vector<uint64_t>& out) {
   words.clear();
   int64_t i = 0;
   while (i < len) {
     while (i < len && !is_word_byte(s[i])) ++i;
     if (i >= len) break;
-    uint64_t h = kFnvOffset;
+    BytesHasher hs;
     while (i < len && is_word_byte(s[i])) {
       unsigned char c = s[i++];
       if (c >= 'A' && c <= 'Z') c += 'a' - 'A';
-      h = (h ^ c) * kFnvPrime;
+      hs.push(c);
     }
-    words.push_back(fmix64(h));
+    words.push_back(hs.finish());
   }
-  out.clear();
-  const int64_t k = (int64_t)words.size();
-  if (k == 0) return;
-  const int64_t span = k < ngram ? k : ngram;
-  for (int64_t j = 0; j + span <= k; ++j) {
-    uint64_t h = kShingleInit;
-    for (int64_t t = 0; t < span; ++t) h = fmix64(h + words[j + t]);
-    out.push_back(h);
-  }
+  combine_shingles(words, ngram, mul, out);
 }
 
 void char_shingles(const unsigned char* s, int64_t len, int ngram, std::vector<uint64_t>& starts,
@@ -73,9 +110,9 @@ void char_shingles(const unsigned char* s, int64_t len, int ngram, std::vector<u
   const int64_t span = c < ngram ? c : ngram;
   starts.push_back((uint64_t)len);
   for (int64_t j = 0; j + span <= c; ++j) {
-    uint64_t h = kFnvOffset;
-    for (uint64_t p = starts[j]; p < starts[j + span]; ++p) h = (h ^ s[p]) * kFnvPrime;
-    out.push_back(fmix64(h));
+    BytesHasher hs;
+    for (uint64_t p = starts[j]; p < starts[j + span]; ++p) hs.push(s[p]);
+    out.push_back(hs.finish());
   }
 }
 
@@ -92,7 +129,8 @@ void minhash(const MinhashArgs& a) {
   }
   // Permutation parameters, padded to whole blocks (the padding lanes are computed and dropped).
   const int padded = (a.num_perm + kPermBlock - 1) / kPermBlock * kPermBlock;
-  std::vector<uint64_t> pa(padded, 1), pb(padded, 0);
+  std::vector<uint64_t> pa(padded, 1), pb(padded, 0), mul;
+  shingle_multipliers(a.ngram, mul);
   uint64_t state = a.seed;
   for (int i = 0; i < a.num_perm; ++i) {
     pa[i] = splitmix64(state) | 1;  // odd: multiplication by a_i is a bijection mod 2^64
@@ -104,7 +142,7 @@ void minhash(const MinhashArgs& a) {
 #pragma omp for schedule(dynamic, 16)
     for (int64_t d = 0; d < a.n; ++d) {
       const auto* s = reinterpret_cast<const unsigned char*>(a.texts[d]);
-      if (a.unit == ShingleUnit::word) word_shingles(s, a.lengths[d], a.ngram, scratch, shingles);
+      if (a.unit == ShingleUnit::word) word_shingles(s, a.lengths[d], a.ngram, mul, scratch, shingles);
       else char_shingles(s, a.lengths[d], a.ngram, scratch, shingles);
       for (auto& v : sig) v = UINT64_MAX;
       if (!shingles.empty()) block(shingles.data(), (int64_t)shingles.size(), pa.data(), pb.data(), padded, sig.data());

@@ -4,12 +4,15 @@
 // positions estimates it.
 //
 // Shingles (all 64-bit hashes):
+//   bytes hash: h = 0xcbf29ce484222325; per 8-byte little-endian block v (last one zero-padded)
+//         h = (h ^ v) * 0x9FB21C651E98DF25, h ^= h >> 32; result fmix64(h ^ byte_length).
 //   word: words are maximal runs of bytes that are ASCII letters/digits or any byte >= 0x80 (so
 //         UTF-8 letters stay inside words); ASCII letters are lowercased, everything else
-//         separates. A shingle is `ngram` consecutive words. word hash = fmix64(fnv1a64(bytes));
-//         shingle hash: h = 0x9E3779B97F4A7C15, then h = fmix64(h + w) for each word w in order.
+//         separates. A shingle is `ngram` consecutive words w_0..w_{n-1} (bytes hashes), hashed
+//         as fmix64(sum_t w_t * m_t) with odd multipliers m_t = splitmix64 stream from
+//         0x9E3779B97F4A7C15, OR 1.
 //   char: `ngram` consecutive Unicode code points of the UTF-8 text as given (no normalisation);
-//         shingle hash = fmix64(fnv1a64(bytes)).
+//         shingle hash = bytes hash of their UTF-8 bytes.
 // A document with fewer than `ngram` units has one shingle made of all of them; an empty one
 // has none, and its signature is all UINT64_MAX (as in datasketch).
 // Permutations: h_i(x) = a_i * x + b_i mod 2^64, a_i odd, (a_i, b_i) drawn from splitmix64(seed):

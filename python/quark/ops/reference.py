@@ -71,11 +71,22 @@ def _fmix64(k):
     return k ^ (k >> 33)
 
 
-def _fnv1a64(data):
+def _bytes_hash(data):
     h = 0xCBF29CE484222325
-    for c in data:
-        h = ((h ^ c) * 0x100000001B3) & _M64
-    return h
+    for k in range(0, len(data), 8):
+        v = int.from_bytes(bytes(data[k:k + 8]).ljust(8, b"\0"), "little")
+        h = ((h ^ v) * 0x9FB21C651E98DF25) & _M64
+        h ^= h >> 32
+    return _fmix64(h ^ len(data))
+
+
+def _splitmix_stream(state):
+    while True:
+        state = (state + 0x9E3779B97F4A7C15) & _M64
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+        yield z ^ (z >> 31)
 
 
 def minhash_shingles(text, ngram=5, unit="word"):
@@ -87,37 +98,25 @@ def minhash_shingles(text, ngram=5, unit="word"):
             if c >= 0x80 or chr(c).isascii() and chr(c).isalnum():
                 cur.append(c + 32 if 65 <= c <= 90 else c)
             elif cur:
-                words.append(_fmix64(_fnv1a64(cur)))
+                words.append(_bytes_hash(cur))
                 cur = bytearray()
+        stream = _splitmix_stream(0x9E3779B97F4A7C15)
+        mul = [next(stream) | 1 for _ in range(ngram)]
         span = min(len(words), ngram)
-        out = set()
-        for j in range(len(words) - span + 1 if words else 0):
-            h = 0x9E3779B97F4A7C15
-            for w in words[j:j + span]:
-                h = _fmix64((h + w) & _M64)
-            out.add(h)
-        return out
+        return {_fmix64(sum(w * m for w, m in zip(words[j:j + span], mul)) & _M64)
+                for j in range(len(words) - span + 1 if words else 0)}
     starts = [i for i, c in enumerate(data) if c & 0xC0 != 0x80]
     span = min(len(starts), ngram)
     bounds = starts + [len(data)]
-    return {_fmix64(_fnv1a64(data[bounds[j]:bounds[j + span]])) for j in range(len(starts) - span + 1 if starts else 0)}
+    return {_bytes_hash(data[bounds[j]:bounds[j + span]]) for j in range(len(starts) - span + 1 if starts else 0)}
 
 
 def minhash_params(num_perm, seed=0):
     """(a, b) of the permutations h_i(x) = a_i x + b_i mod 2^64, from splitmix64(seed)."""
-    state, a, b = seed, [], []
-
-    def splitmix():
-        nonlocal state
-        state = (state + 0x9E3779B97F4A7C15) & _M64
-        z = state
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
-        return z ^ (z >> 31)
-
+    stream, a, b = _splitmix_stream(seed), [], []
     for _ in range(num_perm):
-        a.append(splitmix() | 1)
-        b.append(splitmix())
+        a.append(next(stream) | 1)
+        b.append(next(stream))
     return a, b
 
 
