@@ -100,7 +100,7 @@ def hostile_app():
         return page("Flaky", "Works on the second try.")
 
     async def slow(request):
-        await asyncio.sleep(3)
+        await asyncio.sleep(6)
         return page("Slow", "too late")
 
     async def latin1(request):
@@ -185,7 +185,7 @@ def hostile():
 
 
 def _cfg(server, **kw):
-    cfg = {"seeds": [server.base + "/"], "allow_private_hosts": ["127.0.0.1"], "timeout": 1.0, "retries": 1,
+    cfg = {"seeds": [server.base + "/"], "allow_private_hosts": ["127.0.0.1"], "timeout": 2.5, "retries": 1,
            "backoff": 0.05, "max_body_bytes": 1_000_000, "max_decoded_bytes": 2_000_000, "max_redirects": 5,
            "max_depth": 3, "max_pages": 100, "seed": 0}
     cfg.update(kw)
