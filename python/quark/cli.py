@@ -13,6 +13,12 @@ COMMANDS = {
     "augment": ("quark.improve.augment", "augment chat data: noise, model paraphrases, code/docstring round trips"),
     "registry": ("quark.improve.registry", "model registry: list, show, register, promote through the eval gate"),
     "eval": ("quark.eval.harness", "evaluate a model: perplexity, tasks, code pass@k; --gate fails on regressions"),
+    "crawl": ("quark.data.crawl", "crawl web pages into run_dir/crawl (default: the local pydoc server)"),
+    "scrape": ("quark.data.repos", "collect code files from git repositories / directories into run_dir/scrape"),
+    "clean": ("quark.data.clean", "quality filters (Gopher, C4, FineWeb, code) and PII scrubbing -> run_dir/clean"),
+    "dedup": ("quark.data.dedup", "exact and MinHash-LSH near-duplicate removal -> run_dir/dedup"),
+    "tokenizer": ("quark.data.tokenizer", "train a byte-level BPE tokenizer -> run_dir/tokenizer/tokenizer.json"),
+    "pack": ("quark.data.pack", "tokenize into memory-mapped train/val token files -> run_dir/pack"),
 }
 
 
