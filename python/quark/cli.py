@@ -9,6 +9,9 @@ import sys
 COMMANDS = {
     "info": ("quark._runtime", "version, CPU features, kernel dispatch paths, threads, GPU stack"),
     "run": ("quark.pipeline", "run a recipe end to end (default: the embedded default recipe)"),
+    "generate": ("quark.serve.generate", "generate text from a run's latest model (or a model directory)"),
+    "chat": ("quark.serve.repl", "chat with a model in the terminal, streaming replies"),
+    "serve": ("quark.serve.server", "OpenAI-compatible API server with a chat and training-runs web UI"),
 }
 
 
