@@ -4,6 +4,7 @@ import socket
 import threading
 import time
 
+import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -44,6 +45,16 @@ def make_model_dir(directory, seed=0, **overrides):
     model = make_model(tok.get_vocab_size(), seed, **overrides)
     save_model(model, directory)
     return directory, model, tok
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """Tiny models run single-threaded: at this size OpenMP fork/join dominates every op, and on a
+    shared 2-core machine a second thread makes each op wait for a busy core."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def free_port():

@@ -8,7 +8,7 @@ import torch
 from quark.chat import encode_chat
 from quark.serve.engine import Engine, QueueFull, Runner, ShuttingDown, load_for_serving
 from quark.serve.sampling import SamplingParams
-from serve_helpers import make_model, make_model_dir, make_tokenizer
+from serve_helpers import make_model, make_model_dir, make_tokenizer, single_thread  # noqa: F401 (autouse fixture)
 
 
 @pytest.fixture(scope="module")
@@ -97,9 +97,13 @@ def test_stop_token_and_streamed_text(tok):
     assert events[-1] == ("done", req.finish_reason)
     assert "".join(v for k, v in events if k == "token") == req.text == tok.decode(req.output_ids)
     assert end not in req.output_ids
-    # force the stop token: with tied embeddings, a huge <|end|> row along the final norm wins every argmax
+    # force the stop token: an output head whose bias makes <|end|> win every argmax
+    head = torch.nn.Linear(model.config.d_model, model.config.vocab_size)
     with torch.no_grad():
-        model.tok_emb.weight[end] = model.norm.weight * 100
+        head.weight.copy_(model.tok_emb.weight)
+        head.bias.zero_()
+        head.bias[end] = 1e4
+    model.lm_head = head
     eng = Engine(model, tok, max_batch=2)
     req = eng.generate(ids, SamplingParams(max_tokens=30, temperature=0))
     eng.shutdown()

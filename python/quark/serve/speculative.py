@@ -31,6 +31,19 @@ class SpeculativeResult:
         return self.accepted / self.proposed if self.proposed else 0.0
 
 
+def verify_token(t, p, q, greedy, generator):
+    """Draft token t drawn from q (V,); target distribution p (V,) -> (kept, token). Keeps t with
+    probability min(1, p[t] / q[t]), else draws from the residual max(0, p - q) renormalised: the
+    token returned is then distributed exactly as p. Greedy: keep t iff it is p's argmax."""
+    if greedy:
+        best = int(p.argmax())
+        return best == t, best
+    if bool(torch.rand((), generator=generator) * q[t] <= p[t]):
+        return True, t
+    r = (p - q).clamp_min(0)
+    return False, int(torch.multinomial(r / r.sum() if r.sum() > 0 else p, 1, generator=generator))
+
+
 class SpeculativeDecoder:
     def __init__(self, target, draft, k=4, max_seq_len=None, cache_dtype="fp32"):
         if target.config.vocab_size != draft.config.vocab_size:
@@ -91,18 +104,10 @@ class SpeculativeDecoder:
             new = []
             for j, t in enumerate(drafts):
                 p = probs(logits[base + j], params, history(seq + new))
-                q = q_dists[j]
-                keep = (int(p.argmax()) == t) if params.greedy else \
-                    bool(torch.rand((), generator=gen) * q[t] <= p[t])
-                if keep:
-                    new.append(t)
-                    continue
-                if params.greedy:
-                    new.append(int(p.argmax()))
-                else:   # resample from the residual max(0, p - q), normalised
-                    r = (p - q).clamp_min(0)
-                    new.append(int(torch.multinomial(r / r.sum() if r.sum() > 0 else p, 1, generator=gen)))
-                break
+                kept, token = verify_token(t, p, q_dists[j], params.greedy, gen)
+                new.append(token)
+                if not kept:
+                    break
             else:   # every draft kept: the target's last row gives one more token for free
                 p = probs(logits[base + len(drafts)], params, history(seq + new))
                 new.append(int(p.argmax()) if params.greedy else int(torch.multinomial(p, 1, generator=gen)))
