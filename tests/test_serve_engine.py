@@ -8,7 +8,7 @@ import torch
 from quark.chat import encode_chat
 from quark.serve.engine import Engine, QueueFull, Runner, ShuttingDown, load_for_serving
 from quark.serve.sampling import SamplingParams
-from serve_helpers import make_model, make_model_dir, make_tokenizer, single_thread  # noqa: F401 (autouse fixture)
+from tests.serve_helpers import make_model, make_model_dir, make_tokenizer, single_thread  # noqa: F401 (autouse fixture)
 
 
 @pytest.fixture(scope="module")

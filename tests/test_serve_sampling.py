@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from quark.serve.sampling import Detokenizer, SamplingParams, apply_penalties, probs, sample
-from serve_helpers import make_tokenizer
+from tests.serve_helpers import make_tokenizer
 
 
 @pytest.mark.parametrize("field,value", [("max_tokens", 0), ("max_tokens", 1.5), ("temperature", -1),

@@ -8,7 +8,7 @@ import torch
 from quark.serve.engine import Engine
 from quark.serve.sampling import SamplingParams, probs
 from quark.serve.speculative import SpeculativeDecoder, verify_token
-from serve_helpers import make_model, make_tokenizer, single_thread  # noqa: F401 (autouse fixture)
+from tests.serve_helpers import make_model, make_tokenizer, single_thread  # noqa: F401 (autouse fixture)
 
 V = 400
 

@@ -110,8 +110,8 @@ def _read_run(run_dir, max_points=2000):
 
 
 def create_app(engine, tokenizer, model_name="quark", api_key=None, safety=None, runs_dir=None):
-    """The FastAPI app. safety: an object with check_input(text) / check_output(text) returning a
-    verdict with .allowed (and .reason), or None to serve unfiltered."""
+    """The FastAPI app. safety: a quark.align.safety.SafetyFilter (check_input / check_output return a
+    Decision: allow, refuse or redact, with the text to use), or None to serve unfiltered."""
     from fastapi import FastAPI, Request
     from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 
@@ -177,18 +177,36 @@ def create_app(engine, tokenizer, model_name="quark", api_key=None, safety=None,
         except ValueError as e:
             raise APIError(400, str(e), param=str(e).split()[0]) from None
 
-    def check_safety(text, where):
+    def screen(text, where):
+        """None when allowed (or no filter), else the text to answer instead (a refusal or a redaction)."""
         if safety is None:
             return None
-        verdict = safety.check_input(text) if where == "input" else safety.check_output(text)
-        return None if verdict.allowed else (getattr(verdict, "reason", "") or "blocked by the safety filter")
+        decision = safety.check_input(text) if where == "input" else safety.check_output(text)
+        if decision.action != "allow":
+            metrics.inc("quark_safety_interventions_total", help_="prompts or outputs refused or redacted",
+                        where=where, action=decision.action)
+            return decision.text
+        return None
 
     async def run(prompt_ids, params, stream, make_chunk, make_final, prompt_text, route):
         """Submit to the engine; answer a JSON body or an SSE stream built by make_chunk/make_final."""
-        reason = check_safety(prompt_text, "input")
-        if reason:
-            raise APIError(400, f"the request was rejected by the safety filter: {reason}", param="messages",
-                           code="content_policy_violation")
+        def record_refusal():
+            metrics.inc("quark_requests_total", help_="HTTP requests by route and status", route=route, status="200")
+
+        refusal = screen(prompt_text, "input")
+        if refusal is not None:   # answered like a model refusal, without generating
+            record_refusal()
+            if not stream:
+                return JSONResponse(make_final(refusal, "content_filter", {"prompt_tokens": len(prompt_ids),
+                                    "completion_tokens": 0, "total_tokens": len(prompt_ids)}))
+
+            async def refuse():
+                head = make_chunk(None, None)
+                if head:
+                    yield f"data: {json.dumps(head)}\n\n"
+                yield f"data: {json.dumps(make_chunk(refusal, 'content_filter'))}\n\n"
+                yield "data: [DONE]\n\n"
+            return StreamingResponse(refuse(), media_type="text/event-stream")
         loop = asyncio.get_running_loop()
         events = asyncio.Queue()
         try:
@@ -225,8 +243,9 @@ def create_app(engine, tokenizer, model_name="quark", api_key=None, safety=None,
             if finish.startswith("error"):
                 record(req, "500")
                 raise APIError(500, f"generation failed ({finish})", "server_error")
-            if check_safety(text, "output"):
-                text, finish = "", "content_filter"
+            screened = screen(text, "output")
+            if screened is not None:
+                text, finish = screened, "content_filter"
             record(req, "200")
             return JSONResponse(make_final(text, finish, usage()))
 
@@ -240,7 +259,7 @@ def create_app(engine, tokenizer, model_name="quark", api_key=None, safety=None,
                     kind, value = await events.get()
                     if kind == "token":
                         sent.append(value)
-                        if check_safety("".join(sent), "output"):
+                        if screen("".join(sent), "output") is not None:   # sent text cannot be taken back: stop here
                             req.cancel()
                             yield f"data: {json.dumps(make_chunk('', 'content_filter'))}\n\n"
                             break
@@ -390,7 +409,7 @@ def run_cli(args):
     safety = None
     if args.safety:
         from quark.align.safety import SafetyFilter
-        safety = SafetyFilter()
+        safety = SafetyFilter.from_config()
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue, cache_dtype=args.cache_dtype)
     name = args.model_name or (run_dir or model_dir).name
     app = create_app(engine, tokenizer, name, api_key=args.api_key or os.environ.get("QUARK_API_KEY"),
