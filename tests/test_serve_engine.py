@@ -5,8 +5,9 @@ import threading
 import pytest
 import torch
 
+from quark import ops
 from quark.chat import encode_chat
-from quark.serve.engine import Engine, QueueFull, Runner, ShuttingDown, load_for_serving
+from quark.serve.engine import CACHE_DTYPES, Engine, QueueFull, Runner, ShuttingDown, load_for_serving
 from quark.serve.sampling import SamplingParams
 from tests.serve_helpers import make_model, make_model_dir, make_tokenizer, single_thread  # noqa: F401 (autouse fixture)
 
@@ -46,13 +47,18 @@ def test_runner_matches_model_forward(model):
     torch.testing.assert_close(r.decode([int(ids[0, 4])])[0], ref[4], atol=2e-5, rtol=1e-4)
 
 
-def test_bf16_cache_is_close(model):
+@pytest.mark.parametrize("cache_dtype", ["bf16", "int8"])
+def test_low_precision_caches_are_close(model, cache_dtype):
     ids = list(range(10, 30))
     full = Runner(model, 1).extend(0, ids, all_logits=True)
-    half = Runner(model, 1, cache_dtype="bf16")
-    half.extend(0, ids[:10])
-    got = torch.stack([half.decode([t])[0] for t in ids[10:]])
-    assert (got - full[10:]).abs().max() < 0.05
+    low = Runner(model, 2, cache_dtype=cache_dtype)
+    low.extend(0, ids[5:11])
+    low.extend(1, ids[:10])
+    torch.testing.assert_close(low.extend(1, ids[10:12], all_logits=True), full[10:12], atol=0.05, rtol=0)
+    low.move(1, 0)   # slot 0 takes over slot 1's sequence; int8 scales travel with it
+    got = torch.stack([low.decode([t])[0] for t in ids[12:]])
+    assert (got - full[12:]).abs().max() < 0.05
+    assert low.k[0].dtype == CACHE_DTYPES[cache_dtype]
     with pytest.raises(ValueError, match="cache_dtype"):
         Runner(model, 1, cache_dtype="fp8")
 
@@ -179,3 +185,32 @@ def test_load_for_serving_run_and_model_dirs(tmp_path):
         load_for_serving(tmp_path)
     with pytest.raises(FileNotFoundError, match="not a directory"):
         load_for_serving(tmp_path / "missing")
+
+
+class QLinear(torch.nn.Module):
+    """nn.Linear's call contract over quark.ops.qlinear (what quantized models plug in)."""
+
+    def __init__(self, linear, scheme):
+        super().__init__()
+        self.qt = ops.quantize(linear.weight.detach().contiguous(), scheme, group_size=32)
+
+    def forward(self, x):
+        return ops.qlinear(x, self.qt)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_projections_run_unfused(tok, scheme):
+    model = make_model(tok.get_vocab_size())
+    for blk in model.blocks:
+        for parent, names in ((blk.attn, ("wq", "wk", "wv", "wo")), (blk.mlp, ("w1", "w2", "w3"))):
+            for n in names:
+                setattr(parent, n, QLinear(getattr(parent, n), scheme))
+    prompt = [10, 11, 12, 13]
+    eng = Engine(model, None, max_batch=2)
+    assert eng.runner.qkv[0] is None and eng.runner.gate_up[0] is None   # only plain nn.Linear is fused
+    reqs = [eng.submit(prompt, SamplingParams(max_tokens=8, temperature=0)), eng.submit([20], SamplingParams(max_tokens=5, temperature=0))]
+    eng.start()
+    for r in reqs:
+        r.done.wait(60)
+    eng.shutdown()
+    assert reqs[0].output_ids == greedy_reference(model, prompt, 8)

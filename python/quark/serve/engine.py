@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from quark import ops
 from quark.serve.sampling import Detokenizer, SamplingParams, sample
 
-CACHE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# int8: symmetric per (token, head) with float32 scales (quark.ops.quantize_kv), a quarter of fp32's bytes
+CACHE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
 
 
 class QueueFull(RuntimeError):
@@ -70,6 +71,10 @@ class Runner:
         shape = (slots, cfg.n_kv_head, self.max_seq_len, cfg.head_dim)
         self.k = [torch.zeros(shape, dtype=self.cache_dtype) for _ in range(cfg.n_layer)]
         self.v = [torch.zeros(shape, dtype=self.cache_dtype) for _ in range(cfg.n_layer)]
+        self.quantized = self.cache_dtype == torch.int8
+        if self.quantized:
+            self.k_scale = [torch.zeros(shape[:3]) for _ in range(cfg.n_layer)]                 # (slots, Hkv, Smax)
+            self.v_scale = [torch.zeros(shape[:3]) for _ in range(cfg.n_layer)]
         self.lens = torch.zeros(slots, dtype=torch.long)
         with torch.no_grad():
             self.qkv = [_fuse([b.attn.wq, b.attn.wk, b.attn.wv]) for b in model.blocks]
@@ -107,10 +112,8 @@ class Runner:
             q, k, v = self._project_qkv(i, blk.attn_norm(x))
             q = _rope(q.view(T, H, D), cos, sin)                                             # (T, H, D)
             k = _rope(k.view(T, Hkv, D), cos, sin)
-            self.k[i][slot, :, p0:p0 + T] = k.transpose(0, 1).to(self.cache_dtype)
-            self.v[i][slot, :, p0:p0 + T] = v.view(T, Hkv, D).transpose(0, 1).to(self.cache_dtype)
-            kk = self.k[i][slot:slot + 1, :, :p0 + T].to(self.dtype)                          # (1, Hkv, S, D)
-            vv = self.v[i][slot:slot + 1, :, :p0 + T].to(self.dtype)
+            self._store(i, slot, slice(p0, p0 + T), k.transpose(0, 1), v.view(T, Hkv, D).transpose(0, 1))
+            kk, vv = self._load(i, slot, p0 + T)                                             # (1, Hkv, S, D)
             qq = q.transpose(0, 1)[None]                                                     # (1, H, T, D)
             if mask is None:
                 y = ops.attention(qq.contiguous(), kk.contiguous(), vv.contiguous(), causal=True)
@@ -139,13 +142,34 @@ class Runner:
             q, k, v = self._project_qkv(i, blk.attn_norm(x))
             q = _rope(q.view(n, H, D), cos, sin)                                             # (n, H, D)
             k = _rope(k.view(n, Hkv, D), cos, sin)
-            self.k[i][rows, :, pos] = k.to(self.cache_dtype)                                 # (n, Hkv, D)
-            self.v[i][rows, :, pos] = v.view(n, Hkv, D).to(self.cache_dtype)
-            y = ops.decode_attention(q.to(self.cache_dtype).contiguous(), self.k[i][:n], self.v[i][:n], seqlens)
+            self._store(i, rows, pos, k, v.view(n, Hkv, D))                                  # (n, Hkv, D)
+            if self.quantized:
+                y = ops.decode_attention(q.contiguous(), self.k[i][:n], self.v[i][:n], seqlens,
+                                         k_scale=self.k_scale[i][:n], v_scale=self.v_scale[i][:n])
+            else:
+                y = ops.decode_attention(q.to(self.cache_dtype).contiguous(), self.k[i][:n], self.v[i][:n], seqlens)
             x = x + blk.attn.wo(y.to(self.dtype).reshape(n, H * D))
             x = x + self._mlp(i, blk.mlp_norm(x))
         self.lens[:n] += 1
         return self.model.lm_head(self.model.norm(x)).float()
+
+    def _store(self, i, slot, pos, k, v):
+        """Write k/v rows into layer i at [slot, :, pos] (slot/pos: ints, a slice, or index tensors)."""
+        if self.quantized:
+            (kq, ks), (vq, vs) = ops.quantize_kv(k), ops.quantize_kv(v)
+            self.k[i][slot, :, pos], self.k_scale[i][slot, :, pos] = kq, ks
+            self.v[i][slot, :, pos], self.v_scale[i][slot, :, pos] = vq, vs
+        else:
+            self.k[i][slot, :, pos] = k.to(self.cache_dtype)
+            self.v[i][slot, :, pos] = v.to(self.cache_dtype)
+
+    def _load(self, i, slot, n):
+        """The first n cached positions of a slot in the model's dtype -> k, v (1, Hkv, n, D)."""
+        k, v = self.k[i][slot:slot + 1, :, :n], self.v[i][slot:slot + 1, :, :n]
+        if self.quantized:
+            k = k.float() * self.k_scale[i][slot:slot + 1, :, :n, None]
+            v = v.float() * self.v_scale[i][slot:slot + 1, :, :n, None]
+        return k.to(self.dtype), v.to(self.dtype)
 
     def move(self, src, dst):
         """Slot dst takes over slot src's sequence (keeps active slots a prefix)."""
@@ -153,6 +177,9 @@ class Runner:
         for i in range(self.cfg.n_layer):
             self.k[i][dst, :, :n] = self.k[i][src, :, :n]
             self.v[i][dst, :, :n] = self.v[i][src, :, :n]
+            if self.quantized:
+                self.k_scale[i][dst, :, :n] = self.k_scale[i][src, :, :n]
+                self.v_scale[i][dst, :, :n] = self.v_scale[i][src, :, :n]
         self.lens[dst] = n
         self.lens[src] = 0
 

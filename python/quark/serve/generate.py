@@ -14,7 +14,7 @@ def add_sampling_args(p):
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--cache-dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--cache-dtype", default="fp32", choices=["fp32", "bf16", "int8"])
 
 
 def sampling_params(args):

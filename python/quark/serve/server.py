@@ -396,7 +396,7 @@ def configure_parser(p):
     p.add_argument("--model-name", default=None, help="the id clients send as 'model' (default: the run or model folder name)")
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (KV cache slots)")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot before 429")
-    p.add_argument("--cache-dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--cache-dtype", default="fp32", choices=["fp32", "bf16", "int8"])
     p.add_argument("--safety", action="store_true", help="screen prompts and outputs with quark.align.safety")
     p.add_argument("--runs-dir", default=None, help="runs shown on /runs (default: the served run directory)")
 
