@@ -199,19 +199,6 @@ def test_overload_answers_429(tok, model):
         assert httpx.get(s.url + "/health").json()["status"] == "ok"   # still serving
 
 
-class Refuser:
-    """A SafetyFilter stand-in with the same Decision contract (action, text)."""
-    class D:
-        def __init__(self, action, text):
-            self.action, self.text = action, text
-
-    def check_input(self, text):
-        return self.D("refuse", "I can't help with that.") if "forbidden" in text else self.D("allow", text)
-
-    def check_output(self, text):
-        return self.D("allow", text)
-
-
 def test_safety_filter_per_deployment(tok, model):
     from quark.align.safety import SafetyFilter
     engine = Engine(model, tok, max_batch=2)
