@@ -19,6 +19,9 @@ COMMANDS = {
     "dedup": ("quark.data.dedup", "exact and MinHash-LSH near-duplicate removal -> run_dir/dedup"),
     "tokenizer": ("quark.data.tokenizer", "train a byte-level BPE tokenizer -> run_dir/tokenizer/tokenizer.json"),
     "pack": ("quark.data.pack", "tokenize into memory-mapped train/val token files -> run_dir/pack"),
+    "generate": ("quark.serve.generate", "generate text from a run's latest model (or a model directory)"),
+    "chat": ("quark.serve.repl", "chat with a model in the terminal, streaming replies"),
+    "serve": ("quark.serve.server", "OpenAI-compatible API server with a chat and training-runs web UI"),
 }
 
 

@@ -4,11 +4,16 @@ torch oracle in quark.ops.reference."""
 from quark.ops.attention import attention, decode_attention, quantize_kv
 from quark.ops.distance import pairwise_distance
 from quark.ops.minhash import minhash
+from quark.ops.quant import QuantizedTensor, dequantize, qlinear, quantize
 
 __all__ = [
+    "QuantizedTensor",
     "attention",
     "decode_attention",
+    "dequantize",
     "minhash",
     "pairwise_distance",
+    "qlinear",
+    "quantize",
     "quantize_kv",
 ]
