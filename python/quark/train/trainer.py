@@ -331,8 +331,8 @@ def _peak_flops(env, precision):
     return measure_peak_flops(env.device, torch.bfloat16 if precision == "bfloat16" else torch.float32)
 
 
-def _spawned(cfg_dict, data_dict, out_dir, run_dir):
-    train(PretrainConfig(**cfg_dict), DataSpec(**data_dict), out_dir, run_dir=run_dir)
+def _spawned(cfg_dict, data_dict, out_dir, run_dir, until_step):
+    train(PretrainConfig(**cfg_dict), DataSpec(**data_dict), out_dir, run_dir=run_dir, until_step=until_step)
 
 
 def pretrain(run_dir, cfg: PretrainConfig, until_step=None):
@@ -343,9 +343,7 @@ def pretrain(run_dir, cfg: PretrainConfig, until_step=None):
     if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:
         if cfg.strategy == "none":
             raise ConfigError("pretrain.strategy: choose 'ddp' or 'fsdp' when nproc > 1")
-        if until_step is not None:
-            raise ValueError("until_step is not supported with nproc > 1")
-        qdist.spawn(_spawned, cfg.nproc, asdict(cfg), asdict(data), str(out_dir), str(run_dir),
+        qdist.spawn(_spawned, cfg.nproc, asdict(cfg), asdict(data), str(out_dir), str(run_dir), until_step,
                     threads=cfg.threads or None)
         return json.loads((out_dir / "stats.json").read_text())
     return train(cfg, data, out_dir, run_dir=run_dir, until_step=until_step)
