@@ -286,7 +286,7 @@ def _train(cfg, data, out_dir, run_dir, until_step, log):
                     metrics.write(json.dumps(rec) + "\n")
                     metrics.flush()
                 bar.set_postfix(loss=f"{loss_avg:.3f}", tok_s=f"{tps:,.0f}")
-            if done % cfg.eval_interval == 0 or done == cfg.max_steps:
+            if done % cfg.eval_interval == 0 or done == stop:
                 last["val_loss"] = evaluate(runner, val, autocast, env)
                 if metrics:
                     metrics.write(json.dumps({"step": done, "val_loss": last["val_loss"]}) + "\n")
@@ -366,6 +366,9 @@ def configure_parser(parser):
     parser.add_argument("--strategy", choices=qdist.STRATEGIES, default=None, help="ddp or fsdp when distributed")
     parser.add_argument("--until-step", type=int, default=None, help="stop after this step (resume later)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON", help="any other PretrainConfig field")
+    parser.add_argument("--hpo", type=int, default=0, metavar="TRIALS",
+                        help="instead of training, search lr / weight decay / warmup by successive halving over "
+                             "TRIALS short runs (steps: --steps is the longest); writes RUN_DIR/hpo/best.json")
 
 
 def run_cli(args):
@@ -386,6 +389,14 @@ def run_cli(args):
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.hpo:
+        from quark.train.hpo import tune_pretrain
+        base = {k: v for k, v in cfg.items() if k != "max_steps"}
+        result = tune_pretrain(Path(args.run_dir), base, n_trials=args.hpo, max_steps=config.max_steps,
+                               min_steps=max(1, config.max_steps // 2 ** int(math.log2(args.hpo))), eta=2)
+        print(result.table())
+        print(f"best: {json.dumps(result.best_params)} -> {Path(args.run_dir) / 'hpo' / 'best.json'}")
+        return 0
     stats = pretrain(Path(args.run_dir), config, until_step=args.until_step)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(stats, indent=1))
