@@ -11,12 +11,16 @@ COMMANDS = {
     "run": ("quark.pipeline", "run a recipe end to end (default: the embedded default recipe)"),
     "plan": ("quark.train.plan", "scope a pretraining run: params, FLOPs, memory, tokens, time; pick an architecture"),
     "pretrain": ("quark.train.trainer", "pretrain a model on a run directory's packed tokens (resumable, DDP/FSDP2)"),
+    "report": ("quark.eval.report", "write report.html (tables and plots) for a run directory"),
+    "augment": ("quark.improve.augment", "augment chat data: noise, model paraphrases, code/docstring round trips"),
+    "registry": ("quark.improve.registry", "model registry: list, show, register, promote through the eval gate"),
+    "eval": ("quark.eval.harness", "evaluate a model: perplexity, tasks, code pass@k; --gate fails on regressions"),
 }
 
 
 def build_parser(chosen=None):
     parser = argparse.ArgumentParser(prog="quark", description="Quark: develop language models end to end.")
-    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    parser.add_argument("--version", dest="show_version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -30,7 +34,7 @@ def main(argv=None):
     chosen = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(chosen if chosen in COMMANDS else None)
     args = parser.parse_args(argv)
-    if args.version:
+    if args.show_version:
         import quark
         print(quark.__version__)
         return 0

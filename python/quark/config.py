@@ -9,7 +9,7 @@ class ConfigError(ValueError):
 
 
 def _check_type(where, key, value, tp):
-    origin = typing.get_origin(tp)
+    origin = typing.get_origin(tp) or (tp if tp in (list, tuple, dict) else None)
     if tp is typing.Any or value is None and (origin is typing.Union and type(None) in typing.get_args(tp)):
         return value
     if origin is typing.Union:

@@ -1,7 +1,7 @@
 """Public kernel entry points. Each op dispatches on where its inputs live: numpy arrays and CPU
 tensors run the C++ core (quark._C), CUDA tensors the Triton/CUDA kernels, anything else the plain
 torch oracle in quark.ops.reference."""
-from quark.ops.attention import attention, decode_attention
+from quark.ops.attention import attention, decode_attention, quantize_kv
 from quark.ops.distance import pairwise_distance
 
-__all__ = ["attention", "decode_attention", "pairwise_distance"]
+__all__ = ["attention", "decode_attention", "pairwise_distance", "quantize_kv"]

@@ -42,19 +42,24 @@ def attention(q, k, v, causal=True, scale=None):
     return p @ v
 
 
-def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None):
+def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None, k_scale=None, v_scale=None):
     """One new token per sequence: q (B, Hq, D) over caches (B, Hkv, Smax, D) holding
-    cache_seqlens[b] valid positions -> (B, Hq, D). A sequence of length 0 gets zeros."""
+    cache_seqlens[b] valid positions -> (B, Hq, D). A sequence of length 0 gets zeros.
+    int8 caches are dequantized with k_scale / v_scale (B, Hkv, Smax): x = q * scale."""
     B, Hq, D = q.shape
     Hkv, Smax = k_cache.shape[1], k_cache.shape[2]
-    k, v = k_cache, v_cache
+    wide = torch.float64 if q.dtype == torch.float64 else torch.float32         # fp32 math unless asked for fp64
+    k, v = k_cache.to(wide), v_cache.to(wide)
+    if k_scale is not None:
+        k = k * k_scale.to(k.dtype)[..., None]
+        v = v * v_scale.to(v.dtype)[..., None]
     if Hkv != Hq:
         k = k.repeat_interleave(Hq // Hkv, dim=1)
         v = v.repeat_interleave(Hq // Hkv, dim=1)
     scale = D ** -0.5 if scale is None else scale
-    s = torch.einsum("bhd,bhsd->bhs", q.float(), k.float()) * scale              # (B, Hq, Smax)
+    s = torch.einsum("bhd,bhsd->bhs", q.to(wide), k) * scale                    # (B, Hq, Smax)
     lengths = torch.as_tensor(cache_seqlens, device=q.device).long()
     valid = torch.arange(Smax, device=q.device)[None, :] < lengths[:, None]       # (B, Smax)
     s = s.masked_fill(~valid[:, None, :], float("-inf"))
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
-    return torch.einsum("bhs,bhsd->bhd", p, v.float()).to(q.dtype)
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)                                  # length 0 -> zeros
+    return torch.einsum("bhs,bhsd->bhd", p, v).to(q.dtype)

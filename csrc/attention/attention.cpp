@@ -1,0 +1,40 @@
+// Attention dispatch: the ISA level is read once per call; bf16 prefill takes the AVX512-BF16
+// dot-product path where the CPU has it, everything else the fp32-accumulating blocked kernels.
+#include "attention/attention.h"
+
+#include "common/dispatch.h"
+
+namespace quark {
+
+static FamilyRegistration reg("attention", Isa::avx512_bf16);
+
+void attention_forward(const AttentionFwdArgs& a) {
+  if (a.B == 0 || a.Hq == 0 || a.Sq == 0) return;
+  switch (family_isa(Isa::avx512_bf16)) {
+    case Isa::scalar: return attention_forward_scalar(a);
+    case Isa::avx2: return attention_forward_avx2(a);
+    case Isa::avx512: return attention_forward_avx512(a);
+    default:
+      if (a.dtype == DType::bf16) return attention_forward_bf16_avx512_bf16(a);
+      return attention_forward_avx512(a);
+  }
+}
+
+void attention_backward(const AttentionBwdArgs& a) {
+  switch (family_isa(Isa::avx512)) {
+    case Isa::scalar: return attention_backward_scalar(a);
+    case Isa::avx2: return attention_backward_avx2(a);
+    default: return attention_backward_avx512(a);
+  }
+}
+
+void decode_attention(const DecodeArgs& a) {
+  if (a.B == 0 || a.Hq == 0) return;
+  switch (family_isa(Isa::avx512)) {
+    case Isa::scalar: return decode_attention_scalar(a);
+    case Isa::avx2: return decode_attention_avx2(a);
+    default: return decode_attention_avx512(a);
+  }
+}
+
+}  // namespace quark

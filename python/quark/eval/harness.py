@@ -1,0 +1,205 @@
+"""`quark eval` and the pipeline's eval step: perplexity / bits-per-byte on held-out data, a
+held-out continuation task built from the run's own validation split, the shipped task files
+(multiple choice, generation, sandboxed code), telemetry, and the regression gate."""
+import hashlib
+import json
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from quark.config import from_dict
+from quark.eval import gate as gates
+from quark.eval.lm import LanguageModel
+from quark.eval.perplexity import evaluate_tokens
+from quark.eval.tasks import builtin_tasks, evaluate_task, load_task
+from quark.eval.telemetry import Telemetry
+from quark.io import atomic_write_json
+from quark.model.io import latest_model_dir
+
+
+@dataclass
+class EvalConfig:
+    seed: int = 0
+    model: str = ""                 # model directory; default: the run's latest (dpo > sft > pretrain)
+    max_tokens: int = 20000         # held-out tokens scored for perplexity / bits-per-byte
+    heldout_mc: int = 40            # held-out continuation questions (0: skip)
+    tasks: list = field(default_factory=lambda: ["builtin"])   # "builtin", shipped task names, or YAML paths
+    task_limit: int = 0             # at most this many documents per task (0: all)
+    baselines: str = ""             # baseline store; default run_dir/eval/baselines.json
+
+
+def validate_config(cfg):
+    from_dict(EvalConfig, cfg, "eval")
+
+
+def model_version(model_dir):
+    """Content hash of the weights: the identity under which metrics and baselines are stored."""
+    h = hashlib.sha256()
+    with open(Path(model_dir) / "model.safetensors", "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:12]
+
+
+def resolve_tasks(names):
+    paths = []
+    shipped = {p.stem: p for p in builtin_tasks()}
+    for name in names:
+        if name == "builtin":
+            paths += list(shipped.values())
+        elif name in shipped:
+            paths.append(shipped[name])
+        elif Path(name).exists():
+            paths.append(Path(name))
+        else:
+            raise ValueError(f"unknown task {name!r}: not a shipped task ({', '.join(shipped)}) or a YAML file")
+    return paths
+
+
+def heldout_continuation_docs(lm, tokens, n, seed, ctx_len=48, cont_len=16):
+    """Multiple-choice questions from held-out tokens: pick the true next span among 4 spans."""
+    span = ctx_len + cont_len
+    if n <= 0 or len(tokens) < span * 8:
+        return []
+    rng = random.Random(seed)
+    starts = rng.sample(range(0, len(tokens) - span, span), min(n * 4, (len(tokens) - span) // span))
+    docs = []
+    for q in range(min(n, len(starts) // 4)):
+        s, others = starts[4 * q], starts[4 * q + 1: 4 * q + 4]
+        conts = [tokens[s + ctx_len: s + span]] + [tokens[o + ctx_len: o + span] for o in others]
+        order = list(range(4))
+        rng.shuffle(order)
+        docs.append({"context": lm.decode(tokens[s: s + ctx_len].tolist()),
+                     "choices": [lm.decode(conts[i].tolist()) for i in order], "answer": order.index(0)})
+    return docs
+
+
+def score_heldout_mc(lm, docs):
+    if not docs:
+        return {}
+    correct = 0
+    for d in docs:
+        ll = [s for s, _ in lm.loglikelihood([(d["context"], c) for c in d["choices"]])]
+        correct += int(int(np.argmax(ll)) == d["answer"])
+    return {"acc": correct / len(docs), "n": len(docs), "chance": 0.25}
+
+
+def load_heldout_tokens(run_dir, max_tokens):
+    meta_path = Path(run_dir) / "pack" / "meta.json"
+    if not meta_path.exists():
+        return None
+    meta = json.loads(meta_path.read_text())
+    val = np.memmap(Path(run_dir) / "pack" / "val.bin", dtype=np.dtype(meta["dtype"]), mode="r")
+    return np.asarray(val[:max_tokens], dtype=np.int64)
+
+
+def evaluate(model_dir, cfg: EvalConfig, run_dir=None, telemetry=None, log=print):
+    """-> flat metrics {"<section>/<metric>": value}."""
+    torch.manual_seed(cfg.seed)
+    telemetry = telemetry or Telemetry()
+    lm = LanguageModel.from_dir(model_dir, run_dir)
+    metrics = {}
+    tokens = load_heldout_tokens(run_dir, cfg.max_tokens) if run_dir else None
+    if tokens is not None and len(tokens) > 1:
+        with telemetry.timer("perplexity"):
+            ppl = evaluate_tokens(lm, tokens)
+        metrics |= {f"heldout/{k}": v for k, v in ppl.items()}
+        log(f"  held-out: loss {ppl['loss']:.3f}  ppl {ppl['perplexity']:.2f}  bits/byte {ppl['bits_per_byte']:.3f}")
+        with telemetry.timer("heldout_mc"):
+            mc = score_heldout_mc(lm, heldout_continuation_docs(lm, tokens, cfg.heldout_mc, cfg.seed))
+        metrics |= {f"heldout_mc/{k}": v for k, v in mc.items()}
+    for path in resolve_tasks(cfg.tasks):
+        spec, docs = load_task(path)
+        if cfg.task_limit:
+            docs = docs[: cfg.task_limit]
+        t0 = time.perf_counter()
+        with telemetry.timer("task", task=spec.task):
+            result = evaluate_task(lm, spec, docs, seed=cfg.seed)
+        metrics |= {f"{spec.task}/{k}": v for k, v in result.items()}
+        log(f"  {spec.task}: " + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                          for k, v in result.items()) + f"  ({time.perf_counter() - t0:.1f}s)")
+    return metrics
+
+
+def run_gate(metrics, store, version=None):
+    """-> (baseline version or None, checks)."""
+    base_version, baseline = store.get(version)
+    if baseline is None:
+        return None, []
+    return base_version, gates.compare(metrics, baseline)
+
+
+def run_step(run_dir, cfg):
+    cfg = from_dict(EvalConfig, cfg, "eval")
+    run_dir = Path(run_dir)
+    out = run_dir / "eval"
+    model_dir = Path(cfg.model) if cfg.model else latest_model_dir(run_dir)
+    telemetry = Telemetry(out / "telemetry.jsonl")
+    version = model_version(model_dir)
+    metrics = evaluate(model_dir, cfg, run_dir, telemetry)
+    store = gates.BaselineStore(cfg.baselines or out / "baselines.json")
+    base_version, checks = run_gate(metrics, store)
+    regressions = [c.describe() for c in checks if c.regressed]
+    for c in checks:
+        print("  gate:", c.describe())
+    if not regressions:
+        store.record(version, metrics)     # the newest passing model becomes the baseline
+    result = {"model_dir": str(model_dir), "version": version, "metrics": metrics,
+              "gate": {"baseline_version": base_version, "passed": not regressions, "regressions": regressions,
+                       "checks": [asdict(c) for c in checks]},
+              "telemetry": telemetry.summary()}
+    atomic_write_json(out / "results.json", result)
+    (out / "metrics.prom").write_text(telemetry.prometheus())
+    return {"version": version, "gate_passed": not regressions, **{k: v for k, v in metrics.items() if not k.endswith("/n")}}
+
+
+def configure_parser(p):
+    p.add_argument("path", help="a run directory (uses its latest model and held-out data) or a model directory")
+    p.add_argument("--tasks", nargs="*", default=["builtin"], help="shipped task names, YAML task files, or 'builtin'")
+    p.add_argument("--max-tokens", type=int, default=20000, help="held-out tokens for perplexity")
+    p.add_argument("--limit", type=int, default=0, help="at most this many documents per task")
+    p.add_argument("--gate", action="store_true", help="exit 1 if a metric regresses beyond its tolerance")
+    p.add_argument("--baselines", default=None, help="baseline store (default: PATH/eval/baselines.json)")
+    p.add_argument("--baseline-version", default=None, help="compare against this version (default: newest)")
+    p.add_argument("--record", action="store_true", help="store these metrics as the baseline of this model version")
+    p.add_argument("--json", default=None, help="write the metrics to this JSON file")
+
+
+def run_cli(args):
+    path = Path(args.path)
+    if (path / "model.safetensors").exists():
+        model_dir, run_dir = path, None
+    else:
+        model_dir, run_dir = latest_model_dir(path), path
+    cfg = EvalConfig(max_tokens=args.max_tokens, tasks=args.tasks, task_limit=args.limit)
+    print(f"evaluating {model_dir}")
+    metrics = evaluate(model_dir, cfg, run_dir)
+    version = model_version(model_dir)
+    store = gates.BaselineStore(args.baselines or path / "eval" / "baselines.json")
+    if args.json:
+        atomic_write_json(args.json, {"version": version, "metrics": metrics})
+    status = 0
+    if args.gate:
+        try:
+            base_version, checks = run_gate(metrics, store, args.baseline_version)
+        except KeyError as e:
+            print(f"error: {e.args[0]}", file=sys.stderr)
+            return 2
+        if base_version is None:
+            print("gate: no baseline recorded yet; nothing to compare (use --record)")
+        for c in checks:
+            print("gate:", c.describe())
+        if any(c.regressed for c in checks):
+            print(f"gate FAILED against baseline {base_version}")
+            status = 1
+        elif base_version:
+            print(f"gate passed against baseline {base_version}")
+    if args.record:
+        store.record(version, metrics)
+        print(f"recorded baseline for version {version} in {store.path}")
+    return status

@@ -1,0 +1,95 @@
+"""A scoring and generation interface over (GPT, tokenizer): what every evaluation needs, and
+the core of the lm-evaluation-harness adapter."""
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+
+from quark.model.io import load_model
+
+
+def load_tokenizer(model_dir, run_dir=None):
+    for p in (Path(model_dir) / "tokenizer.json", Path(run_dir or model_dir) / "tokenizer" / "tokenizer.json"):
+        if p.exists():
+            return Tokenizer.from_file(str(p))
+    raise FileNotFoundError(f"no tokenizer.json in {model_dir} (or {run_dir}/tokenizer)")
+
+
+class LanguageModel:
+    def __init__(self, model, tokenizer, max_batch_tokens=8192):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_len = model.config.max_seq_len
+        self.max_batch_tokens = max_batch_tokens
+        self.eos_ids = {i for i in (tokenizer.token_to_id("<|eos|>"), tokenizer.token_to_id("<|end|>")) if i is not None}
+
+    @classmethod
+    def from_dir(cls, model_dir, run_dir=None):
+        return cls(load_model(model_dir), load_tokenizer(model_dir, run_dir))
+
+    def encode(self, text):
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids):
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    @torch.no_grad()
+    def loglikelihood(self, requests):
+        """[(context, continuation)] -> [(sum log p(continuation | context), continuation is greedy)].
+        Contexts are left-truncated so context + continuation fits the model's window."""
+        out = []
+        for context, continuation in requests:
+            ctx, cont = self.encode(context), self.encode(continuation)
+            if not cont:
+                out.append((0.0, True))
+                continue
+            ids = (ctx + cont)[-(self.max_len + 1):]
+            n_cont = min(len(cont), len(ids) - 1)
+            x = torch.tensor(ids[:-1])[None]
+            logp = F.log_softmax(self.model(x)[0][0].float(), dim=-1)        # (T, V)
+            target = torch.tensor(ids[1:])
+            tail = slice(len(ids) - 1 - n_cont, len(ids) - 1)
+            lp = logp[tail].gather(1, target[tail, None]).sum().item()
+            greedy = bool((logp[tail].argmax(-1) == target[tail]).all())
+            out.append((lp, greedy))
+        return out
+
+    @torch.no_grad()
+    def rolling_nll(self, ids):
+        """Total negative log-likelihood (nats) and count of the predicted tokens of a long token
+        sequence, scored in disjoint windows of max_seq_len (every token after the first predicted once)."""
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        W = self.max_len + 1
+        windows = [ids[s: s + W] for s in range(0, max(len(ids) - 1, 0), self.max_len)]
+        full = [w for w in windows if len(w) == W]
+        rest = [w for w in windows if 1 < len(w) < W]
+        per_batch = max(1, self.max_batch_tokens // self.max_len)
+        groups = [full[i:i + per_batch] for i in range(0, len(full), per_batch)] + [[w] for w in rest]
+        total, count = 0.0, 0
+        for group in groups:
+            batch = torch.stack(group)                                  # (B, L)
+            logits, _ = self.model(batch[:, :-1])
+            total += F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1),
+                                     reduction="sum").item()
+            count += batch[:, 1:].numel()
+        return total, count
+
+    @torch.no_grad()
+    def generate(self, prompt, max_new_tokens=64, until=(), temperature=0.0, seed=0):
+        """Greedy (or sampled) continuation of a text prompt, cut at the first stop string."""
+        ids = self.encode(prompt)[-(self.max_len - 1):] or [next(iter(self.eos_ids), 0)]
+        budget = max(0, min(max_new_tokens, self.max_len - len(ids)))
+        if budget == 0:
+            return ""
+        g = torch.Generator().manual_seed(seed)
+        out = self.model.generate(torch.tensor([ids]), budget, temperature=temperature, generator=g)[0, len(ids):].tolist()
+        for i, t in enumerate(out):
+            if t in self.eos_ids:
+                out = out[:i]
+                break
+        text = self.decode(out)
+        for stop in until:
+            if stop and stop in text:
+                text = text[: text.index(stop)]
+        return text

@@ -1,0 +1,164 @@
+"""The run report: one self-contained report.html (tables + embedded PNG plots) from what the
+steps wrote in the run directory: pipeline.json (per-step stats and timings), every
+<step>/metrics.jsonl (loss curves and other series), eval/results.json (metrics and the gate),
+and eval/telemetry.jsonl (latencies)."""
+import base64
+import html
+import io
+import json
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")   # no display: render straight to PNG bytes
+import matplotlib.pyplot as plt  # noqa: E402
+
+SERIES_KEYS = ("loss", "train_loss", "val_loss", "lr", "tokens_per_s", "mfu", "grad_norm", "accuracy",
+               "reward_margin", "reward_accuracy", "kl", "reward")
+
+
+def _png(fig):
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def read_metrics_jsonl(path):
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue          # a torn last line from an interrupted run is skipped, not fatal
+            if isinstance(rec, dict):
+                rows.append(rec)
+    return rows
+
+
+def plot_series(name, rows):
+    """One figure per metrics file: every known numeric series against step (or row index)."""
+    keys = [k for k in SERIES_KEYS if any(isinstance(r.get(k), (int, float)) for r in rows)]
+    if not keys:
+        return None
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 2.8), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        pts = [(r.get("step", i), r[key]) for i, r in enumerate(rows) if isinstance(r.get(key), (int, float))]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 30 else None)
+        ax.set_title(f"{name}: {key}", fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def plot_latencies(path):
+    samples = {}
+    for r in read_metrics_jsonl(path):
+        if r.get("kind") == "latency":
+            samples.setdefault(r["name"], []).append(r["value"])
+    if not samples:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 2.8))
+    ax.boxplot(list(samples.values()), labels=list(samples.keys()))
+    ax.set_ylabel("seconds")
+    ax.set_title("evaluation latencies", fontsize=9)
+    return _png(fig)
+
+
+def flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out |= flatten(v, key + "/")
+        elif isinstance(v, list):
+            out[key] = f"[{len(v)} items]" if len(v) > 6 or any(isinstance(x, (dict, list)) for x in v) else v
+        else:
+            out[key] = v
+    return out
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return html.escape(str(v))
+
+
+def table(rows, headers):
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
+table{border-collapse:collapse;margin:0.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:left}
+th{background:#f3f3f3}h2{border-bottom:2px solid #ddd;padding-bottom:4px}.ok{color:#080}.bad{color:#b00}
+img{max-width:100%;margin:4px 0}"""
+
+
+def build_report(run_dir):
+    run_dir = Path(run_dir)
+    state = json.loads((run_dir / "pipeline.json").read_text()) if (run_dir / "pipeline.json").exists() else {"steps": {}}
+    recipe = state.get("recipe", {})
+    parts = [f"<h1>Quark run report: {html.escape(str(recipe.get('name', run_dir.name)))}</h1>",
+             f"<p>run directory <code>{html.escape(str(run_dir))}</code>, budget <b>{html.escape(str(recipe.get('budget', '?')))}</b>, "
+             f"written {time.strftime('%Y-%m-%d %H:%M:%S')}</p>"]
+    steps = state.get("steps", {})
+    total = sum(s.get("seconds", 0) for s in steps.values())
+    parts.append("<h2>Steps</h2>" + table([(n, s.get("status"), s.get("seconds"), s.get("finished_at", ""))
+                                            for n, s in steps.items()] + [("total", "", round(total, 1), "")],
+                                           ["step", "status", "seconds", "finished"]))
+    results_path = run_dir / "eval" / "results.json"
+    if results_path.exists():
+        res = json.loads(results_path.read_text())
+        g = res.get("gate", {})
+        verdict = ("<span class='ok'>passed</span>" if g.get("passed") else "<span class='bad'>FAILED</span>")
+        parts.append(f"<h2>Evaluation</h2><p>model <code>{html.escape(res.get('model_dir', ''))}</code> version "
+                     f"<code>{html.escape(res.get('version', ''))}</code>; gate {verdict} against baseline "
+                     f"{html.escape(str(g.get('baseline_version')))}</p>")
+        parts.append(table(sorted(res.get("metrics", {}).items()), ["metric", "value"]))
+        if g.get("regressions"):
+            parts.append("<ul>" + "".join(f"<li class='bad'>{html.escape(r)}</li>" for r in g["regressions"]) + "</ul>")
+        tel = res.get("telemetry")
+        if tel:
+            parts.append("<h3>Telemetry</h3>" + table(sorted(tel.items()), ["metric", "value"]))
+    plots = []
+    for path in sorted(run_dir.glob("*/metrics.jsonl")):
+        png = plot_series(path.parent.name, read_metrics_jsonl(path))
+        if png:
+            plots.append(f"<h3>{html.escape(path.parent.name)}</h3><img src='data:image/png;base64,{png}'>")
+    lat = run_dir / "eval" / "telemetry.jsonl"
+    if lat.exists() and (png := plot_latencies(lat)):
+        plots.append(f"<h3>latencies</h3><img src='data:image/png;base64,{png}'>")
+    if plots:
+        parts.append("<h2>Curves</h2>" + "".join(plots))
+    parts.append("<h2>Step details</h2>")
+    for name, s in steps.items():
+        stats = flatten(s.get("stats") or {})
+        if stats:
+            parts.append(f"<h3>{html.escape(name)}</h3>" + table(sorted(stats.items()), ["stat", "value"]))
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>Quark report</title><style>{CSS}</style></head><body>{''.join(parts)}</body></html>"
+
+
+def run_step(run_dir, cfg):
+    from quark.io import atomic_write_text
+    unknown = set(cfg) - {"seed"}
+    if unknown:
+        from quark.config import ConfigError
+        raise ConfigError(f"report: unknown key {sorted(unknown)[0]!r}; the report step takes no settings")
+    page = build_report(run_dir)
+    atomic_write_text(Path(run_dir) / "report.html", page)
+    return {"report": str(Path(run_dir) / "report.html"), "bytes": len(page)}
+
+
+def configure_parser(p):
+    p.add_argument("run_dir", help="run directory")
+
+
+def run_cli(args):
+    stats = run_step(args.run_dir, {})
+    print(f"wrote {stats['report']}")
+    return 0

@@ -1,0 +1,208 @@
+"""Model registry in SQLite: versions, lineage, metrics and stage (candidate / champion / archived).
+
+A candidate becomes champion only through the evaluation gate: its metrics are compared with the
+champion's (quark.eval.gate rules) and any regression beyond tolerance keeps it a candidate.
+Every change is one SQLite transaction, so a crash never leaves two champions or none.
+"""
+import json
+import sqlite3
+import time
+from pathlib import Path
+
+from quark.config import ConfigError
+from quark.eval import gate as gates
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS models (
+    version     TEXT PRIMARY KEY,
+    name        TEXT NOT NULL,
+    path        TEXT NOT NULL,
+    parent      TEXT REFERENCES models(version),
+    stage       TEXT NOT NULL CHECK (stage IN ('candidate', 'champion', 'archived')),
+    metrics     TEXT NOT NULL DEFAULT '{}',
+    created_at  REAL NOT NULL,
+    promoted_at REAL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS one_champion ON models(stage) WHERE stage = 'champion';
+CREATE TABLE IF NOT EXISTS events (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    version TEXT NOT NULL,
+    event   TEXT NOT NULL,
+    detail  TEXT NOT NULL DEFAULT '',
+    at      REAL NOT NULL
+);
+"""
+
+
+class Registry:
+    def __init__(self, path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.path, isolation_level=None)   # explicit transactions below
+        self.db.row_factory = sqlite3.Row
+        try:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as e:
+            raise ValueError(f"model registry {self.path} is not a valid SQLite database: {e}") from None
+
+    def close(self):
+        self.db.close()
+
+    def _tx(self):
+        db = self.db
+
+        class Tx:
+            def __enter__(self):
+                db.execute("BEGIN IMMEDIATE")
+                return db
+
+            def __exit__(self, exc_type, *rest):
+                db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+        return Tx()
+
+    def register(self, version, path, name=None, parent=None, metrics=None):
+        """Add a candidate (idempotent for the same version: refreshes its metrics)."""
+        if parent is not None and self.get(parent) is None:
+            raise ValueError(f"parent version {parent!r} is not registered")
+        with self._tx() as db:
+            row = db.execute("SELECT version FROM models WHERE version = ?", (version,)).fetchone()
+            if row:
+                if metrics is not None:
+                    db.execute("UPDATE models SET metrics = ? WHERE version = ?", (json.dumps(metrics), version))
+            else:
+                db.execute("INSERT INTO models (version, name, path, parent, stage, metrics, created_at) "
+                           "VALUES (?, ?, ?, ?, 'candidate', ?, ?)",
+                           (version, name or Path(path).parent.name, str(path), parent, json.dumps(metrics or {}), time.time()))
+                db.execute("INSERT INTO events (version, event, at) VALUES (?, 'registered', ?)", (version, time.time()))
+        return self.get(version)
+
+    def set_metrics(self, version, metrics):
+        self._require(version)
+        self.db.execute("UPDATE models SET metrics = ? WHERE version = ?", (json.dumps(metrics), version))
+
+    def _row(self, row):
+        return None if row is None else dict(row) | {"metrics": json.loads(row["metrics"])}
+
+    def get(self, version):
+        return self._row(self.db.execute("SELECT * FROM models WHERE version = ?", (version,)).fetchone())
+
+    def _require(self, version):
+        m = self.get(version)
+        if m is None:
+            raise KeyError(f"version {version!r} is not registered")
+        return m
+
+    def champion(self):
+        return self._row(self.db.execute("SELECT * FROM models WHERE stage = 'champion'").fetchone())
+
+    def list(self):
+        return [self._row(r) for r in self.db.execute("SELECT * FROM models ORDER BY created_at")]
+
+    def lineage(self, version):
+        chain, m = [], self._require(version)
+        while m is not None:
+            chain.append(m["version"])
+            m = self.get(m["parent"]) if m["parent"] else None
+        return chain
+
+    def events(self, version=None):
+        q = "SELECT * FROM events" + (" WHERE version = ?" if version else "") + " ORDER BY id"
+        return [dict(r) for r in self.db.execute(q, (version,) if version else ())]
+
+    def promote(self, version, rules=None):
+        """Gate the candidate against the champion; promote on pass. -> (promoted, checks)."""
+        candidate = self._require(version)
+        if candidate["stage"] == "champion":
+            return True, []
+        champion = self.champion()
+        checks = gates.compare(candidate["metrics"], champion["metrics"], rules) if champion else []
+        failed = [c for c in checks if c.regressed]
+        with self._tx() as db:
+            if failed:
+                db.execute("INSERT INTO events (version, event, detail, at) VALUES (?, 'gate_failed', ?, ?)",
+                           (version, "; ".join(c.describe() for c in failed), time.time()))
+                return False, checks
+            if champion:
+                db.execute("UPDATE models SET stage = 'archived' WHERE version = ?", (champion["version"],))
+                db.execute("INSERT INTO events (version, event, detail, at) VALUES (?, 'archived', ?, ?)",
+                           (champion["version"], f"replaced by {version}", time.time()))
+            db.execute("UPDATE models SET stage = 'champion', promoted_at = ? WHERE version = ?", (time.time(), version))
+            db.execute("INSERT INTO events (version, event, detail, at) VALUES (?, 'promoted', ?, ?)",
+                       (version, f"over {champion['version']}" if champion else "first champion", time.time()))
+        return True, checks
+
+
+def run_step(run_dir, cfg):
+    """Register every model this run produced (lineage pretrain -> sft -> dpo) and promote the
+    evaluated one through the gate."""
+    from quark.eval.harness import model_version
+    run_dir = Path(run_dir)
+    validate_config(cfg)
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    reg = Registry(cfg.get("registry") or run_dir / "registry.sqlite")
+    try:
+        parent = None
+        for step in ("pretrain", "sft", "dpo"):
+            d = run_dir / step / "final"
+            if (d / "model.safetensors").exists():
+                v = model_version(d)
+                reg.register(v, d, name=f"{run_dir.name}/{step}", parent=parent)
+                parent = v
+        reg.register(results["version"], results["model_dir"], parent=None if results["version"] == parent else parent,
+                     metrics=results["metrics"])
+        promoted, checks = reg.promote(results["version"])
+        champ = reg.champion()
+        return {"candidate": results["version"], "promoted": promoted, "champion": champ["version"] if champ else None,
+                "regressions": [c.describe() for c in checks if c.regressed], "models": len(reg.list())}
+    finally:
+        reg.close()
+
+
+def validate_config(cfg):
+    unknown = set(cfg) - {"seed", "registry"}
+    if unknown:
+        raise ConfigError(f"unknown key {sorted(unknown)[0]!r}; allowed keys: registry")
+
+
+def configure_parser(p):
+    p.add_argument("--db", default="runs/registry.sqlite", help="registry database (SQLite)")
+    sub = p.add_subparsers(dest="action", required=True)
+    sub.add_parser("list", help="every version with its stage")
+    s = sub.add_parser("show", help="one version: metrics, lineage, events")
+    s.add_argument("version")
+    r = sub.add_parser("register", help="add a model directory as a candidate")
+    r.add_argument("model_dir")
+    r.add_argument("--parent", default=None)
+    r.add_argument("--metrics", default=None, help="JSON file of metrics (e.g. from quark eval --json)")
+    pr = sub.add_parser("promote", help="promote a candidate through the gate")
+    pr.add_argument("version")
+
+
+def run_cli(args):
+    from quark.eval.harness import model_version
+    reg = Registry(args.db)
+    try:
+        if args.action == "list":
+            for m in reg.list():
+                print(f"{m['version']}  {m['stage']:<9}  {m['name']:<24} parent={m['parent'] or '-'}  {m['path']}")
+        elif args.action == "show":
+            m = reg._require(args.version)
+            print(json.dumps(m | {"lineage": reg.lineage(args.version), "events": reg.events(args.version)}, indent=1))
+        elif args.action == "register":
+            metrics = json.loads(Path(args.metrics).read_text())["metrics"] if args.metrics else None
+            m = reg.register(model_version(args.model_dir), args.model_dir, parent=args.parent, metrics=metrics)
+            print(f"registered {m['version']} as {m['stage']}")
+        elif args.action == "promote":
+            promoted, checks = reg.promote(args.version)
+            for c in checks:
+                print("gate:", c.describe())
+            print("promoted to champion" if promoted else "gate failed: stays candidate")
+            return 0 if promoted else 1
+    except (KeyError, ValueError) as e:
+        print(f"error: {e.args[0]}")
+        return 2
+    finally:
+        reg.close()
+    return 0

@@ -1,0 +1,36 @@
+import json
+
+from quark.eval.report import build_report, run_step
+
+
+def make_run(tmp_path):
+    (tmp_path / "pretrain").mkdir()
+    with open(tmp_path / "pretrain" / "metrics.jsonl", "w") as f:
+        for step in range(20):
+            f.write(json.dumps({"step": step, "loss": 5 - step * 0.1, "lr": 1e-3}) + "\n")
+        f.write('{"step": 20, "loss": ')                       # torn last line of an interrupted run
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "results.json").write_text(json.dumps({
+        "model_dir": "m", "version": "abc", "metrics": {"heldout/loss": 3.2, "t/acc": 0.4},
+        "gate": {"passed": False, "baseline_version": "x", "regressions": ["t/acc: <script>alert(1)</script>"]},
+        "telemetry": {"task_p50": 0.1}}))
+    (tmp_path / "pipeline.json").write_text(json.dumps({"recipe": {"name": "r<b>", "budget": "tiny"}, "steps": {
+        "pretrain": {"status": "done", "seconds": 3.5, "stats": {"final_loss": 3.1, "nested": {"a": 1}}}}}))
+    return tmp_path
+
+
+def test_report_has_tables_plots_and_escapes(tmp_path):
+    page = build_report(make_run(tmp_path))
+    assert page.count("data:image/png;base64,") == 1
+    assert "final_loss" in page and "nested/a" in page and "heldout/loss" in page
+    assert "<script>alert(1)</script>" not in page and "&lt;script&gt;" in page
+    assert "r&lt;b&gt;" in page and "FAILED" in page
+
+
+def test_step_writes_report_atomically(tmp_path):
+    stats = run_step(make_run(tmp_path), {"seed": 0})
+    assert (tmp_path / "report.html").read_text().startswith("<!doctype html>") and stats["bytes"] > 1000
+
+
+def test_empty_run_dir_still_renders(tmp_path):
+    assert "<h1>" in build_report(tmp_path)
