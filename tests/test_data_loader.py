@@ -84,6 +84,16 @@ def test_eval_batches_fixed(bin16):
     assert len(a) == 3 and all(torch.equal(p[0], q[0]) for p, q in zip(a, b))
 
 
+def test_eval_batches_small_or_empty_split(tmp_path):
+    small = tmp_path / "val.bin"
+    np.arange(100, dtype=np.uint16).tofile(small)            # room for 5 windows of 16, not 8
+    batches = eval_batches(small, "uint16", 8, 16, 3)
+    assert batches and batches[0][0].shape[0] < 8
+    empty = tmp_path / "empty.bin"
+    empty.write_bytes(b"")
+    assert eval_batches(empty, "uint16", 8, 16, 3) == []
+
+
 def test_errors(tmp_path, bin16):
     with pytest.raises(FileNotFoundError, match="pack"):
         TokenLoader(tmp_path / "missing.bin", "uint16", 2, 8)

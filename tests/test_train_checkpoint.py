@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from _train_util import losses, make_run_dir
+from tests._train_util import losses, make_run_dir
 
 from quark.train import checkpoint as ckpt
 from quark.train.trainer import PretrainConfig, pretrain

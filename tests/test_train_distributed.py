@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from _train_util import losses, make_run_dir
+from tests._train_util import losses, make_run_dir
 
 from quark.model.io import load_model
 from quark.train import checkpoint as ckpt
@@ -13,7 +13,7 @@ from quark.train.trainer import PretrainConfig, pretrain
 
 # Global batch 4 windows: one process of 4, or two processes of 2.
 BASE = dict(model="nano", seq_len=32, warmup_steps=1, log_interval=1, eval_interval=3, eval_batches=2,
-            ckpt_interval=3, peak_tflops=1.0, threads=1, max_steps=6)
+            ckpt_interval=3, peak_tflops=1.0, threads=1, max_steps=6, precision="float32")
 SINGLE = PretrainConfig(**BASE, batch_size=4)
 
 

@@ -3,7 +3,7 @@ and the pretraining search that resumes promoted trials from their checkpoints."
 import json
 
 import pytest
-from _train_util import make_run_dir
+from tests._train_util import make_run_dir
 
 from quark.train import hpo
 

@@ -3,7 +3,7 @@ selector under parameter / memory / time budgets, and the plan step feeding pret
 import json
 
 import pytest
-from _train_util import make_run_dir
+from tests._train_util import make_run_dir
 
 from quark.cli import main as quark_main
 from quark.config import ConfigError

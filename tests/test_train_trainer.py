@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from _train_util import losses, make_run_dir
+from tests._train_util import losses, make_run_dir
 
 from quark.cli import main as quark_main
 from quark.config import ConfigError
@@ -15,7 +15,8 @@ from quark.train.trainer import PretrainConfig, lr_at, pretrain, run_step
 
 # nano model, short sequences; peak_tflops fixed so no matmul probe runs in the tests.
 SMALL = dict(model="nano", seq_len=32, batch_size=4, warmup_steps=2, log_interval=1, eval_interval=4,
-             ckpt_interval=4, eval_batches=2, peak_tflops=1.0, threads=1, lr=3e-3, min_lr=3e-4)
+             ckpt_interval=4, eval_batches=2, peak_tflops=1.0, threads=1, lr=3e-3, min_lr=3e-4,
+             precision="float32")
 
 
 @pytest.fixture
@@ -68,10 +69,18 @@ def test_grad_accum_matches_larger_batch(tmp_path):
 
 
 def test_bf16_autocast_trains(run_dir):
-    stats = pretrain(run_dir, PretrainConfig(**SMALL, max_steps=20, precision="bfloat16"))
+    stats = pretrain(run_dir, PretrainConfig(**{**SMALL, "precision": "bfloat16"}, max_steps=20))
+    assert stats["precision"] == "bfloat16"
     rows = losses(run_dir / "pretrain" / "metrics.jsonl")
     assert all(torch.isfinite(torch.tensor(v)) for v in rows.values()) and rows[20] < rows[1]
     assert stats["val_loss"] is not None
+
+
+def test_auto_precision_follows_the_cpu():
+    import quark
+    native = quark.info()["cpu_features"]["avx512_bf16"] or quark.info()["cpu_features"]["amx_bf16"]
+    assert trainer.resolve_precision("auto", torch.device("cpu")) == ("bfloat16" if native else "float32")
+    assert trainer.resolve_precision("float32", torch.device("cpu")) == "float32"
 
 
 def test_lr_schedule():

@@ -89,7 +89,14 @@ class TokenLoader:
 
 
 def eval_batches(bin_path, dtype, batch_size, seq_len, max_batches, rank=0, world_size=1):
-    """The fixed validation batches: the first max_batches of a seed-0 loader (identical every call)."""
-    loader = TokenLoader(bin_path, dtype, batch_size, seq_len, seed=0, rank=rank, world_size=world_size)
+    """The fixed validation batches: the first max_batches of a seed-0 loader (identical every call).
+    A validation split too small for one batch gets smaller batches; an empty one gives []."""
+    path = Path(bin_path)
+    tokens = path.stat().st_size // np.dtype(DTYPES[dtype]).itemsize if path.exists() else 0
+    fit = (tokens - seq_len) // seq_len // world_size          # windows per rank that surely fit
+    batch_size = min(batch_size, fit)
+    if batch_size < 1 or max_batches < 1:
+        return []
+    loader = TokenLoader(path, dtype, batch_size, seq_len, seed=0, rank=rank, world_size=world_size)
     n = min(max_batches, len(loader._epoch_order()[1]) // loader.global_batch)
     return [loader.next_batch() for _ in range(n)]

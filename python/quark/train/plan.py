@@ -11,7 +11,7 @@ runner-up candidates) and a readable run_dir/plan/plan.md.
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -155,14 +155,14 @@ class PlanConfig:
     tokens: int = 0                # training tokens to plan for; 0: one epoch of pack/train.bin
     seq_len: int = 128
     batch_size: int = 16
-    precision: str = "float32"
+    precision: str = "auto"       # as pretrain: auto = bfloat16 where bf16 matmuls are native
     probe: bool = True             # measure tokens/s of the chosen model (a few training steps)
     probe_steps: int = 2
     seed: int = 0
 
     def __post_init__(self):
-        if self.precision not in BYTES:
-            raise ConfigError(f"plan.precision: must be one of {list(BYTES)}, got {self.precision!r}")
+        if self.precision not in ("auto", *BYTES):
+            raise ConfigError(f"plan.precision: must be one of {['auto', *BYTES]}, got {self.precision!r}")
         if self.model == "auto" and not (self.target_params or self.max_memory_gb or self.time_budget_s):
             raise ConfigError("plan.target_params: model 'auto' needs target_params, max_memory_gb or time_budget_s")
 
@@ -179,6 +179,8 @@ def validate_config(cfg):
 
 def make_plan(c: PlanConfig, vocab_size, tokens, log=print):
     """-> plan dict (JSON-able) with the chosen model config, estimates and runner-up candidates."""
+    from quark.train.trainer import resolve_precision
+    c = replace(c, precision=resolve_precision(c.precision, torch.device("cuda" if torch.cuda.is_available() else "cpu")))
     probe_flops = None
     if c.time_budget_s:   # throughput of a mid-sized reference model stands in for every candidate
         ref = preset("micro", vocab_size=vocab_size, max_seq_len=c.seq_len)
@@ -256,7 +258,7 @@ def configure_parser(parser):
     parser.add_argument("--vocab-size", type=int, default=None, help="vocabulary size without a run dir")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--precision", choices=list(BYTES), default="float32")
+    parser.add_argument("--precision", choices=["auto", *BYTES], default="auto")
     parser.add_argument("--no-probe", action="store_true", help="skip the throughput probe")
 
 
