@@ -423,4 +423,8 @@ if __name__ == "__main__":   # torchrun --nproc_per_node N -m quark.train.traine
     import argparse
     p = argparse.ArgumentParser(prog="python -m quark.train.trainer")
     configure_parser(p)
-    sys.exit(run_cli(p.parse_args()))
+    try:
+        code = run_cli(p.parse_args())
+    finally:
+        qdist.shutdown()
+    sys.exit(code)
