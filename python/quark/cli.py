@@ -13,6 +13,7 @@ COMMANDS = {
     "pretrain": ("quark.train.trainer", "pretrain a model on a run directory's packed tokens (resumable, DDP/FSDP2)"),
     "report": ("quark.eval.report", "write report.html (tables and plots) for a run directory"),
     "augment": ("quark.improve.augment", "augment chat data: noise, model paraphrases, code/docstring round trips"),
+    "automl": ("quark.improve.automl", "search recipe settings with successive halving over pipeline runs"),
     "registry": ("quark.improve.registry", "model registry: list, show, register, promote through the eval gate"),
     "eval": ("quark.eval.harness", "evaluate a model: perplexity, tasks, code pass@k; --gate fails on regressions"),
     "crawl": ("quark.data.crawl", "crawl web pages into run_dir/crawl (default: the local pydoc server)"),
