@@ -27,6 +27,7 @@ void qlinear_w8a8(const QLinearArgs& a) {
   std::vector<int16_t> xq16(M * kp, 0);
   std::vector<float> sx(M);
   // Per-token symmetric quantization: q = round_half_even(x * (127 / max|x|)), scale = max|x| / 127.
+#pragma omp parallel for schedule(static)
   for (int64_t m = 0; m < M; ++m) {
     const float* x = a.x + m * K;
     float amax = 0.f;
