@@ -29,19 +29,26 @@ void gemv_int8_rows(const QLinearArgs& a, int64_t n0) {
   const int64_t K = a.w.k, N = a.w.n;
   const int8_t* w = reinterpret_cast<const int8_t*>(a.w.data) + n0 * K;
   __m256 acc[R][M];
+  #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
+    #pragma GCC unroll 8
     for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();
   int64_t k = 0;
   for (; k + 8 <= K; k += 8) {
     __m256 xv[M];
+    #pragma GCC unroll 8
     for (int m = 0; m < M; ++m) xv[m] = _mm256_loadu_ps(a.x + m * K + k);
+    #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + r * K + k));
       const __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+      #pragma GCC unroll 8
       for (int m = 0; m < M; ++m) acc[r][m] = _mm256_fmadd_ps(wv, xv[m], acc[r][m]);
     }
   }
+  #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
+    #pragma GCC unroll 8
     for (int m = 0; m < M; ++m) {
       float y = hsum(acc[r][m]);
       for (int64_t t = k; t < K; ++t) y += static_cast<float>(w[r * K + t]) * a.x[m * K + t];
@@ -58,22 +65,28 @@ void gemv_int4_rows(const QLinearArgs& a, int64_t n0) {
   const uint8_t* zp = a.w.zeros + n0 * ng;
   const __m256i low4 = _mm256_set1_epi32(15);
   __m256 acc[R][M];
+  #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
+    #pragma GCC unroll 8
     for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();
   for (int64_t g = 0; g < ng; ++g) {
     __m256i zv[R];
     __m256 sv[R];
+    #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       zv[r] = _mm256_set1_epi32(zp[r * ng + g]);
       sv[r] = _mm256_set1_ps(sc[r * ng + g]);
     }
     for (int64_t b = g * G; b < (g + 1) * G; b += 32) {
+      #pragma GCC unroll 8
       for (int h = 0; h < 2; ++h) {
         __m256 x0[M], x1[M];
+        #pragma GCC unroll 8
         for (int m = 0; m < M; ++m) {
           x0[m] = _mm256_loadu_ps(a.x + m * K + b + 8 * h);
           x1[m] = _mm256_loadu_ps(a.x + m * K + b + 16 + 8 * h);
         }
+        #pragma GCC unroll 8
         for (int r = 0; r < R; ++r) {
           const __m256i v = _mm256_cvtepu8_epi32(
               _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + r * row_bytes + b / 2 + 8 * h)));
@@ -81,6 +94,7 @@ void gemv_int4_rows(const QLinearArgs& a, int64_t n0) {
               _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(v, low4), zv[r])), sv[r]);
           const __m256 w1 =
               _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(v, 4), zv[r])), sv[r]);
+          #pragma GCC unroll 8
           for (int m = 0; m < M; ++m) {
             acc[r][m] = _mm256_fmadd_ps(w0, x0[m], acc[r][m]);
             acc[r][m] = _mm256_fmadd_ps(w1, x1[m], acc[r][m]);
@@ -89,7 +103,9 @@ void gemv_int4_rows(const QLinearArgs& a, int64_t n0) {
       }
     }
   }
+  #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
+    #pragma GCC unroll 8
     for (int m = 0; m < M; ++m) {
       const float y = hsum(acc[r][m]);
       a.out[m * N + n0 + r] = a.bias ? y + a.bias[n0 + r] : y;
@@ -119,16 +135,19 @@ struct GemmKernel {
   template <int R>
   static void tile(const float* x, int64_t ldx, int64_t kc, const float* panel, float* acc) {
     __m256 c0[R], c1[R];
+    #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) { c0[r] = _mm256_setzero_ps(); c1[r] = _mm256_setzero_ps(); }
     for (int64_t k = 0; k < kc; ++k) {
       const __m256 b0 = _mm256_load_ps(panel + k * NR);
       const __m256 b1 = _mm256_load_ps(panel + k * NR + 8);
+      #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
         const __m256 av = _mm256_broadcast_ss(x + r * ldx + k);
         c0[r] = _mm256_fmadd_ps(av, b0, c0[r]);
         c1[r] = _mm256_fmadd_ps(av, b1, c1[r]);
       }
     }
+    #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       _mm256_store_ps(acc + r * NR, c0[r]);
       _mm256_store_ps(acc + r * NR + 8, c1[r]);
@@ -152,19 +171,26 @@ void w8a8_rows(const W8A8Args& a, int64_t m0, int64_t n0) {
   const int64_t K = a.w.k, N = a.w.n;
   const int8_t* w = reinterpret_cast<const int8_t*>(a.w.data) + n0 * K;
   __m256i acc[R][M];
+  #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
+    #pragma GCC unroll 8
     for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_si256();
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {
     __m256i xv[M];
+    #pragma GCC unroll 8
     for (int m = 0; m < M; ++m)
       xv[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.xq16 + (m0 + m) * a.kp + k));
+    #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * K + k)));
+      #pragma GCC unroll 8
       for (int m = 0; m < M; ++m) acc[r][m] = _mm256_add_epi32(acc[r][m], _mm256_madd_epi16(wv, xv[m]));
     }
   }
+  #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
+    #pragma GCC unroll 8
     for (int m = 0; m < M; ++m) {
       int32_t d = hsum_epi32(acc[r][m]);
       for (int64_t t = k; t < K; ++t) d += static_cast<int32_t>(w[r * K + t]) * a.xq[(m0 + m) * a.kp + t];

@@ -28,10 +28,12 @@ template <int R>
 void vnni_tile(const uint8_t* xu, int64_t ldx, int64_t k4n, const int8_t* panel, const int32_t* colsum,
                int32_t* dots, int64_t ldd, int cols) {
   __m512i c0[R], c1[R];
+  #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) { c0[r] = _mm512_setzero_si512(); c1[r] = _mm512_setzero_si512(); }
   for (int64_t k4 = 0; k4 < k4n; ++k4) {
     const __m512i b0 = _mm512_load_si512(panel + k4 * NR * 4);
     const __m512i b1 = _mm512_load_si512(panel + k4 * NR * 4 + 64);
+    #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       int32_t quad;
       std::memcpy(&quad, xu + r * ldx + 4 * k4, 4);
@@ -44,6 +46,7 @@ void vnni_tile(const uint8_t* xu, int64_t ldx, int64_t k4n, const int8_t* panel,
   const __m512i shift1 = _mm512_slli_epi32(_mm512_loadu_si512(colsum + 16), 7);
   const __mmask16 m0 = cols >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << cols) - 1);
   const __mmask16 m1 = cols <= 16 ? 0 : cols >= 32 ? 0xFFFF : static_cast<__mmask16>((1u << (cols - 16)) - 1);
+  #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
     _mm512_mask_storeu_epi32(dots + r * ldd, m0, _mm512_sub_epi32(c0[r], shift0));
     _mm512_mask_storeu_epi32(dots + r * ldd + 16, m1, _mm512_sub_epi32(c1[r], shift1));
@@ -64,18 +67,19 @@ void vnni_rows(int rows, const uint8_t* xu, int64_t ldx, int64_t k4n, const int8
   }
 }
 
+// Rows are copied 4 bytes (one VNNI quad) at a time: panel[(k4 * NR + j) * 4 .. +4] = row_j[4 k4 .. +4].
 void pack_panel(const QWeight& w, int64_t n0, int64_t kp, int8_t* panel, int32_t* colsum) {
   const int8_t* src = reinterpret_cast<const int8_t*>(w.data);
+  const int64_t K = w.k, k4full = K / 4;
   std::memset(panel, 0, kp * NR);
   for (int j = 0; j < NR; ++j) {
     const int64_t n = n0 + j;
     int32_t s = 0;
     if (n < w.n) {
-      const int8_t* row = src + n * w.k;
-      for (int64_t k = 0; k < w.k; ++k) {
-        panel[((k >> 2) * NR + j) * 4 + (k & 3)] = row[k];
-        s += row[k];
-      }
+      const int8_t* row = src + n * K;
+      for (int64_t k4 = 0; k4 < k4full; ++k4) std::memcpy(panel + (k4 * NR + j) * 4, row + 4 * k4, 4);
+      for (int64_t k = 4 * k4full; k < K; ++k) panel[(k4full * NR + j) * 4 + (k - 4 * k4full)] = row[k];
+      for (int64_t k = 0; k < K; ++k) s += row[k];
     }
     colsum[j] = s;
   }

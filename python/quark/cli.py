@@ -25,6 +25,7 @@ COMMANDS = {
     "generate": ("quark.serve.generate", "generate text from a run's latest model (or a model directory)"),
     "chat": ("quark.serve.repl", "chat with a model in the terminal, streaming replies"),
     "serve": ("quark.serve.server", "OpenAI-compatible API server with a chat and training-runs web UI"),
+    "quantize": ("quark.optimize.quantize", "quantize a model's Linear layers (int8 / int4 / w8a8) and save it"),
 }
 
 
