@@ -89,11 +89,10 @@ class Attention(nn.Module):
             if T == 1:
                 lens = cache.seqlens + 1
                 y = ops.decode_attention(q[:, :, 0].contiguous(), cache.k[layer], cache.v[layer], lens)[:, :, None]
-            else:  # prefill into a cache: all sequences share the same start position
-                s0 = int(cache.seqlens[0])
+            else:  # prefill into a cache: all sequences share the same start position; causal
+                s0 = int(cache.seqlens[0])   # masking aligns the last query with the last key
                 kk, vv = cache.k[layer][:, :, : s0 + T], cache.v[layer][:, :, : s0 + T]
-                y = ops.attention(q.contiguous(), kk.contiguous(), vv.contiguous(), causal=True) if s0 == 0 else \
-                    ops.reference.attention(q, kk, vv, causal=True)
+                y = ops.attention(q.contiguous(), kk.contiguous(), vv.contiguous(), causal=True)
         y = y.transpose(1, 2).reshape(B, T, H * D)
         return F.dropout(self.wo(y), self.dropout, self.training)
 

@@ -101,6 +101,77 @@ def fused_linear_cross_entropy(x, weight, target, bias=None, ignore_index=-100, 
     return torch.nn.functional.cross_entropy(logits, target, ignore_index=ignore_index, reduction=reduction)
 
 
+_M64 = (1 << 64) - 1
+
+
+def _fmix64(k):
+    k ^= k >> 33
+    k = (k * 0xFF51AFD7ED558CCD) & _M64
+    k ^= k >> 33
+    k = (k * 0xC4CEB9FE1A85EC53) & _M64
+    return k ^ (k >> 33)
+
+
+def _bytes_hash(data):
+    h = 0xCBF29CE484222325
+    for k in range(0, len(data), 8):
+        v = int.from_bytes(bytes(data[k:k + 8]).ljust(8, b"\0"), "little")
+        h = ((h ^ v) * 0x9FB21C651E98DF25) & _M64
+        h ^= h >> 32
+    return _fmix64(h ^ len(data))
+
+
+def _splitmix_stream(state):
+    while True:
+        state = (state + 0x9E3779B97F4A7C15) & _M64
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+        yield z ^ (z >> 31)
+
+
+def minhash_shingles(text, ngram=5, unit="word"):
+    """The set of 64-bit shingle hashes of one document (see csrc/text/minhash.h)."""
+    data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+    if unit == "word":
+        words, cur = [], bytearray()
+        for c in data + b" ":
+            if c >= 0x80 or chr(c).isascii() and chr(c).isalnum():
+                cur.append(c + 32 if 65 <= c <= 90 else c)
+            elif cur:
+                words.append(_bytes_hash(cur))
+                cur = bytearray()
+        stream = _splitmix_stream(0x9E3779B97F4A7C15)
+        mul = [next(stream) | 1 for _ in range(ngram)]
+        span = min(len(words), ngram)
+        return {_fmix64(sum(w * m for w, m in zip(words[j:j + span], mul)) & _M64)
+                for j in range(len(words) - span + 1 if words else 0)}
+    starts = [i for i, c in enumerate(data) if c & 0xC0 != 0x80]
+    span = min(len(starts), ngram)
+    bounds = starts + [len(data)]
+    return {_bytes_hash(data[bounds[j]:bounds[j + span]]) for j in range(len(starts) - span + 1 if starts else 0)}
+
+
+def minhash_params(num_perm, seed=0):
+    """(a, b) of the permutations h_i(x) = a_i x + b_i mod 2^64, from splitmix64(seed)."""
+    stream, a, b = _splitmix_stream(seed), [], []
+    for _ in range(num_perm):
+        a.append(next(stream) | 1)
+        b.append(next(stream))
+    return a, b
+
+
+def minhash(texts, num_perm=128, ngram=5, seed=0, unit="word"):
+    """Same contract as quark.ops.minhash, in plain Python (slow; for tests)."""
+    a, b = minhash_params(num_perm, seed)
+    out = np.full((len(texts), num_perm), _M64, dtype=np.uint64)
+    for d, text in enumerate(texts):
+        shingles = minhash_shingles(text, ngram, unit)
+        if shingles:
+            out[d] = [min((ai * s + bi) & _M64 for s in shingles) for ai, bi in zip(a, b)]
+    return out
+
+
 def qlinear(x, qt, bias=None):
     """Same contract as quark.ops.qlinear: x (..., K) @ dequantize(qt).T + bias in x's dtype; "w8a8"
     first quantizes x per row to int8 exactly as the kernel does."""

@@ -1,0 +1,191 @@
+"""Serving: decode tokens/s at batch 1 for the same random model in plain torch eager fp32 (nn.Linear,
+SDPA, a torch.cat KV cache: the straightforward generate loop) vs the Quark engine's runner in fp32,
+int8 and int4 weights; aggregate tokens/s of 16 concurrent requests vs one stream; time to first token.
+
+The model is sized so its weights far exceed the caches (default d_model 1024, 8 layers, vocab 32000:
+~120M parameters, ~490 MB in fp32), as in real decoding, which streams every weight once per token.
+Rates are printed as effective weight bandwidth (GB/s = weight bytes read per token x tokens/s).
+Random weights are fine: speed does not depend on them.
+"""
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from benchmarks.harness import Result, interleaved, summarize
+from quark import ops
+from quark.model import GPT, GPTConfig
+from quark.serve.engine import Engine, Runner
+from quark.serve.sampling import SamplingParams
+
+AREA = "serve"
+
+
+def make_config(quick):
+    if quick:
+        return GPTConfig(vocab_size=8192, n_layer=4, n_head=8, n_kv_head=2, d_model=512, max_seq_len=256)
+    return GPTConfig(vocab_size=32000, n_layer=8, n_head=16, n_kv_head=4, d_model=1024, max_seq_len=512)
+
+
+class QLinear(nn.Module):
+    """nn.Linear's call contract over quark.ops.qlinear weights (int8 per channel, int4 per group of 32)."""
+
+    def __init__(self, linear, scheme):
+        super().__init__()
+        self.qt = ops.quantize(linear.weight.detach().float().contiguous(), scheme)
+
+    def forward(self, x):
+        return ops.qlinear(x, self.qt)
+
+
+def quantized_copy(cfg, state, scheme):
+    """The same model with every projection and the output head in `scheme` (embeddings stay fp32)."""
+    model = GPT(cfg)
+    model.load_state_dict(state, strict=False)
+    model.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+    model.lm_head.weight = nn.Parameter(model.tok_emb.weight.detach().clone())
+    for blk in model.blocks:
+        for parent, names in ((blk.attn, ("wq", "wk", "wv", "wo")), (blk.mlp, ("w1", "w2", "w3"))):
+            for n in names:
+                setattr(parent, n, QLinear(getattr(parent, n), scheme))
+    model.lm_head = QLinear(model.lm_head, scheme)
+    return model.eval()
+
+
+def weight_bytes(model):
+    """Bytes of weights one decode step reads (projections + output head + one embedding row)."""
+    total = 0
+    for m in model.modules():
+        if isinstance(m, QLinear):
+            total += m.qt.nbytes
+        elif isinstance(m, nn.Linear):
+            total += m.weight.numel() * m.weight.element_size()
+    return total + model.config.d_model * 4
+
+
+class EagerDecoder:
+    """The peer: a straightforward torch generate loop over the same weights (nn.Linear modules,
+    F.scaled_dot_product_attention, KV cache grown with torch.cat)."""
+
+    def __init__(self, model):
+        self.m = model
+
+    @torch.no_grad()
+    def forward(self, idx, cache):
+        cfg, m = self.m.config, self.m
+        B, T = idx.shape
+        start = 0 if cache[0] is None else cache[0][0].shape[2]
+        cos, sin = m.rope_cos[start:start + T], m.rope_sin[start:start + T]
+        x = m.tok_emb(idx)
+        for i, blk in enumerate(m.blocks):
+            h = blk.attn_norm(x)
+            q = blk.attn.wq(h).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)
+            k = blk.attn.wk(h).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
+            v = blk.attn.wv(h).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
+            q, k = rope(q, cos, sin), rope(k, cos, sin)
+            if cache[i] is not None:
+                k, v = torch.cat([cache[i][0], k], 2), torch.cat([cache[i][1], v], 2)
+            cache[i] = (k, v)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=True)
+            x = x + blk.attn.wo(y.transpose(1, 2).reshape(B, T, cfg.d_model))
+            h = blk.mlp_norm(x)
+            x = x + blk.mlp.w2(F.silu(blk.mlp.w1(h)) * blk.mlp.w3(h))
+        return m.lm_head(m.norm(x[:, -1]))
+
+    def prefill(self, ids):
+        cache = [None] * self.m.config.n_layer
+        return self.forward(torch.tensor([ids]), cache), cache
+
+    def decode(self, logits, cache, n):
+        cache = list(cache)   # the prompt's cache is reused by every call; torch.cat never writes into it
+        for _ in range(n):
+            logits = self.forward(logits.argmax(-1, keepdim=True), cache)
+        return logits
+
+
+def rope(x, cos, sin):
+    h = x.shape[-1] // 2
+    return torch.cat([x[..., :h] * cos - x[..., h:] * sin, x[..., :h] * sin + x[..., h:] * cos], -1)
+
+
+def quark_decoder(model, prompt):
+    """Runner-based greedy decode of n tokens from a prefilled prompt (rewinds to the prompt each call)."""
+    runner = Runner(model, 1)
+    first = runner.extend(0, prompt)
+    P = len(prompt)
+
+    def decode(n):
+        runner.lens[0] = P
+        logits = first[None]
+        for _ in range(n):
+            logits = runner.decode([int(logits[0].argmax())])
+    return decode
+
+
+def compare(quick=False):
+    torch.manual_seed(0)
+    cfg = make_config(quick)
+    n_tokens, repeats = (16, 3) if quick else (32, 5)
+    prompt = torch.randint(0, cfg.vocab_size, (32,)).tolist()
+    base = GPT(cfg).eval()
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    models = {"quark fp32": base, "quark int8": quantized_copy(cfg, state, "int8"),
+              "quark int4": quantized_copy(cfg, state, "int4")}
+    eager_model = GPT(cfg).eval()
+    eager_model.load_state_dict(state, strict=False)
+    eager = EagerDecoder(eager_model)
+    logits0, cache0 = eager.prefill(prompt)
+
+    providers = {name: (lambda d=quark_decoder(m, prompt): d(n_tokens)) for name, m in models.items()}
+    providers["torch eager fp32"] = lambda: eager.decode(logits0, cache0, n_tokens)
+    # correctness before timing: the fp32 paths agree on the greedy continuation
+    ref_ids = base.generate(torch.tensor([prompt]), 8)[0, len(prompt):].tolist()
+    eng = Engine(base, None, max_batch=1)
+    assert eng.generate(prompt, SamplingParams(max_tokens=8, temperature=0)).output_ids == ref_ids
+    eng.shutdown()
+
+    times = interleaved(providers, repeats=repeats, warmup=1)
+    rows = []
+    fp32_bytes = weight_bytes(base)
+    for name, ts in times.items():
+        wb = weight_bytes(models[name]) if name in models else fp32_bytes
+        tok_s = n_tokens / statistics.median(ts)
+        rows += summarize(AREA, f"decode batch 1, {n_tokens} tokens, d{cfg.d_model} L{cfg.n_layer}", {name: ts},
+                          work=wb * n_tokens, unit="GB/s",
+                          extra={"tokens_per_s": round(tok_s, 2), "weight_MB": round(wb / 1e6, 1)})
+    rows += batching(base, cfg, quick)
+    for r in rows:   # the table shows GB/s; tokens/s and TTFT are what serving cares about
+        print(f"  {r.case:<44} {r.provider:<20} " + "  ".join(f"{k} {v}" for k, v in r.extra.items()))
+    return rows
+
+
+def batching(model, cfg, quick):
+    """16 concurrent requests through the continuous-batching engine vs one request alone (fp32)."""
+    n_req, n_tokens = 16, (16 if quick else 32)
+    prompts = [torch.randint(0, cfg.vocab_size, (24 + i,)).tolist() for i in range(n_req)]
+    params = SamplingParams(max_tokens=n_tokens, temperature=0)
+    rows = []
+    for label, batch, reqs in (("1 stream", 1, prompts[:1]), (f"{n_req} concurrent", n_req, prompts)):
+        eng = Engine(model, None, max_batch=batch).start()
+        eng.generate(prompts[0], SamplingParams(max_tokens=2, temperature=0))   # warm-up
+        t0 = time.perf_counter()
+        handles = [eng.submit(p, params) for p in reqs]
+        for h in handles:
+            h.done.wait()
+        wall = time.perf_counter() - t0
+        eng.shutdown()
+        tokens = sum(len(h.output_ids) for h in handles)
+        ttft = sorted(h.ttft for h in handles)
+        rows.append(Result(AREA, f"engine fp32, {n_tokens} tokens/request", f"quark {label}", wall, wall, wall,
+                           extra={"tokens_per_s": round(tokens / wall, 2), "ttft_median_ms": round(1e3 * ttft[len(ttft) // 2], 1),
+                                  "ttft_max_ms": round(1e3 * ttft[-1], 1)}))
+    return rows
+
+
+def test_serve_decode_quark_fp32(benchmark):
+    torch.manual_seed(0)
+    cfg = make_config(quick=True)
+    decode = quark_decoder(GPT(cfg).eval(), list(range(16)))
+    benchmark(decode, 8)

@@ -1,0 +1,1 @@
+"""Alignment: reward model, preference optimization (DPO/IPO/SimPO), online RL (GRPO), safety filter, red-team suite."""

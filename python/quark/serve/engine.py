@@ -1,0 +1,425 @@
+"""Inference engine: prefill + decode over a slot KV cache, continuous batching, streaming.
+
+- Runner: the GPT forward written over a slot cache, per layer k/v of shape (slots, Hkv, Smax, D) and
+  lengths (slots,). A request owns one slot; prefill writes its prompt there, and one decode step
+  advances every active slot by one token through quark.ops.decode_attention over ragged lengths.
+  Active slots are kept as a prefix 0..n-1 (a finished slot takes over the last active one), so a
+  step attends over cache[:n] without any gather. The q/k/v and gate/up projections are fused into
+  one matmul each when they are plain nn.Linear (one weight pass instead of three / two).
+- Engine: one background thread owns the model. Requests wait in a bounded queue (submit raises
+  QueueFull beyond it, so overload is answered, not absorbed), join the running batch as slots free
+  up (continuous batching: Orca, Yu et al. 2022; vLLM), and stream text deltas through a callback.
+Any module with the nn.Linear call contract works as a projection, so QuantLinear models run as is.
+"""
+import itertools
+import threading
+import time
+from collections import deque
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from quark import ops
+from quark.serve.sampling import Detokenizer, SamplingParams, sample
+
+# int8: symmetric per (token, head) with float32 scales (quark.ops.quantize_kv), a quarter of fp32's bytes
+CACHE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
+
+
+class QueueFull(RuntimeError):
+    """The engine's waiting queue is at capacity (the server answers 429)."""
+
+
+class ShuttingDown(RuntimeError):
+    """The engine no longer accepts requests (the server answers 503)."""
+
+
+def _rope(x, cos, sin):
+    """x (..., H, D) with cos/sin broadcastable to (..., 1, D/2): same rotation as quark.model.gpt."""
+    h = x.shape[-1] // 2
+    x1, x2 = x[..., :h], x[..., h:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+def _fuse(linears):
+    """One weight for several bias-free nn.Linear on the same input, or None if any is something
+    else (QuantLinear, LoRA...). The originals become views of it, so no memory is duplicated."""
+    if not all(type(m) is nn.Linear and m.bias is None for m in linears):
+        return None
+    fused = torch.cat([m.weight.detach() for m in linears], 0)
+    start = 0
+    for m in linears:
+        n = m.weight.shape[0]
+        m.weight = nn.Parameter(fused[start:start + n], requires_grad=False)
+        start += n
+    return fused
+
+
+class Runner:
+    """The model's forward over a slot cache. Not thread-safe: one owner (the engine thread)."""
+
+    def __init__(self, model, slots, max_seq_len=None, cache_dtype="fp32"):
+        if cache_dtype not in CACHE_DTYPES:
+            raise ValueError(f"cache_dtype must be one of {', '.join(CACHE_DTYPES)}, got {cache_dtype!r}")
+        self.model = model.eval()
+        cfg = self.cfg = model.config
+        self.max_seq_len = min(max_seq_len or cfg.max_seq_len, cfg.max_seq_len)
+        self.slots = slots
+        self.dtype = model.tok_emb.weight.dtype
+        self.cache_dtype = CACHE_DTYPES[cache_dtype]
+        shape = (slots, cfg.n_kv_head, self.max_seq_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=self.cache_dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, dtype=self.cache_dtype) for _ in range(cfg.n_layer)]
+        self.quantized = self.cache_dtype == torch.int8
+        if self.quantized:
+            self.k_scale = [torch.zeros(shape[:3]) for _ in range(cfg.n_layer)]                 # (slots, Hkv, Smax)
+            self.v_scale = [torch.zeros(shape[:3]) for _ in range(cfg.n_layer)]
+        self.lens = torch.zeros(slots, dtype=torch.long)
+        with torch.no_grad():
+            self.qkv = [_fuse([b.attn.wq, b.attn.wk, b.attn.wv]) for b in model.blocks]
+            self.gate_up = [_fuse([b.mlp.w1, b.mlp.w3]) for b in model.blocks]
+
+    def _project_qkv(self, i, h):
+        a = self.model.blocks[i].attn
+        if self.qkv[i] is not None:
+            return F.linear(h, self.qkv[i]).split(
+                [self.cfg.n_head * self.cfg.head_dim] + [self.cfg.n_kv_head * self.cfg.head_dim] * 2, -1)
+        return a.wq(h), a.wk(h), a.wv(h)
+
+    def _mlp(self, i, h):
+        m = self.model.blocks[i].mlp
+        if self.gate_up[i] is not None:
+            g, u = F.linear(h, self.gate_up[i]).chunk(2, -1)
+            return m.w2(F.silu(g) * u)
+        return m.w2(F.silu(m.w1(h)) * m.w3(h))
+
+    @torch.no_grad()
+    def extend(self, slot, ids, all_logits=False):
+        """Append ids (T,) to a slot's sequence (a prompt, or tokens to verify) -> logits (T, V) or (V,)
+        for the last position. Queries attend causally to the slot's whole cache."""
+        H, Hkv, D = self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim
+        T, p0 = len(ids), int(self.lens[slot])
+        if p0 + T > self.max_seq_len:
+            raise ValueError(f"sequence of {p0 + T} tokens exceeds the cache ({self.max_seq_len})")
+        pos = torch.arange(p0, p0 + T)
+        cos, sin = self.model.rope_cos[pos][:, None].to(self.dtype), self.model.rope_sin[pos][:, None].to(self.dtype)
+        x = self.model.tok_emb(torch.as_tensor(ids, dtype=torch.long))                      # (T, d)
+        mask = None
+        if p0:   # queries at p0.. see keys 0..p0+t (bottom-right aligned causal mask)
+            mask = torch.ones(T, p0 + T, dtype=torch.bool).tril(diagonal=p0)
+        for i, blk in enumerate(self.model.blocks):
+            q, k, v = self._project_qkv(i, blk.attn_norm(x))
+            q = _rope(q.view(T, H, D), cos, sin)                                             # (T, H, D)
+            k = _rope(k.view(T, Hkv, D), cos, sin)
+            self._store(i, slot, slice(p0, p0 + T), k.transpose(0, 1), v.view(T, Hkv, D).transpose(0, 1))
+            kk, vv = self._load(i, slot, p0 + T)                                             # (1, Hkv, S, D)
+            qq = q.transpose(0, 1)[None]                                                     # (1, H, T, D)
+            if mask is None:
+                y = ops.attention(qq.contiguous(), kk.contiguous(), vv.contiguous(), causal=True)
+            else:
+                y = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, enable_gqa=H != Hkv)
+            x = x + blk.attn.wo(y[0].transpose(0, 1).reshape(T, H * D))
+            x = x + self._mlp(i, blk.mlp_norm(x))
+        self.lens[slot] = p0 + T
+        h = self.model.norm(x if all_logits else x[-1:])
+        logits = self.model.lm_head(h).float()
+        return logits if all_logits else logits[0]
+
+    @torch.no_grad()
+    def decode(self, tokens):
+        """One token for each of the active slots 0..n-1: tokens (n,) -> logits (n, V)."""
+        H, Hkv, D = self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim
+        n = len(tokens)
+        pos = self.lens[:n].clone()                                                          # (n,)
+        if int(pos.max()) >= self.max_seq_len:
+            raise ValueError(f"KV cache full ({self.max_seq_len} positions)")
+        rows = torch.arange(n)
+        cos, sin = self.model.rope_cos[pos][:, None].to(self.dtype), self.model.rope_sin[pos][:, None].to(self.dtype)
+        x = self.model.tok_emb(torch.as_tensor(tokens, dtype=torch.long))                   # (n, d)
+        seqlens = (pos + 1).to(torch.int32)
+        for i, blk in enumerate(self.model.blocks):
+            q, k, v = self._project_qkv(i, blk.attn_norm(x))
+            q = _rope(q.view(n, H, D), cos, sin)                                             # (n, H, D)
+            k = _rope(k.view(n, Hkv, D), cos, sin)
+            self._store(i, rows, pos, k, v.view(n, Hkv, D))                                  # (n, Hkv, D)
+            if self.quantized:
+                y = ops.decode_attention(q.contiguous(), self.k[i][:n], self.v[i][:n], seqlens,
+                                         k_scale=self.k_scale[i][:n], v_scale=self.v_scale[i][:n])
+            else:
+                y = ops.decode_attention(q.to(self.cache_dtype).contiguous(), self.k[i][:n], self.v[i][:n], seqlens)
+            x = x + blk.attn.wo(y.to(self.dtype).reshape(n, H * D))
+            x = x + self._mlp(i, blk.mlp_norm(x))
+        self.lens[:n] += 1
+        return self.model.lm_head(self.model.norm(x)).float()
+
+    def _store(self, i, slot, pos, k, v):
+        """Write k/v rows into layer i at [slot, :, pos] (slot/pos: ints, a slice, or index tensors)."""
+        if self.quantized:
+            (kq, ks), (vq, vs) = ops.quantize_kv(k), ops.quantize_kv(v)
+            self.k[i][slot, :, pos], self.k_scale[i][slot, :, pos] = kq, ks
+            self.v[i][slot, :, pos], self.v_scale[i][slot, :, pos] = vq, vs
+        else:
+            self.k[i][slot, :, pos] = k.to(self.cache_dtype)
+            self.v[i][slot, :, pos] = v.to(self.cache_dtype)
+
+    def _load(self, i, slot, n):
+        """The first n cached positions of a slot in the model's dtype -> k, v (1, Hkv, n, D)."""
+        k, v = self.k[i][slot:slot + 1, :, :n], self.v[i][slot:slot + 1, :, :n]
+        if self.quantized:
+            k = k.float() * self.k_scale[i][slot:slot + 1, :, :n, None]
+            v = v.float() * self.v_scale[i][slot:slot + 1, :, :n, None]
+        return k.to(self.dtype), v.to(self.dtype)
+
+    def move(self, src, dst):
+        """Slot dst takes over slot src's sequence (keeps active slots a prefix)."""
+        n = int(self.lens[src])
+        for i in range(self.cfg.n_layer):
+            self.k[i][dst, :, :n] = self.k[i][src, :, :n]
+            self.v[i][dst, :, :n] = self.v[i][src, :, :n]
+            if self.quantized:
+                self.k_scale[i][dst, :, :n] = self.k_scale[i][src, :, :n]
+                self.v_scale[i][dst, :, :n] = self.v_scale[i][src, :, :n]
+        self.lens[dst] = n
+        self.lens[src] = 0
+
+
+class Request:
+    """One generation: its prompt, parameters, progress, timings and an event callback.
+    Events: ("token", text_delta) as text becomes safe to send, then ("done", finish_reason)."""
+    _ids = itertools.count()
+
+    def __init__(self, prompt_ids, params, tokenizer, stop_ids, on_event=None):
+        self.id = next(self._ids)
+        self.prompt_ids = list(prompt_ids)
+        self.params = params
+        self.stop_ids = stop_ids
+        self.output_ids = []
+        self.detok = Detokenizer(tokenizer, params.stop) if tokenizer is not None else None
+        self.text = ""
+        self.finish_reason = None
+        self.cancelled = False
+        self.generator = params.generator()
+        self.history = torch.tensor(self.prompt_ids, dtype=torch.long) if params.penalized else None
+        self.t_submit = time.perf_counter()
+        self.t_first = None
+        self.t_done = None
+        self.done = threading.Event()
+        self._on_event = on_event
+
+    def _emit(self, kind, value):
+        if self._on_event is not None:
+            self._on_event(kind, value)
+
+    def _accept(self, token):
+        """Record a sampled token; returns True when the request is finished."""
+        if self.t_first is None:
+            self.t_first = time.perf_counter()
+        if token in self.stop_ids:
+            return self._finish("stop")
+        self.output_ids.append(token)
+        if self.history is not None:
+            self.history = torch.cat([self.history, torch.tensor([token])])
+        if self.detok is not None:
+            delta = self.detok.add(token)
+            if delta:
+                self.text += delta
+                self._emit("token", delta)
+            if self.detok.stopped:
+                return self._finish("stop")
+        if len(self.output_ids) >= self.params.max_tokens:
+            return self._finish("length")
+        return False
+
+    def _finish(self, reason):
+        if self.detok is not None and not self.detok.stopped:
+            tail = self.detok.flush()
+            if tail:
+                self.text += tail
+                self._emit("token", tail)
+        self.finish_reason = reason
+        self.t_done = time.perf_counter()
+        self._emit("done", reason)
+        self.done.set()
+        return True
+
+    def cancel(self):
+        self.cancelled = True
+
+    @property
+    def ttft(self):
+        return None if self.t_first is None else self.t_first - self.t_submit
+
+
+class Engine:
+    """Continuous-batching generation over one model.
+
+        engine = Engine(model, tokenizer, max_batch=16).start()
+        req = engine.submit(ids, SamplingParams(max_tokens=32), on_event=print)
+        req.done.wait(); print(req.text)
+        engine.shutdown()
+    """
+
+    def __init__(self, model, tokenizer=None, max_batch=8, max_queue=64, max_seq_len=None, cache_dtype="fp32",
+                 stop_tokens=("<|end|>", "<|eos|>")):
+        if max_batch < 1 or max_queue < 0:
+            raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch}, {max_queue}")
+        self.runner = Runner(model, max_batch, max_seq_len, cache_dtype)
+        self.tokenizer = tokenizer
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_seq_len = self.runner.max_seq_len
+        ids = [tokenizer.token_to_id(t) for t in stop_tokens] if tokenizer is not None else []
+        self.stop_ids = frozenset(i for i in ids if i is not None)
+        self.waiting = deque()
+        self.active = []           # requests; active[j] owns slot j
+        self.cond = threading.Condition()
+        self.accepting = True
+        self.stopping = False
+        self.thread = None
+        self.steps = 0             # decode steps run (for tests and metrics)
+        self.tokens_generated = 0
+
+    # ---- client side (any thread) ----
+    def submit(self, prompt_ids, params=None, on_event=None):
+        params = params or SamplingParams()
+        if not prompt_ids:
+            raise ValueError("prompt is empty: it must hold at least one token")
+        if len(prompt_ids) + params.max_tokens > self.max_seq_len:
+            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                             f"model's context of {self.max_seq_len} tokens")
+        vocab = self.runner.cfg.vocab_size
+        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
+            raise ValueError(f"prompt token ids must lie in [0, {vocab})")
+        req = Request(prompt_ids, params, self.tokenizer, self.stop_ids, on_event)
+        with self.cond:
+            if not self.accepting:
+                raise ShuttingDown("the engine is shutting down")
+            if len(self.waiting) >= self.max_queue + max(0, self.max_batch - len(self.active)):
+                raise QueueFull(f"too many requests waiting ({len(self.waiting)}); retry later")
+            self.waiting.append(req)
+            self.cond.notify()
+        return req
+
+    def generate(self, prompt_ids, params=None, on_event=None):
+        """Submit and wait (starts the loop thread if needed) -> the finished Request."""
+        if self.thread is None:
+            self.start()
+        req = self.submit(prompt_ids, params, on_event)
+        req.done.wait()
+        return req
+
+    @property
+    def queue_depth(self):
+        return len(self.waiting)
+
+    @property
+    def num_active(self):
+        return len(self.active)
+
+    def start(self):
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._loop, name="quark-engine", daemon=True)
+            self.thread.start()
+        return self
+
+    def shutdown(self, drain=True, timeout=None):
+        """Stop accepting; with drain, finish every submitted request first, else cancel them."""
+        with self.cond:
+            self.accepting = False
+            if not drain:
+                for r in list(self.waiting) + self.active:
+                    r.cancel()
+            self.stopping = True
+            self.cond.notify()
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+    # ---- engine thread ----
+    def _loop(self):
+        while True:
+            with self.cond:
+                while not self.waiting and not self.active and not self.stopping:
+                    self.cond.wait()
+                if self.stopping and not self.waiting and not self.active:
+                    return
+                admitted = []
+                while self.waiting and len(self.active) + len(admitted) < self.max_batch:
+                    admitted.append(self.waiting.popleft())
+            try:
+                self._step(admitted)
+            except Exception as e:   # never leave clients hanging: fail every request in flight
+                for r in self.active + admitted:
+                    if r.finish_reason is None:
+                        r._finish(f"error: {e}")
+                self.active = []
+                self.runner.lens.zero_()
+
+    def _step(self, admitted):
+        for req in admitted:   # prefill each newcomer into the next free slot, sample its first token
+            if req.cancelled:
+                req._finish("cancelled")
+                continue
+            slot = len(self.active)
+            self.runner.lens[slot] = 0
+            logits = self.runner.extend(slot, req.prompt_ids)
+            self.active.append(req)
+            if self._sample_and_accept(req, logits):
+                self._release(slot)
+        if not self.active:
+            return
+        tokens = [r.output_ids[-1] if r.output_ids else r.prompt_ids[-1] for r in self.active]
+        logits = self.runner.decode(tokens)                     # (n, V)
+        self.steps += 1
+        greedy = [j for j, r in enumerate(self.active) if r.params.greedy and not r.params.penalized]
+        argmax = logits[greedy].argmax(-1).tolist() if greedy else []
+        picks = dict(zip(greedy, argmax))
+        finished = []
+        for j, req in enumerate(self.active):
+            if req.cancelled:
+                req._finish("cancelled")
+                finished.append(j)
+            elif j in picks:
+                self.tokens_generated += 1
+                if req._accept(picks[j]):
+                    finished.append(j)
+            elif self._sample_and_accept(req, logits[j]):
+                finished.append(j)
+        for j in reversed(finished):
+            self._release(j)
+
+    def _sample_and_accept(self, req, logits):
+        self.tokens_generated += 1
+        return req._accept(sample(logits, req.params, req.history, req.generator))
+
+    def _release(self, slot):
+        """Free a slot; the last active request moves into it so active slots stay a prefix."""
+        last = len(self.active) - 1
+        if slot != last:
+            self.runner.move(last, slot)
+            self.active[slot] = self.active[last]
+        self.runner.lens[last] = 0
+        self.active.pop()
+
+
+def load_for_serving(path):
+    """A run directory or a model directory -> (model, tokenizer, model_dir, run_dir or None).
+    The run's latest model (quark.model.io.latest_model_dir) is served; the tokenizer is the model
+    directory's tokenizer.json, else the run's tokenizer/tokenizer.json."""
+    from pathlib import Path
+
+    from tokenizers import Tokenizer
+
+    from quark.model.io import latest_model_dir, load_model
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a directory (expected a run directory or a model directory)")
+    if (path / "config.json").exists():
+        model_dir = path
+        run_dir = path.parent.parent if (path.parent.parent / "tokenizer").is_dir() else None
+    else:
+        model_dir, run_dir = latest_model_dir(path), path
+    candidates = [model_dir / "tokenizer.json"] + ([run_dir / "tokenizer" / "tokenizer.json"] if run_dir else [])
+    tok_path = next((p for p in candidates if p.exists()), None)
+    if tok_path is None:
+        raise FileNotFoundError(f"no tokenizer found (looked for {', '.join(map(str, candidates))})")
+    return load_model(model_dir), Tokenizer.from_file(str(tok_path)), model_dir, run_dir

@@ -1,0 +1,293 @@
+"""Instruction data from the run's own corpus, plus self-instruct generation with a teacher model.
+
+Corpus pairs (deterministic, no model needed):
+- code (run_dir/scrape/files-*.jsonl, Python files parsed with ast):
+  function signature -> its docstring, docstring -> the function's code, module/class -> its docstring;
+- docs (run_dir/clean/docs.jsonl): section title -> the paragraph under it, page title -> its first paragraph;
+- safety: harmful requests (the red-team suite's *training* intents) -> the refusal template, so SFT
+  teaches refusals without seeing the intents the red-team evaluation uses.
+Self-instruct (Wang et al. 2022, "Self-Instruct"): a teacher model is shown a few sampled instructions,
+writes a new one and answers it; kept only if well-formed and not too similar (word-set Jaccard) to
+any instruction already in the pool.
+All pairs are filtered (length bounds, token budget under the run's tokenizer) and deduplicated
+(normalised prompt, normalised response), then split into train/val by a seeded shuffle.
+
+Step `instruct` -> run_dir/instruct/{train,val}.jsonl (chat records) and stats.json.
+"""
+import ast
+import hashlib
+import inspect
+import random
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from quark.chat import encode_chat, special_ids
+from quark.config import ConfigError
+from quark.io import atomic_open, atomic_write_json, read_jsonl
+from quark.tune import common
+
+SYSTEM = "You are Quark, a concise assistant for Python and its documentation."
+DOC_PROMPTS = ("Write the docstring for this Python function:\n{sig}", "What does `{sig}` do?",
+               "Document this function in one paragraph:\n{sig}")
+CODE_PROMPTS = ("Write a Python function `{name}` that does this: {doc}", "Implement `{name}`. {doc}")
+SECTION_PROMPTS = ("Explain \"{title}\".", "What does the documentation say about {title}?", "Tell me about {title}.")
+
+
+@dataclass
+class InstructConfig:
+    max_examples: int = 1500          # cap after filtering (a seeded sample)
+    val_fraction: float = 0.05
+    min_response_chars: int = 20
+    max_response_chars: int = 600
+    max_code_chars: int = 500         # docstring -> code pairs only for functions up to this size
+    max_tokens: int = 0               # token budget per example under the run tokenizer; 0: 256
+    system_prompt: bool = False       # prepend the SYSTEM message to every record
+    safety_examples: int = 40         # harmful request -> refusal records (0: none)
+    self_instruct: int = 0            # new instructions to generate with the teacher model (0: off)
+    teacher: str = "auto"             # model dir, or "auto": the latest model of the run
+    max_files: int = 0                # code files to read (0: all)
+
+    def __post_init__(self):
+        if not 0.0 < self.val_fraction < 0.5:
+            raise ConfigError(f"instruct.val_fraction: must be in (0, 0.5), got {self.val_fraction}")
+        if self.max_examples < 10:
+            raise ConfigError(f"instruct.max_examples: must be >= 10, got {self.max_examples}")
+
+
+def validate_config(cfg):
+    common.settings(InstructConfig, cfg, "instruct")
+
+
+def chat(prompt, response):
+    return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]}
+
+
+def first_paragraph(text, max_chars=600):
+    return clip_sentences(" ".join(inspect.cleandoc(text).split("\n\n")[0].split()), max_chars)
+
+
+def clip_sentences(text, max_chars):
+    """Cut at the last sentence end that fits, so responses end cleanly."""
+    if len(text) <= max_chars:
+        return text
+    cut = text[:max_chars]
+    end = max(cut.rfind(". "), cut.rfind(".\n"))
+    return cut[: end + 1] if end > max_chars // 3 else ""
+
+
+def signature(node):
+    prefix = "async def" if isinstance(node, ast.AsyncFunctionDef) else "def"
+    ret = f" -> {ast.unparse(node.returns)}" if node.returns else ""
+    return f"{prefix} {node.name}({ast.unparse(node.args)}){ret}"
+
+
+def code_pairs(source, path, rng, s: InstructConfig):
+    """Pairs from one Python file; a file that does not parse yields none."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return []
+    out = []
+    mod_doc = ast.get_docstring(tree)
+    if mod_doc:
+        out.append(chat(f"What is the Python module `{Path(path).stem}` for?", first_paragraph(mod_doc)))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef):
+            doc = ast.get_docstring(node)
+            if doc:
+                out.append(chat(f"What does the class `{node.name}` in `{Path(path).stem}` do?", first_paragraph(doc)))
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not node.name.startswith("_"):
+            doc = ast.get_docstring(node)
+            if not doc:
+                continue
+            para, sig = first_paragraph(doc), signature(node)
+            out.append(chat(rng.choice(DOC_PROMPTS).format(sig=sig), para))
+            code = ast.get_source_segment(source, node)
+            if code and len(code) <= s.max_code_chars:
+                out.append(chat(rng.choice(CODE_PROMPTS).format(name=node.name, doc=para), inspect.cleandoc(code)))
+    return out
+
+
+HEADING = re.compile(r"^[A-Za-z0-9_.()\-:, ]{3,70}$")
+
+
+def doc_pairs(text, title, rng, max_chars=600):
+    """Section title -> the paragraph under it; page title -> the first paragraph."""
+    blocks = [b.strip() for b in re.split(r"\n\s*\n", text) if b.strip()]
+    out = []
+    for head, body in zip(blocks, blocks[1:]):
+        if "\n" not in head and HEADING.match(head) and not head.endswith(".") and len(body) >= 40 \
+                and not HEADING.match(body):
+            out.append(chat(rng.choice(SECTION_PROMPTS).format(title=head.strip(":")), clip_sentences(" ".join(body.split()), max_chars)))
+    if title and blocks:
+        body = next((b for b in blocks if len(b) >= 60), None)
+        if body:
+            out.append(chat(f"Summarize the documentation page \"{title}\".", clip_sentences(" ".join(body.split()), max_chars)))
+    return out
+
+
+def safety_pairs(n, rng):
+    from quark.align.redteam import harmful_requests
+    from quark.align.safety import REFUSAL
+    reqs = harmful_requests("train")
+    return [chat(r["prompt"], REFUSAL) for r in rng.sample(reqs, min(n, len(reqs)))]
+
+
+def norm(text):
+    return " ".join(re.sub(r"[^a-z0-9 ]", " ", text.lower()).split())
+
+
+def dedup(records):
+    """Drop records whose normalised prompt or normalised response was already seen."""
+    seen, out = set(), []
+    for r in records:
+        keys = [("p", norm(r["messages"][-2]["content"])), ("r", norm(r["messages"][-1]["content"]))]
+        keys = [hashlib.blake2b(f"{k}:{v}".encode(), digest_size=8).digest() for k, v in keys]
+        if any(k in seen for k in keys):
+            continue
+        seen.update(keys)
+        out.append(r)
+    return out
+
+
+def keep(rec, s: InstructConfig, tokenizer=None, max_tokens=256):
+    resp = rec["messages"][-1]["content"]
+    if not (s.min_response_chars <= len(resp) <= max(s.max_response_chars, s.max_code_chars)):
+        return False
+    if sum(c.isprintable() or c in "\n\t" for c in resp) < 0.98 * len(resp):
+        return False
+    if tokenizer is not None and len(encode_chat(tokenizer, rec["messages"])[0]) > max_tokens:
+        return False
+    return True
+
+
+def jaccard(a, b):
+    a, b = set(a.split()), set(b.split())
+    return len(a & b) / max(1, len(a | b))
+
+
+@torch.no_grad()
+def self_instruct(model, tokenizer, pool, n, rng, max_new_tokens=48, max_similarity=0.7, attempts_per_item=3):
+    """Generate up to n new (instruction, response) records with `model` as the teacher.
+    Returns (records, stats) where stats counts the attempts and why candidates were rejected."""
+    sp = special_ids(tokenizer)
+    stops = {sp["<|end|>"], sp["<|eos|>"]}
+    seeds = [r["messages"][-2]["content"] for r in pool]
+    known = [norm(x) for x in seeds]
+    out, stats = [], {"attempts": 0, "empty": 0, "similar": 0, "kept": 0}
+
+    def complete(messages, limit):
+        ids, _ = encode_chat(tokenizer, messages, add_generation_prompt=True)
+        ids = ids[-(model.config.max_seq_len - limit):]
+        gen = model.generate(torch.tensor([ids]), limit, temperature=0.8, top_k=40,
+                             generator=torch.Generator().manual_seed(rng.randrange(2**31)))[0, len(ids):].tolist()
+        cut = next((i for i, t in enumerate(gen) if t in stops), len(gen))
+        return tokenizer.decode(gen[:cut]).strip()
+
+    for _ in range(n * attempts_per_item):
+        if len(out) >= n or not seeds:
+            break
+        stats["attempts"] += 1
+        shots = rng.sample(seeds, min(3, len(seeds)))
+        ask = "Here are some tasks:\n" + "\n".join(f"{i + 1}. {t}" for i, t in enumerate(shots)) + "\nWrite one new task."
+        instruction = complete([{"role": "user", "content": ask}], max_new_tokens).split("\n")[0].strip()
+        if len(instruction) < 10:
+            stats["empty"] += 1
+            continue
+        ni = norm(instruction)
+        if any(jaccard(ni, k) > max_similarity for k in known):
+            stats["similar"] += 1
+            continue
+        response = complete([{"role": "user", "content": instruction}], max_new_tokens)
+        if len(response) < 5:
+            stats["empty"] += 1
+            continue
+        known.append(ni)
+        out.append(chat(instruction, response))
+    stats["kept"] = len(out)
+    return out, stats
+
+
+def corpus_records(run_dir, s: InstructConfig, rng):
+    run_dir = Path(run_dir)
+    code, docs, files = [], [], 0
+    paths = sorted((run_dir / "scrape").glob("files-*.jsonl"))
+    for path in paths:
+        for n, rec in read_jsonl(path):
+            if not isinstance(rec, dict) or "text" not in rec or "path" not in rec:
+                raise ValueError(f"{path}:{n}: expected fields 'path' and 'text'")
+            if str(rec.get("language", "")).lower() != "python" and not str(rec["path"]).endswith(".py"):
+                continue
+            files += 1
+            code += code_pairs(rec["text"], rec["path"], rng, s)
+            if s.max_files and files >= s.max_files:
+                break
+        if s.max_files and files >= s.max_files:
+            break
+    clean = run_dir / "clean" / "docs.jsonl"
+    if clean.exists():
+        for n, rec in read_jsonl(clean):
+            if not isinstance(rec, dict) or "text" not in rec:
+                raise ValueError(f"{clean}:{n}: expected field 'text'")
+            meta = rec.get("meta") or {}
+            docs += doc_pairs(rec["text"], meta.get("title") if isinstance(meta, dict) else None, rng, s.max_response_chars)
+    if not paths and not clean.exists():
+        raise FileNotFoundError(f"{run_dir} has neither scrape/files-*.jsonl nor clean/docs.jsonl; run the data steps first")
+    return code, docs, files
+
+
+def write_jsonl(path, records):
+    import json
+    with atomic_open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def run_step(run_dir: Path, cfg: dict) -> dict:
+    s, seed = common.settings(InstructConfig, cfg, "instruct")
+    run_dir = Path(run_dir)
+    rng = random.Random(seed)
+    code, docs, files = corpus_records(run_dir, s, rng)
+    tok = None
+    tok_path = run_dir / "tokenizer" / "tokenizer.json"
+    if tok_path.exists():
+        tok = common.load_tokenizer(tok_path)
+    max_tokens = s.max_tokens or 256
+    safety = safety_pairs(s.safety_examples, rng) if s.safety_examples else []
+    pool = dedup([r for r in code + docs if keep(r, s, tok, max_tokens)])
+    rng.shuffle(pool)
+    pool = pool[: max(0, s.max_examples - len(safety))]
+    gen_stats = {}
+    if s.self_instruct:
+        from quark.model.io import load_model
+        teacher = common.resolve_model_dir(run_dir, s.teacher, ())
+        tok = tok or common.load_tokenizer(common.find_tokenizer(run_dir, teacher))
+        new, gen_stats = self_instruct(load_model(teacher), tok, pool, s.self_instruct, rng)
+        pool += dedup([r for r in new if keep(r, s, tok, max_tokens)])
+    records = pool + safety
+    if s.system_prompt:
+        records = [{"messages": [{"role": "system", "content": SYSTEM}] + r["messages"]} for r in records]
+    rng.shuffle(records)
+    n_val = max(1, int(len(records) * s.val_fraction))
+    val, train = records[:n_val], records[n_val:]
+    if len(train) < 2:
+        raise ValueError(f"only {len(records)} instruction pairs survived filtering; the corpus is too small")
+    out = run_dir / "instruct"
+    write_jsonl(out / "train.jsonl", train)
+    write_jsonl(out / "val.jsonl", val)
+    stats = {"python_files": files, "code_pairs": len(code), "doc_pairs": len(docs), "safety_pairs": len(safety),
+             "self_instruct": gen_stats, "train": len(train), "val": len(val), "settings": asdict(s)}
+    atomic_write_json(out / "stats.json", stats)
+    return stats
+
+
+def configure_parser(parser):
+    common.add_common_args(parser)
+
+
+def run_cli(args):
+    import sys
+    return common.run_step_cli(sys.modules[__name__], args)

@@ -1,0 +1,216 @@
+"""Engine: the slot runner against the model's own forward, continuous batching against one-at-a-time
+greedy generation, stop tokens, limits, the bounded queue, cancellation and shutdown."""
+import threading
+
+import pytest
+import torch
+
+from quark import ops
+from quark.chat import encode_chat
+from quark.serve.engine import CACHE_DTYPES, Engine, QueueFull, Runner, ShuttingDown, load_for_serving
+from quark.serve.sampling import SamplingParams
+from tests.serve_helpers import make_model, make_model_dir, make_tokenizer, single_thread  # noqa: F401 (autouse fixture)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return make_model(tok.get_vocab_size())
+
+
+def greedy_reference(model, ids, n):
+    """The model's own KV-cache generate (quark.model.gpt), one sequence at a time."""
+    out = model.generate(torch.tensor([ids]), n)[0, len(ids):]
+    return out.tolist()
+
+
+def test_runner_matches_model_forward(model):
+    ids = torch.randint(8, model.config.vocab_size, (1, 23), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids)[0][0]                                           # (23, V)
+    r = Runner(model, slots=3)
+    torch.testing.assert_close(r.extend(1, ids[0, :11].tolist(), all_logits=True), ref[:11], atol=2e-5, rtol=1e-4)
+    # extending a slot that already holds a prefix (speculative verification) sees the whole prefix
+    torch.testing.assert_close(r.extend(1, ids[0, 11:16].tolist(), all_logits=True), ref[11:16], atol=2e-5, rtol=1e-4)
+    # ragged decode: slots 0..2 hold 7, 16 and 3 tokens
+    r.lens[0] = 0
+    r.extend(0, ids[0, :7].tolist())
+    r.extend(2, ids[0, :3].tolist())
+    out = r.decode([int(ids[0, 7]), int(ids[0, 16]), int(ids[0, 3])])
+    torch.testing.assert_close(out, ref[[7, 16, 3]], atol=2e-5, rtol=1e-4)
+    assert r.lens.tolist() == [8, 17, 4]
+    r.move(2, 0)   # slot 0 takes over slot 2's sequence
+    torch.testing.assert_close(r.decode([int(ids[0, 4])])[0], ref[4], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cache_dtype", ["bf16", "int8"])
+def test_low_precision_caches_are_close(model, cache_dtype):
+    ids = list(range(10, 30))
+    full = Runner(model, 1).extend(0, ids, all_logits=True)
+    low = Runner(model, 2, cache_dtype=cache_dtype)
+    low.extend(0, ids[5:11])
+    low.extend(1, ids[:10])
+    torch.testing.assert_close(low.extend(1, ids[10:12], all_logits=True), full[10:12], atol=0.05, rtol=0)
+    low.move(1, 0)   # slot 0 takes over slot 1's sequence; int8 scales travel with it
+    got = torch.stack([low.decode([t])[0] for t in ids[12:]])
+    assert (got - full[12:]).abs().max() < 0.05
+    assert low.k[0].dtype == CACHE_DTYPES[cache_dtype]
+    with pytest.raises(ValueError, match="cache_dtype"):
+        Runner(model, 1, cache_dtype="fp8")
+
+
+def test_continuous_batching_equals_one_at_a_time(model):
+    """More requests than slots, ragged prompts and lengths: each output equals the sequence generated alone."""
+    prompts = [list(range(8 + i, 8 + i + 2 + 3 * i)) for i in range(7)]
+    lengths = [5, 17, 9, 1, 12, 3, 20]
+    eng = Engine(model, None, max_batch=3).start()
+    reqs = [eng.submit(p, SamplingParams(max_tokens=n, temperature=0)) for p, n in zip(prompts, lengths)]
+    for r in reqs:
+        assert r.done.wait(60)
+    eng.shutdown()
+    for p, n, r in zip(prompts, lengths, reqs):
+        assert r.output_ids == greedy_reference(model, p, n) and r.finish_reason == "length"
+    assert eng.steps < sum(lengths)   # requests really shared decode steps
+
+
+def test_seeded_sampling_independent_of_batch(model):
+    p = SamplingParams(max_tokens=12, temperature=0.9, top_k=50, top_p=0.95, repetition_penalty=1.1, seed=3)
+    alone = Engine(model, None, max_batch=1).generate([10, 11, 12], p).output_ids
+    eng = Engine(model, None, max_batch=4).start()
+    others = [eng.submit([20 + i], SamplingParams(max_tokens=15, temperature=1.0)) for i in range(3)]
+    mine = eng.submit([10, 11, 12], SamplingParams(max_tokens=12, temperature=0.9, top_k=50, top_p=0.95,
+                                                   repetition_penalty=1.1, seed=3))
+    mine.done.wait(60)
+    for r in others:
+        r.done.wait(60)
+    eng.shutdown()
+    assert mine.output_ids == alone
+
+
+def test_stop_token_and_streamed_text(tok):
+    model = make_model(tok.get_vocab_size())
+    end = tok.token_to_id("<|end|>")
+    eng = Engine(model, tok, max_batch=2)
+    events = []
+    ids, _ = encode_chat(tok, [{"role": "user", "content": "Hello world"}], add_generation_prompt=True)
+    req = eng.generate(ids, SamplingParams(max_tokens=30, temperature=0),
+                       on_event=lambda kind, v: events.append((kind, v)))
+    eng.shutdown()
+    assert events[-1] == ("done", req.finish_reason)
+    assert "".join(v for k, v in events if k == "token") == req.text == tok.decode(req.output_ids)
+    assert end not in req.output_ids
+    # force the stop token: an output head whose bias makes <|end|> win every argmax
+    head = torch.nn.Linear(model.config.d_model, model.config.vocab_size)
+    with torch.no_grad():
+        head.weight.copy_(model.tok_emb.weight)
+        head.bias.zero_()
+        head.bias[end] = 1e4
+    model.lm_head = head
+    eng = Engine(model, tok, max_batch=2)
+    req = eng.generate(ids, SamplingParams(max_tokens=30, temperature=0))
+    eng.shutdown()
+    assert req.finish_reason == "stop" and req.output_ids == [] and req.text == ""
+
+
+def test_stop_string(tok, model):
+    eng = Engine(model, tok, max_batch=1)
+    free = eng.generate([10, 11], SamplingParams(max_tokens=20, temperature=0))
+    stop = free.text[3:5]
+    req = eng.generate([10, 11], SamplingParams(max_tokens=20, temperature=0, stop=[stop]))
+    eng.shutdown()
+    assert req.finish_reason == "stop" and req.text == free.text[:free.text.find(stop)]
+
+
+def test_limits_are_checked(model):
+    eng = Engine(model, None, max_batch=1, max_seq_len=32)
+    with pytest.raises(ValueError, match="context"):
+        eng.submit(list(range(8, 28)), SamplingParams(max_tokens=13))
+    with pytest.raises(ValueError, match="empty"):
+        eng.submit([], SamplingParams())
+    with pytest.raises(ValueError, match="token ids"):
+        eng.submit([model.config.vocab_size], SamplingParams(max_tokens=4))
+
+
+def test_queue_full_cancel_and_shutdown(model):
+    eng = Engine(model, None, max_batch=1, max_queue=2)   # not started: nothing leaves the queue
+    reqs = [eng.submit([9], SamplingParams(max_tokens=50, temperature=0)) for _ in range(3)]   # 1 slot + 2 queued
+    with pytest.raises(QueueFull):
+        eng.submit([9], SamplingParams(max_tokens=5))
+    reqs[1].cancel()
+    eng.start()
+    eng.shutdown(drain=True, timeout=60)
+    assert [r.finish_reason for r in reqs] == ["length", "cancelled", "length"]
+    with pytest.raises(ShuttingDown):
+        eng.submit([9], SamplingParams())
+
+
+def test_shutdown_without_drain_cancels(model):
+    eng = Engine(model, None, max_batch=2)
+    reqs = [eng.submit([9], SamplingParams(max_tokens=200, temperature=0)) for _ in range(4)]
+    eng.start()
+    eng.shutdown(drain=False, timeout=60)
+    assert all(r.done.is_set() for r in reqs)
+    assert {r.finish_reason for r in reqs} <= {"cancelled", "length"}
+
+
+def test_engine_threads_submit_concurrently(model):
+    eng = Engine(model, None, max_batch=4, max_queue=64).start()
+    results = {}
+
+    def client(i):
+        results[i] = eng.generate([8 + i, 9 + i], SamplingParams(max_tokens=6, temperature=0)).output_ids
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    eng.shutdown()
+    assert all(results[i] == greedy_reference(model, [8 + i, 9 + i], 6) for i in range(16))
+
+
+def test_load_for_serving_run_and_model_dirs(tmp_path):
+    mdir, model, _ = make_model_dir(tmp_path / "run" / "sft" / "final")
+    (tmp_path / "run" / "tokenizer").mkdir()
+    (mdir / "tokenizer.json").rename(tmp_path / "run" / "tokenizer" / "tokenizer.json")
+    m, tok, found, run_dir = load_for_serving(tmp_path / "run")
+    assert found == mdir and run_dir == tmp_path / "run" and tok.token_to_id("<|end|>") is not None
+    m2, _, found2, run2 = load_for_serving(mdir)
+    assert found2 == mdir and run2 == tmp_path / "run"
+    with pytest.raises(FileNotFoundError, match="no trained model"):
+        load_for_serving(tmp_path)
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        load_for_serving(tmp_path / "missing")
+
+
+class QLinear(torch.nn.Module):
+    """nn.Linear's call contract over quark.ops.qlinear (what quantized models plug in)."""
+
+    def __init__(self, linear, scheme):
+        super().__init__()
+        self.qt = ops.quantize(linear.weight.detach().contiguous(), scheme, group_size=32)
+
+    def forward(self, x):
+        return ops.qlinear(x, self.qt)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_projections_run_unfused(tok, scheme):
+    model = make_model(tok.get_vocab_size())
+    for blk in model.blocks:
+        for parent, names in ((blk.attn, ("wq", "wk", "wv", "wo")), (blk.mlp, ("w1", "w2", "w3"))):
+            for n in names:
+                setattr(parent, n, QLinear(getattr(parent, n), scheme))
+    prompt = [10, 11, 12, 13]
+    eng = Engine(model, None, max_batch=2)
+    assert eng.runner.qkv[0] is None and eng.runner.gate_up[0] is None   # only plain nn.Linear is fused
+    reqs = [eng.submit(prompt, SamplingParams(max_tokens=8, temperature=0)), eng.submit([20], SamplingParams(max_tokens=5, temperature=0))]
+    eng.start()
+    for r in reqs:
+        r.done.wait(60)
+    eng.shutdown()
+    assert reqs[0].output_ids == greedy_reference(model, prompt, 8)

@@ -1,0 +1,97 @@
+"""Sampler: parameter validation, each logit processor, seeded reproducibility, and the
+incremental detokenizer (UTF-8 hold-back, stop strings)."""
+import pytest
+import torch
+
+from quark.serve.sampling import Detokenizer, SamplingParams, apply_penalties, probs, sample
+from tests.serve_helpers import make_tokenizer
+
+
+@pytest.mark.parametrize("field,value", [("max_tokens", 0), ("max_tokens", 1.5), ("temperature", -1),
+                                         ("top_k", -1), ("top_p", 0), ("top_p", 1.5), ("repetition_penalty", 0),
+                                         ("presence_penalty", 3), ("stop", [""]), ("stop", ["a"] * 5), ("seed", "x"),
+                                         ("temperature", True)])
+def test_params_validation_names_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: value})
+
+
+def test_stop_string_becomes_a_list():
+    assert SamplingParams(stop="\n").stop == ["\n"]
+
+
+def test_greedy_is_argmax_and_one_hot():
+    logits = torch.tensor([0.1, 3.0, -1.0, 2.9])
+    p = SamplingParams(temperature=0)
+    assert sample(logits, p) == 1
+    assert probs(logits, p).tolist() == [0, 1, 0, 0]
+
+
+def test_top_k_keeps_only_k_tokens():
+    logits = torch.randn(50, generator=torch.Generator().manual_seed(0))
+    p = probs(logits, SamplingParams(temperature=1.0, top_k=5))
+    assert (p > 0).sum() == 5
+    assert set(torch.nonzero(p).flatten().tolist()) == set(torch.topk(logits, 5).indices.tolist())
+    assert p.sum().item() == pytest.approx(1.0)
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    assert (probs(logits, SamplingParams(top_p=0.7)) > 0).tolist() == [True, True, False, False]
+    assert (probs(logits, SamplingParams(top_p=0.8)) > 0).tolist() == [True, True, False, False]
+    assert (probs(logits, SamplingParams(top_p=0.81)) > 0).tolist() == [True, True, True, False]
+    assert (probs(logits, SamplingParams(top_p=0.1)) > 0).tolist() == [True, False, False, False]
+
+
+def test_temperature_sharpens_and_flattens():
+    logits = torch.tensor([1.0, 2.0, 3.0])
+    cold, hot = probs(logits, SamplingParams(temperature=0.5)), probs(logits, SamplingParams(temperature=2.0))
+    assert cold[2] > torch.softmax(logits, -1)[2] > hot[2]
+
+
+def test_penalties():
+    logits = torch.tensor([2.0, -2.0, 1.0, 0.5])
+    hist = torch.tensor([0, 1, 0])
+    out = apply_penalties(logits, hist, SamplingParams(repetition_penalty=2.0))
+    assert out.tolist() == [1.0, -4.0, 1.0, 0.5]
+    out = apply_penalties(logits, hist, SamplingParams(presence_penalty=0.5, frequency_penalty=0.25))
+    assert out.tolist() == [2.0 - 0.5 - 0.5, -2.0 - 0.5 - 0.25, 1.0, 0.5]
+    # a greedy pick that repeats flips once penalized
+    assert sample(torch.tensor([2.0, 1.9]), SamplingParams(temperature=0, repetition_penalty=1.5), torch.tensor([0])) == 1
+
+
+def test_seed_reproducible_and_distribution_follows_probs():
+    logits = torch.log(torch.tensor([0.6, 0.3, 0.1]))
+    p = SamplingParams(temperature=1.0, seed=7)
+    a = [sample(logits, p, generator=g) for g in [p.generator()] for _ in range(50)]
+    b = [sample(logits, p, generator=g) for g in [p.generator()] for _ in range(50)]
+    assert a == b
+    g = p.generator()
+    counts = torch.bincount(torch.tensor([sample(logits, p, generator=g) for _ in range(3000)]), minlength=3) / 3000
+    assert torch.allclose(counts, torch.tensor([0.6, 0.3, 0.1]), atol=0.04)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+def test_detokenizer_streams_the_same_text(tok):
+    text = "Ünïcödé text: naïve café, 東京, emoji 🙂."
+    ids = tok.encode(text).ids
+    d = Detokenizer(tok)
+    deltas = [d.add(i) for i in ids] + [d.flush()]
+    assert "".join(deltas) == text
+    assert all("\ufffd" not in x for x in deltas)   # partial UTF-8 sequences are held back
+
+
+def test_detokenizer_stop_string_cut_and_hold_back(tok):
+    ids = tok.encode("Hello world, this is Quark").ids
+    d = Detokenizer(tok, stop=["this is"])
+    deltas = []
+    for i in ids:
+        deltas.append(d.add(i))
+        if d.stopped:
+            break
+    assert d.stopped and "".join(deltas) == "Hello world, "
+    assert not any("this" in x for x in deltas)   # never sent, then retracted
