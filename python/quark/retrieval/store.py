@@ -1,0 +1,461 @@
+"""Hybrid document store: SQLite (documents, chunks, FTS5 BM25) + a dense vector index.
+
+Layout of a store directory:
+    store.sqlite            docs, chunks (text, offsets, embedding), chunks_fts (FTS5), state
+    dense-<gen>.index       quark.search.Index over the chunk embeddings, as of generation <gen>
+    dense-<gen>.ids.npy     the chunk ids that index holds
+    dense.json              {"generation": gen, ...}: the commit point of the dense files
+
+SQLite is the source of truth: every mutation is one transaction that also bumps `generation`, and
+chunk embeddings are stored in it. The dense index is derived data, written after the commit under
+a new name and published by atomically replacing dense.json. A crash between the SQLite commit and
+that publish leaves dense.json at an older generation; on open the store sees the mismatch and
+repairs the index by diffing its saved ids against the chunk table (remove deleted chunks, add new
+ones from their stored vectors), so both sides always agree. Chunk ids come from AUTOINCREMENT and
+are never reused, which is what makes the id diff sound.
+
+Search: BM25 through FTS5, dense k-NN through the index (metadata filters applied exactly: small
+allowed sets are searched brute force, larger ones by over-fetching from the index), and hybrid
+reciprocal-rank fusion of the two (Cormack, Clarke & Buettcher 2009: score = sum 1 / (k + rank)).
+
+Pipeline step `index`: builds run_dir/index/ from run_dir/dedup/docs.jsonl with embeddings from the
+run's latest model, resuming by document hash (unchanged documents are not re-embedded).
+"""
+import json
+import os
+import re
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from quark.config import ConfigError, from_dict
+from quark.io import atomic_write_json
+from quark.ops import pairwise_distance
+from quark.retrieval.chunk import chunk_text
+from quark.retrieval.embed import content_hash
+
+try:
+    from quark.search import Index
+except ImportError:   # until quark.search lands (branch i5-search): exact search with the same API
+    from quark.retrieval._flat_index import FlatIndex as Index
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS docs (
+    id TEXT PRIMARY KEY, source TEXT, meta TEXT NOT NULL DEFAULT '{}', hash TEXT NOT NULL,
+    n_chunks INTEGER NOT NULL, updated_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS chunks (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, doc_id TEXT NOT NULL REFERENCES docs(id) ON DELETE CASCADE,
+    ord INTEGER NOT NULL, text TEXT NOT NULL, start INTEGER NOT NULL, end INTEGER NOT NULL,
+    n_tokens INTEGER NOT NULL, vec BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS chunks_doc ON chunks(doc_id);
+CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(
+    text, content='chunks', content_rowid='id', tokenize="porter unicode61 tokenchars '_'");
+CREATE TRIGGER IF NOT EXISTS chunks_ai AFTER INSERT ON chunks BEGIN
+    INSERT INTO chunks_fts(rowid, text) VALUES (new.id, new.text); END;
+CREATE TRIGGER IF NOT EXISTS chunks_ad AFTER DELETE ON chunks BEGIN
+    INSERT INTO chunks_fts(chunks_fts, rowid, text) VALUES ('delete', old.id, old.text); END;
+CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+_FILTER_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
+_FILTER_OPS = {"=": "=", "!=": "!=", "<": "<", "<=": "<=", ">": ">", ">=": ">="}
+_TERM = re.compile(r"\w+", re.UNICODE)
+
+
+@dataclass
+class Hit:
+    chunk_id: int
+    doc_id: str
+    text: str
+    score: float                 # larger is better (RRF score, -bm25, or -distance)
+    source: str = None
+    meta: dict = field(default_factory=dict)
+    start: int = 0
+    end: int = 0
+    ranks: dict = field(default_factory=dict)   # {"bm25": r, "dense": r} (1-based) where found
+
+
+class Store:
+    """Documents -> chunks -> (FTS5, dense index), kept in sync. Thread-safe (one lock)."""
+
+    def __init__(self, path, embedder, tokenizer=None, chunk_tokens=128, chunk_overlap=32,
+                 index_kind="hnsw", autosave=True, exact_filter_limit=20_000):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.embedder = embedder
+        self.tokenizer = tokenizer
+        self.chunk_tokens, self.chunk_overlap = chunk_tokens, chunk_overlap
+        self.index_kind = index_kind
+        self.autosave = autosave
+        self.exact_filter_limit = exact_filter_limit   # filtered dense search brute-forces up to this many
+        self.lock = threading.RLock()
+        self.db = sqlite3.connect(str(self.path / "store.sqlite"), check_same_thread=False, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")     # a commit is on disk before the index follows it
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self.db.executescript(SCHEMA)
+        self._check_state()
+        self.dense = self._open_dense()
+        self.dirty = False
+
+    # ----------------------------------------------------------------- state and dense persistence
+    def _get(self, key, default=None):
+        row = self.db.execute("SELECT value FROM state WHERE key=?", (key,)).fetchone()
+        return json.loads(row[0]) if row else default
+
+    def _set(self, key, value):
+        self.db.execute("INSERT OR REPLACE INTO state VALUES (?, ?)", (key, json.dumps(value)))
+
+    @property
+    def generation(self):
+        return self._get("generation", 0)
+
+    def _check_state(self):
+        want = {"embedder": self.embedder.name, "dim": int(self.embedder.dim),
+                "chunking": [self.chunk_tokens, self.chunk_overlap]}
+        have = {k: self._get(k) for k in want}
+        if all(v is None for v in have.values()):
+            with self.db:
+                self.db.execute("BEGIN IMMEDIATE")
+                for k, v in want.items():
+                    self._set(k, v)
+            return
+        for k, v in want.items():
+            if have[k] != v:
+                raise ValueError(f"store {self.path} was built with {k}={have[k]!r}, not {v!r}: "
+                                 f"open it with the same settings or build a new store")
+
+    def _open_dense(self):
+        """Load the published index; repair it from SQLite when it lags behind the last commit."""
+        gen = self.generation
+        pointer = self.path / "dense.json"
+        dense, ids = None, np.zeros(0, np.int64)
+        if pointer.exists():
+            saved = json.loads(pointer.read_text())
+            try:
+                dense = Index.load(str(self.path / saved["index"]))
+                ids = np.load(self.path / saved["ids"])
+            except (OSError, ValueError, KeyError):
+                dense = None            # unreadable: rebuilt from SQLite below
+            if dense is not None and saved["generation"] == gen:
+                return dense
+        if dense is None:
+            dense, ids = Index(int(self.embedder.dim), metric="ip", kind=self.index_kind), np.zeros(0, np.int64)
+        have = set(ids.tolist())
+        want = {r[0] for r in self.db.execute("SELECT id FROM chunks")}
+        stale = sorted(have - want)
+        if stale:
+            dense.remove(np.asarray(stale, np.int64))
+        missing = sorted(want - have)
+        for b in range(0, len(missing), 10_000):
+            part = missing[b:b + 10_000]
+            dense.add(self._vectors(part), np.asarray(part, np.int64))
+        self._publish(dense, gen)
+        return dense
+
+    def _vectors(self, chunk_ids):
+        """Stored embeddings of chunk_ids, in that order -> (n, dim) float32."""
+        out = np.zeros((len(chunk_ids), self.embedder.dim), np.float32)
+        pos = {c: i for i, c in enumerate(chunk_ids)}
+        for b in range(0, len(chunk_ids), 500):
+            part = chunk_ids[b:b + 500]
+            for cid, vec in self.db.execute(f"SELECT id, vec FROM chunks WHERE id IN ({','.join('?' * len(part))})", part):
+                out[pos[cid]] = np.frombuffer(vec, np.float32)
+        return out
+
+    def _publish(self, dense, gen):
+        """Write the index under a generation-specific name, then switch dense.json to it."""
+        ids = np.asarray(sorted(r[0] for r in self.db.execute("SELECT id FROM chunks")), np.int64)
+        name = f"dense-{gen}-{time.time_ns()}"
+        dense.save(str(self.path / f"{name}.index"))
+        with open(self.path / f"{name}.ids.npy", "wb") as f:
+            np.save(f, ids)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_tree(self.path / f"{name}.index")
+        self._commit_pointer({"generation": gen, "index": f"{name}.index", "ids": f"{name}.ids.npy", "n": len(ids)})
+        for old in self.path.glob("dense-*"):      # earlier generations are unreachable now
+            if not old.name.startswith(name):
+                _remove(old)
+
+    def _commit_pointer(self, record):
+        atomic_write_json(self.path / "dense.json", record)
+
+    def flush(self):
+        """Persist the dense index now (after mutations made with autosave=False)."""
+        with self.lock:
+            if self.dirty:
+                self._publish(self.dense, self.generation)
+                self.dirty = False
+
+    def close(self):
+        with self.lock:
+            self.flush()
+            self.db.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ------------------------------------------------------------------------------ mutations
+    def upsert(self, docs):
+        """Add or replace documents [{id, text, source?, meta?}]; unchanged ones are skipped, a change
+        of metadata alone is applied without re-embedding. -> {"added", "updated", "unchanged", "chunks"}."""
+        docs = [_check_doc(d, i) for i, d in enumerate(docs)]
+        stats = {"added": 0, "updated": 0, "unchanged": 0, "chunks": 0}
+        with self.lock:
+            known = self._known({d["id"] for d in docs})
+            changed, meta_only = [], []
+            for d in docs:
+                h = content_hash(d["text"])
+                old = known.get(d["id"])
+                if old and old[0] == h:
+                    if old[1] != d["source"] or json.loads(old[2]) != d["meta"]:
+                        meta_only.append(d)
+                    else:
+                        stats["unchanged"] += 1
+                    continue
+                stats["updated" if old else "added"] += 1
+                changed.append((d, h, chunk_text(d["text"], self.tokenizer, self.chunk_tokens, self.chunk_overlap)))
+            texts = [c.text for _, _, chunks in changed for c in chunks]
+            vecs = self.embedder.embed(texts) if texts else np.zeros((0, self.embedder.dim), np.float32)
+            if not changed and not meta_only:
+                return stats
+            removed, added, v = [], [], 0
+            now = time.time()
+            with self.db:
+                self.db.execute("BEGIN IMMEDIATE")
+                for d in meta_only:
+                    self.db.execute("UPDATE docs SET source=?, meta=?, updated_at=? WHERE id=?",
+                                    (d["source"], json.dumps(d["meta"]), now, d["id"]))
+                for d, h, chunks in changed:
+                    removed += [r[0] for r in self.db.execute("SELECT id FROM chunks WHERE doc_id=?", (d["id"],))]
+                    self.db.execute("DELETE FROM chunks WHERE doc_id=?", (d["id"],))
+                    self.db.execute("INSERT OR REPLACE INTO docs VALUES (?, ?, ?, ?, ?, ?)",
+                                    (d["id"], d["source"], json.dumps(d["meta"]), h, len(chunks), now))
+                    for o, c in enumerate(chunks):
+                        cur = self.db.execute("INSERT INTO chunks (doc_id, ord, text, start, end, n_tokens, vec) "
+                                              "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                              (d["id"], o, c.text, c.start, c.end, c.n_tokens, vecs[v].tobytes()))
+                        added.append(cur.lastrowid)
+                        v += 1
+                self._set("generation", self.generation + 1)
+            stats["chunks"] = len(added)
+            self._apply_dense(removed, added, vecs)
+        return stats
+
+    def delete(self, doc_ids):
+        """Remove documents (and their chunks) by id -> number of documents removed."""
+        doc_ids = list(doc_ids)
+        with self.lock:
+            with self.db:
+                self.db.execute("BEGIN IMMEDIATE")
+                removed = []
+                for b in range(0, len(doc_ids), 500):
+                    part = doc_ids[b:b + 500]
+                    marks = ",".join("?" * len(part))
+                    removed += [r[0] for r in self.db.execute(f"SELECT id FROM chunks WHERE doc_id IN ({marks})", part)]
+                n = 0
+                for b in range(0, len(doc_ids), 500):
+                    part = doc_ids[b:b + 500]
+                    n += self.db.execute(f"DELETE FROM docs WHERE id IN ({','.join('?' * len(part))})", part).rowcount
+                if n:
+                    self._set("generation", self.generation + 1)
+            if n:
+                self._apply_dense(removed, [], np.zeros((0, self.embedder.dim), np.float32))
+        return n
+
+    def _apply_dense(self, removed, added, vecs):
+        if removed:
+            self.dense.remove(np.asarray(removed, np.int64))
+        if added:
+            self.dense.add(np.ascontiguousarray(vecs, np.float32), np.asarray(added, np.int64))
+        self.dirty = True
+        if self.autosave:
+            self.flush()
+
+    def _known(self, ids):
+        ids, out = list(ids), {}
+        for b in range(0, len(ids), 500):
+            part = ids[b:b + 500]
+            q = f"SELECT id, hash, source, meta FROM docs WHERE id IN ({','.join('?' * len(part))})"
+            out.update((r[0], r[1:]) for r in self.db.execute(q, part))
+        return out
+
+    # ------------------------------------------------------------------------------ reading
+    def __len__(self):
+        return self.db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
+
+    def num_docs(self):
+        return self.db.execute("SELECT COUNT(*) FROM docs").fetchone()[0]
+
+    def doc_hashes(self):
+        return dict(self.db.execute("SELECT id, hash FROM docs"))
+
+    def get_document(self, doc_id):
+        row = self.db.execute("SELECT id, source, meta, hash, n_chunks FROM docs WHERE id=?", (doc_id,)).fetchone()
+        if row is None:
+            return None
+        chunks = [r[0] for r in self.db.execute("SELECT text FROM chunks WHERE doc_id=? ORDER BY ord", (doc_id,))]
+        return {"id": row[0], "source": row[1], "meta": json.loads(row[2]), "hash": row[3], "chunks": chunks}
+
+    def chunks(self, limit=None):
+        """Iterate (chunk_id, doc_id, text) in id order."""
+        q = "SELECT id, doc_id, text FROM chunks ORDER BY id" + (f" LIMIT {int(limit)}" if limit else "")
+        yield from self.db.execute(q)
+
+    def check(self):
+        """Consistency report: SQLite chunks vs FTS rows vs dense index size."""
+        n = len(self)
+        fts = self.db.execute("SELECT COUNT(*) FROM chunks_fts").fetchone()[0]
+        return {"chunks": n, "fts": fts, "dense": len(self.dense), "consistent": n == fts == len(self.dense)}
+
+    # ------------------------------------------------------------------------------ search
+    def _filter_sql(self, filt):
+        """{"source": "x", "lang": ["c", "py"], "year": {">=": 2020}} -> (SQL over docs d, params)."""
+        if not filt:
+            return "", []
+        if not isinstance(filt, dict):
+            raise ValueError(f"filter must be a mapping of field to condition, got {type(filt).__name__}")
+        clauses, params = [], []
+        for key, cond in filt.items():
+            if not isinstance(key, str) or not _FILTER_KEY.match(key):
+                raise ValueError(f"filter field {key!r} is not a valid name (letters, digits, _ and .)")
+            col, head = {"doc_id": ("d.id", []), "source": ("d.source", [])}.get(
+                key, ("json_extract(d.meta, ?)", [f"$.{key}"]))   # other keys are meta fields
+            conds = cond if isinstance(cond, dict) else {"in": cond} if isinstance(cond, list) else {"=": cond}
+            for op, value in conds.items():
+                if op == "in":
+                    if not isinstance(value, list) or not value:
+                        raise ValueError(f"filter {key!r}: 'in' needs a non-empty list")
+                    clauses.append(f"{col} IN ({','.join('?' * len(value))})")
+                    params += head + list(value)
+                elif op in _FILTER_OPS:
+                    clauses.append(f"{col} {_FILTER_OPS[op]} ?")
+                    params += head + [value]
+                else:
+                    raise ValueError(f"filter {key!r}: unknown operator {op!r}; use one of "
+                                     f"{', '.join(['in', *_FILTER_OPS])}")
+        return " AND " + " AND ".join(clauses), params
+
+    def search_bm25(self, query, k=10, filter=None):
+        """-> [(chunk_id, bm25 score)] best first (FTS5 bm25: smaller is better, returned negated)."""
+        terms = _TERM.findall(query.lower())
+        if not terms:
+            return []
+        match = " OR ".join(f'"{t}"' for t in dict.fromkeys(terms))   # quoted: no FTS5 syntax from users
+        where, params = self._filter_sql(filter)
+        sql = ("SELECT c.id, bm25(chunks_fts) AS s FROM chunks_fts JOIN chunks c ON c.id = chunks_fts.rowid "
+               f"JOIN docs d ON d.id = c.doc_id WHERE chunks_fts MATCH ?{where} ORDER BY s LIMIT ?")
+        with self.lock:
+            return [(cid, -s) for cid, s in self.db.execute(sql, [match, *params, int(k)])]
+
+    def search_dense(self, query_vec, k=10, filter=None):
+        """-> [(chunk_id, -distance)] best first; query_vec (dim,) float32 (normalised)."""
+        q = np.ascontiguousarray(np.asarray(query_vec, np.float32).reshape(1, -1))
+        with self.lock:
+            n = len(self.dense)
+            if n == 0 or k <= 0:
+                return []
+            if filter:
+                where, params = self._filter_sql(filter)
+                sql = f"SELECT c.id FROM chunks c JOIN docs d ON d.id = c.doc_id WHERE 1=1{where} LIMIT ?"
+                allowed = [r[0] for r in self.db.execute(sql, [*params, self.exact_filter_limit + 1])]
+                if len(allowed) <= self.exact_filter_limit:   # exact over the allowed set
+                    if not allowed:
+                        return []
+                    dist = pairwise_distance(q, self._vectors(allowed), "ip")[0]
+                    top = np.argsort(dist, kind="stable")[:k]
+                    return [(allowed[i], -float(dist[i])) for i in top]
+                allowed = None   # large allowed set: over-fetch from the index and keep matches
+                fetch = min(n, 4 * k)
+                while True:
+                    dist, ids = self.dense.search(q, fetch)
+                    cand = [(int(i), float(d)) for d, i in zip(dist[0], ids[0]) if i >= 0]
+                    keep = self._matching([c for c, _ in cand], where, params)
+                    hits = [(c, -d) for c, d in cand if c in keep]
+                    if len(hits) >= k or fetch >= n:
+                        return hits[:k]
+                    fetch = min(n, fetch * 4)
+            dist, ids = self.dense.search(q, min(k, n))
+            return [(int(i), -float(d)) for d, i in zip(dist[0], ids[0]) if i >= 0]
+
+    def _matching(self, chunk_ids, where, params):
+        keep = set()
+        for b in range(0, len(chunk_ids), 500):
+            part = chunk_ids[b:b + 500]
+            sql = (f"SELECT c.id FROM chunks c JOIN docs d ON d.id = c.doc_id "
+                   f"WHERE c.id IN ({','.join('?' * len(part))}){where}")
+            keep.update(r[0] for r in self.db.execute(sql, [*part, *params]))
+        return keep
+
+    def search(self, query, k=10, mode="hybrid", filter=None, candidates=50, rrf_k=60):
+        """Top-k chunks for a text query -> [Hit]. mode: "hybrid" (RRF of BM25 and dense), "bm25", "dense"."""
+        if mode not in ("hybrid", "bm25", "dense"):
+            raise ValueError(f"mode must be 'hybrid', 'bm25' or 'dense', got {mode!r}")
+        n_cand = max(k, candidates)
+        ranked = {}
+        if mode in ("hybrid", "bm25"):
+            ranked["bm25"] = self.search_bm25(query, n_cand if mode == "hybrid" else k, filter)
+        if mode in ("hybrid", "dense"):
+            qv = self.embedder.embed([query])[0]
+            ranked["dense"] = self.search_dense(qv, n_cand if mode == "hybrid" else k, filter) if qv.any() else []
+        if mode != "hybrid":
+            scored = {cid: s for cid, s in ranked[mode]}
+        else:
+            scored = {}
+            for results in ranked.values():
+                for r, (cid, _) in enumerate(results, 1):
+                    scored[cid] = scored.get(cid, 0.0) + 1.0 / (rrf_k + r)
+        top = sorted(scored.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+        ranks = {name: {cid: r for r, (cid, _) in enumerate(res, 1)} for name, res in ranked.items()}
+        return self._hits(top, ranks)
+
+    def _hits(self, top, ranks):
+        if not top:
+            return []
+        ids = [cid for cid, _ in top]
+        with self.lock:
+            rows = {r[0]: r for r in self.db.execute(
+                "SELECT c.id, c.doc_id, c.text, c.start, c.end, d.source, d.meta FROM chunks c JOIN docs d "
+                f"ON d.id = c.doc_id WHERE c.id IN ({','.join('?' * len(ids))})", ids)}
+        return [Hit(cid, rows[cid][1], rows[cid][2], score, rows[cid][5], json.loads(rows[cid][6]),
+                    rows[cid][3], rows[cid][4], {n: r[cid] for n, r in ranks.items() if cid in r})
+                for cid, score in top if cid in rows]
+
+
+def _check_doc(d, i):
+    if not isinstance(d, dict):
+        raise ValueError(f"document {i}: expected a mapping with 'id' and 'text', got {type(d).__name__}")
+    if not isinstance(d.get("id"), str) or not d["id"]:
+        raise ValueError(f"document {i}: 'id' must be a non-empty string")
+    if not isinstance(d.get("text"), str):
+        raise ValueError(f"document {d['id']!r}: 'text' must be a string")
+    meta = d.get("meta") or {}
+    if not isinstance(meta, dict):
+        raise ValueError(f"document {d['id']!r}: 'meta' must be a mapping")
+    return {"id": d["id"], "text": d["text"], "source": d.get("source"), "meta": meta}
+
+
+def _fsync_tree(path):
+    paths = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()] if path.exists() else []
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _remove(path):
+    if path.is_dir():
+        for p in sorted(path.rglob("*"), reverse=True):
+            p.rmdir() if p.is_dir() else p.unlink()
+        path.rmdir()
+    else:
+        path.unlink(missing_ok=True)
