@@ -46,3 +46,37 @@ def tiny_model_dir(path, seed=0):
     tok.save(str(path / "tokenizer.json"))
     save_model(tiny_model(tok.get_vocab_size(), seed), path, tokenizer_path=path / "tokenizer.json")
     return path
+
+
+def stdlib_docs(n=40):
+    """Real offline text: docstrings of standard-library modules and their public functions."""
+    import importlib
+    docs = []
+    for name in ("json", "re", "os", "random", "string", "textwrap", "heapq", "bisect", "statistics", "csv",
+                 "fractions", "decimal", "difflib", "shutil", "tempfile", "functools", "itertools", "collections"):
+        mod = importlib.import_module(name)
+        for attr in [None, *sorted(dir(mod))]:
+            obj = mod if attr is None else getattr(mod, attr)
+            doc = getattr(obj, "__doc__", None)
+            if attr and attr.startswith("_") or not isinstance(doc, str) or len(doc.split()) < 30:
+                continue
+            docs.append({"id": f"{name}.{attr}" if attr else name, "text": doc, "source": name,
+                         "meta": {"module": name, "kind": "module" if attr is None else "member"}})
+            if len(docs) >= n:
+                return docs
+    return docs
+
+
+def tiny_run_dir(path, n_docs=40):
+    """A run directory as the earlier steps leave it: tokenizer/, pretrain/final/, dedup/docs.jsonl."""
+    import json
+    tok = tiny_tokenizer()
+    (path / "tokenizer").mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer" / "tokenizer.json"))
+    save_model(tiny_model(tok.get_vocab_size()), path / "pretrain" / "final",
+               tokenizer_path=path / "tokenizer" / "tokenizer.json")
+    (path / "dedup").mkdir(parents=True, exist_ok=True)
+    with open(path / "dedup" / "docs.jsonl", "w") as f:
+        for d in stdlib_docs(n_docs):
+            f.write(json.dumps(d) + "\n")
+    return path

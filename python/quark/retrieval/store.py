@@ -27,7 +27,7 @@ import re
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -81,13 +81,14 @@ class Hit:
 class Store:
     """Documents -> chunks -> (FTS5, dense index), kept in sync. Thread-safe (one lock)."""
 
-    def __init__(self, path, embedder, tokenizer=None, chunk_tokens=128, chunk_overlap=32,
+    def __init__(self, path, embedder, tokenizer=None, chunk_tokens=128, chunk_overlap=32, max_chunks_per_doc=None,
                  index_kind="hnsw", autosave=True, exact_filter_limit=20_000):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.embedder = embedder
         self.tokenizer = tokenizer
         self.chunk_tokens, self.chunk_overlap = chunk_tokens, chunk_overlap
+        self.max_chunks_per_doc = max_chunks_per_doc   # long documents keep their first chunks only
         self.index_kind = index_kind
         self.autosave = autosave
         self.exact_filter_limit = exact_filter_limit   # filtered dense search brute-forces up to this many
@@ -102,6 +103,20 @@ class Store:
         self.dirty = False
 
     # ----------------------------------------------------------------- state and dense persistence
+    @staticmethod
+    def saved_settings(path):
+        """The settings a store directory was built with ({} when there is none), without opening it."""
+        db_path = Path(path) / "store.sqlite"
+        if not db_path.exists():
+            return {}
+        db = sqlite3.connect(str(db_path))
+        try:
+            return {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM state")}
+        except sqlite3.DatabaseError:
+            return {}
+        finally:
+            db.close()
+
     def _get(self, key, default=None):
         row = self.db.execute("SELECT value FROM state WHERE key=?", (key,)).fetchone()
         return json.loads(row[0]) if row else default
@@ -115,7 +130,7 @@ class Store:
 
     def _check_state(self):
         want = {"embedder": self.embedder.name, "dim": int(self.embedder.dim),
-                "chunking": [self.chunk_tokens, self.chunk_overlap]}
+                "chunking": [self.chunk_tokens, self.chunk_overlap, self.max_chunks_per_doc]}
         have = {k: self._get(k) for k in want}
         if all(v is None for v in have.values()):
             with self.db:
@@ -221,7 +236,8 @@ class Store:
                         stats["unchanged"] += 1
                     continue
                 stats["updated" if old else "added"] += 1
-                changed.append((d, h, chunk_text(d["text"], self.tokenizer, self.chunk_tokens, self.chunk_overlap)))
+                chunks = chunk_text(d["text"], self.tokenizer, self.chunk_tokens, self.chunk_overlap)
+                changed.append((d, h, chunks[: self.max_chunks_per_doc]))
             texts = [c.text for _, _, chunks in changed for c in chunks]
             vecs = self.embedder.embed(texts) if texts else np.zeros((0, self.embedder.dim), np.float32)
             if not changed and not meta_only:
@@ -459,3 +475,118 @@ def _remove(path):
         path.rmdir()
     else:
         path.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------- pipeline step `index`
+@dataclass
+class IndexConfig:
+    max_docs: int = 400              # documents indexed (a seeded sample of dedup/docs.jsonl); 0 = all
+    max_chunks_per_doc: int = 8      # long documents keep their first chunks
+    chunk_tokens: int = 128
+    chunk_overlap: int = 32
+    embedder: str = "model"          # "model": the run's latest model; "minilm": all-MiniLM-L6-v2 if installed
+    index_kind: str = "hnsw"         # quark.search.Index kind: "hnsw" or "flat"
+    batch_docs: int = 64             # documents per SQLite transaction
+    seed: int = 0
+
+
+def validate_config(cfg):
+    c = from_dict(IndexConfig, cfg, "index")
+    if c.embedder not in ("model", "minilm"):
+        raise ConfigError(f"index.embedder: must be 'model' or 'minilm', got {c.embedder!r}")
+    if c.index_kind not in ("hnsw", "flat"):
+        raise ConfigError(f"index.index_kind: must be 'hnsw' or 'flat', got {c.index_kind!r}")
+    if c.chunk_tokens < 8 or not 0 <= c.chunk_overlap < c.chunk_tokens:
+        raise ConfigError(f"index.chunk_overlap: need chunk_tokens >= 8 and 0 <= chunk_overlap < chunk_tokens, "
+                          f"got {c.chunk_tokens} / {c.chunk_overlap}")
+    if c.max_docs < 0 or c.max_chunks_per_doc < 1 or c.batch_docs < 1:
+        raise ConfigError("index.max_docs must be >= 0, max_chunks_per_doc and batch_docs >= 1")
+    return c
+
+
+def run_embedder(run_dir, kind="model"):
+    """The embedder a run's retrieval uses: its latest model (with the run's tokenizer), or MiniLM."""
+    if kind == "minilm":
+        from quark.retrieval.embed import SentenceTransformerEmbedder
+        return SentenceTransformerEmbedder()
+    from quark.model.io import latest_model_dir
+    from quark.retrieval.embed import QuarkEmbedder
+    model_dir = latest_model_dir(run_dir)
+    tok_path = Path(run_dir) / "tokenizer" / "tokenizer.json"
+    return QuarkEmbedder.from_dir(model_dir, tok_path if tok_path.exists() else None)
+
+
+def run_tokenizer(run_dir):
+    from tokenizers import Tokenizer
+    path = Path(run_dir) / "tokenizer" / "tokenizer.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run the tokenizer step first")
+    return Tokenizer.from_file(str(path))
+
+
+def open_run_store(run_dir, autosave=True):
+    """The store of run_dir/index/, opened with the settings the index step built it with."""
+    path = Path(run_dir) / "index" / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run the index step first (`quark run --only index`)")
+    c = from_dict(IndexConfig, json.loads(path.read_text()), str(path))
+    return Store(Path(run_dir) / "index", run_embedder(run_dir, c.embedder), run_tokenizer(run_dir),
+                 c.chunk_tokens, c.chunk_overlap, c.max_chunks_per_doc, c.index_kind, autosave=autosave)
+
+
+def _select_docs(path, max_docs, seed):
+    import hashlib
+
+    from quark.io import read_jsonl
+    docs = []
+    for n, rec in read_jsonl(path):
+        if not isinstance(rec, dict) or not isinstance(rec.get("id"), str) or not isinstance(rec.get("text"), str):
+            raise ValueError(f"{path}:{n}: expected a record with string 'id' and 'text'")
+        if rec["text"].strip():
+            docs.append({"id": rec["id"], "text": rec["text"], "source": rec.get("source"),
+                         "meta": rec.get("meta") if isinstance(rec.get("meta"), dict) else {}})
+    if max_docs and len(docs) > max_docs:   # a seeded sample that is stable as the corpus grows
+        key = lambda d: hashlib.sha256(f"{seed}:{d['id']}".encode()).digest()
+        docs = sorted(docs, key=key)[:max_docs]
+    return docs
+
+
+def run_step(run_dir, cfg):
+    from tqdm import tqdm
+
+    from quark.retrieval.embed import CachedEmbedder
+    c = validate_config(cfg)
+    run_dir = Path(run_dir)
+    src = run_dir / "dedup" / "docs.jsonl"
+    if not src.exists():
+        raise FileNotFoundError(f"{src} is missing: run the dedup step first")
+    out = run_dir / "index"
+    t0 = time.time()
+    embedder = CachedEmbedder(run_embedder(run_dir, c.embedder), out / "embed_cache.sqlite")
+    built = Store.saved_settings(out)
+    want_chunking = [c.chunk_tokens, c.chunk_overlap, c.max_chunks_per_doc]
+    if built and (built.get("embedder") != embedder.name or built.get("chunking") != want_chunking):
+        for p in [out / "store.sqlite", out / "store.sqlite-wal", out / "store.sqlite-shm", out / "dense.json",
+                  *out.glob("dense-*")]:
+            _remove(p)   # another model or chunking: start over (the embedding cache stays valid)
+    docs = _select_docs(src, c.max_docs, c.seed)
+    store = Store(out, embedder, run_tokenizer(run_dir), c.chunk_tokens, c.chunk_overlap, c.max_chunks_per_doc,
+                  c.index_kind, autosave=False)
+    totals = {"added": 0, "updated": 0, "unchanged": 0, "chunks": 0}
+    keep = {d["id"] for d in docs}
+    removed = store.delete([i for i in store.doc_hashes() if i not in keep])
+    with tqdm(total=len(docs), desc="index", unit="doc") as bar:
+        for b in range(0, len(docs), c.batch_docs):
+            part = docs[b:b + c.batch_docs]
+            for k, v in store.upsert(part).items():
+                totals[k] += v
+            bar.update(len(part))
+    store.flush()
+    atomic_write_json(out / "config.json", asdict(c))
+    stats = {**totals, "removed": removed, "docs": store.num_docs(), "chunks_total": len(store),
+             "embedder": embedder.name, "dim": int(embedder.dim), "cache_hits": embedder.hits,
+             "embedded": embedder.misses, "consistent": store.check()["consistent"],
+             "seconds": round(time.time() - t0, 2)}
+    store.close()
+    embedder.close()
+    return stats
