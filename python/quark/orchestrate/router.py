@@ -1,0 +1,118 @@
+"""Router: send a request to one of the registered models / pipelines by intent, cost and latency
+budget, falling back down the list when a route fails or overruns.
+
+A Route serves some intents ("*" serves any, "unknown" the requests the classifier cannot place),
+has a cost per call and an expected latency, and a quality rank. For a request the router
+classifies the intent, keeps the routes that serve it and fit the budget (cost <= max_cost, expected
+latency <= max_latency_ms), orders them best quality first (a route named for the intent before a "*"
+one), then cheapest, and calls them in turn: a
+route that raises, returns after its deadline or returns nothing hands over to the next. Expected
+latency is learned online (exponential moving average of observed latencies), so a route that has
+become slow drops out of tight budgets by itself. When no route fits the budget, the cheapest route
+that serves the intent is tried rather than failing outright (reported as `over_budget`).
+"""
+import concurrent.futures as cf
+import time
+from dataclasses import dataclass, field
+
+from quark.orchestrate.intent import UNKNOWN
+
+
+@dataclass
+class Route:
+    name: str
+    handler: object                       # handler(text) -> str (a model, a RAG pipeline, a tool chain ...)
+    intents: list = field(default_factory=lambda: ["*"])
+    cost: float = 0.0                     # per call, any unit shared by all routes (e.g. cents, FLOPs)
+    latency_ms: float = 100.0             # expected; updated from observations
+    quality: float = 0.0                  # larger is preferred
+    calls: int = 0
+    failures: int = 0
+
+    def serves(self, intent):
+        if intent == UNKNOWN:   # "*" routes take unknown requests only when no route claims them
+            return UNKNOWN in self.intents
+        return intent in self.intents or "*" in self.intents
+
+
+@dataclass
+class Decision:
+    text: str
+    intent: str
+    confidence: float
+    route: str = None                     # the route that answered (None: all failed)
+    output: str = None
+    tried: list = field(default_factory=list)   # [(route, "ok" | error)]
+    over_budget: bool = False
+    seconds: float = 0.0
+
+
+class Router:
+    def __init__(self, classifier=None, routes=(), ewma=0.3, max_workers=4):
+        self.classifier = classifier
+        self.routes = {}
+        self.ewma = ewma
+        self.pool = cf.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="route")
+        for r in routes:
+            self.add(r)
+
+    def add(self, route):
+        if route.name in self.routes:
+            raise ValueError(f"route {route.name!r} is already registered")
+        self.routes[route.name] = route
+        return route
+
+    def candidates(self, intent, max_cost=None, max_latency_ms=None):
+        """Routes for `intent` in the order they will be tried -> (routes, over_budget)."""
+        serving = [r for r in self.routes.values() if r.serves(intent)]
+        if intent == UNKNOWN and not serving:
+            serving = [r for r in self.routes.values() if "*" in r.intents]
+        fit = [r for r in serving if (max_cost is None or r.cost <= max_cost)
+               and (max_latency_ms is None or r.latency_ms <= max_latency_ms)]
+        if fit:
+            # Best quality first; at equal quality a route made for the intent beats a generalist ("*").
+            return sorted(fit, key=lambda r: (-r.quality, "*" in r.intents, r.cost, r.latency_ms)), False
+        return sorted(serving, key=lambda r: (r.cost, "*" in r.intents, r.latency_ms))[:1], True
+
+    def classify(self, text):
+        if self.classifier is None:
+            return UNKNOWN, 0.0
+        p = self.classifier.predict([text])[0]
+        return p.intent, p.confidence
+
+    def route(self, text, max_cost=None, max_latency_ms=None, intent=None):
+        t0 = time.perf_counter()
+        conf = 1.0
+        if intent is None:
+            intent, conf = self.classify(text)
+        routes, over = self.candidates(intent, max_cost, max_latency_ms)
+        d = Decision(text, intent, conf, over_budget=over)
+        for r in routes:
+            deadline = None if max_latency_ms is None else max_latency_ms / 1e3
+            s = time.perf_counter()
+            fut = self.pool.submit(r.handler, text)
+            try:
+                out = fut.result(timeout=deadline)
+                err = None if isinstance(out, str) and out.strip() else "empty output"
+            except cf.TimeoutError:
+                out, err = None, f"timed out after {max_latency_ms} ms"   # the call finishes in the background
+            except Exception as e:   # a failing route is a reason to fall back, not to fail the request
+                out, err = None, f"{type(e).__name__}: {e}"
+            ms = (time.perf_counter() - s) * 1e3
+            r.calls += 1
+            r.latency_ms = (1 - self.ewma) * r.latency_ms + self.ewma * ms
+            if err is None:
+                d.route, d.output = r.name, out
+                d.tried.append((r.name, "ok"))
+                break
+            r.failures += 1
+            d.tried.append((r.name, err))
+        d.seconds = time.perf_counter() - t0
+        return d
+
+    def stats(self):
+        return {n: {"calls": r.calls, "failures": r.failures, "latency_ms": round(r.latency_ms, 2), "cost": r.cost}
+                for n, r in self.routes.items()}
+
+    def close(self):
+        self.pool.shutdown(wait=False, cancel_futures=True)
