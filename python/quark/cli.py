@@ -9,6 +9,10 @@ import sys
 COMMANDS = {
     "info": ("quark._runtime", "version, CPU features, kernel dispatch paths, threads, GPU stack"),
     "run": ("quark.pipeline", "run a recipe end to end (default: the embedded default recipe)"),
+    "index": ("quark.retrieval.store", "build a run's hybrid index (SQLite FTS5 + vectors), or search it"),
+    "rag": ("quark.retrieval.rag", "answer a question from a run's index with cited sources, or evaluate RAG"),
+    "route": ("quark.orchestrate.router", "classify a request's intent and route it to a model or pipeline"),
+    "agent": ("quark.orchestrate.agent", "run an agent (the run's chat model + tools) on a task"),
 }
 
 

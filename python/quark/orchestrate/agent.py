@@ -249,3 +249,50 @@ class Coordinator:
         for t in threads:
             t.join()
         return {"log": log, "counts": self.board.counts(), "seconds": round(time.monotonic() - t0, 3)}
+
+
+# ------------------------------------------------------------------------------ CLI `quark agent`
+def configure_parser(parser):
+    parser.add_argument("run_dir", help="run directory (its chat model is the policy; index/ gives a search tool)")
+    parser.add_argument("task", help="what the agent should do")
+    parser.add_argument("--api", action="append", default=[], metavar="NAME=URL",
+                        help="expose an HTTP JSON API as a tool (GET, query-string arguments; host allow-listed)")
+    parser.add_argument("--max-steps", type=int, default=6)
+    parser.add_argument("--max-seconds", type=float, default=120.0)
+    parser.add_argument("--max-new-tokens", type=int, default=96)
+
+
+def run_cli(args):
+    from quark.model.io import latest_model_dir, load_model
+    from quark.retrieval.rag import ModelGenerator
+    from quark.retrieval.tools import register_http_api
+    try:
+        reg = ToolRegistry()
+        tokenizer = None
+        if (Path(args.run_dir) / "index" / "config.json").exists():
+            from quark.retrieval.store import open_run_store
+            store = open_run_store(args.run_dir)
+            tokenizer = store.tokenizer
+            reg.register("search", "search the run's document index; returns the top passages",
+                         {"type": "object", "properties": {"query": {"type": "string", "minLength": 1},
+                                                           "k": {"type": "integer", "minimum": 1, "maximum": 10}},
+                          "required": ["query"], "additionalProperties": False},
+                         lambda query, k=3: [{"doc": h.doc_id, "text": h.text[:400]} for h in store.search(query, k=k)])
+        for spec in args.api:
+            name, _, url = spec.partition("=")
+            if not url:
+                raise ValueError(f"--api {spec!r}: expected NAME=URL")
+            register_http_api(reg, name, f"HTTP API at {url}", {"type": "object"}, url)
+        if tokenizer is None:
+            from quark.retrieval.store import run_tokenizer
+            tokenizer = run_tokenizer(args.run_dir)
+        policy = ModelGenerator(load_model(latest_model_dir(args.run_dir)), tokenizer, args.max_new_tokens)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}")
+        return 2
+    run = Agent("cli", policy, reg, max_steps=args.max_steps, max_seconds=args.max_seconds).run(args.task)
+    for m in run.messages[1 if run.messages[0]["role"] == "system" else 0:]:
+        print(f"<{m['role']}> {m['content']}")
+    print(json.dumps({"answer": run.answer, "error": run.error, "steps": run.steps, "tool_calls": run.tool_calls,
+                      "seconds": round(run.seconds, 2)}))
+    return 0 if run.error is None else 1

@@ -116,3 +116,53 @@ class Router:
 
     def close(self):
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+# ------------------------------------------------------------------------------ CLI `quark route`
+def run_routes(run_dir, max_new_tokens=64):
+    """The routes a run offers: RAG over its index for questions and searches, its chat model for the
+    rest, and a clarifying reply for requests the classifier cannot place."""
+    from quark.model.io import latest_model_dir, load_model
+    from quark.retrieval.rag import RAG, ExtractiveGenerator, ModelGenerator
+    from quark.retrieval.store import open_run_store
+    store = open_run_store(run_dir)
+    model = load_model(latest_model_dir(run_dir))
+    chat = ModelGenerator(model, store.tokenizer, max_new_tokens)
+    rag = RAG(store, ExtractiveGenerator(), k=4)
+    return [Route("rag", lambda t: rag.answer(t).text, ["question", "search"], cost=1.0, latency_ms=50.0, quality=1.0),
+            Route("chat", lambda t: chat([{"role": "user", "content": t}]), ["*"], cost=5.0, latency_ms=2000.0),
+            Route("clarify", lambda t: "I am not sure what you need. Could you rephrase?", [UNKNOWN], latency_ms=1.0)]
+
+
+def configure_parser(parser):
+    parser.add_argument("text", help="the request to route")
+    parser.add_argument("--run-dir", required=True, help="run directory (index/ and a model)")
+    parser.add_argument("--intents", required=True,
+                        help='JSONL of {"text", "intent"} training examples (intent "unknown" = out of scope); '
+                             'route names: question/search -> rag, anything else -> chat')
+    parser.add_argument("--max-cost", type=float, default=None)
+    parser.add_argument("--max-latency-ms", type=float, default=None)
+
+
+def run_cli(args):
+    import json
+
+    from quark.io import read_jsonl
+    from quark.orchestrate.intent import IntentClassifier
+    from quark.retrieval.embed import HashingEmbedder
+    try:
+        rows = [rec for _, rec in read_jsonl(args.intents)]
+        if not all(isinstance(r, dict) and isinstance(r.get("text"), str) and isinstance(r.get("intent"), str) for r in rows):
+            raise ValueError(f"{args.intents}: every line needs string 'text' and 'intent'")
+        clf = IntentClassifier(HashingEmbedder())
+        report = clf.fit([r["text"] for r in rows], [r["intent"] for r in rows])
+        router = Router(clf, run_routes(args.run_dir))
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}")
+        return 2
+    d = router.route(args.text, args.max_cost, args.max_latency_ms)
+    router.close()
+    print(json.dumps({"intent": d.intent, "confidence": round(d.confidence, 4), "route": d.route, "output": d.output,
+                      "tried": d.tried, "over_budget": d.over_budget, "seconds": round(d.seconds, 3),
+                      "classifier": report}, indent=1))
+    return 0 if d.route else 1

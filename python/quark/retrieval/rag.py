@@ -283,3 +283,42 @@ def run_step(run_dir, cfg):
             "model_answer_contains_source": metrics.get("model", {}).get("answer_contains_source"),
             "seconds": metrics["seconds"]}
 
+
+
+# ------------------------------------------------------------------------------ CLI `quark rag`
+def configure_parser(parser):
+    parser.add_argument("run_dir", help="run directory with index/ and a model")
+    parser.add_argument("question", nargs="?", default=None, help="question to answer (omit with --eval)")
+    parser.add_argument("-k", type=int, default=4, help="sources in the prompt")
+    parser.add_argument("--extractive", action="store_true", help="answer with the best source sentence (no model)")
+    parser.add_argument("--rerank", action="store_true", help="query-likelihood re-ranking with the run's model")
+    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--filter", default=None, help="metadata filter as JSON")
+    parser.add_argument("--eval", action="store_true", help="run the evaluation (the pipeline step) and print its stats")
+
+
+def run_cli(args):
+    from quark.model.io import latest_model_dir, load_model
+    from quark.retrieval.store import open_run_store
+    try:
+        if args.eval:
+            print(json.dumps(run_step(Path(args.run_dir), {"seed": 0}), indent=1))
+            return 0
+        if not args.question:
+            print("error: give a question, or --eval")
+            return 2
+        store = open_run_store(args.run_dir)
+        model = load_model(latest_model_dir(args.run_dir)) if not args.extractive or args.rerank else None
+        gen = ExtractiveGenerator() if args.extractive else ModelGenerator(model, store.tokenizer, args.max_new_tokens)
+        rr = LikelihoodReranker(model, store.tokenizer) if args.rerank else None
+        a = RAG(store, gen, rr, k=args.k).answer(args.question, json.loads(args.filter) if args.filter else None)
+    except (FileNotFoundError, ValueError, ConfigError) as e:
+        print(f"error: {e}")
+        return 2
+    print(a.text)
+    print("\nSources:")
+    for n, h in enumerate(a.sources, 1):
+        mark = "*" if n in a.citations else " "
+        print(f"{mark}[{n}] {h.doc_id} ({h.source}): {' '.join(h.text.split())[:160]}")
+    store.close()
+    return 0

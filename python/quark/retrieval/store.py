@@ -590,3 +590,37 @@ def run_step(run_dir, cfg):
     store.close()
     embedder.close()
     return stats
+
+
+# ------------------------------------------------------------------------------ CLI `quark index`
+def configure_parser(parser):
+    parser.add_argument("run_dir", help="run directory (reads dedup/docs.jsonl, writes index/)")
+    parser.add_argument("--query", default=None, help="search the built index instead of building it")
+    parser.add_argument("-k", type=int, default=5, help="results to show")
+    parser.add_argument("--mode", choices=("hybrid", "bm25", "dense"), default="hybrid")
+    parser.add_argument("--filter", default=None, help='metadata filter as JSON, e.g. \'{"source": "pydoc"}\'')
+    parser.add_argument("--max-docs", type=int, default=None, help="documents to index (0 = all)")
+    parser.add_argument("--embedder", choices=("model", "minilm"), default=None)
+
+
+def run_cli(args):
+    if args.query is None:
+        cfg = {k: v for k, v in {"max_docs": args.max_docs, "embedder": args.embedder}.items() if v is not None}
+        try:
+            print(json.dumps(run_step(Path(args.run_dir), cfg), indent=1))
+        except (ConfigError, FileNotFoundError, ValueError) as e:
+            print(f"error: {e}")
+            return 2
+        return 0
+    try:
+        filt = json.loads(args.filter) if args.filter else None
+        store = open_run_store(args.run_dir)
+        hits = store.search(args.query, k=args.k, mode=args.mode, filter=filt)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}")
+        return 2
+    for n, h in enumerate(hits, 1):
+        text = " ".join(h.text.split())
+        print(f"[{n}] {h.score:.4f} {h.doc_id} ({h.source}) ranks={h.ranks}\n    {text[:200]}")
+    store.close()
+    return 0
