@@ -6,6 +6,7 @@ NB_MODULE(_C, m) {
   m.doc() = "Quark compiled core: CPU kernels with runtime SIMD dispatch (and optional CUDA)";
   quark::py::bind_runtime(m);
   quark::py::bind_distance(m);
+  quark::py::bind_search(m);
 #ifdef QUARK_WITH_CUDA
   quark::py::bind_cuda(m);
 #endif

@@ -27,6 +27,7 @@ inline void check(bool ok, const std::string& msg) {
 // Registration hooks, one per kernel family (csrc/bindings/<family>.cpp).
 void bind_runtime(nb::module_& m);
 void bind_distance(nb::module_& m);
+void bind_search(nb::module_& m);
 #ifdef QUARK_WITH_CUDA
 void bind_cuda(nb::module_& m);
 #endif
