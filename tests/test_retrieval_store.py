@@ -81,9 +81,9 @@ def test_update_delete_keep_fts_and_dense_in_sync(tmp_path, embedder, tok):
         assert all(h.doc_id not in ("weather", "cooking") for h in st.search("bread frost", k=20))
 
 
-@pytest.mark.parametrize("exact_limit", [20_000, 0])   # exact over the allowed set / over-fetch from the index
-def test_metadata_filters(tmp_path, embedder, tok, exact_limit):
-    with open_store(tmp_path / "s", embedder, tok, exact_filter_limit=exact_limit) as st:
+@pytest.mark.parametrize("kind", ["hnsw", "flat"])
+def test_metadata_filters(tmp_path, embedder, tok, kind):
+    with open_store(tmp_path / "s", embedder, tok, index_kind=kind) as st:
         st.upsert(docs())
         for mode in ("bm25", "dense", "hybrid"):
             hits = st.search("database graph tokens bread", k=50, mode=mode, filter={"source": "web"})

@@ -14,15 +14,14 @@ repairs the index by diffing its saved ids against the chunk table (remove delet
 ones from their stored vectors), so both sides always agree. Chunk ids come from AUTOINCREMENT and
 are never reused, which is what makes the id diff sound.
 
-Search: BM25 through FTS5, dense k-NN through the index (metadata filters applied exactly: small
-allowed sets are searched brute force, larger ones by over-fetching from the index), and hybrid
+Search: BM25 through FTS5, dense k-NN through the index (a metadata filter becomes the set of allowed
+chunk ids, which the index honours exactly, scanning them directly when they are few), and hybrid
 reciprocal-rank fusion of the two (Cormack, Clarke & Buettcher 2009: score = sum 1 / (k + rank)).
 
 Pipeline step `index`: builds run_dir/index/ from run_dir/dedup/docs.jsonl with embeddings from the
 run's latest model, resuming by document hash (unchanged documents are not re-embedded).
 """
 import json
-import os
 import re
 import sqlite3
 import threading
@@ -33,15 +32,10 @@ from pathlib import Path
 import numpy as np
 
 from quark.config import ConfigError, from_dict
-from quark.io import atomic_write_json
-from quark.ops import pairwise_distance
+from quark.io import atomic_open, atomic_write_json
 from quark.retrieval.chunk import chunk_text
 from quark.retrieval.embed import content_hash
-
-try:
-    from quark.search import Index
-except ImportError:   # until quark.search lands (branch i5-search): exact search with the same API
-    from quark.retrieval._flat_index import FlatIndex as Index
+from quark.search import Index
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS docs (
@@ -82,7 +76,7 @@ class Store:
     """Documents -> chunks -> (FTS5, dense index), kept in sync. Thread-safe (one lock)."""
 
     def __init__(self, path, embedder, tokenizer=None, chunk_tokens=128, chunk_overlap=32, max_chunks_per_doc=None,
-                 index_kind="hnsw", autosave=True, exact_filter_limit=20_000):
+                 index_kind="hnsw", autosave=True):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.embedder = embedder
@@ -91,7 +85,6 @@ class Store:
         self.max_chunks_per_doc = max_chunks_per_doc   # long documents keep their first chunks only
         self.index_kind = index_kind
         self.autosave = autosave
-        self.exact_filter_limit = exact_filter_limit   # filtered dense search brute-forces up to this many
         self.lock = threading.RLock()
         self.db = sqlite3.connect(str(self.path / "store.sqlite"), check_same_thread=False, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
@@ -185,12 +178,9 @@ class Store:
         """Write the index under a generation-specific name, then switch dense.json to it."""
         ids = np.asarray(sorted(r[0] for r in self.db.execute("SELECT id FROM chunks")), np.int64)
         name = f"dense-{gen}-{time.time_ns()}"
-        dense.save(str(self.path / f"{name}.index"))
-        with open(self.path / f"{name}.ids.npy", "wb") as f:
+        dense.save(str(self.path / f"{name}.index"))    # atomic and fsynced by quark.search
+        with atomic_open(self.path / f"{name}.ids.npy") as f:
             np.save(f, ids)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_tree(self.path / f"{name}.index")
         self._commit_pointer({"generation": gen, "index": f"{name}.index", "ids": f"{name}.ids.npy", "n": len(ids)})
         for old in self.path.glob("dense-*"):      # earlier generations are unreachable now
             if not old.name.startswith(name):
@@ -378,37 +368,15 @@ class Store:
             n = len(self.dense)
             if n == 0 or k <= 0:
                 return []
-            if filter:
+            allowed = None
+            if filter:   # the allowed chunk ids go to the index, which scans them exactly when few
                 where, params = self._filter_sql(filter)
-                sql = f"SELECT c.id FROM chunks c JOIN docs d ON d.id = c.doc_id WHERE 1=1{where} LIMIT ?"
-                allowed = [r[0] for r in self.db.execute(sql, [*params, self.exact_filter_limit + 1])]
-                if len(allowed) <= self.exact_filter_limit:   # exact over the allowed set
-                    if not allowed:
-                        return []
-                    dist = pairwise_distance(q, self._vectors(allowed), "ip")[0]
-                    top = np.argsort(dist, kind="stable")[:k]
-                    return [(allowed[i], -float(dist[i])) for i in top]
-                allowed = None   # large allowed set: over-fetch from the index and keep matches
-                fetch = min(n, 4 * k)
-                while True:
-                    dist, ids = self.dense.search(q, fetch)
-                    cand = [(int(i), float(d)) for d, i in zip(dist[0], ids[0]) if i >= 0]
-                    keep = self._matching([c for c, _ in cand], where, params)
-                    hits = [(c, -d) for c, d in cand if c in keep]
-                    if len(hits) >= k or fetch >= n:
-                        return hits[:k]
-                    fetch = min(n, fetch * 4)
-            dist, ids = self.dense.search(q, min(k, n))
+                allowed = np.fromiter((r[0] for r in self.db.execute(
+                    f"SELECT c.id FROM chunks c JOIN docs d ON d.id = c.doc_id WHERE 1=1{where}", params)), np.int64)
+                if len(allowed) == 0:
+                    return []
+            dist, ids = self.dense.search(q, min(k, n), filter=allowed)
             return [(int(i), -float(d)) for d, i in zip(dist[0], ids[0]) if i >= 0]
-
-    def _matching(self, chunk_ids, where, params):
-        keep = set()
-        for b in range(0, len(chunk_ids), 500):
-            part = chunk_ids[b:b + 500]
-            sql = (f"SELECT c.id FROM chunks c JOIN docs d ON d.id = c.doc_id "
-                   f"WHERE c.id IN ({','.join('?' * len(part))}){where}")
-            keep.update(r[0] for r in self.db.execute(sql, [*part, *params]))
-        return keep
 
     def search(self, query, k=10, mode="hybrid", filter=None, candidates=50, rrf_k=60):
         """Top-k chunks for a text query -> [Hit]. mode: "hybrid" (RRF of BM25 and dense), "bm25", "dense"."""
@@ -458,23 +426,8 @@ def _check_doc(d, i):
     return {"id": d["id"], "text": d["text"], "source": d.get("source"), "meta": meta}
 
 
-def _fsync_tree(path):
-    paths = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()] if path.exists() else []
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _remove(path):
-    if path.is_dir():
-        for p in sorted(path.rglob("*"), reverse=True):
-            p.rmdir() if p.is_dir() else p.unlink()
-        path.rmdir()
-    else:
-        path.unlink(missing_ok=True)
+    Path(path).unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------- pipeline step `index`
