@@ -172,3 +172,14 @@ def test_crash_between_sqlite_commit_and_index_write(tmp_path, embedder, tok, in
         q = "Quasars are distant luminous galactic nuclei powered by black holes."
         assert st.search(q, k=1, mode="dense")[0].doc_id == "new"
         assert json.loads((path / "dense.json").read_text())["generation"] == st.generation
+
+
+def test_bm25_drops_terms_in_most_chunks(tmp_path, embedder, tok):
+    with open_store(tmp_path / "s", embedder, tok, max_df=0.2, min_df_cut=2) as st:
+        st.upsert(docs())
+        n_the = st.db.execute("SELECT doc FROM chunks_vocab WHERE term='the'").fetchone()[0]
+        assert n_the > 0.2 * len(st)
+        assert st.search_bm25("the", 10) == []                       # only a near-zero-IDF term: no lexical signal
+        hits = st.search_bm25("the yeast", 10)
+        assert hits and {st._hits([(c, 0)], {})[0].doc_id for c, _ in hits} == {"cooking"}   # "the" ignored
+        assert st.search_bm25("Crème brûlée YEAST", 10)[0][0] == hits[0][0]   # folded like the FTS5 tokenizer

@@ -13,6 +13,7 @@
 Every embedder has .name (identifies the model and its weights), .dim, and
 .embed(texts) -> np.ndarray (n, dim) float32 with unit rows (all-zero for an empty text).
 """
+import functools
 import hashlib
 import importlib.util
 import os
@@ -99,9 +100,15 @@ class HashingEmbedder:
         out = np.zeros((len(texts), self.dim), np.float32)
         for i, t in enumerate(texts):
             for f in self._features(t):
-                h = int.from_bytes(hashlib.blake2b(f.encode(), digest_size=8).digest(), "little")
-                out[i, h % self.dim] += 1.0 if (h >> 63) & 1 else -1.0   # the sign bit cancels collisions on average
+                slot, sign = _feature_slot(f, self.dim)
+                out[i, slot] += sign
         return _normalize(out)
+
+
+@functools.lru_cache(maxsize=1 << 18)
+def _feature_slot(feature, dim):
+    h = int.from_bytes(hashlib.blake2b(feature.encode(), digest_size=8).digest(), "little")
+    return h % dim, (1.0 if (h >> 63) & 1 else -1.0)   # the sign bit cancels collisions on average
 
 
 class SentenceTransformerEmbedder:
