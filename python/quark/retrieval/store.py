@@ -400,8 +400,9 @@ class Store:
             dist, ids = self.dense.search(q, min(k, n), filter=allowed)
             return [(int(i), -float(d)) for d, i in zip(dist[0], ids[0]) if i >= 0]
 
-    def search(self, query, k=10, mode="hybrid", filter=None, candidates=50, rrf_k=60):
-        """Top-k chunks for a text query -> [Hit]. mode: "hybrid" (RRF of BM25 and dense), "bm25", "dense"."""
+    def search(self, query, k=10, mode="hybrid", filter=None, candidates=50, rrf_k=60, query_vec=None):
+        """Top-k chunks for a text query -> [Hit]. mode: "hybrid" (RRF of BM25 and dense), "bm25", "dense".
+        query_vec: the query's embedding when the caller has it already (batched evaluation)."""
         if mode not in ("hybrid", "bm25", "dense"):
             raise ValueError(f"mode must be 'hybrid', 'bm25' or 'dense', got {mode!r}")
         n_cand = max(k, candidates)
@@ -409,7 +410,7 @@ class Store:
         if mode in ("hybrid", "bm25"):
             ranked["bm25"] = self.search_bm25(query, n_cand if mode == "hybrid" else k, filter)
         if mode in ("hybrid", "dense"):
-            qv = self.embedder.embed([query])[0]
+            qv = self.embedder.embed([query])[0] if query_vec is None else np.asarray(query_vec, np.float32)
             ranked["dense"] = self.search_dense(qv, n_cand if mode == "hybrid" else k, filter) if qv.any() else []
         if mode != "hybrid":
             scored = {cid: s for cid, s in ranked[mode]}
