@@ -125,8 +125,9 @@ class SentenceTransformerEmbedder:
             model_path = get_model_path()
         self.model = SentenceTransformer(str(model_path), device=device)
         self.batch_size = batch_size
-        self.dim = self.model.get_sentence_embedding_dimension()
-        self.name = f"st:{Path(model_path).name}"
+        dim_of = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        self.dim = dim_of()   # renamed in sentence-transformers 5
+        self.name = "st:" + "/".join(Path(model_path).parts[-2:])
 
     @staticmethod
     def available(model_path=None):
