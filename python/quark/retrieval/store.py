@@ -100,6 +100,7 @@ class Store:
         self._check_state()
         self.dense = self._open_dense()
         self.dirty = False
+        self.tombstones = 0             # rows removed from the index since it was last built or compacted
 
     # ----------------------------------------------------------------- state and dense persistence
     @staticmethod
@@ -285,6 +286,11 @@ class Store:
     def _apply_dense(self, removed, added, vecs):
         if removed:
             self.dense.remove(np.asarray(removed, np.int64))
+            # Removed rows stay in the HNSW graph as tombstones; rebuild once they are a quarter of it.
+            self.tombstones += len(removed)
+            if self.tombstones > 0.25 * max(len(self.dense), 1):
+                self.dense.compact()
+                self.tombstones = 0
         if added:
             self.dense.add(np.ascontiguousarray(vecs, np.float32), np.asarray(added, np.int64))
         self.dirty = True
