@@ -9,6 +9,7 @@ NB_MODULE(_C, m) {
   quark::py::bind_attention(m);
   quark::py::bind_text(m);
   quark::py::bind_quant(m);
+  quark::py::bind_search(m);
 #ifdef QUARK_WITH_CUDA
   quark::py::bind_cuda(m);
 #endif

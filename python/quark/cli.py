@@ -26,6 +26,10 @@ COMMANDS = {
     "chat": ("quark.serve.repl", "chat with a model in the terminal, streaming replies"),
     "serve": ("quark.serve.server", "OpenAI-compatible API server with a chat and training-runs web UI"),
     "quantize": ("quark.optimize.quantize", "quantize a model's Linear layers (int8 / int4 / w8a8) and save it"),
+    "index": ("quark.retrieval.store", "build a run's hybrid index (SQLite FTS5 + vectors), or search it"),
+    "rag": ("quark.retrieval.rag", "answer a question from a run's index with cited sources, or evaluate RAG"),
+    "route": ("quark.orchestrate.router", "classify a request's intent and route it to a model or pipeline"),
+    "agent": ("quark.orchestrate.agent", "run an agent (the run's chat model + tools) on a task"),
 }
 
 

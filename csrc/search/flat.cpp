@@ -1,0 +1,96 @@
+// Exact search: the foundation's blocked pairwise_distance kernel on (query tile x row block)
+// pieces, each followed by a top-k heap update per query.
+//
+// Work items are (query tile, stripe of row blocks). Many queries: one stripe, threads take tiles.
+// Few queries: the rows are cut into stripes so every thread still has work, and the per-stripe
+// top-k lists are merged at the end. Each item calls pairwise_distance from inside the parallel
+// region, where OpenMP runs it on the calling thread only (nested regions are inactive).
+#include <algorithm>
+#include <cmath>
+
+#include "common/threading.h"
+#include "search/index.h"
+
+namespace quark {
+
+namespace {
+constexpr int64_t kTile = 128;   // queries per item: the (kTile, kBlock) distance buffer is 512 KiB, L2-sized
+constexpr int64_t kBlock = 1024; // rows per pairwise_distance call
+inline bool nearer(const Cand& a, const Cand& b) { return a.d < b.d; }
+}  // namespace
+
+void VectorIndex::search_flat(const float* q, int64_t nq, int64_t k, const uint8_t* allow, int64_t allow_len,
+                              int64_t n, float* dist, int64_t* ids) {
+  const int64_t d = cfg_.dim;
+  const bool cosine = cfg_.metric == Metric::cosine;
+  const bool has_deleted = removed_.load(std::memory_order_acquire) > 0;
+  std::vector<float> qn;
+  if (cosine) {  // rows are stored normalised; normalise the queries and rank by -dot
+    qn.assign(q, q + nq * d);
+    for (int64_t i = 0; i < nq; ++i) {
+      double s = 0;
+      for (int64_t j = 0; j < d; ++j) s += double(qn[i * d + j]) * qn[i * d + j];
+      const float inv = s > 0 ? static_cast<float>(1.0 / std::sqrt(s)) : 0.f;
+      for (int64_t j = 0; j < d; ++j) qn[i * d + j] *= inv;
+    }
+    q = qn.data();
+  }
+  const int threads = num_threads();
+  const int64_t tiles = (nq + kTile - 1) / kTile, blocks = (n + kBlock - 1) / kBlock;
+  const int64_t stripes = std::clamp<int64_t>((2 * threads + tiles - 1) / tiles, 1, blocks);
+  std::vector<Cand> part(static_cast<size_t>(stripes * nq * k), Cand{INFINITY, 0xffffffffu});
+  std::vector<int32_t> filled(static_cast<size_t>(stripes * nq), 0);
+
+#pragma omp parallel num_threads(tiles * stripes > 1 ? threads : 1)
+  {
+    std::vector<float> buf(static_cast<size_t>(kTile * kBlock));
+#pragma omp for collapse(2) schedule(dynamic, 1)
+    for (int64_t t = 0; t < tiles; ++t) {
+      for (int64_t s = 0; s < stripes; ++s) {
+        const int64_t i0 = t * kTile, m = std::min(kTile, nq - i0);
+        for (int64_t b = s * blocks / stripes; b < (s + 1) * blocks / stripes; ++b) {
+          const int64_t j0 = b * kBlock, nb = std::min(kBlock, n - j0);
+          pairwise_distance(DistanceArgs{q + i0 * d, m, vectors_.row(j0), nb, d, inner_, nullptr, buf.data(), kBlock});
+          for (int64_t r = 0; r < m; ++r) {
+            Cand* h = &part[static_cast<size_t>((s * nq + i0 + r) * k)];
+            int32_t& hs = filled[static_cast<size_t>(s * nq + i0 + r)];
+            const float* row = buf.data() + r * kBlock;
+            float thr = hs < k ? INFINITY : h[0].d;
+            for (int64_t j = 0; j < nb; ++j) {
+              if (!(row[j] < thr)) continue;
+              const uint32_t id = static_cast<uint32_t>(j0 + j);
+              if ((allow && (id >= allow_len || !allow[id])) || (has_deleted && is_deleted(id))) continue;
+              if (hs < k) {
+                h[hs++] = {row[j], id};
+                std::push_heap(h, h + hs, nearer);
+              } else {
+                std::pop_heap(h, h + k, nearer);
+                h[k - 1] = {row[j], id};
+                std::push_heap(h, h + k, nearer);
+              }
+              thr = hs < k ? INFINITY : h[0].d;
+            }
+          }
+        }
+      }
+    }
+  }
+
+#pragma omp parallel for num_threads(nq > 64 ? threads : 1) schedule(static)
+  for (int64_t i = 0; i < nq; ++i) {
+    std::vector<Cand> all;
+    all.reserve(static_cast<size_t>(stripes * k));
+    for (int64_t s = 0; s < stripes; ++s) {
+      const Cand* h = &part[static_cast<size_t>((s * nq + i) * k)];
+      all.insert(all.end(), h, h + filled[static_cast<size_t>(s * nq + i)]);
+    }
+    const size_t kk = std::min<size_t>(k, all.size());
+    std::partial_sort(all.begin(), all.begin() + kk, all.end(), nearer);
+    for (size_t j = 0; j < kk; ++j) {
+      dist[i * k + j] = cosine ? 1.f + all[j].d : all[j].d;
+      ids[i * k + j] = *ids_.row(all[j].id);
+    }
+  }
+}
+
+}  // namespace quark

@@ -1,0 +1,1 @@
+"""Continuous improvement: knowledge refresh (more modules join this package from other branches)."""

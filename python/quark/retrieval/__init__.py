@@ -1,0 +1,1 @@
+"""Retrieval: embeddings, chunking, the hybrid SQLite + vector store, RAG and tools."""

@@ -1,0 +1,149 @@
+import json
+import re
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from retrieval_helpers import tiny_model, tiny_tokenizer
+
+from quark.orchestrate.agent import Agent, Coordinator, TaskBoard
+from quark.retrieval.rag import ModelGenerator
+from quark.retrieval.tools import ToolCall, ToolRegistry, register_http_api
+
+FORECAST = {"Oslo": "snow", "Paris": "sun", "Lima": "fog"}
+
+
+class Weather(BaseHTTPRequestHandler):
+    def log_message(self, *a):
+        pass
+
+    def do_GET(self):
+        city = parse_qs(urlsplit(self.path).query)["city"][0]
+        body = json.dumps({"city": city, "forecast": FORECAST.get(city, "unknown")}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture(scope="module")
+def api():
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Weather)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+    srv.server_close()
+
+
+def weather_registry(api):
+    reg = ToolRegistry()
+    register_http_api(reg, "weather", "forecast for a city",
+                      {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+                      api, path="/weather")
+    return reg
+
+
+def weather_policy(messages):
+    """Rule-based policy: call the weather tool for the city in the task, then answer from the result."""
+    last = messages[-1]
+    if last["role"] == "tool":
+        obs = json.loads(last["content"])
+        return f"{obs['result']['city']}: {obs['result']['forecast']}" if "result" in obs else "failed: " + obs["error"]
+    city = re.search(r"weather in (\w+)", last["content"]).group(1)
+    return ToolCall("weather", {"city": city}).to_text()
+
+
+def planner_policy(messages):
+    """Split "compare weather in A and B" into two weather tasks and a summary that depends on them."""
+    if messages[-1]["role"] == "tool":
+        posted = [json.loads(m["content"])["result"]["id"] for m in messages if m["role"] == "tool"]
+        if len(posted) < 3:
+            if len(posted) == 2:
+                return ToolCall("board_post", {"kind": "summary", "payload": "summarise the forecasts",
+                                               "depends_on": posted}).to_text()
+        else:
+            return f"planned tasks {posted}"
+    task = next(m["content"] for m in messages if m["role"] == "user")
+    cities = re.findall(r"[A-Z][a-z]+", task.split("weather in", 1)[1])
+    n_posted = sum(m["role"] == "tool" for m in messages)
+    return ToolCall("board_post", {"kind": "weather", "payload": f"weather in {cities[n_posted]}"}).to_text()
+
+
+def summary_policy(messages):
+    found = re.findall(r"(\w+): (\w+)", messages[-1]["content"].split("Results of earlier tasks:", 1)[1])
+    return "; ".join(f"{c} has {f}" for c, f in found if c in FORECAST)
+
+
+def test_agent_loop_calls_the_http_tool(api):
+    run = Agent("w", weather_policy, weather_registry(api)).run("what is the weather in Oslo?")
+    assert run.answer == "Oslo: snow" and run.steps == 2 and run.tool_calls == 1 and run.error is None
+    roles = [m["role"] for m in run.messages]
+    assert roles == ["system", "user", "assistant", "tool", "assistant"]
+    assert '"name": "weather"' in run.messages[0]["content"]
+
+
+def test_agent_limits():
+    reg = ToolRegistry()
+    reg.register("noop", "does nothing", {"type": "object"}, lambda: "ok")
+    looping = Agent("loop", lambda m: ToolCall("noop", {}).to_text(), reg, max_steps=3).run("go")
+    assert looping.answer is None and "step limit" in looping.error and looping.steps == 3
+
+    def slow(messages):
+        time.sleep(0.15)
+        return ToolCall("noop", {}).to_text()
+    timed = Agent("slow", slow, reg, max_steps=100, max_seconds=0.3).run("go")
+    assert "time limit" in timed.error and timed.steps < 100
+    bad = Agent("bad", lambda m: '{"tool": "nope", "arguments": {}}' if len(m) < 3 else "gave up", reg).run("go")
+    assert bad.answer == "gave up" and "unknown tool" in bad.messages[3]["content"]
+
+
+def test_board_claims_each_task_once_across_threads(tmp_path):
+    board = TaskBoard(tmp_path / "board.sqlite")
+    ids = [board.post("job", f"t{i}") for i in range(60)]
+    taken, lock = [], threading.Lock()
+
+    def worker(name):
+        while (t := board.claim(name)) is not None:
+            with lock:
+                taken.append(t.id)
+            board.finish(t.id, result=name)
+
+    threads = [threading.Thread(target=worker, args=(f"a{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(taken) == ids and board.counts()["done"] == 60
+    with pytest.raises(ValueError, match="unknown tasks"):
+        board.post("job", "x", depends_on=[999])
+    a = board.post("job", "fails")
+    b = board.post("job", "after", depends_on=[a])
+    board.finish(board.claim("x").id, error="boom")
+    assert board.claim("x") is None and board.get(b).status == "failed"
+
+
+def test_coordinator_planner_workers_summary(tmp_path, api):
+    board = TaskBoard(tmp_path / "board.sqlite")
+    reg = board.board_tools(ToolRegistry())
+    agents = [Agent("planner", planner_policy, reg, kinds=["trip"]),
+              Agent("w1", weather_policy, weather_registry(api), kinds=["weather"]),
+              Agent("w2", weather_policy, weather_registry(api), kinds=["weather"]),
+              Agent("writer", summary_policy, kinds=["summary"])]
+    root = board.post("trip", "compare the weather in Oslo and Paris")
+    out = Coordinator(board, agents).run(max_seconds=30)
+    assert out["counts"] == {"todo": 0, "running": 0, "done": 4, "failed": 0}
+    tasks = board.list()
+    assert board.get(root).result.startswith("planned tasks")
+    summary = next(t for t in tasks if t.kind == "summary")
+    assert summary.result == "Oslo has snow; Paris has sun"
+    assert {e["agent"] for e in out["log"] if e["kind"] == "weather"} <= {"w1", "w2"}
+
+
+def test_model_policy_runs_within_limits():
+    tok = tiny_tokenizer()
+    gen = ModelGenerator(tiny_model(tok.get_vocab_size()), tok, max_new_tokens=8)
+    run = Agent("lm", gen, max_steps=2).run("hello")
+    assert run.steps >= 1 and (run.answer is not None or "limit" in run.error)
