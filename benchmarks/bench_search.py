@@ -186,8 +186,6 @@ def run_dataset(name, n, d, nq, quick):
         grown = rss_bytes() - r0
         print(f"  quark hnsw sq8 load(mmap=True) + {len(q)} searches: RSS growth {grown / 2**20:.1f} MiB = "
               f"{grown / base[2]:.2f}x hnswlib (mapped file pages included)")
-        rows.append(Result("search", f"{name} sq8 mmap memory", "quark hnsw sq8 (mmap)", 0, 0, 0,
-                           extra={"rss_growth_bytes": grown}))
         del mapped
     hl = builds["hnswlib"][0]
     fp32, sq8 = builds["quark hnsw fp32"][0], builds["quark hnsw sq8"][0]
