@@ -389,6 +389,10 @@ def test_bad_input_errors():
         index.add([[0.0] * 8])
     dist, ids = index.search(x[:1], 5)  # k larger than the index: padded, documented
     assert ids[0, 2:].tolist() == [-1, -1, -1] and np.isinf(dist[0, 2:]).all()
+    flat = Index(8, kind="flat")
+    flat.add(x)
+    dist, ids = flat.search(x[:2], 100_000)  # per-query work is bounded by the index size, not by k
+    assert (ids[:, :20] >= 0).all() and (ids[:, 20:] == -1).all()
 
 
 @pytest.mark.parametrize("kwargs,match", [

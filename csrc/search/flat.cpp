@@ -36,6 +36,8 @@ void VectorIndex::search_flat(const float* q, int64_t nq, int64_t k, const uint8
     q = qn.data();
   }
   const int threads = num_threads();
+  const int64_t k_out = k;
+  k = std::min(k, n);  // heaps hold at most n rows; the output rows past n stay (+inf, -1)
   const int64_t tiles = (nq + kTile - 1) / kTile, blocks = (n + kBlock - 1) / kBlock;
   const int64_t stripes = std::clamp<int64_t>((2 * threads + tiles - 1) / tiles, 1, blocks);
   std::vector<Cand> part(static_cast<size_t>(stripes * nq * k), Cand{INFINITY, 0xffffffffu});
@@ -87,8 +89,8 @@ void VectorIndex::search_flat(const float* q, int64_t nq, int64_t k, const uint8
     const size_t kk = std::min<size_t>(k, all.size());
     std::partial_sort(all.begin(), all.begin() + kk, all.end(), nearer);
     for (size_t j = 0; j < kk; ++j) {
-      dist[i * k + j] = cosine ? 1.f + all[j].d : all[j].d;
-      ids[i * k + j] = *ids_.row(all[j].id);
+      dist[i * k_out + j] = cosine ? 1.f + all[j].d : all[j].d;
+      ids[i * k_out + j] = *ids_.row(all[j].id);
     }
   }
 }

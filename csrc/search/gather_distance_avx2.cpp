@@ -1,13 +1,17 @@
 // AVX2 path: 16 dimensions per step in two ymm accumulators, a scalar tail for d % 8, and the
-// rows two ahead prefetched whole (graph search is bound by these cache misses, not by FLOPs).
+// rows ahead prefetched whole (graph search is bound by these cache misses, not by FLOPs).
 #include <immintrin.h>
+
+#include <algorithm>
 
 #include "search/gather_distance.h"
 
 namespace quark {
 namespace {
 
-constexpr int kAhead = 2;  // rows prefetched ahead: enough to cover a DRAM miss behind ~2 row computations
+// Rows are prefetched ahead of use, about 1 KiB of them (16 lines in flight: what one core's miss
+// buffers sustain), at least 2 rows: 2 fp32 rows at d=128, 8 sq8 rows.
+inline int rows_ahead(int64_t row_bytes) { return static_cast<int>(std::max<int64_t>(2, 1024 / row_bytes)); }
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -27,9 +31,10 @@ inline __m256 load_codes8(const uint8_t* c) {  // 8 codes -> 8 floats
 
 template <class Row>
 void gather(const void* base, int64_t row_bytes, const uint32_t* idx, int n, float* out, Row row) {
-  for (int i = 0; i < n && i < kAhead; ++i) prefetch_row(base, row_bytes, idx[i]);
+  const int ahead = rows_ahead(row_bytes);
+  for (int i = 0; i < n && i < ahead; ++i) prefetch_row(base, row_bytes, idx[i]);
   for (int i = 0; i < n; ++i) {
-    if (i + kAhead < n) prefetch_row(base, row_bytes, idx[i + kAhead]);
+    if (i + ahead < n) prefetch_row(base, row_bytes, idx[i + ahead]);
     out[i] = row(idx[i]);
   }
 }

@@ -1,13 +1,17 @@
 // AVX-512 path: 32 dimensions per step in two zmm accumulators and a masked tail (any d, no scalar
-// loop), the rows two ahead prefetched whole. sq8 codes widen with vpmovzxbd (16 bytes -> 16 ints).
+// loop), the rows ahead prefetched whole. sq8 codes widen with vpmovzxbd (16 bytes -> 16 ints).
 #include <immintrin.h>
+
+#include <algorithm>
 
 #include "search/gather_distance.h"
 
 namespace quark {
 namespace {
 
-constexpr int kAhead = 2;  // rows prefetched ahead: enough to cover a DRAM miss behind ~2 row computations
+// Rows are prefetched ahead of use, about 1 KiB of them (16 lines in flight: what one core's miss
+// buffers sustain), at least 2 rows: 2 fp32 rows at d=128, 8 sq8 rows.
+inline int rows_ahead(int64_t row_bytes) { return static_cast<int>(std::max<int64_t>(2, 1024 / row_bytes)); }
 
 inline void prefetch_row(const void* base, int64_t row_bytes, uint32_t row) {
   const char* p = static_cast<const char*>(base) + row * row_bytes;
@@ -24,9 +28,10 @@ inline __m512 codes16_masked(const uint8_t* c, __mmask16 m) {
 
 template <class Row>
 void gather(const void* base, int64_t row_bytes, const uint32_t* idx, int n, float* out, Row row) {
-  for (int i = 0; i < n && i < kAhead; ++i) prefetch_row(base, row_bytes, idx[i]);
+  const int ahead = rows_ahead(row_bytes);
+  for (int i = 0; i < n && i < ahead; ++i) prefetch_row(base, row_bytes, idx[i]);
   for (int i = 0; i < n; ++i) {
-    if (i + kAhead < n) prefetch_row(base, row_bytes, idx[i + kAhead]);
+    if (i + ahead < n) prefetch_row(base, row_bytes, idx[i + ahead]);
     out[i] = row(idx[i]);
   }
 }

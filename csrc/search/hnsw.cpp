@@ -29,8 +29,8 @@ inline int read_links(const uint32_t* ln, int cap, uint32_t* out) {
 // Best-first search of one level from ep: returns in `top` (a heap, furthest first) up to ef rows
 // that pass `allowed`; every reached row guides the walk whether allowed or not, so tombstones and
 // filters cost recall only through the longer walk, never through a broken graph.
-template <class LinksOf, class Dist, class Allowed>
-void search_layer(const LinksOf& links_of, const Dist& dist, const Allowed& allowed, Cand ep, int ef,
+template <class LinksOf, class Prefetch, class Dist, class Allowed>
+void search_layer(const LinksOf& links_of, const Prefetch& prefetch, const Dist& dist, const Allowed& allowed, Cand ep, int ef,
                   VisitedList& vis, size_t rows, std::vector<Cand>& top, std::vector<Cand>& cand) {
   vis.start(rows);
   vis.test_and_set(ep.id);
@@ -45,6 +45,8 @@ void search_layer(const LinksOf& links_of, const Dist& dist, const Allowed& allo
     if (static_cast<int>(top.size()) >= ef && c.d > top.front().d) break;
     std::pop_heap(cand.begin(), cand.end(), further);
     cand.pop_back();
+    // The next expansion's link list is a likely cache miss: start it now, behind this one's distances.
+    if (!cand.empty()) prefetch(cand.front().id);
     const int m = links_of(c.id, nb);
     int f = 0;
     for (int i = 0; i < m; ++i)
@@ -184,7 +186,8 @@ void VectorIndex::insert(uint32_t row, const GatherKernels& K, VisitedList& vis)
   const int lmax = std::min(L, top_level);
   for (int l = lmax; l >= 0; --l) {
     const int cap = max_links(l);
-    search_layer([&](uint32_t r, uint32_t* out) { return read_links(links(r, l), cap, out); }, dist, any, cur,
+    search_layer([&](uint32_t r, uint32_t* out) { return read_links(links(r, l), cap, out); },
+                 [&](uint32_t r) { __builtin_prefetch(links(r, l)); }, dist, any, cur,
                  cfg_.ef_construction, vis, vectors_.capacity(), top, cand);
     std::sort(top.begin(), top.end(), nearer);
     select_neighbors(top, cfg_.M, fn, sel[l]);
@@ -281,7 +284,13 @@ void VectorIndex::search_hnsw(const float* q, int64_t nq, int64_t k, int ef, con
         for (int l = static_cast<int>(e >> 32); l > 0; --l)
           cur = greedy([&](uint32_t r, uint32_t* out) { return read_links(links(r, l), cfg_.M, out); }, dcoarse, cur);
         const int cap0 = max_links(0);
-        search_layer([&](uint32_t r, uint32_t* out) { return read_links(links0_.row(r), cap0, out); }, dcoarse,
+        search_layer([&](uint32_t r, uint32_t* out) { return read_links(links0_.row(r), cap0, out); },
+                     [&](uint32_t r) {
+                       const char* p = reinterpret_cast<const char*>(links0_.row(r));
+                       __builtin_prefetch(p);
+                       __builtin_prefetch(p + 64);
+                     },
+                     dcoarse,
                      allowed, cur, ef_eff, *vis, vectors_.capacity(), top, cand);
         if (sq8) {
           rows.resize(top.size());

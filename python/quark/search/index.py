@@ -287,13 +287,16 @@ class Index:
             arrays = {}
             for sec in h["sections"]:
                 shape, dtype = tuple(sec["shape"]), np.dtype(sec["dtype"])
+                f.seek(data_start + sec["offset"])
                 if mmap and sec["name"] in _VIEWABLE and sec["nbytes"] > 0:
-                    a = np.memmap(path, dtype=dtype, mode="r", offset=data_start + sec["offset"],
-                                  shape=shape)
+                    # Checksum through read(), not through the mapping: the mapped pages stay out of
+                    # this process until a search touches them.
+                    crc = _crc_stream(f, sec["nbytes"])
+                    a = np.memmap(path, dtype=dtype, mode="r", offset=data_start + sec["offset"], shape=shape)
                 else:
-                    f.seek(data_start + sec["offset"])
                     a = np.frombuffer(f.read(sec["nbytes"]), dtype=dtype).reshape(shape)
-                if zlib.crc32(_raw(a)) != sec["crc32"]:
+                    crc = zlib.crc32(_raw(a))
+                if crc != sec["crc32"]:
                     raise IndexFileError(f"{path}: section {sec['name']!r} checksum mismatch: the file is corrupted")
                 arrays[sec["name"]] = a
         index = cls(h["dim"], metric=h["metric"], kind=h["kind"], storage=h["storage"], M=h["M"],
@@ -309,13 +312,24 @@ class Index:
                                 arrays["deleted"], get["levels"], get["links0"], get["upper"], bool(mmap))
         except (ValueError, KeyError) as e:
             raise IndexFileError(f"{path}: inconsistent index contents: {e}") from None
-        index._mapped = arrays if mmap else None
+        index._mapped = {k: a for k, a in arrays.items() if isinstance(a, np.memmap)} or None
         return index
 
 
 def _raw(a):
     """The bytes of a C-contiguous array without copying (memoryview refuses to cast empty shapes)."""
     return memoryview(a).cast("B") if a.size else b""
+
+
+def _crc_stream(f, nbytes, chunk=1 << 24):
+    crc = 0
+    while nbytes > 0:
+        block = f.read(min(chunk, nbytes))
+        if not block:
+            break
+        crc = zlib.crc32(block, crc)
+        nbytes -= len(block)
+    return crc
 
 
 def _round_up(x, a):
