@@ -4,7 +4,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from retrieval_helpers import CORPUS, tiny_model, tiny_tokenizer
+from tests.retrieval_helpers import CORPUS, tiny_model, tiny_tokenizer
 
 from quark.improve.knowledge import KnowledgeRefresher, html_to_text
 from quark.retrieval.embed import CachedEmbedder, QuarkEmbedder

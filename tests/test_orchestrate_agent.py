@@ -6,7 +6,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from retrieval_helpers import tiny_model, tiny_tokenizer
+from tests.retrieval_helpers import tiny_model, tiny_tokenizer
 
 from quark.orchestrate.agent import Agent, Coordinator, TaskBoard
 from quark.retrieval.rag import ModelGenerator

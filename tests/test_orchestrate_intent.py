@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
-from orchestrate_data import OUT_OF_SCOPE, intent_data
-from retrieval_helpers import tiny_model, tiny_tokenizer
+from tests.orchestrate_data import OUT_OF_SCOPE, intent_data
+from tests.retrieval_helpers import tiny_model, tiny_tokenizer
 
 from quark.orchestrate.intent import UNKNOWN, IntentClassifier, expected_calibration_error
 from quark.retrieval.embed import HashingEmbedder, QuarkEmbedder

@@ -1,7 +1,7 @@
 import time
 
 import pytest
-from orchestrate_data import intent_data
+from tests.orchestrate_data import intent_data
 
 from quark.orchestrate.intent import UNKNOWN, IntentClassifier
 from quark.orchestrate.router import Route, Router

@@ -1,5 +1,5 @@
 import pytest
-from retrieval_helpers import CORPUS, tiny_tokenizer
+from tests.retrieval_helpers import CORPUS, tiny_tokenizer
 
 from quark.retrieval.chunk import chunk_text, token_spans
 

@@ -1,7 +1,7 @@
 import json
 
-from orchestrate_data import intent_data
-from retrieval_helpers import tiny_run_dir
+from tests.orchestrate_data import intent_data
+from tests.retrieval_helpers import tiny_run_dir
 
 from quark.cli import main
 

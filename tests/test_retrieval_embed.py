@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from retrieval_helpers import CORPUS, tiny_model, tiny_model_dir, tiny_tokenizer
+from tests.retrieval_helpers import CORPUS, tiny_model, tiny_model_dir, tiny_tokenizer
 
 from quark.retrieval.embed import CachedEmbedder, QuarkEmbedder, SentenceTransformerEmbedder
 

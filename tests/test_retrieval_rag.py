@@ -1,7 +1,7 @@
 import json
 
 import pytest
-from retrieval_helpers import CORPUS, tiny_model, tiny_run_dir, tiny_tokenizer
+from tests.retrieval_helpers import CORPUS, tiny_model, tiny_run_dir, tiny_tokenizer
 
 from quark.config import ConfigError
 from quark.retrieval import rag, store

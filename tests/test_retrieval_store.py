@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from retrieval_helpers import CORPUS, tiny_model, tiny_tokenizer
+from tests.retrieval_helpers import CORPUS, tiny_model, tiny_tokenizer
 
 from quark.retrieval.embed import QuarkEmbedder
 from quark.retrieval.store import Store
@@ -128,7 +128,7 @@ def test_corrupt_dense_index_is_rebuilt_from_sqlite(tmp_path, embedder, tok):
 CHILD = """
 import sys, os, signal, time
 sys.path.insert(0, {tests!r})
-from retrieval_helpers import tiny_model, tiny_tokenizer
+from tests.retrieval_helpers import tiny_model, tiny_tokenizer
 from quark.retrieval.embed import QuarkEmbedder
 from quark.retrieval.store import Store
 tok = tiny_tokenizer()
