@@ -9,6 +9,13 @@ import sys
 COMMANDS = {
     "info": ("quark._runtime", "version, CPU features, kernel dispatch paths, threads, GPU stack"),
     "run": ("quark.pipeline", "run a recipe end to end (default: the embedded default recipe)"),
+    "instruct-data": ("quark.tune.instruct", "build instruction/response chat data from the run's corpus (+ self-instruct)"),
+    "sft": ("quark.tune.sft", "supervised fine-tuning on chat data: full or LoRA, assistant-only loss, packing"),
+    "domain": ("quark.tune.domain", "continued pretraining on a domain corpus with general-corpus replay"),
+    "reward": ("quark.align.reward", "train a reward model (Bradley-Terry) on preference pairs"),
+    "dpo": ("quark.align.dpo", "preference optimisation: DPO, IPO or SimPO against a frozen reference"),
+    "rl": ("quark.align.rl", "online RL with GRPO: a reward model or a rule reward, KL to the reference"),
+    "redteam": ("quark.align.redteam", "attack suite against a model + safety filter: success rate before/after alignment"),
 }
 
 
