@@ -4,7 +4,9 @@ import torch
 from quark.model.io import load_model, save_model
 from quark.model.lora import (LoRAConfig, LoRALinear, apply_lora, load_adapter, lora_modules, merge_lora, save_adapter,
                               strip_lora, unmerge_lora)
-from tests.tiny_lm import tiny_model
+from tests.tiny_lm import one_thread, tiny_model  # noqa: F401 (one_thread is a fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 V = 97
 

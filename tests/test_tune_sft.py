@@ -7,7 +7,9 @@ from quark.chat import special_ids
 from quark.model.io import load_model
 from quark.tune import common, instruct, sft
 from quark.tune.sft import IGNORE, SFTConfig, evaluate_loss, finetune, load_chat_jsonl, pack_examples
-from tests.tiny_lm import chat_record, make_run, tiny_model, tiny_tokenizer, write_jsonl
+from tests.tiny_lm import chat_record, make_run, one_thread, tiny_model, tiny_tokenizer, write_jsonl  # noqa: F401 (one_thread is a fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

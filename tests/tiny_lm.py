@@ -3,6 +3,7 @@ import inspect
 import json
 import textwrap
 
+import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -83,3 +84,13 @@ def make_run(tmp_path, with_model=True, seed=0):
     if with_model:
         save_model(tiny_model(tok.get_vocab_size(), seed=seed, max_seq_len=256), run / "pretrain" / "final")
     return run, tok
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread: at these sizes intra-op threads only add synchronisation,
+    which becomes severe when the cores are shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
