@@ -4,10 +4,13 @@ import pytest
 
 from quark.align.safety import REFUSAL, Classifier, SafetyFilter, builtin_training_data, variants
 from quark.config import ConfigError
+from tests.tiny_lm import one_thread  # noqa: F401 (one_thread is a fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def filt():
+@pytest.fixture
+def filt(one_thread):
     return SafetyFilter.from_config({})
 
 

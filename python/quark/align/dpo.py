@@ -92,10 +92,10 @@ class DPOConfig:
     gamma: float = 0.5               # SimPO target margin
     data: str = "instruct"
     pairs: str = ""                  # optional extra preference pairs JSONL (relative to run_dir or absolute)
-    max_pairs: int = 400
+    max_pairs: int = 300
     mismatch: float = 0.5
     safety_pairs: int = 60           # harmful request -> refusal (and benign -> answer) pairs
-    steps: int = 80
+    steps: int = 40
     batch_size: int = 8
     lr: float = 5e-5
     warmup: int = 5

@@ -215,7 +215,7 @@ class RedteamConfig:
     safety: dict = field(default_factory=dict)   # SafetyFilter.from_config settings
     max_attacks: int = 0            # 0: the whole suite (75 attacks); else a seeded sample
     benign_from_instruct: int = 20  # extra benign prompts from run_dir/instruct/val.jsonl
-    max_new_tokens: int = 32
+    max_new_tokens: int = 24
 
     def __post_init__(self):
         if self.max_attacks < 0 or self.max_new_tokens < 1:

@@ -107,10 +107,10 @@ class RewardConfig:
     init: str = "auto"               # backbone model dir, or "auto": sft/final, else pretrain/final
     data: str = "instruct"           # chat records to build pairs from (train.jsonl -> training, val.jsonl -> held out)
     pairs: str = ""                  # optional extra preference pairs JSONL (e.g. from the feedback loop)
-    max_pairs: int = 600
+    max_pairs: int = 400
     mismatch: float = 0.5            # fraction of built pairs whose rejected answer belongs to another prompt
     safety_pairs: int = 40
-    steps: int = 80
+    steps: int = 40
     batch_size: int = 8
     lr: float = 1e-4
     warmup: int = 5
