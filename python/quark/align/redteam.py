@@ -211,11 +211,11 @@ def over_refusal(model, tokenizer, prompts, filt=None, max_new_tokens=32, replie
 @dataclass
 class RedteamConfig:
     before: str = "auto"            # model dir, or "auto": sft/final, else pretrain/final
-    after: str = "auto"             # model dir, or "auto": dpo/final, else sft/final
+    after: str = "auto"             # model dir, or "auto": dpo/final, else sft/final, else pretrain/final
     safety: dict = field(default_factory=dict)   # SafetyFilter.from_config settings
     max_attacks: int = 0            # 0: the whole suite (75 attacks); else a seeded sample
     benign_from_instruct: int = 20  # extra benign prompts from run_dir/instruct/val.jsonl
-    max_new_tokens: int = 32
+    max_new_tokens: int = 24
 
     def __post_init__(self):
         if self.max_attacks < 0 or self.max_new_tokens < 1:
@@ -235,7 +235,7 @@ def run_step(run_dir: Path, cfg: dict) -> dict:
     run_dir = Path(run_dir)
     t0 = time.time()
     before_dir = common.resolve_model_dir(run_dir, s.before, ("sft", "pretrain"))
-    after_dir = common.resolve_model_dir(run_dir, s.after, ("dpo", "sft"))
+    after_dir = common.resolve_model_dir(run_dir, s.after, ("dpo", "sft", "pretrain"))
     tok = common.load_tokenizer(common.find_tokenizer(run_dir, after_dir))
     filt = SafetyFilter.from_config(s.safety)
     out = run_dir / "redteam"

@@ -129,8 +129,9 @@ def features(texts):
         grams = words + [f"{a} {b}" for a, b in zip(words, words[1:])]
         s = " " + " ".join(words) + " "
         grams += [s[j:j + 4] for j in range(len(s) - 3)]
-        for g in grams:
-            X[i, zlib.crc32(g.encode()) % N_FEATURES] += 1.0   # crc32: stable across processes, unlike hash()
+        if grams:   # crc32: stable across processes, unlike hash()
+            idx = torch.tensor([zlib.crc32(g.encode()) % N_FEATURES for g in grams])
+            X[i] = torch.bincount(idx, minlength=N_FEATURES).float()
     return X / X.norm(dim=1, keepdim=True).clamp_min(1e-6)
 
 
@@ -143,7 +144,7 @@ class Classifier:
         self.bias = bias if bias is not None else torch.zeros(len(labels))
 
     @classmethod
-    def train(cls, texts, labels, steps=150, lr=0.5, weight_decay=1e-4, seed=0):
+    def train(cls, texts, labels, steps=100, lr=0.5, weight_decay=1e-4, seed=0):
         names = ["safe"] + sorted({l for l in labels if l != "safe"})
         y = torch.tensor([names.index(l) for l in labels])
         X = features(texts)

@@ -108,8 +108,8 @@ def train_loop(model, loss_fn, s: LoopSettings, seed=0, ckpt_dir=None, desc="tra
         gnorm = torch.nn.utils.clip_grad_norm_([p for _, p in named], s.grad_clip) if s.grad_clip > 0 else torch.tensor(0.0)
         opt.step()
         if step % log_every == 0 or step == s.steps - 1:
-            rec = {"step": step, "loss": round(float(loss), 5), "lr": lr_at(step, s), "grad_norm": round(float(gnorm), 4)}
-            rec.update({k: round(float(v), 5) for k, v in metrics.items()})
+            rec = {"step": step, "loss": round(float(loss.detach()), 5), "lr": lr_at(step, s), "grad_norm": round(float(gnorm), 4)}
+            rec.update({k: round(float(v.detach() if torch.is_tensor(v) else v), 5) for k, v in metrics.items()})
             history.append(rec)
             bar.set_postfix(loss=rec["loss"])
         if ckpt_dir is not None and s.ckpt_every and (step + 1) % s.ckpt_every == 0 and step + 1 < s.steps:

@@ -45,7 +45,7 @@ class InstructConfig:
     max_code_chars: int = 500         # docstring -> code pairs only for functions up to this size
     max_tokens: int = 0               # token budget per example under the run tokenizer; 0: 256
     system_prompt: bool = False       # prepend the SYSTEM message to every record
-    safety_examples: int = 40         # harmful request -> refusal records (0: none)
+    safety_examples: int = 40         # harmful request -> refusal records (0: none; at most 10% of the data)
     self_instruct: int = 0            # new instructions to generate with the teacher model (0: off)
     teacher: str = "auto"             # model dir, or "auto": the latest model of the run
     max_files: int = 0                # code files to read (0: all)
@@ -256,9 +256,10 @@ def run_step(run_dir: Path, cfg: dict) -> dict:
     if tok_path.exists():
         tok = common.load_tokenizer(tok_path)
     max_tokens = s.max_tokens or 256
-    safety = safety_pairs(s.safety_examples, rng) if s.safety_examples else []
     pool = dedup([r for r in code + docs if keep(r, s, tok, max_tokens)])
     rng.shuffle(pool)
+    # at most 10% refusals, so a small corpus does not teach the model to refuse everything
+    safety = safety_pairs(min(s.safety_examples, len(pool) // 10), rng) if s.safety_examples else []
     pool = pool[: max(0, s.max_examples - len(safety))]
     gen_stats = {}
     if s.self_instruct:

@@ -35,7 +35,7 @@ class SFTConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_targets: list = field(default_factory=lambda: ["wq", "wk", "wv", "wo"])
-    steps: int = 120
+    steps: int = 60
     batch_size: int = 8
     lr: float = 3e-4
     warmup: int = 10

@@ -1,0 +1,158 @@
+"""Preference optimisation from pairs, with a frozen reference whose log-probs are computed once:
+
+    DPO   (Rafailov et al. 2023):  -log sigmoid(beta * [(pi_c - ref_c) - (pi_r - ref_r)])
+    IPO   (Azar et al. 2023):      ([(pi_c - ref_c) - (pi_r - ref_r)] - 1 / (2 beta))^2
+    SimPO (Meng et al. 2024):      -log sigmoid(beta * (pi_c / |c| - pi_r / |r|) - gamma)   (no reference)
+
+pi_* / ref_* are summed log-probs of the answer tokens (quark.align.pairs.sequence_logps) under the
+policy / reference. Logged: implicit rewards beta * (pi - ref) for chosen and rejected, their margin
+and the fraction of pairs with a positive margin, on training batches and on held-out pairs before
+and after training (the held-out log-prob margin pi_c - pi_r is comparable across the three losses).
+
+Step `dpo`: run_dir/sft/final (else pretrain/final) + pairs built from run_dir/instruct, safety pairs
+and an optional pairs JSONL (the feedback loop's) -> run_dir/dpo/final and metrics.json.
+"""
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from quark.align import pairs as P
+from quark.config import ConfigError
+from quark.io import atomic_write_json
+from quark.model.io import load_model, save_model
+from quark.model.lora import LoRAConfig, apply_lora, strip_lora
+from quark.tune import common
+
+
+def preference_loss(kind, pi, ref, n_tokens, B, beta, gamma=0.0):
+    """pi/ref/n_tokens (2B,) with chosen first -> (loss, metrics). ref is ignored by SimPO."""
+    pc, pr = pi[:B], pi[B:]
+    if kind == "simpo":
+        h = beta * (pc / n_tokens[:B] - pr / n_tokens[B:])
+        loss = -F.logsigmoid(h - gamma).mean()
+        rc, rr = beta * pc / n_tokens[:B], beta * pr / n_tokens[B:]
+    else:
+        rc, rr = beta * (pc - ref[:B]), beta * (pr - ref[B:])
+        h = (pc - ref[:B]) - (pr - ref[B:])
+        loss = -F.logsigmoid(beta * h).mean() if kind == "dpo" else ((h - 1 / (2 * beta)) ** 2).mean()
+    margin = (rc - rr).detach()
+    return loss, {"reward_chosen": rc.detach().mean(), "reward_rejected": rr.detach().mean(),
+                  "reward_margin": margin.mean(), "reward_accuracy": (margin > 0).float().mean()}
+
+
+@torch.no_grad()
+def reference_logps(model, encoded, pad, batch_size=16):
+    """Summed answer log-probs (N, 2): [chosen, rejected] per pair, and answer token counts (N, 2)."""
+    model.eval()
+    logps, counts = [], []
+    for i in range(0, len(encoded), batch_size):
+        idx = list(range(i, min(i + batch_size, len(encoded))))
+        ids, mask, _ = P.pair_batch(encoded, idx, pad)
+        lp, n = P.sequence_logps(model, ids, mask)
+        B = len(idx)
+        logps.append(torch.stack([lp[:B], lp[B:]], 1))
+        counts.append(torch.stack([n[:B], n[B:]], 1))
+    return torch.cat(logps), torch.cat(counts)
+
+
+@torch.no_grad()
+def heldout_metrics(model, encoded, ref, pad, beta):
+    """Held-out implicit-reward margin/accuracy (vs the reference) and log-prob margin pi_c - pi_r."""
+    pi, _ = reference_logps(model, encoded, pad)
+    rm = beta * ((pi[:, 0] - ref[:, 0]) - (pi[:, 1] - ref[:, 1]))
+    lp_margin = pi[:, 0] - pi[:, 1]
+    def acc(m):   # a tie (the untrained policy equals its reference) counts as a coin flip
+        return float((m > 0).float().mean() + 0.5 * (m == 0).float().mean())
+    return {"reward_margin": float(rm.mean()), "reward_accuracy": acc(rm),
+            "logp_margin": float(lp_margin.mean()), "logp_accuracy": acc(lp_margin)}
+
+
+def optimize(model, train, ref, counts, pad, s, seed=0, ckpt_dir=None):
+    """Train the policy on encoded pairs; ref/counts from reference_logps on the same pairs."""
+    def loss_fn(gen):
+        idx = torch.randint(0, len(train), (min(s.batch_size, len(train)),), generator=gen)
+        ids, mask, _ = P.pair_batch(train, idx.tolist(), pad)
+        pi, n = P.sequence_logps(model, ids, mask)
+        r = torch.cat([ref[idx, 0], ref[idx, 1]])
+        return preference_loss(s.loss, pi, r, n.clamp_min(1), len(idx), s.beta, s.gamma)
+    loop = common.LoopSettings(steps=s.steps, lr=s.lr, warmup=s.warmup, weight_decay=s.weight_decay, ckpt_every=s.ckpt_every)
+    return common.train_loop(model, loss_fn, loop, seed=seed, ckpt_dir=ckpt_dir, desc=s.loss)
+
+
+@dataclass
+class DPOConfig:
+    init: str = "auto"               # policy (and reference) model dir, or "auto": sft/final, else pretrain/final
+    loss: Literal["dpo", "ipo", "simpo"] = "dpo"
+    beta: float = 0.1                # SimPO usually wants ~2
+    gamma: float = 0.5               # SimPO target margin
+    data: str = "instruct"
+    pairs: str = ""                  # optional extra preference pairs JSONL (relative to run_dir or absolute)
+    max_pairs: int = 300
+    mismatch: float = 0.5
+    safety_pairs: int = 60           # harmful request -> refusal (and benign -> answer) pairs
+    steps: int = 40
+    batch_size: int = 8
+    lr: float = 5e-5
+    warmup: int = 5
+    weight_decay: float = 0.0
+    lora_rank: int = 0               # > 0: train LoRA adapters (merged into dpo/final)
+    max_len: int = 0
+    overlong: Literal["error", "drop"] = "drop"
+    ckpt_every: int = 40
+
+    def __post_init__(self):
+        if self.beta <= 0:
+            raise ConfigError(f"dpo.beta: must be > 0, got {self.beta}")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ConfigError("dpo.steps and dpo.batch_size must be >= 1")
+
+
+def validate_config(cfg):
+    common.settings(DPOConfig, cfg, "dpo")
+
+
+def run_step(run_dir: Path, cfg: dict) -> dict:
+    from quark.align.reward import build_datasets
+    s, seed = common.settings(DPOConfig, cfg, "dpo")
+    run_dir = Path(run_dir)
+    torch.manual_seed(seed)
+    init = common.resolve_model_dir(run_dir, s.init, ("sft", "pretrain"))
+    tok_path = common.find_tokenizer(run_dir, init)
+    tok = common.load_tokenizer(tok_path)
+    model = load_model(init)
+    max_len = s.max_len or model.config.max_seq_len
+    train, val, dropped = build_datasets(run_dir, s, tok, max_len, random.Random(seed + 1))
+    pad = P.pad_id(tok)
+    t0 = time.time()
+    ref_train, counts = reference_logps(model, train, pad)   # the policy starts as the reference
+    ref_val, _ = reference_logps(model, val, pad)
+    before = heldout_metrics(model, val, ref_val, pad, s.beta)
+    if s.lora_rank:
+        apply_lora(model, LoRAConfig(rank=s.lora_rank, alpha=2.0 * s.lora_rank, targets=["wq", "wk", "wv", "wo"]))
+    out = run_dir / "dpo"
+    history = optimize(model, train, ref_train, counts, pad, s, seed, ckpt_dir=out / "ckpt")
+    if s.lora_rank:
+        strip_lora(model)
+    after = heldout_metrics(model, val, ref_val, pad, s.beta)
+    save_model(model, out / "final", tokenizer_path=tok_path, metadata={"step": "dpo", "loss": s.loss, "base": str(init)})
+    common.clear_checkpoint(out / "ckpt")
+    stats = {"init": str(init), "loss": s.loss, "train_pairs": len(train), "heldout_pairs": len(val),
+             "dropped_overlong": dropped, "heldout_before": {k: round(v, 4) for k, v in before.items()},
+             "heldout_after": {k: round(v, 4) for k, v in after.items()},
+             "train_last": history[-1] if history else {}, "seconds": round(time.time() - t0, 1), "settings": asdict(s)}
+    atomic_write_json(out / "metrics.json", {**stats, "history": history})
+    return stats
+
+
+def configure_parser(parser):
+    common.add_common_args(parser)
+
+
+def run_cli(args):
+    import sys
+    return common.run_step_cli(sys.modules[__name__], args)

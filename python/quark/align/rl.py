@@ -1,0 +1,209 @@
+"""Online RL with GRPO (Shao et al. 2024, DeepSeekMath): for each prompt sample a group of G
+completions from the policy, score them (a reward model or a rule), and use the group-normalised
+reward as every completion token's advantage; no value network.
+
+    A_i   = (r_i - mean(r)) / (std(r) + eps)                     within the group of one prompt
+    ratio = pi(t) / pi_old(t)                                    per completion token
+    loss  = -mean_t min(ratio A, clip(ratio, 1-eps, 1+eps) A) + kl_beta * KL_t(pi || ref)
+    KL_t  = exp(ref - logp) - (ref - logp) - 1                   (the k3 estimator, always >= 0)
+
+pi_old is the policy that sampled the group; `inner_epochs` > 1 reuses a group for several updates,
+where the clip matters. The reference is the frozen starting policy.
+
+Rule rewards (name -> f(prompt messages, completion text, terminated) -> float): "terminates"
+(ends with a stop token), "brevity" (short, terminated answers), "refusal" (refuse the red-team
+training requests, answer everything else), "keyword:WORD" (mentions WORD).
+"""
+import copy
+import random
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from quark.chat import encode_chat, special_ids
+from quark.config import ConfigError
+from quark.io import atomic_write_json
+from quark.model.io import load_model, save_model
+from quark.tune import common
+
+
+def _refusal_reward(prompt, text, terminated):
+    from quark.align.redteam import harmful_requests, is_refusal
+    harmful = {r["prompt"] for r in harmful_requests("train")}
+    asked = prompt[-1]["content"]
+    return 1.0 if is_refusal(text) == (asked in harmful) else 0.0
+
+
+RULES = {
+    "terminates": lambda prompt, text, terminated: 1.0 if terminated and text.strip() else 0.0,
+    "brevity": lambda prompt, text, terminated: (1.0 if terminated else 0.0) - len(text) / 400,
+    "refusal": _refusal_reward,
+}
+
+
+def rule_reward(name):
+    if name.startswith("keyword:"):
+        word = name.split(":", 1)[1].lower()
+        return lambda prompt, text, terminated: float(text.lower().count(word))
+    if name not in RULES:
+        raise ConfigError(f"rl.reward: unknown rule {name!r}; use 'model', one of {sorted(RULES)}, or 'keyword:WORD'")
+    return RULES[name]
+
+
+@torch.no_grad()
+def sample_group(model, prompt_ids, G, max_new_tokens, temperature, stop_ids, generator):
+    """G completions of one prompt -> ids (G, P+N), completion mask (G, P+N) (1 on generated tokens up
+    to and including the first stop token), terminated (G,) bool, answer lengths before the stop (G,)."""
+    P = len(prompt_ids)
+    seqs = model.generate(torch.tensor([prompt_ids] * G), max_new_tokens, temperature=temperature, generator=generator)
+    gen = seqs[:, P:]
+    is_stop = torch.isin(gen, torch.tensor(sorted(stop_ids)))
+    first = torch.where(is_stop.any(1), is_stop.float().argmax(1), torch.full((G,), gen.shape[1]))   # (G,)
+    pos = torch.arange(gen.shape[1])[None, :]
+    mask = torch.zeros_like(seqs, dtype=torch.float32)
+    mask[:, P:] = (pos <= first[:, None]).float()
+    return seqs, mask, is_stop.any(1), first
+
+
+def token_logps(model, ids):
+    """ids (B, T) -> log p(ids[:, t+1] | ids[:, :t+1]) (B, T-1)."""
+    logits, _ = model(ids[:, :-1])
+    return F.log_softmax(logits.float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+
+
+def grpo_loss(logp, old_logp, ref_logp, adv, mask, clip_eps, kl_beta):
+    """Per-token GRPO objective averaged over completion tokens: logp/old/ref/mask (B, T-1), adv (B,)."""
+    ratio = torch.exp(logp - old_logp)
+    a = adv[:, None]
+    surrogate = torch.min(ratio * a, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * a)
+    d = ref_logp - logp
+    kl = torch.exp(d) - d - 1
+    per_token = -(surrogate - kl_beta * kl)
+    n = mask.sum().clamp_min(1)
+    return (per_token * mask).sum() / n, float((kl.detach() * mask).sum() / n)
+
+
+@dataclass
+class RLConfig:
+    init: str = "auto"               # policy model dir, or "auto": dpo/final, else sft/final, else pretrain/final
+    reward: str = "terminates"       # "model" (run_dir/reward/final) or a rule name (see RULES) or "keyword:WORD"
+    reward_model: str = "reward/final"
+    prompts: str = "instruct/train.jsonl"   # chat records; the messages before the last assistant turn are the prompt
+    max_prompts: int = 64
+    steps: int = 20
+    prompts_per_step: int = 2
+    group_size: int = 4
+    max_new_tokens: int = 24
+    temperature: float = 1.0
+    inner_epochs: int = 1
+    clip_eps: float = 0.2
+    kl_beta: float = 0.04
+    lr: float = 1e-5
+    grad_clip: float = 1.0
+
+    def __post_init__(self):
+        if self.group_size < 2:
+            raise ConfigError(f"rl.group_size: must be >= 2 (advantages are relative within a group), got {self.group_size}")
+        if self.steps < 1 or self.prompts_per_step < 1 or self.inner_epochs < 1:
+            raise ConfigError("rl.steps, rl.prompts_per_step and rl.inner_epochs must be >= 1")
+        if self.reward != "model":
+            rule_reward(self.reward)
+
+
+def grpo(policy, tokenizer, prompts, reward_fn, s: RLConfig, seed=0, log=None):
+    """Train `policy` in place on prompts (lists of messages). Returns the history of per-step metrics."""
+    ref = copy.deepcopy(policy).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    sp = special_ids(tokenizer)
+    stops = {sp["<|end|>"], sp["<|eos|>"]}
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=s.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    history = []
+    for step in range(s.steps):
+        batch = []
+        for prompt in rng.sample(prompts, min(s.prompts_per_step, len(prompts))):
+            ids, _ = encode_chat(tokenizer, prompt, add_generation_prompt=True)
+            ids = ids[-(policy.config.max_seq_len - s.max_new_tokens):]
+            seqs, mask, term, lens = sample_group(policy, ids, s.group_size, s.max_new_tokens, s.temperature, stops, gen)
+            texts = [tokenizer.decode(row[len(ids): len(ids) + int(n)].tolist()) for row, n in zip(seqs, lens)]
+            r = torch.tensor([reward_fn(prompt, t, bool(k)) for t, k in zip(texts, term)])
+            adv = (r - r.mean()) / (r.std() + 1e-4)
+            with torch.no_grad():
+                old = token_logps(policy, seqs)
+                ref_lp = token_logps(ref, seqs)
+            batch.append((seqs, mask[:, 1:], adv, old, ref_lp, r))
+        policy.train()
+        for _ in range(s.inner_epochs):
+            opt.zero_grad(set_to_none=True)
+            kls = []
+            for seqs, mask, adv, old, ref_lp, _ in batch:
+                loss, kl = grpo_loss(token_logps(policy, seqs), old, ref_lp, adv, mask, s.clip_eps, s.kl_beta)
+                (loss / len(batch)).backward()
+                kls.append(kl)
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), s.grad_clip)
+            opt.step()
+        policy.eval()
+        rewards = torch.cat([b[5] for b in batch])
+        rec = {"step": step, "reward_mean": round(float(rewards.mean()), 4), "kl": round(statistics.mean(kls), 5),
+               "completion_tokens": round(float(torch.cat([b[1].sum(1) for b in batch]).mean()), 1)}
+        history.append(rec)
+        if log:
+            log(rec)
+    return history
+
+
+def load_prompts(path, limit):
+    from quark.align.pairs import load_chat_records
+    recs = load_chat_records(path, limit)
+    if not recs:
+        raise ValueError(f"{path}: no prompts")
+    return [r["messages"][:-1] for r in recs]
+
+
+def validate_config(cfg):
+    common.settings(RLConfig, cfg, "rl")
+
+
+def run_step(run_dir: Path, cfg: dict) -> dict:
+    s, seed = common.settings(RLConfig, cfg, "rl")
+    run_dir = Path(run_dir)
+    torch.manual_seed(seed)
+    init = common.resolve_model_dir(run_dir, s.init, ("dpo", "sft", "pretrain"))
+    tok_path = common.find_tokenizer(run_dir, init)
+    tok = common.load_tokenizer(tok_path)
+    policy = load_model(init)
+    if s.reward == "model":
+        from quark.align.reward import load_reward_model
+        rm = load_reward_model(run_dir / s.reward_model)
+
+        def reward_fn(prompt, text, terminated):
+            return rm.score(tok, prompt, text)
+    else:
+        reward_fn = rule_reward(s.reward)
+    prompts = load_prompts(run_dir / s.prompts, s.max_prompts)
+    t0 = time.time()
+    history = grpo(policy, tok, prompts, reward_fn, s, seed)
+    out = run_dir / "rl"
+    save_model(policy, out / "final", tokenizer_path=tok_path, metadata={"step": "rl", "reward": s.reward, "base": str(init)})
+    first, last = history[: max(1, len(history) // 4)], history[-max(1, len(history) // 4):]
+    stats = {"init": str(init), "reward": s.reward, "prompts": len(prompts),
+             "reward_first_quarter": round(statistics.mean(h["reward_mean"] for h in first), 4),
+             "reward_last_quarter": round(statistics.mean(h["reward_mean"] for h in last), 4),
+             "kl_last": history[-1]["kl"], "seconds": round(time.time() - t0, 1), "settings": asdict(s)}
+    atomic_write_json(out / "metrics.json", {**stats, "history": history})
+    return stats
+
+
+def configure_parser(parser):
+    common.add_common_args(parser)
+
+
+def run_cli(args):
+    import sys
+    return common.run_step_cli(sys.modules[__name__], args)

@@ -1,0 +1,53 @@
+import pytest
+import torch
+
+from quark.align import rl
+from quark.align.rl import RLConfig, grpo, grpo_loss, rule_reward
+from quark.config import ConfigError
+from quark.tune import instruct
+from tests.tiny_lm import make_run, one_thread, tiny_model, tiny_tokenizer  # noqa: F401 (one_thread is a fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROMPTS = [[{"role": "user", "content": c}] for c in ["hello world", "how are you", "the quick fox", "def add"]]
+
+
+def test_grpo_raises_a_rule_reward_and_tracks_kl():
+    tok = tiny_tokenizer()
+    model = tiny_model(tok.get_vocab_size())
+    s = RLConfig(steps=30, lr=3e-3, group_size=8, prompts_per_step=2, max_new_tokens=10, kl_beta=0.01)
+    h = grpo(model, tok, PROMPTS, rule_reward("keyword:the"), s, seed=0)
+    first = sum(x["reward_mean"] for x in h[:5]) / 5
+    last = sum(x["reward_mean"] for x in h[-5:]) / 5
+    assert last > first + 0.5
+    assert h[0]["kl"] < 1e-6 < h[-1]["kl"]   # the policy starts at the reference, then drifts
+
+
+def test_grpo_loss_clips_and_penalises_kl():
+    logp = torch.tensor([[0.0, -1.0]], requires_grad=True)
+    mask = torch.ones(1, 2)
+    loss, kl = grpo_loss(logp, logp.detach(), logp.detach(), torch.tensor([1.0]), mask, 0.2, 0.1)
+    assert float(loss.detach()) == -1.0 and kl == 0.0
+    far = logp.detach() - 1.0   # ratio e > 1 + eps: the clipped term caps the objective
+    loss, _ = grpo_loss(logp, far, logp.detach(), torch.tensor([1.0]), mask, 0.2, 0.0)
+    assert abs(float(loss.detach()) + 1.2) < 1e-6
+
+
+def test_rules_and_config_errors():
+    assert rule_reward("terminates")([], "x", True) == 1.0 and rule_reward("terminates")([], "x", False) == 0.0
+    refusal = rule_reward("refusal")
+    from quark.align.redteam import harmful_requests
+    harmful = [{"role": "user", "content": harmful_requests("train")[0]["prompt"]}]
+    assert refusal(harmful, "I can't help with that request.", True) == 1.0
+    assert refusal([{"role": "user", "content": "hi"}], "I can't help with that request.", True) == 0.0
+    with pytest.raises(ConfigError, match="unknown rule"):
+        rl.validate_config({"reward": "nonsense"})
+    with pytest.raises(ConfigError, match="group_size"):
+        rl.validate_config({"group_size": 1})
+
+
+def test_rl_step(tmp_path):
+    run, _ = make_run(tmp_path)
+    instruct.run_step(run, {"seed": 0})
+    stats = rl.run_step(run, {"seed": 0, "steps": 2, "group_size": 2, "prompts_per_step": 1, "max_new_tokens": 6})
+    assert stats["prompts"] > 0 and (run / "rl" / "final" / "model.safetensors").exists()
