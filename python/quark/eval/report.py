@@ -62,7 +62,7 @@ def plot_latencies(path):
     if not samples:
         return None
     fig, ax = plt.subplots(figsize=(5, 2.8))
-    ax.boxplot(list(samples.values()), labels=list(samples.keys()))
+    ax.boxplot(list(samples.values()), tick_labels=list(samples.keys()))
     ax.set_ylabel("seconds")
     ax.set_title("evaluation latencies", fontsize=9)
     return _png(fig)
