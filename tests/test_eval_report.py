@@ -34,3 +34,19 @@ def test_step_writes_report_atomically(tmp_path):
 
 def test_empty_run_dir_still_renders(tmp_path):
     assert "<h1>" in build_report(tmp_path)
+
+
+def test_history_curves_quantization_and_redteam_sections(tmp_path):
+    run = make_run(tmp_path)
+    (run / "sft").mkdir()
+    (run / "sft" / "metrics.json").write_text(json.dumps({"history": [{"step": i, "loss": 3 - i / 10} for i in range(5)]}))
+    (run / "quantize").mkdir()
+    (run / "quantize" / "summary.json").write_text(json.dumps({
+        "source": "x", "float": {"perplexity": 10.0, "bytes": 100, "decode_tokens_per_s": 5.0},
+        "int4": {"bytes_after": 30, "perplexity": 10.5, "decode_tokens_per_s": 9.0}}))
+    state = json.loads((run / "pipeline.json").read_text())
+    state["steps"]["redteam"] = {"status": "done", "seconds": 1, "stats": {"asr_before": 1.0, "asr_after": 0.1}}
+    (run / "pipeline.json").write_text(json.dumps(state))
+    page = build_report(run)
+    assert page.count("data:image/png;base64,") == 3          # pretrain, sft curves + red-team chart
+    assert "<h2>Quantization</h2>" in page and "10.5" in page and "<h2>Red-team</h2>" in page

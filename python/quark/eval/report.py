@@ -68,6 +68,39 @@ def plot_latencies(path):
     return _png(fig)
 
 
+def _load_json(path):
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def quantization_section(run_dir):
+    """Size, held-out perplexity and decode speed per quantized variant (quantize/summary.json)."""
+    summary = _load_json(Path(run_dir) / "quantize" / "summary.json")
+    rows = [(name, v.get("bytes_after", v.get("bytes")), v.get("perplexity"), v.get("decode_tokens_per_s"))
+            for name, v in summary.items() if isinstance(v, dict) and "perplexity" in v]
+    if not rows:
+        return []
+    return ["<h2>Quantization</h2>" + table(rows, ["variant", "bytes", "held-out perplexity", "decode tokens/s"])]
+
+
+def redteam_section(stats):
+    """Attack success rate before and after alignment, with and without the safety filter."""
+    keys = [("before alignment", "asr_before"), ("aligned model only", "asr_after_model_only"),
+            ("filter only", "asr_filter_only"), ("aligned + filter", "asr_after")]
+    present = [(label, stats[k]) for label, k in keys if isinstance(stats.get(k), (int, float))]
+    if not present:
+        return []
+    fig, ax = plt.subplots(figsize=(6, 2.6))
+    ax.barh([p[0] for p in present][::-1], [p[1] for p in present][::-1], color="#b55")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("attack success rate")
+    ax.set_title("red-team", fontsize=9)
+    return [f"<h2>Red-team</h2><img src='data:image/png;base64,{_png(fig)}'>"]
+
+
 def flatten(d, prefix=""):
     out = {}
     for k, v in d.items():
@@ -125,11 +158,17 @@ def build_report(run_dir):
         tel = res.get("telemetry")
         if tel:
             parts.append("<h3>Telemetry</h3>" + table(sorted(tel.items()), ["metric", "value"]))
+    parts += quantization_section(run_dir) + redteam_section(steps.get("redteam", {}).get("stats") or {})
     plots = []
-    for path in sorted(run_dir.glob("*/metrics.jsonl")):
-        png = plot_series(path.parent.name, read_metrics_jsonl(path))
+    series = [(p.parent.name, read_metrics_jsonl(p)) for p in sorted(run_dir.glob("*/metrics.jsonl"))]
+    for p in sorted(run_dir.glob("*/metrics.json")):       # steps that keep their curve in "history"
+        history = _load_json(p).get("history")
+        if isinstance(history, list):
+            series.append((p.parent.name, [r for r in history if isinstance(r, dict)]))
+    for name, rows in series:
+        png = plot_series(name, rows)
         if png:
-            plots.append(f"<h3>{html.escape(path.parent.name)}</h3><img src='data:image/png;base64,{png}'>")
+            plots.append(f"<h3>{html.escape(name)}</h3><img src='data:image/png;base64,{png}'>")
     lat = run_dir / "eval" / "telemetry.jsonl"
     if lat.exists() and (png := plot_latencies(lat)):
         plots.append(f"<h3>latencies</h3><img src='data:image/png;base64,{png}'>")
