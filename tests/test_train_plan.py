@@ -71,3 +71,19 @@ def test_plan_config_errors_and_cli(tmp_path, capsys):
     assert "parameters:" in out and "Chinchilla-optimal" in out and "memory:" in out
     assert quark_main(["plan", "--params", "1e6"]) == 2
     assert "give --vocab-size and --tokens" in capsys.readouterr().out
+
+
+def test_plan_a_recipe_without_a_run(tmp_path):
+    import subprocess
+    import sys
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"run_dir: {tmp_path / 'run'}\nsteps:\n  plan: {{target_params: 300000, probe: false}}\n"
+                      "  tokenizer: {vocab_size: 1024}\n")
+    r = subprocess.run([sys.executable, "-m", "quark.cli", "plan", str(recipe)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "vocab=1024" in r.stdout and "Chinchilla-optimal" in r.stdout
+    recipe.write_text("steps:\n  plan: {target_parms: 3}\n")
+    r = subprocess.run([sys.executable, "-m", "quark.cli", "plan", str(recipe)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and "target_parms" in r.stdout

@@ -248,6 +248,10 @@ def run_step(run_dir, cfg):
 
 
 def configure_parser(parser):
+    parser.add_argument("recipe", nargs="?", default=None,
+                        help="plan a recipe's pretraining: its plan settings and tokenizer vocab size; tokens from "
+                             "its run directory's pack when present, else Chinchilla-optimal")
+    parser.add_argument("--budget", choices=["tiny", "default", "large"], default=None, help="the recipe's budget")
     parser.add_argument("--run-dir", default=None, help="read vocab size and tokens from RUN_DIR/pack/meta.json "
                                                         "and write RUN_DIR/plan/plan.json")
     parser.add_argument("--model", default="auto", help="preset to report on, or 'auto' (default)")
@@ -262,7 +266,29 @@ def configure_parser(parser):
     parser.add_argument("--no-probe", action="store_true", help="skip the throughput probe")
 
 
+def plan_recipe(path, budget=None):
+    """-> the rendered plan of a recipe (see configure_parser)."""
+    from quark.pipeline import load_recipe, step_config
+    recipe = load_recipe(path, budget)
+    cfg = step_config(recipe, "plan")
+    run_dir = Path(recipe["run_dir"])
+    if (run_dir / "pack" / "meta.json").exists():
+        run_step(run_dir, cfg)
+        return render(json.loads((run_dir / "plan" / "plan.json").read_text()))
+    c = validate_config(cfg)
+    vocab = step_config(recipe, "tokenizer").get("vocab_size", 4096)
+    tokens = c.tokens or TOKENS_PER_PARAM * (c.target_params or 2_000_000)
+    return render(make_plan(c, vocab, tokens))
+
+
 def run_cli(args):
+    if args.recipe:
+        try:
+            print(plan_recipe(args.recipe, args.budget))
+        except (ConfigError, ValueError, FileNotFoundError) as e:
+            print(f"error: {e}")
+            return 2
+        return 0
     cfg = {"model": args.model, "max_memory_gb": args.memory_gb, "time_budget_s": args.time_s,
            "tokens": int(args.tokens), "seq_len": args.seq_len, "batch_size": args.batch_size,
            "precision": args.precision, "probe": not args.no_probe}
