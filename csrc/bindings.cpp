@@ -8,6 +8,7 @@ NB_MODULE(_C, m) {
   quark::py::bind_distance(m);
   quark::py::bind_attention(m);
   quark::py::bind_text(m);
+  quark::py::bind_quant(m);
 #ifdef QUARK_WITH_CUDA
   quark::py::bind_cuda(m);
 #endif

@@ -29,6 +29,7 @@ void bind_runtime(nb::module_& m);
 void bind_distance(nb::module_& m);
 void bind_attention(nb::module_& m);
 void bind_text(nb::module_& m);
+void bind_quant(nb::module_& m);
 #ifdef QUARK_WITH_CUDA
 void bind_cuda(nb::module_& m);
 #endif

@@ -19,6 +19,7 @@ COMMANDS = {
     "dedup": ("quark.data.dedup", "exact and MinHash-LSH near-duplicate removal -> run_dir/dedup"),
     "tokenizer": ("quark.data.tokenizer", "train a byte-level BPE tokenizer -> run_dir/tokenizer/tokenizer.json"),
     "pack": ("quark.data.pack", "tokenize into memory-mapped train/val token files -> run_dir/pack"),
+    "quantize": ("quark.optimize.quantize", "quantize a model's Linear layers (int8 / int4 / w8a8) and save it"),
 }
 
 

@@ -4,6 +4,7 @@ torch oracle in quark.ops.reference."""
 from quark.ops.attention import attention, decode_attention, quantize_kv
 from quark.ops.distance import pairwise_distance
 from quark.ops.minhash import minhash
+from quark.ops.quant import QuantizedTensor, dequantize, qlinear, quantize
 
 __all__ = [
     "attention",
@@ -12,3 +13,4 @@ __all__ = [
     "pairwise_distance",
     "quantize_kv",
 ]
+__all__ += ["QuantizedTensor", "dequantize", "qlinear", "quantize"]

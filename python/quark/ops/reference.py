@@ -61,8 +61,8 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None, k_scale=Non
     lengths = torch.as_tensor(cache_seqlens, device=q.device).long()
     valid = torch.arange(Smax, device=q.device)[None, :] < lengths[:, None]       # (B, Smax)
     s = s.masked_fill(~valid[:, None, :], float("-inf"))
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)                                  # length 0 -> zeros
-    return torch.einsum("bhs,bhsd->bhd", p, v).to(q.dtype)
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    return torch.einsum("bhs,bhsd->bhd", p, v.float()).to(q.dtype)
 
 
 _M64 = (1 << 64) - 1
@@ -134,3 +134,18 @@ def minhash(texts, num_perm=128, ngram=5, seed=0, unit="word"):
         if shingles:
             out[d] = [min((ai * s + bi) & _M64 for s in shingles) for ai, bi in zip(a, b)]
     return out
+
+
+def qlinear(x, qt, bias=None):
+    """Same contract as quark.ops.qlinear: x (..., K) @ dequantize(qt).T + bias in x's dtype; "w8a8"
+    first quantizes x per row to int8 exactly as the kernel does."""
+    from quark.ops.quant import dequantize, quantize_activations
+    w = dequantize(qt).to(x.device)
+    xf = x.float().reshape(-1, x.shape[-1])
+    if qt.scheme == "w8a8":
+        q, s = quantize_activations(xf)
+        xf = q.float() * s[:, None]
+    y = xf @ w.T
+    if bias is not None:
+        y = y + bias.float()
+    return y.reshape(*x.shape[:-1], w.shape[0]).to(x.dtype)

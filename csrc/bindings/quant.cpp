@@ -1,0 +1,66 @@
+// Bindings of the quantized linear family (csrc/quant). quark.ops.qlinear checks and shapes the
+// arguments first; the checks here keep direct callers of quark._C from reading out of bounds.
+#include <nanobind/stl/optional.h>
+
+#include <optional>
+#include <string>
+
+#include "bindings/common.h"
+#include "quant/qlinear.h"
+
+namespace quark::py {
+
+using Mat = CArray<const float, nb::ndim<2>>;
+using OutMat = CArray<float, nb::ndim<2>>;
+using Vec = CArray<const float, nb::ndim<1>>;
+
+static std::string shape_str(int64_t a, int64_t b) {
+  return "(" + std::to_string(a) + ", " + std::to_string(b) + ")";
+}
+
+static QLinearArgs make_args(const Mat& x, QWeight w, const std::optional<Vec>& bias, OutMat& out) {
+  check(x.shape(1) == static_cast<size_t>(w.k),
+        "x has K=" + std::to_string(x.shape(1)) + " but the weight has K=" + std::to_string(w.k));
+  check(out.shape(0) == x.shape(0) && out.shape(1) == static_cast<size_t>(w.n),
+        "out must have shape " + shape_str(x.shape(0), w.n));
+  if (bias) check(bias->shape(0) == static_cast<size_t>(w.n), "bias must have shape (" + std::to_string(w.n) + ",)");
+  return QLinearArgs{x.data(), static_cast<int64_t>(x.shape(0)), w, bias ? bias->data() : nullptr, out.data()};
+}
+
+void bind_quant(nb::module_& m) {
+  m.def(
+      "qlinear_int8",
+      [](Mat x, CArray<const int8_t, nb::ndim<2>> data, Vec scales, std::optional<Vec> bias, OutMat out, bool w8a8) {
+        const int64_t N = data.shape(0), K = data.shape(1);
+        check(scales.shape(0) == static_cast<size_t>(N), "scales must have shape (" + std::to_string(N) + ",)");
+        QWeight w{QScheme::int8, reinterpret_cast<const uint8_t*>(data.data()), scales.data(), nullptr, N, K, K};
+        QLinearArgs a = make_args(x, w, bias, out);
+        nb::gil_scoped_release release;
+        if (w8a8) qlinear_w8a8(a);
+        else qlinear_f32(a);
+      },
+      nb::arg("x").noconvert(), nb::arg("data").noconvert(), nb::arg("scales").noconvert(),
+      nb::arg("bias").noconvert().none(), nb::arg("out").noconvert(), nb::arg("w8a8") = false,
+      "out (M, N) = x (M, K) . (data * scales[:, None])^T + bias; w8a8 also quantizes x per row to int8");
+  m.def(
+      "qlinear_int4",
+      [](Mat x, CArray<const uint8_t, nb::ndim<2>> data, CArray<const float, nb::ndim<2>> scales,
+         CArray<const uint8_t, nb::ndim<2>> zeros, int64_t group, std::optional<Vec> bias, OutMat out) {
+        const int64_t N = data.shape(0), K = 2 * static_cast<int64_t>(data.shape(1));
+        check(group == 32 || group == 64 || group == 128, "group must be 32, 64 or 128");
+        check(K % group == 0, "K=" + std::to_string(K) + " is not a multiple of group " + std::to_string(group));
+        check(scales.shape(0) == static_cast<size_t>(N) && scales.shape(1) == static_cast<size_t>(K / group),
+              "scales must have shape " + shape_str(N, K / group));
+        check(zeros.shape(0) == scales.shape(0) && zeros.shape(1) == scales.shape(1),
+              "zeros must have shape " + shape_str(N, K / group));
+        QWeight w{QScheme::int4, data.data(), scales.data(), zeros.data(), N, K, group};
+        QLinearArgs a = make_args(x, w, bias, out);
+        nb::gil_scoped_release release;
+        qlinear_f32(a);
+      },
+      nb::arg("x").noconvert(), nb::arg("data").noconvert(), nb::arg("scales").noconvert(),
+      nb::arg("zeros").noconvert(), nb::arg("group"), nb::arg("bias").noconvert().none(), nb::arg("out").noconvert(),
+      "out (M, N) = x (M, K) . W^T + bias with W[n,k] = (q[n,k] - zeros[n,k/G]) * scales[n,k/G], q packed 2 per byte");
+}
+
+}  // namespace quark::py

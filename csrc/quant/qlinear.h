@@ -1,0 +1,67 @@
+// Quantized linear layers: out (M, N) = x (M, K) . dequant(W)^T + bias, W stored packed.
+//
+// Weight formats (made by quark.ops.quantize, python/quark/ops/quant.py):
+//   int8  data (N, K) int8, scales (N,) fp32                     W[n,k] = data[n,k] * scales[n]
+//   int4  data (N, K/2) uint8, scales (N, K/G) fp32, zeros (N, K/G) uint8, G in {32, 64, 128}, K % G == 0
+//                                                                W[n,k] = (q[n,k] - zeros[n,k/G]) * scales[n,k/G]
+//         q is packed in blocks of 32 along K: byte 16*b + j of a row holds q[32b + j] in its low nibble
+//         and q[32b + j + 16] in its high nibble, so one 16-byte load unpacks into two runs of 16
+//         consecutive values with an AND and a shift (no interleaving shuffles).
+//
+// Paths (all exact up to fp32 rounding against dequant(W) @ x):
+//   GEMV  M <= 4: stream each packed weight row once, dequantize in registers, FMA with the M rows of x;
+//         threads over N. Memory bound: speed is bytes of weights per second.
+//   GEMM  M > 4: dequantize a (kc x nc) block of W into k-major fp32 panels that stay in L1/L2 and run
+//         a register-tiled FMA microkernel over them; threads over N blocks x M chunks.
+//   W8A8  int8 weights, activations quantized per row (token) to int8 (scale max|x|/127, round half to
+//         even). Kernels return exact int32 dots; the driver applies sx[m] * sw[n] (+ bias) so every
+//         ISA path gives bit-identical results. VNNI (vpdpbusd) on avx512_bf16, int16 madd below.
+#pragma once
+#include <cstdint>
+
+namespace quark {
+
+enum class QScheme : int { int8 = 0, int4 = 1 };
+
+struct QWeight {
+  QScheme scheme;
+  const uint8_t* data;    // int8: (N, K) int8 bytes; int4: (N, K/2) packed nibbles
+  const float* scales;    // int8: (N,); int4: (N, K/G)
+  const uint8_t* zeros;   // int4: (N, K/G); int8: nullptr
+  int64_t n, k, group;    // group = K for int8 (one scale per row)
+};
+
+struct QLinearArgs {
+  const float* x;         // (M, K) row-major fp32
+  int64_t m;
+  QWeight w;
+  const float* bias;      // (N,) or nullptr
+  float* out;             // (M, N) row-major fp32
+};
+
+// W8A8 after activation quantization: the kernels fill dots (M, N) = xq . wq^T exactly.
+struct W8A8Args {
+  const int8_t* xq;       // (M, kp) row-major, zero-padded to kp = round_up(K, 64)
+  const int16_t* xq16;    // the same values widened to int16, (M, kp)
+  int64_t m, kp;
+  QWeight w;              // scheme int8
+  int32_t* dots;          // (M, N)
+};
+
+constexpr int64_t kGemvMaxRows = 4;   // M above this takes the GEMM path
+
+void qlinear_f32(const QLinearArgs& a);    // dispatches on M and current_isa(); OpenMP inside
+void qlinear_w8a8(const QLinearArgs& a);   // a.w.scheme must be int8
+
+void qgemv_f32_scalar(const QLinearArgs& a);   // scalar handles any M
+void qgemv_f32_avx2(const QLinearArgs& a);
+void qgemv_f32_avx512(const QLinearArgs& a);
+void qgemm_f32_avx2(const QLinearArgs& a);
+void qgemm_f32_avx512(const QLinearArgs& a);
+
+void w8a8_dots_scalar(const W8A8Args& a);
+void w8a8_dots_avx2(const W8A8Args& a);
+void w8a8_dots_avx512(const W8A8Args& a);
+void w8a8_dots_avx512_bf16(const W8A8Args& a);   // VNNI panels for M > 4, else the avx512 row dots
+
+}  // namespace quark

@@ -1,0 +1,328 @@
+"""Weight quantization and the quantized linear op (C++ kernels in csrc/quant).
+
+Schemes (a QuantizedTensor of weights W (N, K) = (out_features, in_features)):
+  "int8"  symmetric per output channel: W ~ q * s[n], q int8 in [-127, 127].
+  "int4"  asymmetric per group of `group_size` (32, 64, 128) along K: W ~ (q - z) * s, q and the zero
+          point z in [0, 15], two values per byte in blocks of 32 (see csrc/quant/qlinear.h).
+          K must be a multiple of group_size: we raise rather than pad, so the stored tensor always
+          has the shape of the layer it replaces.
+  "w8a8"  int8 weights as above, and qlinear also quantizes activations per row (token) to int8
+          (scale max|x|/127) so the dot products run in exact int32 (VNNI vpdpbusd where present).
+
+Scales are chosen by round-to-nearest (RTN) with a small clipping search per row / group: among a
+few shrink factors of the min/max range, keep the one with the lowest squared error (as llama.cpp's
+k-quants do). Calibrated methods (AWQ, GPTQ) can build on `quantize_rtn` by passing their own scales.
+
+qlinear(x, qt, bias) computes x @ dequantize(qt).T + bias exactly up to fp32 rounding for "int8"
+and "int4" (fp32 or bf16 x; bf16 is widened to fp32 and the result rounded back), with a streaming
+GEMV for <= 4 rows and a blocked GEMM above. Files: QuantizedTensor.save/load use safetensors with
+the scheme, shape, group size and a CRC32 of the payload in the metadata, so a truncated or corrupted
+file fails with an error naming the problem instead of loading garbage.
+"""
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from quark import _C
+from quark.io import atomic_write_bytes
+from quark.ops._checks import check_array, device_of
+
+SCHEMES = ("int8", "int4", "w8a8")
+GROUP_SIZES = (32, 64, 128)
+FORMAT = "quark.quantized_tensor/1"
+_CLIP_SHRINK = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)   # candidate fractions of the min/max range
+
+
+class QuantizedTensor:
+    """Packed quantized weights of shape (N, K): data, scales, zeros (int4 only), scheme, group size."""
+
+    def __init__(self, scheme, shape, data, scales, zeros=None, group_size=None):
+        self.scheme = scheme
+        self.shape = tuple(int(s) for s in shape)
+        self.data, self.scales, self.zeros = data, scales, zeros
+        self.group_size = int(group_size) if scheme == "int4" else self.shape[1]
+        _validate(self, "QuantizedTensor")
+
+    @property
+    def out_features(self):
+        return self.shape[0]
+
+    @property
+    def in_features(self):
+        return self.shape[1]
+
+    @property
+    def nbytes(self):
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def tensors(self):
+        out = {"data": self.data, "scales": self.scales}
+        if self.zeros is not None:
+            out["zeros"] = self.zeros
+        return out
+
+    def dequantize(self):
+        return dequantize(self)
+
+    def to(self, device):
+        return QuantizedTensor(self.scheme, self.shape, self.data.to(device), self.scales.to(device),
+                               None if self.zeros is None else self.zeros.to(device), self.group_size)
+
+    def state(self, prefix=""):
+        """(tensors, metadata) under `prefix`, for safetensors files holding one or many tensors."""
+        tensors = {prefix + k: v.detach().contiguous().cpu() for k, v in self.tensors().items()}
+        meta = {prefix + "scheme": self.scheme, prefix + "shape": f"{self.shape[0]},{self.shape[1]}",
+                prefix + "group_size": str(self.group_size), prefix + "crc32": str(_crc32(self.tensors()))}
+        return tensors, meta
+
+    @classmethod
+    def from_state(cls, tensors, metadata, prefix="", where="QuantizedTensor"):
+        """Inverse of state(); checks metadata, shapes, dtypes and the CRC, naming what is wrong."""
+        def meta(key):
+            if prefix + key not in metadata:
+                raise ValueError(f"{where}: metadata key {prefix + key!r} is missing; not a quantized tensor file?")
+            return metadata[prefix + key]
+        scheme = meta("scheme")
+        if scheme not in SCHEMES:
+            raise ValueError(f"{where}: unknown scheme {scheme!r}; expected one of {SCHEMES}")
+        try:
+            shape = tuple(int(s) for s in meta("shape").split(","))
+            group_size = int(meta("group_size"))
+            crc = int(meta("crc32"))
+        except ValueError:
+            raise ValueError(f"{where}: malformed metadata (shape {metadata.get(prefix + 'shape')!r}, group_size "
+                             f"{metadata.get(prefix + 'group_size')!r}, crc32 {metadata.get(prefix + 'crc32')!r})") from None
+        if len(shape) != 2:
+            raise ValueError(f"{where}: shape must be 'N,K', got {meta('shape')!r}")
+        names = ("data", "scales", "zeros") if scheme == "int4" else ("data", "scales")
+        for name in names:
+            if prefix + name not in tensors:
+                raise ValueError(f"{where}: tensor {prefix + name!r} is missing")
+        qt = cls.__new__(cls)
+        qt.scheme, qt.shape, qt.group_size = scheme, shape, group_size if scheme == "int4" else shape[1]
+        qt.data, qt.scales = tensors[prefix + "data"], tensors[prefix + "scales"]
+        qt.zeros = tensors.get(prefix + "zeros") if scheme == "int4" else None
+        _validate(qt, where)
+        if _crc32(qt.tensors()) != crc:
+            raise ValueError(f"{where}: checksum mismatch, the quantized weights are corrupted")
+        return qt
+
+    def save(self, path, metadata=None):
+        from safetensors.torch import save
+        tensors, meta = self.state()
+        extra = {f"user.{k}": str(v) for k, v in (metadata or {}).items()}
+        atomic_write_bytes(path, save(tensors, metadata={"format": FORMAT, **meta, **extra}))
+        return Path(path)
+
+    @classmethod
+    def load(cls, path):
+        tensors, metadata = read_safetensors(path)
+        if metadata.get("format") != FORMAT:
+            raise ValueError(f"{path}: not a Quark quantized tensor (format {metadata.get('format')!r}, "
+                             f"expected {FORMAT!r})")
+        return cls.from_state(tensors, metadata, where=str(path))
+
+    def __repr__(self):
+        g = f", group_size={self.group_size}" if self.scheme == "int4" else ""
+        return f"QuantizedTensor(scheme={self.scheme!r}, shape={self.shape}{g}, nbytes={self.nbytes})"
+
+
+def read_safetensors(path):
+    """(tensors, metadata) of a safetensors file; a truncated or corrupted file raises ValueError."""
+    from safetensors import SafetensorError, safe_open
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise ValueError(f"{path} is corrupted or truncated (not a readable safetensors file: {e})") from None
+    return tensors, metadata
+
+
+def _crc32(tensors):
+    crc = 0
+    for name in sorted(tensors):
+        crc = zlib.crc32(tensors[name].detach().contiguous().cpu().view(torch.uint8).numpy().tobytes(), crc)
+    return crc
+
+
+def _expect(where, name, t, dtype, shape):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{where}: {name} must be a torch tensor, got {type(t).__name__}")
+    if t.dtype != dtype:
+        raise ValueError(f"{where}: {name} must have dtype {dtype}, got {t.dtype}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{where}: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def _validate(qt, where):
+    if qt.scheme not in SCHEMES:
+        raise ValueError(f"{where}: scheme must be one of {SCHEMES}, got {qt.scheme!r}")
+    if len(qt.shape) != 2 or min(qt.shape) < 1:
+        raise ValueError(f"{where}: shape must be (N, K) with N, K >= 1, got {qt.shape}")
+    N, K = qt.shape
+    if qt.scheme == "int4":
+        G = qt.group_size
+        if G not in GROUP_SIZES:
+            raise ValueError(f"{where}: group_size must be one of {GROUP_SIZES}, got {G}")
+        if K % G:
+            raise ValueError(f"{where}: K={K} is not a multiple of group_size {G}")
+        _expect(where, "data", qt.data, torch.uint8, (N, K // 2))
+        _expect(where, "scales", qt.scales, torch.float32, (N, K // G))
+        _expect(where, "zeros", qt.zeros, torch.uint8, (N, K // G))
+        if qt.zeros.numel() and int(qt.zeros.max()) > 15:
+            raise ValueError(f"{where}: int4 zero points must be in [0, 15], got {int(qt.zeros.max())}")
+    else:
+        _expect(where, "data", qt.data, torch.int8, (N, K))
+        _expect(where, "scales", qt.scales, torch.float32, (N,))
+        if qt.zeros is not None:
+            raise ValueError(f"{where}: {qt.scheme} has no zero points")
+    if not bool(torch.isfinite(qt.scales).all()):
+        raise ValueError(f"{where}: scales contain inf or NaN")
+
+
+def _as_float_weight(w):
+    if isinstance(w, np.ndarray):
+        w = torch.from_numpy(w)
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"w must be a torch tensor or numpy array, got {type(w).__name__}")
+    if not w.is_floating_point():
+        raise TypeError(f"w must be a floating-point tensor, got {w.dtype}")
+    if w.ndim != 2:
+        raise ValueError(f"w must be 2-D (out_features, in_features), got shape {tuple(w.shape)}")
+    if 0 in w.shape:
+        raise ValueError(f"w must not be empty, got shape {tuple(w.shape)}")
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError("w contains inf or NaN")
+    return w.detach().to("cpu", torch.float32)
+
+
+def _pack_int4(q):
+    """q (N, K) values 0..15 -> (N, K/2) uint8; per block of 32, byte j = q[j] | q[j + 16] << 4."""
+    N, K = q.shape
+    blocks = q.to(torch.uint8).view(N, K // 32, 2, 16)
+    return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(N, K // 2).contiguous()
+
+
+def _unpack_int4(data, K):
+    N = data.shape[0]
+    b = data.view(N, K // 32, 16)
+    return torch.stack([b & 15, b >> 4], dim=2).reshape(N, K)
+
+
+def quantize_rtn(w, scheme="int4", group_size=32):
+    """Round-to-nearest quantization with a per-row (int8) / per-group (int4) clipping search."""
+    w = _as_float_weight(w)
+    N, K = w.shape
+    if scheme in ("int8", "w8a8"):
+        amax = w.abs().amax(dim=1, keepdim=True)                                   # (N, 1)
+        best_q, best_s, best_err = None, None, None
+        for shrink in _CLIP_SHRINK:
+            s = torch.where(amax > 0, amax * shrink / 127, torch.ones_like(amax))
+            q = torch.clamp(torch.round(w / s), -127, 127)
+            err = ((q * s - w) ** 2).sum(dim=1, keepdim=True)
+            if best_err is None:
+                best_q, best_s, best_err = q, s, err
+            else:
+                better = err < best_err
+                best_q = torch.where(better, q, best_q)
+                best_s = torch.where(better, s, best_s)
+                best_err = torch.minimum(err, best_err)
+        return QuantizedTensor(scheme, (N, K), best_q.to(torch.int8).contiguous(),
+                               best_s[:, 0].contiguous(), None, None)
+    if scheme != "int4":
+        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {group_size!r}")
+    if K % group_size:
+        raise ValueError(f"in_features K={K} is not a multiple of group_size {group_size}; int4 needs whole "
+                         f"groups (pick a group size dividing K, or use scheme='int8')")
+    g = w.view(N, K // group_size, group_size)                                   # (N, G, g)
+    lo = g.amin(dim=2, keepdim=True).clamp(max=0)                                # 0 stays representable
+    hi = g.amax(dim=2, keepdim=True).clamp(min=0)
+    best = None
+    for shrink in _CLIP_SHRINK:
+        s = (hi - lo) * shrink / 15
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        z = torch.clamp(torch.round(-lo * shrink / s), 0, 15)
+        q = torch.clamp(torch.round(g / s) + z, 0, 15)
+        err = (((q - z) * s - g) ** 2).sum(dim=2, keepdim=True)
+        if best is None:
+            best = [q, s, z, err]
+        else:
+            better = err < best[3]
+            best = [torch.where(better, q, best[0]), torch.where(better, s, best[1]),
+                    torch.where(better, z, best[2]), torch.minimum(err, best[3])]
+    q, s, z, _ = best
+    return QuantizedTensor("int4", (N, K), _pack_int4(q.reshape(N, K)), s[..., 0].contiguous(),
+                           z[..., 0].to(torch.uint8).contiguous(), group_size)
+
+
+def quantize(w, scheme="int4", group_size=32):
+    """Quantize weights w (N, K) -> QuantizedTensor. See the module docstring for the schemes."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+    return quantize_rtn(w, scheme, group_size)
+
+
+def dequantize(qt):
+    """QuantizedTensor -> float32 weights (N, K), on the device of qt."""
+    if not isinstance(qt, QuantizedTensor):
+        raise TypeError(f"qt must be a QuantizedTensor, got {type(qt).__name__}")
+    if qt.scheme == "int4":
+        N, K = qt.shape
+        q = _unpack_int4(qt.data, K).view(N, K // qt.group_size, qt.group_size).float()
+        return ((q - qt.zeros.float()[..., None]) * qt.scales[..., None]).reshape(N, K)
+    return qt.data.float() * qt.scales[:, None]
+
+
+def quantize_activations(x):
+    """Per-row symmetric int8 of x (M, K) float32, as the W8A8 path does: (q int8, scale (M,) float32)."""
+    amax = x.abs().amax(dim=1)
+    # tensor / tensor: torch computes `127.0 / t` as reciprocal(t) * 127, which rounds differently from
+    # the kernel's 127.f / amax and flips the odd exact tie (107.5 -> 107 vs 108).
+    safe = torch.where(amax > 0, amax, torch.ones_like(amax))
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / safe, torch.zeros_like(amax))
+    return torch.round(x * inv[:, None]).to(torch.int8), amax / torch.full_like(amax, 127.0)
+
+
+def qlinear(x, qt, bias=None):
+    """x (..., K) float32 or bfloat16 -> (..., N) in x's dtype: x @ dequantize(qt).T + bias.
+
+    numpy in -> numpy out. CPU runs the C++ kernels; other devices use quark.ops.reference.qlinear.
+    bf16 x is widened to fp32 for the kernel and the result rounded back to bf16.
+    """
+    if not isinstance(qt, QuantizedTensor):
+        raise TypeError(f"qt must be a QuantizedTensor, got {type(qt).__name__}")
+    was_numpy = isinstance(x, np.ndarray)
+    check_array("x", x, ("float32", "bfloat16"))
+    xt = torch.from_numpy(x) if was_numpy else x
+    N, K = qt.shape
+    if xt.ndim == 0 or xt.shape[-1] != K:
+        raise ValueError(f"x must have last dimension K={K} (qt has shape {qt.shape}), got shape {tuple(xt.shape)}")
+    if bias is not None:
+        if isinstance(bias, np.ndarray):
+            bias = torch.from_numpy(bias)
+        if not isinstance(bias, torch.Tensor) or not bias.is_floating_point() or tuple(bias.shape) != (N,):
+            raise ValueError(f"bias must be a floating-point tensor of shape ({N},), got "
+                             f"{getattr(bias, 'shape', type(bias).__name__)}")
+    if device_of(xt) != "cpu" or qt.data.device.type != "cpu":
+        from quark.ops import reference
+        return reference.qlinear(xt, qt, bias)
+    lead = xt.shape[:-1]
+    x2 = xt.reshape(-1, K)
+    if x2.dtype != torch.float32:
+        x2 = x2.float()
+    b = None if bias is None else bias.detach().to(torch.float32).contiguous()
+    out = torch.empty((x2.shape[0], N), dtype=torch.float32)
+    if qt.scheme == "int4":
+        _C.qlinear_int4(x2, qt.data, qt.scales, qt.zeros, qt.group_size, b, out)
+    else:
+        _C.qlinear_int8(x2, qt.data, qt.scales, b, out, qt.scheme == "w8a8")
+    out = out.reshape(*lead, N).to(xt.dtype)
+    return out.numpy() if was_numpy else out

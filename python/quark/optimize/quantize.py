@@ -1,0 +1,295 @@
+"""Post-training weight quantization of a whole model: swap nn.Linear for quark.nn.QuantLinear,
+report the size before and after, save and reload quantized model directories, and the pipeline
+step `quantize` (perplexity and decode speed of each scheme against the float model).
+
+Layers are quantized with round-to-nearest (quark.ops.quantize). Calibrated methods (AWQ, GPTQ)
+plug in through `quantize_model(..., quantizer=fn)`, where fn(name, linear) returns the
+QuantizedTensor for that layer (for example after scaling or error-correcting its weight).
+
+Quantized model directory: config.json (GPTConfig), quant.json {scheme, group_size, layers},
+model.safetensors (float tensors + each layer's QuantizedTensor.state(prefix) with its metadata and
+CRC), tokenizer.json when the source had one.
+"""
+import argparse
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from quark.config import ConfigError, from_dict
+from quark.io import atomic_open, atomic_write_json, atomic_write_text
+from quark.nn import QuantLinear
+from quark.ops.quant import GROUP_SIZES, SCHEMES, QuantizedTensor, quantize, read_safetensors
+
+MODEL_FORMAT = "quark.quantized_model/1"
+
+
+@dataclass
+class QuantizeReport:
+    scheme: str
+    group_size: int
+    layers: list = field(default_factory=list)    # names of the swapped layers
+    skipped: dict = field(default_factory=dict)   # name -> reason
+    bytes_before: int = 0                         # whole model, each storage counted once
+    bytes_after: int = 0
+
+    @property
+    def ratio(self):
+        return self.bytes_before / self.bytes_after if self.bytes_after else float("nan")
+
+    def to_dict(self):
+        return asdict(self) | {"ratio": round(self.ratio, 3)}
+
+
+def model_nbytes(model: nn.Module):
+    """Bytes of all parameters and buffers; tied tensors (one storage) count once."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = (t.untyped_storage().data_ptr(), t.dtype, tuple(t.shape))
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _rtn(scheme, group_size):
+    return lambda name, linear: quantize(linear.weight, scheme, group_size)
+
+
+def quantize_model(model: nn.Module, scheme="int4", group_size=32, skip=("lm_head",), quantizer=None):
+    """Replace every nn.Linear of `model` (in place) by a QuantLinear; returns a QuantizeReport.
+
+    skip: layer names (or name suffixes) kept in float; the output head by default, as GPTQ/AWQ do,
+    since it is the layer most sensitive to quantization. int4 layers whose in_features is not a
+    multiple of group_size stay in float and are listed in report.skipped.
+    quantizer(name, linear) -> QuantizedTensor overrides round-to-nearest (the AWQ/GPTQ hook).
+    """
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+    if scheme == "int4" and group_size not in GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {group_size!r}")
+    quantizer = quantizer or _rtn(scheme, group_size)
+    report = QuantizeReport(scheme, group_size if scheme == "int4" else 0, bytes_before=model_nbytes(model))
+    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    for name, linear in targets:
+        if any(name == s or name.endswith("." + s) for s in skip):
+            report.skipped[name] = "skipped by request"
+            continue
+        if scheme == "int4" and linear.in_features % group_size:
+            report.skipped[name] = f"in_features {linear.in_features} is not a multiple of group_size {group_size}"
+            continue
+        qt = quantizer(name, linear)
+        _set_module(model, name, QuantLinear(qt, linear.bias))
+        report.layers.append(name)
+    report.bytes_after = model_nbytes(model)
+    return report
+
+
+def _set_module(model, name, module):
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def save_quantized_model(model, directory, report: QuantizeReport, tokenizer_path=None):
+    """Write a quantized GPT (after quantize_model) as a quantized model directory."""
+    from safetensors.torch import save
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors, metadata = {}, {"format": MODEL_FORMAT}
+    quantized = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    for name, m in quantized.items():
+        t, meta = m.qweight.state(name + ".")
+        tensors.update(t)
+        metadata.update(meta)
+        if m.bias is not None:
+            tensors[name + ".bias"] = m.bias.detach().contiguous().cpu()
+    for key, value in model.state_dict().items():
+        owner = key.rpartition(".")[0]
+        if owner not in quantized:
+            tensors[key] = value.detach().contiguous().cpu()
+    if model.config.tie_embeddings and "lm_head" not in quantized:
+        tensors.pop("lm_head.weight", None)   # shares tok_emb.weight; safetensors refuses aliases
+    with atomic_open(directory / "model.safetensors") as f:
+        f.write(save(tensors, metadata=metadata))
+    atomic_write_text(directory / "config.json", model.config.to_json())
+    atomic_write_json(directory / "quant.json", {"scheme": report.scheme, "group_size": report.group_size,
+                                                  "layers": report.layers})
+    if tokenizer_path is not None and Path(tokenizer_path).exists():
+        shutil.copyfile(tokenizer_path, directory / "tokenizer.json")
+    return directory
+
+
+def load_quantized_model(directory):
+    """A GPT with QuantLinear layers from a quantized model directory; every layer is checked."""
+    from quark.model.gpt import GPT
+    from quark.model.io import load_config
+    directory = Path(directory)
+    config = load_config(directory)
+    spec_path = directory / "quant.json"
+    if not spec_path.exists():
+        raise FileNotFoundError(f"{directory} is not a quantized model directory: quant.json is missing")
+    try:
+        spec = json.loads(spec_path.read_text())
+        layers = list(spec["layers"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{spec_path} is malformed ({e}); expected {{scheme, group_size, layers}}") from None
+    weights = directory / "model.safetensors"
+    tensors, metadata = read_safetensors(weights)
+    if metadata.get("format") != MODEL_FORMAT:
+        raise ValueError(f"{weights}: not a Quark quantized model (format {metadata.get('format')!r})")
+    model = GPT(config)
+    for name in layers:
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{spec_path}: layer {name!r} does not exist in this model") from None
+        qt = QuantizedTensor.from_state(tensors, metadata, prefix=name + ".", where=f"{weights} layer {name}")
+        _set_module(model, name, QuantLinear(qt, tensors.get(name + ".bias")))
+    rest = {k: v for k, v in tensors.items() if k.rpartition(".")[0] not in layers}
+    missing, unexpected = model.load_state_dict(rest, strict=False)
+    missing = [k for k in missing if k.rpartition(".")[0] not in layers
+               and not (config.tie_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise ValueError(f"{weights} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model.eval()
+
+
+# ---- evaluation used by the pipeline step ---------------------------------------------------------
+
+def load_val_tokens(run_dir):
+    """run_dir/pack/val.bin as a flat int64 tensor, dtype from pack/meta.json["dtype"]."""
+    pack = Path(run_dir) / "pack"
+    meta_path, val_path = pack / "meta.json", pack / "val.bin"
+    for p in (meta_path, val_path):
+        if not p.exists():
+            raise FileNotFoundError(f"{p} is missing; run the pack step first")
+    try:
+        dtype = np.dtype(json.loads(meta_path.read_text())["dtype"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{meta_path}: needs a valid 'dtype' key ({e})") from None
+    tokens = np.fromfile(val_path, dtype=dtype)
+    if len(tokens) < 2:
+        raise ValueError(f"{val_path} holds {len(tokens)} tokens; need at least 2 to evaluate")
+    return torch.from_numpy(tokens.astype(np.int64))
+
+
+@torch.no_grad()
+def heldout_perplexity(model, tokens, max_tokens=512):
+    """exp(mean next-token loss) over consecutive windows of max_seq_len covering ~max_tokens targets."""
+    T = min(model.config.max_seq_len, len(tokens) - 1)
+    n = max(1, min(math.ceil(max_tokens / T), (len(tokens) - 1) // T))
+    windows = torch.stack([tokens[i * T: i * T + T + 1] for i in range(n)])      # (n, T + 1)
+    if int(windows.max()) >= model.config.vocab_size:
+        raise ValueError(f"token id {int(windows.max())} >= vocab_size {model.config.vocab_size}: "
+                         "val.bin was packed with another tokenizer")
+    _, loss = model(windows[:, :-1], windows[:, 1:])
+    return math.exp(float(loss)), n * T
+
+
+@torch.no_grad()
+def decode_tokens_per_s(model, prompt, new_tokens=32):
+    """Greedy decode speed with the KV cache (batch 1: every Linear runs as a GEMV)."""
+    prompt = prompt[None, :8]
+    new_tokens = max(1, min(new_tokens, model.config.max_seq_len - prompt.shape[1]))
+    model.generate(prompt, 2)                                                      # warm-up
+    t0 = time.perf_counter()
+    model.generate(prompt, new_tokens)
+    return new_tokens / (time.perf_counter() - t0)
+
+
+# ---- pipeline step --------------------------------------------------------------------------------
+
+@dataclass
+class QuantizeConfig:
+    schemes: list = field(default_factory=lambda: ["int8", "int4"])
+    group_size: int = 32
+    eval_tokens: int = 512      # held-out targets for perplexity (a few windows of max_seq_len)
+    decode_tokens: int = 32     # generated tokens for the tokens/s figure
+    seed: int = 0
+
+
+def validate_config(cfg):
+    c = from_dict(QuantizeConfig, cfg, "quantize")
+    for s in c.schemes:
+        if s not in SCHEMES:
+            raise ConfigError(f"quantize.schemes: {s!r} is not one of {list(SCHEMES)}")
+    if c.group_size not in GROUP_SIZES:
+        raise ConfigError(f"quantize.group_size: must be one of {list(GROUP_SIZES)}, got {c.group_size}")
+    if c.eval_tokens < 1 or c.decode_tokens < 1:
+        raise ConfigError("quantize.eval_tokens and quantize.decode_tokens must be >= 1")
+    return c
+
+
+def _evaluate(model, tokens, c):
+    ppl, n = heldout_perplexity(model, tokens, c.eval_tokens)
+    return {"perplexity": round(ppl, 4), "eval_tokens": n,
+            "decode_tokens_per_s": round(decode_tokens_per_s(model, tokens, c.decode_tokens), 2),
+            "bytes": model_nbytes(model)}
+
+
+def run_step(run_dir, cfg):
+    from tqdm import tqdm
+
+    from quark.model.io import latest_model_dir, load_model
+    c = validate_config(cfg)
+    torch.manual_seed(c.seed)
+    run_dir = Path(run_dir)
+    src = latest_model_dir(run_dir)
+    source = {"model_dir": str(src), "mtime": (src / "model.safetensors").stat().st_mtime}
+    tokens = load_val_tokens(run_dir)
+    out = run_dir / "quantize"
+    stats = {"source": str(src)}
+    base_path = out / "float.json"
+    base = json.loads(base_path.read_text()) if base_path.exists() else {}
+    if base.get("source") != source:   # resume: the float baseline is measured once per source model
+        base = {"source": source, **_evaluate(load_model(src), tokens, c)}
+        atomic_write_json(base_path, base)
+    stats["float"] = {k: v for k, v in base.items() if k != "source"}
+    for scheme in tqdm(c.schemes, desc="quantize", unit="scheme"):
+        d = out / scheme
+        report_path = d / "report.json"
+        key = {"source": source, "scheme": scheme, "group_size": c.group_size, "eval_tokens": c.eval_tokens}
+        prev = json.loads(report_path.read_text()) if report_path.exists() else {}
+        if prev.get("key") != key:
+            model = load_model(src)
+            report = quantize_model(model, scheme, c.group_size)
+            save_quantized_model(model, d, report, src / "tokenizer.json")
+            result = _evaluate(model, tokens, c)
+            prev = {"key": key, **report.to_dict(), **result,
+                    "perplexity_delta": round(result["perplexity"] - base["perplexity"], 4),
+                    "speedup": round(result["decode_tokens_per_s"] / base["decode_tokens_per_s"], 3)}
+            atomic_write_json(report_path, prev)   # written last: its presence marks the scheme done
+        stats[scheme] = {k: prev[k] for k in ("bytes_before", "bytes_after", "ratio", "perplexity",
+                                              "perplexity_delta", "decode_tokens_per_s", "speedup")}
+    atomic_write_json(out / "summary.json", stats)
+    return stats
+
+
+# ---- CLI: quark quantize MODEL_DIR --scheme int4 --out DIR ---------------------------------------
+
+def configure_parser(parser: argparse.ArgumentParser):
+    parser.add_argument("model_dir", help="model directory (config.json + model.safetensors)")
+    parser.add_argument("--scheme", choices=SCHEMES, default="int4")
+    parser.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=32, help="int4 group along K")
+    parser.add_argument("--out", required=True, help="output directory for the quantized model")
+    parser.add_argument("--quantize-head", action="store_true", help="also quantize lm_head")
+
+
+def run_cli(args):
+    from quark.model.io import load_model
+    try:
+        model = load_model(args.model_dir)
+    except (FileNotFoundError, ValueError, ConfigError) as e:
+        print(f"error: {e}")
+        return 2
+    report = quantize_model(model, args.scheme, args.group_size, skip=() if args.quantize_head else ("lm_head",))
+    save_quantized_model(model, args.out, report, Path(args.model_dir) / "tokenizer.json")
+    print(f"{args.scheme}: {len(report.layers)} layers quantized, {len(report.skipped)} kept in float; "
+          f"{report.bytes_before / 1e6:.2f} MB -> {report.bytes_after / 1e6:.2f} MB ({report.ratio:.2f}x) -> {args.out}")
+    return 0

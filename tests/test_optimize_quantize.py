@@ -1,0 +1,114 @@
+"""quark.optimize.quantize: quantize_model, quantized model directories, the `quantize` step and CLI."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from quark.cli import main as cli_main
+from quark.config import ConfigError
+from quark.model import GPT, preset
+from quark.model.io import save_model
+from quark.nn import QuantLinear
+from quark.optimize import load_quantized_model, model_nbytes, quantize_model, save_quantized_model
+from quark.optimize.quantize import run_step, validate_config
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return GPT(preset("nano", vocab_size=256, max_seq_len=64)).eval()
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "w8a8"])
+def test_quantize_model_swaps_linears_and_shrinks(scheme):
+    model = tiny_model()
+    idx = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        ref, _ = model(idx)
+    report = quantize_model(model, scheme, 32)
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert linears == ["lm_head"] and report.skipped == {"lm_head": "skipped by request"}
+    assert len(report.layers) == 2 * 7 and all(isinstance(model.get_submodule(n), QuantLinear) for n in report.layers)
+    assert report.bytes_after < report.bytes_before and report.bytes_after == model_nbytes(model)
+    with torch.no_grad():
+        out, _ = model(idx)
+    assert float((out - ref).norm() / ref.norm()) < 0.2
+
+
+def test_int4_layers_with_odd_k_stay_float_and_quantizer_hook():
+    net = torch.nn.Sequential(torch.nn.Linear(48, 64), torch.nn.Linear(64, 8))
+    seen = []
+
+    def quantizer(name, linear):
+        from quark.ops import quantize
+        seen.append(name)
+        return quantize(linear.weight, "int4", 32)
+
+    report = quantize_model(net, "int4", 32, skip=(), quantizer=quantizer)
+    assert report.layers == ["1"] and seen == ["1"] and "not a multiple of group_size" in report.skipped["0"]
+    with pytest.raises(ValueError, match="scheme must be one of"):
+        quantize_model(net, "fp4")
+
+
+def test_save_and_load_quantized_model(tmp_path):
+    model = tiny_model()
+    report = quantize_model(model, "int4", 32)
+    save_quantized_model(model, tmp_path / "q", report)
+    back = load_quantized_model(tmp_path / "q")
+    idx = torch.randint(0, 256, (1, 10))
+    with torch.no_grad():
+        assert torch.equal(back(idx)[0], model(idx)[0])
+    assert json.loads((tmp_path / "q" / "quant.json").read_text())["layers"] == report.layers
+    blob = (tmp_path / "q" / "model.safetensors").read_bytes()
+    (tmp_path / "q" / "model.safetensors").write_bytes(blob[:-64])
+    with pytest.raises(ValueError, match="corrupted or truncated"):
+        load_quantized_model(tmp_path / "q")
+
+
+def make_run_dir(tmp_path):
+    run = tmp_path / "run"
+    save_model(tiny_model(), run / "pretrain" / "final")
+    (run / "pack").mkdir(parents=True)
+    np.random.default_rng(0).integers(0, 256, 2000).astype(np.uint16).tofile(run / "pack" / "val.bin")
+    (run / "pack" / "meta.json").write_text(json.dumps({"dtype": "uint16"}))
+    return run
+
+
+def test_pipeline_step_reports_and_resumes(tmp_path):
+    run = make_run_dir(tmp_path)
+    cfg = {"seed": 0, "eval_tokens": 128, "decode_tokens": 4}
+    stats = run_step(run, cfg)
+    for scheme in ("int8", "int4"):
+        s = stats[scheme]
+        assert s["bytes_after"] < s["bytes_before"] and s["perplexity"] > 1 and s["decode_tokens_per_s"] > 0
+        assert (run / "quantize" / scheme / "model.safetensors").exists()
+        load_quantized_model(run / "quantize" / scheme)
+    # random weights: every scheme stays within a few percent of the float perplexity
+    assert abs(stats["int8"]["perplexity_delta"]) < 0.05 * stats["float"]["perplexity"]
+    mtime = (run / "quantize" / "int4" / "model.safetensors").stat().st_mtime
+    again = run_step(run, cfg)
+    assert again["int4"]["perplexity"] == stats["int4"]["perplexity"]
+    assert (run / "quantize" / "int4" / "model.safetensors").stat().st_mtime == mtime   # resumed, not redone
+
+
+def test_step_config_and_input_errors(tmp_path):
+    with pytest.raises(ConfigError, match="schemes"):
+        validate_config({"schemes": ["int2"]})
+    with pytest.raises(ConfigError, match="group_size"):
+        validate_config({"group_size": 48})
+    with pytest.raises(ConfigError, match="unknown key"):
+        validate_config({"bits": 4})
+    run = make_run_dir(tmp_path)
+    (run / "pack" / "meta.json").write_text("{}")
+    with pytest.raises(ValueError, match="dtype"):
+        run_step(run, {"seed": 0})
+    with pytest.raises(FileNotFoundError, match="no trained model"):
+        run_step(tmp_path / "empty", {"seed": 0})
+
+
+def test_cli(tmp_path, capsys):
+    save_model(tiny_model(), tmp_path / "m")
+    assert cli_main(["quantize", str(tmp_path / "m"), "--scheme", "int8", "--out", str(tmp_path / "q")]) == 0
+    assert "layers quantized" in capsys.readouterr().out
+    assert isinstance(load_quantized_model(tmp_path / "q").blocks[0].mlp.w1, QuantLinear)
+    assert cli_main(["quantize", str(tmp_path / "nothing"), "--out", str(tmp_path / "q2")]) == 2

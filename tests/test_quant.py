@@ -1,0 +1,201 @@
+"""quark.ops.quantize / dequantize / qlinear and QuantizedTensor files (csrc/quant, ops/quant.py)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import quark
+from quark import _C
+from quark.ops import QuantizedTensor, dequantize, qlinear, quantize, reference
+from quark.ops.quant import quantize_activations
+
+LEVELS = ("scalar", "avx2", "avx512", "avx512_bf16")
+AVAILABLE = [lv for lv in LEVELS if LEVELS.index(lv) <= LEVELS.index(min(_C.detected_isa(), "avx512_bf16",
+                                                                          key=LEVELS.index))]
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def ref64(x, qt, bias=None):
+    """float64 dequantize(qt) @ x (+ bias); W8A8 quantizes x first exactly as the kernel does."""
+    x2 = x.float().reshape(-1, x.shape[-1])
+    if qt.scheme == "w8a8":
+        q, s = quantize_activations(x2)
+        x2 = q.double() * s.double()[:, None]
+    y = x2.double() @ dequantize(qt).double().T
+    if bias is not None:
+        y = y + bias.double()
+    return y.reshape(*x.shape[:-1], qt.shape[0])
+
+
+@pytest.mark.parametrize("scheme,group,tol", [("int8", 32, 0.01), ("int4", 32, 0.08), ("int4", 64, 0.095),
+                                              ("int4", 128, 0.105)])
+def test_quantization_error_on_gaussian_weights(scheme, group, tol):
+    w = torch.randn(256, 1024, generator=torch.Generator().manual_seed(0))
+    err = rel(dequantize(quantize(w, scheme, group)), w)
+    assert err < tol
+
+
+def test_dequantize_inverts_quantize_on_the_grid():
+    g = torch.Generator().manual_seed(1)
+    qt = quantize(torch.randn(16, 64, generator=g), "int4", 32)
+    again = quantize(dequantize(qt), "int4", 32)           # grid points quantize to themselves
+    assert rel(dequantize(again), dequantize(qt)) < 1e-6
+    q8 = quantize(torch.randn(8, 33, generator=g), "int8")
+    assert torch.allclose(dequantize(q8), q8.data.float() * q8.scales[:, None])
+
+
+def test_int4_packing_layout_and_sizes():
+    w = torch.arange(64, dtype=torch.float32).repeat(3, 1) - 30          # distinct values along K
+    qt = quantize(w, "int4", 64)
+    assert qt.data.shape == (3, 32) and qt.scales.shape == (3, 1) and qt.zeros.shape == (3, 1)
+    assert qt.nbytes == 3 * 32 + 3 * 4 + 3
+    lo, hi = qt.data[0, :16] & 15, qt.data[0, :16] >> 4                 # byte j: q[j] | q[j + 16] << 4
+    q = torch.round(dequantize(qt)[0] / qt.scales[0, 0] + qt.zeros[0, 0].float())
+    assert torch.equal(lo.float(), q[:16]) and torch.equal(hi.float(), q[16:32])
+
+
+@pytest.mark.parametrize("isa", AVAILABLE)
+@pytest.mark.parametrize("scheme,group,N,K", [("int8", 0, 37, 101), ("int8", 0, 64, 16), ("int4", 32, 37, 96),
+                                              ("int4", 64, 70, 192), ("int4", 128, 33, 256), ("w8a8", 0, 45, 77),
+                                              ("w8a8", 0, 40, 130)])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 13])
+def test_qlinear_matches_float64_reference(isa, scheme, group, N, K, M):
+    g = torch.Generator().manual_seed(N * 1000 + K + M)
+    qt = quantize(torch.randn(N, K, generator=g), scheme, group or 32)
+    x, bias = torch.randn(M, K, generator=g), torch.randn(N, generator=g)
+    with quark.isa(isa):
+        y = qlinear(x, qt, bias)
+        y0 = qlinear(x, qt)
+    assert y.dtype == torch.float32 and y.shape == (M, N)
+    assert rel(y, ref64(x, qt, bias)) < 1e-5
+    assert rel(y0, ref64(x, qt)) < 1e-5
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "w8a8"])
+def test_every_isa_path_agrees_on_a_larger_gemm(scheme):
+    g = torch.Generator().manual_seed(7)
+    qt = quantize(torch.randn(300, 512, generator=g), scheme, 32)
+    x = torch.randn(70, 512, generator=g)
+    ref = ref64(x, qt)
+    outs = {}
+    for isa in AVAILABLE:
+        with quark.isa(isa):
+            outs[isa] = qlinear(x, qt)
+        assert rel(outs[isa], ref) < 1e-5, isa
+    if scheme == "w8a8":   # exact int32 dots and one shared epilogue: bit-identical on every path
+        for isa in AVAILABLE:
+            assert torch.equal(outs[isa], outs["scalar"])
+
+
+def test_w8a8_gemv_and_gemm_paths_agree_bitwise():
+    g = torch.Generator().manual_seed(3)
+    qt = quantize(torch.randn(96, 200, generator=g), "w8a8")
+    x = torch.randn(9, 200, generator=g)
+    full = qlinear(x, qt)
+    rows = torch.cat([qlinear(x[i:i + 1], qt) for i in range(9)])
+    assert torch.equal(full, rows)
+
+
+def test_bf16_activations_batched_shapes_and_numpy():
+    g = torch.Generator().manual_seed(4)
+    qt = quantize(torch.randn(48, 128, generator=g), "int4", 32)
+    x = torch.randn(2, 3, 128, generator=g).bfloat16()
+    y = qlinear(x, qt)
+    assert y.dtype == torch.bfloat16 and y.shape == (2, 3, 48)
+    assert rel(y.float(), ref64(x.float(), qt).float()) < 1e-2        # bf16 output rounding
+    xn = np.random.default_rng(0).standard_normal((5, 128), dtype=np.float32)
+    yn = qlinear(xn, qt)
+    assert isinstance(yn, np.ndarray) and rel(torch.from_numpy(yn), ref64(torch.from_numpy(xn), qt)) < 1e-5
+
+
+def test_reference_qlinear_matches_kernel():
+    g = torch.Generator().manual_seed(5)
+    for scheme in ("int8", "int4", "w8a8"):
+        qt = quantize(torch.randn(20, 64, generator=g), scheme, 32)
+        x = torch.randn(6, 64, generator=g)
+        assert rel(qlinear(x, qt), reference.qlinear(x, qt)) < 1e-5
+
+
+def test_bad_inputs_raise_clear_errors():
+    qt = quantize(torch.randn(8, 64), "int4", 32)
+    with pytest.raises(TypeError, match="x must have dtype"):
+        qlinear(torch.randn(2, 64, dtype=torch.float64), qt)
+    with pytest.raises(ValueError, match="last dimension K=64"):
+        qlinear(torch.randn(2, 63), qt)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        qlinear(torch.randn(64, 2).T, qt)
+    with pytest.raises(ValueError, match="bias must be"):
+        qlinear(torch.randn(2, 64), qt, torch.randn(7))
+    with pytest.raises(TypeError, match="QuantizedTensor"):
+        qlinear(torch.randn(2, 64), torch.randn(8, 64))
+    with pytest.raises(ValueError, match="not a multiple of group_size 32"):
+        quantize(torch.randn(8, 48), "int4", 32)
+    with pytest.raises(ValueError, match="group_size must be one of"):
+        quantize(torch.randn(8, 64), "int4", 16)
+    with pytest.raises(ValueError, match="scheme must be one of"):
+        quantize(torch.randn(8, 64), "int3")
+    with pytest.raises(TypeError, match="floating-point"):
+        quantize(torch.ones(8, 64, dtype=torch.int32), "int8")
+    with pytest.raises(ValueError, match="inf or NaN"):
+        quantize(torch.full((2, 32), float("nan")), "int8")
+    with pytest.raises(ValueError, match="zeros must have dtype"):
+        QuantizedTensor("int4", (8, 64), qt.data, qt.scales, qt.zeros.float(), 32)
+    with pytest.raises(ValueError, match="K=64"):   # the C++ boundary checks too
+        _C.qlinear_int4(torch.randn(1, 32), qt.data, qt.scales, qt.zeros, 32, None, torch.empty(1, 8))
+
+
+def test_zero_rows_and_constant_weights():
+    w = torch.zeros(4, 64)
+    w[1] = 0.5
+    for scheme in ("int8", "int4", "w8a8"):
+        qt = quantize(w, scheme, 32)
+        assert torch.allclose(dequantize(qt), w, atol=1e-7)
+        y = qlinear(torch.zeros(3, 64), qt)
+        assert torch.equal(y, torch.zeros(3, 4))
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "w8a8"])
+def test_save_load_roundtrip(tmp_path, scheme):
+    qt = quantize(torch.randn(24, 128), scheme, 64)
+    path = qt.save(tmp_path / "w.safetensors", metadata={"layer": "mlp.w1"})
+    back = QuantizedTensor.load(path)
+    assert (back.scheme, back.shape, back.group_size) == (qt.scheme, qt.shape, qt.group_size)
+    for name, t in qt.tensors().items():
+        assert torch.equal(back.tensors()[name], t)
+    x = torch.randn(3, 128)
+    assert torch.equal(qlinear(x, back), qlinear(x, qt))
+
+
+def test_truncated_corrupted_and_foreign_files_fail_clearly(tmp_path):
+    from safetensors.torch import save_file
+    qt = quantize(torch.randn(16, 64), "int4", 32)
+    good = qt.save(tmp_path / "w.safetensors")
+    blob = good.read_bytes()
+    (tmp_path / "trunc.safetensors").write_bytes(blob[: len(blob) - 100])
+    with pytest.raises(ValueError, match="corrupted or truncated"):
+        QuantizedTensor.load(tmp_path / "trunc.safetensors")
+    (tmp_path / "header.safetensors").write_bytes(b"\xff" * 8 + blob[8:])
+    with pytest.raises(ValueError, match="corrupted or truncated"):
+        QuantizedTensor.load(tmp_path / "header.safetensors")
+    header_len = int.from_bytes(blob[:8], "little")
+    start = 8 + header_len + json.loads(blob[8:8 + header_len])["data"]["data_offsets"][0]
+    flipped = bytearray(blob)
+    flipped[start + 3] ^= 0x40                              # a packed-weight byte: only the CRC can tell
+    (tmp_path / "flip.safetensors").write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        QuantizedTensor.load(tmp_path / "flip.safetensors")
+    save_file({"weight": torch.randn(4, 4)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(ValueError, match="not a Quark quantized tensor"):
+        QuantizedTensor.load(tmp_path / "plain.safetensors")
+    with pytest.raises(FileNotFoundError):
+        QuantizedTensor.load(tmp_path / "missing.safetensors")
+    tensors, meta = qt.state()
+    meta["format"] = "quark.quantized_tensor/1"
+    meta["shape"] = "16,96"
+    save_file(tensors, str(tmp_path / "shape.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="must have shape"):
+        QuantizedTensor.load(tmp_path / "shape.safetensors")
