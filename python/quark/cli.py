@@ -9,6 +9,8 @@ import sys
 COMMANDS = {
     "info": ("quark._runtime", "version, CPU features, kernel dispatch paths, threads, GPU stack"),
     "run": ("quark.pipeline", "run a recipe end to end (default: the embedded default recipe)"),
+    "plan": ("quark.train.plan", "scope a pretraining run: params, FLOPs, memory, tokens, time; pick an architecture"),
+    "pretrain": ("quark.train.trainer", "pretrain a model on a run directory's packed tokens (resumable, DDP/FSDP2)"),
     "report": ("quark.eval.report", "write report.html (tables and plots) for a run directory"),
     "augment": ("quark.improve.augment", "augment chat data: noise, model paraphrases, code/docstring round trips"),
     "registry": ("quark.improve.registry", "model registry: list, show, register, promote through the eval gate"),

@@ -1,0 +1,426 @@
+"""Pretraining: AdamW, linear warmup + cosine decay, gradient accumulation, clipping, bf16 autocast,
+optional torch.compile, periodic validation, JSONL metrics (loss, lr, grad norm, tokens/s, MFU), a
+progress bar, a loss-curve PNG, atomic checkpoints with exact resume, and DDP / FSDP2.
+
+Pipeline step `pretrain` (and `quark pretrain RUN_DIR`): reads run_dir/pack/{train,val}.bin +
+meta.json and run_dir/tokenizer/tokenizer.json; writes run_dir/pretrain/checkpoints/step_N/,
+metrics.jsonl, loss.png, stats.json and the final model directory run_dir/pretrain/final/
+(quark.model.io format, tokenizer included). Rerunning resumes from the newest good checkpoint.
+
+Exact resume: the data loader position, RNG state, model and optimizer tensors are all in the
+checkpoint and the schedule is a function of the step, so N steps + resume + N steps reproduces the
+2N-step loss curve bit for bit on the same machine and thread count.
+"""
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from tqdm import tqdm
+
+from quark.config import ConfigError, from_dict
+from quark.data.loader import TokenLoader, eval_batches
+from quark.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from quark.model import GPT, GPTConfig, preset
+from quark.model.io import save_model
+from quark.train import checkpoint as ckpt
+from quark.train import distributed as qdist
+
+
+@dataclass
+class PretrainConfig:
+    model: str = "plan"            # a preset name (quark.model.PRESETS), or "plan": run_dir/plan/plan.json's choice
+    model_overrides: dict = field(default_factory=dict)   # GPTConfig fields replacing the preset's
+    seq_len: int = 128
+    batch_size: int = 16           # per process, per micro-step
+    grad_accum: int = 1
+    max_steps: int = 300
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0         # 0: no clipping
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"   # bfloat16: autocast; auto: bf16 where native
+    compile: bool = False
+    eval_interval: int = 100
+    eval_batches: int = 8
+    ckpt_interval: int = 100
+    keep_last: int = 2
+    log_interval: int = 10
+    strategy: Literal["none", "ddp", "fsdp"] = "none"
+    nproc: int = 1                 # > 1: spawn this many local processes (gloo on CPU)
+    threads: int = 0               # torch threads per process; 0: cores / nproc
+    peak_tflops: float = 0.0       # MFU denominator per process; 0: measured by a matmul probe
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("batch_size", "seq_len", "grad_accum", "max_steps", "log_interval", "eval_interval",
+                     "ckpt_interval", "nproc"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"pretrain.{name}: must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.warmup_steps < self.max_steps:
+            raise ConfigError(f"pretrain.warmup_steps: must be in [0, max_steps), got {self.warmup_steps}")
+        if self.lr <= 0 or not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"pretrain.lr/min_lr: need 0 <= min_lr <= lr and lr > 0, got {self.lr}, {self.min_lr}")
+
+
+@dataclass
+class DataSpec:
+    train_bin: str
+    val_bin: str
+    dtype: str
+    vocab_size: int
+    tokenizer: str | None = None
+
+
+def validate_config(cfg):
+    c = from_dict(PretrainConfig, cfg, "pretrain")
+    if c.model != "plan":
+        try:
+            preset(c.model)
+        except ValueError as e:
+            raise ConfigError(f"pretrain.model: {e}") from None
+    try:
+        GPTConfig.from_dict(c.model_overrides, "pretrain.model_overrides")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return c
+
+
+def data_spec(run_dir):
+    pack = Path(run_dir) / "pack"
+    meta_path = pack / "meta.json"
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{meta_path} is missing: run the pack step first")
+    meta = json.loads(meta_path.read_text())
+    for key in ("dtype", "vocab_size"):
+        if key not in meta:
+            raise ValueError(f"{meta_path} lacks {key!r}")
+    tok = Path(run_dir) / "tokenizer" / "tokenizer.json"
+    return DataSpec(str(pack / "train.bin"), str(pack / "val.bin"), meta["dtype"], int(meta["vocab_size"]),
+                    str(tok) if tok.exists() else None)
+
+
+def model_config(cfg: PretrainConfig, vocab_size, run_dir=None) -> GPTConfig:
+    if cfg.model == "plan":
+        plan_path = Path(run_dir or ".") / "plan" / "plan.json"
+        if not plan_path.exists():
+            raise FileNotFoundError(f"pretrain.model is 'plan' but {plan_path} is missing: run the plan step "
+                                    f"first or set pretrain.model to a preset")
+        base = GPTConfig.from_dict(json.loads(plan_path.read_text())["model"], str(plan_path))
+    else:
+        base = preset(cfg.model)
+    fields = {**asdict(base), "vocab_size": vocab_size, "max_seq_len": max(base.max_seq_len, cfg.seq_len)}
+    if base.ffn_hidden == ((8 * base.d_model // 3 + 63) // 64) * 64:
+        fields["ffn_hidden"] = 0   # keep it derived, so a d_model override rescales it
+    fields.update(cfg.model_overrides)
+    return GPTConfig(**fields)
+
+
+def resolve_precision(precision, device):
+    """auto -> bfloat16 where bf16 matmuls are native (AVX512-BF16 or AMX CPUs, Ampere+ GPUs: 1.5-2x
+    faster steps here), float32 elsewhere (emulated bf16 would be slower than fp32)."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    import quark
+    features = quark.info()["cpu_features"]
+    return "bfloat16" if features.get("avx512_bf16") or features.get("amx_bf16") else "float32"
+
+
+def lr_at(step, cfg: PretrainConfig):
+    """Linear warmup to lr over warmup_steps, then cosine decay to min_lr at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def make_optimizer(model, cfg: PretrainConfig):
+    """AdamW; weight decay only on matrices (not norms), as in nanoGPT. The fused kernel updates
+    all parameters in one pass (6.7x faster than the default foreach path for 12.6M parameters on
+    one Zen 4 core, ~14% of a small training step); FSDP2's sharded DTensor parameters use foreach."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
+                             fused=True if cfg.strategy != "fsdp" else None)
+
+
+def _read_metrics(path):
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_losses(metrics_path, png_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import io
+
+    import matplotlib.pyplot as plt
+    rows = _read_metrics(Path(metrics_path))
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train")
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title("pretraining loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(png_path, buf.getvalue())
+
+
+@torch.no_grad()
+def evaluate(model, batches, autocast, env):
+    model.eval()
+    losses = []
+    for x, y in batches:
+        with autocast():
+            losses.append(float(model(x.to(env.device), y.to(env.device))[1]))
+    model.train()
+    return env.mean(sum(losses) / len(losses)) if losses else None
+
+
+def train(cfg: PretrainConfig, data: DataSpec, out_dir, run_dir=None, until_step=None, log=None):
+    """Train (or resume) in out_dir; on every rank when distributed. until_step: stop after that step
+    with a checkpoint (the schedule still runs to max_steps), to be resumed later. Returns stats."""
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _train(cfg, data, Path(out_dir), run_dir, until_step, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(cfg, data, out_dir, run_dir, until_step, log):
+    env = qdist.init_distributed()
+    log = log or (lambda msg: print(msg, file=sys.stderr) if env.is_main else None)
+    mcfg = model_config(cfg, data.vocab_size, run_dir)
+    ckpt_root = out_dir / "checkpoints"
+    metrics_path = out_dir / "metrics.jsonl"
+
+    torch.manual_seed(cfg.seed)
+    model = GPT(mcfg).to(env.device)
+    model = qdist.wrap_model(model, cfg.strategy, env)
+    runner = torch.compile(model) if cfg.compile else model
+    optimizer = make_optimizer(model, cfg)
+    loader = TokenLoader(data.train_bin, data.dtype, cfg.batch_size, cfg.seq_len, seed=cfg.seed,
+                         rank=env.rank, world_size=env.world_size)
+    val = eval_batches(data.val_bin, data.dtype, cfg.batch_size, cfg.seq_len, cfg.eval_batches,
+                       rank=env.rank, world_size=env.world_size)
+    use_bf16 = resolve_precision(cfg.precision, env.device) == "bfloat16"
+
+    def autocast():
+        return torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    start, tokens_seen, resumed_from = 0, 0, None
+    found = ckpt.load_latest(ckpt_root, log=log)
+    if found is not None:
+        state, msd, osd = found
+        if state["model_config"] != asdict(mcfg):
+            raise ckpt.CheckpointError(f"checkpoints in {ckpt_root} were written for another model config "
+                                       f"({state['model_config']}); use a new output directory")
+        qdist.load_full_state(model, optimizer, msd, osd)
+        loader.load_state_dict(state["loader"])
+        ckpt.set_rng_state(state["rng"])
+        start, tokens_seen, resumed_from = state["step"], state["tokens"], state["step"]
+        log(f"resumed from step {start} (world size {state['world_size']} -> {env.world_size})")
+    if env.is_main:   # the curve continues from the checkpoint: drop records of steps after it
+        kept = [r for r in _read_metrics(metrics_path) if r["step"] <= start]
+        atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * env.world_size
+    flops_per_token = mcfg.flops_per_token(cfg.seq_len)
+    peak = (cfg.peak_tflops * 1e12 if cfg.peak_tflops else _peak_flops(env, use_bf16)) * env.world_size
+    stop = min(cfg.max_steps, until_step or cfg.max_steps)
+
+    def save(step):
+        meta = {"loader": loader.state_dict(), "rng": ckpt.rng_state(), "tokens": tokens_seen,
+                "model_config": asdict(mcfg), "train_config": asdict(cfg)}
+        ckpt.save_checkpoint(ckpt_root, step, qdist.model_state(model), qdist.optimizer_state(model, optimizer),
+                             meta, keep_last=cfg.keep_last, rank=env.rank, world_size=env.world_size,
+                             barrier=env.barrier)
+
+    metrics = open(metrics_path, "a") if env.is_main else None
+    last = {"loss": float("nan"), "val_loss": None, "tokens_per_s": 0.0, "mfu": 0.0}
+    t_start = t_log = time.perf_counter()
+    log_tokens = 0
+    bar = tqdm(total=cfg.max_steps, initial=start, desc="pretrain", disable=not env.is_main, file=sys.stderr)
+    model.train()
+    try:
+        for step in range(start, stop):
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = 0.0
+            for micro in range(cfg.grad_accum):
+                x, y = loader.next_batch()
+                x, y = x.to(env.device), y.to(env.device)
+                # DDP: all-reduce gradients only on the last micro-step of the accumulation.
+                sync = micro == cfg.grad_accum - 1 or not hasattr(model, "no_sync")
+                ctx = model.no_sync() if not sync else nullcontext()
+                with ctx, autocast():
+                    _, loss = runner(x, y)
+                    (loss / cfg.grad_accum).backward()
+                loss_sum += float(loss.detach())
+            grad_norm = _clip(model, cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            tokens_seen += tokens_per_step
+            log_tokens += tokens_per_step
+            done = step + 1
+            loss_avg = env.mean(loss_sum / cfg.grad_accum)
+            if done % cfg.log_interval == 0 or done == stop:
+                now = time.perf_counter()
+                tps = log_tokens / max(now - t_log, 1e-9)
+                t_log, log_tokens = now, 0
+                last.update(loss=loss_avg, tokens_per_s=tps, mfu=flops_per_token * tps / peak)
+                if metrics:
+                    rec = {"step": done, "loss": loss_avg, "lr": lr, "grad_norm": grad_norm, "tokens": tokens_seen,
+                           "tokens_per_s": round(tps, 1), "mfu": round(last["mfu"], 5),
+                           "elapsed_s": round(now - t_start, 3)}
+                    metrics.write(json.dumps(rec) + "\n")
+                    metrics.flush()
+                bar.set_postfix(loss=f"{loss_avg:.3f}", tok_s=f"{tps:,.0f}")
+            if done % cfg.eval_interval == 0 or done == stop:
+                last["val_loss"] = evaluate(runner, val, autocast, env)
+                if metrics and last["val_loss"] is not None:
+                    metrics.write(json.dumps({"step": done, "val_loss": last["val_loss"]}) + "\n")
+                    metrics.flush()
+            if done % cfg.ckpt_interval == 0 or done == stop:
+                save(done)
+            bar.update(1)
+    finally:
+        bar.close()
+        if metrics:
+            metrics.close()
+
+    stats = {"steps": stop, "max_steps": cfg.max_steps, "tokens": tokens_seen, "loss": last["loss"],
+             "val_loss": last["val_loss"], "params": mcfg.num_params(), "tokens_per_s": round(last["tokens_per_s"], 1),
+             "mfu": round(last["mfu"], 5), "seconds": round(time.perf_counter() - t_start, 2),
+             "resumed_from": resumed_from, "world_size": env.world_size, "strategy": cfg.strategy,
+             "precision": "bfloat16" if use_bf16 else "float32"}
+    if stop == cfg.max_steps:
+        full = qdist.full_model_state(model)   # collective under FSDP: every rank takes part
+        if env.is_main:
+            final = GPT(mcfg)
+            qdist.load_full_state(final, None, full, None)
+            save_model(final, out_dir / "final", tokenizer_path=data.tokenizer,
+                       metadata={"step": stop, "val_loss": last["val_loss"]})
+    if env.is_main:
+        plot_losses(metrics_path, out_dir / "loss.png")
+        atomic_write_json(out_dir / "stats.json", stats)
+    env.barrier()
+    return stats
+
+
+def _clip(model, max_norm):
+    """Clip the global gradient norm (also over FSDP shards) and return it as a float."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):   # DTensor under FSDP2
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def _peak_flops(env, use_bf16):
+    from quark.train.plan import measure_peak_flops
+    return measure_peak_flops(env.device, torch.bfloat16 if use_bf16 else torch.float32)
+
+
+def _spawned(cfg_dict, data_dict, out_dir, run_dir, until_step):
+    train(PretrainConfig(**cfg_dict), DataSpec(**data_dict), out_dir, run_dir=run_dir, until_step=until_step)
+
+
+def pretrain(run_dir, cfg: PretrainConfig, until_step=None):
+    """Train on run_dir's packed data into run_dir/pretrain (spawning cfg.nproc processes)."""
+    data = data_spec(run_dir)
+    out_dir = Path(run_dir) / "pretrain"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        if cfg.strategy == "none":
+            raise ConfigError("pretrain.strategy: choose 'ddp' or 'fsdp' when nproc > 1")
+        qdist.spawn(_spawned, cfg.nproc, asdict(cfg), asdict(data), str(out_dir), str(run_dir), until_step,
+                    threads=cfg.threads or None)
+        return json.loads((out_dir / "stats.json").read_text())
+    return train(cfg, data, out_dir, run_dir=run_dir, until_step=until_step)
+
+
+def run_step(run_dir, cfg):
+    return pretrain(Path(run_dir), validate_config(cfg))
+
+
+def configure_parser(parser):
+    parser.add_argument("run_dir", help="run directory holding pack/ and tokenizer/ (output: RUN_DIR/pretrain)")
+    parser.add_argument("--model", default=None, help="preset name, or 'plan' (default: %(default)s from the config)")
+    parser.add_argument("--steps", type=int, default=None, help="max_steps")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--seq-len", type=int, default=None)
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default=None)
+    parser.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    parser.add_argument("--nproc", type=int, default=None, help="local processes (gloo on CPU)")
+    parser.add_argument("--strategy", choices=qdist.STRATEGIES, default=None, help="ddp or fsdp when distributed")
+    parser.add_argument("--until-step", type=int, default=None, help="stop after this step (resume later)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON", help="any other PretrainConfig field")
+    parser.add_argument("--hpo", type=int, default=0, metavar="TRIALS",
+                        help="instead of training, search lr / weight decay / warmup by successive halving over "
+                             "TRIALS short runs (steps: --steps is the longest); writes RUN_DIR/hpo/best.json")
+
+
+def run_cli(args):
+    cfg = {k: v for k, v in {"model": args.model, "max_steps": args.steps, "batch_size": args.batch_size,
+                             "seq_len": args.seq_len, "lr": args.lr, "precision": args.precision,
+                             "compile": args.compile, "nproc": args.nproc, "strategy": args.strategy}.items()
+           if v is not None}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        try:
+            cfg[key] = json.loads(value)
+        except json.JSONDecodeError:
+            cfg[key] = value
+    if "WORLD_SIZE" in os.environ and "strategy" not in cfg:
+        cfg["strategy"] = "ddp"
+    try:
+        config = validate_config(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.hpo:
+        from quark.train.hpo import tune_pretrain
+        base = {k: v for k, v in cfg.items() if k != "max_steps"}
+        result = tune_pretrain(Path(args.run_dir), base, n_trials=args.hpo, max_steps=config.max_steps,
+                               min_steps=max(1, config.max_steps // 2 ** int(math.log2(args.hpo))), eta=2)
+        print(result.table())
+        print(f"best: {json.dumps(result.best_params)} -> {Path(args.run_dir) / 'hpo' / 'best.json'}")
+        return 0
+    stats = pretrain(Path(args.run_dir), config, until_step=args.until_step)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(stats, indent=1))
+    return 0
+
+
+if __name__ == "__main__":   # torchrun --nproc_per_node N -m quark.train.trainer RUN_DIR --strategy fsdp
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m quark.train.trainer")
+    configure_parser(p)
+    sys.exit(run_cli(p.parse_args()))
