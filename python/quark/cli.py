@@ -22,6 +22,8 @@ COMMANDS = {
     "tokenizer": ("quark.data.tokenizer", "train a byte-level BPE tokenizer -> run_dir/tokenizer/tokenizer.json"),
     "pack": ("quark.data.pack", "tokenize into memory-mapped train/val token files -> run_dir/pack"),
     "quantize": ("quark.optimize.quantize", "quantize a model's Linear layers (int8 / int4 / w8a8) and save it"),
+    "distill": ("quark.optimize.distill", "train a smaller student from a teacher's logits (+ a no-teacher control run)"),
+    "shard": ("quark.optimize.shard", "reshard a model into HF-style safetensors shards; check tensor-parallel logits"),
 }
 
 

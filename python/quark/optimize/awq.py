@@ -103,8 +103,9 @@ def _capture(block, x, cos, sin, layers, batch_size, max_tokens, generator):
 
 @torch.no_grad()
 def awq_model(model, calib, group_size=128, skip=("lm_head",), n_grid=20, max_tokens=2048, clip_tokens=512,
-              batch_size=16, seed=0, progress=None):
+              clip=True, batch_size=16, seed=0, progress=None):
     """Scale and clip every block of model (in place, float) for int4 with group_size; calib (n, T).
+    clip=False: scaling only, which leaves the float model's function unchanged.
 
     Returns calibration info for the quantized model's metadata: the chosen alpha of each scaled
     group and the calibration output error of AWQ relative to RTN (mean over groups, < 1 is better).
@@ -153,7 +154,7 @@ def awq_model(model, calib, group_size=128, skip=("lm_head",), n_grid=20, max_to
         for name, x_in in (("attn.wv", x_qkv), ("attn.wo", x_o), ("mlp.w1", x_mlp), ("mlp.w3", x_mlp),
                            ("mlp.w2", x_down)):
             m = block.get_submodule(name)
-            if not skipped(f"blocks.{b}.{name}") and m.in_features % group_size == 0:
+            if clip and not skipped(f"blocks.{b}.{name}") and m.in_features % group_size == 0:
                 clips.append(search_clip(m.weight, x_in[:clip_tokens], group_size, n_grid))
         x = out   # the next block sees the float outputs (scaling and clipping barely change them)
         if progress:
