@@ -44,7 +44,7 @@ class DistillConfig:
     seq_len: int = 128
     lr: float = 3e-3
     min_lr: float = 3e-4
-    warmup_steps: int = 20
+    warmup_steps: int = -1         # -1: a tenth of the steps
     weight_decay: float = 0.1
     temperature: float = 2.0
     alpha: float = 0.5             # weight of the distillation term; 1 - alpha on the hard labels
@@ -58,8 +58,10 @@ class DistillConfig:
         for name in ("steps", "batch_size", "seq_len", "eval_batches"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"distill.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.warmup_steps == -1:
+            self.warmup_steps = self.steps // 10
         if not 0 <= self.warmup_steps < self.steps:
-            raise ConfigError(f"distill.warmup_steps: must be in [0, steps), got {self.warmup_steps}")
+            raise ConfigError(f"distill.warmup_steps: must be -1 or in [0, steps), got {self.warmup_steps}")
         if self.temperature <= 0:
             raise ConfigError(f"distill.temperature: must be > 0, got {self.temperature}")
         if not 0.0 <= self.alpha <= 1.0:

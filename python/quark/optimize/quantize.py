@@ -272,6 +272,21 @@ def heldout_perplexity(model, tokens, max_tokens=512):
 
 
 @torch.no_grad()
+def kl_to_reference(model, reference, tokens, max_tokens=512):
+    """Mean per-token KL(reference || model) over the perplexity windows: how far quantization moved
+    the output distribution, far more sensitive than the perplexity difference."""
+    T = min(model.config.max_seq_len, len(tokens) - 1)
+    n = max(1, min(math.ceil(max_tokens / T), (len(tokens) - 1) // T))
+    kl = 0.0
+    for i in range(n):
+        x = tokens[i * T: i * T + T][None]
+        log_p = torch.log_softmax(reference(x)[0].float(), -1)
+        log_q = torch.log_softmax(model(x)[0].float(), -1)
+        kl += float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+    return kl / n
+
+
+@torch.no_grad()
 def decode_tokens_per_s(model, prompt, new_tokens=32):
     """Greedy decode speed with the KV cache (batch 1: every Linear runs as a GEMV)."""
     prompt = prompt[None, :8]
@@ -324,15 +339,17 @@ def _variants(c):
 
 def format_table(stats):
     """The summary as a Markdown table: one row per variant against the float model."""
-    rows = ["| variant | group | bytes | ratio | perplexity | vs fp32 | decode tok/s | speedup |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = ["| variant | group | bytes | ratio | perplexity | vs fp32 | KL to fp32 | decode tok/s | speedup |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     f = stats["float"]
-    rows.append(f"| fp32 | - | {f['bytes']:,} | 1.00 | {f['perplexity']:.3f} | - | {f['decode_tokens_per_s']:.1f} | 1.00 |")
+    rows.append(f"| fp32 | - | {f['bytes']:,} | 1.00 | {f['perplexity']:.3f} | - | - | "
+                f"{f['decode_tokens_per_s']:.1f} | 1.00 |")
     for name, s in stats.items():
         if isinstance(s, dict) and "perplexity_delta" in s:
             rel = 100 * s["perplexity_delta"] / f["perplexity"]
             rows.append(f"| {name} | {s.get('group_size') or '-'} | {s['bytes_after']:,} | {s['ratio']:.2f} | "
-                        f"{s['perplexity']:.3f} | {rel:+.2f}% | {s['decode_tokens_per_s']:.1f} | {s['speedup']:.2f} |")
+                        f"{s['perplexity']:.3f} | {rel:+.2f}% | {s['kl_to_float']:.5f} | {s['decode_tokens_per_s']:.1f} | "
+                        f"{s['speedup']:.2f} |")
     return "\n".join(rows) + "\n"
 
 
@@ -370,7 +387,7 @@ def run_step(run_dir, cfg):
         if method != "rtn":
             key |= {"calib_sequences": c.calib_sequences, "calib_seq_len": c.calib_seq_len, "seed": c.seed}
         prev = json.loads(report_path.read_text()) if report_path.exists() else {}
-        if prev.get("key") != key:
+        if prev.get("key") != key or "kl_to_float" not in prev:
             model = load_model(src)
             if method == "rtn":
                 report = quantize_model(model, scheme, c.group_size)
@@ -382,12 +399,14 @@ def run_step(run_dir, cfg):
                                              calib_info={"source": "pack/train.bin", "seed": c.seed})
             save_quantized_model(model, d, report, src / "tokenizer.json")
             result = _evaluate(model, tokens, c)
+            result["kl_to_float"] = round(kl_to_reference(model, load_model(src), tokens, c.eval_tokens), 6)
             prev = {"key": key, **report.to_dict(), **result,
                     "perplexity_delta": round(result["perplexity"] - base["perplexity"], 4),
                     "speedup": round(result["decode_tokens_per_s"] / base["decode_tokens_per_s"], 3)}
             atomic_write_json(report_path, prev)   # written last: its presence marks the variant done
         stats[name] = {k: prev[k] for k in ("method", "group_size", "bytes_before", "bytes_after", "ratio",
-                                            "perplexity", "perplexity_delta", "decode_tokens_per_s", "speedup")}
+                                            "perplexity", "perplexity_delta", "kl_to_float", "decode_tokens_per_s",
+                                            "speedup")}
     atomic_write_json(out / "summary.json", stats)
     atomic_write_text(out / "table.md", format_table(stats))
     return stats
