@@ -27,6 +27,8 @@ void qlinear_w8a8(const QLinearArgs& a) {
   std::vector<int16_t> xq16(M * kp, 0);
   std::vector<float> sx(M);
   // Per-token symmetric quantization: q = round_half_even(x * (127 / max|x|)), scale = max|x| / 127.
+  // Decode-sized M stays serial: a parallel region (fork + barrier) costs more than the work there.
+#pragma omp parallel for schedule(static) if (M > kGemvMaxRows)
   for (int64_t m = 0; m < M; ++m) {
     const float* x = a.x + m * K;
     float amax = 0.f;
@@ -47,7 +49,7 @@ void qlinear_w8a8(const QLinearArgs& a) {
     case Isa::avx512: w8a8_dots_avx512(w); break;
     default: w8a8_dots_avx512_bf16(w); break;
   }
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (M > kGemvMaxRows)
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t n = 0; n < N; ++n) {
       const float y = static_cast<float>(dots[m * N + n]) * (sx[m] * a.w.scales[n]);

@@ -67,18 +67,19 @@ void vnni_rows(int rows, const uint8_t* xu, int64_t ldx, int64_t k4n, const int8
   }
 }
 
+// Rows are copied 4 bytes (one VNNI quad) at a time: panel[(k4 * NR + j) * 4 .. +4] = row_j[4 k4 .. +4].
 void pack_panel(const QWeight& w, int64_t n0, int64_t kp, int8_t* panel, int32_t* colsum) {
   const int8_t* src = reinterpret_cast<const int8_t*>(w.data);
+  const int64_t K = w.k, k4full = K / 4;
   std::memset(panel, 0, kp * NR);
   for (int j = 0; j < NR; ++j) {
     const int64_t n = n0 + j;
     int32_t s = 0;
     if (n < w.n) {
-      const int8_t* row = src + n * w.k;
-      for (int64_t k = 0; k < w.k; ++k) {
-        panel[((k >> 2) * NR + j) * 4 + (k & 3)] = row[k];
-        s += row[k];
-      }
+      const int8_t* row = src + n * K;
+      for (int64_t k4 = 0; k4 < k4full; ++k4) std::memcpy(panel + (k4 * NR + j) * 4, row + 4 * k4, 4);
+      for (int64_t k = 4 * k4full; k < K; ++k) panel[(k4full * NR + j) * 4 + (k - 4 * k4full)] = row[k];
+      for (int64_t k = 0; k < K; ++k) s += row[k];
     }
     colsum[j] = s;
   }
