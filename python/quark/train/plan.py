@@ -149,7 +149,7 @@ def select_architecture(vocab_size, seq_len, batch_size, target_params=None, max
 @dataclass
 class PlanConfig:
     model: str = "auto"            # a preset to report on, or "auto": pick one with select_architecture
-    target_params: int = 3_000_000  # budgets for "auto" (0: unused); at least one must be set
+    target_params: int = 2_000_000  # budgets for "auto" (0: unused); at least one must be set
     max_memory_gb: float = 0.0
     time_budget_s: float = 0.0     # with tokens (0: Chinchilla-optimal per candidate)
     tokens: int = 0                # training tokens to plan for; 0: one epoch of pack/train.bin

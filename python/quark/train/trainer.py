@@ -40,19 +40,19 @@ class PretrainConfig:
     seq_len: int = 128
     batch_size: int = 16           # per process, per micro-step
     grad_accum: int = 1
-    max_steps: int = 300
+    max_steps: int = 200
     lr: float = 3e-3
     min_lr: float = 3e-4
-    warmup_steps: int = 30
+    warmup_steps: int = 20
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0         # 0: no clipping
     precision: Literal["auto", "float32", "bfloat16"] = "auto"   # bfloat16: autocast; auto: bf16 where native
     compile: bool = False
-    eval_interval: int = 100
+    eval_interval: int = 50
     eval_batches: int = 8
-    ckpt_interval: int = 100
+    ckpt_interval: int = 50
     keep_last: int = 2
     log_interval: int = 10
     strategy: Literal["none", "ddp", "fsdp"] = "none"
@@ -423,4 +423,8 @@ if __name__ == "__main__":   # torchrun --nproc_per_node N -m quark.train.traine
     import argparse
     p = argparse.ArgumentParser(prog="python -m quark.train.trainer")
     configure_parser(p)
-    sys.exit(run_cli(p.parse_args()))
+    try:
+        code = run_cli(p.parse_args())
+    finally:
+        qdist.shutdown()
+    sys.exit(code)
