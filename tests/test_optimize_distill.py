@@ -73,6 +73,7 @@ def teacher_kl(student, teacher, run, top_k=0):
         return float(kd_loss(student(x)[0], x, 1.0, 1.0, teacher_logits=t)[1])
 
 
+@pytest.mark.slow
 def test_distill_step_on_the_fly_and_topk_cache(tmp_path):
     run, teacher = make_teacher_run(tmp_path)
     stats = run_step(run, {"seed": 0, **SMALL, "alpha": 0.9, "temperature": 1.0})
