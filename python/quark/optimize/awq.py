@@ -84,8 +84,11 @@ def _capture(block, x, cos, sin, layers, batch_size, max_tokens, generator):
     max_tokens rows (the same random rows for every layer)."""
     from quark.optimize.quantize import run_block
     seen = {name: [] for name in layers}
-    handles = [m.register_forward_hook(lambda mod, inp, out, name=name: seen[name].append(inp[0].reshape(-1, mod.in_features)))
-               for name, m in layers.items()]
+
+    def hook(name):
+        return lambda mod, inp, out: seen[name].append(inp[0].reshape(-1, mod.in_features))
+
+    handles = [m.register_forward_hook(hook(name)) for name, m in layers.items()]
     try:
         out = run_block(block, x, cos, sin, batch_size)
     finally:
@@ -103,7 +106,7 @@ def _capture(block, x, cos, sin, layers, batch_size, max_tokens, generator):
 
 @torch.no_grad()
 def awq_model(model, calib, group_size=128, skip=("lm_head",), n_grid=20, max_tokens=2048, clip_tokens=512,
-              clip=True, batch_size=16, seed=0, progress=None):
+              clip=True, batch_size=16, seed=0):
     """Scale and clip every block of model (in place, float) for int4 with group_size; calib (n, T).
     clip=False: scaling only, which leaves the float model's function unchanged.
 
@@ -157,7 +160,5 @@ def awq_model(model, calib, group_size=128, skip=("lm_head",), n_grid=20, max_to
             if clip and not skipped(f"blocks.{b}.{name}") and m.in_features % group_size == 0:
                 clips.append(search_clip(m.weight, x_in[:clip_tokens], group_size, n_grid))
         x = out   # the next block sees the float outputs (scaling and clipping barely change them)
-        if progress:
-            progress(b)
     return {"alpha": alphas, "error_vs_rtn": round(sum(ratios) / max(len(ratios), 1), 4),
             "clip_fraction": round(sum(clips) / max(len(clips), 1), 4), "grid": n_grid}

@@ -298,5 +298,6 @@ def run_cli(args):
     for name in ("teacher", "student", "baseline"):
         if name in report:
             r = report[name]
-            print(f"{name:9s} params {r['params']:>10,}  val loss {r['val_loss']:.4f}  perplexity {r['perplexity']:.3f}")
+            print(f"{name:9s} params {r['params']:>10,}  val loss {r['val_loss']:.4f}  "
+                  f"perplexity {r['perplexity']:.3f}")
     return 0

@@ -76,7 +76,7 @@ def _skipped(name, skip):
 
 
 @torch.no_grad()
-def gptq_model(model, calib, group_size=128, damp=0.01, skip=("lm_head",), batch_size=16, progress=None):
+def gptq_model(model, calib, group_size=128, damp=0.01, skip=("lm_head",), batch_size=16):
     """Run GPTQ over every block's Linear layers with calibration tokens calib (n, T) int64.
 
     Returns {layer name: QuantizedTensor} for quantize_model's quantizer hook. The model's Linear
@@ -112,6 +112,4 @@ def gptq_model(model, calib, group_size=128, damp=0.01, skip=("lm_head",), batch
             m.weight.copy_(qt.dequantize().to(m.weight.dtype))
             result[name] = qt
         x = run_block(block, x, cos, sin, batch_size)                             # inputs of the next block
-        if progress:
-            progress(b)
     return result

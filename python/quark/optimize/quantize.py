@@ -213,7 +213,7 @@ def run_block(block, x, cos, sin, batch_size=16):
     return torch.cat([block(x[i:i + batch_size], cos, sin) for i in range(0, len(x), batch_size)])
 
 
-def quantize_calibrated(model, method, calib, group_size=128, skip=("lm_head",), calib_info=None, progress=None):
+def quantize_calibrated(model, method, calib, group_size=128, skip=("lm_head",), calib_info=None):
     """int4 with a calibrated method on calib tokens (n, T); in place, like quantize_model -> report.
 
     rtn: plain round-to-nearest (calib unused). awq: scales folded into the preceding norms /
@@ -226,11 +226,13 @@ def quantize_calibrated(model, method, calib, group_size=128, skip=("lm_head",),
     info = {}
     if method == "awq":
         from quark.optimize.awq import awq_model
-        info = awq_model(model, calib, group_size, skip=skip, progress=progress)
+        info = awq_model(model, calib, group_size, skip=skip)
     elif method == "gptq":
         from quark.optimize.gptq import gptq_model
-        qts = gptq_model(model, calib, group_size, skip=skip, progress=progress)
-        quantizer = lambda name, linear: qts[name] if name in qts else quantize(linear.weight, "int4", group_size)  # noqa: E731
+        qts = gptq_model(model, calib, group_size, skip=skip)
+
+        def quantizer(name, linear):   # layers GPTQ did not see (e.g. a requested head): round-to-nearest
+            return qts[name] if name in qts else quantize(linear.weight, "int4", group_size)
     report = quantize_model(model, "int4", group_size, skip=skip, quantizer=quantizer)
     report.method = method
     if method != "rtn":
@@ -348,8 +350,8 @@ def format_table(stats):
         if isinstance(s, dict) and "perplexity_delta" in s:
             rel = 100 * s["perplexity_delta"] / f["perplexity"]
             rows.append(f"| {name} | {s.get('group_size') or '-'} | {s['bytes_after']:,} | {s['ratio']:.2f} | "
-                        f"{s['perplexity']:.3f} | {rel:+.2f}% | {s['kl_to_float']:.5f} | {s['decode_tokens_per_s']:.1f} | "
-                        f"{s['speedup']:.2f} |")
+                        f"{s['perplexity']:.3f} | {rel:+.2f}% | {s['kl_to_float']:.5f} | "
+                        f"{s['decode_tokens_per_s']:.1f} | {s['speedup']:.2f} |")
     return "\n".join(rows) + "\n"
 
 

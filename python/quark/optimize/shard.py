@@ -328,7 +328,8 @@ def save_sharded(state, directory, config: GPTConfig, num_shards=None, max_shard
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     if config.tie_embeddings:
         state.pop("lm_head.weight", None)
-    for stale in list(directory.glob("model-*-of-*.safetensors")) + [directory / INDEX_NAME, directory / "model.safetensors"]:
+    stale_files = list(directory.glob("model-*-of-*.safetensors")) + [directory / INDEX_NAME, directory / "model.safetensors"]
+    for stale in stale_files:
         stale.unlink(missing_ok=True)
     if num_shards == 1:
         _write_file(directory / "model.safetensors", state)
