@@ -70,15 +70,17 @@ def make_run_dir(tmp_path):
     save_model(tiny_model(), run / "pretrain" / "final")
     (run / "pack").mkdir(parents=True)
     np.random.default_rng(0).integers(0, 256, 2000).astype(np.uint16).tofile(run / "pack" / "val.bin")
+    np.random.default_rng(1).integers(0, 256, 4000).astype(np.uint16).tofile(run / "pack" / "train.bin")  # calibration
     (run / "pack" / "meta.json").write_text(json.dumps({"dtype": "uint16"}))
     return run
 
 
 def test_pipeline_step_reports_and_resumes(tmp_path):
     run = make_run_dir(tmp_path)
-    cfg = {"seed": 0, "eval_tokens": 128, "decode_tokens": 4}
+    cfg = {"seed": 0, "eval_tokens": 128, "decode_tokens": 4, "methods": ["rtn", "gptq"], "calib_sequences": 8,
+           "calib_seq_len": 32}   # awq runs in tests/test_optimize_awq.py
     stats = run_step(run, cfg)
-    for scheme in ("int8", "int4"):
+    for scheme in ("int8", "int4", "int4-gptq"):
         s = stats[scheme]
         assert s["bytes_after"] < s["bytes_before"] and s["perplexity"] > 1 and s["decode_tokens_per_s"] > 0
         assert (run / "quantize" / scheme / "model.safetensors").exists()
@@ -89,6 +91,9 @@ def test_pipeline_step_reports_and_resumes(tmp_path):
     again = run_step(run, cfg)
     assert again["int4"]["perplexity"] == stats["int4"]["perplexity"]
     assert (run / "quantize" / "int4" / "model.safetensors").stat().st_mtime == mtime   # resumed, not redone
+    assert stats["int4-gptq"]["method"] == "gptq" and stats["int4"]["method"] == "rtn"
+    table = (run / "quantize" / "table.md").read_text()
+    assert "| fp32 |" in table and "| int4 | 32 |" in table and "| int4-gptq | 32 |" in table
 
 
 def test_step_config_and_input_errors(tmp_path):
@@ -98,6 +103,8 @@ def test_step_config_and_input_errors(tmp_path):
         validate_config({"group_size": 48})
     with pytest.raises(ConfigError, match="unknown key"):
         validate_config({"bits": 4})
+    with pytest.raises(ConfigError, match="methods"):
+        validate_config({"methods": ["smoothquant"]})
     run = make_run_dir(tmp_path)
     (run / "pack" / "meta.json").write_text("{}")
     with pytest.raises(ValueError, match="dtype"):
@@ -112,3 +119,12 @@ def test_cli(tmp_path, capsys):
     assert "layers quantized" in capsys.readouterr().out
     assert isinstance(load_quantized_model(tmp_path / "q").blocks[0].mlp.w1, QuantLinear)
     assert cli_main(["quantize", str(tmp_path / "nothing"), "--out", str(tmp_path / "q2")]) == 2
+    # calibrated: the calibration tokens come from --calib (a run dir or a packed .bin)
+    run = make_run_dir(tmp_path)
+    assert cli_main(["quantize", str(run / "pretrain" / "final"), "--method", "gptq", "--calib-sequences", "4",
+                     "--calib-seq-len", "16", "--out", str(tmp_path / "q3")]) == 0
+    assert "(gptq)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "q3" / "quant.json").read_text())["calibration"]["sequences"] == 4
+    assert cli_main(["quantize", str(tmp_path / "m"), "--method", "awq", "--out", str(tmp_path / "q4")]) == 2
+    assert "calibration data" in capsys.readouterr().out
+    assert cli_main(["quantize", str(tmp_path / "m"), "--scheme", "int8", "--method", "awq", "--out", str(tmp_path / "q4")]) == 2

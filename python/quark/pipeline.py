@@ -41,6 +41,7 @@ STEPS = [
     ("index", "quark.retrieval.store"),
     ("rag", "quark.retrieval.rag"),
     ("quantize", "quark.optimize.quantize"),
+    ("distill", "quark.optimize.distill"),
     ("eval", "quark.eval.harness"),
     ("promote", "quark.improve.registry"),
     ("report", "quark.eval.report"),

@@ -50,15 +50,26 @@ def load_config(directory):
 
 
 def load_model(directory, device="cpu", dtype=None) -> GPT:
+    """A GPT from a model directory: model.safetensors, Hugging Face style shards
+    (model.safetensors.index.json, quark.optimize.shard), or a quantized model (quant.json,
+    quark.optimize.quantize; its QuantLinear layers run the int8/int4 kernels)."""
     directory = Path(directory)
     config = load_config(directory)
+    if (directory / "quant.json").exists():
+        from quark.optimize.quantize import load_quantized_model
+        model = load_quantized_model(directory)
+        return (model.to(dtype) if dtype is not None else model).to(device).eval()
     weights = directory / "model.safetensors"
-    if not weights.exists():
+    if not weights.exists() and (directory / "model.safetensors.index.json").exists():
+        from quark.optimize.shard import load_state
+        weights, state = directory / "model.safetensors.index.json", load_state(directory)
+    elif not weights.exists():
         raise FileNotFoundError(f"{directory} is not a model directory: model.safetensors is missing")
-    try:
-        state = load_file(weights)
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{weights} is corrupted or truncated: {e}") from None
+    else:
+        try:
+            state = load_file(weights)
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{weights} is corrupted or truncated: {e}") from None
     model = GPT(config)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (config.tie_embeddings and k == "lm_head.weight")]

@@ -1,4 +1,5 @@
-"""Model optimization for inference: weight quantization (quantize), later distillation and sharding."""
+"""Model optimization for inference: weight quantization (quantize: RTN, AWQ, GPTQ), distillation
+(distill), tensor-parallel sharding and sharded checkpoints (shard)."""
 from quark.optimize.quantize import (QuantizeReport, load_quantized_model, model_nbytes, quantize_model,
                                      save_quantized_model)
 

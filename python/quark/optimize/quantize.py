@@ -4,11 +4,14 @@ step `quantize` (perplexity and decode speed of each scheme against the float mo
 
 Layers are quantized with round-to-nearest (quark.ops.quantize). Calibrated methods (AWQ, GPTQ)
 plug in through `quantize_model(..., quantizer=fn)`, where fn(name, linear) returns the
-QuantizedTensor for that layer (for example after scaling or error-correcting its weight).
+QuantizedTensor for that layer (for example after scaling or error-correcting its weight);
+`quantize_calibrated(model, method, calib)` runs them on calibration token windows
+(`load_calibration`: a few hundred sequences of run_dir/pack/train.bin, never the held-out split).
 
-Quantized model directory: config.json (GPTConfig), quant.json {scheme, group_size, layers},
-model.safetensors (float tensors + each layer's QuantizedTensor.state(prefix) with its metadata and
-CRC), tokenizer.json when the source had one.
+Quantized model directory: config.json (GPTConfig), quant.json {scheme, group_size, layers, method,
+calibration}, model.safetensors (float tensors + each layer's QuantizedTensor.state(prefix) with its
+metadata and CRC; the method and calibration settings in the file metadata too), tokenizer.json when
+the source had one.
 """
 import argparse
 import json
@@ -28,6 +31,7 @@ from quark.nn import QuantLinear
 from quark.ops.quant import GROUP_SIZES, SCHEMES, QuantizedTensor, quantize, read_safetensors
 
 MODEL_FORMAT = "quark.quantized_model/1"
+METHODS = ("rtn", "awq", "gptq")   # round-to-nearest; activation-aware scaling; second-order error compensation
 
 
 @dataclass
@@ -38,6 +42,8 @@ class QuantizeReport:
     skipped: dict = field(default_factory=dict)   # name -> reason
     bytes_before: int = 0                         # whole model, each storage counted once
     bytes_after: int = 0
+    method: str = "rtn"
+    calibration: dict = field(default_factory=dict)   # calibration data and settings (AWQ / GPTQ)
 
     @property
     def ratio(self):
@@ -101,7 +107,8 @@ def save_quantized_model(model, directory, report: QuantizeReport, tokenizer_pat
     from safetensors.torch import save
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors, metadata = {}, {"format": MODEL_FORMAT}
+    tensors = {}
+    metadata = {"format": MODEL_FORMAT, "method": report.method, "calibration": json.dumps(report.calibration)}
     quantized = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     for name, m in quantized.items():
         t, meta = m.qweight.state(name + ".")
@@ -119,7 +126,8 @@ def save_quantized_model(model, directory, report: QuantizeReport, tokenizer_pat
         f.write(save(tensors, metadata=metadata))
     atomic_write_text(directory / "config.json", model.config.to_json())
     atomic_write_json(directory / "quant.json", {"scheme": report.scheme, "group_size": report.group_size,
-                                                  "layers": report.layers})
+                                                  "layers": report.layers, "method": report.method,
+                                                  "calibration": report.calibration})
     if tokenizer_path is not None and Path(tokenizer_path).exists():
         shutil.copyfile(tokenizer_path, directory / "tokenizer.json")
     return directory
@@ -160,6 +168,79 @@ def load_quantized_model(directory):
     return model.eval()
 
 
+# ---- calibrated int4 (AWQ, GPTQ) ------------------------------------------------------------------
+
+def load_calibration(source, n_sequences=128, seq_len=128, seed=0):
+    """(n_sequences, seq_len) int64 windows drawn at random from a packed token file.
+
+    source: a run directory (its pack/train.bin) or a .bin file with meta.json beside it (its
+    "dtype"). The training split, never val.bin: the held-out perplexity must not see calibration text.
+    """
+    source = Path(source)
+    path = source / "pack" / "train.bin" if source.is_dir() else source
+    meta_path = path.parent / "meta.json"
+    for p in (path, meta_path):
+        if not p.exists():
+            raise FileNotFoundError(f"calibration data: {p} is missing (run the pack step, or pass a packed .bin)")
+    try:
+        dtype = np.dtype(json.loads(meta_path.read_text())["dtype"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{meta_path}: needs a valid 'dtype' key ({e})") from None
+    tokens = np.memmap(path, dtype=dtype, mode="r")
+    if len(tokens) < seq_len + 1:
+        raise ValueError(f"{path} holds {len(tokens)} tokens; calibration needs at least seq_len={seq_len}")
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, len(tokens) - seq_len, size=n_sequences)
+    return torch.from_numpy(np.stack([np.asarray(tokens[s:s + seq_len], dtype=np.int64) for s in starts]))
+
+
+@torch.no_grad()
+def block_inputs(model, tokens, batch_size=16):
+    """Calibration hidden states entering the first block: (x (n, T, d), cos, sin)."""
+    T = tokens.shape[1]
+    if T > model.config.max_seq_len:
+        raise ValueError(f"calibration seq_len {T} exceeds the model's max_seq_len {model.config.max_seq_len}")
+    if int(tokens.max()) >= model.config.vocab_size:
+        raise ValueError(f"calibration token id {int(tokens.max())} >= vocab_size {model.config.vocab_size}: "
+                         "the calibration data was packed with another tokenizer")
+    x = torch.cat([model.tok_emb(tokens[i:i + batch_size]) for i in range(0, len(tokens), batch_size)])
+    return x.float(), model.rope_cos[:T], model.rope_sin[:T]
+
+
+@torch.no_grad()
+def run_block(block, x, cos, sin, batch_size=16):
+    """One transformer block over all calibration sequences, batch_size sequences at a time."""
+    return torch.cat([block(x[i:i + batch_size], cos, sin) for i in range(0, len(x), batch_size)])
+
+
+def quantize_calibrated(model, method, calib, group_size=128, skip=("lm_head",), calib_info=None):
+    """int4 with a calibrated method on calib tokens (n, T); in place, like quantize_model -> report.
+
+    rtn: plain round-to-nearest (calib unused). awq: scales folded into the preceding norms /
+    linears and per-group clipping searched on the calibration activations, then round-to-nearest.
+    gptq: layer-by-layer second-order error compensation.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    quantizer = None
+    info = {}
+    if method == "awq":
+        from quark.optimize.awq import awq_model
+        info = awq_model(model, calib, group_size, skip=skip)
+    elif method == "gptq":
+        from quark.optimize.gptq import gptq_model
+        qts = gptq_model(model, calib, group_size, skip=skip)
+
+        def quantizer(name, linear):   # layers GPTQ did not see (e.g. a requested head): round-to-nearest
+            return qts[name] if name in qts else quantize(linear.weight, "int4", group_size)
+    report = quantize_model(model, "int4", group_size, skip=skip, quantizer=quantizer)
+    report.method = method
+    if method != "rtn":
+        report.calibration = {"sequences": int(calib.shape[0]), "seq_len": int(calib.shape[1]), **info,
+                              **(calib_info or {})}
+    return report
+
+
 # ---- evaluation used by the pipeline step ---------------------------------------------------------
 
 def load_val_tokens(run_dir):
@@ -193,6 +274,21 @@ def heldout_perplexity(model, tokens, max_tokens=512):
 
 
 @torch.no_grad()
+def kl_to_reference(model, reference, tokens, max_tokens=512):
+    """Mean per-token KL(reference || model) over the perplexity windows: how far quantization moved
+    the output distribution, far more sensitive than the perplexity difference."""
+    T = min(model.config.max_seq_len, len(tokens) - 1)
+    n = max(1, min(math.ceil(max_tokens / T), (len(tokens) - 1) // T))
+    kl = 0.0
+    for i in range(n):
+        x = tokens[i * T: i * T + T][None]
+        log_p = torch.log_softmax(reference(x)[0].float(), -1)
+        log_q = torch.log_softmax(model(x)[0].float(), -1)
+        kl += float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+    return kl / n
+
+
+@torch.no_grad()
 def decode_tokens_per_s(model, prompt, new_tokens=32):
     """Greedy decode speed with the KV cache (batch 1: every Linear runs as a GEMV)."""
     prompt = prompt[None, :8]
@@ -211,6 +307,9 @@ class QuantizeConfig:
     group_size: int = 32
     eval_tokens: int = 512      # held-out targets for perplexity (a few windows of max_seq_len)
     decode_tokens: int = 32     # generated tokens for the tokens/s figure
+    methods: list = field(default_factory=lambda: list(METHODS))   # int4 variants: rtn -> int4/, awq -> int4-awq/, ...
+    calib_sequences: int = 128  # calibration windows of pack/train.bin for awq / gptq
+    calib_seq_len: int = 128    # capped at the model's max_seq_len
     seed: int = 0
 
 
@@ -223,7 +322,37 @@ def validate_config(cfg):
         raise ConfigError(f"quantize.group_size: must be one of {list(GROUP_SIZES)}, got {c.group_size}")
     if c.eval_tokens < 1 or c.decode_tokens < 1:
         raise ConfigError("quantize.eval_tokens and quantize.decode_tokens must be >= 1")
+    for m in c.methods:
+        if m not in METHODS:
+            raise ConfigError(f"quantize.methods: {m!r} is not one of {list(METHODS)}")
+    if c.calib_sequences < 1 or c.calib_seq_len < 2:
+        raise ConfigError("quantize.calib_sequences must be >= 1 and quantize.calib_seq_len >= 2")
     return c
+
+
+def _variants(c):
+    """(output name, scheme, method): int8/w8a8 by round-to-nearest, int4 once per method."""
+    out = []
+    for scheme in c.schemes:
+        methods = c.methods if scheme == "int4" else ["rtn"]
+        out += [(scheme if m == "rtn" else f"{scheme}-{m}", scheme, m) for m in methods]
+    return out
+
+
+def format_table(stats):
+    """The summary as a Markdown table: one row per variant against the float model."""
+    rows = ["| variant | group | bytes | ratio | perplexity | vs fp32 | KL to fp32 | decode tok/s | speedup |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    f = stats["float"]
+    rows.append(f"| fp32 | - | {f['bytes']:,} | 1.00 | {f['perplexity']:.3f} | - | - | "
+                f"{f['decode_tokens_per_s']:.1f} | 1.00 |")
+    for name, s in stats.items():
+        if isinstance(s, dict) and "perplexity_delta" in s:
+            rel = 100 * s["perplexity_delta"] / f["perplexity"]
+            rows.append(f"| {name} | {s.get('group_size') or '-'} | {s['bytes_after']:,} | {s['ratio']:.2f} | "
+                        f"{s['perplexity']:.3f} | {rel:+.2f}% | {s['kl_to_float']:.5f} | "
+                        f"{s['decode_tokens_per_s']:.1f} | {s['speedup']:.2f} |")
+    return "\n".join(rows) + "\n"
 
 
 def _evaluate(model, tokens, c):
@@ -251,45 +380,80 @@ def run_step(run_dir, cfg):
         base = {"source": source, **_evaluate(load_model(src), tokens, c)}
         atomic_write_json(base_path, base)
     stats["float"] = {k: v for k, v in base.items() if k != "source"}
-    for scheme in tqdm(c.schemes, desc="quantize", unit="scheme"):
-        d = out / scheme
+    calib = None
+    for name, scheme, method in tqdm(_variants(c), desc="quantize", unit="variant"):
+        d = out / name
         report_path = d / "report.json"
-        key = {"source": source, "scheme": scheme, "group_size": c.group_size, "eval_tokens": c.eval_tokens}
+        key = {"source": source, "scheme": scheme, "group_size": c.group_size, "eval_tokens": c.eval_tokens,
+               "method": method}
+        if method != "rtn":
+            key |= {"calib_sequences": c.calib_sequences, "calib_seq_len": c.calib_seq_len, "seed": c.seed}
         prev = json.loads(report_path.read_text()) if report_path.exists() else {}
-        if prev.get("key") != key:
+        if prev.get("key") != key or "kl_to_float" not in prev:
             model = load_model(src)
-            report = quantize_model(model, scheme, c.group_size)
+            if method == "rtn":
+                report = quantize_model(model, scheme, c.group_size)
+            else:
+                if calib is None:
+                    calib = load_calibration(run_dir, c.calib_sequences,
+                                             min(c.calib_seq_len, model.config.max_seq_len), c.seed)
+                report = quantize_calibrated(model, method, calib, c.group_size,
+                                             calib_info={"source": "pack/train.bin", "seed": c.seed})
             save_quantized_model(model, d, report, src / "tokenizer.json")
             result = _evaluate(model, tokens, c)
+            result["kl_to_float"] = round(kl_to_reference(model, load_model(src), tokens, c.eval_tokens), 6)
             prev = {"key": key, **report.to_dict(), **result,
                     "perplexity_delta": round(result["perplexity"] - base["perplexity"], 4),
                     "speedup": round(result["decode_tokens_per_s"] / base["decode_tokens_per_s"], 3)}
-            atomic_write_json(report_path, prev)   # written last: its presence marks the scheme done
-        stats[scheme] = {k: prev[k] for k in ("bytes_before", "bytes_after", "ratio", "perplexity",
-                                              "perplexity_delta", "decode_tokens_per_s", "speedup")}
+            atomic_write_json(report_path, prev)   # written last: its presence marks the variant done
+        stats[name] = {k: prev[k] for k in ("method", "group_size", "bytes_before", "bytes_after", "ratio",
+                                            "perplexity", "perplexity_delta", "kl_to_float", "decode_tokens_per_s",
+                                            "speedup")}
     atomic_write_json(out / "summary.json", stats)
+    atomic_write_text(out / "table.md", format_table(stats))
     return stats
 
 
-# ---- CLI: quark quantize MODEL_DIR --scheme int4 --out DIR ---------------------------------------
+# ---- CLI: quark quantize MODEL_DIR --scheme int4 [--method awq --calib RUN_DIR] --out DIR ----------
 
 def configure_parser(parser: argparse.ArgumentParser):
     parser.add_argument("model_dir", help="model directory (config.json + model.safetensors)")
     parser.add_argument("--scheme", choices=SCHEMES, default="int4")
     parser.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=32, help="int4 group along K")
+    parser.add_argument("--method", choices=METHODS, default="rtn",
+                        help="int4 only: round-to-nearest, AWQ or GPTQ (the last two calibrate on --calib)")
+    parser.add_argument("--calib", default=None,
+                        help="calibration tokens: a run directory (pack/train.bin) or a packed .bin with meta.json "
+                             "beside it (default: the run directory holding MODEL_DIR, i.e. MODEL_DIR/../..)")
+    parser.add_argument("--calib-sequences", type=int, default=128)
+    parser.add_argument("--calib-seq-len", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0, help="which calibration windows are drawn")
     parser.add_argument("--out", required=True, help="output directory for the quantized model")
     parser.add_argument("--quantize-head", action="store_true", help="also quantize lm_head")
 
 
 def run_cli(args):
     from quark.model.io import load_model
+    if args.method != "rtn" and args.scheme != "int4":
+        print(f"error: --method {args.method} is for --scheme int4 (int8 / w8a8 use round-to-nearest)")
+        return 2
     try:
         model = load_model(args.model_dir)
+        calib = None
+        if args.method != "rtn":
+            source = Path(args.calib) if args.calib else Path(args.model_dir).resolve().parent.parent
+            calib = load_calibration(source, args.calib_sequences, min(args.calib_seq_len, model.config.max_seq_len),
+                                     args.seed)
     except (FileNotFoundError, ValueError, ConfigError) as e:
         print(f"error: {e}")
         return 2
-    report = quantize_model(model, args.scheme, args.group_size, skip=() if args.quantize_head else ("lm_head",))
+    skip = () if args.quantize_head else ("lm_head",)
+    if args.method == "rtn":
+        report = quantize_model(model, args.scheme, args.group_size, skip=skip)
+    else:
+        report = quantize_calibrated(model, args.method, calib, args.group_size, skip=skip,
+                                     calib_info={"source": str(source), "seed": args.seed})
     save_quantized_model(model, args.out, report, Path(args.model_dir) / "tokenizer.json")
-    print(f"{args.scheme}: {len(report.layers)} layers quantized, {len(report.skipped)} kept in float; "
+    print(f"{args.scheme} ({args.method}): {len(report.layers)} layers quantized, {len(report.skipped)} kept in float; "
           f"{report.bytes_before / 1e6:.2f} MB -> {report.bytes_after / 1e6:.2f} MB ({report.ratio:.2f}x) -> {args.out}")
     return 0

@@ -1,0 +1,115 @@
+"""GPTQ: int4 weight quantization with second-order error compensation (Frantar et al. 2022,
+"GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers").
+
+For a Linear layer with weights W (N, K) and calibration inputs X (n, K), GPTQ minimises the output
+error ||X W^T - X Q^T||^2 one input column at a time: after rounding column k it spreads the
+rounding error over the columns not yet quantized, weighted by the inverse Hessian H^-1 of that
+quadratic (H = 2 X^T X / n). Using the upper Cholesky factor of H^-1 makes each update a row of it,
+and processing columns in blocks makes most of the work one matrix product per block (the
+reference implementation's "lazy batch" updates).
+
+Groups: the int4 format is asymmetric per group of `group_size` columns (quark.ops.quant). The
+scale and zero point of a group are chosen when GPTQ reaches its first column, from the weights as
+already updated by the earlier groups' errors (as the reference does with groupsize), with the same
+clipping search as round-to-nearest. Block size = group size, so a group's parameters always see
+every earlier update.
+
+The model is processed block by block: the calibration hidden states enter block i after blocks
+< i have been quantized, so each block also compensates the error of the ones before it.
+"""
+import torch
+import torch.nn as nn
+
+from quark.ops.quant import QuantizedTensor, _pack_int4, quantize_rtn
+
+
+def gptq_quantize(w, hessian, group_size=128, damp=0.01):
+    """w (N, K) float, hessian (K, K) = X^T X / n of the layer's inputs -> (QuantizedTensor int4, loss).
+
+    damp: fraction of the mean diagonal added to H (the reference's percdamp), which keeps the
+    Cholesky factorisation stable when some inputs are (nearly) collinear.
+    loss: the reference's objective sum((w - q)^2 / U_kk^2) / 2 over all weights, U the Cholesky factor
+    of H^-1 (lower is better).
+    """
+    W = w.detach().to(torch.float32).clone()                                     # (N, K)
+    N, K = W.shape
+    if K % group_size:
+        raise ValueError(f"in_features K={K} is not a multiple of group_size {group_size}")
+    if tuple(hessian.shape) != (K, K):
+        raise ValueError(f"hessian must have shape ({K}, {K}), got {tuple(hessian.shape)}")
+    H = hessian.detach().to(torch.float64).clone()
+    dead = torch.diag(H) == 0                     # inputs that are always zero: their weights don't matter
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H += damp * torch.diag(H).mean() * torch.eye(K, dtype=H.dtype)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).to(torch.float32)
+
+    codes = torch.empty(N, K, dtype=torch.uint8)
+    scales = torch.empty(N, K // group_size)
+    zeros = torch.empty(N, K // group_size, dtype=torch.uint8)
+    loss = 0.0
+    for g, c0 in enumerate(range(0, K, group_size)):
+        c1 = c0 + group_size
+        W1 = W[:, c0:c1].clone()                                                  # (N, G)
+        Hinv1 = Hinv[c0:c1, c0:c1]
+        params = quantize_rtn(W1, "int4", group_size)                             # this group's grid
+        s, z = params.scales[:, 0], params.zeros[:, 0].float()                    # (N,)
+        scales[:, g], zeros[:, g] = s, params.zeros[:, 0]
+        err1 = torch.empty_like(W1)
+        for i in range(group_size):
+            col = W1[:, i]
+            q = torch.clamp(torch.round(col / s) + z, 0, 15)
+            deq = (q - z) * s
+            codes[:, c0 + i] = q.to(torch.uint8)
+            d = Hinv1[i, i]
+            e = (col - deq) / d
+            loss += float((e * e).sum()) / 2
+            W1[:, i:] -= e[:, None] * Hinv1[i, i:][None, :]                      # compensate within the group
+            err1[:, i] = e
+        W[:, c1:] -= err1 @ Hinv[c0:c1, c1:]                                      # and in the columns after it
+    qt = QuantizedTensor("int4", (N, K), _pack_int4(codes), scales.contiguous(), zeros.contiguous(), group_size)
+    return qt, loss
+
+
+def _skipped(name, skip):
+    return any(name == s or name.endswith("." + s) for s in skip)
+
+
+@torch.no_grad()
+def gptq_model(model, calib, group_size=128, damp=0.01, skip=("lm_head",), batch_size=16):
+    """Run GPTQ over every block's Linear layers with calibration tokens calib (n, T) int64.
+
+    Returns {layer name: QuantizedTensor} for quantize_model's quantizer hook. The model's Linear
+    weights are left holding their dequantized values (the next block is calibrated on them).
+    Layers outside the blocks (the head) and layers whose in_features is not a multiple of
+    group_size are not in the result.
+    """
+    from quark.optimize.quantize import block_inputs, run_block
+    x, cos, sin = block_inputs(model, calib, batch_size)                          # (n, T, d)
+    result = {}
+    for b, block in enumerate(model.blocks):
+        linears = {f"blocks.{b}.{n}": m for n, m in block.named_modules()
+                   if isinstance(m, nn.Linear) and not _skipped(f"blocks.{b}.{n}", skip)
+                   and m.in_features % group_size == 0}
+        hessians = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for name, m in linears.items()}
+        counts = dict.fromkeys(linears, 0)
+
+        def hook(name):
+            def fn(module, inputs, output):
+                a = inputs[0].reshape(-1, module.in_features).to(torch.float64)   # (tokens, K)
+                hessians[name] += a.T @ a
+                counts[name] += a.shape[0]
+            return fn
+
+        handles = [m.register_forward_hook(hook(name)) for name, m in linears.items()]
+        try:
+            run_block(block, x, cos, sin, batch_size)
+        finally:
+            for h in handles:
+                h.remove()
+        for name, m in linears.items():
+            qt, loss = gptq_quantize(m.weight, hessians[name] / max(counts[name], 1), group_size, damp)
+            m.weight.copy_(qt.dequantize().to(m.weight.dtype))
+            result[name] = qt
+        x = run_block(block, x, cos, sin, batch_size)                             # inputs of the next block
+    return result
