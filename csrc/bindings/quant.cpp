@@ -6,6 +6,7 @@
 #include <string>
 
 #include "bindings/common.h"
+#include "quant/gemv_f32.h"
 #include "quant/qlinear.h"
 
 namespace quark::py {
@@ -61,6 +62,22 @@ void bind_quant(nb::module_& m) {
       nb::arg("x").noconvert(), nb::arg("data").noconvert(), nb::arg("scales").noconvert(),
       nb::arg("zeros").noconvert(), nb::arg("group"), nb::arg("bias").noconvert().none(), nb::arg("out").noconvert(),
       "out (M, N) = x (M, K) . W^T + bias with W[n,k] = (q[n,k] - zeros[n,k/G]) * scales[n,k/G], q packed 2 per byte");
+  m.def(
+      "gemv_f32",
+      [](Mat x, Mat weight, std::optional<Vec> bias, OutMat out) {
+        const int64_t N = weight.shape(0), K = weight.shape(1);
+        check(x.shape(1) == static_cast<size_t>(K),
+              "x has K=" + std::to_string(x.shape(1)) + " but the weight has K=" + std::to_string(K));
+        check(out.shape(0) == x.shape(0) && out.shape(1) == static_cast<size_t>(N),
+              "out must have shape " + shape_str(x.shape(0), N));
+        if (bias) check(bias->shape(0) == static_cast<size_t>(N), "bias must have shape (" + std::to_string(N) + ",)");
+        GemvF32Args a{x.data(), weight.data(), bias ? bias->data() : nullptr, out.data(),
+                      static_cast<int64_t>(x.shape(0)), N, K};
+        nb::gil_scoped_release release;
+        gemv_f32(a);
+      },
+      nb::arg("x").noconvert(), nb::arg("weight").noconvert(), nb::arg("bias").noconvert().none(),
+      nb::arg("out").noconvert(), "out (M, N) = x (M, K) . weight (N, K)^T + bias, streamed for small M");
 }
 
 }  // namespace quark::py

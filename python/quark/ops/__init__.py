@@ -3,6 +3,7 @@ tensors run the C++ core (quark._C), CUDA tensors the Triton/CUDA kernels, anyth
 torch oracle in quark.ops.reference."""
 from quark.ops.attention import attention, decode_attention, quantize_kv
 from quark.ops.distance import pairwise_distance
+from quark.ops.linear import linear
 from quark.ops.minhash import minhash
 from quark.ops.quant import QuantizedTensor, dequantize, qlinear, quantize
 
@@ -11,6 +12,7 @@ __all__ = [
     "attention",
     "decode_attention",
     "dequantize",
+    "linear",
     "minhash",
     "pairwise_distance",
     "qlinear",

@@ -185,3 +185,9 @@ def qlinear(x, qt, bias=None):
     if bias is not None:
         y = y + bias.float()
     return y.reshape(*x.shape[:-1], w.shape[0]).to(x.dtype)
+
+
+def linear(x, weight, bias=None):
+    """Same contract as quark.ops.linear: x (..., K) @ weight.T + bias, in x's dtype (float64 in tests)."""
+    y = x @ weight.T
+    return y if bias is None else y + bias
