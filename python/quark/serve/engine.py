@@ -5,7 +5,10 @@
   advances every active slot by one token through quark.ops.decode_attention over ragged lengths.
   Active slots are kept as a prefix 0..n-1 (a finished slot takes over the last active one), so a
   step attends over cache[:n] without any gather. The q/k/v and gate/up projections are fused into
-  one matmul each when they are plain nn.Linear (one weight pass instead of three / two).
+  one matmul each when they are plain nn.Linear (one weight pass instead of three / two). Plain fp32
+  projections and the output head run through quark.ops.linear: at decode's few rows a streaming
+  GEMV near the machine's read bandwidth (torch's sgemv reaches about half); larger batches and
+  other dtypes fall through to F.linear.
 - Engine: one background thread owns the model. Requests wait in a bounded queue (submit raises
   QueueFull beyond it, so overload is answered, not absorbed), join the running batch as slots free
   up (continuous batching: Orca, Yu et al. 2022; vLLM), and stream text deltas through a callback.
@@ -40,6 +43,13 @@ def _rope(x, cos, sin):
     h = x.shape[-1] // 2
     x1, x2 = x[..., :h], x[..., h:]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+def _linear(module, x):
+    """module(x) for any projection; plain nn.Linear goes through quark.ops.linear (see above)."""
+    if type(module) is nn.Linear:
+        return ops.linear(x, module.weight, module.bias)
+    return module(x)
 
 
 def _fuse(linears):
@@ -83,16 +93,16 @@ class Runner:
     def _project_qkv(self, i, h):
         a = self.model.blocks[i].attn
         if self.qkv[i] is not None:
-            return F.linear(h, self.qkv[i]).split(
+            return ops.linear(h, self.qkv[i]).split(
                 [self.cfg.n_head * self.cfg.head_dim] + [self.cfg.n_kv_head * self.cfg.head_dim] * 2, -1)
-        return a.wq(h), a.wk(h), a.wv(h)
+        return _linear(a.wq, h), _linear(a.wk, h), _linear(a.wv, h)
 
     def _mlp(self, i, h):
         m = self.model.blocks[i].mlp
         if self.gate_up[i] is not None:
-            g, u = F.linear(h, self.gate_up[i]).chunk(2, -1)
-            return m.w2(F.silu(g) * u)
-        return m.w2(F.silu(m.w1(h)) * m.w3(h))
+            g, u = ops.linear(h, self.gate_up[i]).chunk(2, -1)
+            return _linear(m.w2, F.silu(g) * u)
+        return _linear(m.w2, F.silu(_linear(m.w1, h)) * _linear(m.w3, h))
 
     @torch.no_grad()
     def extend(self, slot, ids, all_logits=False):
@@ -119,11 +129,11 @@ class Runner:
                 y = ops.attention(qq.contiguous(), kk.contiguous(), vv.contiguous(), causal=True)
             else:
                 y = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, enable_gqa=H != Hkv)
-            x = x + blk.attn.wo(y[0].transpose(0, 1).reshape(T, H * D))
+            x = x + _linear(blk.attn.wo, y[0].transpose(0, 1).reshape(T, H * D))
             x = x + self._mlp(i, blk.mlp_norm(x))
         self.lens[slot] = p0 + T
         h = self.model.norm(x if all_logits else x[-1:])
-        logits = self.model.lm_head(h).float()
+        logits = _linear(self.model.lm_head, h).float()
         return logits if all_logits else logits[0]
 
     @torch.no_grad()
@@ -148,10 +158,10 @@ class Runner:
                                          k_scale=self.k_scale[i][:n], v_scale=self.v_scale[i][:n])
             else:
                 y = ops.decode_attention(q.to(self.cache_dtype).contiguous(), self.k[i][:n], self.v[i][:n], seqlens)
-            x = x + blk.attn.wo(y.to(self.dtype).reshape(n, H * D))
+            x = x + _linear(blk.attn.wo, y.to(self.dtype).reshape(n, H * D))
             x = x + self._mlp(i, blk.mlp_norm(x))
         self.lens[:n] += 1
-        return self.model.lm_head(self.model.norm(x)).float()
+        return _linear(self.model.lm_head, self.model.norm(x)).float()
 
     def _store(self, i, slot, pos, k, v):
         """Write k/v rows into layer i at [slot, :, pos] (slot/pos: ints, a slice, or index tensors)."""
