@@ -7,6 +7,7 @@ import torch.nn.functional as F
 import quark
 from quark import _C
 from quark.ops import linear, reference
+from quark.ops.linear import MAX_ROWS
 
 ALL_LEVELS = ("scalar", "avx2", "avx512", "avx512_bf16", "amx")
 # the family's paths (gemv_f32 registers up to avx512) that this CPU can run
@@ -23,7 +24,7 @@ def check_close(y, x, w, b=None):
 
 @pytest.mark.parametrize("isa", AVAILABLE)
 @pytest.mark.parametrize("N,K", [(1, 1), (13, 7), (37, 61), (130, 515), (1001, 33)])
-@pytest.mark.parametrize("M", [1, 2, 3, 4])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8, 16])
 def test_linear_matches_float64_reference(isa, N, K, M):
     g = torch.Generator().manual_seed(N * 1000 + K * 10 + M)
     x, w, b = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g), torch.randn(N, generator=g)
@@ -34,10 +35,10 @@ def test_linear_matches_float64_reference(isa, N, K, M):
 
 @pytest.mark.parametrize("isa", AVAILABLE)
 def test_kernel_takes_any_number_of_rows(isa):
-    # quark.ops.linear sends M > 4 to torch; the kernel itself runs them in chunks of 4 rows
+    # quark.ops.linear sends M > MAX_ROWS to torch; the kernel itself runs any M in chunks of 8 rows
     g = torch.Generator().manual_seed(1)
-    x, w = torch.randn(11, 45, generator=g), torch.randn(23, 45, generator=g)
-    out = torch.empty(11, 23)
+    x, w = torch.randn(43, 45, generator=g), torch.randn(23, 45, generator=g)
+    out = torch.empty(43, 23)
     with quark.isa(isa):
         _C.gemv_f32(x, w, None, out)
     check_close(out, x, w)
@@ -53,7 +54,7 @@ def test_leading_dimensions_and_noncontiguous_x():
 def test_fallbacks_match_torch():
     g = torch.Generator().manual_seed(2)
     w, b = torch.randn(9, 20, generator=g), torch.randn(9, generator=g)
-    x = torch.randn(6, 20, generator=g)                                   # more than 4 rows: a GEMM
+    x = torch.randn(MAX_ROWS + 1, 20, generator=g)                        # more rows: a GEMM
     torch.testing.assert_close(linear(x, w, b), F.linear(x, w, b))
     xb, wb = x[:2].bfloat16(), w.bfloat16()                               # not fp32
     assert linear(xb, wb).dtype == torch.bfloat16

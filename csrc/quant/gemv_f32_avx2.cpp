@@ -1,5 +1,5 @@
 // AVX2 path: as the AVX-512 one with 8-float vectors and 16 ymm registers, so fewer rows per block
-// (R x M <= 12 accumulators); the last K % 8 columns are summed in scalar.
+// (R x M <= 12 accumulators; x is read from L1 inside the FMAs); the last K % 8 columns are summed in scalar.
 #include <immintrin.h>
 
 #include "quant/gemv_f32.h"
@@ -43,7 +43,7 @@ void rows(const GemvF32Args& a, int64_t n0) {
 
 template <int M>
 void gemv(const GemvF32Args& a) {
-  constexpr int R = M == 1 ? 8 : M == 2 ? 4 : 3;
+  constexpr int R = M == 1 ? 8 : M == 2 ? 4 : M <= 4 ? 3 : 1;
   const int64_t full = a.n / R, tasks = full + a.n % R;
 #pragma omp parallel for schedule(static)
   for (int64_t t = 0; t < tasks; ++t) {
@@ -59,7 +59,11 @@ void gemv_f32_avx2(const GemvF32Args& a) {
     case 1: return gemv<1>(a);
     case 2: return gemv<2>(a);
     case 3: return gemv<3>(a);
-    default: return gemv<4>(a);
+    case 4: return gemv<4>(a);
+    case 5: return gemv<5>(a);
+    case 6: return gemv<6>(a);
+    case 7: return gemv<7>(a);
+    default: return gemv<8>(a);
   }
 }
 

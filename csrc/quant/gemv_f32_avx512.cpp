@@ -1,5 +1,6 @@
 // AVX-512 path: R weight rows at a time, 16 floats per load, one accumulator per (weight row, x row):
-// R x M independent FMA chains (8 to 16 zmm), each x vector loaded once per step and reused R times.
+// R x M independent FMA chains (8 to 16 zmm, plus M x vectors), each x vector loaded once per step
+// and reused R times.
 #include <immintrin.h>
 
 #include "quant/gemv_f32.h"
@@ -42,7 +43,7 @@ void rows(const GemvF32Args& a, int64_t n0) {
 // alias); software prefetch measured slower than the hardware prefetcher on these sequential rows.
 template <int M>
 void gemv(const GemvF32Args& a) {
-  constexpr int R = M <= 2 ? 8 : 4;
+  constexpr int R = M <= 2 ? 8 : M <= 4 ? 4 : 2;
   const int64_t full = a.n / R, tasks = full + a.n % R;
 #pragma omp parallel for schedule(static)
   for (int64_t t = 0; t < tasks; ++t) {
@@ -58,7 +59,11 @@ void gemv_f32_avx512(const GemvF32Args& a) {
     case 1: return gemv<1>(a);
     case 2: return gemv<2>(a);
     case 3: return gemv<3>(a);
-    default: return gemv<4>(a);
+    case 4: return gemv<4>(a);
+    case 5: return gemv<5>(a);
+    case 6: return gemv<6>(a);
+    case 7: return gemv<7>(a);
+    default: return gemv<8>(a);
   }
 }
 

@@ -6,8 +6,8 @@
   Active slots are kept as a prefix 0..n-1 (a finished slot takes over the last active one), so a
   step attends over cache[:n] without any gather. The q/k/v and gate/up projections are fused into
   one matmul each when they are plain nn.Linear (one weight pass instead of three / two). Plain fp32
-  projections and the output head run through quark.ops.linear: at decode's few rows a streaming
-  GEMV near the machine's read bandwidth (torch's sgemv reaches about half); larger batches and
+  projections and the output head run through quark.ops.linear: at decode's few rows (<= 16 slots)
+  a streaming GEMV near the machine's read bandwidth (torch's sgemv reaches about half); prefill and
   other dtypes fall through to F.linear.
 - Engine: one background thread owns the model. Requests wait in a bounded queue (submit raises
   QueueFull beyond it, so overload is answered, not absorbed), join the running batch as slots free
