@@ -37,7 +37,7 @@ def linear(x, weight, bias=None):
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
     if not fast:
         return F.linear(x, weight, bias)
-    x2 = x.reshape(rows, K).contiguous()
+    x2 = x.detach().reshape(rows, K).contiguous()
     out = torch.empty((rows, N), dtype=torch.float32)
     _C.gemv_f32(x2, weight.detach(), None if bias is None else bias.detach(), out)
     return out.reshape(*x.shape[:-1], N)
