@@ -31,7 +31,7 @@ def linear(x, weight, bias=None):
         raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
     tensors = (x, weight) if bias is None else (x, weight, bias)
     rows = x.numel() // K if K else 0
-    fast = (0 < rows <= MAX_ROWS and K > 0
+    fast = (0 < rows <= MAX_ROWS
             and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
             and weight.is_contiguous() and (bias is None or bias.is_contiguous())
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
