@@ -51,7 +51,7 @@ inline void dequant_row(const QWeight& w, int64_t n, int64_t k0, int64_t len, fl
   }
 }
 
-// Kernel provides: static constexpr int MR, NR;
+// Kernel: a microkernel of common/gemm_f32_<isa>.h, providing static constexpr int MR, NR;
 //   static void dispatch_rows(int rows, const float* x, int64_t ldx, int64_t kc, const float* panel, float* acc);
 // computing acc (rows x NR) = x[rows, 0:kc] . panel (kc x NR).
 template <class Kernel>

@@ -4,6 +4,7 @@
 // GEMM: 6 x 16 tile (12 ymm accumulators) over dequantized panels. W8A8: int16 vpmaddwd row dots.
 #include <immintrin.h>
 
+#include "common/gemm_f32_avx2.h"
 #include "quant/qgemm_blocked.h"
 #include "quant/qlinear.h"
 
@@ -129,43 +130,6 @@ void gemv(const QLinearArgs& a) {
   }
 }
 
-struct GemmKernel {
-  static constexpr int MR = 6, NR = 16;
-
-  template <int R>
-  static void tile(const float* x, int64_t ldx, int64_t kc, const float* panel, float* acc) {
-    __m256 c0[R], c1[R];
-    #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) { c0[r] = _mm256_setzero_ps(); c1[r] = _mm256_setzero_ps(); }
-    for (int64_t k = 0; k < kc; ++k) {
-      const __m256 b0 = _mm256_load_ps(panel + k * NR);
-      const __m256 b1 = _mm256_load_ps(panel + k * NR + 8);
-      #pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-        const __m256 av = _mm256_broadcast_ss(x + r * ldx + k);
-        c0[r] = _mm256_fmadd_ps(av, b0, c0[r]);
-        c1[r] = _mm256_fmadd_ps(av, b1, c1[r]);
-      }
-    }
-    #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      _mm256_store_ps(acc + r * NR, c0[r]);
-      _mm256_store_ps(acc + r * NR + 8, c1[r]);
-    }
-  }
-
-  static void dispatch_rows(int rows, const float* x, int64_t ldx, int64_t kc, const float* panel, float* acc) {
-    switch (rows) {
-      case 6: return tile<6>(x, ldx, kc, panel, acc);
-      case 5: return tile<5>(x, ldx, kc, panel, acc);
-      case 4: return tile<4>(x, ldx, kc, panel, acc);
-      case 3: return tile<3>(x, ldx, kc, panel, acc);
-      case 2: return tile<2>(x, ldx, kc, panel, acc);
-      default: return tile<1>(x, ldx, kc, panel, acc);
-    }
-  }
-};
-
 template <int M, int R>
 void w8a8_rows(const W8A8Args& a, int64_t m0, int64_t n0) {
   const int64_t K = a.w.k, N = a.w.n;
@@ -216,7 +180,7 @@ void qgemv_f32_avx2(const QLinearArgs& a) {
   }
 }
 
-void qgemm_f32_avx2(const QLinearArgs& a) { run_qgemm<GemmKernel>(a); }
+void qgemm_f32_avx2(const QLinearArgs& a) { run_qgemm<GemmTileAvx2>(a); }
 
 void w8a8_dots_avx2(const W8A8Args& a) {
   constexpr int R = 4;

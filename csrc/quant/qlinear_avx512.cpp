@@ -9,6 +9,7 @@
 
 #include <vector>
 
+#include "common/gemm_f32_avx512.h"
 #include "quant/qgemm_blocked.h"
 #include "quant/qlinear.h"
 
@@ -154,45 +155,6 @@ void gemv(const QLinearArgs& a) {
   }
 }
 
-struct GemmKernel {
-  static constexpr int MR = 8, NR = 32;
-
-  template <int R>
-  static void tile(const float* x, int64_t ldx, int64_t kc, const float* panel, float* acc) {
-    __m512 c0[R], c1[R];
-    #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) { c0[r] = _mm512_setzero_ps(); c1[r] = _mm512_setzero_ps(); }
-    for (int64_t k = 0; k < kc; ++k) {
-      const __m512 b0 = _mm512_load_ps(panel + k * NR);
-      const __m512 b1 = _mm512_load_ps(panel + k * NR + 16);
-      #pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-        const __m512 av = _mm512_set1_ps(x[r * ldx + k]);
-        c0[r] = _mm512_fmadd_ps(av, b0, c0[r]);
-        c1[r] = _mm512_fmadd_ps(av, b1, c1[r]);
-      }
-    }
-    #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      _mm512_store_ps(acc + r * NR, c0[r]);
-      _mm512_store_ps(acc + r * NR + 16, c1[r]);
-    }
-  }
-
-  static void dispatch_rows(int rows, const float* x, int64_t ldx, int64_t kc, const float* panel, float* acc) {
-    switch (rows) {
-      case 8: return tile<8>(x, ldx, kc, panel, acc);
-      case 7: return tile<7>(x, ldx, kc, panel, acc);
-      case 6: return tile<6>(x, ldx, kc, panel, acc);
-      case 5: return tile<5>(x, ldx, kc, panel, acc);
-      case 4: return tile<4>(x, ldx, kc, panel, acc);
-      case 3: return tile<3>(x, ldx, kc, panel, acc);
-      case 2: return tile<2>(x, ldx, kc, panel, acc);
-      default: return tile<1>(x, ldx, kc, panel, acc);
-    }
-  }
-};
-
 // dots[m0 + i, n0 + r] for M rows starting at m0 and R weight rows starting at n0.
 template <int M, int R>
 void w8a8_rows(const W8A8Args& a, int64_t m0, int64_t n0) {
@@ -244,7 +206,7 @@ void qgemv_f32_avx512(const QLinearArgs& a) {
   }
 }
 
-void qgemm_f32_avx512(const QLinearArgs& a) { run_qgemm<GemmKernel>(a); }
+void qgemm_f32_avx512(const QLinearArgs& a) { run_qgemm<GemmTileAvx512>(a); }
 
 void w8a8_dots_avx512(const W8A8Args& a) {
   constexpr int R = 4;

@@ -72,8 +72,8 @@ static void epilogue(const DistanceArgs& a, int64_t i0, int rows, int64_t j0, in
   }
 }
 
-// Kernel must provide: static constexpr int MR, NR;
-//   template <int R> static void tile(const float* x, int64_t d, const float* panel, float* acc /* R x NR */);
+// Kernel: a microkernel of common/gemm_f32_<isa>.h (MR, NR and
+//   dispatch_rows(rows, x, ldx, kc, panel, acc /* rows x NR */)).
 template <class Kernel>
 static void run_blocked(const DistanceArgs& a) {
   constexpr int MR = Kernel::MR, NR = Kernel::NR;
@@ -104,7 +104,7 @@ static void run_blocked(const DistanceArgs& a) {
           const int cols = static_cast<int>(std::min<int64_t>(NR, nvec - p * NR));
           for (int64_t i = c * kQueryChunk; i < i_end; i += MR) {
             const int rows = static_cast<int>(std::min<int64_t>(MR, i_end - i));
-            Kernel::dispatch_rows(rows, a.x + i * d, d, panel, acc);
+            Kernel::dispatch_rows(rows, a.x + i * d, d, d, panel, acc);
             epilogue<NR>(a, i, rows, j_begin + p * NR, cols, acc, xsq.data(), ysq + p * NR);
           }
         }
