@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from quark.config import ConfigError
-from quark.io import atomic_write_text
+from quark.io import atomic_write_json
 
 # (step name, module) in run order.
 STEPS = [
@@ -144,7 +144,7 @@ def run(recipe, only=None, force=False, log=print):
             continue
         if not available(module):
             log(f"[{name}] not implemented yet ({module}); stopping before it")
-            state_path_write(state_path, state)
+            atomic_write_json(state_path, state)
             return False
         done = state["steps"].get(name, {})
         if not force and done.get("status") == "done" and done.get("fingerprint") == fp:
@@ -155,13 +155,9 @@ def run(recipe, only=None, force=False, log=print):
         stats = importlib.import_module(module).run_step(run_dir, cfg)
         state["steps"][name] = {"status": "done", "fingerprint": fp, "seconds": round(time.time() - t0, 2),
                                 "stats": stats, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        state_path_write(state_path, state)
+        atomic_write_json(state_path, state)
         log(f"[{name}] done in {time.time() - t0:.1f}s")
     return True
-
-
-def state_path_write(path, state):
-    atomic_write_text(path, json.dumps(state, indent=1, default=str))
 
 
 def configure_parser(parser):
