@@ -133,6 +133,21 @@ def test_weight_only_gemm_is_exact_for_every_activation_precision(isa, precision
     assert float(row_err.max()) < 1e-5
 
 
+@pytest.mark.parametrize("isa", GEMM_LEVELS)
+@pytest.mark.parametrize("group", [32, 128])
+def test_int4_bf16_activations_are_as_precise_as_torch_bf16(isa, group):
+    # bf16 in, bf16 out; on amx the GEMM also rounds the dequantized weights to bf16 (bf16 compute).
+    g = torch.Generator().manual_seed(group)
+    qt = quantize(torch.randn(200, 512, generator=g), "int4", group)
+    x, bias = torch.randn(40, 512, generator=g).bfloat16(), torch.randn(200, generator=g)
+    with quark.isa(isa):
+        y = qlinear(x, qt, bias)
+    ref = ref64(x.float(), qt, bias)
+    torch_bf16 = torch.nn.functional.linear(x, dequantize(qt).bfloat16(), bias.bfloat16())
+    assert y.dtype == torch.bfloat16
+    assert rel(y.float(), ref) <= 1.05 * rel(torch_bf16.float(), ref)
+
+
 def test_w8a8_gemv_and_gemm_paths_agree_bitwise():
     g = torch.Generator().manual_seed(3)
     qt = quantize(torch.randn(96, 200, generator=g), "w8a8")

@@ -17,7 +17,9 @@
 //         even). Kernels return exact int32 dots; the driver applies sx[m] * sw[n] (+ bias) so every
 //         ISA path gives bit-identical results. VNNI (vpdpbusd) on avx512_bf16, int16 madd below.
 //   AMX   M > 4 on amx: the GEMM on tiles (qlinear_amx.cpp), AMX-BF16 for weight-only (exact products:
-//         bf16 weights and activations split into exact bf16 parts) and AMX-INT8 for W8A8.
+//         integer weights and activations split into exact bf16 parts) and AMX-INT8 for W8A8. The one
+//         inexact mode: int4 with bf16_compute (bf16 activations) rounds the dequantized weights to
+//         bf16, as torch's bf16 linear does; the exact form needs a scaling pass per group.
 #pragma once
 #include <cstdint>
 
@@ -39,6 +41,8 @@ struct QLinearArgs {
   QWeight w;
   const float* bias;      // (N,) or nullptr
   float* out;             // (M, N) row-major fp32
+  bool bf16_compute = false;  // bf16 activations (widened into x), result rounded to bf16 by the caller:
+                              // the amx GEMM may then round dequantized int4 weights to bf16 too
 };
 
 // W8A8 after activation quantization: the kernels fill dots (M, N) = xq . wq^T exactly.

@@ -1,30 +1,29 @@
-// AMX path of the quantized GEMM (M > 4). Both products are exact, like every other path.
+// AMX path of the quantized GEMM (M > 4).
 //
 // Weight-only int4 / int8 with fp32 activations, on AMX-BF16 (TDPBF16PS multiplies bf16 pairs exactly
-// and accumulates in fp32):
+// and accumulates in fp32), exact like every other path:
 //   - weights: (q - z) for int4 and q for int8 are integers of at most 8 bits, exact in bf16;
 //   - activations: x = x1 + x2 + x3 with bf16 parts: x1 = x with its low 16 bits cleared, x2 the same
 //     of r = x - x1, x3 = r - x2. Each step takes 8 of the 24 significand bits, so the sum is exact and
-//     sum_k w_k x_k = sum_p sum_k w_k x_p,k up to fp32 accumulation, as on the fp32 FMA paths.
-//     Activations that are bf16 values already (bf16 inputs, widened by quark.ops.qlinear) have
-//     x2 = x3 = 0: the kernel counts the parts x needs once per call, so bf16 activations run a third
-//     of the tile products. (AMX treats bf16 denormals as zero: parts below 2^-126 drop out, an
-//     absolute error under 2^-126 |w| per product.)
-//   - scales: the tile accumulators hold the dot products of one int4 group (or one k block for int8);
-//     they are then added, times the scale of their weight row, into fp32 accumulators in memory.
+//     sum_k w_k x_k = sum_p sum_k w_k x_p,k up to fp32 accumulation, as on the fp32 FMA paths. The
+//     kernel counts the parts x needs once per call (1 when x holds bf16 values, 2 for fp16-like
+//     ones), so such activations run fewer tile products. (AMX treats bf16 denormals as zero: parts
+//     below 2^-126 drop out, an absolute error under 2^-126 |w| per product.)
+//   - scales: the tile sums of int8 get their row scale once per k block; int4 needs its scale per
+//     group of 32..128 k, i.e. after every one to four tile products: the rotating kernel below.
+// int4 with bf16 activations (bf16_compute, the result is rounded to bf16 anyway): the dequantized
+// weights (q - z) * s are rounded to bf16 like torch's bf16 linear does, and run through the plain
+// 2 x 2 kernel without per-group scaling: twice the speed, at the precision of bf16 compute.
 // W8A8 on AMX-INT8 (TDPBSSD, int8 x int8 into int32): the exact int32 dots of every other path.
 //
 // Orientation: out^T = W . x^T. The weights are the A operand: an A tile is 16 weight rows x 64 bytes
 // of consecutive k, the order the weights are stored in, so the big operand is never transposed. The
 // activations are the B operand in VNNI order (tile row r = 16 tokens x one k pair (bf16) or quad
 // (int8)), packed once per call with 16 x 16 dword transposes; so is the (N x M) result on the way out.
-// Kernels: the 2 x 2 one (C0-C3 = 2 weight tiles x 2 token tiles, A in 4-5, B in 6-7) for int8
-// weight-only and W8A8, whose sums need no scaling until the end of a k block; the rotating one for
-// int4, which must scale every group's sums (see Rotation).
-// Blocking: tokens in chunks of 256; per chunk the activations are packed once (all of K), then the
-// k blocks are the outer loop: each thread unpacks the weight panel of each of its tasks (256 rows x
-// one k block) and sweeps the chunk over it, so a k block's activations (<= 512 KiB) stay in its L2
-// while the weights stream from DRAM exactly once. Threads take tasks (OpenMP over N).
+// Blocking: tokens in chunks of 256, whose activations are packed once (all of K). A task is 256
+// weight rows: per k block it unpacks the rows' weight panel (<= 512 KiB, L2) and sweeps the chunk's
+// activations for that k block (<= 512 KiB) over it, so the weights stream from DRAM exactly once.
+// Threads take tasks (OpenMP over N).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -136,12 +135,19 @@ struct BLayout {
   }
 };
 
+void prefetch_l2(const void* p, int64_t bytes) {
+  for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(static_cast<const char*>(p) + i, _MM_HINT_T1);
+}
+
 // A panel of rows weight rows [n0, n0 + rows) for `steps` k steps: row_step(n, s) gives the 64 bytes
-// of row n < N at step s; rows past N are zero. The 16 rows of a tile are read step by step, side
-// by side: 16 streams from DRAM in flight instead of one row's short run at a time.
-template <class RowStep>
-void pack_rows(int64_t n0, int64_t rows, int64_t N, int64_t steps, const Grid& grid, uint8_t* dst, RowStep row_step) {
-  for (int64_t rt = 0; rt < rows / 16; ++rt)
+// of row n < N at step s; rows past N are zero. Each row's k block is a short run in DRAM, too short
+// for the hardware prefetchers: prefetch_row(n) requests all of row n's bytes one row tile ahead.
+template <class RowStep, class PrefetchRow>
+void pack_rows(int64_t n0, int64_t rows, int64_t N, int64_t steps, const Grid& grid, uint8_t* dst, RowStep row_step,
+               PrefetchRow prefetch_row) {
+  for (int64_t n = n0; n < std::min(n0 + 16, N); ++n) prefetch_row(n);
+  for (int64_t rt = 0; rt < rows / 16; ++rt) {
+    for (int64_t n = n0 + 16 * (rt + 1); n < std::min(n0 + 16 * (rt + 2), N); ++n) prefetch_row(n);
     for (int64_t s = 0; s < steps; ++s) {
       uint8_t* tile = dst + grid.a_tile(rt, s, steps) * kTileBytes;
       for (int64_t j = 0; j < 16; ++j) {
@@ -149,11 +155,13 @@ void pack_rows(int64_t n0, int64_t rows, int64_t N, int64_t steps, const Grid& g
         _mm512_store_si512(tile + 64 * j, n < N ? row_step(n, s) : _mm512_setzero_si512());
       }
     }
+  }
 }
 
 // 32 x 32 blocks (2 x 2 grid) over a whole k block: C0..C3 += A4 x B6, A4 x B7, A5 x B6, A5 x B7 for
-// every step, then one store and kind.flush(cbuf, scale of the block's rows, acc block, first).
-// Used where the accumulators need no per-group scaling (int8 weight-only, W8A8).
+// every step and activation part, then one store and kind.flush(cbuf, scale of the block's rows,
+// acc block, first). Used where the sums need no per-group scaling (int8 weight-only, W8A8, int4
+// with bf16-rounded weights).
 template <class Kind, class Acc>
 void sweep_2x2(const Kind& kind, const uint8_t* apanel, const uint8_t* bk, int64_t sc, int parts, int64_t rtiles,
                int64_t ttiles, const float* scale, Acc* acc, bool first, Acc* cbuf) {
@@ -298,9 +306,8 @@ struct Rotation {
 //                                       within the block)
 //   sweep(apanel, bk, sc, parts, rtiles, ttiles, spanel, acc, first, cbuf)   the products of one k
 //                                       block added into acc (or stored there, for the first)
-// The k blocks are the outer loop so the activations of one k block (<= 512 KiB) stay in L2 while a
-// thread runs all its tasks over them; the tasks' sums wait in acc (N x chunk, L3) in between. The
-// static schedule gives a thread the same tasks for every k block, so no barrier is needed there.
+// Threads take whole tasks (dynamic schedule, k blocks inside), so a thread that the OS preempts on
+// a busy machine holds back only the task it is running; a task's sums stay in its thread's acc.
 template <class Kind>
 struct TileGemm {
   using Acc = typename Kind::Acc;
@@ -328,15 +335,14 @@ struct TileGemm {
     const int64_t spb = kind.block_steps(parts), nkb = (ksteps + spb - 1) / spb;
     const int64_t ntasks = (N + kTaskRows - 1) / kTaskRows;
     const int64_t mtiles_max = (std::min(M, kMChunk) + 16 * grid.tb - 1) / (16 * grid.tb) * grid.tb;
-    const int64_t task_acc = kTaskRows * mtiles_max * 16;
-    static thread_local std::vector<uint8_t> bbuf, accbuf;
+    static thread_local std::vector<uint8_t> bbuf;
     uint8_t* bpanel = scratch(bbuf, static_cast<size_t>(ksteps) * parts * mtiles_max * kTileBytes);
-    Acc* acc = reinterpret_cast<Acc*>(scratch(accbuf, ntasks * task_acc * sizeof(Acc)));
 #pragma omp parallel
     {
-      static thread_local std::vector<uint8_t> abuf, sbuf;
+      static thread_local std::vector<uint8_t> abuf, sbuf, accbuf;
       uint8_t* apanel = scratch(abuf, static_cast<size_t>(spb) * (kTaskRows / 16) * kTileBytes);
       float* spanel = reinterpret_cast<float*>(scratch(sbuf, spb * kTaskRows * sizeof(float)));
+      Acc* acc = reinterpret_cast<Acc*>(scratch(accbuf, kTaskRows * mtiles_max * 16 * sizeof(Acc)));
       alignas(64) Acc cbuf[4 * 256];
       configure_tiles();
       for (int64_t c0 = 0; c0 < M; c0 += kMChunk) {
@@ -344,22 +350,17 @@ struct TileGemm {
         const int64_t ttiles = (rows + 16 * grid.tb - 1) / (16 * grid.tb) * grid.tb;
         const BLayout bl{ksteps, spb, parts, ttiles, grid.tb};
         pack_b(c0, rows, bl, bpanel);   // an omp for inside: ends with a barrier
-        for (int64_t kb = 0; kb < nkb; ++kb) {
-          const int64_t sc = bl.steps_in(kb);
-#pragma omp for schedule(static) nowait
-          for (int64_t t = 0; t < ntasks; ++t) {
-            const int64_t n0 = t * kTaskRows, nb = std::min(kTaskRows, N - n0);
-            const int64_t rtiles = (nb + 16 * grid.rb - 1) / (16 * grid.rb) * grid.rb;
-            Acc* tacc = acc + t * task_acc;
-            kind.pack_a(n0, 16 * rtiles, kb * spb * Kind::kStepK, sc * Kind::kStepK, grid, apanel, spanel);
-            kind.sweep(apanel, bpanel + bl.block_base(kb) * kTileBytes, sc, parts, rtiles, ttiles, spanel, tacc, kb == 0,
-                       cbuf);
-          }
-        }
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
         for (int64_t t = 0; t < ntasks; ++t) {
           const int64_t n0 = t * kTaskRows, nb = std::min(kTaskRows, N - n0);
-          transpose_out(grid, acc + t * task_acc, ttiles, rows, nb,
+          const int64_t rtiles = (nb + 16 * grid.rb - 1) / (16 * grid.rb) * grid.rb;
+          for (int64_t kb = 0; kb < nkb; ++kb) {
+            const int64_t sc = bl.steps_in(kb);
+            kind.pack_a(n0, 16 * rtiles, kb * spb * Kind::kStepK, sc * Kind::kStepK, grid, apanel, spanel);
+            kind.sweep(apanel, bpanel + bl.block_base(kb) * kTileBytes, sc, parts, rtiles, ttiles, spanel, acc, kb == 0,
+                       cbuf);
+          }
+          transpose_out(grid, acc, ttiles, rows, nb,
                         [&](int64_t m, int64_t n, __mmask16 mk, __m512i v) { write(c0 + m, n0 + n, mk, v); });
         }
       }
@@ -372,13 +373,11 @@ struct TileGemm {
 struct Bf16Kind {
   using Acc = float;
   static constexpr int64_t kStepK = 32;
-  // k blocks of 1024 / 512 / 256: the block's activations (256 tokens x parts bf16) take 512 KiB
-  // (384 KiB for 3 parts); each holds whole int4 groups.
-  static int64_t block_steps(int parts) { return parts == 1 ? 32 : parts == 2 ? 16 : 8; }
   const QWeight& w;
+  bool round_w;      // int4 for bf16 activations: dequantized weights rounded to bf16 (see the top)
   __m512i lut[16];   // lut[z] word i = bf16(i - z), i < 16: int4 (q - z) by one vpermw
 
-  explicit Bf16Kind(const QWeight& w_) : w(w_) {
+  Bf16Kind(const QWeight& w_, bool round_w_) : w(w_), round_w(round_w_) {
     for (int z = 0; z < 16; ++z) {
       alignas(64) uint16_t t[32] = {};
       for (int i = 0; i < 16; ++i) {
@@ -398,30 +397,51 @@ struct Bf16Kind {
     _tile_dpbf16ps(3, 5, 7);
   }
 
-  // int4 needs its sums scaled per group: the rotating kernel; int8 (one scale per row) the 2 x 2 one.
-  Grid grid() const { return w.scheme == QScheme::int4 ? Grid{1, 1} : Grid{2, 2}; }
+  // k blocks of 1024 / 512 / 256: a block's activations (256 tokens x parts bf16) take at most
+  // 512 KiB, as does its weight panel; each holds whole int4 groups.
+  static int64_t block_steps(int parts) { return parts == 1 ? 32 : parts == 2 ? 16 : 8; }
+
+  // Exact int4 needs its sums scaled per group: the rotating kernel; int8 (one scale per row) and
+  // rounded int4 (scales inside the weights) the 2 x 2 one.
+  Grid grid() const { return w.scheme == QScheme::int4 && !round_w ? Grid{1, 1} : Grid{2, 2}; }
 
   void sweep(const uint8_t* apanel, const uint8_t* bk, int64_t sc, int parts, int64_t rtiles, int64_t ttiles,
              const float* spanel, float* acc, bool first, float* cbuf) const {
-    if (w.scheme == QScheme::int4)
+    if (w.scheme == QScheme::int4 && !round_w)
       Rotation{apanel, bk, sc, w.group / kStepK, sc * kStepK / w.group, rtiles, ttiles, parts, spanel, acc, first, cbuf}.run();
     else sweep_2x2(*this, apanel, bk, sc, parts, rtiles, ttiles, spanel, acc, first, cbuf);
   }
 
   void pack_a(int64_t n0, int64_t rows, int64_t k0, int64_t kc, const Grid& grid, uint8_t* dst, float* sdst) const {
-    const int64_t K = w.k;
-    if (w.scheme == QScheme::int4) {
-      const int64_t ng = K / w.group, groups = kc / w.group;
+    const int64_t K = w.k, G = w.group;
+    auto prefetch_int4 = [&](int64_t n) {
+      prefetch_l2(w.data + n * (K / 2) + k0 / 2, kc / 2);
+      prefetch_l2(w.scales + n * (K / G) + k0 / G, kc / G * 4);
+      prefetch_l2(w.zeros + n * (K / G) + k0 / G, kc / G);
+    };
+    if (round_w) {
+      for (int64_t i = 0; i < rows; ++i) sdst[i] = 1.f;
+      pack_rows(n0, rows, w.n, kc / kStepK, grid, dst, [&](int64_t n, int64_t s) {
+        const int64_t k = k0 + s * kStepK, g = n * (K / G) + k / G;
+        const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.data + n * (K / 2) + k / 2)));
+        const __m512i z = _mm512_set1_epi32(w.zeros[g]);
+        const __m512 sg = _mm512_set1_ps(w.scales[g]);
+        // (q - z) * s in fp32, as dequantize() computes it, then rounded to nearest bf16.
+        const __m512 wa = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(q, _mm512_set1_epi32(15)), z)), sg);
+        const __m512 wb = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(q, 4), z)), sg);
+        return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(wb, wa));
+      }, prefetch_int4);
+    } else if (w.scheme == QScheme::int4) {
+      const int64_t ng = K / G, groups = kc / G;
       for (int64_t i = 0; i < rows; ++i)
-        for (int64_t g = 0; g < groups; ++g)
-          sdst[g * kTaskRows + i] = n0 + i < w.n ? w.scales[(n0 + i) * ng + k0 / w.group + g] : 0.f;
+        for (int64_t g = 0; g < groups; ++g) sdst[g * kTaskRows + i] = n0 + i < w.n ? w.scales[(n0 + i) * ng + k0 / G + g] : 0.f;
       pack_rows(n0, rows, w.n, kc / kStepK, grid, dst, [&](int64_t n, int64_t s) {
         const int64_t k = k0 + s * kStepK;
         const __m256i q = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.data + n * (K / 2) + k / 2)));
         const __m512i idx = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(q, _mm256_set1_epi16(15))),
                                                _mm256_srli_epi16(q, 4), 1);
-        return _mm512_permutexvar_epi16(idx, lut[w.zeros[n * ng + k / w.group]]);
-      });
+        return _mm512_permutexvar_epi16(idx, lut[w.zeros[n * ng + k / G]]);
+      }, prefetch_int4);
     } else {
       for (int64_t i = 0; i < rows; ++i) sdst[i] = n0 + i < w.n ? w.scales[n0 + i] : 0.f;
       pack_rows(n0, rows, w.n, kc / kStepK, grid, dst, [&](int64_t n, int64_t s) {
@@ -430,10 +450,9 @@ struct Bf16Kind {
         const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask16(K - k), src)));
         const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask16(K - k - 16), src + 16)));
         return high_halves(_mm512_castps_si512(lo), _mm512_castps_si512(hi));   // |q| <= 127: exact in bf16
-      });
+      }, [&](int64_t n) { prefetch_l2(w.data + n * K + k0, std::min(kc, K - k0)); });
     }
   }
-
 
   // acc[j, m] (+)= C[j, m] * scale[j] for the 32 rows j of a 2 x 2 block.
   void flush(const float* c, const float* scale, float* acc, bool first) const {
@@ -453,8 +472,8 @@ struct Bf16Kind {
 struct Int8Kind {
   using Acc = int32_t;
   static constexpr int64_t kStepK = 64;
-  static int64_t block_steps(int) { return 32; }   // k blocks of 2048: 512 KiB of activations
   const QWeight& w;
+  int64_t block_steps(int) const { return 32; }   // k blocks of 2048: 512 KiB of activations
 
   static void dot() {
     _tile_dpbssd(0, 4, 6);
@@ -475,7 +494,7 @@ struct Int8Kind {
     pack_rows(n0, rows, w.n, kc / kStepK, grid, dst, [&](int64_t n, int64_t s) {
       const int64_t k = k0 + s * kStepK;
       return _mm512_maskz_loadu_epi8(mask64(K - k), w.data + n * K + k);
-    });
+    }, [&](int64_t n) { prefetch_l2(w.data + n * K + k0, std::min(kc, K - k0)); });
   }
 
 
@@ -517,10 +536,10 @@ int count_parts(const float* x, int64_t n) {
 }  // namespace
 
 void qgemm_f32_amx(const QLinearArgs& a) {
-  const Bf16Kind kind(a.w);
   const int64_t K = a.w.k, ksteps = (K + 31) / 32;
-  const TileGemm<Bf16Kind> gemm{kind, a.w.n, K, ksteps, count_parts(a.x, a.m * K)};
-  const int parts = gemm.parts;
+  const int parts = count_parts(a.x, a.m * K);
+  const Bf16Kind kind(a.w, a.w.scheme == QScheme::int4 && a.bf16_compute);
+  const TileGemm<Bf16Kind> gemm{kind, a.w.n, K, ksteps, parts};
   // B tile (step s, part p, token tile mt): row r, dword j = (x_p[m, 32 s + 2 r], x_p[m, 32 s + 2 r + 1]).
   auto pack_b = [&](int64_t m0, int64_t rows, const BLayout& bl, uint8_t* dst) {
 #pragma omp for schedule(static) collapse(2)
