@@ -413,36 +413,8 @@ struct Bf16Kind {
   }
 
   void pack_a(int64_t n0, int64_t rows, int64_t k0, int64_t kc, const Grid& grid, uint8_t* dst, float* sdst) const {
-    const int64_t K = w.k, G = w.group;
-    auto prefetch_int4 = [&](int64_t n) {
-      prefetch_l2(w.data + n * (K / 2) + k0 / 2, kc / 2);
-      prefetch_l2(w.scales + n * (K / G) + k0 / G, kc / G * 4);
-      prefetch_l2(w.zeros + n * (K / G) + k0 / G, kc / G);
-    };
-    if (round_w) {
-      for (int64_t i = 0; i < rows; ++i) sdst[i] = 1.f;
-      pack_rows(n0, rows, w.n, kc / kStepK, grid, dst, [&](int64_t n, int64_t s) {
-        const int64_t k = k0 + s * kStepK, g = n * (K / G) + k / G;
-        const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.data + n * (K / 2) + k / 2)));
-        const __m512i z = _mm512_set1_epi32(w.zeros[g]);
-        const __m512 sg = _mm512_set1_ps(w.scales[g]);
-        // (q - z) * s in fp32, as dequantize() computes it, then rounded to nearest bf16.
-        const __m512 wa = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(q, _mm512_set1_epi32(15)), z)), sg);
-        const __m512 wb = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(q, 4), z)), sg);
-        return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(wb, wa));
-      }, prefetch_int4);
-    } else if (w.scheme == QScheme::int4) {
-      const int64_t ng = K / G, groups = kc / G;
-      for (int64_t i = 0; i < rows; ++i)
-        for (int64_t g = 0; g < groups; ++g) sdst[g * kTaskRows + i] = n0 + i < w.n ? w.scales[(n0 + i) * ng + k0 / G + g] : 0.f;
-      pack_rows(n0, rows, w.n, kc / kStepK, grid, dst, [&](int64_t n, int64_t s) {
-        const int64_t k = k0 + s * kStepK;
-        const __m256i q = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.data + n * (K / 2) + k / 2)));
-        const __m512i idx = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(q, _mm256_set1_epi16(15))),
-                                               _mm256_srli_epi16(q, 4), 1);
-        return _mm512_permutexvar_epi16(idx, lut[w.zeros[n * ng + k / G]]);
-      }, prefetch_int4);
-    } else {
+    const int64_t K = w.k;
+    if (w.scheme == QScheme::int8) {
       for (int64_t i = 0; i < rows; ++i) sdst[i] = n0 + i < w.n ? w.scales[n0 + i] : 0.f;
       pack_rows(n0, rows, w.n, kc / kStepK, grid, dst, [&](int64_t n, int64_t s) {
         const int64_t k = k0 + s * kStepK;
@@ -451,8 +423,41 @@ struct Bf16Kind {
         const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask16(K - k - 16), src + 16)));
         return high_halves(_mm512_castps_si512(lo), _mm512_castps_si512(hi));   // |q| <= 127: exact in bf16
       }, [&](int64_t n) { prefetch_l2(w.data + n * K + k0, std::min(kc, K - k0)); });
+      return;
     }
+    // int4: group indices by shifts (a division per row and step would cost more than the unpacking).
+    const int gs = __builtin_ctzll(w.group);   // log2 of the group, a power of two (32, 64, 128)
+    const int64_t ng = K >> gs, g0 = k0 >> gs, groups = kc >> gs;
+    auto prefetch_row = [&](int64_t n) {
+      prefetch_l2(w.data + n * (K / 2) + k0 / 2, kc / 2);
+      prefetch_l2(w.scales + n * ng + g0, groups * 4);
+      prefetch_l2(w.zeros + n * ng + g0, groups);
+    };
+    if (round_w) {
+      for (int64_t i = 0; i < rows; ++i) sdst[i] = 1.f;
+      pack_rows(n0, rows, w.n, kc / kStepK, grid, dst, [&](int64_t n, int64_t s) {
+        const int64_t k = k0 + s * kStepK, g = n * ng + (k >> gs);
+        const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.data + n * (K / 2) + k / 2)));
+        const __m512i z = _mm512_set1_epi32(w.zeros[g]);
+        const __m512 sg = _mm512_set1_ps(w.scales[g]);
+        // (q - z) * s in fp32, as dequantize() computes it, then rounded to nearest bf16.
+        const __m512 wa = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(q, _mm512_set1_epi32(15)), z)), sg);
+        const __m512 wb = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(q, 4), z)), sg);
+        return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(wb, wa));
+      }, prefetch_row);
+      return;
+    }
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t g = 0; g < groups; ++g) sdst[g * kTaskRows + i] = n0 + i < w.n ? w.scales[(n0 + i) * ng + g0 + g] : 0.f;
+    pack_rows(n0, rows, w.n, kc / kStepK, grid, dst, [&](int64_t n, int64_t s) {
+      const int64_t k = k0 + s * kStepK;
+      const __m256i q = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.data + n * (K / 2) + k / 2)));
+      const __m512i idx = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(q, _mm256_set1_epi16(15))),
+                                             _mm256_srli_epi16(q, 4), 1);
+      return _mm512_permutexvar_epi16(idx, lut[w.zeros[n * ng + (k >> gs)]]);
+    }, prefetch_row);
   }
+
 
   // acc[j, m] (+)= C[j, m] * scale[j] for the 32 rows j of a 2 x 2 block.
   void flush(const float* c, const float* scale, float* acc, bool first) const {
