@@ -27,7 +27,6 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -357,6 +356,8 @@ struct TileGemm {
           for (int64_t kb = 0; kb < nkb; ++kb) {
             const int64_t sc = bl.steps_in(kb);
             kind.pack_a(n0, 16 * rtiles, kb * spb * Kind::kStepK, sc * Kind::kStepK, grid, apanel, spanel);
+            // GCC's tile loads are asm without a memory clobber: keep the panel's stores before them.
+            asm volatile("" ::: "memory");
             kind.sweep(apanel, bpanel + bl.block_base(kb) * kTileBytes, sc, parts, rtiles, ttiles, spanel, acc, kb == 0,
                        cbuf);
           }
@@ -515,26 +516,16 @@ struct Int8Kind {
   }
 };
 
-// Activation parts fp32 x (M, K) needs: 1 if every x is a bf16 value, 2 if x - x1 is, else 3.
+// Activation parts fp32 x (M, K) needs: 1 if every x is a bf16 value, 2 if x - x1 is, else 3. Serial:
+// general fp32 activations stop at the first vector, and a parallel region costs a fork and a join.
 int count_parts(const float* x, int64_t n) {
-  __m512i any2 = _mm512_setzero_si512(), any3 = _mm512_setzero_si512();
-#pragma omp parallel
-  {
-    __m512i o2 = _mm512_setzero_si512(), o3 = _mm512_setzero_si512();
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < n; i += 16) {
-      __m512i p[3];
-      split3(_mm512_maskz_loadu_ps(mask16(n - i), x + i), p);
-      o2 = _mm512_or_si512(o2, p[1]);
-      o3 = _mm512_or_si512(o3, p[2]);
-    }
-#pragma omp critical
-    {
-      any2 = _mm512_or_si512(any2, o2);
-      any3 = _mm512_or_si512(any3, o3);
-    }
+  __m512i any2 = _mm512_setzero_si512();
+  for (int64_t i = 0; i < n; i += 16) {
+    __m512i p[3];
+    split3(_mm512_maskz_loadu_ps(mask16(n - i), x + i), p);
+    if (_mm512_test_epi32_mask(p[2], p[2])) return 3;
+    any2 = _mm512_or_si512(any2, p[1]);
   }
-  if (_mm512_test_epi32_mask(any3, any3)) return 3;
   return _mm512_test_epi32_mask(any2, any2) ? 2 : 1;
 }
 
