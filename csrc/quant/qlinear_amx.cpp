@@ -169,7 +169,7 @@ void sweep_2x2(const Kind& kind, const uint8_t* apanel, const uint8_t* bk, int64
       const uint8_t* a = apanel + blk * sc * 2 * kTileBytes;
       const uint8_t* b = bk + tp * sc * parts * 2 * kTileBytes;
       Acc* out = acc + (blk * (ttiles / 2) + tp) * 1024;
-      if (!first)   // the next block's sums, from L3 while this block runs
+      if (!first)   // the next block's sums, fetched while this block runs
         for (int j = 0; j < 64; ++j) _mm_prefetch(reinterpret_cast<const char*>(out + 1024 + 16 * j), _MM_HINT_T0);
       _tile_zero(0);
       _tile_zero(1);
@@ -192,8 +192,8 @@ void sweep_2x2(const Kind& kind, const uint8_t* apanel, const uint8_t* bk, int64
     }
 }
 
-// The rotating int4 kernel (1 x 1 grid). The work of a k block is a stream of items (token tile t,
-// row tile r, group g), one tile product chain each, whose results rotate through C0..C3: item i's
+// The rotating int4 kernel (1 x 1 grid). The work of a k block is a stream of items (row tile r,
+// token tile t, group g), one tile product chain each, whose results rotate through C0..C3: item i's
 // tile is stored two items later and scaled into the fp32 sums of its 16 x 16 block three items
 // later, so the stores wait on nothing and the FMAs overlap the next products; the stream never
 // drains between blocks. The sums of the block being scaled live in 16 zmm (loaded from and stored
@@ -245,7 +245,7 @@ struct Rotation {
     const int64_t steps = sc, gs = gsteps, ng = groups, nt = ttiles, n = rtiles * ttiles * groups;
     const int np = parts;
     const float* const sp = scale;
-    float* const ap_acc = acc;
+    float* const sums = acc;
     float* const cb = cbuf;
     const bool zero = first;
     int64_t pr = 0, pt = 0, pg = 0;   // products cursor
@@ -272,10 +272,10 @@ struct Rotation {
       }
       if (i >= 2 && i - 2 < n) store_c<(C + 2) & 3>(cb);
       if (i >= 3 && i - 3 < n) {
-        float* out = ap_acc + (fr * nt + ft) * 256;
+        float* out = sums + (fr * nt + ft) * 256;
         if (fg == 0) {
           for (int j = 0; j < 16; ++j) v[j] = zero ? _mm512_setzero_ps() : _mm512_load_ps(out + 16 * j);
-          if (!zero)   // the next block's sums, from L3 while this block runs
+          if (!zero)   // the next block's sums, fetched while this block runs
             for (int j = 0; j < 16; ++j) _mm_prefetch(reinterpret_cast<const char*>(out + 256 + 16 * j), _MM_HINT_T0);
         }
         const float* cg = cb + ((C + 1) & 3) * 256;
