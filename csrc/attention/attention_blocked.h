@@ -45,17 +45,23 @@ constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 struct FreeDeleter {
-  void operator()(float* p) const { std::free(p); }
+  void operator()(void* p) const { std::free(p); }
 };
-using Buffer = std::unique_ptr<float[], FreeDeleter>;
+template <class T>
+using Array = std::unique_ptr<T[], FreeDeleter>;
+using Buffer = Array<float>;
 
-inline Buffer alloc_floats(int64_t n, bool zero = false) {
-  const size_t bytes = ((static_cast<size_t>(std::max<int64_t>(n, 1)) * 4 + 63) / 64) * 64;
-  float* p = static_cast<float*>(std::aligned_alloc(64, bytes));
+// n elements of T, 64-byte aligned (a cache line, and the row of an AMX tile).
+template <class T>
+inline Array<T> alloc_array(int64_t n, bool zero = false) {
+  const size_t bytes = ((static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(T) + 63) / 64) * 64;
+  T* p = static_cast<T*>(std::aligned_alloc(64, bytes));
   if (!p) throw std::bad_alloc();
   if (zero) std::memset(p, 0, bytes);
-  return Buffer(p);
+  return Array<T>(p);
 }
+
+inline Buffer alloc_floats(int64_t n, bool zero = false) { return alloc_array<float>(n, zero); }
 
 // C (M, N) [= cscale[r] * C +] A (M, K) . B (K, N). A is read at A[r*rs + k*ks] (so a transposed
 // operand costs nothing), B row-major with leading dimension ldb, N a multiple of V::W.
