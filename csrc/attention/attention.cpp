@@ -32,10 +32,13 @@ void attention_backward(const AttentionBwdArgs& a) {
 
 void decode_attention(const DecodeArgs& a) {
   if (a.B == 0 || a.Hq == 0) return;
-  switch (family_isa(Isa::avx512)) {
+  switch (family_isa(Isa::avx512_bf16)) {
     case Isa::scalar: return decode_attention_scalar(a);
     case Isa::avx2: return decode_attention_avx2(a);
-    default: return decode_attention_avx512(a);
+    case Isa::avx512: return decode_attention_avx512(a);
+    default:
+      if (a.kv_dtype == DType::i8 && a.D <= 256) return decode_attention_i8_avx512_bf16(a);
+      return decode_attention_avx512(a);
   }
 }
 

@@ -143,6 +143,55 @@ static void gemm(int64_t M, int64_t N, const Gemm& g) {
   }
 }
 
+// Flash-decoding work split shared by the decode kernels. One task per (batch, kv head, split of the
+// length) keeps, for each of the G query heads of its group, a partial row [acc (Dp), max, sum] (base-2
+// max, unnormalized acc and sum); merge() combines the splits of one (batch, query head). The length is
+// split so there are >= 4 tasks per thread, each >= 256 keys, so a batch of one spreads over every
+// thread.
+struct DecodeSplit {
+  int64_t G, nbk, nsplit, Dp, row;
+  Buffer parts;
+
+  DecodeSplit(const DecodeArgs& a, int64_t Dp_) : G(a.Hq / a.Hkv), nbk(a.B * a.Hkv), Dp(Dp_), row(Dp_ + 2) {
+    int64_t maxlen = 0;
+    for (int64_t b = 0; b < a.B; ++b) maxlen = std::max(maxlen, a.lengths[b]);
+    const int64_t want = (4 * num_threads() + nbk - 1) / nbk;
+    nsplit = std::max<int64_t>(1, std::min(want, (maxlen + 255) / 256));
+    parts = alloc_floats(nbk * nsplit * G * row);
+  }
+
+  int64_t tasks() const { return nbk * nsplit; }
+
+  // Task t reads keys [*begin, *end) of kv head bk (over B x Hkv); its splits start at multiples of 16.
+  void range(const DecodeArgs& a, int64_t t, int64_t* bk, int64_t* begin, int64_t* end) const {
+    *bk = t / nsplit;
+    const int64_t n = a.lengths[*bk / a.Hkv], per = round_up((n + nsplit - 1) / nsplit, 16);
+    *begin = std::min(n, (t % nsplit) * per);
+    *end = std::min(n, *begin + per);
+  }
+
+  float* state(int64_t t, int64_t g) const { return parts.get() + (t * G + g) * row; }
+
+  // out row bh (over B x Hq) = sum_splits 2^(m_s - M) acc_s / sum_splits 2^(m_s - M) l_s; zeros if no key.
+  void merge(const DecodeArgs& a, int64_t bh, float* o) const {
+    const int64_t bk = (bh / a.Hq) * a.Hkv + (bh % a.Hq) / G, g = (bh % a.Hq) % G;
+    float M = kNegInf;
+    for (int64_t sp = 0; sp < nsplit; ++sp) M = std::max(M, state(bk * nsplit + sp, g)[Dp]);
+    float L = 0.f;
+    std::memset(o, 0, sizeof(float) * Dp);
+    if (M != kNegInf) {
+      for (int64_t sp = 0; sp < nsplit; ++sp) {
+        const float* st = state(bk * nsplit + sp, g);
+        if (st[Dp] == kNegInf) continue;
+        const float w = std::exp2(st[Dp] - M);
+        L += st[Dp + 1] * w;
+        for (int64_t d = 0; d < Dp; ++d) o[d] += st[d] * w;
+      }
+    }
+    store_row(a.out, a.q_dtype, bh * a.D, a.D, o, L > 0.f ? 1.f / L : 0.f);
+  }
+};
+
 template <class V>
 struct Blocked {
   using reg = typename V::reg;
@@ -353,32 +402,24 @@ struct Blocked {
   template <class T>
   static void decode_typed(const DecodeArgs& a) {
     const int64_t D = a.D, Dp = round_up(D, W), nfull = D / W, tail = D % W, nvec = Dp / W;
-    const int64_t G = a.Hq / a.Hkv, nbk = a.B * a.Hkv;
     const T* kc = static_cast<const T*>(a.k);
     const T* vc = static_cast<const T*>(a.v);
-    int64_t maxlen = 0;
-    for (int64_t b = 0; b < a.B; ++b) maxlen = std::max(maxlen, a.lengths[b]);
-    // Flash-decoding: split the length so there are >= 4 tasks per thread, each >= 256 keys.
-    const int64_t want = (4 * num_threads() + nbk - 1) / nbk;
-    const int64_t nsplit = std::max<int64_t>(1, std::min(want, (maxlen + 255) / 256));
-    const int64_t part = G * (Dp + 2);  // per task: G rows of [acc (Dp), max, sum]
-    Buffer parts = alloc_floats(nbk * nsplit * part);
+    const DecodeSplit split(a, Dp);
+    const int64_t G = split.G;
     const float qmul = a.scale * kLog2e;
 #pragma omp parallel
     {
       Buffer q = alloc_floats(G * Dp), acc = alloc_floats(G * Dp);
       alignas(64) float s[KC];
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t t = 0; t < nbk * nsplit; ++t) {
-        const int64_t bk = t / nsplit, sp = t % nsplit, b = bk / a.Hkv;
-        const int64_t n = a.lengths[b], per = round_up((n + nsplit - 1) / nsplit, 16);
-        const int64_t j_begin = std::min(n, sp * per), j_end = std::min(n, j_begin + per);
-        const int64_t tok0 = bk * a.Smax;  // cache row of position 0 for this (batch, kv head)
-        float* pt = parts.get() + t * part;
+      for (int64_t t = 0; t < split.tasks(); ++t) {
+        int64_t bk, j_begin, j_end;
+        split.range(a, t, &bk, &j_begin, &j_end);
+        const int64_t b = bk / a.Hkv, tok0 = bk * a.Smax;  // cache row of position 0 for this (batch, kv head)
         std::memset(q.get(), 0, sizeof(float) * G * Dp);
         for (int64_t g = 0; g < G; ++g) load_row(a.q, a.q_dtype, (b * a.Hq + (bk % a.Hkv) * G + g) * D, D, q.get() + g * Dp, qmul);
         std::memset(acc.get(), 0, sizeof(float) * G * Dp);
-        for (int64_t g = 0; g < G; ++g) { pt[g * (Dp + 2) + Dp] = kNegInf; pt[g * (Dp + 2) + Dp + 1] = 0.f; }
+        for (int64_t g = 0; g < G; ++g) { split.state(t, g)[Dp] = kNegInf; split.state(t, g)[Dp + 1] = 0.f; }
         for (int64_t jc = j_begin; jc < j_end; jc += KC) {
           const int64_t nk = std::min(KC, j_end - jc);
           for (int64_t g = 0; g < G; ++g) {
@@ -415,7 +456,7 @@ struct Blocked {
             if (a.k_scale)
               for (int64_t jj = 0; jj < nk; ++jj) s[jj] *= a.k_scale[tok0 + jc + jj];
             // Online softmax over the chunk.
-            float* st = pt + g * (Dp + 2);
+            float* st = split.state(t, g);
             float mx = st[Dp];
             for (int64_t jj = 0; jj < nk; ++jj) mx = std::max(mx, s[jj]);
             const float alpha = std::exp2(st[Dp] - mx);
@@ -451,28 +492,11 @@ struct Blocked {
             }
           }
         }
-        for (int64_t g = 0; g < G; ++g) std::memcpy(pt + g * (Dp + 2), acc.get() + g * Dp, sizeof(float) * Dp);
+        for (int64_t g = 0; g < G; ++g) std::memcpy(split.state(t, g), acc.get() + g * Dp, sizeof(float) * Dp);
       }
-      // Merge the splits of every (batch, query head).
+      // Merge the splits of every (batch, query head); acc is free again and holds the merged row.
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t bh = 0; bh < a.B * a.Hq; ++bh) {
-        const int64_t bk = (bh / a.Hq) * a.Hkv + (bh % a.Hq) / G, g = (bh % a.Hq) % G;
-        float M = kNegInf;
-        for (int64_t sp = 0; sp < nsplit; ++sp) M = std::max(M, parts[(bk * nsplit + sp) * part + g * (Dp + 2) + Dp]);
-        float L = 0.f;
-        float* o = acc.get();  // reuse as the merged row
-        std::memset(o, 0, sizeof(float) * Dp);
-        if (M != kNegInf) {
-          for (int64_t sp = 0; sp < nsplit; ++sp) {
-            const float* st = parts.get() + (bk * nsplit + sp) * part + g * (Dp + 2);
-            if (st[Dp] == kNegInf) continue;
-            const float w = std::exp2(st[Dp] - M);
-            L += st[Dp + 1] * w;
-            for (int64_t d = 0; d < Dp; ++d) o[d] += st[d] * w;
-          }
-        }
-        store_row(a.out, a.q_dtype, bh * D, D, o, L > 0.f ? 1.f / L : 0.f);
-      }
+      for (int64_t bh = 0; bh < a.B * a.Hq; ++bh) split.merge(a, bh, acc.get());
     }
   }
 
