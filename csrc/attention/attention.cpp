@@ -37,7 +37,7 @@ void decode_attention(const DecodeArgs& a) {
     case Isa::avx2: return decode_attention_avx2(a);
     case Isa::avx512: return decode_attention_avx512(a);
     default:
-      if (a.kv_dtype == DType::i8 && a.D <= 256) return decode_attention_i8_avx512_bf16(a);
+      if (a.kv_dtype != DType::f32 && a.D <= 256) return decode_attention_avx512_bf16(a);
       return decode_attention_avx512(a);
   }
 }

@@ -76,7 +76,7 @@ void decode_attention_avx512(const DecodeArgs& a);
 void attention_forward_bf16_avx512_bf16(const AttentionFwdArgs& a);
 // bf16 and fp32 prefill forward on AMX tiles (fp32 as three bf16 products).
 void attention_forward_amx(const AttentionFwdArgs& a);
-// Decode over an int8 cache with AVX512-VNNI integer dot products; D <= 256.
-void decode_attention_i8_avx512_bf16(const DecodeArgs& a);
+// Decode over an int8 (AVX512-VNNI) or bf16 (AVX512-BF16) cache; D <= 256.
+void decode_attention_avx512_bf16(const DecodeArgs& a);
 
 }  // namespace quark
