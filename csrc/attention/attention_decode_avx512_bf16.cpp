@@ -82,7 +82,7 @@ struct I8Cache {
   struct Query {
     alignas(64) int8_t hi[kCols], mid[kCols], lo[kCols];  // limbs of q24, zero past D
     int32_t corr_hi, corr_low;  // 128 * sum_d qh and 128 * sum_d (256 qm + ql)
-    float scale;                // q ~ q24 * scale
+    float scale;                // q * (scale * log2 e) ~ q24 * scale
   };
   const DecodeArgs& a;
   const int8_t *kc, *vc;
@@ -96,13 +96,13 @@ struct I8Cache {
     for (int c = 0; c < NCH; ++c) cmask[c] = first_n64(a.D - 64 * c);
   }
 
-  // Query g (fp32, scale * log2 e applied, zero past D) -> fixed-point limbs.
+  // Query g (fp32, zero past D) -> fixed-point limbs; the logit factor scale * log2 e goes into q.scale.
   void set_query(int64_t g, const float* qf) {
     Query& out = q[g];
     __m512 amax = _mm512_setzero_ps();
     for (int64_t d = 0; d < kCols; d += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(qf + d)));
     const float m = _mm512_reduce_max_ps(amax);
-    out.scale = m > 0.f ? m / kQMax : 0.f;
+    out.scale = m > 0.f ? m / kQMax * a.scale * kLog2e : 0.f;
     const __m512 inv = _mm512_set1_ps(m > 0.f ? kQMax / m : 0.f);
     __m512i sum_hi = _mm512_setzero_si512(), sum_low = _mm512_setzero_si512();
     for (int64_t d = 0; d < kCols; d += 16) {
@@ -234,13 +234,14 @@ struct Bf16Cache {
   // fp32 query and output: q and P as two bf16 terms (16 bits); bf16 ones: a bf16 q is exact as one
   // term and P is rounded to bf16, as torch does, for a bf16 result.
   const bool exact;
+  const float smul;  // logit factor scale * log2 e, applied to the fp32 dot products (a bf16 q stays exact)
   int64_t tok0 = 0;
   __mmask32 cmask[NC];
   std::vector<Query> q;
 
   explicit Bf16Cache(const DecodeArgs& args)
       : a(args), kc(static_cast<const uint16_t*>(a.k)), vc(static_cast<const uint16_t*>(a.v)),
-        exact(a.q_dtype == DType::f32), q(a.Hq / a.Hkv) {
+        exact(a.q_dtype == DType::f32), smul(a.scale * kLog2e), q(a.Hq / a.Hkv) {
     for (int c = 0; c < NC; ++c) cmask[c] = first_n32(a.D - 32 * c);
   }
 
@@ -282,7 +283,7 @@ struct Bf16Cache {
           }
         }
       }
-      const __m256 x = _mm512_castps512_ps256(hsum8(acc));
+      const __m256 x = _mm256_mul_ps(_mm512_castps512_ps256(hsum8(acc)), _mm256_set1_ps(smul));
       _mm256_store_ps(s + j, _mm256_mask_blend_ps(static_cast<__mmask8>(first_n16(nk - j)), _mm256_set1_ps(kNegInf), x));
     }
   }
@@ -338,7 +339,6 @@ void decode_with(const DecodeArgs& a) {
   constexpr int64_t Dc = Cache::kCols;
   const DecodeSplit split(a, Dc);
   const int64_t G = split.G;
-  const float qmul = a.scale * kLog2e;
 #pragma omp parallel
   {
     Cache cache(a);
@@ -351,7 +351,7 @@ void decode_with(const DecodeArgs& a) {
       cache.tok0 = bk * a.Smax;
       const int64_t h0 = (bk / a.Hkv) * a.Hq + (bk % a.Hkv) * G;  // first query head (over B x Hq)
       for (int64_t g = 0; g < G; ++g) {
-        load_row(a.q, a.q_dtype, (h0 + g) * a.D, a.D, qf.get(), qmul);  // zeros past D stay
+        load_row(a.q, a.q_dtype, (h0 + g) * a.D, a.D, qf.get());  // zeros past D stay
         cache.set_query(g, qf.get());
         split.state(t, g)[Dc] = kNegInf;
         split.state(t, g)[Dc + 1] = 0.f;
