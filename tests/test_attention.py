@@ -94,8 +94,9 @@ def test_no_grad_forward_equals_grad_forward():
     assert q.grad is not None and k.grad is not None and v.grad is not None
 
 
-def _bf16_errors(isa, B, Hq, Hkv, S, D, causal):
+def _bf16_errors(isa, B, Hq, Hkv, S, D, causal, temperature=1.0):
     q, k, v = make_qkv(B, Hq, Hkv, S, S, D, dtype=torch.bfloat16, seed=S * D)
+    q = (q.float() * temperature).bfloat16()
     ref = reference.attention(q.double(), k.double(), v.double(), causal=causal)
     with quark.isa(isa):
         ours = ops.attention(q, k, v, causal=causal)
@@ -105,9 +106,11 @@ def _bf16_errors(isa, B, Hq, Hkv, S, D, causal):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("S,D,causal", [(7, 40, True), (129, 64, True), (300, 128, False), (1000, 96, True)])
-def test_forward_bf16_within_2x_torch_bf16_error(isa, S, D, causal):
-    ours, err, torch_err = _bf16_errors(isa, 1, 4, 2, S, D, causal)
+@pytest.mark.parametrize("S,D,causal,temperature", [(7, 40, True, 1.0), (129, 64, True, 1.0), (300, 128, False, 1.0),
+                                                   (1000, 96, True, 1.0), (300, 128, False, 8.0)])
+def test_forward_bf16_within_2x_torch_bf16_error(isa, S, D, causal, temperature):
+    # temperature 8: large logits, a peaked softmax where the rounding of the largest weights shows.
+    ours, err, torch_err = _bf16_errors(isa, 1, 4, 2, S, D, causal, temperature)
     assert ours.dtype == torch.bfloat16
     assert err <= 2 * torch_err + 1e-3
 
