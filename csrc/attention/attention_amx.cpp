@@ -214,8 +214,9 @@ struct AmxForward {
   const AttentionFwdArgs& a;
   const In *q, *k, *v;
   int64_t D, Dr, Skp, nbk, nqb, group;
-  // Per kv head: K rows (Skp, Dr) and V^T (Dr, Skp), bf16, hi and (T = 3) lo parts.
-  Array<uint16_t> k_hi, k_lo, vt_hi, vt_lo;
+  // Per kv head: K (Skp, Dr) and V^T (Dr, Skp) as whole tiles (pack_kv), bf16, hi and (T = 3) lo
+  // parts, in the calling thread's scratch.
+  uint16_t *k_hi, *k_lo = nullptr, *vt_hi, *vt_lo = nullptr;
 
   explicit AmxForward(const AttentionFwdArgs& args)
       : a(args), q(static_cast<const In*>(a.q)), k(static_cast<const In*>(a.k)), v(static_cast<const In*>(a.v)) {
@@ -226,11 +227,11 @@ struct AmxForward {
     nqb = (a.Sq + BM - 1) / BM;
     group = a.Hq / a.Hkv;
     const int64_t n = nbk * Skp * Dr;
-    k_hi = alloc_array<uint16_t>(n);
-    vt_hi = alloc_array<uint16_t>(n);
+    k_hi = static_cast<uint16_t*>(thread_scratch(sizeof(uint16_t) * n * 2 * T));
+    vt_hi = k_hi + n;
     if (T == 3) {
-      k_lo = alloc_array<uint16_t>(n);
-      vt_lo = alloc_array<uint16_t>(n);
+      k_lo = vt_hi + n;
+      vt_lo = k_lo + n;
     }
   }
 
@@ -247,8 +248,8 @@ struct AmxForward {
         __m512i lo;
         const __m512i hi = load32(kh + j * D + c, j < a.Sk ? D - c : 0, &lo);
         const int64_t off = base + ((j / 16) * (Dr / 32) + c / 32) * 512 + (j % 16) * 32;
-        _mm512_storeu_si512(k_hi.get() + off, hi);
-        if constexpr (T == 3) _mm512_storeu_si512(k_lo.get() + off, lo);
+        _mm512_storeu_si512(k_hi + off, hi);
+        if constexpr (T == 3) _mm512_storeu_si512(k_lo + off, lo);
       }
     for (int64_t jt = j0; jt < j0 + BN; jt += 32)
       for (int64_t d0 = 0; d0 < Dr; d0 += 16) {
@@ -260,10 +261,10 @@ struct AmxForward {
         }
         const int64_t off = base + ((d0 / 16) * (Skp / 32) + jt / 32) * 512;
         transpose16(hi);
-        for (int64_t i = 0; i < 16; ++i) _mm512_storeu_si512(vt_hi.get() + off + i * 32, hi[i]);
+        for (int64_t i = 0; i < 16; ++i) _mm512_storeu_si512(vt_hi + off + i * 32, hi[i]);
         if constexpr (T == 3) {
           transpose16(lo);
-          for (int64_t i = 0; i < 16; ++i) _mm512_storeu_si512(vt_lo.get() + off + i * 32, lo[i]);
+          for (int64_t i = 0; i < 16; ++i) _mm512_storeu_si512(vt_lo + off + i * 32, lo[i]);
         }
       }
   }
@@ -401,13 +402,13 @@ struct AmxForward {
           const int64_t nks = std::min<int64_t>(BN, round_up(kend - j0, 32)) / 32;  // 32-key steps
           for (int64_t ks = 0; ks < nks; ++ks) {  // S^T rows of key tiles 2 (j0 / 32 + ks) and the next
             const int64_t kt = base + ((j0 / 16 + 2 * ks) * (Dr / 32)) * 512;
-            const TileA kk{k_hi.get() + kt, T == 3 ? k_lo.get() + kt : nullptr, 512, (Dr / 32) * 512};
+            const TileA kk{k_hi + kt, T == 3 ? k_lo + kt : nullptr, 512, (Dr / 32) * 512};
             gemm32<T>(false, w.s.get() + 32 * ks * BM, kk, w.qt_hi.get(), w.qt_lo.get(), Dr / 32);
           }
           softmax(w, i0, j0, 32 * nks, smul);
           for (int64_t d0 = 0; d0 < Dr; d0 += 32) {  // O^T rows of d tiles d0 / 16 and the next
             const int64_t vt = base + ((d0 / 16) * (Skp / 32) + j0 / 32) * 512;
-            const TileA vv{vt_hi.get() + vt, T == 3 ? vt_lo.get() + vt : nullptr, 512, (Skp / 32) * 512};
+            const TileA vv{vt_hi + vt, T == 3 ? vt_lo + vt : nullptr, 512, (Skp / 32) * 512};
             gemm32<T>(true, w.o.get() + d0 * BM, vv, w.p_hi.get(), w.p_lo.get(), nks);
           }
         }
