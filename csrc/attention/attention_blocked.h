@@ -186,6 +186,18 @@ struct DecodeSplit {
 
   float* state(int64_t t, int64_t g) const { return parts.get() + (t * G + g) * row; }
 
+  // End of task t: query head g's accumulator (Dp) goes to its partial row, or, when the length is not
+  // split, straight to the output (no merge pass, one barrier less).
+  void finish(const DecodeArgs& a, int64_t t, int64_t g, const float* acc) const {
+    float* st = state(t, g);
+    if (nsplit > 1) {
+      std::memcpy(st, acc, sizeof(float) * Dp);
+      return;
+    }
+    const int64_t bk = t, bh = (bk / a.Hkv) * a.Hq + (bk % a.Hkv) * G + g;
+    store_row(a.out, a.q_dtype, bh * a.D, a.D, acc, st[Dp + 1] > 0.f ? 1.f / st[Dp + 1] : 0.f);
+  }
+
   // out row bh (over B x Hq) = sum_splits 2^(m_s - M) acc_s / sum_splits 2^(m_s - M) l_s; zeros if no key.
   void merge(const DecodeArgs& a, int64_t bh, float* o) const {
     const int64_t bk = (bh / a.Hq) * a.Hkv + (bh % a.Hq) / G, g = (bh % a.Hq) % G;
@@ -507,11 +519,13 @@ struct Blocked {
             }
           }
         }
-        for (int64_t g = 0; g < G; ++g) std::memcpy(split.state(t, g), acc.get() + g * Dp, sizeof(float) * Dp);
+        for (int64_t g = 0; g < G; ++g) split.finish(a, t, g, acc.get() + g * Dp);
       }
       // Merge the splits of every (batch, query head); acc is free again and holds the merged row.
+      if (split.nsplit > 1) {
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t bh = 0; bh < a.B * a.Hq; ++bh) split.merge(a, bh, acc.get());
+        for (int64_t bh = 0; bh < a.B * a.Hq; ++bh) split.merge(a, bh, acc.get());
+      }
     }
   }
 

@@ -381,10 +381,12 @@ void decode_with(const DecodeArgs& a) {
           cache.weighted_sum(s, j0, nk, ag);
         }
       }
-      for (int64_t g = 0; g < G; ++g) std::memcpy(split.state(t, g), acc.get() + g * Dc, sizeof(float) * Dc);
+      for (int64_t g = 0; g < G; ++g) split.finish(a, t, g, acc.get() + g * Dc);
     }
+    if (split.nsplit > 1) {
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t bh = 0; bh < a.B * a.Hq; ++bh) split.merge(a, bh, acc.get());
+      for (int64_t bh = 0; bh < a.B * a.Hq; ++bh) split.merge(a, bh, acc.get());
+    }
   }
 }
 
