@@ -309,9 +309,8 @@ struct AmxForward {
         __m512 x = _mm512_mul_ps(_mm512_loadu_ps(row), mulv);
         if (mask) {
           const int64_t j = j0 + r;
-          const __mmask16 vis = j >= a.Sk ? 0
-                                : a.causal ? _mm512_cmpge_epi32_mask(lane_q, _mm512_set1_epi32(static_cast<int>(j - off)))
-                                           : 0xffff;
+          const __m512i first = _mm512_set1_epi32(static_cast<int>(j - off));  // first query that sees key j
+          const __mmask16 vis = j >= a.Sk ? 0 : a.causal ? _mm512_cmpge_epi32_mask(lane_q, first) : 0xffff;
           x = _mm512_mask_blend_ps(vis, ninf, x);
         }
         _mm512_storeu_ps(row, x);
@@ -327,7 +326,8 @@ struct AmxForward {
         l = _mm512_mul_ps(l, alpha);
         m = m_new;
         float* o = w.o.get() + qc;
-        for (int64_t d = 0; d < Dr; ++d) _mm512_storeu_ps(o + d * BM, _mm512_mul_ps(_mm512_loadu_ps(o + d * BM), alpha));
+        for (int64_t d = 0; d < Dr; ++d)
+          _mm512_storeu_ps(o + d * BM, _mm512_mul_ps(_mm512_loadu_ps(o + d * BM), alpha));
         _mm512_store_ps(w.m + qc, m);
       }
       // Lanes that have seen no key keep m = -inf and only -inf scores: subtract 0 there, not -inf.

@@ -139,7 +139,8 @@ struct I8Cache {
           prefetch_row(kc + row + KC * a.D, a.D);
         }
         for (int c = 0; c < NCH; ++c) {
-          const __m512i ku = _mm512_xor_si512(_mm512_maskz_loadu_epi8(j + i < nk ? cmask[c] : 0, kc + row + 64 * c), bias);
+          const __m512i k8 = _mm512_maskz_loadu_epi8(j + i < nk ? cmask[c] : 0, kc + row + 64 * c);
+          const __m512i ku = _mm512_xor_si512(k8, bias);
           h[i] = _mm512_dpbusd_epi32(h[i], ku, _mm512_load_si512(qg.hi + 64 * c));
           m[i] = _mm512_dpbusd_epi32(m[i], ku, _mm512_load_si512(qg.mid + 64 * c));
           l[i] = _mm512_dpbusd_epi32(l[i], ku, _mm512_load_si512(qg.lo + 64 * c));
@@ -168,7 +169,8 @@ struct I8Cache {
     alignas(64) float w[KC];
     __m512 wmax = _mm512_setzero_ps();
     for (int64_t j = 0; j < KC; j += 16) {
-      const __m512 x = _mm512_mul_ps(_mm512_load_ps(p + j), _mm512_maskz_loadu_ps(first_n16(nk - j), a.v_scale + tok0 + j0 + j));
+      const __m512 vs = _mm512_maskz_loadu_ps(first_n16(nk - j), a.v_scale + tok0 + j0 + j);
+      const __m512 x = _mm512_mul_ps(_mm512_load_ps(p + j), vs);
       _mm512_store_ps(w + j, x);
       wmax = _mm512_max_ps(wmax, x);
     }
@@ -216,7 +218,8 @@ struct I8Cache {
       const __m512 cols[4] = {_mm512_shuffle_f32x4(y0, z0, 0x88), _mm512_shuffle_f32x4(y0, z0, 0xDD),
                               _mm512_shuffle_f32x4(y1, z1, 0x88), _mm512_shuffle_f32x4(y1, z1, 0xDD)};
       float* o = acc + 64 * c;
-      for (int L = 0; L < 4; ++L) _mm512_storeu_ps(o + 16 * L, _mm512_fmadd_ps(cols[L], sv, _mm512_loadu_ps(o + 16 * L)));
+      for (int L = 0; L < 4; ++L)
+        _mm512_storeu_ps(o + 16 * L, _mm512_fmadd_ps(cols[L], sv, _mm512_loadu_ps(o + 16 * L)));
     }
   }
 };
@@ -279,12 +282,14 @@ struct Bf16Cache {
           for (int c = 0; c < NC; ++c) {
             const __m512bh kv = (__m512bh)_mm512_maskz_loadu_epi16(j + i < nk ? cmask[c] : 0, kc + row + 32 * c);
             acc[i] = _mm512_dpbf16_ps(acc[i], kv, (__m512bh)_mm512_load_si512(qg.hi + 32 * c));
-            if constexpr (TERMS == 2) acc[i] = _mm512_dpbf16_ps(acc[i], kv, (__m512bh)_mm512_load_si512(qg.lo + 32 * c));
+            if constexpr (TERMS == 2)
+              acc[i] = _mm512_dpbf16_ps(acc[i], kv, (__m512bh)_mm512_load_si512(qg.lo + 32 * c));
           }
         }
       }
       const __m256 x = _mm256_mul_ps(_mm512_castps512_ps256(hsum8(acc)), _mm256_set1_ps(smul));
-      _mm256_store_ps(s + j, _mm256_mask_blend_ps(static_cast<__mmask8>(first_n16(nk - j)), _mm256_set1_ps(kNegInf), x));
+      const __mmask8 live = static_cast<__mmask8>(first_n16(nk - j));
+      _mm256_store_ps(s + j, _mm256_mask_blend_ps(live, _mm256_set1_ps(kNegInf), x));
     }
   }
 
