@@ -10,9 +10,8 @@ from quark import _C
 from quark.ops import QuantizedTensor, dequantize, qlinear, quantize, reference
 from quark.ops.quant import quantize_activations
 
-LEVELS = ("scalar", "avx2", "avx512", "avx512_bf16")
-AVAILABLE = [lv for lv in LEVELS if LEVELS.index(lv) <= LEVELS.index(min(_C.detected_isa(), "avx512_bf16",
-                                                                          key=LEVELS.index))]
+LEVELS = ("scalar", "avx2", "avx512", "avx512_bf16", "amx")
+AVAILABLE = LEVELS[: LEVELS.index(_C.detected_isa()) + 1]
 
 
 def rel(a, b):
