@@ -11,23 +11,11 @@
 
 #include "common/gemm_f32_avx512.h"
 #include "quant/qgemm_blocked.h"
+#include "quant/qgemv.h"
 #include "quant/qlinear.h"
 
 namespace quark {
 namespace {
-
-// Both GEMVs stream R weight rows at once (R independent DRAM streams keep more misses in flight than
-// one) and prefetch each stream kPrefetch bytes ahead; a prefetch that runs past the end of its row
-// jumps to the same row of the next block of R, the one this thread reads next.
-// 1 KiB per stream measured best on Sapphire Rapids (512 B to 4 KiB within a few percent; T1/T2 hints
-// the same, NTA 40% slower); without prefetch int8 streams ~15% slower.
-constexpr int64_t kPrefetch = 1024;
-
-inline void prefetch_ahead(const uint8_t* row, int64_t pos, int64_t row_bytes, int64_t block_bytes) {
-  const int64_t ahead = pos + kPrefetch;
-  _mm_prefetch(reinterpret_cast<const char*>(row + (ahead < row_bytes ? ahead : ahead - row_bytes + block_bytes)),
-               _MM_HINT_T0);
-}
 
 template <int M, int R>
 void gemv_int8_rows(const QLinearArgs& a, int64_t n0) {
@@ -70,39 +58,9 @@ void gemv_int8_rows(const QLinearArgs& a, int64_t n0) {
     }
 }
 
-// int4 in 64-byte chunks of a row: 128 weights, four blocks of 32 (layout in qlinear.h). As 16 dwords,
-// lane d holds bytes 4d..4d+3 of block d/4, and nibble i of every lane is (v >> 4i) & 15. vpermps reads
-// only the low 4 bits of each index, so permutexvar(v >> 4i, {0, 1, ..., 15}) is nibble i as fp32: one
-// shift and one permute per 16 weights, no mask and no convert. x is permuted once per call into the
-// same order (xp, see permute_x), so every FMA is a plain 16-lane multiply-add.
-// The zero point and scale stay outside the hot loop: per group g of row n,
-//   sum_k (q - z) s x_k = s * (sum_k q x_k) - s z * xsum[g],   xsum[g] = sum of x over the group.
-// Each chunk's 16 lane sums are scaled by their group's scale (lane d: group of block d/4) into the row
-// accumulator, and the zero-point term is a 16-groups-wide dot product per row at the end (q >= 0 and
-// z are small integers: the cancellation costs a few ulps at most).
-constexpr int64_t kChunk = 128;   // weights per 64-byte load
-
-// Lane d of the i-th 16-weight vector of a chunk holds weight k = chunk_pos(i, d) of the chunk.
-inline int chunk_pos(int i, int d) { return 32 * (d / 4) + 4 * (d % 4) + i / 2 + 16 * (i % 2); }
-
-// xp (kc = K rounded up to kChunk) = x in chunk order, zero past K; xsum (ng) = sum of x per group.
-void permute_x(const float* x, int64_t K, int64_t G, float* xp, float* xsum) {
-  alignas(64) int32_t idx[8][16];
-  for (int i = 0; i < 8; ++i)
-    for (int d = 0; d < 16; ++d) idx[i][d] = chunk_pos(i, d);
-  for (int64_t c = 0; c < K; c += kChunk) {
-    const __mmask16 mk = K - c >= kChunk ? 0xFFFF : static_cast<__mmask16>((1u << ((K - c) / 8)) - 1);
-    // lane d reads block d/4 of the chunk, which exists iff d < (K - c) / 8
-    for (int i = 0; i < 8; ++i)
-      _mm512_storeu_ps(xp + c + 16 * i, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mk,
-                                                                  _mm512_load_si512(idx[i]), x + c, 4));
-  }
-  for (int64_t g = 0; g < K / G; ++g) {
-    __m512 s = _mm512_setzero_ps();
-    for (int64_t k = g * G; k < (g + 1) * G; k += 16) s = _mm512_add_ps(s, _mm512_loadu_ps(x + k));
-    xsum[g] = _mm512_reduce_add_ps(s);
-  }
-}
+// int4, chunks of 128 weights seen as 16 dwords (qgemv_int4.h): vpermps reads only the low 4 bits of
+// each index, so permutexvar(v >> 4i, {0, 1, ..., 15}) is nibble i as fp32 -- one shift and one permute
+// per 16 weights, no mask and no convert -- and every FMA is a plain 16-lane one against xp.
 
 // The scales of the (up to four) groups of chunk c, spread over the lanes of their blocks.
 template <int G>
@@ -179,21 +137,6 @@ void gemv_int4_rows(const QLinearArgs& a, int64_t n0, const float* xp, int64_t k
       const float y = _mm512_reduce_add_ps(_mm512_sub_ps(acc[r][m], corr[m]));
       a.out[m * N + n0 + r] = a.bias ? y + a.bias[n0 + r] : y;
     }
-  }
-}
-
-// Threads over N in blocks of R rows: a static schedule gives each thread one contiguous slab to
-// stream. Below kParallelBytes of weights one thread finishes before a parallel region would start.
-constexpr int64_t kParallelBytes = 1 << 17;
-
-template <int R, class Rows, class Tail>
-void over_rows(const QLinearArgs& a, Rows rows, Tail tail_row) {
-  const int64_t N = a.w.n, full = N / R, tasks = full + N % R;
-  const int64_t bytes = a.w.scheme == QScheme::int8 ? N * a.w.k : N * a.w.k / 2;
-#pragma omp parallel for schedule(static) if (bytes > kParallelBytes)
-  for (int64_t t = 0; t < tasks; ++t) {
-    if (t < full) rows(t * R);
-    else tail_row(full * R + (t - full));
   }
 }
 
