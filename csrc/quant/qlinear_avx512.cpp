@@ -58,10 +58,6 @@ void gemv_int8_rows(const QLinearArgs& a, int64_t n0) {
     }
 }
 
-// int4, chunks of 128 weights seen as 16 dwords (qgemv_int4.h): vpermps reads only the low 4 bits of
-// each index, so permutexvar(v >> 4i, {0, 1, ..., 15}) is nibble i as fp32 -- one shift and one permute
-// per 16 weights, no mask and no convert -- and every FMA is a plain 16-lane one against xp.
-
 // The scales of the (up to four) groups of chunk c, spread over the lanes of their blocks.
 template <int G>
 inline __m512 chunk_scales(const float* s, int64_t c, __mmask8 mk) {
@@ -77,6 +73,9 @@ inline __m512 chunk_scales(const float* s, int64_t c, __mmask8 mk) {
   }
 }
 
+// int4, chunks of 128 weights seen as 16 dwords (qgemv.h): vpermps reads only the low 4 bits of
+// each index, so permutexvar(v >> 4i, {0, 1, ..., 15}) is nibble i as fp32 -- one shift and one permute
+// per 16 weights, no mask and no convert -- and every FMA is a plain 16-lane one against xp.
 template <int M, int R, int G>
 void gemv_int4_rows(const QLinearArgs& a, int64_t n0, const float* xp, int64_t kc, const float* xsum) {
   const int64_t K = a.w.k, N = a.w.n, ng = K / G, row_bytes = K / 2, full = K / kChunk;
