@@ -148,6 +148,22 @@ def test_int4_bf16_activations_are_as_precise_as_torch_bf16(isa, group):
     assert rel(y.float(), ref) <= 1.05 * rel(torch_bf16.float(), ref)
 
 
+@pytest.mark.parametrize("isa", AVAILABLE)
+@pytest.mark.parametrize("scheme,group,K", [("int8", 0, 333), ("int4", 32, 672), ("int4", 64, 704),
+                                            ("int4", 128, 640)])
+def test_threaded_gemv_at_odd_sizes(isa, scheme, group, K):
+    """Weights above the GEMV's one-thread cutoff (128 KiB): the threaded row split, rows left over
+    after the last full block of rows, and K ending in a partial 128-weight chunk (672, 704)."""
+    g = torch.Generator().manual_seed(K)
+    qt = quantize(torch.randn(1037, K, generator=g), scheme, group or 32)
+    assert qt.data.numel() > 1 << 17
+    for M in (1, 2, 3, 4):
+        x, bias = torch.randn(M, K, generator=g), torch.randn(1037, generator=g)
+        with quark.isa(isa):
+            y = qlinear(x, qt, bias)
+        assert rel(y, ref64(x, qt, bias)) < 1e-5
+
+
 def test_w8a8_gemv_and_gemm_paths_agree_bitwise():
     g = torch.Generator().manual_seed(3)
     qt = quantize(torch.randn(96, 200, generator=g), "w8a8")
