@@ -1,8 +1,9 @@
 """Quantized linear: quark.ops.qlinear (int4 / int8 weight-only, W8A8) vs torch F.linear in fp32 and
 bf16 and torch.ao dynamic int8 quantization (quantize_dynamic), same run, interleaved.
 
-Each provider cycles through 8 copies of its weights (distinct memory) so the working set is far
-beyond the 32 MiB LLC and every call streams its weights from DRAM, as a decode step does.
+Each provider cycles through copies of its weights (distinct memory, at least 8, enough to span 1.5x
+the last-level cache: this Xeon reports 480 MiB of L3) so every call streams its weights from DRAM,
+as a decode step through all layers does.
 M=1 rows report GB/s of weight bytes actually read (packed data + scales + zero points for ours) and
 the fraction of the machine's measured read bandwidth; M=256 rows report GFLOP/s (2 M N K).
 `python -m benchmarks --only quant` (add --quick for one shape); pytest-benchmark view:
@@ -14,15 +15,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from benchmarks.harness import interleaved, measure_read_bandwidth, summarize
+from benchmarks.harness import copies_beyond_llc, interleaved, measure_read_bandwidth, summarize
 from quark.ops import QuantizedTensor, qlinear, quantize
 
-ROTATE = 8
 
-
-def _copies(make, n=ROTATE):
+def _copies(make):
     first = make()
-    return [first] + [_clone(first) for _ in range(n - 1)]
+    nbytes = first.nbytes if isinstance(first, QuantizedTensor) else first.numel() * first.element_size()
+    return [first] + [_clone(first) for _ in range(copies_beyond_llc(nbytes) - 1)]
 
 
 def _clone(obj):
@@ -57,7 +57,7 @@ def case(N, K, Ms, quick=False):
     q8 = _copies(lambda: quantize(w, "int8"))
     qw8a8 = [QuantizedTensor("w8a8", q.shape, q.data, q.scales) for q in q8]   # same bytes as int8
     dyn = _dynamic_int8(w)
-    dyns = [dyn] + [_dynamic_int8(w) for _ in range(ROTATE - 1)] if dyn is not None else None
+    dyns = [dyn] + [_dynamic_int8(w) for _ in range(len(q8) - 1)] if dyn is not None else None   # int8 bytes
     rows = []
     for M in Ms:
         x = torch.randn(M, K, generator=gen)

@@ -5,7 +5,9 @@ round-robin so drift (turbo, other load) hits every provider alike, medians are 
 p10/p90, sizes exceed the caches where the real workload does (rotate buffers), and every row
 carries GFLOP/s or GB/s beside its time.
 """
+import glob
 import json
+import math
 import os
 import platform
 import statistics
@@ -58,9 +60,33 @@ def summarize(area, case, times, work=0.0, unit="GFLOP/s", extra=None):
     return rows
 
 
-def measure_read_bandwidth(nbytes=1 << 30, repeats=5):
+def llc_bytes():
+    """Size of the largest cache the OS reports for cpu0 (32 MiB when it reports none). Server parts
+    can have hundreds of MiB of L3, so working sets must be sized against the real figure."""
+    sizes = []
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        if text.rstrip("KMG").isdigit():
+            sizes.append(int(text.rstrip("KMG")) * scale)
+    return max(sizes, default=32 << 20)
+
+
+def copies_beyond_llc(nbytes, minimum=8):
+    """How many distinct copies of an nbytes working set to cycle through so that together they span
+    1.5x the last-level cache: every call then streams its operands from DRAM, as the real workload
+    (a decode step over all layers) does."""
+    return max(minimum, math.ceil(1.5 * llc_bytes() / max(nbytes, 1)))
+
+
+def measure_read_bandwidth(nbytes=None, repeats=5):
     """Sustained read bandwidth in GB/s of this machine (sum over a buffer far beyond the LLC, all threads)."""
     import torch
+    nbytes = nbytes or max(1 << 30, 2 * llc_bytes())
     buf = torch.ones(nbytes // 4, dtype=torch.float32)
     buf.sum()
     ts = []
