@@ -8,7 +8,9 @@
 //               upper levels, 2M on level 0, levels drawn with P(level >= l) = M^-l.
 //   storage fp32: rows kept as float32; sq8: also one byte per dimension (per-dimension min/scale
 //               fitted on the first add() batch, later values clipped); the graph is traversed on the
-//               codes (4x fewer bytes fetched per hop) and the ef candidates are re-ranked on fp32.
+//               codes (4x fewer bytes fetched per hop) and the best candidates are re-ranked on fp32.
+//   rows file:  (sq8 only) the fp32 rows stay out of memory, in a file (row_file.h): the graph is
+//               built on the codes too, and only the re-rank reads rows back, with pread.
 //   metric:     l2 (squared), ip (-dot), cosine (rows and queries normalised, then 1 - dot).
 //
 // Concurrency (searches from many threads while one thread adds):
@@ -29,11 +31,13 @@
 #include <memory>
 #include <mutex>
 #include <shared_mutex>
+#include <string>
 #include <unordered_map>
 #include <vector>
 
 #include "search/distance.h"
 #include "search/gather_distance.h"
+#include "search/row_file.h"
 
 namespace quark {
 
@@ -48,6 +52,8 @@ struct IndexConfig {
   int M = 16;                  // links per node on upper levels (2M on level 0)
   int ef_construction = 200;   // candidate list size while inserting
   uint64_t seed = 0;           // level draws are a hash of (seed, row): reproducible single-threaded
+  bool rows_in_file = false;   // sq8 only: fp32 rows in a file (row_file.h), not in memory
+  std::string rows_dir;        // where the scratch file of rows added in that mode goes
 };
 
 // (rows, width) storage that either owns a 64-byte-aligned buffer or views external memory (a
@@ -114,6 +120,14 @@ struct VisitedList {
   }
 };
 
+// Per-thread buffers of an insertion, reused from row to row (no allocation, no thread_local
+// lookup on the build's hot path).
+struct InsertScratch {
+  std::vector<Cand> top, cand, cands, kept;
+  std::vector<std::vector<Cand>> sel;  // the row's chosen links per level
+  std::vector<float> q, q2;            // (dim,): the row's query; another row's (connect, heuristic)
+};
+
 // Everything save()/load() moves, as plain arrays (the Python layer writes the file).
 struct IndexState {
   int64_t slots = 0, next_id = 0;
@@ -130,6 +144,11 @@ struct IndexState {
   const uint32_t* upper = nullptr;  // concatenated upper-level lists, levels[i] * (M + 1) per row
   int64_t upper_len = 0;
   bool view = false;                // keep pointers to vectors/codes/links0 instead of copying
+  // The saved index file, open during restore(): a section with an offset >= 0 is read from it
+  // straight into the index's storage (no intermediate copy) instead of from its pointer above.
+  // With rows_in_file the rows stay in the file, read at vectors_offset through a dup of fd.
+  int fd = -1;
+  int64_t vectors_offset = -1, codes_offset = -1, links0_offset = -1;
 };
 
 class VectorIndex {
@@ -153,13 +172,19 @@ class VectorIndex {
   int64_t remove(const int64_t* ids, int64_t n);
   // q: (nq, dim) -> dist, ids: (nq, k) nearest first; rows past the available results hold
   // (+inf, -1). allow: (allow_len,) one byte per stored row (nonzero: may be returned), or nullptr.
-  void search(const float* q, int64_t nq, int64_t k, int ef, const uint8_t* allow, int64_t allow_len, float* dist,
-              int64_t* ids);
-  int64_t memory_bytes() const;
-  std::vector<int64_t> slot_ids() const;  // id of every stored row (removed ones included), row order  // bytes held by the index structures (views of mapped files included)
+  // rerank (sq8): how many of the best candidates by code distance get their exact distance
+  // (at least k); 0: all of them (ef).
+  void search(const float* q, int64_t nq, int64_t k, int ef, int rerank, const uint8_t* allow, int64_t allow_len,
+              float* dist, int64_t* ids);
+  int64_t memory_bytes() const;  // bytes held in memory by the index structures (mapped views included)
+  std::vector<int64_t> slot_ids() const;  // id of every stored row (removed ones included), row order
+  // Fixes the sq8 ranges (per dimension, of the rows as stored) instead of fitting the first add().
+  void set_sq8_range(const float* lo, const float* hi);
+  // out (n, dim) <- the stored fp32 rows [first, first + n), wherever they live.
+  void read_rows(int64_t first, int64_t n, float* out) const;
 
-  // Persistence: read the arrays of the current state (slots() rows) / rebuild from them.
-  const Rows<float>& vectors() const { return vectors_; }
+  // Persistence: read the arrays of the current state (slots() rows; the fp32 rows through
+  // read_rows) / rebuild from them.
   const Rows<uint8_t>& codes() const { return codes_; }
   const std::vector<float>& sq8_min() const { return sq8_min_; }
   const std::vector<float>& sq8_scale() const { return sq8_scale_; }
@@ -184,8 +209,17 @@ class VectorIndex {
   bool is_deleted(int64_t row) const { return __atomic_load_n(deleted_.row(row), __ATOMIC_RELAXED) != 0; }
 
   void ensure_capacity(int64_t rows);
+  // The row as stored: `in` itself, or for cosine its normalised copy in buf (dim,).
+  const float* stored_form(const float* in, float* buf) const;
   void fit_sq8(const float* x, int64_t n);
-  void encode_sq8(int64_t row);
+  void encode_sq8(int64_t row, const float* v);
+  // Distance queries (gather_distance.h) for the graph's distances: exact on the fp32 rows, or on
+  // the codes when the rows are in a file. buf: (dim,) floats the query may point into.
+  GatherQuery sq8_query(const float* x, float* buf) const;  // x mapped into code space
+  GatherQuery build_query(const float* v, float* buf) const;  // a row not yet stored, v: stored form
+  GatherQuery row_query(uint32_t row, float* buf) const;      // a stored row
+  const void* build_base() const { return cfg_.rows_in_file ? static_cast<const void*>(codes_.data()) : vectors_.data(); }
+  int64_t row_capacity() const { return ids_.capacity(); }
   int draw_level(int64_t row) const;
   void lock_row(uint32_t row);
   void unlock_row(uint32_t row);
@@ -194,11 +228,13 @@ class VectorIndex {
   void search_flat(const float* q, int64_t nq, int64_t k, const uint8_t* allow, int64_t allow_len, int64_t n,
                    float* dist, int64_t* ids);
   // hnsw.cpp
-  void insert(uint32_t row, const GatherKernels& K, VisitedList& vis);
-  void select_neighbors(const std::vector<Cand>& sorted, int m, GatherFn fn, std::vector<Cand>& out) const;
-  void connect(uint32_t from, uint32_t to, float d, int level, GatherFn fn);
-  void search_hnsw(const float* q, int64_t nq, int64_t k, int ef, const uint8_t* allow, int64_t allow_len,
-                   int64_t n, float* dist, int64_t* ids);
+  void insert(uint32_t row, const float* v, GatherFn fn, VisitedList& vis, InsertScratch& s);
+  void select_neighbors(const std::vector<Cand>& sorted, int m, GatherFn fn, float* qbuf, std::vector<Cand>& out) const;
+  void connect(uint32_t from, uint32_t to, float d, int level, GatherFn fn, InsertScratch& s);
+  void search_hnsw(const float* q, int64_t nq, int64_t k, int ef, int rerank, const uint8_t* allow,
+                   int64_t allow_len, int64_t n, float* dist, int64_t* ids);
+  void rerank(const GatherQuery& q, size_t depth, std::vector<Cand>& top, std::vector<uint32_t>& rows,
+              std::vector<float>& buf) const;
   VisitedList* acquire_visited();
   void release_visited(VisitedList* v);
 
@@ -211,7 +247,8 @@ class VectorIndex {
   std::atomic<int64_t> slots_{0}, live_{0}, removed_{0};  // removed_: tombstones present
   int64_t next_id_ = 0;
 
-  Rows<float> vectors_;
+  Rows<float> vectors_;                   // empty with rows_in_file
+  std::unique_ptr<RowFile> rows_file_;    // rows_in_file only
   Rows<uint8_t> codes_;
   std::vector<float> sq8_min_, sq8_scale_, sq8_w_;  // w = scale^2 (l2 in code space)
   bool sq8_fitted_ = false;
