@@ -31,6 +31,7 @@
 #include <memory>
 #include <mutex>
 #include <shared_mutex>
+#include <sys/mman.h>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -71,10 +72,16 @@ class Rows {
   bool is_view() const { return data_ != nullptr && !owned_; }
 
   // Owned storage for `rows` rows holding the first `keep` rows of the current data; the rest zero.
+  // Large arrays are asked for transparent huge pages: the graph reads them at random, and with
+  // 4 KiB pages nearly every access of a search also misses the TLB.
   void reserve(int64_t rows, int64_t keep) {
-    size_t bytes = ((static_cast<size_t>(rows * width_) * sizeof(T) + 63) / 64) * 64;
-    T* p = static_cast<T*>(std::aligned_alloc(64, bytes ? bytes : 64));
+    constexpr size_t kHuge = size_t(2) << 20;
+    size_t bytes = static_cast<size_t>(rows * width_) * sizeof(T);
+    const size_t align = bytes >= kHuge ? kHuge : 64;
+    bytes = (bytes + align - 1) / align * align;
+    T* p = static_cast<T*>(std::aligned_alloc(align, bytes ? bytes : 64));
     if (!p) throw std::bad_alloc();
+    if (align == kHuge) madvise(p, bytes, MADV_HUGEPAGE);
     std::memset(p, 0, bytes);
     if (keep > 0) std::memcpy(p, data_, static_cast<size_t>(keep * width_) * sizeof(T));
     owned_.reset(p);
