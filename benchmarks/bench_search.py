@@ -35,7 +35,7 @@ import quark
 from benchmarks.harness import Result, interleaved, print_table, summarize
 from quark.search import Index
 
-EF_GRID = (10, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+EF_GRID = (10, 16, 24, 32, 40, 48, 56, 64, 80, 96, 128, 192, 256, 384, 512)
 
 
 def hard_data(n, d, nq, seed=0, clusters=None):

@@ -4,8 +4,8 @@
 // Search cost is dominated by cache misses on the rows of the neighbours of each expanded node, so
 // the unvisited neighbours of a node are collected first and their distances computed in one
 // gather_distance call, which prefetches rows ahead of use. With sq8 storage a hop fetches d bytes
-// instead of 4d, and the best candidates are re-ranked with exact fp32 distances at the end (read
-// back from the row file with rows="file", where the graph is also built on the codes).
+// instead of 4d (the graph is built on the codes too), and the best candidates are re-ranked with
+// exact fp32 distances at the end (read back from the row file with rows="file").
 #include <algorithm>
 #include <cmath>
 #include <exception>
@@ -167,7 +167,7 @@ void VectorIndex::connect(uint32_t from, uint32_t to, float d, int level, Gather
   unlock_row(from);
 }
 
-// v: the row's stored form; fn: the build distance (exact fp32, or sq8 with the rows in a file).
+// v: the row's stored form; fn: the build distance (fp32, or code space for sq8).
 void VectorIndex::insert(uint32_t row, const float* v, GatherFn fn, VisitedList& vis, InsertScratch& s) {
   const int64_t d = cfg_.dim;
   const int L = *levels_.row(row);

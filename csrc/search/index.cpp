@@ -118,11 +118,11 @@ GatherQuery VectorIndex::sq8_query(const float* x, float* buf) const {
 }
 
 GatherQuery VectorIndex::build_query(const float* v, float* buf) const {
-  return cfg_.rows_in_file ? sq8_query(v, buf) : GatherQuery{v, nullptr, 0.f};
+  return cfg_.storage == Storage::sq8 ? sq8_query(v, buf) : GatherQuery{v, nullptr, 0.f};
 }
 
 GatherQuery VectorIndex::row_query(uint32_t row, float* buf) const {
-  if (!cfg_.rows_in_file) return {vectors_.row(row), nullptr, 0.f};
+  if (cfg_.storage != Storage::sq8) return {vectors_.row(row), nullptr, 0.f};
   // The row's decoded values x_k = vmin_k + scale_k * c_k mapped into code space: for l2 that is
   // c_k itself; for ip, x_k * scale_k with the bias <x, vmin>.
   const uint8_t* c = codes_.row(row);
@@ -228,8 +228,8 @@ void VectorIndex::add(const float* x, int64_t n, const int64_t* ids, int64_t* id
       upper_[n0 + i].reset(level > 0 ? new uint32_t[level * (cfg_.M + 1)]() : nullptr);
     }
     const GatherKernels& K = gather_kernels();
-    const GatherFn fn = cfg_.rows_in_file ? (inner_ == Metric::l2 ? K.l2_sq8 : K.ip_sq8)
-                                          : (inner_ == Metric::l2 ? K.l2_f32 : K.ip_f32);
+    const GatherFn fn = cfg_.storage == Storage::sq8 ? (inner_ == Metric::l2 ? K.l2_sq8 : K.ip_sq8)
+                                                     : (inner_ == Metric::l2 ? K.l2_f32 : K.ip_f32);
     // The first row alone makes the entry point; the rest insert in parallel (hnswlib's scheme:
     // per-row locks on link lists, the entry-point lock held only by a row that raises the top level).
     int64_t start = 0;

@@ -7,10 +7,11 @@
 //               the neighbour-selection heuristic and the layout ideas of hnswlib: M links per node on
 //               upper levels, 2M on level 0, levels drawn with P(level >= l) = M^-l.
 //   storage fp32: rows kept as float32; sq8: also one byte per dimension (per-dimension min/scale
-//               fitted on the first add() batch, later values clipped); the graph is traversed on the
-//               codes (4x fewer bytes fetched per hop) and the best candidates are re-ranked on fp32.
-//   rows file:  (sq8 only) the fp32 rows stay out of memory, in a file (row_file.h): the graph is
-//               built on the codes too, and only the re-rank reads rows back, with pread.
+//               fitted on the first add() batch, later values clipped); the graph is built and
+//               traversed on the codes (4x fewer bytes fetched per hop; recall measured equal to a
+//               graph built on fp32) and the best candidates are re-ranked on fp32.
+//   rows file:  (sq8 only) the fp32 rows stay out of memory, in a file (row_file.h): only the
+//               re-rank reads rows back, with pread.
 //   metric:     l2 (squared), ip (-dot), cosine (rows and queries normalised, then 1 - dot).
 //
 // Concurrency (searches from many threads while one thread adds):
@@ -221,11 +222,13 @@ class VectorIndex {
   void fit_sq8(const float* x, int64_t n);
   void encode_sq8(int64_t row, const float* v);
   // Distance queries (gather_distance.h) for the graph's distances: exact on the fp32 rows, or on
-  // the codes when the rows are in a file. buf: (dim,) floats the query may point into.
+  // the codes for sq8. buf: (dim,) floats the query may point into.
   GatherQuery sq8_query(const float* x, float* buf) const;  // x mapped into code space
   GatherQuery build_query(const float* v, float* buf) const;  // a row not yet stored, v: stored form
   GatherQuery row_query(uint32_t row, float* buf) const;      // a stored row
-  const void* build_base() const { return cfg_.rows_in_file ? static_cast<const void*>(codes_.data()) : vectors_.data(); }
+  const void* build_base() const {
+    return cfg_.storage == Storage::sq8 ? static_cast<const void*>(codes_.data()) : vectors_.data();
+  }
   int64_t row_capacity() const { return ids_.capacity(); }
   int draw_level(int64_t row) const;
   void lock_row(uint32_t row);

@@ -13,19 +13,19 @@ Distances follow quark.ops.pairwise_distance, smaller is nearer: "l2" squared Eu
 filter that allows fewer than k) hold id -1 and distance +inf.
 
 The engine is C++ (csrc/search/index.h): flat search runs the blocked pairwise_distance kernel with
-a top-k heap; hnsw is an HNSW graph built in parallel, searched with SIMD gather distances, on int8
-codes for storage="sq8" (re-ranked with exact fp32 distances). Searches may run from many threads
-while one thread adds; add/remove/compact/save serialise on a lock.
+a top-k heap; hnsw is an HNSW graph built in parallel and searched with SIMD gather distances, on
+int8 codes for storage="sq8" (build and search; the best candidates are re-ranked with exact fp32
+distances). Searches may run from many threads while one thread adds; add/remove/compact/save
+serialise on a lock.
 
 Where the fp32 rows of a sq8 index live (`rows`): "memory" (default), or "file": only the codes
-(1 byte per dimension instead of 4) and the graph stay in memory, the graph is built on the codes
-too, and the final re-rank reads the fp32 rows of the `rerank` best candidates back with pread
-(DiskANN's split; csrc/search/row_file.h). Rows added since the index was created or loaded go to
-an unlinked scratch file in `rows_dir` (default: the temp directory; put it on a disk, not a tmpfs,
-or the rows are in memory after all); after Index.load(path, rows="file") the rows of the saved
-file are read from that file. The page cache keeps the rows it has read (reclaimable, not resident
-index memory); a cold cache costs one device read per re-ranked candidate, issued in parallel
-(POSIX_FADV_WILLNEED) for each query.
+(1 byte per dimension instead of 4) and the graph stay in memory, and the final re-rank reads the
+fp32 rows of the `rerank` best candidates back with pread (DiskANN's split; csrc/search/row_file.h).
+Rows added since the index was created or loaded go to an unlinked scratch file in `rows_dir`
+(default: the temp directory; put it on a disk, not a tmpfs, or the rows are in memory after all);
+after Index.load(path, rows="file") the rows of the saved file are read from that file. The page
+cache keeps the rows it has read (reclaimable, not resident index memory); a cold cache costs one
+device read per re-ranked candidate, issued in parallel (POSIX_FADV_WILLNEED) for each query.
 
 File format (save/load), little-endian:
     0   8 bytes  magic b"QKSEARCH"
