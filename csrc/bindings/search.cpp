@@ -89,7 +89,8 @@ void bind_search(nb::module_& m) {
             ix.search(q.data(), (int64_t)q.shape(0), (int64_t)dist.shape(1), ef, rerank,
                       use_allow ? allow.data() : nullptr, (int64_t)allow.shape(0), dist.data(), ids.data());
           },
-          nb::arg("q").noconvert(), nb::arg("ef"), nb::arg("rerank"), nb::arg("allow").noconvert(), nb::arg("use_allow"),
+          nb::arg("q").noconvert(), nb::arg("ef"), nb::arg("rerank"), nb::arg("allow").noconvert(),
+          nb::arg("use_allow"),
           nb::arg("dist").noconvert(), nb::arg("ids").noconvert())
       .def("memory_bytes", &VectorIndex::memory_bytes)
       .def("reserve_ids", &VectorIndex::reserve_ids, nb::arg("next"))
