@@ -69,7 +69,8 @@ def test_gather_distance_matches_float64(isa, d):
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("metric", ["l2", "ip", "cosine"])
-@pytest.mark.parametrize("n,d,nq,k", [(1, 3, 1, 1), (257, 17, 5, 10), (3000, 64, 130, 7), (1500, 385, 3, 20)])
+@pytest.mark.parametrize("n,d,nq,k", [(1, 3, 1, 1), (257, 17, 5, 10), (3000, 64, 130, 7), (1500, 385, 3, 20),
+                                     (1200, 24, 600, 5)])  # several query tiles and row stripes
 def test_flat_equals_numpy_brute_force(isa, metric, n, d, nq, k):
     x = clustered(n, d, seed=n + d)
     q = clustered(nq, d, seed=n + d + 1)
