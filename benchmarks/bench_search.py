@@ -11,7 +11,8 @@ same threads (hnswlib and quark fp32 built three times, alternated); recall@10 /
 search thread; index memory, measured the same way for every library:
   - build: RSS growth of this process while building (malloc_trim'ed before each build);
   - serving: RSS growth of a fresh process from just before loading the saved index to just after
-    searching the 1000 queries (VmRSS = anonymous + file-backed mapped pages, /proc/self/status).
+    searching the 1000 queries (VmRSS = anonymous + file-backed mapped pages, /proc/self/status);
+    quark's own memory_bytes() (every array at its capacity, graph, id map, scratch) is printed beside.
     quark sq8 with rows="file" leaves its fp32 rows in the index file and preads the re-ranked
     ones: those pages sit in the page cache (reclaimable, in no process's RSS); their size is printed
     beside, and QPS is also measured with the file evicted from the page cache (cold).
@@ -155,7 +156,9 @@ else:
     index = Index.load(path)
     index.search(q, 10, ef=ef)
 after = status()
-print(json.dumps({k: after[k] - before[k] for k in after}))
+out = {k: after[k] - before[k] for k in after}
+out["memory_bytes"] = index.memory_bytes() if prov != "hnswlib" else 0
+print(json.dumps(out))
 """
 
 
@@ -258,6 +261,8 @@ def run_dataset(name, n, d, nq, quick):
         rows_file_mib = n * d * 4 / 2**20
         for prov, m in serve.items():
             note = f"  (+ up to {rows_file_mib:.1f} MiB of page cache for its fp32 rows)" if "file" in prov else ""
+            if m["memory_bytes"]:  # the index's own count of what it holds, as a cross-check of the RSS
+                note = f"; memory_bytes() {m['memory_bytes'] / 2**20:.1f} MiB" + note
             print(f"serving {prov:<20} load + {nq} searches: RSS growth {m['VmRSS'] / 2**20:8.1f} MiB "
                   f"(anon {m['RssAnon'] / 2**20:.1f}, file {m['RssFile'] / 2**20:.1f}) = "
                   f"{m['VmRSS'] / serve['hnswlib']['VmRSS']:.2f}x hnswlib{note}", flush=True)

@@ -292,13 +292,22 @@ void VectorIndex::search(const float* q, int64_t nq, int64_t k, int ef, int rera
 }
 
 int64_t VectorIndex::memory_bytes() const {
+  // Every array counts at its capacity, not its row count: reserve() zero-fills the whole
+  // allocation, so all of it is resident (mapped views count what they map).
   std::shared_lock<std::shared_mutex> g(grow_mu_);
-  const int64_t n = slots_.load();
-  int64_t b = (rows_file_ ? 0 : n * cfg_.dim * 4) + n * (8 + 1);  // vectors (unless in the file), ids, tombstones
-  if (cfg_.storage == Storage::sq8) b += n * cfg_.dim + 3 * cfg_.dim * 4;
+  const int64_t n = slots_.load(), cap = row_capacity();
+  auto bytes = [](const auto& rows) { return rows.capacity() * rows.width() * int64_t(sizeof(*rows.data())); };
+  int64_t b = bytes(vectors_) + bytes(ids_) + bytes(deleted_);  // vectors_ is empty with rows="file"
+  if (cfg_.storage == Storage::sq8) b += bytes(codes_) + 3 * cfg_.dim * 4;
   if (cfg_.kind == IndexKind::hnsw) {
-    b += n * (1 + 1 + links0_.width() * 4 + 8);  // level, lock, level-0 links, upper-list pointer
-    for (int64_t i = 0; i < n; ++i) b += *levels_.row(i) * (cfg_.M + 1) * 4;
+    b += bytes(levels_) + bytes(links0_) + cap * (1 + 8);  // + a lock byte and an upper-list pointer per row
+    // Upper-level lists: one heap block each, with malloc's 16-byte header and rounding.
+    for (int64_t i = 0; i < n; ++i)
+      if (const int L = *levels_.row(i)) b += (L * (cfg_.M + 1) * 4 + 8 + 15) / 16 * 16;
+  }
+  {
+    std::lock_guard<std::mutex> lk(pool_mu_);  // visited marks kept for reuse: 2 bytes a row each
+    for (const auto& v : pool_) b += static_cast<int64_t>(v->tag.capacity()) * 2;
   }
   // id -> row hash map: a node per entry (key, value, next pointer, cached hash) plus the bucket array.
   std::lock_guard<std::mutex> lk(ids_mu_);

@@ -184,7 +184,9 @@ class VectorIndex {
   // (at least k); 0: all of them (ef).
   void search(const float* q, int64_t nq, int64_t k, int ef, int rerank, const uint8_t* allow, int64_t allow_len,
               float* dist, int64_t* ids);
-  int64_t memory_bytes() const;  // bytes held in memory by the index structures (mapped views included)
+  // Bytes the index holds in memory: every array at its allocated capacity (mapped views included),
+  // upper link lists, pooled visited marks, the id map. Not the rows file's page cache (reclaimable).
+  int64_t memory_bytes() const;
   std::vector<int64_t> slot_ids() const;  // id of every stored row (removed ones included), row order
   // Fixes the sq8 ranges (per dimension, of the rows as stored) instead of fitting the first add().
   void set_sq8_range(const float* lo, const float* hi);
@@ -252,7 +254,8 @@ class VectorIndex {
   Metric inner_;  // l2 or ip: cosine runs as ip on normalised rows
 
   mutable std::shared_mutex grow_mu_;
-  std::mutex add_mu_, entry_mu_, pool_mu_;
+  std::mutex add_mu_, entry_mu_;
+  mutable std::mutex pool_mu_;
   mutable std::mutex ids_mu_;
   std::atomic<int64_t> slots_{0}, live_{0}, removed_{0};  // removed_: tombstones present
   int64_t next_id_ = 0;

@@ -166,7 +166,9 @@ class Index:
                 f"M={self.M}, ef_construction={self.ef_construction}, ef_search={self.ef_search}, len={len(self)})")
 
     def memory_bytes(self):
-        """Bytes held in memory by the index structures (rows unless rows="file", codes, graph, ids, id map)."""
+        """Bytes the index holds in memory: fp32 rows (unless rows="file"), codes, graph, ids, tombstones,
+        id map and pooled search scratch, each array at its allocated capacity (it grows by 1.5x).
+        The page cache of a rows="file" index's rows is not counted: the kernel may reclaim it."""
         return self._impl.memory_bytes()
 
     def add(self, vectors, ids=None):
