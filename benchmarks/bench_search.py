@@ -17,7 +17,7 @@ search thread; index memory, measured the same way for every library:
     ones: those pages sit in the page cache (reclaimable, in no process's RSS); their size is printed
     beside, and QPS is also measured with the file evicted from the page cache (cold).
 
-    python -m benchmarks --only search            # both datasets (~25 min on 2 busy cores)
+    python -m benchmarks --only search            # both datasets (~16 min on the 2-core Xeon)
     python -m benchmarks.bench_search d128        # one dataset; --quick for small sizes
 """
 import argparse
