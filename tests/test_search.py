@@ -464,7 +464,7 @@ def test_memory_bytes_is_the_resident_growth(kind, storage, rows, tmp_path):
     gc.collect()
     trim(0)
     grown = _rss() - r0
-    assert 0.85 * grown <= index.memory_bytes() <= 1.15 * grown
+    assert 0.9 * grown <= index.memory_bytes() <= 1.1 * grown
 
 
 # ---- bad input --------------------------------------------------------------------------------

@@ -292,15 +292,14 @@ void VectorIndex::search(const float* q, int64_t nq, int64_t k, int ef, int rera
 }
 
 int64_t VectorIndex::memory_bytes() const {
-  // Every array counts at its capacity, not its row count: reserve() zero-fills the whole
-  // allocation, so all of it is resident (mapped views count what they map).
+  // Every array counts as allocated, not by its row count: reserve() zero-fills the whole
+  // allocation (capacity, rounded up), so all of it is resident (mapped views count what they map).
   std::shared_lock<std::shared_mutex> g(grow_mu_);
   const int64_t n = slots_.load(), cap = row_capacity();
-  auto bytes = [](const auto& rows) { return rows.capacity() * rows.width() * int64_t(sizeof(*rows.data())); };
-  int64_t b = bytes(vectors_) + bytes(ids_) + bytes(deleted_);  // vectors_ is empty with rows="file"
-  if (cfg_.storage == Storage::sq8) b += bytes(codes_) + 3 * cfg_.dim * 4;
+  int64_t b = vectors_.bytes() + ids_.bytes() + deleted_.bytes();  // vectors_ is empty with rows="file"
+  if (cfg_.storage == Storage::sq8) b += codes_.bytes() + 3 * cfg_.dim * 4;
   if (cfg_.kind == IndexKind::hnsw) {
-    b += bytes(levels_) + bytes(links0_) + cap * (1 + 8);  // + a lock byte and an upper-list pointer per row
+    b += levels_.bytes() + links0_.bytes() + cap * (1 + 8);  // + a lock byte and an upper-list pointer per row
     // Upper-level lists: one heap block each, with malloc's 16-byte header and rounding.
     for (int64_t i = 0; i < n; ++i)
       if (const int L = *levels_.row(i)) b += (L * (cfg_.M + 1) * 4 + 8 + 15) / 16 * 16;

@@ -70,6 +70,8 @@ class Rows {
   const T* data() const { return data_; }
   int64_t width() const { return width_; }
   int64_t capacity() const { return cap_; }
+  // Bytes held: the allocation (rounded up, zero-filled: all resident) or the mapped view.
+  int64_t bytes() const { return owned_ ? alloc_bytes_ : cap_ * width_ * int64_t(sizeof(T)); }
   bool is_view() const { return data_ != nullptr && !owned_; }
 
   // Owned storage for `rows` rows holding the first `keep` rows of the current data; the rest zero.
@@ -88,6 +90,7 @@ class Rows {
     owned_.reset(p);
     data_ = p;
     cap_ = rows;
+    alloc_bytes_ = static_cast<int64_t>(bytes);
   }
   void view(const T* ext, int64_t rows) {
     owned_.reset();
@@ -101,7 +104,7 @@ class Rows {
   };
   std::unique_ptr<T, Free> owned_;
   T* data_ = nullptr;
-  int64_t width_, cap_ = 0;
+  int64_t width_, cap_ = 0, alloc_bytes_ = 0;
 };
 
 struct Cand {
