@@ -1,6 +1,6 @@
-"""quark.search.Index: exact search against numpy brute force, HNSW recall, sq8, filters, tombstones,
-threads, persistence (round trip, mmap, refusal of damaged files) and bad input; the gather_distance
-kernel against float64 on every ISA path."""
+"""quark.search.Index: exact search against numpy brute force, HNSW recall, sq8 (rows in memory or in
+a file), filters, tombstones, threads, persistence (round trip, mmap, refusal of damaged files) and
+bad input; the gather_distance kernel against float64 on every ISA path."""
 import os
 import threading
 
@@ -69,7 +69,8 @@ def test_gather_distance_matches_float64(isa, d):
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("metric", ["l2", "ip", "cosine"])
-@pytest.mark.parametrize("n,d,nq,k", [(1, 3, 1, 1), (257, 17, 5, 10), (3000, 64, 130, 7), (1500, 385, 3, 20)])
+@pytest.mark.parametrize("n,d,nq,k", [(1, 3, 1, 1), (257, 17, 5, 10), (3000, 64, 130, 7), (1500, 385, 3, 20),
+                                     (1200, 24, 600, 5)])  # several query tiles and row stripes
 def test_flat_equals_numpy_brute_force(isa, metric, n, d, nq, k):
     x = clustered(n, d, seed=n + d)
     q = clustered(nq, d, seed=n + d + 1)
@@ -100,8 +101,8 @@ def test_flat_zero_vector_cosine_is_distance_one():
 
 
 @pytest.mark.parametrize("metric", ["l2", "ip", "cosine"])
-@pytest.mark.parametrize("storage", ["fp32", "sq8"])
-def test_hnsw_recall(metric, storage):
+@pytest.mark.parametrize("storage,rows", [("fp32", "memory"), ("sq8", "memory"), ("sq8", "file")])
+def test_hnsw_recall(metric, storage, rows, tmp_path):
     x = clustered(6000, 48, seed=1)
     q = clustered(200, 48, seed=2)
     if metric == "ip":
@@ -110,13 +111,13 @@ def test_hnsw_recall(metric, storage):
         rng = np.random.default_rng(0)
         x *= (rng.uniform(0.9, 1.1, len(x)) / np.linalg.norm(x, axis=1)).astype(np.float32)[:, None]
     truth = np.argsort(brute(x, q, metric), axis=1)[:, :10]
-    index = Index(48, metric=metric, storage=storage, M=16, ef_construction=100)
+    index = Index(48, metric=metric, storage=storage, M=16, ef_construction=100, rows=rows, rows_dir=tmp_path)
     index.add(x)
     index.ef_search = 200  # on this data hnswlib (same M, ef_construction) gets 0.955-0.988 l2, 0.958 ip, 0.984 cosine
     dist, ids = index.search(q, 10)
     r = recall(ids, truth)
     assert r >= 0.95, r
-    # Reported distances are exact (sq8 re-ranks on fp32) and sorted.
+    # Reported distances are exact (sq8 re-ranks on fp32, read back from the file with rows="file") and sorted.
     ref = brute(x, q, metric)
     assert np.allclose(np.take_along_axis(ref, ids, 1), dist, atol=1e-3)
     assert (np.diff(dist, axis=1) >= 0).all()
@@ -128,10 +129,10 @@ def test_hnsw_every_isa_path(isa):
     q = clustered(50, 40, seed=4)
     truth = np.argsort(brute(x, q, "l2"), axis=1)[:, :10]
     with quark.isa(isa):
-        for storage in ("fp32", "sq8"):
-            index = Index(40, storage=storage, ef_construction=80, ef_search=80)
+        for storage, rows in (("fp32", "memory"), ("sq8", "memory"), ("sq8", "file")):
+            index = Index(40, storage=storage, rows=rows, ef_construction=80, ef_search=80)
             index.add(x)
-            assert recall(index.search(q, 10)[1], truth) >= 0.95
+            assert recall(index.search(q, 10)[1], truth) >= 0.95, (storage, rows)
 
 
 def test_hnsw_recall_grows_with_ef():
@@ -159,14 +160,15 @@ def test_incremental_adds_and_assigned_ids():
 # ---- filters and tombstones -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+@pytest.mark.parametrize("kind,storage,rows", [("flat", "fp32", "memory"), ("hnsw", "fp32", "memory"),
+                                              ("hnsw", "sq8", "file")])
 @pytest.mark.parametrize("fraction", [0.005, 0.3])  # a scan of the allowed rows, and the filtered graph walk
-def test_filter_recall(kind, fraction):
+def test_filter_recall(kind, storage, rows, fraction):
     n = 6000
     x = clustered(n, 32, seed=8)
     q = clustered(100, 32, seed=9)
     ids = np.arange(n) * 2
-    index = Index(32, kind=kind, ef_search=100)
+    index = Index(32, kind=kind, storage=storage, rows=rows, ef_search=100)
     index.add(x, ids=ids)
     allowed = np.random.default_rng(0).choice(ids, int(n * fraction), replace=False)
     ref = brute(x, q, "l2")
@@ -197,11 +199,12 @@ def test_bad_filters():
         index.search(clustered(1, 8), 3, filter=np.array([0.5]))
 
 
-@pytest.mark.parametrize("kind,storage", [("flat", "fp32"), ("hnsw", "fp32"), ("hnsw", "sq8")])
-def test_remove_and_compact(kind, storage):
+@pytest.mark.parametrize("kind,storage,rows", [("flat", "fp32", "memory"), ("hnsw", "fp32", "memory"),
+                                              ("hnsw", "sq8", "memory"), ("hnsw", "sq8", "file")])
+def test_remove_and_compact(kind, storage, rows):
     x = clustered(3000, 32, seed=10)
     q = clustered(100, 32, seed=11)
-    index = Index(32, kind=kind, storage=storage, ef_search=100)
+    index = Index(32, kind=kind, storage=storage, rows=rows, ef_search=100)
     index.add(x)
     gone = np.arange(0, 3000, 3)
     assert index.remove(gone) == len(gone)
@@ -235,11 +238,12 @@ def test_heavy_removal_still_finds_the_rest():
 # ---- threads ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["flat", "hnsw"])
-def test_concurrent_searches_while_adding(kind):
+@pytest.mark.parametrize("kind,storage,rows", [("flat", "fp32", "memory"), ("hnsw", "fp32", "memory"),
+                                              ("hnsw", "sq8", "file")])
+def test_concurrent_searches_while_adding(kind, storage, rows):
     d = 32
     x = clustered(8000, d, seed=13)
-    index = Index(d, kind=kind, ef_construction=64, ef_search=64)
+    index = Index(d, kind=kind, storage=storage, rows=rows, ef_construction=64, ef_search=64)
     index.add(x[:1000])
     errors, hits, done = [], [], threading.Event()
 
@@ -280,20 +284,24 @@ def test_concurrent_searches_while_adding(kind):
 # ---- persistence ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind,storage,metric", [("flat", "fp32", "l2"), ("hnsw", "fp32", "cosine"),
-                                                 ("hnsw", "sq8", "ip"), ("hnsw", "sq8", "l2")])
+@pytest.mark.parametrize("kind,storage,metric,rows", [("flat", "fp32", "l2", "memory"),
+                                                      ("hnsw", "fp32", "cosine", "memory"),
+                                                      ("hnsw", "sq8", "ip", "memory"), ("hnsw", "sq8", "l2", "memory"),
+                                                      ("hnsw", "sq8", "l2", "file"), ("hnsw", "sq8", "cosine", "file")])
 @pytest.mark.parametrize("mmap", [False, True])
-def test_save_load_round_trip(tmp_path, kind, storage, metric, mmap):
+def test_save_load_round_trip(tmp_path, kind, storage, metric, rows, mmap):
     x = clustered(2000, 24, seed=14)
     q = clustered(50, 24, seed=15)
-    index = Index(24, metric=metric, kind=kind, storage=storage, ef_search=50, M=12)
+    index = Index(24, metric=metric, kind=kind, storage=storage, ef_search=50, M=12, rows=rows, rows_dir=tmp_path)
     index.add(x, ids=np.arange(2000) + 7)
     index.remove([7, 8, 9])
     path = tmp_path / "sub" / "kb.qsi"
     index.save(path)
     assert os.listdir(path.parent) == ["kb.qsi"]  # no temp file left behind
+    assert os.listdir(tmp_path) == ["sub"]  # the scratch file of rows="file" is anonymous
     loaded = Index.load(path, mmap=mmap)
-    assert (loaded.kind, loaded.storage, loaded.metric, loaded.M, loaded.ef_search) == (kind, storage, metric, 12, 50)
+    assert (loaded.kind, loaded.storage, loaded.metric, loaded.M, loaded.ef_search, loaded.rows) == \
+        (kind, storage, metric, 12, 50, rows)
     assert len(loaded) == len(index) == 1997
     d1, i1 = index.search(q, 10)
     d2, i2 = loaded.search(q, 10)
@@ -301,6 +309,12 @@ def test_save_load_round_trip(tmp_path, kind, storage, metric, mmap):
     assert loaded.add(x[:3])[0] == 2007  # copy-on-write after an mmap load; assigned ids continue
     assert len(loaded) == 2000
     assert set(loaded.search(x[0], 5, filter=[2007, 2008, 2009])[1]) == {2007, 2008, 2009, -1}
+    # Saved again (rows from the loaded file and from rows added since) and loaded back: the same.
+    loaded.save(tmp_path / "again.qsi")
+    again = Index.load(tmp_path / "again.qsi")
+    d3, i3 = loaded.search(q, 10)
+    d4, i4 = again.search(q, 10)
+    assert (i3 == i4).all() and np.allclose(d3, d4)
 
 
 def test_save_empty_and_overwrite(tmp_path):
@@ -329,14 +343,26 @@ def test_load_refuses_truncated(tmp_path):
             Index.load(path)
 
 
-def test_load_refuses_flipped_bytes(tmp_path):
+@pytest.mark.parametrize("rows", ["memory", "file"])
+def test_load_refuses_flipped_bytes(tmp_path, rows):
     path, data = _saved(tmp_path)
-    for pos in (30, 100, len(data) // 3, len(data) // 2, len(data) - 70):
+    # 2000: inside the fp32 rows, which rows="file" leaves in the file but checks all the same.
+    for pos in (30, 100, 2000, len(data) // 3, len(data) // 2, len(data) - 70):
         bad = bytearray(data)
         bad[pos] ^= 0x40
         path.write_bytes(bytes(bad))
         with pytest.raises(IndexFileError, match="checksum|corrupted|magic|version|truncated|unexpected"):
-            Index.load(path)
+            Index.load(path, rows=rows)
+
+
+def test_rows_file_truncated_after_load_raises(tmp_path):
+    path, data = _saved(tmp_path)
+    index = Index.load(path, rows="file")
+    q = clustered(4, 16, seed=1)
+    index.search(q, 5)
+    os.truncate(path, 4096)  # the rows section is cut while the index reads from it
+    with pytest.raises(RuntimeError, match="shorter than the index"):
+        index.search(q, 5)
 
 
 def test_load_refuses_wrong_version_magic_and_trailing_bytes(tmp_path):
@@ -350,6 +376,95 @@ def test_load_refuses_wrong_version_magic_and_trailing_bytes(tmp_path):
     path.write_bytes(data + b"\0" * 64)
     with pytest.raises(IndexFileError, match="unexpected bytes"):
         Index.load(path)
+
+
+# ---- rows in a file ---------------------------------------------------------------------------
+
+
+def test_rows_file_keeps_rows_out_of_memory_with_the_same_results(tmp_path):
+    n, d = 3000, 40
+    x = clustered(n, d, seed=16)
+    q = clustered(60, d, seed=17)
+    mem = Index(d, storage="sq8", ef_search=80)
+    disk = Index(d, storage="sq8", rows="file", rows_dir=tmp_path, ef_search=80)
+    mem.add(x)
+    disk.add(x[:1000])  # two batches: the second goes through the same scratch file
+    disk.add(x[1000:])
+    assert mem.memory_bytes() - disk.memory_bytes() == n * d * 4
+    assert os.listdir(tmp_path) == []  # the scratch file has no name
+    out = np.empty((n, d), np.float32)
+    disk._impl.read_rows(0, out)
+    assert (out == x).all()  # the rows read back bit for bit
+    truth = np.argsort(brute(x, q, "l2"), axis=1)[:, :10]
+    dist, ids = disk.search(q, 10)
+    assert recall(ids, truth) >= 0.95 and recall(ids, truth) >= recall(mem.search(q, 10)[1], truth) - 0.02
+    assert np.allclose(np.take_along_axis(brute(x, q, "l2"), ids, 1), dist, rtol=1e-5, atol=1e-4)
+    # Either placement loads from either file, and an index loaded rows="file" reads the saved file.
+    disk.save(tmp_path / "disk.qsi")
+    mem.save(tmp_path / "mem.qsi")
+    as_mem = Index.load(tmp_path / "disk.qsi", rows="memory")
+    as_disk = Index.load(tmp_path / "mem.qsi", rows="file")
+    assert (as_mem.rows, as_disk.rows) == ("memory", "file")
+    assert (as_mem.search(q, 10, rerank=1000)[1] == disk.search(q, 10, rerank=1000)[1]).all()
+    assert (as_disk.search(q, 10)[1] == mem.search(q, 10, rerank=20)[1]).all()
+
+
+def test_rerank_depth(tmp_path):
+    x = clustered(4000, 32, seed=18)
+    q = clustered(100, 32, seed=19)
+    ref = brute(x, q, "l2")
+    truth = np.argsort(ref, axis=1)[:, :10]
+    index = Index(32, storage="sq8", rows="file", rows_dir=tmp_path, ef_search=100)
+    index.add(x)
+    recalls = {r: recall(index.search(q, 10, rerank=r)[1], truth) for r in (1, 10, 20, 100)}
+    # rerank below k is raised to k; deeper re-ranks never lose recall; the default (2k) loses
+    # nothing against re-ranking every candidate on this data.
+    assert recalls[1] == recalls[10] <= recalls[20] <= recalls[100]
+    assert recall(index.search(q, 10)[1], truth) == recalls[20] >= 0.95
+    index.rerank = 100
+    assert recall(index.search(q, 10)[1], truth) == recalls[100]
+    dist, ids = index.search(q, 10, rerank=10)
+    assert np.allclose(np.take_along_axis(ref, ids, 1), dist, rtol=1e-5, atol=1e-4)  # exact, even at depth k
+    with pytest.raises(ValueError, match="rerank"):
+        index.search(q, 10, rerank=0)
+    with pytest.raises(ValueError, match="rerank"):
+        Index(8, storage="sq8", rerank=2.5)
+
+
+
+def test_memory_bytes_counts_capacity():
+    d = 16
+    index = Index(d, kind="flat")
+    index.add(np.zeros((1000, d), np.float32))  # capacity 1024 rows
+    index.add(np.zeros((100, d), np.float32))   # grows by 1.5x: 1536 rows, all zero-filled (resident)
+    assert index.memory_bytes() >= 1536 * (d * 4 + 8 + 1)
+
+
+def _rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc (Linux)")
+@pytest.mark.parametrize("kind,storage,rows", [("flat", "fp32", "memory"), ("hnsw", "fp32", "memory"),
+                                               ("hnsw", "sq8", "memory"), ("hnsw", "sq8", "file")])
+def test_memory_bytes_is_the_resident_growth(kind, storage, rows, tmp_path):
+    # memory_bytes() is what the benchmark's memory comparison rests on: it must account for every
+    # resident byte the index holds (freed temporaries returned with malloc_trim first).
+    import ctypes
+    import gc
+    trim = ctypes.CDLL("libc.so.6").malloc_trim
+    x = clustered(20000, 48, seed=20)
+    gc.collect()
+    trim(0)
+    r0 = _rss()
+    index = Index(48, kind=kind, storage=storage, rows=rows, rows_dir=tmp_path, M=8, ef_construction=20)
+    index.add(x)
+    index.search(x[:50], 10)
+    gc.collect()
+    trim(0)
+    grown = _rss() - r0
+    assert 0.9 * grown <= index.memory_bytes() <= 1.1 * grown
 
 
 # ---- bad input --------------------------------------------------------------------------------
@@ -398,7 +513,8 @@ def test_bad_input_errors():
 @pytest.mark.parametrize("kwargs,match", [
     ({"metric": "dot"}, "metric"), ({"kind": "ivf"}, "kind"), ({"storage": "fp16"}, "storage"),
     ({"kind": "flat", "storage": "sq8"}, "flat"), ({"M": 1}, "M must"), ({"ef_construction": 0}, "ef_construction"),
-    ({"ef_search": 0}, "ef_search")])
+    ({"ef_search": 0}, "ef_search"), ({"rows": "disk"}, "rows must"), ({"rows": "file"}, "needs storage='sq8'"),
+    ({"storage": "sq8", "rows": "file", "rows_dir": "/no/such/dir"}, "rows_dir")])
 def test_bad_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Index(8, **kwargs)

@@ -38,7 +38,8 @@ void bind_search(nb::module_& m) {
       .def(
           "__init__",
           [](VectorIndex* self, int64_t dim, const std::string& metric, const std::string& kind,
-             const std::string& storage, int M, int ef_construction, uint64_t seed) {
+             const std::string& storage, int M, int ef_construction, uint64_t seed, const std::string& rows,
+             const std::string& rows_dir) {
             IndexConfig c;
             c.dim = dim;
             c.metric = parse_metric(metric);
@@ -50,10 +51,13 @@ void bind_search(nb::module_& m) {
             c.M = M;
             c.ef_construction = ef_construction;
             c.seed = seed;
+            if (rows != "memory" && rows != "file") value_error("rows must be 'memory' or 'file'; got '" + rows + "'");
+            c.rows_in_file = rows == "file";
+            c.rows_dir = rows_dir;
             new (self) VectorIndex(c);
           },
           nb::arg("dim"), nb::arg("metric"), nb::arg("kind"), nb::arg("storage"), nb::arg("M"),
-          nb::arg("ef_construction"), nb::arg("seed"))
+          nb::arg("ef_construction"), nb::arg("seed"), nb::arg("rows"), nb::arg("rows_dir"))
       .def("__len__", &VectorIndex::size)
       .def_prop_ro("slots", &VectorIndex::slots)
       .def_prop_ro("next_id", &VectorIndex::next_id)
@@ -76,31 +80,49 @@ void bind_search(nb::module_& m) {
           nb::arg("ids").noconvert())
       .def(
           "search",
-          [](VectorIndex& ix, Mat<float> q, int ef, Vec<uint8_t> allow, bool use_allow,
+          [](VectorIndex& ix, Mat<float> q, int ef, int rerank, Vec<uint8_t> allow, bool use_allow,
              CArray<float, nb::ndim<2>> dist, CArray<int64_t, nb::ndim<2>> ids) {
             check(q.shape(1) == (size_t)ix.config().dim, "queries must have shape (nq, dim)");
             check(dist.shape(0) == q.shape(0) && ids.shape(0) == q.shape(0) && dist.shape(1) == ids.shape(1),
                   "dist and ids must have shape (nq, k)");
             nb::gil_scoped_release release;
-            ix.search(q.data(), (int64_t)q.shape(0), (int64_t)dist.shape(1), ef, use_allow ? allow.data() : nullptr,
-                      (int64_t)allow.shape(0), dist.data(), ids.data());
+            ix.search(q.data(), (int64_t)q.shape(0), (int64_t)dist.shape(1), ef, rerank,
+                      use_allow ? allow.data() : nullptr, (int64_t)allow.shape(0), dist.data(), ids.data());
           },
-          nb::arg("q").noconvert(), nb::arg("ef"), nb::arg("allow").noconvert(), nb::arg("use_allow"),
+          nb::arg("q").noconvert(), nb::arg("ef"), nb::arg("rerank"), nb::arg("allow").noconvert(),
+          nb::arg("use_allow"),
           nb::arg("dist").noconvert(), nb::arg("ids").noconvert())
       .def("memory_bytes", &VectorIndex::memory_bytes)
       .def("reserve_ids", &VectorIndex::reserve_ids, nb::arg("next"))
+      .def(
+          "set_sq8_range",
+          [](VectorIndex& ix, Vec<float> lo, Vec<float> hi) {
+            check(ix.config().storage == Storage::sq8, "set_sq8_range needs storage='sq8'");
+            const size_t d = ix.config().dim;
+            check(lo.shape(0) == d && hi.shape(0) == d, "lo and hi must have length dim");
+            ix.set_sq8_range(lo.data(), hi.data());
+          },
+          nb::arg("lo").noconvert(), nb::arg("hi").noconvert())
+      .def(
+          "read_rows",
+          [](const VectorIndex& ix, int64_t first, CArray<float, nb::ndim<2>> out) {
+            check(out.shape(1) == (size_t)ix.config().dim, "out must have shape (n, dim)");
+            nb::gil_scoped_release release;
+            ix.read_rows(first, (int64_t)out.shape(0), out.data());
+          },
+          nb::arg("first"), nb::arg("out").noconvert(),
+          "out (n, dim) <- the stored fp32 rows first..first+n-1 (normalised for cosine)")
       .def("slot_ids", [](const VectorIndex& ix) {
         // ids of every stored row, removed rows included (row order): filters map onto rows with it.
         std::vector<int64_t> v = ix.slot_ids();
         return numpy_copy(v.data(), {v.size()});
       })
       .def("state", [](const VectorIndex& ix) {
-        // Copies of every array save() writes (slots() rows each).
+        // Copies of every array save() writes (slots() rows each) but the fp32 rows (read_rows).
         const size_t n = ix.slots(), d = ix.config().dim;
         nb::dict s;
         s["slots"] = (int64_t)n;
         s["next_id"] = ix.next_id();
-        s["vectors"] = numpy_copy(ix.vectors().data(), {n, d});
         s["ids"] = numpy_copy(ix.ids().data(), {n});
         s["deleted"] = numpy_copy(ix.deleted().data(), {n});
         if (ix.config().storage == Storage::sq8) {
@@ -122,16 +144,24 @@ void bind_search(nb::module_& m) {
           "restore",
           [](VectorIndex& ix, int64_t slots, int64_t next_id, int64_t entry, int64_t max_level, Mat<float> vectors,
              Mat<uint8_t> codes, Vec<float> sq8_min, Vec<float> sq8_scale, Vec<int64_t> ids, Vec<uint8_t> deleted,
-             Vec<int8_t> levels, Mat<uint32_t> links0, Vec<uint32_t> upper, bool view) {
+             Vec<int8_t> levels, Mat<uint32_t> links0, Vec<uint32_t> upper, bool view, int fd,
+             int64_t vectors_offset, int64_t codes_offset, int64_t links0_offset) {
+            // A section with an offset >= 0 is read from the open file fd (IndexState); its array
+            // argument is then ignored.
             const IndexConfig& c = ix.config();
             const size_t n = slots, d = c.dim;
             const bool hnsw = c.kind == IndexKind::hnsw, sq8 = c.storage == Storage::sq8;
-            check(vectors.shape(0) == n && vectors.shape(1) == d, "vectors must have shape (slots, dim)");
+            check(fd >= 0 || (vectors_offset < 0 && codes_offset < 0 && links0_offset < 0),
+                  "sections read from the file need its fd");
+            check(c.rows_in_file ? vectors_offset >= 0 || n == 0
+                                 : vectors_offset >= 0 || (vectors.shape(0) == n && vectors.shape(1) == d),
+                  "vectors must have shape (slots, dim)");
             check(ids.shape(0) == n && deleted.shape(0) == n, "ids and deleted must have length slots");
-            check(!sq8 || (codes.shape(0) == n && codes.shape(1) == d && sq8_min.shape(0) == d &&
-                           sq8_scale.shape(0) == d), "sq8 arrays have the wrong shape");
-            check(!hnsw || (levels.shape(0) == n && links0.shape(0) == n &&
-                            links0.shape(1) == (size_t)(2 * c.M + 1)), "hnsw arrays have the wrong shape");
+            check(!sq8 || ((codes_offset >= 0 || (codes.shape(0) == n && codes.shape(1) == d)) &&
+                           sq8_min.shape(0) == d && sq8_scale.shape(0) == d), "sq8 arrays have the wrong shape");
+            check(!hnsw || (levels.shape(0) == n &&
+                            (links0_offset >= 0 || (links0.shape(0) == n && links0.shape(1) == (size_t)(2 * c.M + 1)))),
+                  "hnsw arrays have the wrong shape");
             IndexState s;
             s.slots = slots;
             s.next_id = next_id;
@@ -148,6 +178,10 @@ void bind_search(nb::module_& m) {
             s.upper = upper.data();
             s.upper_len = (int64_t)upper.shape(0);
             s.view = view;
+            s.fd = fd;
+            s.vectors_offset = vectors_offset;
+            s.codes_offset = codes_offset;
+            s.links0_offset = links0_offset;
             nb::gil_scoped_release release;
             ix.restore(s);
           },
@@ -156,7 +190,8 @@ void bind_search(nb::module_& m) {
           nb::arg("next_id"), nb::arg("entry"), nb::arg("max_level"), nb::arg("vectors").noconvert(),
           nb::arg("codes").noconvert(), nb::arg("sq8_min").noconvert(), nb::arg("sq8_scale").noconvert(),
           nb::arg("ids").noconvert(), nb::arg("deleted").noconvert(), nb::arg("levels").noconvert(),
-          nb::arg("links0").noconvert(), nb::arg("upper").noconvert(), nb::arg("view"));
+          nb::arg("links0").noconvert(), nb::arg("upper").noconvert(), nb::arg("view"), nb::arg("fd"),
+          nb::arg("vectors_offset"), nb::arg("codes_offset"), nb::arg("links0_offset"));
 
   auto gather = [](const std::string& kind, Vec<float> q, const void* base, size_t rows, size_t d, Vec<uint32_t> idx,
                    Vec<float> w, float bias, CArray<float, nb::ndim<1>> out, bool codes) {

@@ -1,10 +1,11 @@
 // Exact search: the foundation's blocked pairwise_distance kernel on (query tile x row block)
 // pieces, each followed by a top-k heap update per query.
 //
-// Work items are (query tile, stripe of row blocks). Many queries: one stripe, threads take tiles.
-// Few queries: the rows are cut into stripes so every thread still has work, and the per-stripe
-// top-k lists are merged at the end. Each item calls pairwise_distance from inside the parallel
-// region, where OpenMP runs it on the calling thread only (nested regions are inactive).
+// Work items are (query tile, stripe of row blocks): the rows are cut into enough stripes that
+// every thread gets several items (dynamic scheduling then absorbs a thread slowed by other load),
+// and the per-stripe top-k lists are merged at the end. Each item calls pairwise_distance from
+// inside the parallel region, where OpenMP runs it on the calling thread only (nested regions are
+// inactive).
 #include <algorithm>
 #include <cmath>
 
@@ -14,8 +15,11 @@
 namespace quark {
 
 namespace {
-constexpr int64_t kTile = 128;   // queries per item: the (kTile, kBlock) distance buffer is 512 KiB, L2-sized
-constexpr int64_t kBlock = 1024; // rows per pairwise_distance call
+// Queries per item: pairwise_distance packs each block of rows once per 256 queries, so a smaller
+// tile repacks the rows more often. The (kTile, kBlock) distance buffer is 512 KiB, L2-sized.
+constexpr int64_t kTile = 256;
+constexpr int64_t kBlock = 512;  // rows per pairwise_distance call
+constexpr int64_t kItemsPerThread = 4;
 inline bool nearer(const Cand& a, const Cand& b) { return a.d < b.d; }
 }  // namespace
 
@@ -39,7 +43,7 @@ void VectorIndex::search_flat(const float* q, int64_t nq, int64_t k, const uint8
   const int64_t k_out = k;
   k = std::min(k, n);  // heaps hold at most n rows; the output rows past n stay (+inf, -1)
   const int64_t tiles = (nq + kTile - 1) / kTile, blocks = (n + kBlock - 1) / kBlock;
-  const int64_t stripes = std::clamp<int64_t>((2 * threads + tiles - 1) / tiles, 1, blocks);
+  const int64_t stripes = std::clamp<int64_t>((kItemsPerThread * threads + tiles - 1) / tiles, 1, blocks);
   std::vector<Cand> part(static_cast<size_t>(stripes * nq * k), Cand{INFINITY, 0xffffffffu});
   std::vector<int32_t> filled(static_cast<size_t>(stripes * nq), 0);
 

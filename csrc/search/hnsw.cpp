@@ -4,9 +4,13 @@
 // Search cost is dominated by cache misses on the rows of the neighbours of each expanded node, so
 // the unvisited neighbours of a node are collected first and their distances computed in one
 // gather_distance call, which prefetches rows ahead of use. With sq8 storage a hop fetches d bytes
-// instead of 4d, and the ef best candidates are re-ranked with exact fp32 distances at the end.
+// instead of 4d (the graph is built on the codes too), and the best candidates are re-ranked with
+// exact fp32 distances at the end (read back from the row file with rows="file").
 #include <algorithm>
 #include <cmath>
+#include <exception>
+#include <mutex>
+#include <numeric>
 
 #include "common/threading.h"
 #include "search/index.h"
@@ -18,6 +22,13 @@ constexpr int kMaxDeg = 2 * 128;  // 2M for the largest M the constructor accept
 
 inline bool nearer(const Cand& a, const Cand& b) { return a.d < b.d; }   // heap: furthest on top
 inline bool further(const Cand& a, const Cand& b) { return a.d > b.d; }  // heap: nearest on top
+
+// Every cache line of a link list (count + cap entries; a level-0 list spans 2-3 lines).
+inline void prefetch_links(const uint32_t* ln, int cap) {
+  const uintptr_t end = reinterpret_cast<uintptr_t>(ln + 1 + cap);
+  for (uintptr_t a = reinterpret_cast<uintptr_t>(ln) & ~uintptr_t(63); a < end; a += 64)
+    __builtin_prefetch(reinterpret_cast<const void*>(a));
+}
 
 // Copies a link list; acquire loads pair with the writers' release stores (index.h).
 inline int read_links(const uint32_t* ln, int cap, uint32_t* out) {
@@ -56,6 +67,7 @@ void search_layer(const LinksOf& links_of, const Prefetch& prefetch, const Dist&
       if (static_cast<int>(top.size()) < ef || fd[i] < top.front().d) {
         cand.push_back({fd[i], fresh[i]});
         std::push_heap(cand.begin(), cand.end(), further);
+        prefetch(fresh[i]);  // a new candidate is likely expanded soon: fetch its links meanwhile
         if (allowed(fresh[i])) {
           top.push_back({fd[i], fresh[i]});
           std::push_heap(top.begin(), top.end(), nearer);
@@ -104,15 +116,17 @@ void VectorIndex::release_visited(VisitedList* v) {
 
 // hnswlib's heuristic: keep a candidate only if it is nearer to the base row than to every row
 // already kept, which spreads the links over directions instead of one dense cluster.
-void VectorIndex::select_neighbors(const std::vector<Cand>& sorted, int m, GatherFn fn, std::vector<Cand>& out) const {
+// qbuf: (dim,) room for a candidate's query.
+void VectorIndex::select_neighbors(const std::vector<Cand>& sorted, int m, GatherFn fn, float* qbuf,
+                                   std::vector<Cand>& out) const {
   out.clear();
   if (static_cast<int>(sorted.size()) <= m) {
     out = sorted;
     return;
   }
-  const float* base = vectors_.data();
+  const void* base = build_base();
   for (const Cand& e : sorted) {
-    const GatherQuery gq{vectors_.row(e.id), nullptr, 0.f};
+    const GatherQuery gq = row_query(e.id, qbuf);
     bool good = true;
     for (const Cand& s : out) {
       float dd;
@@ -130,8 +144,8 @@ void VectorIndex::select_neighbors(const std::vector<Cand>& sorted, int m, Gathe
 }
 
 // Adds `to` to the level-`level` list of `from` (d = their distance), pruning with the heuristic when full.
-void VectorIndex::connect(uint32_t from, uint32_t to, float d, int level, GatherFn fn) {
-  thread_local std::vector<Cand> cands, kept;
+void VectorIndex::connect(uint32_t from, uint32_t to, float d, int level, GatherFn fn, InsertScratch& s) {
+  std::vector<Cand>&cands = s.cands, &kept = s.kept;
   const int mmax = max_links(level);
   lock_row(from);
   uint32_t* ln = links(from, level);
@@ -141,24 +155,26 @@ void VectorIndex::connect(uint32_t from, uint32_t to, float d, int level, Gather
     __atomic_store_n(ln, cnt + 1, __ATOMIC_RELEASE);
   } else {
     float dd[kMaxDeg];
-    fn(GatherQuery{vectors_.row(from), nullptr, 0.f}, vectors_.data(), cfg_.dim, ln + 1, static_cast<int>(cnt), dd);
+    fn(row_query(from, s.q2.data()), build_base(), cfg_.dim, ln + 1, static_cast<int>(cnt), dd);
     cands.clear();
     cands.push_back({d, to});
     for (uint32_t i = 0; i < cnt; ++i) cands.push_back({dd[i], ln[1 + i]});
     std::sort(cands.begin(), cands.end(), nearer);
-    select_neighbors(cands, mmax, fn, kept);
+    select_neighbors(cands, mmax, fn, s.q2.data(), kept);
     for (size_t i = 0; i < kept.size(); ++i) __atomic_store_n(ln + 1 + i, kept[i].id, __ATOMIC_RELEASE);
     __atomic_store_n(ln, static_cast<uint32_t>(kept.size()), __ATOMIC_RELEASE);
   }
   unlock_row(from);
 }
 
-void VectorIndex::insert(uint32_t row, const GatherKernels& K, VisitedList& vis) {
+// v: the row's stored form; fn: the build distance (fp32, or code space for sq8).
+void VectorIndex::insert(uint32_t row, const float* v, GatherFn fn, VisitedList& vis, InsertScratch& s) {
   const int64_t d = cfg_.dim;
   const int L = *levels_.row(row);
-  const GatherFn fn = inner_ == Metric::l2 ? K.l2_f32 : K.ip_f32;
-  const float* base = vectors_.data();
-  const GatherQuery gq{vectors_.row(row), nullptr, 0.f};
+  const void* base = build_base();
+  s.q.resize(d);
+  s.q2.resize(d);
+  const GatherQuery gq = build_query(v, s.q.data());
   auto dist = [&](const uint32_t* idx, int n, float* out) { fn(gq, base, d, idx, n, out); };
 
   // Hold the entry lock through the insertion only if this row will become the new top.
@@ -179,18 +195,18 @@ void VectorIndex::insert(uint32_t row, const GatherKernels& K, VisitedList& vis)
   // The row's own lists are written level by level first; the reverse links that make it reachable
   // are added only afterwards, so a concurrent search never descends into a row whose lower lists
   // are still empty.
-  thread_local std::vector<Cand> top, cand;
-  thread_local std::vector<std::vector<Cand>> sel;
+  std::vector<Cand>&top = s.top, &cand = s.cand;
+  std::vector<std::vector<Cand>>& sel = s.sel;
   if (sel.size() < static_cast<size_t>(L + 1)) sel.resize(L + 1);
   auto any = [](uint32_t) { return true; };
   const int lmax = std::min(L, top_level);
   for (int l = lmax; l >= 0; --l) {
     const int cap = max_links(l);
     search_layer([&](uint32_t r, uint32_t* out) { return read_links(links(r, l), cap, out); },
-                 [&](uint32_t r) { __builtin_prefetch(links(r, l)); }, dist, any, cur,
-                 cfg_.ef_construction, vis, vectors_.capacity(), top, cand);
+                 [&](uint32_t r) { prefetch_links(links(r, l), cap); }, dist, any, cur,
+                 cfg_.ef_construction, vis, row_capacity(), top, cand);
     std::sort(top.begin(), top.end(), nearer);
-    select_neighbors(top, cfg_.M, fn, sel[l]);
+    select_neighbors(top, cfg_.M, fn, s.q2.data(), sel[l]);
     uint32_t* mine = links(row, l);
     lock_row(row);
     for (size_t i = 0; i < sel[l].size(); ++i) __atomic_store_n(mine + 1 + i, sel[l][i].id, __ATOMIC_RELEASE);
@@ -199,17 +215,46 @@ void VectorIndex::insert(uint32_t row, const GatherKernels& K, VisitedList& vis)
     if (!sel[l].empty()) cur = sel[l][0];
   }
   for (int l = lmax; l >= 0; --l)
-    for (const Cand& s : sel[l]) connect(s.id, row, s.d, l, fn);
+    for (const Cand& c : sel[l]) connect(c.id, row, c.d, l, fn, s);
   if (L > top_level) entry_.store((uint64_t(L) << 32) | row);
 }
 
-void VectorIndex::search_hnsw(const float* q, int64_t nq, int64_t k, int ef, const uint8_t* allow, int64_t allow_len,
-                              int64_t n, float* dist, int64_t* ids) {
+// top: candidates with code (sq8) distances -> its best `depth` by those, with exact distances.
+void VectorIndex::rerank(const GatherQuery& q, size_t depth, std::vector<Cand>& top, std::vector<uint32_t>& rows,
+                         std::vector<float>& buf) const {
+  const GatherKernels& K = gather_kernels();
+  const GatherFn exact = inner_ == Metric::l2 ? K.l2_f32 : K.ip_f32;
+  const int64_t d = cfg_.dim;
+  if (depth < top.size()) {
+    std::nth_element(top.begin(), top.begin() + depth, top.end(), nearer);
+    top.resize(depth);
+  }
+  const int m = static_cast<int>(top.size());
+  rows.resize(m);
+  for (int j = 0; j < m; ++j) rows[j] = top[j].id;
+  if (rows_file_) {
+    // The rows come back packed in buf, followed by room for the m distances.
+    buf.resize(static_cast<size_t>(m) * (d + 1));
+    rows_file_->read(rows.data(), m, buf.data());
+    std::iota(rows.begin(), rows.end(), 0u);
+    exact(q, buf.data(), d, rows.data(), m, buf.data() + static_cast<size_t>(m) * d);
+    for (int j = 0; j < m; ++j) top[j].d = buf[static_cast<size_t>(m) * d + j];
+  } else {
+    buf.resize(m);
+    exact(q, vectors_.data(), d, rows.data(), m, buf.data());
+    for (int j = 0; j < m; ++j) top[j].d = buf[j];
+  }
+}
+
+void VectorIndex::search_hnsw(const float* q, int64_t nq, int64_t k, int ef, int rerank_depth, const uint8_t* allow,
+                              int64_t allow_len, int64_t n, float* dist, int64_t* ids) {
   const GatherKernels& K = gather_kernels();
   const int64_t d = cfg_.dim;
   const bool sq8 = cfg_.storage == Storage::sq8, cosine = cfg_.metric == Metric::cosine;
   const bool has_deleted = removed_.load(std::memory_order_acquire) > 0;
   const int ef_eff = static_cast<int>(std::max<int64_t>(ef, k));
+  // Candidates given exact distances (sq8): the best `depth` by code distance, never fewer than k.
+  const size_t depth = rerank_depth > 0 ? static_cast<size_t>(std::max<int64_t>(rerank_depth, k)) : SIZE_MAX;
   auto allowed = [&](uint32_t r) {
     return (!allow || (r < allow_len && allow[r])) && (!has_deleted || !is_deleted(r));
   };
@@ -227,6 +272,12 @@ void VectorIndex::search_hnsw(const float* q, int64_t nq, int64_t k, int ef, con
   const GatherFn exact = inner_ == Metric::l2 ? K.l2_f32 : K.ip_f32;
   const GatherFn coarse = sq8 ? (inner_ == Metric::l2 ? K.l2_sq8 : K.ip_sq8) : exact;
   const void* coarse_base = sq8 ? static_cast<const void*>(codes_.data()) : vectors_.data();
+  // A scan runs on the fp32 rows when they are in memory, else on the codes, keeping enough
+  // candidates for the re-rank.
+  const bool scan_exact = !rows_file_;
+  const size_t scan_keep = scan_exact ? static_cast<size_t>(k) : std::max<size_t>(k, std::min<size_t>(depth, ef_eff));
+  std::exception_ptr error;  // a failed row read: rethrown once the threads are done
+  std::mutex error_mu;
 
 #pragma omp parallel num_threads(nq > 1 ? num_threads() : 1)
   {
@@ -236,79 +287,60 @@ void VectorIndex::search_hnsw(const float* q, int64_t nq, int64_t k, int ef, con
     std::vector<uint32_t> rows;
 #pragma omp for schedule(dynamic, 4)
     for (int64_t i = 0; i < nq; ++i) {
-      const float* qi = q + i * d;
-      if (cosine) {
-        double s = 0;
-        for (int64_t j = 0; j < d; ++j) s += double(qi[j]) * qi[j];
-        const float inv = s > 0 ? static_cast<float>(1.0 / std::sqrt(s)) : 0.f;
-        for (int64_t j = 0; j < d; ++j) qn[j] = qi[j] * inv;
-        qi = qn.data();
-      }
-      const GatherQuery gexact{qi, nullptr, 0.f};
-      top.clear();
-      if (scan) {
-        // Exact scan of the allowed rows, keeping the k best in a heap.
-        for (size_t off = 0; off < subset.size(); off += buf.size()) {
-          const int m = static_cast<int>(std::min(buf.size(), subset.size() - off));
-          exact(gexact, vectors_.data(), d, subset.data() + off, m, buf.data());
-          for (int j = 0; j < m; ++j) {
-            if (static_cast<int64_t>(top.size()) < k) {
-              top.push_back({buf[j], subset[off + j]});
-              std::push_heap(top.begin(), top.end(), nearer);
-            } else if (buf[j] < top.front().d) {
-              std::pop_heap(top.begin(), top.end(), nearer);
-              top.back() = {buf[j], subset[off + j]};
-              std::push_heap(top.begin(), top.end(), nearer);
+      try {
+        const float* qi = q + i * d;
+        if (cosine) qi = stored_form(qi, qn.data());
+        const GatherQuery gexact{qi, nullptr, 0.f};
+        const GatherQuery gq = sq8 ? sq8_query(qi, qc.data()) : gexact;
+        top.clear();
+        if (scan) {
+          // Scan of the allowed rows, keeping the best in a heap.
+          const GatherFn fn = scan_exact ? exact : coarse;
+          const GatherQuery& sq = scan_exact ? gexact : gq;
+          const void* base = scan_exact ? static_cast<const void*>(vectors_.data()) : coarse_base;
+          buf.resize(256);
+          for (size_t off = 0; off < subset.size(); off += buf.size()) {
+            const int m = static_cast<int>(std::min(buf.size(), subset.size() - off));
+            fn(sq, base, d, subset.data() + off, m, buf.data());
+            for (int j = 0; j < m; ++j) {
+              if (top.size() < scan_keep) {
+                top.push_back({buf[j], subset[off + j]});
+                std::push_heap(top.begin(), top.end(), nearer);
+              } else if (buf[j] < top.front().d) {
+                std::pop_heap(top.begin(), top.end(), nearer);
+                top.back() = {buf[j], subset[off + j]};
+                std::push_heap(top.begin(), top.end(), nearer);
+              }
             }
           }
+          if (!scan_exact) rerank(gexact, depth, top, rows, buf);
+        } else {
+          auto dcoarse = [&](const uint32_t* idx, int m, float* out) { coarse(gq, coarse_base, d, idx, m, out); };
+          const uint64_t e = entry_.load(std::memory_order_acquire);
+          Cand cur{0.f, static_cast<uint32_t>(e)};
+          dcoarse(&cur.id, 1, &cur.d);
+          for (int l = static_cast<int>(e >> 32); l > 0; --l)
+            cur = greedy([&](uint32_t r, uint32_t* out) { return read_links(links(r, l), cfg_.M, out); }, dcoarse, cur);
+          const int cap0 = max_links(0);
+          search_layer([&](uint32_t r, uint32_t* out) { return read_links(links0_.row(r), cap0, out); },
+                       [&](uint32_t r) { prefetch_links(links0_.row(r), cap0); },
+                       dcoarse, allowed, cur, ef_eff, *vis, row_capacity(), top, cand);
+          if (sq8) rerank(gexact, depth, top, rows, buf);
         }
-      } else {
-        GatherQuery gq = gexact;
-        if (sq8) {
-          // Map the query into code space once (gather_distance.h) so each hop is convert + FMAs.
-          float bias = 0.f;
-          for (int64_t j = 0; j < d; ++j) {
-            if (inner_ == Metric::l2) {
-              qc[j] = (qi[j] - sq8_min_[j]) / sq8_scale_[j];
-            } else {
-              qc[j] = qi[j] * sq8_scale_[j];
-              bias += qi[j] * sq8_min_[j];
-            }
-          }
-          gq = GatherQuery{qc.data(), sq8_w_.data(), bias};
+        const size_t kk = std::min<size_t>(k, top.size());
+        std::partial_sort(top.begin(), top.begin() + kk, top.end(), nearer);
+        for (size_t j = 0; j < kk; ++j) {
+          dist[i * k + j] = cosine ? 1.f + top[j].d : top[j].d;
+          ids[i * k + j] = *ids_.row(top[j].id);
         }
-        auto dcoarse = [&](const uint32_t* idx, int m, float* out) { coarse(gq, coarse_base, d, idx, m, out); };
-        const uint64_t e = entry_.load(std::memory_order_acquire);
-        Cand cur{0.f, static_cast<uint32_t>(e)};
-        dcoarse(&cur.id, 1, &cur.d);
-        for (int l = static_cast<int>(e >> 32); l > 0; --l)
-          cur = greedy([&](uint32_t r, uint32_t* out) { return read_links(links(r, l), cfg_.M, out); }, dcoarse, cur);
-        const int cap0 = max_links(0);
-        search_layer([&](uint32_t r, uint32_t* out) { return read_links(links0_.row(r), cap0, out); },
-                     [&](uint32_t r) {
-                       const char* p = reinterpret_cast<const char*>(links0_.row(r));
-                       __builtin_prefetch(p);
-                       __builtin_prefetch(p + 64);
-                     },
-                     dcoarse,
-                     allowed, cur, ef_eff, *vis, vectors_.capacity(), top, cand);
-        if (sq8) {
-          rows.resize(top.size());
-          if (buf.size() < top.size()) buf.resize(top.size());
-          for (size_t j = 0; j < top.size(); ++j) rows[j] = top[j].id;
-          exact(gexact, vectors_.data(), d, rows.data(), static_cast<int>(rows.size()), buf.data());
-          for (size_t j = 0; j < top.size(); ++j) top[j].d = buf[j];
-        }
-      }
-      const size_t kk = std::min<size_t>(k, top.size());
-      std::partial_sort(top.begin(), top.begin() + kk, top.end(), nearer);
-      for (size_t j = 0; j < kk; ++j) {
-        dist[i * k + j] = cosine ? 1.f + top[j].d : top[j].d;
-        ids[i * k + j] = *ids_.row(top[j].id);
+      } catch (...) {
+        std::lock_guard<std::mutex> lk(error_mu);
+        if (!error) error = std::current_exception();
       }
     }
     release_visited(vis);
   }
+  if (error) std::rethrow_exception(error);
 }
 
 }  // namespace quark
