@@ -7,12 +7,12 @@ import torch
 
 import quark
 from quark import _C
+from quark._runtime import ISA_LEVELS
 from quark.ops import QuantizedTensor, dequantize, qlinear, quantize, reference
 from quark.ops.quant import quantize_activations
 
-LEVELS = ("scalar", "avx2", "avx512", "avx512_bf16")
-AVAILABLE = [lv for lv in LEVELS if LEVELS.index(lv) <= LEVELS.index(min(_C.detected_isa(), "avx512_bf16",
-                                                                          key=LEVELS.index))]
+AVAILABLE = ISA_LEVELS[:ISA_LEVELS.index(_C.detected_isa()) + 1]   # scalar .. the best this CPU has
+GEMM_LEVELS = [lv for lv in AVAILABLE if lv != "scalar"]             # the paths with a blocked GEMM
 
 
 def rel(a, b):
@@ -89,6 +89,79 @@ def test_every_isa_path_agrees_on_a_larger_gemm(scheme):
     if scheme == "w8a8":   # exact int32 dots and one shared epilogue: bit-identical on every path
         for isa in AVAILABLE:
             assert torch.equal(outs[isa], outs["scalar"])
+
+
+# Sizes that cross every block edge of the GEMMs: M past the 256-token chunk and off the 16/32-token
+# tiles, N past the 256-row task and off the 16-row tiles, K off the 32/64 steps (int8) or across
+# several k blocks with a partial last one (int4: blocks of 1024/512/256 on amx).
+@pytest.mark.parametrize("isa", GEMM_LEVELS)
+@pytest.mark.parametrize("scheme,group,N,K,M", [("int4", 32, 300, 1152, 37), ("int4", 64, 33, 1088, 300),
+                                                ("int4", 128, 257, 384, 5), ("int8", 0, 270, 1027, 33),
+                                                ("int8", 0, 17, 2100, 300), ("w8a8", 0, 270, 1027, 33),
+                                                ("w8a8", 0, 300, 2111, 261)])
+def test_gemm_paths_at_block_edges(isa, scheme, group, N, K, M):
+    g = torch.Generator().manual_seed(N + K + M)
+    qt = quantize(torch.randn(N, K, generator=g), scheme, group or 32)
+    x, bias = torch.randn(M, K, generator=g), torch.randn(N, generator=g)
+    with quark.isa(isa):
+        y = qlinear(x, qt, bias)
+    assert rel(y, ref64(x, qt, bias)) < 1e-5
+    if scheme == "w8a8":
+        with quark.isa("scalar"):
+            assert torch.equal(y, qlinear(x, qt, bias))
+
+
+# The amx path splits fp32 activations into as many exact bf16 parts as they need (1 for bf16 values,
+# 2 for fp16-like ones, else 3); every case must stay exact up to fp32 rounding.
+@pytest.mark.parametrize("isa", GEMM_LEVELS)
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "fp32", "wide range"])
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+def test_weight_only_gemm_is_exact_for_every_activation_precision(isa, precision, scheme):
+    g = torch.Generator().manual_seed(11)
+    qt = quantize(torch.randn(200, 320, generator=g), scheme, 32)
+    x = torch.randn(40, 320, generator=g)
+    if precision == "bf16":
+        x = x.bfloat16().float()
+    elif precision == "fp16":
+        x = x.half().float()
+    elif precision == "wide range":                     # rows from 1e-20 to 1e20
+        x = x * torch.logspace(-20, 20, 40)[:, None]
+    with quark.isa(isa):
+        y = qlinear(x, qt)
+    ref = ref64(x, qt)
+    row_err = (y.double() - ref).norm(dim=1) / ref.norm(dim=1)
+    assert float(row_err.max()) < 1e-5
+
+
+@pytest.mark.parametrize("isa", GEMM_LEVELS)
+@pytest.mark.parametrize("group", [32, 128])
+def test_int4_bf16_activations_are_as_precise_as_torch_bf16(isa, group):
+    # bf16 in, bf16 out; on amx the GEMM also rounds the dequantized weights to bf16 (bf16 compute).
+    g = torch.Generator().manual_seed(group)
+    qt = quantize(torch.randn(200, 512, generator=g), "int4", group)
+    x, bias = torch.randn(40, 512, generator=g).bfloat16(), torch.randn(200, generator=g)
+    with quark.isa(isa):
+        y = qlinear(x, qt, bias)
+    ref = ref64(x.float(), qt, bias)
+    torch_bf16 = torch.nn.functional.linear(x, dequantize(qt).bfloat16(), bias.bfloat16())
+    assert y.dtype == torch.bfloat16
+    assert rel(y.float(), ref) <= 1.05 * rel(torch_bf16.float(), ref)
+
+
+@pytest.mark.parametrize("isa", AVAILABLE)
+@pytest.mark.parametrize("scheme,group,K", [("int8", 0, 333), ("int4", 32, 672), ("int4", 64, 704),
+                                            ("int4", 128, 640)])
+def test_threaded_gemv_at_odd_sizes(isa, scheme, group, K):
+    """Weights above the GEMV's one-thread cutoff (128 KiB): the threaded row split, rows left over
+    after the last full block of rows, and K ending in a partial 128-weight chunk (672, 704)."""
+    g = torch.Generator().manual_seed(K)
+    qt = quantize(torch.randn(1037, K, generator=g), scheme, group or 32)
+    assert qt.data.numel() > 1 << 17
+    for M in (1, 2, 3, 4):
+        x, bias = torch.randn(M, K, generator=g), torch.randn(1037, generator=g)
+        with quark.isa(isa):
+            y = qlinear(x, qt, bias)
+        assert rel(y, ref64(x, qt, bias)) < 1e-5
 
 
 def test_w8a8_gemv_and_gemm_paths_agree_bitwise():

@@ -74,5 +74,9 @@ void attention_backward_avx512(const AttentionBwdArgs& a);
 void decode_attention_avx512(const DecodeArgs& a);
 // bf16 prefill forward with AVX512-BF16 dot products (vdpbf16ps); fp32 inputs never come here.
 void attention_forward_bf16_avx512_bf16(const AttentionFwdArgs& a);
+// bf16 and fp32 prefill forward on AMX tiles (fp32 as three bf16 products).
+void attention_forward_amx(const AttentionFwdArgs& a);
+// Decode over an int8 (AVX512-VNNI) or bf16 (AVX512-BF16) cache; D <= 256.
+void decode_attention_avx512_bf16(const DecodeArgs& a);
 
 }  // namespace quark

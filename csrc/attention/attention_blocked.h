@@ -45,16 +45,36 @@ constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 struct FreeDeleter {
-  void operator()(float* p) const { std::free(p); }
+  void operator()(void* p) const { std::free(p); }
 };
-using Buffer = std::unique_ptr<float[], FreeDeleter>;
+template <class T>
+using Array = std::unique_ptr<T[], FreeDeleter>;
+using Buffer = Array<float>;
 
-inline Buffer alloc_floats(int64_t n, bool zero = false) {
-  const size_t bytes = ((static_cast<size_t>(std::max<int64_t>(n, 1)) * 4 + 63) / 64) * 64;
-  float* p = static_cast<float*>(std::aligned_alloc(64, bytes));
+// n elements of T, 64-byte aligned (a cache line, and the row of an AMX tile).
+template <class T>
+inline Array<T> alloc_array(int64_t n, bool zero = false) {
+  const size_t bytes = ((static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(T) + 63) / 64) * 64;
+  T* p = static_cast<T*>(std::aligned_alloc(64, bytes));
   if (!p) throw std::bad_alloc();
   if (zero) std::memset(p, 0, bytes);
-  return Buffer(p);
+  return Array<T>(p);
+}
+
+inline Buffer alloc_floats(int64_t n, bool zero = false) { return alloc_array<float>(n, zero); }
+
+// Grow-only scratch of the calling thread, reused across calls (one user at a time): packed operands of
+// a long sequence take tens of MiB, which a fresh allocation gets from the OS as new pages at one fault
+// per 4 KiB (measured: a quarter of an fp32 AMX forward's time at (1, 32, 2048, 128)).
+inline void* thread_scratch(size_t bytes) {
+  static thread_local Array<char> buf;
+  static thread_local size_t capacity = 0;
+  if (bytes > capacity) {
+    buf.reset();
+    buf = alloc_array<char>(static_cast<int64_t>(bytes));
+    capacity = bytes;
+  }
+  return buf.get();
 }
 
 // C (M, N) [= cscale[r] * C +] A (M, K) . B (K, N). A is read at A[r*rs + k*ks] (so a transposed
@@ -137,6 +157,67 @@ static void gemm(int64_t M, int64_t N, const Gemm& g) {
   }
 }
 
+// Flash-decoding work split shared by the decode kernels. One task per (batch, kv head, split of the
+// length) keeps, for each of the G query heads of its group, a partial row [acc (Dp), max, sum] (base-2
+// max, unnormalized acc and sum); merge() combines the splits of one (batch, query head). The length is
+// split so there are >= 4 tasks per thread, each >= 256 keys, so a batch of one spreads over every
+// thread.
+struct DecodeSplit {
+  int64_t G, nbk, nsplit, Dp, row;
+  Buffer parts;
+
+  DecodeSplit(const DecodeArgs& a, int64_t Dp_) : G(a.Hq / a.Hkv), nbk(a.B * a.Hkv), Dp(Dp_), row(Dp_ + 2) {
+    int64_t maxlen = 0;
+    for (int64_t b = 0; b < a.B; ++b) maxlen = std::max(maxlen, a.lengths[b]);
+    const int64_t want = (4 * num_threads() + nbk - 1) / nbk;
+    nsplit = std::max<int64_t>(1, std::min(want, (maxlen + 255) / 256));
+    parts = alloc_floats(nbk * nsplit * G * row);
+  }
+
+  int64_t tasks() const { return nbk * nsplit; }
+
+  // Task t reads keys [*begin, *end) of kv head bk (over B x Hkv); its splits start at multiples of 16.
+  void range(const DecodeArgs& a, int64_t t, int64_t* bk, int64_t* begin, int64_t* end) const {
+    *bk = t / nsplit;
+    const int64_t n = a.lengths[*bk / a.Hkv], per = round_up((n + nsplit - 1) / nsplit, 16);
+    *begin = std::min(n, (t % nsplit) * per);
+    *end = std::min(n, *begin + per);
+  }
+
+  float* state(int64_t t, int64_t g) const { return parts.get() + (t * G + g) * row; }
+
+  // End of task t: query head g's accumulator (Dp) goes to its partial row, or, when the length is not
+  // split, straight to the output (no merge pass, one barrier less).
+  void finish(const DecodeArgs& a, int64_t t, int64_t g, const float* acc) const {
+    float* st = state(t, g);
+    if (nsplit > 1) {
+      std::memcpy(st, acc, sizeof(float) * Dp);
+      return;
+    }
+    const int64_t bk = t, bh = (bk / a.Hkv) * a.Hq + (bk % a.Hkv) * G + g;
+    store_row(a.out, a.q_dtype, bh * a.D, a.D, acc, st[Dp + 1] > 0.f ? 1.f / st[Dp + 1] : 0.f);
+  }
+
+  // out row bh (over B x Hq) = sum_splits 2^(m_s - M) acc_s / sum_splits 2^(m_s - M) l_s; zeros if no key.
+  void merge(const DecodeArgs& a, int64_t bh, float* o) const {
+    const int64_t bk = (bh / a.Hq) * a.Hkv + (bh % a.Hq) / G, g = (bh % a.Hq) % G;
+    float M = kNegInf;
+    for (int64_t sp = 0; sp < nsplit; ++sp) M = std::max(M, state(bk * nsplit + sp, g)[Dp]);
+    float L = 0.f;
+    std::memset(o, 0, sizeof(float) * Dp);
+    if (M != kNegInf) {
+      for (int64_t sp = 0; sp < nsplit; ++sp) {
+        const float* st = state(bk * nsplit + sp, g);
+        if (st[Dp] == kNegInf) continue;
+        const float w = std::exp2(st[Dp] - M);
+        L += st[Dp + 1] * w;
+        for (int64_t d = 0; d < Dp; ++d) o[d] += st[d] * w;
+      }
+    }
+    store_row(a.out, a.q_dtype, bh * a.D, a.D, o, L > 0.f ? 1.f / L : 0.f);
+  }
+};
+
 template <class V>
 struct Blocked {
   using reg = typename V::reg;
@@ -167,14 +248,15 @@ struct Blocked {
     const int64_t D = a.D, Dp = round_up(D, W), group = a.Hq / a.Hkv;
     const int64_t nkb = (a.Sk + BN - 1) / BN, Skp = nkb * BN, nqb = (a.Sq + BM - 1) / BM;
     const int64_t nbk = a.B * a.Hkv;
-    Buffer kt = alloc_floats(nbk * Skp * D), vp = alloc_floats(nbk * Skp * Dp);
+    float* kt = static_cast<float*>(thread_scratch(sizeof(float) * nbk * Skp * (D + Dp)));
+    float* vp = kt + nbk * Skp * D;
 #pragma omp parallel
     {
       Buffer tmp = alloc_floats(D);
 #pragma omp for schedule(dynamic, 1)
       for (int64_t bk = 0; bk < nbk; ++bk) {
-        pack_kt(a.k, a.dtype, bk * a.Sk * D, a.Sk, D, kt.get() + bk * Skp * D, tmp.get());
-        pack_rows(a.v, a.dtype, bk * a.Sk * D, a.Sk, D, Dp, Skp, vp.get() + bk * Skp * Dp);
+        pack_kt(a.k, a.dtype, bk * a.Sk * D, a.Sk, D, kt + bk * Skp * D, tmp.get());
+        pack_rows(a.v, a.dtype, bk * a.Sk * D, a.Sk, D, Dp, Skp, vp + bk * Skp * Dp);
       }
       Buffer qb = alloc_floats(BM * D), s = alloc_floats(BM * BN), o = alloc_floats(BM * Dp);
       float m[BM], l[BM], alpha[BM];
@@ -186,8 +268,8 @@ struct Blocked {
         const int64_t bh = t / nqb, ib = nqb - 1 - t % nqb;
         const int64_t bk = (bh / a.Hq) * a.Hkv + (bh % a.Hq) / group;
         const int64_t i0 = ib * BM, mb = std::min(BM, a.Sq - i0);
-        const float* ktb = kt.get() + bk * Skp * D;
-        const float* vpb = vp.get() + bk * Skp * Dp;
+        const float* ktb = kt + bk * Skp * D;
+        const float* vpb = vp + bk * Skp * Dp;
         for (int64_t r = 0; r < mb; ++r) load_row(a.q, a.dtype, (bh * a.Sq + i0 + r) * D, D, qb.get() + r * D, qmul);
         for (int64_t r = 0; r < mb; ++r) { m[r] = kNegInf; l[r] = 0.f; }
         std::memset(o.get(), 0, sizeof(float) * BM * Dp);
@@ -347,32 +429,24 @@ struct Blocked {
   template <class T>
   static void decode_typed(const DecodeArgs& a) {
     const int64_t D = a.D, Dp = round_up(D, W), nfull = D / W, tail = D % W, nvec = Dp / W;
-    const int64_t G = a.Hq / a.Hkv, nbk = a.B * a.Hkv;
     const T* kc = static_cast<const T*>(a.k);
     const T* vc = static_cast<const T*>(a.v);
-    int64_t maxlen = 0;
-    for (int64_t b = 0; b < a.B; ++b) maxlen = std::max(maxlen, a.lengths[b]);
-    // Flash-decoding: split the length so there are >= 4 tasks per thread, each >= 256 keys.
-    const int64_t want = (4 * num_threads() + nbk - 1) / nbk;
-    const int64_t nsplit = std::max<int64_t>(1, std::min(want, (maxlen + 255) / 256));
-    const int64_t part = G * (Dp + 2);  // per task: G rows of [acc (Dp), max, sum]
-    Buffer parts = alloc_floats(nbk * nsplit * part);
+    const DecodeSplit split(a, Dp);
+    const int64_t G = split.G;
     const float qmul = a.scale * kLog2e;
 #pragma omp parallel
     {
       Buffer q = alloc_floats(G * Dp), acc = alloc_floats(G * Dp);
       alignas(64) float s[KC];
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t t = 0; t < nbk * nsplit; ++t) {
-        const int64_t bk = t / nsplit, sp = t % nsplit, b = bk / a.Hkv;
-        const int64_t n = a.lengths[b], per = round_up((n + nsplit - 1) / nsplit, 16);
-        const int64_t j_begin = std::min(n, sp * per), j_end = std::min(n, j_begin + per);
-        const int64_t tok0 = bk * a.Smax;  // cache row of position 0 for this (batch, kv head)
-        float* pt = parts.get() + t * part;
+      for (int64_t t = 0; t < split.tasks(); ++t) {
+        int64_t bk, j_begin, j_end;
+        split.range(a, t, &bk, &j_begin, &j_end);
+        const int64_t b = bk / a.Hkv, tok0 = bk * a.Smax;  // cache row of position 0 for this (batch, kv head)
         std::memset(q.get(), 0, sizeof(float) * G * Dp);
         for (int64_t g = 0; g < G; ++g) load_row(a.q, a.q_dtype, (b * a.Hq + (bk % a.Hkv) * G + g) * D, D, q.get() + g * Dp, qmul);
         std::memset(acc.get(), 0, sizeof(float) * G * Dp);
-        for (int64_t g = 0; g < G; ++g) { pt[g * (Dp + 2) + Dp] = kNegInf; pt[g * (Dp + 2) + Dp + 1] = 0.f; }
+        for (int64_t g = 0; g < G; ++g) { split.state(t, g)[Dp] = kNegInf; split.state(t, g)[Dp + 1] = 0.f; }
         for (int64_t jc = j_begin; jc < j_end; jc += KC) {
           const int64_t nk = std::min(KC, j_end - jc);
           for (int64_t g = 0; g < G; ++g) {
@@ -409,7 +483,7 @@ struct Blocked {
             if (a.k_scale)
               for (int64_t jj = 0; jj < nk; ++jj) s[jj] *= a.k_scale[tok0 + jc + jj];
             // Online softmax over the chunk.
-            float* st = pt + g * (Dp + 2);
+            float* st = split.state(t, g);
             float mx = st[Dp];
             for (int64_t jj = 0; jj < nk; ++jj) mx = std::max(mx, s[jj]);
             const float alpha = std::exp2(st[Dp] - mx);
@@ -445,27 +519,12 @@ struct Blocked {
             }
           }
         }
-        for (int64_t g = 0; g < G; ++g) std::memcpy(pt + g * (Dp + 2), acc.get() + g * Dp, sizeof(float) * Dp);
+        for (int64_t g = 0; g < G; ++g) split.finish(a, t, g, acc.get() + g * Dp);
       }
-      // Merge the splits of every (batch, query head).
+      // Merge the splits of every (batch, query head); acc is free again and holds the merged row.
+      if (split.nsplit > 1) {
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t bh = 0; bh < a.B * a.Hq; ++bh) {
-        const int64_t bk = (bh / a.Hq) * a.Hkv + (bh % a.Hq) / G, g = (bh % a.Hq) % G;
-        float M = kNegInf;
-        for (int64_t sp = 0; sp < nsplit; ++sp) M = std::max(M, parts[(bk * nsplit + sp) * part + g * (Dp + 2) + Dp]);
-        float L = 0.f;
-        float* o = acc.get();  // reuse as the merged row
-        std::memset(o, 0, sizeof(float) * Dp);
-        if (M != kNegInf) {
-          for (int64_t sp = 0; sp < nsplit; ++sp) {
-            const float* st = parts.get() + (bk * nsplit + sp) * part + g * (Dp + 2);
-            if (st[Dp] == kNegInf) continue;
-            const float w = std::exp2(st[Dp] - M);
-            L += st[Dp + 1] * w;
-            for (int64_t d = 0; d < Dp; ++d) o[d] += st[d] * w;
-          }
-        }
-        store_row(a.out, a.q_dtype, bh * D, D, o, L > 0.f ? 1.f / L : 0.f);
+        for (int64_t bh = 0; bh < a.B * a.Hq; ++bh) split.merge(a, bh, acc.get());
       }
     }
   }

@@ -46,7 +46,7 @@ void bind_quant(nb::module_& m) {
   m.def(
       "qlinear_int4",
       [](Mat x, CArray<const uint8_t, nb::ndim<2>> data, CArray<const float, nb::ndim<2>> scales,
-         CArray<const uint8_t, nb::ndim<2>> zeros, int64_t group, std::optional<Vec> bias, OutMat out) {
+         CArray<const uint8_t, nb::ndim<2>> zeros, int64_t group, std::optional<Vec> bias, OutMat out, bool bf16_compute) {
         const int64_t N = data.shape(0), K = 2 * static_cast<int64_t>(data.shape(1));
         check(group == 32 || group == 64 || group == 128, "group must be 32, 64 or 128");
         check(K % group == 0, "K=" + std::to_string(K) + " is not a multiple of group " + std::to_string(group));
@@ -56,12 +56,15 @@ void bind_quant(nb::module_& m) {
               "zeros must have shape " + shape_str(N, K / group));
         QWeight w{QScheme::int4, data.data(), scales.data(), zeros.data(), N, K, group};
         QLinearArgs a = make_args(x, w, bias, out);
+        a.bf16_compute = bf16_compute;
         nb::gil_scoped_release release;
         qlinear_f32(a);
       },
       nb::arg("x").noconvert(), nb::arg("data").noconvert(), nb::arg("scales").noconvert(),
       nb::arg("zeros").noconvert(), nb::arg("group"), nb::arg("bias").noconvert().none(), nb::arg("out").noconvert(),
-      "out (M, N) = x (M, K) . W^T + bias with W[n,k] = (q[n,k] - zeros[n,k/G]) * scales[n,k/G], q packed 2 per byte");
+      nb::arg("bf16_compute") = false,
+      "out (M, N) = x (M, K) . W^T + bias with W[n,k] = (q[n,k] - zeros[n,k/G]) * scales[n,k/G], q packed 2 per byte; "
+      "bf16_compute: x holds bf16 values and out will be rounded to bf16, so the AMX GEMM may round W to bf16");
   m.def(
       "gemv_f32",
       [](Mat x, Mat weight, std::optional<Vec> bias, OutMat out) {

@@ -3,51 +3,63 @@
 // compiled here with baseline flags only (no FMA contraction), so every ISA path rounds identically.
 #include "quant/qlinear.h"
 
+#include <immintrin.h>
+
 #include <cmath>
+#include <memory>
 #include <vector>
 
 #include "common/dispatch.h"
 
 namespace quark {
 
-static FamilyRegistration reg("quant", Isa::avx512_bf16);
+static FamilyRegistration reg("quant", Isa::amx);
 
 void qlinear_f32(const QLinearArgs& a) {
   if (a.m == 0 || a.w.n == 0) return;
-  const Isa isa = family_isa(Isa::avx512_bf16);
+  const Isa isa = family_isa(Isa::amx);
   if (isa == Isa::scalar) return qgemv_f32_scalar(a);
   if (a.m <= kGemvMaxRows) return isa == Isa::avx2 ? qgemv_f32_avx2(a) : qgemv_f32_avx512(a);
+  if (isa == Isa::amx) return qgemm_f32_amx(a);
   return isa == Isa::avx2 ? qgemm_f32_avx2(a) : qgemm_f32_avx512(a);
 }
 
 void qlinear_w8a8(const QLinearArgs& a) {
   if (a.m == 0 || a.w.n == 0) return;
   const int64_t M = a.m, N = a.w.n, K = a.w.k, kp = (K + 63) / 64 * 64;
+  const Isa isa = family_isa(Isa::amx);
+  // The int16 copy feeds the madd kernels; the VNNI and AMX GEMMs (M > 4) read the bytes only.
+  const bool wide = !(M > kGemvMaxRows && isa >= Isa::avx512_bf16);
   std::vector<int8_t> xq(M * kp, 0);
-  std::vector<int16_t> xq16(M * kp, 0);
+  std::vector<int16_t> xq16(wide ? M * kp : 0, 0);
   std::vector<float> sx(M);
   // Per-token symmetric quantization: q = round_half_even(x * (127 / max|x|)), scale = max|x| / 127.
+  // cvtss2si rounds half to even (the default MXCSR mode) without a libm call per element.
   // Decode-sized M stays serial: a parallel region (fork + barrier) costs more than the work there.
 #pragma omp parallel for schedule(static) if (M > kGemvMaxRows)
   for (int64_t m = 0; m < M; ++m) {
     const float* x = a.x + m * K;
     float amax = 0.f;
-    for (int64_t k = 0; k < K; ++k) amax = std::fmax(amax, std::fabs(x[k]));
+    for (int64_t k = 0; k < K; ++k) {
+      const float v = std::fabs(x[k]);
+      amax = v > amax ? v : amax;
+    }
     sx[m] = amax / 127.f;
     const float inv = amax > 0.f ? 127.f / amax : 0.f;
     for (int64_t k = 0; k < K; ++k) {
-      const int8_t q = static_cast<int8_t>(std::nearbyint(x[k] * inv));
+      const int8_t q = static_cast<int8_t>(_mm_cvtss_si32(_mm_set_ss(x[k] * inv)));
       xq[m * kp + k] = q;
-      xq16[m * kp + k] = q;
+      if (wide) xq16[m * kp + k] = q;
     }
   }
-  std::vector<int32_t> dots(M * N);
-  W8A8Args w{xq.data(), xq16.data(), M, kp, a.w, dots.data()};
-  switch (family_isa(Isa::avx512_bf16)) {
+  std::unique_ptr<int32_t[]> dots(new int32_t[M * N]);   // every entry is written by the kernel
+  W8A8Args w{xq.data(), xq16.data(), M, kp, a.w, dots.get()};
+  switch (isa) {
     case Isa::scalar: w8a8_dots_scalar(w); break;
     case Isa::avx2: w8a8_dots_avx2(w); break;
     case Isa::avx512: w8a8_dots_avx512(w); break;
-    default: w8a8_dots_avx512_bf16(w); break;
+    case Isa::avx512_bf16: w8a8_dots_avx512_bf16(w); break;
+    default: M > kGemvMaxRows ? w8a8_dots_amx(w) : w8a8_dots_avx512_bf16(w); break;
   }
 #pragma omp parallel for schedule(static) if (M > kGemvMaxRows)
   for (int64_t m = 0; m < M; ++m) {

@@ -16,6 +16,10 @@
 //   W8A8  int8 weights, activations quantized per row (token) to int8 (scale max|x|/127, round half to
 //         even). Kernels return exact int32 dots; the driver applies sx[m] * sw[n] (+ bias) so every
 //         ISA path gives bit-identical results. VNNI (vpdpbusd) on avx512_bf16, int16 madd below.
+//   AMX   M > 4 on amx: the GEMM on tiles (qlinear_amx.cpp), AMX-BF16 for weight-only (exact products:
+//         integer weights and activations split into exact bf16 parts) and AMX-INT8 for W8A8. The one
+//         inexact mode: int4 with bf16_compute (bf16 activations) rounds the dequantized weights to
+//         bf16, as torch's bf16 linear does; the exact form needs a scaling pass per group.
 #pragma once
 #include <cstdint>
 
@@ -37,12 +41,15 @@ struct QLinearArgs {
   QWeight w;
   const float* bias;      // (N,) or nullptr
   float* out;             // (M, N) row-major fp32
+  bool bf16_compute = false;  // bf16 activations (widened into x), result rounded to bf16 by the caller:
+                              // the amx GEMM may then round dequantized int4 weights to bf16 too
 };
 
 // W8A8 after activation quantization: the kernels fill dots (M, N) = xq . wq^T exactly.
 struct W8A8Args {
   const int8_t* xq;       // (M, kp) row-major, zero-padded to kp = round_up(K, 64)
-  const int16_t* xq16;    // the same values widened to int16, (M, kp)
+  const int16_t* xq16;    // the same values widened to int16, (M, kp); only built for the madd kernels
+                          // (the VNNI and AMX GEMMs for M > 4 read xq)
   int64_t m, kp;
   QWeight w;              // scheme int8
   int32_t* dots;          // (M, N)
@@ -58,10 +65,12 @@ void qgemv_f32_avx2(const QLinearArgs& a);
 void qgemv_f32_avx512(const QLinearArgs& a);
 void qgemm_f32_avx2(const QLinearArgs& a);
 void qgemm_f32_avx512(const QLinearArgs& a);
+void qgemm_f32_amx(const QLinearArgs& a);
 
 void w8a8_dots_scalar(const W8A8Args& a);
 void w8a8_dots_avx2(const W8A8Args& a);
 void w8a8_dots_avx512(const W8A8Args& a);
 void w8a8_dots_avx512_bf16(const W8A8Args& a);   // VNNI panels for M > 4, else the avx512 row dots
+void w8a8_dots_amx(const W8A8Args& a);           // AMX-INT8 tiles, any M (dispatched for M > 4)
 
 }  // namespace quark

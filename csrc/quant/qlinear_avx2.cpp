@@ -1,11 +1,15 @@
 // AVX2 path: the AVX-512 design at 8 lanes.
-// GEMV int8: 8 bytes -> vpmovsxbd -> cvt -> FMA (scalar tail for K % 8). int4: each 32-weight block is
-// two 8-byte loads, each unpacking into weights [b+8h, b+8h+8) (low nibbles) and [b+16+8h, ...) (high).
+// GEMV int8: 8 bytes -> vpmovsxbd -> cvt -> FMA (scalar tail for K % 8). int4: the AVX-512 chunk order
+// (qgemv.h) in two halves, with AND + cvt where AVX-512 has vpermps (AVX2 has no 16-entry permute).
 // GEMM: 6 x 16 tile (12 ymm accumulators) over dequantized panels. W8A8: int16 vpmaddwd row dots.
 #include <immintrin.h>
 
+#include <algorithm>
+#include <vector>
+
 #include "common/gemm_f32_avx2.h"
 #include "quant/qgemm_blocked.h"
+#include "quant/qgemv.h"
 #include "quant/qlinear.h"
 
 namespace quark {
@@ -28,105 +32,140 @@ inline int32_t hsum_epi32(__m256i v) {
 template <int M, int R>
 void gemv_int8_rows(const QLinearArgs& a, int64_t n0) {
   const int64_t K = a.w.k, N = a.w.n;
-  const int8_t* w = reinterpret_cast<const int8_t*>(a.w.data) + n0 * K;
+  const uint8_t* w = a.w.data + n0 * K;
   __m256 acc[R][M];
-  #pragma GCC unroll 8
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
-    #pragma GCC unroll 8
+#pragma GCC unroll 4
     for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();
+  auto step = [&](int r, int64_t k) {
+    const __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + r * K + k))));
+#pragma GCC unroll 4
+    for (int m = 0; m < M; ++m) acc[r][m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(a.x + m * K + k), acc[r][m]);
+  };
   int64_t k = 0;
-  for (; k + 8 <= K; k += 8) {
-    __m256 xv[M];
-    #pragma GCC unroll 8
-    for (int m = 0; m < M; ++m) xv[m] = _mm256_loadu_ps(a.x + m * K + k);
-    #pragma GCC unroll 8
+  for (; k + 64 <= K; k += 64) {
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + r * K + k));
-      const __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
-      #pragma GCC unroll 8
-      for (int m = 0; m < M; ++m) acc[r][m] = _mm256_fmadd_ps(wv, xv[m], acc[r][m]);
+      prefetch_ahead(w + r * K, k, K, R * K);
+#pragma GCC unroll 8
+      for (int u = 0; u < 8; ++u) step(r, k + 8 * u);
     }
   }
-  #pragma GCC unroll 8
+  for (; k + 8 <= K; k += 8)
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) step(r, k);
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
-    #pragma GCC unroll 8
+#pragma GCC unroll 4
     for (int m = 0; m < M; ++m) {
       float y = hsum(acc[r][m]);
-      for (int64_t t = k; t < K; ++t) y += static_cast<float>(w[r * K + t]) * a.x[m * K + t];
+      for (int64_t t = k; t < K; ++t) y += static_cast<float>(static_cast<int8_t>(w[r * K + t])) * a.x[m * K + t];
       y *= a.w.scales[n0 + r];
       a.out[m * N + n0 + r] = a.bias ? y + a.bias[n0 + r] : y;
     }
 }
 
-template <int M, int R>
-void gemv_int4_rows(const QLinearArgs& a, int64_t n0) {
-  const int64_t K = a.w.k, N = a.w.n, G = a.w.group, ng = K / G, row_bytes = K / 2;
+// int4, chunks of 128 weights (qgemv.h) as two halves of 8 dwords: nibble i of half h is
+// cvt((v >> 4i) & 15), against xp[c + 16 i + 8 h ..]. Lane d of half h belongs to block 2h + d/4.
+template <int G>
+inline __m256 half_scales(const float* s, int64_t c, int h, int64_t blocks) {
+  if constexpr (G == 32) {
+    const float* p = s + 4 * c + 2 * h;
+    return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(p[0])), _mm_set1_ps(blocks > 2 * h + 1 ? p[1] : 0.f), 1);
+  } else if constexpr (G == 64) {
+    return _mm256_set1_ps(s[2 * c + h]);
+  } else {
+    static_assert(G == 128);
+    return _mm256_set1_ps(s[c]);
+  }
+}
+
+template <int M, int R, int G>
+void gemv_int4_rows(const QLinearArgs& a, int64_t n0, const float* xp, int64_t kc, const float* xsum) {
+  const int64_t K = a.w.k, N = a.w.n, ng = K / G, row_bytes = K / 2, nchunks = (K + kChunk - 1) / kChunk;
   const uint8_t* q = a.w.data + n0 * row_bytes;
   const float* sc = a.w.scales + n0 * ng;
   const uint8_t* zp = a.w.zeros + n0 * ng;
   const __m256i low4 = _mm256_set1_epi32(15);
   __m256 acc[R][M];
-  #pragma GCC unroll 8
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
-    #pragma GCC unroll 8
+#pragma GCC unroll 4
     for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < ng; ++g) {
-    __m256i zv[R];
-    __m256 sv[R];
-    #pragma GCC unroll 8
+  for (int64_t c = 0; c < nchunks; ++c) {
+    const int64_t blocks = std::min<int64_t>(4, (K - kChunk * c) / 32);
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      zv[r] = _mm256_set1_epi32(zp[r * ng + g]);
-      sv[r] = _mm256_set1_ps(sc[r * ng + g]);
-    }
-    for (int64_t b = g * G; b < (g + 1) * G; b += 32) {
-      #pragma GCC unroll 8
+      const uint8_t* src = q + r * row_bytes + 64 * c;
+      if (blocks == 4) prefetch_ahead(q + r * row_bytes, 64 * c, row_bytes, R * row_bytes);
+#pragma GCC unroll 2
       for (int h = 0; h < 2; ++h) {
-        __m256 x0[M], x1[M];
-        #pragma GCC unroll 8
-        for (int m = 0; m < M; ++m) {
-          x0[m] = _mm256_loadu_ps(a.x + m * K + b + 8 * h);
-          x1[m] = _mm256_loadu_ps(a.x + m * K + b + 16 + 8 * h);
+        if (2 * h >= blocks) break;
+        const __m256i v = blocks >= 2 * h + 2
+                              ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 32 * h))
+                              : _mm256_maskload_epi32(reinterpret_cast<const int*>(src + 32 * h),
+                                                      _mm256_setr_epi32(-1, -1, -1, -1, 0, 0, 0, 0));
+        const float* xc = xp + kChunk * c + 8 * h;
+        __m256 ac[M];
+        const __m256 w0 = _mm256_cvtepi32_ps(_mm256_and_si256(v, low4));
+#pragma GCC unroll 4
+        for (int m = 0; m < M; ++m) ac[m] = _mm256_mul_ps(w0, _mm256_loadu_ps(xc + m * kc));
+#pragma GCC unroll 8
+        for (int i = 1; i < 8; ++i) {
+          const __m256i sh = _mm256_srli_epi32(v, 4 * i);
+          const __m256 wi = _mm256_cvtepi32_ps(i == 7 ? sh : _mm256_and_si256(sh, low4));
+#pragma GCC unroll 4
+          for (int m = 0; m < M; ++m) ac[m] = _mm256_fmadd_ps(wi, _mm256_loadu_ps(xc + m * kc + 16 * i), ac[m]);
         }
-        #pragma GCC unroll 8
-        for (int r = 0; r < R; ++r) {
-          const __m256i v = _mm256_cvtepu8_epi32(
-              _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + r * row_bytes + b / 2 + 8 * h)));
-          const __m256 w0 =
-              _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(v, low4), zv[r])), sv[r]);
-          const __m256 w1 =
-              _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(v, 4), zv[r])), sv[r]);
-          #pragma GCC unroll 8
-          for (int m = 0; m < M; ++m) {
-            acc[r][m] = _mm256_fmadd_ps(w0, x0[m], acc[r][m]);
-            acc[r][m] = _mm256_fmadd_ps(w1, x1[m], acc[r][m]);
-          }
-        }
+        const __m256 sv = half_scales<G>(sc + r * ng, c, h, blocks);
+#pragma GCC unroll 4
+        for (int m = 0; m < M; ++m) acc[r][m] = _mm256_fmadd_ps(ac[m], sv, acc[r][m]);
       }
     }
   }
-  #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    __m256 corr[M];
+#pragma GCC unroll 4
+    for (int m = 0; m < M; ++m) corr[m] = _mm256_setzero_ps();
+    int64_t g = 0;
+    for (; g + 8 <= ng; g += 8) {
+      const __m256 sz = _mm256_mul_ps(_mm256_loadu_ps(sc + r * ng + g), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+                                                                            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(zp + r * ng + g)))));
+#pragma GCC unroll 4
+      for (int m = 0; m < M; ++m) corr[m] = _mm256_fmadd_ps(sz, _mm256_loadu_ps(xsum + m * ng + g), corr[m]);
+    }
+#pragma GCC unroll 4
     for (int m = 0; m < M; ++m) {
-      const float y = hsum(acc[r][m]);
+      float y = hsum(_mm256_sub_ps(acc[r][m], corr[m]));
+      for (int64_t t = g; t < ng; ++t) y -= sc[r * ng + t] * static_cast<float>(zp[r * ng + t]) * xsum[m * ng + t];
       a.out[m * N + n0 + r] = a.bias ? y + a.bias[n0 + r] : y;
     }
+  }
 }
 
-template <int M, int R>
-void gemv_rows(const QLinearArgs& a, int64_t n0) {
-  if (a.w.scheme == QScheme::int8) gemv_int8_rows<M, R>(a, n0);
-  else gemv_int4_rows<M, R>(a, n0);
+template <int M, int G>
+void gemv_int4(const QLinearArgs& a) {
+  constexpr int R = M == 1 ? 8 : M == 2 ? 4 : 2;
+  const int64_t K = a.w.k, kc = (K + kChunk - 1) / kChunk * kChunk, ng = K / G;
+  std::vector<float> xp(M * kc), xsum(M * ng);
+  for (int m = 0; m < M; ++m) permute_x(a.x + m * K, K, G, xp.data() + m * kc, xsum.data() + m * ng);
+  over_rows<R>(a, [&](int64_t n) { gemv_int4_rows<M, R, G>(a, n, xp.data(), kc, xsum.data()); },
+               [&](int64_t n) { gemv_int4_rows<M, 1, G>(a, n, xp.data(), kc, xsum.data()); });
 }
 
 template <int M>
 void gemv(const QLinearArgs& a) {
-  constexpr int R = M == 1 ? 4 : 2;   // R x M accumulators plus zero/scale/x vectors fit 16 ymm
-  const int64_t N = a.w.n, full = N / R, tasks = full + N % R;
-#pragma omp parallel for schedule(static)
-  for (int64_t t = 0; t < tasks; ++t) {
-    if (t < full) gemv_rows<M, R>(a, t * R);
-    else gemv_rows<M, 1>(a, full * R + (t - full));
+  if (a.w.scheme == QScheme::int8) {
+    constexpr int R = M == 1 ? 8 : M == 2 ? 4 : 2;   // R x M accumulators + x and weight vectors fit 16 ymm
+    return over_rows<R>(a, [&](int64_t n) { gemv_int8_rows<M, R>(a, n); },
+                        [&](int64_t n) { gemv_int8_rows<M, 1>(a, n); });
+  }
+  switch (a.w.group) {
+    case 32: return gemv_int4<M, 32>(a);
+    case 64: return gemv_int4<M, 64>(a);
+    default: return gemv_int4<M, 128>(a);
   }
 }
 

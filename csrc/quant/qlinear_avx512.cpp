@@ -1,8 +1,8 @@
 // AVX-512 path (F/BW/DQ/VL).
-// GEMV: R weight rows at a time (R independent streams, R x M accumulators), 16 weights per vector:
+// GEMV: R weight rows at a time (R prefetched streams, R x M accumulators), 16 weights per vector:
 //   int8  16 bytes -> vpmovsxbd -> cvt -> FMA; the row scale is applied once after the reduction.
-//   int4  16 bytes = 32 weights -> vpmovzxbd, AND 15 / shift 4 (the two runs of 16, see qlinear.h),
-//         cvt, FMA into a per-group accumulator; scale and zero point applied once per group.
+//   int4  64 bytes = 128 weights -> per 16: shift, vpermps (nibble -> fp32), FMA against x permuted
+//         to the same order; scales once per chunk, zero points once per row (see gemv_int4_rows).
 // GEMM: 8 x 32 register tile (16 zmm accumulators) over dequantized panels (qgemm_blocked.h).
 // W8A8 without VNNI: int8 -> int16 and vpmaddwd (pairs into int32, no saturation), exact.
 #include <immintrin.h>
@@ -11,6 +11,7 @@
 
 #include "common/gemm_f32_avx512.h"
 #include "quant/qgemm_blocked.h"
+#include "quant/qgemv.h"
 #include "quant/qlinear.h"
 
 namespace quark {
@@ -19,98 +20,106 @@ namespace {
 template <int M, int R>
 void gemv_int8_rows(const QLinearArgs& a, int64_t n0) {
   const int64_t K = a.w.k, N = a.w.n;
-  const int8_t* w = reinterpret_cast<const int8_t*>(a.w.data) + n0 * K;
+  const uint8_t* w = a.w.data + n0 * K;
   __m512 acc[R][M];
-  #pragma GCC unroll 8
+#pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
   int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
-    __m512 xv[M];
-    #pragma GCC unroll 8
-    for (int m = 0; m < M; ++m) xv[m] = _mm512_loadu_ps(a.x + m * K + k);
-    #pragma GCC unroll 8
+  for (; k + 64 <= K; k += 64) {
+#pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
-      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * K + k));
-      const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
-      #pragma GCC unroll 8
-      for (int m = 0; m < M; ++m) acc[r][m] = _mm512_fmadd_ps(wv, xv[m], acc[r][m]);
+      prefetch_ahead(w + r * K, k, K, R * K);
+#pragma GCC unroll 4
+      for (int u = 0; u < 4; ++u) {
+        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * K + k + 16 * u));
+        const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+#pragma GCC unroll 8
+        for (int m = 0; m < M; ++m) acc[r][m] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(a.x + m * K + k + 16 * u), acc[r][m]);
+      }
     }
   }
-  if (k < K) {
-    const __mmask16 mk = static_cast<__mmask16>((1u << (K - k)) - 1);
-    __m512 xv[M];
-    #pragma GCC unroll 8
-    for (int m = 0; m < M; ++m) xv[m] = _mm512_maskz_loadu_ps(mk, a.x + m * K + k);
-    #pragma GCC unroll 8
+  for (; k < K; k += 16) {
+    const __mmask16 mk = K - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (K - k)) - 1);
+#pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
-      const __m128i b = _mm_maskz_loadu_epi8(mk, w + r * K + k);
-      const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
-      #pragma GCC unroll 8
-      for (int m = 0; m < M; ++m) acc[r][m] = _mm512_fmadd_ps(wv, xv[m], acc[r][m]);
+      const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, w + r * K + k)));
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) acc[r][m] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mk, a.x + m * K + k), acc[r][m]);
     }
   }
-  #pragma GCC unroll 8
+#pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int m = 0; m < M; ++m) {
       const float y = _mm512_reduce_add_ps(acc[r][m]) * a.w.scales[n0 + r];
       a.out[m * N + n0 + r] = a.bias ? y + a.bias[n0 + r] : y;
     }
 }
 
-// int4 with the zero point and scale outside the inner loop: per group g of row n,
-//   sum_k (q - z) s x_k = s * (sum_k q x_k) - s z * xsum[g],   xsum[g] = sum of x over the group,
-// so the hot loop is unpack, cvt and FMA only (q >= 0 and z are small integers: the cancellation costs
-// a few ulps at most). xsum (M, ng) is computed once per call; the correction sum_g s z xsum[g] is a
-// 16-groups-wide dot product per row.
-template <int M, int R>
-void gemv_int4_rows(const QLinearArgs& a, int64_t n0, const float* xsum) {
-  const int64_t K = a.w.k, N = a.w.n, G = a.w.group, ng = K / G, row_bytes = K / 2;
+// The scales of the (up to four) groups of chunk c, spread over the lanes of their blocks.
+template <int G>
+inline __m512 chunk_scales(const float* s, int64_t c, __mmask8 mk) {
+  if constexpr (G == 32) {
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
+                                 _mm512_castps128_ps512(_mm_maskz_loadu_ps(mk, s + 4 * c)));
+  } else if constexpr (G == 64) {
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1),
+                                 _mm512_castps128_ps512(_mm_maskz_loadu_ps(mk, s + 2 * c)));
+  } else {
+    static_assert(G == 128);
+    return _mm512_set1_ps(s[c]);
+  }
+}
+
+// int4, chunks of 128 weights seen as 16 dwords (qgemv.h): vpermps reads only the low 4 bits of
+// each index, so permutexvar(v >> 4i, {0, 1, ..., 15}) is nibble i as fp32 -- one shift and one permute
+// per 16 weights, no mask and no convert -- and every FMA is a plain 16-lane one against xp.
+template <int M, int R, int G>
+void gemv_int4_rows(const QLinearArgs& a, int64_t n0, const float* xp, int64_t kc, const float* xsum) {
+  const int64_t K = a.w.k, N = a.w.n, ng = K / G, row_bytes = K / 2, full = K / kChunk;
   const uint8_t* q = a.w.data + n0 * row_bytes;
   const float* sc = a.w.scales + n0 * ng;
   const uint8_t* zp = a.w.zeros + n0 * ng;
-  const __m512i low4 = _mm512_set1_epi32(15);
+  const __m512 table = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   __m512 acc[R][M];
-#pragma GCC unroll 8
+#pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
     for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < ng; ++g) {
-    __m512 ag[R][M];
+  // acc[r] += scales(chunk c) * sum_i nibble_i(v) * xp_i
+  auto chunk = [&](int r, int64_t c, __m512i v, __mmask8 smk) {
+    const float* xc = xp + kChunk * c;
+    __m512 ac[M];
+    const __m512 w0 = _mm512_permutexvar_ps(v, table);
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) ac[m] = _mm512_mul_ps(w0, _mm512_loadu_ps(xc + m * kc));
 #pragma GCC unroll 8
-      for (int m = 0; m < M; ++m) ag[r][m] = _mm512_setzero_ps();
-    for (int64_t b = g * G; b < (g + 1) * G; b += 32) {
-      __m512 x0[M], x1[M];
+    for (int i = 1; i < 8; ++i) {
+      const __m512 wi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4 * i), table);
 #pragma GCC unroll 8
-      for (int m = 0; m < M; ++m) {
-        x0[m] = _mm512_loadu_ps(a.x + m * K + b);
-        x1[m] = _mm512_loadu_ps(a.x + m * K + b + 16);
-      }
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-        const __m512i v =
-            _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + r * row_bytes + b / 2)));
-        const __m512 w0 = _mm512_cvtepi32_ps(_mm512_and_si512(v, low4));
-        const __m512 w1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
-#pragma GCC unroll 8
-        for (int m = 0; m < M; ++m) {
-          ag[r][m] = _mm512_fmadd_ps(w0, x0[m], ag[r][m]);
-          ag[r][m] = _mm512_fmadd_ps(w1, x1[m], ag[r][m]);
-        }
-      }
+      for (int m = 0; m < M; ++m) ac[m] = _mm512_fmadd_ps(wi, _mm512_loadu_ps(xc + m * kc + 16 * i), ac[m]);
     }
+    const __m512 sv = chunk_scales<G>(sc + r * ng, c, smk);
 #pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) acc[r][m] = _mm512_fmadd_ps(ac[m], sv, acc[r][m]);
+  };
+  for (int64_t c = 0; c < full; ++c) {
+#pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
-      const __m512 sv = _mm512_set1_ps(sc[r * ng + g]);
-#pragma GCC unroll 8
-      for (int m = 0; m < M; ++m) acc[r][m] = _mm512_fmadd_ps(ag[r][m], sv, acc[r][m]);
+      prefetch_ahead(q + r * row_bytes, 64 * c, row_bytes, R * row_bytes);
+      chunk(r, c, _mm512_loadu_si512(q + r * row_bytes + 64 * c), 0xF);
     }
   }
-#pragma GCC unroll 8
+  if (full * kChunk < K) {   // 1 to 3 blocks left: masked lanes read 0 -> nibble 0 -> 0 * xp pad
+    const int64_t blocks = (K - full * kChunk) / 32;
+    const __mmask16 wmk = static_cast<__mmask16>((1u << (4 * blocks)) - 1);
+    const __mmask8 smk = static_cast<__mmask8>((1u << (blocks * 32 / G)) - 1);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) chunk(r, full, _mm512_maskz_loadu_epi32(wmk, q + r * row_bytes + 64 * full), smk);
+  }
+#pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
     __m512 corr[M];
 #pragma GCC unroll 8
@@ -124,34 +133,33 @@ void gemv_int4_rows(const QLinearArgs& a, int64_t n0, const float* xsum) {
     }
 #pragma GCC unroll 8
     for (int m = 0; m < M; ++m) {
-      const float y = _mm512_reduce_add_ps(acc[r][m]) - _mm512_reduce_add_ps(corr[m]);
+      const float y = _mm512_reduce_add_ps(_mm512_sub_ps(acc[r][m], corr[m]));
       a.out[m * N + n0 + r] = a.bias ? y + a.bias[n0 + r] : y;
     }
   }
 }
 
-template <int M, int R>
-void gemv_rows(const QLinearArgs& a, int64_t n0, const float* xsum) {
-  if (a.w.scheme == QScheme::int8) gemv_int8_rows<M, R>(a, n0);
-  else gemv_int4_rows<M, R>(a, n0, xsum);
+template <int M, int G>
+void gemv_int4(const QLinearArgs& a) {
+  constexpr int R = M == 1 ? 8 : M == 2 ? 4 : 2;   // R x M accumulators + M partial sums fit 32 zmm
+  const int64_t K = a.w.k, kc = (K + kChunk - 1) / kChunk * kChunk, ng = K / G;
+  std::vector<float> xp(M * kc), xsum(M * ng);
+  for (int m = 0; m < M; ++m) permute_x(a.x + m * K, K, G, xp.data() + m * kc, xsum.data() + m * ng);
+  over_rows<R>(a, [&](int64_t n) { gemv_int4_rows<M, R, G>(a, n, xp.data(), kc, xsum.data()); },
+               [&](int64_t n) { gemv_int4_rows<M, 1, G>(a, n, xp.data(), kc, xsum.data()); });
 }
 
-// Threads over N: a static schedule gives each thread one contiguous slab of rows to stream.
 template <int M>
 void gemv(const QLinearArgs& a) {
-  constexpr int R = M <= 2 ? 4 : 2;   // R x M accumulators plus zero/scale/x vectors fit 32 zmm
-  const int64_t N = a.w.n, full = N / R, tasks = full + N % R;
-  std::vector<float> xsum;   // (M, K / G) group sums of x for the int4 zero points
-  if (a.w.scheme == QScheme::int4) {
-    const int64_t K = a.w.k, G = a.w.group, ng = K / G;
-    xsum.assign(M * ng, 0.f);
-    for (int m = 0; m < M; ++m)
-      for (int64_t k = 0; k < K; ++k) xsum[m * ng + k / G] += a.x[m * K + k];
+  if (a.w.scheme == QScheme::int8) {
+    constexpr int R = M == 1 ? 8 : M == 2 ? 4 : 2;
+    return over_rows<R>(a, [&](int64_t n) { gemv_int8_rows<M, R>(a, n); },
+                        [&](int64_t n) { gemv_int8_rows<M, 1>(a, n); });
   }
-#pragma omp parallel for schedule(static)
-  for (int64_t t = 0; t < tasks; ++t) {
-    if (t < full) gemv_rows<M, R>(a, t * R, xsum.data());
-    else gemv_rows<M, 1>(a, full * R + (t - full), xsum.data());
+  switch (a.w.group) {
+    case 32: return gemv_int4<M, 32>(a);
+    case 64: return gemv_int4<M, 64>(a);
+    default: return gemv_int4<M, 128>(a);
   }
 }
 

@@ -14,8 +14,11 @@ few shrink factors of the min/max range, keep the one with the lowest squared er
 k-quants do). Calibrated methods (AWQ, GPTQ) can build on `quantize_rtn` by passing their own scales.
 
 qlinear(x, qt, bias) computes x @ dequantize(qt).T + bias exactly up to fp32 rounding for "int8"
-and "int4" (fp32 or bf16 x; bf16 is widened to fp32 and the result rounded back), with a streaming
-GEMV for <= 4 rows and a blocked GEMM above. Files: QuantizedTensor.save/load use safetensors with
+and "int4" with fp32 x, with a streaming GEMV for <= 4 rows and a blocked GEMM above (AMX tiles
+where present). bf16 x is widened to fp32 and the result rounded back to bf16; it is the one inexact
+mode: for "int4" with more than 4 rows on the amx path, the dequantized weights are rounded to bf16
+too (bf16 compute, like torch's bf16 linear on dequantize(qt)), since the exact form needs an fp32
+scaling pass per group that halves the speed. Its error stays within that of torch's bf16 linear. Files: QuantizedTensor.save/load use safetensors with
 the scheme, shape, group size and a CRC32 of the payload in the metadata, so a truncated or corrupted
 file fails with an error naming the problem instead of loading garbage.
 """
@@ -297,7 +300,8 @@ def qlinear(x, qt, bias=None):
 
     numpy in -> numpy out. CPU runs the C++ kernels, CUDA the Triton kernels (quark.ops.triton.qmatmul);
     other devices use quark.ops.reference.qlinear.
-    bf16 x is widened to fp32 for the kernel and the result rounded back to bf16.
+    bf16 x is widened to fp32 for the kernel and the result rounded back to bf16; int4 weights may be
+    rounded to bf16 as well (amx GEMM, M > 4: see the module docstring).
     """
     if not isinstance(qt, QuantizedTensor):
         raise TypeError(f"qt must be a QuantizedTensor, got {type(qt).__name__}")
@@ -330,7 +334,7 @@ def qlinear(x, qt, bias=None):
     b = None if bias is None else bias.detach().to(torch.float32).contiguous()
     out = torch.empty((x2.shape[0], N), dtype=torch.float32)
     if qt.scheme == "int4":
-        _C.qlinear_int4(x2, qt.data, qt.scales, qt.zeros, qt.group_size, b, out)
+        _C.qlinear_int4(x2, qt.data, qt.scales, qt.zeros, qt.group_size, b, out, bf16_compute=xt.dtype == torch.bfloat16)
     else:
         _C.qlinear_int8(x2, qt.data, qt.scales, b, out, qt.scheme == "w8a8")
     out = out.reshape(*lead, N).to(xt.dtype)

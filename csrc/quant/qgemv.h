@@ -1,0 +1,85 @@
+// Pieces of the quantized GEMV (M <= 4) shared by the AVX2 and AVX-512 paths: the thread split over
+// rows, the prefetch of the row streams, and the int4 kernels' view of a packed row.
+//
+// Included by one .cpp per ISA (compiled with its own flags): everything is in an anonymous namespace.
+#pragma once
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "quant/qlinear.h"
+
+namespace quark {
+namespace {
+
+// Both GEMVs stream R weight rows at once (R independent DRAM streams keep more misses in flight than
+// one) and prefetch each stream kPrefetch bytes ahead; a prefetch that runs past the end of its row
+// jumps to the same row of the next block of R, the one this thread reads next.
+// 1 KiB per stream measured best on Sapphire Rapids (512 B to 4 KiB within a few percent; T1/T2 hints
+// the same, NTA 40% slower); without prefetch int8 streams ~15% slower.
+constexpr int64_t kPrefetch = 1024;
+
+inline void prefetch_ahead(const uint8_t* row, int64_t pos, int64_t row_bytes, int64_t block_bytes) {
+  const int64_t ahead = pos + kPrefetch;
+  _mm_prefetch(reinterpret_cast<const char*>(row + (ahead < row_bytes ? ahead : ahead - row_bytes + block_bytes)),
+               _MM_HINT_T0);
+}
+
+// Threads over N in blocks of R rows: a static schedule gives each thread one contiguous slab to
+// stream. Below kParallelBytes of weights one thread finishes before a parallel region would start.
+constexpr int64_t kParallelBytes = 1 << 17;
+
+template <int R, class Rows, class Tail>
+void over_rows(const QLinearArgs& a, Rows rows, Tail tail_row) {
+  const int64_t N = a.w.n, full = N / R, tasks = full + N % R;
+  const int64_t bytes = a.w.scheme == QScheme::int8 ? N * a.w.k : N * a.w.k / 2;
+#pragma omp parallel for schedule(static) if (bytes > kParallelBytes)
+  for (int64_t t = 0; t < tasks; ++t) {
+    if (t < full) rows(t * R);
+    else tail_row(full * R + (t - full));
+  }
+}
+
+// int4: a row is read in 64-byte chunks of 128 weights (four blocks of 32, layout in qlinear.h). Taken
+// as 16 dwords, lane d holds bytes 4d..4d+3 of block d/4, and nibble i of lane d, (dword >> 4i) & 15,
+// is weight chunk_pos(i, d) of the chunk. A kernel therefore turns a chunk into eight 16-lane vectors
+// (AVX2: two halves of 8 lanes) with one shift per vector and no shuffles, provided x is permuted into
+// the same order once per call: xp[c + 16 i + d] = x[c + chunk_pos(i, d)].
+//
+// Zero points and scales stay outside the hot loop: per group g of a row,
+//   sum_k (q - z) s x_k = s * (sum_k q x_k) - s z * xsum[g],   xsum[g] = sum of x over the group,
+// so a kernel scales each chunk's lane sums by their group's scale and subtracts sum_g s z xsum[g] once
+// per row (q >= 0 and z are small integers: the cancellation costs a few ulps at most).
+constexpr int64_t kChunk = 128;   // weights per 64-byte chunk
+
+constexpr int chunk_pos(int i, int d) { return 32 * (d / 4) + 4 * (d % 4) + i / 2 + 16 * (i % 2); }
+
+// x (K) -> xp (K rounded up to kChunk, zero past K: the caller zero-fills it) in chunk order, and
+// xsum (K / G) the group sums of x. With i = 2t + h and d = 4b + a, chunk_pos(i, d) = 32b + 16h + 4a + t
+// and the output index is 32t + 16h + 4b + a: each 16-float run (b, h) of x is a 4 x 4 transpose.
+inline void permute_x(const float* x, int64_t K, int64_t G, float* xp, float* xsum) {
+  for (int64_t c = 0; c < K; c += kChunk) {
+    const int64_t blocks = K - c >= kChunk ? 4 : (K - c) / 32;
+    for (int64_t b = 0; b < blocks; ++b)
+      for (int h = 0; h < 2; ++h) {
+        const float* src = x + c + 32 * b + 16 * h;
+        __m128 r0 = _mm_loadu_ps(src), r1 = _mm_loadu_ps(src + 4), r2 = _mm_loadu_ps(src + 8),
+               r3 = _mm_loadu_ps(src + 12);
+        _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+        float* dst = xp + c + 16 * h + 4 * b;
+        _mm_storeu_ps(dst, r0);
+        _mm_storeu_ps(dst + 32, r1);
+        _mm_storeu_ps(dst + 64, r2);
+        _mm_storeu_ps(dst + 96, r3);
+      }
+  }
+  for (int64_t g = 0; g < K / G; ++g) {
+    __m128 s = _mm_setzero_ps();
+    for (int64_t k = g * G; k < (g + 1) * G; k += 4) s = _mm_add_ps(s, _mm_loadu_ps(x + k));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    xsum[g] = _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+  }
+}
+
+}  // namespace
+}  // namespace quark
