@@ -11,7 +11,8 @@ the same code and yields the same packed format as on real data. Rates: effectiv
 
 Calibrating the full-size model takes minutes, so the variants are built once into
 .benchmarks/optimize-<size>/ and reused; build them outside the timing lock with
-`python -m benchmarks.bench_optimize --build [--quick]`.
+`python -m benchmarks.bench_optimize --build [--quick]`. --quick uses d_model 256 and 2 layers (a
+smoke run: built in seconds when missing, its rates are not a result).
 """
 import argparse
 import copy
