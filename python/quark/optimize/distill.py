@@ -53,7 +53,7 @@ class DistillConfig:
     warmup_steps: int = -1         # -1: a tenth of the steps
     weight_decay: float = 0.1
     temperature: float = 1.0       # T = 1: on the default recipe T = 2 trained students with too flat
-                                   # distributions (BENCHMARKS.md, distillation)
+                                   # distributions
     alpha: float = 0.8             # weight of the distillation term; 1 - alpha on the hard labels
     top_k: int = 0                 # 0: teacher logits on the fly; k > 0: cache the teacher's top-k to disk
     baseline: bool = True          # also train the student without the teacher (same tokens) for the report
