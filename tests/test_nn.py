@@ -61,3 +61,19 @@ def test_rejects_bad_arguments():
     q = QuantLinear.from_linear(nn.Linear(32, 8), "int8")
     with pytest.raises(ValueError, match="last dimension K=32"):
         q(torch.randn(2, 31))
+
+
+@torch.no_grad()
+def test_qweight_checked_once_and_follows_its_buffers():
+    torch.manual_seed(3)
+    q = QuantLinear.from_linear(nn.Linear(64, 16), "int4", 32)
+    x = torch.randn(2, 64)
+    assert q.qweight is q.qweight                      # not rebuilt (and re-checked) per forward
+    other = QuantLinear.from_linear(nn.Linear(64, 16), "int4", 32)
+    q.load_state_dict(other.state_dict())              # copied in place: the cached view sees the new values
+    assert torch.equal(q(x), other(x))
+    q.scales = other.scales * 2                        # a new tensor: rebuilt, and checked again
+    assert q.qweight.scales is q.scales
+    q.scales = torch.full_like(q.scales, float("nan"))
+    with pytest.raises(ValueError, match="inf or NaN"):
+        q(x)

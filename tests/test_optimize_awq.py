@@ -1,10 +1,11 @@
 """quark.optimize.awq: activation-aware scaling (folded exactly into the float model) and clipping."""
 import copy
 
+import pytest
 import torch
 
 from quark.ops import dequantize, quantize
-from quark.optimize.awq import awq_model, search_clip, search_scale
+from quark.optimize.awq import awq_model, output_error, search_clip, search_scale
 from quark.optimize.quantize import load_calibration, quantize_calibrated
 from tests._train_util import make_run_dir
 from tests.test_optimize_gptq import outlier_model
@@ -25,12 +26,22 @@ def test_scaling_is_folded_exactly():
         torch.testing.assert_close(scaled(test)[0], model(test)[0], rtol=1e-4, atol=1e-4)
 
 
+def moments(x):
+    return x.T @ x / len(x), x.abs().mean(0)
+
+
+def test_output_error_is_the_mean_over_tokens():
+    torch.manual_seed(0)
+    x, e = torch.randn(300, 48, dtype=torch.float64), torch.randn(16, 48, dtype=torch.float64)
+    assert output_error(e, moments(x)[0]) == pytest.approx(float(((x @ e.T) ** 2).mean()), rel=1e-10)
+
+
 def test_search_scale_never_worse_than_rtn():
     torch.manual_seed(0)
     x = torch.randn(256, 64)
     x[:, :3] *= 20                                                     # salient input channels
     w = torch.randn(32, 64) * 0.1
-    s, alpha, rtn_loss, loss = search_scale(x, [w], 32)
+    s, alpha, rtn_loss, loss = search_scale(*moments(x), [w], 32)
     assert s.shape == (64,) and loss <= rtn_loss and alpha > 0
     assert float(s[:3].mean()) > float(s[3:].mean())                   # the salient channels are scaled up
     rtn_direct = float(((x @ (dequantize(quantize(w, "int4", 32)) - w).T) ** 2).mean())
@@ -45,7 +56,7 @@ def test_search_clip_lowers_output_error():
     x[:, 7] = 0.01                                                      # ... on an input that barely fires
     before = float(((x @ (dequantize(quantize(w, "int4", 32)) - w).T) ** 2).mean())
     clipped = w.clone()
-    frac = search_clip(clipped, x, 32)
+    frac = search_clip(clipped, moments(x)[0], 32)
     after = float(((x @ (dequantize(quantize(clipped, "int4", 32)) - w).T) ** 2).mean())
     assert frac < 1.0 and after < 0.5 * before
 

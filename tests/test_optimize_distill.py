@@ -11,7 +11,7 @@ from quark.cli import main as cli_main
 from quark.config import ConfigError
 from quark.model import GPT, preset
 from quark.model.io import load_model, save_model
-from quark.optimize.distill import kd_loss, run_step, student_config, validate_config
+from quark.optimize.distill import kd_loss, pick_teacher, run_step, student_config, validate_config
 from tests._train_util import make_run_dir
 
 SMALL = {"steps": 24, "batch_size": 4, "seq_len": 32, "warmup_steps": 3, "eval_batches": 2, "lr": 1e-2}
@@ -81,6 +81,10 @@ def test_distill_step_on_the_fly_and_topk_cache(tmp_path):
         assert stats[name]["perplexity"] > 1
     assert stats["student"]["params"] < stats["teacher"]["params"]
     assert stats["student"]["tokens"] == stats["baseline"]["tokens"] == 24 * 4 * 32
+    assert stats["teacher"]["dir"] == str(run / "pretrain" / "final")
+    assert stats["student"]["vs_baseline_2se"] > 0
+    assert stats["student"]["vs_baseline"] == pytest.approx(
+        100 * (stats["student"]["perplexity"] / stats["baseline"]["perplexity"] - 1), abs=0.05)
     student, baseline = load_model(run / "distill" / "student"), load_model(run / "distill" / "baseline")
     assert student.config.n_layer == 1 and (run / "distill" / "student" / "tokenizer.json").exists()
     # the distilled student imitates the teacher more closely than the same student trained without it
@@ -97,6 +101,25 @@ def test_distill_step_on_the_fly_and_topk_cache(tmp_path):
         assert f.metadata()["top_k"] == "8" and f.get_slice("values").get_shape() == [24, 4, 32, 8]
     # (a briefly trained teacher is far from peaked, so the student matches it on its top 8 ids)
     assert teacher_kl(load_model(run / "distill" / "student"), teacher, run, 8) < teacher_kl(baseline, teacher, run, 8)
+
+
+@pytest.mark.slow
+def test_teacher_is_the_best_held_out_model_not_the_latest(tmp_path):
+    """An aligned model later in the run (here an untrained one standing in for a weak dpo model) is
+    the run's latest model, but "best" picks the one that models the held-out text best."""
+    from quark.data.loader import eval_batches
+    from quark.train.trainer import data_spec
+    run, _ = make_teacher_run(tmp_path)
+    save_model(GPT(preset("nano", vocab_size=256, max_seq_len=64)), run / "dpo" / "final")
+    data = data_spec(run)
+    val = eval_batches(data.val_bin, data.dtype, 4, 32, 2)
+    best, losses = pick_teacher(run, "best", data, val)
+    assert best == run / "pretrain" / "final" and set(losses) == {str(run / "pretrain" / "final"), str(run / "dpo" / "final")}
+    assert losses[str(best)] < losses[str(run / "dpo" / "final")]
+    assert pick_teacher(run, "latest", data, val) == (run / "dpo" / "final", {})
+    assert pick_teacher(run, str(run / "dpo" / "final"), data, val) == (run / "dpo" / "final", {})
+    stats = run_step(run, {"seed": 0, **SMALL, "baseline": False})
+    assert stats["teacher"]["dir"] == str(best) and stats["teacher_candidates"] == losses
 
 
 def test_errors_and_cli(tmp_path, capsys):

@@ -33,14 +33,15 @@ def outlier_model(seed=0):
     return m
 
 
+@pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("group_size", [32, 128])
-def test_gptq_layer_beats_rtn_on_output_error(group_size):
+def test_gptq_layer_beats_rtn_on_output_error(group_size, act_order):
     torch.manual_seed(1)
     N, K = 48, 256
     w = torch.randn(N, K) * 0.05
     x = correlated_inputs(512, K)
     h = x.T @ x / len(x)
-    qt, loss = gptq_quantize(w, h, group_size)
+    qt, loss = gptq_quantize(w, h, group_size, act_order=act_order)
     rtn = quantize(w, "int4", group_size)
     assert qt.scheme == "int4" and qt.group_size == group_size and qt.shape == (N, K) and loss > 0
     err_gptq = float((x @ (dequantize(qt) - w).T).norm())
@@ -48,6 +49,25 @@ def test_gptq_layer_beats_rtn_on_output_error(group_size):
     assert err_gptq < 0.8 * err_rtn
     # the packed result runs in the int4 kernel exactly as its dequantized weights
     torch.testing.assert_close(qlinear(x[:5], qt), x[:5] @ dequantize(qt).T, rtol=1e-4, atol=1e-4)
+
+
+def test_act_order_keeps_static_groups_and_helps_on_uneven_inputs():
+    """act_order permutes only the processing order: every group keeps the scale / zero point round-to-
+    nearest gives the unmodified weights, and codes land in the layer's own column order."""
+    torch.manual_seed(2)
+    N, K, g = 32, 128, 32
+    w = torch.randn(N, K) * 0.05
+    x = correlated_inputs(512, K, seed=3)
+    h = x.T @ x / len(x)
+    qt, _ = gptq_quantize(w, h, g, act_order=True)
+    rtn = quantize(w, "int4", g)
+    torch.testing.assert_close(qt.scales, rtn.scales)
+    assert torch.equal(qt.zeros, rtn.zeros)
+    # an identity Hessian has nothing to compensate along: GPTQ is then exactly round-to-nearest, in any order
+    plain, _ = gptq_quantize(w, torch.eye(K), g, act_order=True, damp=1e-6)
+    assert torch.equal(dequantize(plain), dequantize(rtn))
+    errs = [float((x @ (dequantize(gptq_quantize(w, h, g, act_order=a)[0]) - w).T).norm()) for a in (False, True)]
+    assert errs[1] < errs[0]
 
 
 def test_gptq_dead_inputs_and_errors():
@@ -76,7 +96,8 @@ def test_gptq_model_beats_rtn_and_round_trips(tmp_path):
         with torch.no_grad():
             errors[method] = float((m(test)[0] - ref).norm() / ref.norm())
         if method == "gptq":
-            assert report.calibration == {"sequences": 32, "seq_len": 64, "source": "test"}
+            assert report.calibration == {"sequences": 32, "seq_len": 64, "source": "test", "act_order": True,
+                                          "damp": 0.01}
             save_quantized_model(m, tmp_path / "q", report)
             spec = json.loads((tmp_path / "q" / "quant.json").read_text())
             assert spec["method"] == "gptq" and spec["calibration"]["sequences"] == 32

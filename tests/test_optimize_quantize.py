@@ -11,7 +11,7 @@ from quark.model import GPT, preset
 from quark.model.io import save_model
 from quark.nn import QuantLinear
 from quark.optimize import load_quantized_model, model_nbytes, quantize_model, save_quantized_model
-from quark.optimize.quantize import run_step, validate_config
+from quark.optimize.quantize import paired_delta, run_step, validate_config, window_losses
 
 
 def tiny_model(seed=0):
@@ -92,8 +92,30 @@ def test_pipeline_step_reports_and_resumes(tmp_path):
     assert again["int4"]["perplexity"] == stats["int4"]["perplexity"]
     assert (run / "quantize" / "int4" / "model.safetensors").stat().st_mtime == mtime   # resumed, not redone
     assert stats["int4-gptq"]["method"] == "gptq" and stats["int4"]["method"] == "rtn"
+    # paired comparisons on the same held-out windows: calibrated int4 against fp32 and against int4 RTN
+    assert "vs_rtn" in stats["int4-gptq"] and "vs_rtn" not in stats["int4"] and "vs_rtn" not in stats["int8"]
+    assert stats["int4"]["vs_float_2se"] > 0
+    assert stats["int4"]["vs_float"] == pytest.approx(100 * stats["int4"]["perplexity_delta"]
+                                                      / stats["float"]["perplexity"], abs=1e-2)
     table = (run / "quantize" / "table.md").read_text()
     assert "| fp32 |" in table and "| int4 | 32 |" in table and "| int4-gptq | 32 |" in table
+    assert "vs int4 RTN" in table and "±" in table
+
+
+def test_window_losses_and_paired_delta():
+    model = tiny_model()
+    tokens = torch.from_numpy(np.random.default_rng(0).integers(0, 256, 1000))
+    losses, kl = window_losses(model, tokens, 300, reference=model, batch_size=2)
+    assert losses.shape == (5,) and kl.shape == (5,) and float(kl.abs().max()) < 1e-6   # 5 windows of 64 >= 300
+    with torch.no_grad():
+        _, loss = model(tokens[:64][None], tokens[1:65][None])
+    assert float(losses[0]) == pytest.approx(float(loss), rel=1e-5)
+    base = torch.tensor([2.0, 3.0, 2.5, 4.0], dtype=torch.float64)
+    delta, two_se = paired_delta(base + 0.01, base)          # the same shift on every window: no noise
+    assert delta == pytest.approx(100 * (np.exp(0.01) - 1)) and two_se == pytest.approx(0, abs=1e-9)
+    d = torch.tensor([0.02, -0.01, 0.03, 0.0], dtype=torch.float64)
+    delta, two_se = paired_delta(base + d, base)
+    assert two_se == pytest.approx(100 * 2 * float(d.std()) / 2 * np.exp(float(d.mean())))
 
 
 def test_step_config_and_input_errors(tmp_path):

@@ -33,9 +33,15 @@ class QuantLinear(nn.Module):
 
     @property
     def qweight(self):
+        """The layer's QuantizedTensor over its buffers, checked once per set of buffer tensors: forward
+        runs once per decoded token, and re-checking the scales each call cost a third of a decode step."""
         zeros = self.zeros if self.scheme == "int4" else None
-        return QuantizedTensor(self.scheme, (self.out_features, self.in_features), self.data, self.scales, zeros,
-                               self.group_size)
+        qt = self.__dict__.get("_qweight")
+        if qt is None or qt.data is not self.data or qt.scales is not self.scales or qt.zeros is not zeros:
+            qt = QuantizedTensor(self.scheme, (self.out_features, self.in_features), self.data, self.scales, zeros,
+                                 self.group_size)
+            self.__dict__["_qweight"] = qt   # a plain attribute: not a buffer, not in the state_dict
+        return qt
 
     def forward(self, x):
         return qlinear(x, self.qweight, self.bias)

@@ -14,8 +14,12 @@ ones as T changes (Hinton et al.). Teacher logits come either
 Both runs draw batches from the same deterministic loader (seed), start from the same initial
 weights, and follow the same schedule, so they see exactly the same tokens.
 
-Pipeline step `distill` / `quark distill RUN_DIR`: teacher = latest_model_dir(run_dir) unless given;
-writes run_dir/distill/{student,baseline}/ (model directories that `quark serve` loads) and report.json.
+Pipeline step `distill` / `quark distill RUN_DIR`: the teacher is, unless a directory is given, the
+run's trained model (pretrain, sft or dpo) with the lowest held-out loss: the teacher's job here is
+to model pack/ text, which the alignment steps trade away for chat behaviour. Writes
+run_dir/distill/{student,baseline}/ (model directories that `quark serve` loads) and report.json,
+with the student's perplexity change against the baseline and its noise (+- 2 standard errors of
+the paired per-batch difference on the same held-out batches).
 """
 import argparse
 import json
@@ -33,11 +37,13 @@ from quark.config import ConfigError, from_dict
 from quark.data.loader import TokenLoader, eval_batches
 from quark.io import atomic_write_json
 from quark.model import GPT, GPTConfig
+from quark.optimize.quantize import paired_delta
 
 
 @dataclass
 class DistillConfig:
-    teacher: str = ""              # teacher model directory; "": the run's latest model
+    teacher: str = "best"          # a model directory; "best": the run's model with the lowest held-out loss;
+                                   # "latest": the run's most aligned model (dpo, else sft, else pretrain)
     student: dict = field(default_factory=dict)   # GPTConfig fields replacing the teacher's; {}: half the layers
     steps: int = 200
     batch_size: int = 16
@@ -46,8 +52,9 @@ class DistillConfig:
     min_lr: float = 3e-4
     warmup_steps: int = -1         # -1: a tenth of the steps
     weight_decay: float = 0.1
-    temperature: float = 2.0
-    alpha: float = 0.5             # weight of the distillation term; 1 - alpha on the hard labels
+    temperature: float = 1.0       # T = 1: on the default recipe T = 2 trained students with too flat
+                                   # distributions
+    alpha: float = 0.8             # weight of the distillation term; 1 - alpha on the hard labels
     top_k: int = 0                 # 0: teacher logits on the fly; k > 0: cache the teacher's top-k to disk
     baseline: bool = True          # also train the student without the teacher (same tokens) for the report
     eval_batches: int = 8
@@ -170,12 +177,42 @@ class _TopkCache:
         return t["values"][j], t["ids"][j]
 
 
-def evaluate(model, batches):
+def batch_losses(model, batches):
+    """Mean loss of each held-out batch (a list, same order as batches)."""
     model.eval()
     with torch.no_grad():
         losses = [float(model(x, y)[1]) for x, y in batches]
     model.train()
+    return losses
+
+
+def evaluate(model, batches):
+    losses = batch_losses(model, batches)
     return sum(losses) / len(losses) if losses else float("nan")
+
+
+def _check_vocab(model, data, where):
+    if data.vocab_size > model.config.vocab_size:
+        raise ValueError(f"pack vocab_size {data.vocab_size} > vocab_size {model.config.vocab_size} of {where}: "
+                         "the teacher was trained with another tokenizer")
+
+
+def pick_teacher(run_dir, choice, data, val):
+    """(teacher directory, {candidate directory: held-out loss}) for DistillConfig.teacher."""
+    from quark.model.io import MODEL_STEPS, latest_model_dir, load_model
+    if choice not in ("best", "latest"):
+        return Path(choice), {}
+    if choice == "latest":
+        return latest_model_dir(run_dir), {}
+    losses = {}
+    for d in (run_dir / step / "final" for step in MODEL_STEPS):
+        if (d / "model.safetensors").exists():
+            model = load_model(d)
+            _check_vocab(model, data, d)
+            losses[str(d)] = round(evaluate(model, val), 4)
+    if not losses:
+        return latest_model_dir(run_dir), {}   # raises: no trained model
+    return Path(min(losses, key=losses.get)), losses
 
 
 def train_student(cfg: GPTConfig, data, c: DistillConfig, alpha, teacher=None, cache=None, desc="student"):
@@ -212,15 +249,14 @@ def train_student(cfg: GPTConfig, data, c: DistillConfig, alpha, teacher=None, c
 
 
 def distill(run_dir, c: DistillConfig):
-    from quark.model.io import latest_model_dir, load_model, save_model
+    from quark.model.io import load_model, save_model
     from quark.train.trainer import data_spec
     run_dir = Path(run_dir)
-    teacher_dir = Path(c.teacher) if c.teacher else latest_model_dir(run_dir)
-    teacher = load_model(teacher_dir)
     data = data_spec(run_dir)
-    if data.vocab_size > teacher.config.vocab_size:
-        raise ValueError(f"pack vocab_size {data.vocab_size} > teacher vocab_size {teacher.config.vocab_size}: "
-                         "the teacher was trained with another tokenizer")
+    val = eval_batches(data.val_bin, data.dtype, c.batch_size, c.seq_len, c.eval_batches)
+    teacher_dir, candidates = pick_teacher(run_dir, c.teacher, data, val)
+    teacher = load_model(teacher_dir)
+    _check_vocab(teacher, data, teacher_dir)
     scfg = student_config(teacher.config, c.student)
     if c.seq_len > min(teacher.config.max_seq_len, scfg.max_seq_len):
         raise ConfigError(f"distill.seq_len {c.seq_len} exceeds the models' max_seq_len")
@@ -236,20 +272,23 @@ def distill(run_dir, c: DistillConfig):
     if c.threads:
         torch.set_num_threads(c.threads)
     try:
-        val = eval_batches(data.val_bin, data.dtype, c.batch_size, c.seq_len, c.eval_batches)
         cache = None
         if c.top_k:
             cache = _TopkCache(cache_teacher_topk(teacher, data, c, out / "teacher_topk", teacher_dir))
         student, s_stats = train_student(scfg, data, c, c.alpha, teacher=teacher, cache=cache)
+        s_losses = batch_losses(student, val)
         results = {"teacher": {"dir": str(teacher_dir), "params": teacher.config.num_params(),
                                "val_loss": evaluate(teacher, val)},
-                   "student": {**s_stats, "val_loss": evaluate(student, val)}}
+                   "student": {**s_stats, "val_loss": sum(s_losses) / len(s_losses)}}
         meta = {"distilled_from": str(teacher_dir), "temperature": c.temperature, "alpha": c.alpha,
                 "top_k": c.top_k, "steps": c.steps}
         save_model(student, out / "student", tokenizer_path=data.tokenizer, metadata=meta)
         if c.baseline:
             baseline, b_stats = train_student(scfg, data, c, 0.0, desc="baseline")
-            results["baseline"] = {**b_stats, "val_loss": evaluate(baseline, val)}
+            b_losses = batch_losses(baseline, val)
+            results["baseline"] = {**b_stats, "val_loss": sum(b_losses) / len(b_losses)}
+            results["student"]["vs_baseline"], results["student"]["vs_baseline_2se"] = \
+                (round(v, 3) for v in paired_delta(s_losses, b_losses))
             save_model(baseline, out / "baseline", tokenizer_path=data.tokenizer,
                        metadata={"steps": c.steps, "teacher": "none"})
     finally:
@@ -259,6 +298,8 @@ def distill(run_dir, c: DistillConfig):
         r["val_loss"] = round(r["val_loss"], 4)
     report = {"key": key, **results, "settings": {"temperature": c.temperature, "alpha": c.alpha, "top_k": c.top_k,
                                                   "steps": c.steps, "student": asdict(scfg)}}
+    if candidates:
+        report["teacher_candidates"] = candidates
     atomic_write_json(report_path, report)
     return report
 
@@ -270,7 +311,9 @@ def run_step(run_dir, cfg):
 
 def configure_parser(parser: argparse.ArgumentParser):
     parser.add_argument("run_dir", help="run directory with pack/ (output: RUN_DIR/distill)")
-    parser.add_argument("--teacher", default=None, help="teacher model directory (default: the run's latest model)")
+    parser.add_argument("--teacher", default=None,
+                        help="teacher model directory, 'best' (default: the run's model with the lowest held-out "
+                             "loss) or 'latest' (its most aligned model)")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--temperature", type=float, default=None)
     parser.add_argument("--alpha", type=float, default=None, help="weight of the distillation loss")
@@ -300,4 +343,7 @@ def run_cli(args):
             r = report[name]
             print(f"{name:9s} params {r['params']:>10,}  val loss {r['val_loss']:.4f}  "
                   f"perplexity {r['perplexity']:.3f}")
+    s = report["student"]
+    if "vs_baseline" in s:
+        print(f"student vs baseline: perplexity {s['vs_baseline']:+.2f}% +- {s['vs_baseline_2se']:.2f} (2 SE)")
     return 0

@@ -23,11 +23,15 @@ import torch.nn as nn
 from quark.ops.quant import QuantizedTensor, _pack_int4, quantize_rtn
 
 
-def gptq_quantize(w, hessian, group_size=128, damp=0.01):
+def gptq_quantize(w, hessian, group_size=128, damp=0.01, act_order=False, block_size=128):
     """w (N, K) float, hessian (K, K) = X^T X / n of the layer's inputs -> (QuantizedTensor int4, loss).
 
     damp: fraction of the mean diagonal added to H (the reference's percdamp), which keeps the
     Cholesky factorisation stable when some inputs are (nearly) collinear.
+    act_order: quantize the columns in order of decreasing H_kk (the inputs with the most energy first,
+    while the most columns are left to absorb their error; the reference's --act-order). Our int4
+    format keeps contiguous groups, so each group's scale and zero point are then fixed up front
+    from the unmodified weights (the reference's --static-groups) rather than when GPTQ reaches it.
     loss: the reference's objective sum((w - q)^2 / U_kk^2) / 2 over all weights, U the Cholesky factor
     of H^-1 (lower is better).
     """
@@ -41,33 +45,44 @@ def gptq_quantize(w, hessian, group_size=128, damp=0.01):
     dead = torch.diag(H) == 0                     # inputs that are always zero: their weights don't matter
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
+    G = K // group_size
+    scales = torch.empty(N, G)
+    zeros = torch.empty(N, G, dtype=torch.uint8)
+    perm = torch.arange(K)
+    if act_order:
+        static = quantize_rtn(W, "int4", group_size)
+        scales, zeros = static.scales.clone(), static.zeros.clone()
+        perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    else:
+        block_size = group_size   # a group's grid is chosen from weights that saw every earlier update
     H += damp * torch.diag(H).mean() * torch.eye(K, dtype=H.dtype)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).to(torch.float32)
 
-    codes = torch.empty(N, K, dtype=torch.uint8)
-    scales = torch.empty(N, K // group_size)
-    zeros = torch.empty(N, K // group_size, dtype=torch.uint8)
+    codes = torch.empty(N, K, dtype=torch.uint8)                                  # in processing order
     loss = 0.0
-    for g, c0 in enumerate(range(0, K, group_size)):
-        c1 = c0 + group_size
-        W1 = W[:, c0:c1].clone()                                                  # (N, G)
+    for c0 in range(0, K, block_size):
+        c1 = min(c0 + block_size, K)
+        W1 = W[:, c0:c1].clone()                                                  # (N, B)
         Hinv1 = Hinv[c0:c1, c0:c1]
-        params = quantize_rtn(W1, "int4", group_size)                             # this group's grid
-        s, z = params.scales[:, 0], params.zeros[:, 0].float()                    # (N,)
-        scales[:, g], zeros[:, g] = s, params.zeros[:, 0]
+        if not act_order:                                                         # this block is one group
+            params = quantize_rtn(W1, "int4", group_size)
+            scales[:, c0 // group_size], zeros[:, c0 // group_size] = params.scales[:, 0], params.zeros[:, 0]
         err1 = torch.empty_like(W1)
-        for i in range(group_size):
+        for i in range(c1 - c0):
+            g = int(perm[c0 + i]) // group_size
+            s, z = scales[:, g], zeros[:, g].float()                              # (N,)
             col = W1[:, i]
             q = torch.clamp(torch.round(col / s) + z, 0, 15)
-            deq = (q - z) * s
             codes[:, c0 + i] = q.to(torch.uint8)
-            d = Hinv1[i, i]
-            e = (col - deq) / d
+            e = (col - (q - z) * s) / Hinv1[i, i]
             loss += float((e * e).sum()) / 2
-            W1[:, i:] -= e[:, None] * Hinv1[i, i:][None, :]                      # compensate within the group
+            W1[:, i:] -= e[:, None] * Hinv1[i, i:][None, :]                      # compensate within the block
             err1[:, i] = e
         W[:, c1:] -= err1 @ Hinv[c0:c1, c1:]                                      # and in the columns after it
-    qt = QuantizedTensor("int4", (N, K), _pack_int4(codes), scales.contiguous(), zeros.contiguous(), group_size)
+    codes = codes[:, torch.argsort(perm)]                                         # back to the layer's column order
+    qt = QuantizedTensor("int4", (N, K), _pack_int4(codes.contiguous()), scales.contiguous(), zeros.contiguous(),
+                         group_size)
     return qt, loss
 
 
@@ -76,7 +91,7 @@ def _skipped(name, skip):
 
 
 @torch.no_grad()
-def gptq_model(model, calib, group_size=128, damp=0.01, skip=("lm_head",), batch_size=16):
+def gptq_model(model, calib, group_size=128, damp=0.01, act_order=False, skip=("lm_head",), batch_size=16):
     """Run GPTQ over every block's Linear layers with calibration tokens calib (n, T) int64.
 
     Returns {layer name: QuantizedTensor} for quantize_model's quantizer hook. The model's Linear
@@ -108,7 +123,8 @@ def gptq_model(model, calib, group_size=128, damp=0.01, skip=("lm_head",), batch
             for h in handles:
                 h.remove()
         for name, m in linears.items():
-            qt, loss = gptq_quantize(m.weight, hessians[name] / max(counts[name], 1), group_size, damp)
+            qt, loss = gptq_quantize(m.weight, hessians[name] / max(counts[name], 1), group_size, damp,
+                                     act_order)
             m.weight.copy_(qt.dequantize().to(m.weight.dtype))
             result[name] = qt
         x = run_block(block, x, cos, sin, batch_size)                             # inputs of the next block

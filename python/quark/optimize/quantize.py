@@ -213,12 +213,13 @@ def run_block(block, x, cos, sin, batch_size=16):
     return torch.cat([block(x[i:i + batch_size], cos, sin) for i in range(0, len(x), batch_size)])
 
 
-def quantize_calibrated(model, method, calib, group_size=128, skip=("lm_head",), calib_info=None):
+def quantize_calibrated(model, method, calib, group_size=128, skip=("lm_head",), calib_info=None, act_order=True,
+                        damp=0.01):
     """int4 with a calibrated method on calib tokens (n, T); in place, like quantize_model -> report.
 
     rtn: plain round-to-nearest (calib unused). awq: scales folded into the preceding norms /
     linears and per-group clipping searched on the calibration activations, then round-to-nearest.
-    gptq: layer-by-layer second-order error compensation.
+    gptq: layer-by-layer second-order error compensation (act_order, damp: see gptq.gptq_quantize).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -229,7 +230,8 @@ def quantize_calibrated(model, method, calib, group_size=128, skip=("lm_head",),
         info = awq_model(model, calib, group_size, skip=skip)
     elif method == "gptq":
         from quark.optimize.gptq import gptq_model
-        qts = gptq_model(model, calib, group_size, skip=skip)
+        qts = gptq_model(model, calib, group_size, damp, act_order, skip=skip)
+        info = {"act_order": act_order, "damp": damp}
 
         def quantizer(name, linear):   # layers GPTQ did not see (e.g. a requested head): round-to-nearest
             return qts[name] if name in qts else quantize(linear.weight, "int4", group_size)
@@ -260,43 +262,71 @@ def load_val_tokens(run_dir):
     return torch.from_numpy(tokens.astype(np.int64))
 
 
-@torch.no_grad()
-def heldout_perplexity(model, tokens, max_tokens=512):
-    """exp(mean next-token loss) over consecutive windows of max_seq_len covering ~max_tokens targets."""
+def _windows(model, tokens, max_tokens):
+    """Consecutive windows of max_seq_len + 1 tokens covering ~max_tokens targets: (n, T + 1)."""
     T = min(model.config.max_seq_len, len(tokens) - 1)
     n = max(1, min(math.ceil(max_tokens / T), (len(tokens) - 1) // T))
-    windows = torch.stack([tokens[i * T: i * T + T + 1] for i in range(n)])      # (n, T + 1)
+    windows = torch.stack([tokens[i * T: i * T + T + 1] for i in range(n)])
     if int(windows.max()) >= model.config.vocab_size:
         raise ValueError(f"token id {int(windows.max())} >= vocab_size {model.config.vocab_size}: "
                          "val.bin was packed with another tokenizer")
-    _, loss = model(windows[:, :-1], windows[:, 1:])
-    return math.exp(float(loss)), n * T
+    return windows
 
 
 @torch.no_grad()
-def kl_to_reference(model, reference, tokens, max_tokens=512):
-    """Mean per-token KL(reference || model) over the perplexity windows: how far quantization moved
-    the output distribution, far more sensitive than the perplexity difference."""
-    T = min(model.config.max_seq_len, len(tokens) - 1)
-    n = max(1, min(math.ceil(max_tokens / T), (len(tokens) - 1) // T))
-    kl = 0.0
-    for i in range(n):
-        x = tokens[i * T: i * T + T][None]
-        log_p = torch.log_softmax(reference(x)[0].float(), -1)
-        log_q = torch.log_softmax(model(x)[0].float(), -1)
-        kl += float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
-    return kl / n
+def window_losses(model, tokens, max_tokens=512, reference=None, batch_size=16):
+    """Per-window mean next-token loss (n,) over the held-out windows, and per-window mean
+    KL(reference || model) (n,) when a reference model is given (else None).
+
+    Kept per window so that two variants can be compared on the same windows (paired_delta): their
+    difference is far less noisy than either perplexity. KL measures how far quantization moved the
+    output distribution, far more sensitive than the perplexity difference.
+    """
+    windows = _windows(model, tokens, max_tokens)
+    losses, kls = [], []
+    for w in windows.split(batch_size):
+        x, y = w[:, :-1], w[:, 1:]
+        log_q = torch.log_softmax(model(x)[0].float(), -1)                                # (b, T, V)
+        losses.append(-log_q.gather(-1, y[..., None])[..., 0].double().mean(1))
+        if reference is not None:
+            log_p = torch.log_softmax(reference(x)[0].float(), -1)
+            kls.append((log_p.exp() * (log_p - log_q)).sum(-1).double().mean(1))
+    return torch.cat(losses), (torch.cat(kls) if reference is not None else None)
+
+
+def paired_delta(losses, baseline):
+    """Perplexity change of `losses` against `baseline` on the same windows, in percent, with its noise:
+    (delta %, 2 standard errors %). exp(mean(l - l_base)) - 1; the standard error is that of the mean
+    per-window difference (windows ~ independent samples), so +-2 SE is a ~95% interval."""
+    d = torch.as_tensor(losses, dtype=torch.float64) - torch.as_tensor(baseline, dtype=torch.float64)
+    mean = float(d.mean())
+    se = float(d.std() / math.sqrt(len(d))) if len(d) > 1 else float("nan")
+    return 100 * math.expm1(mean), 100 * 2 * se * math.exp(mean)
 
 
 @torch.no_grad()
-def decode_tokens_per_s(model, prompt, new_tokens=32):
-    """Greedy decode speed with the KV cache (batch 1: every Linear runs as a GEMV)."""
-    prompt = prompt[None, :8]
-    new_tokens = max(1, min(new_tokens, model.config.max_seq_len - prompt.shape[1]))
-    model.generate(prompt, 2)                                                      # warm-up
-    t0 = time.perf_counter()
-    model.generate(prompt, new_tokens)
-    return new_tokens / (time.perf_counter() - t0)
+def decode_tokens_per_s(model, prompt, new_tokens=32, repeats=3):
+    """Greedy decode speed at batch 1 through the serving engine's runner (what `quark serve` runs:
+    every Linear is a GEMV); median of repeats, each rewound to the same 8-token prompt."""
+    from quark.serve.engine import Runner
+    prompt = prompt[:8].tolist()
+    new_tokens = max(1, min(new_tokens, model.config.max_seq_len - len(prompt) - 1))
+    runner = Runner(model, 1, max_seq_len=len(prompt) + new_tokens + 1)
+    first = runner.extend(0, prompt)
+
+    def generate(n):
+        runner.lens[0] = len(prompt)
+        token = int(first.argmax())
+        for _ in range(n):
+            token = int(runner.decode([token])[0].argmax())
+
+    generate(2)                                                                    # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        generate(new_tokens)
+        times.append(time.perf_counter() - t0)
+    return new_tokens / sorted(times)[len(times) // 2]
 
 
 # ---- pipeline step --------------------------------------------------------------------------------
@@ -305,11 +335,14 @@ def decode_tokens_per_s(model, prompt, new_tokens=32):
 class QuantizeConfig:
     schemes: list = field(default_factory=lambda: ["int8", "int4"])
     group_size: int = 32
-    eval_tokens: int = 512      # held-out targets for perplexity (a few windows of max_seq_len)
+    eval_tokens: int = 512      # held-out targets for perplexity / KL (windows of max_seq_len of pack/val.bin)
     decode_tokens: int = 32     # generated tokens for the tokens/s figure
+    decode_repeats: int = 3     # tokens/s is the median of this many timed generations
     methods: list = field(default_factory=lambda: list(METHODS))   # int4 variants: rtn -> int4/, awq -> int4-awq/, ...
     calib_sequences: int = 128  # calibration windows of pack/train.bin for awq / gptq
     calib_seq_len: int = 128    # capped at the model's max_seq_len
+    act_order: bool = True      # gptq: columns by decreasing input energy (static groups)
+    damp: float = 0.01          # gptq: fraction of the mean Hessian diagonal added to it
     seed: int = 0
 
 
@@ -320,13 +353,15 @@ def validate_config(cfg):
             raise ConfigError(f"quantize.schemes: {s!r} is not one of {list(SCHEMES)}")
     if c.group_size not in GROUP_SIZES:
         raise ConfigError(f"quantize.group_size: must be one of {list(GROUP_SIZES)}, got {c.group_size}")
-    if c.eval_tokens < 1 or c.decode_tokens < 1:
-        raise ConfigError("quantize.eval_tokens and quantize.decode_tokens must be >= 1")
+    if c.eval_tokens < 1 or c.decode_tokens < 1 or c.decode_repeats < 1:
+        raise ConfigError("quantize.eval_tokens, decode_tokens and decode_repeats must be >= 1")
     for m in c.methods:
         if m not in METHODS:
             raise ConfigError(f"quantize.methods: {m!r} is not one of {list(METHODS)}")
     if c.calib_sequences < 1 or c.calib_seq_len < 2:
         raise ConfigError("quantize.calib_sequences must be >= 1 and quantize.calib_seq_len >= 2")
+    if not 0 < c.damp < 1:
+        raise ConfigError(f"quantize.damp: must be in (0, 1), got {c.damp}")
     return c
 
 
@@ -340,26 +375,34 @@ def _variants(c):
 
 
 def format_table(stats):
-    """The summary as a Markdown table: one row per variant against the float model."""
-    rows = ["| variant | group | bytes | ratio | perplexity | vs fp32 | KL to fp32 | decode tok/s | speedup |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    """The summary as a Markdown table: one row per variant against the float model. "vs" columns:
+    perplexity change on the same held-out windows, +- 2 standard errors of the paired difference."""
+    def vs(s, key):
+        return f"{s[key]:+.2f}% ± {s[key + '_2se']:.2f}" if s.get(key) is not None else "-"
+
+    rows = ["| variant | group | bytes | ratio | perplexity | vs fp32 | vs int4 RTN | KL to fp32 | decode tok/s "
+            "| speedup |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     f = stats["float"]
-    rows.append(f"| fp32 | - | {f['bytes']:,} | 1.00 | {f['perplexity']:.3f} | - | - | "
+    rows.append(f"| fp32 | - | {f['bytes']:,} | 1.00 | {f['perplexity']:.3f} | - | - | - | "
                 f"{f['decode_tokens_per_s']:.1f} | 1.00 |")
     for name, s in stats.items():
         if isinstance(s, dict) and "perplexity_delta" in s:
-            rel = 100 * s["perplexity_delta"] / f["perplexity"]
             rows.append(f"| {name} | {s.get('group_size') or '-'} | {s['bytes_after']:,} | {s['ratio']:.2f} | "
-                        f"{s['perplexity']:.3f} | {rel:+.2f}% | {s['kl_to_float']:.5f} | "
+                        f"{s['perplexity']:.3f} | {vs(s, 'vs_float')} | {vs(s, 'vs_rtn')} | {s['kl_to_float']:.5f} | "
                         f"{s['decode_tokens_per_s']:.1f} | {s['speedup']:.2f} |")
     return "\n".join(rows) + "\n"
 
 
-def _evaluate(model, tokens, c):
-    ppl, n = heldout_perplexity(model, tokens, c.eval_tokens)
-    return {"perplexity": round(ppl, 4), "eval_tokens": n,
-            "decode_tokens_per_s": round(decode_tokens_per_s(model, tokens, c.decode_tokens), 2),
-            "bytes": model_nbytes(model)}
+def _evaluate(model, tokens, c, reference=None):
+    losses, kls = window_losses(model, tokens, c.eval_tokens, reference)
+    out = {"perplexity": round(math.exp(float(losses.mean())), 4),
+           "eval_tokens": int(losses.numel()) * min(model.config.max_seq_len, len(tokens) - 1),
+           "decode_tokens_per_s": round(decode_tokens_per_s(model, tokens, c.decode_tokens, c.decode_repeats), 2),
+           "bytes": model_nbytes(model), "window_losses": [round(float(v), 6) for v in losses]}
+    if kls is not None:
+        out["kl_to_float"] = round(float(kls.mean()), 6)
+    return out
 
 
 def run_step(run_dir, cfg):
@@ -370,7 +413,8 @@ def run_step(run_dir, cfg):
     torch.manual_seed(c.seed)
     run_dir = Path(run_dir)
     src = latest_model_dir(run_dir)
-    source = {"model_dir": str(src), "mtime": (src / "model.safetensors").stat().st_mtime}
+    source = {"model_dir": str(src), "mtime": (src / "model.safetensors").stat().st_mtime,
+              "eval_tokens": c.eval_tokens}
     tokens = load_val_tokens(run_dir)
     out = run_dir / "quantize"
     stats = {"source": str(src)}
@@ -379,17 +423,18 @@ def run_step(run_dir, cfg):
     if base.get("source") != source:   # resume: the float baseline is measured once per source model
         base = {"source": source, **_evaluate(load_model(src), tokens, c)}
         atomic_write_json(base_path, base)
-    stats["float"] = {k: v for k, v in base.items() if k != "source"}
-    calib = None
+    stats["float"] = {k: v for k, v in base.items() if k not in ("source", "window_losses")}
+    calib, reference, done = None, None, {}
     for name, scheme, method in tqdm(_variants(c), desc="quantize", unit="variant"):
         d = out / name
         report_path = d / "report.json"
-        key = {"source": source, "scheme": scheme, "group_size": c.group_size, "eval_tokens": c.eval_tokens,
-               "method": method}
+        key = {"source": source, "scheme": scheme, "group_size": c.group_size, "method": method}
         if method != "rtn":
             key |= {"calib_sequences": c.calib_sequences, "calib_seq_len": c.calib_seq_len, "seed": c.seed}
+        if method == "gptq":
+            key |= {"act_order": c.act_order, "damp": c.damp}
         prev = json.loads(report_path.read_text()) if report_path.exists() else {}
-        if prev.get("key") != key or "kl_to_float" not in prev:
+        if prev.get("key") != key or "window_losses" not in prev:
             model = load_model(src)
             if method == "rtn":
                 report = quantize_model(model, scheme, c.group_size)
@@ -397,18 +442,25 @@ def run_step(run_dir, cfg):
                 if calib is None:
                     calib = load_calibration(run_dir, c.calib_sequences,
                                              min(c.calib_seq_len, model.config.max_seq_len), c.seed)
-                report = quantize_calibrated(model, method, calib, c.group_size,
+                report = quantize_calibrated(model, method, calib, c.group_size, act_order=c.act_order, damp=c.damp,
                                              calib_info={"source": "pack/train.bin", "seed": c.seed})
             save_quantized_model(model, d, report, src / "tokenizer.json")
-            result = _evaluate(model, tokens, c)
-            result["kl_to_float"] = round(kl_to_reference(model, load_model(src), tokens, c.eval_tokens), 6)
+            if reference is None:
+                reference = load_model(src)
+            result = _evaluate(model, tokens, c, reference)
             prev = {"key": key, **report.to_dict(), **result,
                     "perplexity_delta": round(result["perplexity"] - base["perplexity"], 4),
                     "speedup": round(result["decode_tokens_per_s"] / base["decode_tokens_per_s"], 3)}
             atomic_write_json(report_path, prev)   # written last: its presence marks the variant done
-        stats[name] = {k: prev[k] for k in ("method", "group_size", "bytes_before", "bytes_after", "ratio",
-                                            "perplexity", "perplexity_delta", "kl_to_float", "decode_tokens_per_s",
-                                            "speedup")}
+        done[name] = prev
+        row = {k: prev[k] for k in ("method", "group_size", "bytes_before", "bytes_after", "ratio", "perplexity",
+                                    "perplexity_delta", "kl_to_float", "decode_tokens_per_s", "speedup")}
+        row["vs_float"], row["vs_float_2se"] = (round(v, 3) for v in paired_delta(prev["window_losses"],
+                                                                                  base["window_losses"]))
+        if scheme == "int4" and method != "rtn" and "int4" in done:
+            row["vs_rtn"], row["vs_rtn_2se"] = (round(v, 3) for v in paired_delta(prev["window_losses"],
+                                                                                done["int4"]["window_losses"]))
+        stats[name] = row
     atomic_write_json(out / "summary.json", stats)
     atomic_write_text(out / "table.md", format_table(stats))
     return stats
@@ -428,6 +480,9 @@ def configure_parser(parser: argparse.ArgumentParser):
     parser.add_argument("--calib-sequences", type=int, default=128)
     parser.add_argument("--calib-seq-len", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0, help="which calibration windows are drawn")
+    parser.add_argument("--no-act-order", dest="act_order", action="store_false",
+                        help="gptq: quantize the columns in their own order, not by decreasing input energy")
+    parser.add_argument("--damp", type=float, default=0.01, help="gptq: Hessian damping (fraction of its mean diagonal)")
     parser.add_argument("--out", required=True, help="output directory for the quantized model")
     parser.add_argument("--quantize-head", action="store_true", help="also quantize lm_head")
 
@@ -452,7 +507,8 @@ def run_cli(args):
         report = quantize_model(model, args.scheme, args.group_size, skip=skip)
     else:
         report = quantize_calibrated(model, args.method, calib, args.group_size, skip=skip,
-                                     calib_info={"source": str(source), "seed": args.seed})
+                                     calib_info={"source": str(source), "seed": args.seed},
+                                     act_order=args.act_order, damp=args.damp)
     save_quantized_model(model, args.out, report, Path(args.model_dir) / "tokenizer.json")
     print(f"{args.scheme} ({args.method}): {len(report.layers)} layers quantized, {len(report.skipped)} kept in float; "
           f"{report.bytes_before / 1e6:.2f} MB -> {report.bytes_after / 1e6:.2f} MB ({report.ratio:.2f}x) -> {args.out}")
