@@ -93,12 +93,16 @@ void gemv_int4_rows(const QLinearArgs& a, int64_t n0, const float* xp, int64_t k
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
     for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();
+  prefetch_next_zeros(zp, R * ng);
   for (int64_t c = 0; c < nchunks; ++c) {
     const int64_t blocks = std::min<int64_t>(4, (K - kChunk * c) / 32);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const uint8_t* src = q + r * row_bytes + 64 * c;
-      if (blocks == 4) prefetch_ahead(q + r * row_bytes, 64 * c, row_bytes, R * row_bytes);
+      if (blocks == 4) {
+        prefetch_ahead(q + r * row_bytes, 64 * c, row_bytes, R * row_bytes);
+        prefetch_scales_ahead<G>(sc + r * ng, c, ng, R);
+      }
 #pragma GCC unroll 2
       for (int h = 0; h < 2; ++h) {
         if (2 * h >= blocks) break;

@@ -105,10 +105,12 @@ void gemv_int4_rows(const QLinearArgs& a, int64_t n0, const float* xp, int64_t k
 #pragma GCC unroll 8
     for (int m = 0; m < M; ++m) acc[r][m] = _mm512_fmadd_ps(ac[m], sv, acc[r][m]);
   };
+  prefetch_next_zeros(zp, R * ng);
   for (int64_t c = 0; c < full; ++c) {
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       prefetch_ahead(q + r * row_bytes, 64 * c, row_bytes, R * row_bytes);
+      prefetch_scales_ahead<G>(sc + r * ng, c, ng, R);
       chunk(r, c, _mm512_loadu_si512(q + r * row_bytes + 64 * c), 0xF);
     }
   }
