@@ -1,11 +1,13 @@
 // Pieces of the quantized GEMV (M <= 4) shared by the AVX2 and AVX-512 paths: the thread split over
-// rows, the prefetch of the row streams, and the int4 kernels' view of a packed row.
+// rows, the prefetch of the row streams, the int4 kernels' view of a packed row, and the driver
+// (run_qgemv) over the row kernels each ISA file defines.
 //
 // Included by one .cpp per ISA (compiled with its own flags): everything is in an anonymous namespace.
 #pragma once
 #include <immintrin.h>
 
 #include <cstdint>
+#include <vector>
 
 #include "quant/qlinear.h"
 
@@ -95,6 +97,49 @@ inline void permute_x(const float* x, int64_t K, int64_t G, float* xp, float* xs
     for (int64_t k = g * G; k < (g + 1) * G; k += 4) s = _mm_add_ps(s, _mm_loadu_ps(x + k));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     xsum[g] = _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+  }
+}
+
+// The row kernels, defined by the .cpp of each ISA: R weight rows from n0, M activation rows.
+template <int M, int R>
+void gemv_int8_rows(const QLinearArgs& a, int64_t n0);
+template <int M, int R, int G>
+void gemv_int4_rows(const QLinearArgs& a, int64_t n0, const float* xp, int64_t kc, const float* xsum);
+
+// R weight rows per block: R x M accumulators plus the x and weight vectors fit 16 ymm / 32 zmm.
+template <int M>
+constexpr int kGemvRows = M == 1 ? 8 : M == 2 ? 4 : 2;
+
+template <int M, int G>
+void gemv_int4(const QLinearArgs& a) {
+  constexpr int R = kGemvRows<M>;
+  const int64_t K = a.w.k, kc = (K + kChunk - 1) / kChunk * kChunk, ng = K / G;
+  std::vector<float> xp(M * kc), xsum(M * ng);
+  for (int m = 0; m < M; ++m) permute_x(a.x + m * K, K, G, xp.data() + m * kc, xsum.data() + m * ng);
+  over_rows<R>(a, [&](int64_t n) { gemv_int4_rows<M, R, G>(a, n, xp.data(), kc, xsum.data()); },
+               [&](int64_t n) { gemv_int4_rows<M, 1, G>(a, n, xp.data(), kc, xsum.data()); });
+}
+
+template <int M>
+void gemv(const QLinearArgs& a) {
+  if (a.w.scheme == QScheme::int8) {
+    constexpr int R = kGemvRows<M>;
+    return over_rows<R>(a, [&](int64_t n) { gemv_int8_rows<M, R>(a, n); },
+                        [&](int64_t n) { gemv_int8_rows<M, 1>(a, n); });
+  }
+  switch (a.w.group) {
+    case 32: return gemv_int4<M, 32>(a);
+    case 64: return gemv_int4<M, 64>(a);
+    default: return gemv_int4<M, 128>(a);
+  }
+}
+
+inline void run_qgemv(const QLinearArgs& a) {
+  switch (a.m) {
+    case 1: return gemv<1>(a);
+    case 2: return gemv<2>(a);
+    case 3: return gemv<3>(a);
+    default: return gemv<4>(a);
   }
 }
 

@@ -7,8 +7,6 @@
 // W8A8 without VNNI: int8 -> int16 and vpmaddwd (pairs into int32, no saturation), exact.
 #include <immintrin.h>
 
-#include <vector>
-
 #include "common/gemm_f32_avx512.h"
 #include "quant/qgemm_blocked.h"
 #include "quant/qgemv.h"
@@ -141,30 +139,6 @@ void gemv_int4_rows(const QLinearArgs& a, int64_t n0, const float* xp, int64_t k
   }
 }
 
-template <int M, int G>
-void gemv_int4(const QLinearArgs& a) {
-  constexpr int R = M == 1 ? 8 : M == 2 ? 4 : 2;   // R x M accumulators + M partial sums fit 32 zmm
-  const int64_t K = a.w.k, kc = (K + kChunk - 1) / kChunk * kChunk, ng = K / G;
-  std::vector<float> xp(M * kc), xsum(M * ng);
-  for (int m = 0; m < M; ++m) permute_x(a.x + m * K, K, G, xp.data() + m * kc, xsum.data() + m * ng);
-  over_rows<R>(a, [&](int64_t n) { gemv_int4_rows<M, R, G>(a, n, xp.data(), kc, xsum.data()); },
-               [&](int64_t n) { gemv_int4_rows<M, 1, G>(a, n, xp.data(), kc, xsum.data()); });
-}
-
-template <int M>
-void gemv(const QLinearArgs& a) {
-  if (a.w.scheme == QScheme::int8) {
-    constexpr int R = M == 1 ? 8 : M == 2 ? 4 : 2;
-    return over_rows<R>(a, [&](int64_t n) { gemv_int8_rows<M, R>(a, n); },
-                        [&](int64_t n) { gemv_int8_rows<M, 1>(a, n); });
-  }
-  switch (a.w.group) {
-    case 32: return gemv_int4<M, 32>(a);
-    case 64: return gemv_int4<M, 64>(a);
-    default: return gemv_int4<M, 128>(a);
-  }
-}
-
 // dots[m0 + i, n0 + r] for M rows starting at m0 and R weight rows starting at n0.
 template <int M, int R>
 void w8a8_rows(const W8A8Args& a, int64_t m0, int64_t n0) {
@@ -207,14 +181,7 @@ void w8a8_block(const W8A8Args& a, int64_t n0) {
 
 }  // namespace
 
-void qgemv_f32_avx512(const QLinearArgs& a) {
-  switch (a.m) {
-    case 1: return gemv<1>(a);
-    case 2: return gemv<2>(a);
-    case 3: return gemv<3>(a);
-    default: return gemv<4>(a);
-  }
-}
+void qgemv_f32_avx512(const QLinearArgs& a) { run_qgemv(a); }
 
 void qgemm_f32_avx512(const QLinearArgs& a) { run_qgemm<GemmTileAvx512>(a); }
 
