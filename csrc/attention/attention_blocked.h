@@ -424,10 +424,6 @@ struct Blocked {
     return V::load(buf);
   }
 
-  static void prefetch_rows(const void* p, int64_t bytes) {   // bytes from p into L1, line by line
-    for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(static_cast<const char*>(p) + i);
-  }
-
   static constexpr int64_t KC = 64;  // keys per chunk: scores of a chunk stay in one small stack array
 
   template <class T>
@@ -462,7 +458,7 @@ struct Blocked {
               const T* k0 = kc + (tok0 + jc + j) * D;
               // Fetch the V rows of these keys now: P . V reads them right after this chunk's scores,
               // and the hardware streamer restarts at each 4 KiB page when the reads switch from K to V.
-              if (g == 0) prefetch_rows(vc + (tok0 + jc + j) * D, 4 * D * sizeof(T));
+              if (g == 0) prefetch_row(vc + (tok0 + jc + j) * D, 4 * D * sizeof(T));
               reg s0 = V::zero(), s1 = V::zero(), s2 = V::zero(), s3 = V::zero();
               for (int64_t c = 0; c < nfull; ++c) {
                 const reg qv = V::load(qg + c * W);

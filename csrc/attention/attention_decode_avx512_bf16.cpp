@@ -44,10 +44,6 @@ inline __mmask64 first_n64(int64_t n) { return n <= 0 ? 0 : n >= 64 ? ~0ull : (1
 inline __mmask32 first_n32(int64_t n) { return n <= 0 ? 0 : n >= 32 ? 0xffffffffu : (1u << n) - 1; }
 inline __mmask16 first_n16(int64_t n) { return n <= 0 ? 0 : n >= 16 ? 0xffff : static_cast<__mmask16>((1u << n) - 1); }
 
-inline void prefetch_row(const void* p, int64_t bytes) {
-  for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(static_cast<const char*>(p) + i, _MM_HINT_T0);
-}
-
 // v[0..8) -> their horizontal sums, in order (int32 or fp32 lanes: I = __m512i or __m512).
 template <class I>
 inline I hsum8(const I v[8]) {
