@@ -152,8 +152,9 @@ def test_int4_bf16_activations_are_as_precise_as_torch_bf16(isa, group):
 @pytest.mark.parametrize("scheme,group,K", [("int8", 0, 333), ("int4", 32, 672), ("int4", 64, 704),
                                             ("int4", 128, 640)])
 def test_threaded_gemv_at_odd_sizes(isa, scheme, group, K):
-    """Weights above the GEMV's one-thread cutoff (128 KiB): the threaded row split, rows left over
-    after the last full block of rows, and K ending in a partial 128-weight chunk (672, 704)."""
+    """Weights above the GEMV's one-thread cutoff (128 KiB): the threaded row split, blocks whose
+    streams each sweep several rows (8 at these K), rows left over after the last full block, and K
+    ending in a partial 128-weight chunk (672, 704)."""
     g = torch.Generator().manual_seed(K)
     qt = quantize(torch.randn(1037, K, generator=g), scheme, group or 32)
     assert qt.data.numel() > 1 << 17

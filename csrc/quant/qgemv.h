@@ -6,6 +6,7 @@
 #pragma once
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -15,32 +16,47 @@ namespace quark {
 namespace {
 
 // Both GEMVs stream R weight rows at once (R independent DRAM streams keep more misses in flight than
-// one) and prefetch each stream kPrefetch bytes ahead; a prefetch that runs past the end of its row
-// jumps to the same row of the next block of R, the one this thread usually reads next.
-// 1 KiB per stream measured best on Sapphire Rapids (512 B to 4 KiB within a few percent; T1/T2 hints
-// the same, NTA 40% slower); without prefetch int8 streams ~15% slower.
+// one) and prefetch each stream kPrefetch bytes ahead (within or past the end of its row, see
+// over_rows). 1 KiB per stream measured best on Sapphire Rapids (512 B to 4 KiB within a few percent;
+// T1/T2 hints the same, NTA 40% slower); without prefetch int8 streams ~15% slower.
 constexpr int64_t kPrefetch = 1024;
 
-inline void prefetch_ahead(const uint8_t* row, int64_t pos, int64_t row_bytes, int64_t block_bytes) {
+inline void prefetch_ahead(const uint8_t* row, int64_t pos, int64_t row_bytes, int64_t wrap_bytes) {
   const int64_t ahead = pos + kPrefetch;
-  _mm_prefetch(reinterpret_cast<const char*>(row + (ahead < row_bytes ? ahead : ahead - row_bytes + block_bytes)),
+  _mm_prefetch(reinterpret_cast<const char*>(row + (ahead < row_bytes ? ahead : ahead - row_bytes + wrap_bytes)),
                _MM_HINT_T0);
 }
 
-// Threads over N in blocks of R rows. A guided schedule hands out long contiguous runs of blocks first
+// Each of the R streams sweeps P consecutive rows, ~kStreamBytes of contiguous memory in ascending
+// order: a block is R P rows, and pass p < P of a row kernel over it reads rows n0 + p + r P (r < R).
+// The L2 hardware streamer follows such long runs across pages; with one row per stream (P = 1) the
+// streams were short (2 KiB int4 rows at K = 4096) and several shared each 4 KiB page, and it did
+// little. Measured at M = 1 with weights from DRAM, in one run against P = 1 and R = 8: int4 +15-25%,
+// int8 +3-8%; R = 4 streams of 32 KiB beat 8 or 16 streams and 16 or 64 KiB.
+constexpr int64_t kStreamBytes = 32 << 10;
+
+// Threads over N in blocks of R P rows. A guided schedule hands out long contiguous runs of blocks first
 // and short ones at the end, so a thread that lost time (another job on its core) does not leave the
 // other waiting at the barrier: measured 5-15% faster than one static slab per thread at M = 1, quiet.
-// Below kParallelBytes of weights one thread finishes before a parallel region would start.
+// P is capped to leave at least 32 blocks, enough for that schedule to split. Below kParallelBytes of
+// weights one thread finishes before a parallel region would start.
 constexpr int64_t kParallelBytes = 1 << 17;
 
+// rows(n0, stride, wrap): R rows n0 + r stride; a prefetch that runs past the end of a row continues
+// `wrap` rows after it: the stream's next row, or after its last row the stream's first row in the
+// next block (the block this thread usually reads next). tail_row(n): one of the N % (R P) rows left.
 template <int R, class Rows, class Tail>
-void over_rows(const QLinearArgs& a, Rows rows, Tail tail_row) {
-  const int64_t N = a.w.n, full = N / R, tasks = full + N % R;
-  const int64_t bytes = a.w.scheme == QScheme::int8 ? N * a.w.k : N * a.w.k / 2;
-#pragma omp parallel for schedule(guided, 4) if (bytes > kParallelBytes)
+void over_rows(const QLinearArgs& a, int64_t row_bytes, Rows rows, Tail tail_row) {
+  const int64_t N = a.w.n;
+  const int64_t P = std::max<int64_t>(1, std::min(kStreamBytes / row_bytes, N / (32 * R)));
+  const int64_t block = R * P, full = N / block, tasks = full + N % block;
+#pragma omp parallel for schedule(guided, 4) if (N * row_bytes > kParallelBytes)
   for (int64_t t = 0; t < tasks; ++t) {
-    if (t < full) rows(t * R);
-    else tail_row(full * R + (t - full));
+    if (t < full) {
+      for (int64_t p = 0; p < P; ++p) rows(t * block + p, P, p + 1 < P ? 1 : block - P + 1);
+    } else {
+      tail_row(full * block + (t - full));
+    }
   }
 }
 
@@ -60,17 +76,20 @@ constexpr int chunk_pos(int i, int d) { return 32 * (d / 4) + 4 * (d % 4) + i / 
 
 // int4 scales and zero points (R rows x K/G each, beside the weights) are prefetched as well, worth a
 // few percent at G = 32 where they are a quarter of the bytes: each row's scales the same way as its
-// weights (one prefetch per 64-byte line of scales, every G/8 chunks), and at the start of a block the
-// zero points of the next block, which the correction after the main loop then finds in cache.
+// weights (one prefetch per 64-byte line of scales, every G/8 chunks), and at the start of a pass the
+// zero points of the rows the next pass reads (`wrap` rows on), which its correction after the main
+// loop then finds in cache.
 template <int G>
-inline void prefetch_scales_ahead(const float* row_scales, int64_t c, int64_t ng, int64_t block_rows) {
+inline void prefetch_scales_ahead(const float* row_scales, int64_t c, int64_t ng, int64_t wrap) {
   if (c % (G / 8) == 0)
-    prefetch_ahead(reinterpret_cast<const uint8_t*>(row_scales), 4 * c * kChunk / G, 4 * ng, 4 * block_rows * ng);
+    prefetch_ahead(reinterpret_cast<const uint8_t*>(row_scales), 4 * c * kChunk / G, 4 * ng, 4 * wrap * ng);
 }
 
-inline void prefetch_next_zeros(const uint8_t* block_zeros, int64_t block_groups) {
-  for (int64_t b = 0; b < block_groups; b += 64)
-    _mm_prefetch(reinterpret_cast<const char*>(block_zeros + block_groups + b), _MM_HINT_T0);
+template <int R>
+inline void prefetch_next_zeros(const uint8_t* row_zeros, int64_t ng, int64_t stride, int64_t wrap) {
+  for (int r = 0; r < R; ++r)
+    for (int64_t b = 0; b < ng; b += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(row_zeros + (wrap + r * stride) * ng + b), _MM_HINT_T0);
 }
 
 // x (K) -> xp (K rounded up to kChunk, zero past K: the caller zero-fills it) in chunk order, and
@@ -100,15 +119,17 @@ inline void permute_x(const float* x, int64_t K, int64_t G, float* xp, float* xs
   }
 }
 
-// The row kernels, defined by the .cpp of each ISA: R weight rows from n0, M activation rows.
+// The row kernels, defined by the .cpp of each ISA, over the rows over_rows hands them: R weight rows
+// n0 + r stride, M activation rows.
 template <int M, int R>
-void gemv_int8_rows(const QLinearArgs& a, int64_t n0);
+void gemv_int8_rows(const QLinearArgs& a, int64_t n0, int64_t stride, int64_t wrap);
 template <int M, int R, int G>
-void gemv_int4_rows(const QLinearArgs& a, int64_t n0, const float* xp, int64_t kc, const float* xsum);
+void gemv_int4_rows(const QLinearArgs& a, int64_t n0, int64_t stride, int64_t wrap, const float* xp, int64_t kc,
+                    const float* xsum);
 
 // R weight rows per block: R x M accumulators plus the x and weight vectors fit 16 ymm / 32 zmm.
 template <int M>
-constexpr int kGemvRows = M == 1 ? 8 : M == 2 ? 4 : 2;
+constexpr int kGemvRows = M <= 2 ? 4 : 2;
 
 template <int M, int G>
 void gemv_int4(const QLinearArgs& a) {
@@ -116,16 +137,20 @@ void gemv_int4(const QLinearArgs& a) {
   const int64_t K = a.w.k, kc = (K + kChunk - 1) / kChunk * kChunk, ng = K / G;
   std::vector<float> xp(M * kc), xsum(M * ng);
   for (int m = 0; m < M; ++m) permute_x(a.x + m * K, K, G, xp.data() + m * kc, xsum.data() + m * ng);
-  over_rows<R>(a, [&](int64_t n) { gemv_int4_rows<M, R, G>(a, n, xp.data(), kc, xsum.data()); },
-               [&](int64_t n) { gemv_int4_rows<M, 1, G>(a, n, xp.data(), kc, xsum.data()); });
+  over_rows<R>(a, K / 2,
+               [&](int64_t n0, int64_t stride, int64_t wrap) {
+                 gemv_int4_rows<M, R, G>(a, n0, stride, wrap, xp.data(), kc, xsum.data());
+               },
+               [&](int64_t n) { gemv_int4_rows<M, 1, G>(a, n, 1, 1, xp.data(), kc, xsum.data()); });
 }
 
 template <int M>
 void gemv(const QLinearArgs& a) {
   if (a.w.scheme == QScheme::int8) {
     constexpr int R = kGemvRows<M>;
-    return over_rows<R>(a, [&](int64_t n) { gemv_int8_rows<M, R>(a, n); },
-                        [&](int64_t n) { gemv_int8_rows<M, 1>(a, n); });
+    return over_rows<R>(a, a.w.k,
+                        [&](int64_t n0, int64_t stride, int64_t wrap) { gemv_int8_rows<M, R>(a, n0, stride, wrap); },
+                        [&](int64_t n) { gemv_int8_rows<M, 1>(a, n, 1, 1); });
   }
   switch (a.w.group) {
     case 32: return gemv_int4<M, 32>(a);

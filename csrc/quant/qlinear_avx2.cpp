@@ -29,7 +29,7 @@ inline int32_t hsum_epi32(__m256i v) {
 }
 
 template <int M, int R>
-void gemv_int8_rows(const QLinearArgs& a, int64_t n0) {
+void gemv_int8_rows(const QLinearArgs& a, int64_t n0, int64_t stride, int64_t wrap) {
   const int64_t K = a.w.k, N = a.w.n;
   const uint8_t* w = a.w.data + n0 * K;
   __m256 acc[R][M];
@@ -38,7 +38,7 @@ void gemv_int8_rows(const QLinearArgs& a, int64_t n0) {
 #pragma GCC unroll 4
     for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();
   auto step = [&](int r, int64_t k) {
-    const __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + r * K + k))));
+    const __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + r * stride * K + k))));
 #pragma GCC unroll 4
     for (int m = 0; m < M; ++m) acc[r][m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(a.x + m * K + k), acc[r][m]);
   };
@@ -46,7 +46,7 @@ void gemv_int8_rows(const QLinearArgs& a, int64_t n0) {
   for (; k + 64 <= K; k += 64) {
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      prefetch_ahead(w + r * K, k, K, R * K);
+      prefetch_ahead(w + r * stride * K, k, K, wrap * K);
 #pragma GCC unroll 8
       for (int u = 0; u < 8; ++u) step(r, k + 8 * u);
     }
@@ -59,9 +59,9 @@ void gemv_int8_rows(const QLinearArgs& a, int64_t n0) {
 #pragma GCC unroll 4
     for (int m = 0; m < M; ++m) {
       float y = hsum(acc[r][m]);
-      for (int64_t t = k; t < K; ++t) y += static_cast<float>(static_cast<int8_t>(w[r * K + t])) * a.x[m * K + t];
-      y *= a.w.scales[n0 + r];
-      a.out[m * N + n0 + r] = a.bias ? y + a.bias[n0 + r] : y;
+      for (int64_t t = k; t < K; ++t) y += static_cast<float>(static_cast<int8_t>(w[r * stride * K + t])) * a.x[m * K + t];
+      y *= a.w.scales[n0 + r * stride];
+      a.out[m * N + n0 + r * stride] = a.bias ? y + a.bias[n0 + r * stride] : y;
     }
 }
 
@@ -81,7 +81,8 @@ inline __m256 half_scales(const float* s, int64_t c, int h, int64_t blocks) {
 }
 
 template <int M, int R, int G>
-void gemv_int4_rows(const QLinearArgs& a, int64_t n0, const float* xp, int64_t kc, const float* xsum) {
+void gemv_int4_rows(const QLinearArgs& a, int64_t n0, int64_t stride, int64_t wrap, const float* xp, int64_t kc,
+                    const float* xsum) {
   const int64_t K = a.w.k, N = a.w.n, ng = K / G, row_bytes = K / 2, nchunks = (K + kChunk - 1) / kChunk;
   const uint8_t* q = a.w.data + n0 * row_bytes;
   const float* sc = a.w.scales + n0 * ng;
@@ -92,15 +93,15 @@ void gemv_int4_rows(const QLinearArgs& a, int64_t n0, const float* xp, int64_t k
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
     for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();
-  prefetch_next_zeros(zp, R * ng);
+  prefetch_next_zeros<R>(zp, ng, stride, wrap);
   for (int64_t c = 0; c < nchunks; ++c) {
     const int64_t blocks = std::min<int64_t>(4, (K - kChunk * c) / 32);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const uint8_t* src = q + r * row_bytes + 64 * c;
+      const uint8_t* src = q + r * stride * row_bytes + 64 * c;
       if (blocks == 4) {
-        prefetch_ahead(q + r * row_bytes, 64 * c, row_bytes, R * row_bytes);
-        prefetch_scales_ahead<G>(sc + r * ng, c, ng, R);
+        prefetch_ahead(q + r * stride * row_bytes, 64 * c, row_bytes, wrap * row_bytes);
+        prefetch_scales_ahead<G>(sc + r * stride * ng, c, ng, wrap);
       }
 #pragma GCC unroll 2
       for (int h = 0; h < 2; ++h) {
@@ -121,7 +122,7 @@ void gemv_int4_rows(const QLinearArgs& a, int64_t n0, const float* xp, int64_t k
 #pragma GCC unroll 4
           for (int m = 0; m < M; ++m) ac[m] = _mm256_fmadd_ps(wi, _mm256_loadu_ps(xc + m * kc + 16 * i), ac[m]);
         }
-        const __m256 sv = half_scales<G>(sc + r * ng, c, h, blocks);
+        const __m256 sv = half_scales<G>(sc + r * stride * ng, c, h, blocks);
 #pragma GCC unroll 4
         for (int m = 0; m < M; ++m) acc[r][m] = _mm256_fmadd_ps(ac[m], sv, acc[r][m]);
       }
@@ -134,16 +135,16 @@ void gemv_int4_rows(const QLinearArgs& a, int64_t n0, const float* xp, int64_t k
     for (int m = 0; m < M; ++m) corr[m] = _mm256_setzero_ps();
     int64_t g = 0;
     for (; g + 8 <= ng; g += 8) {
-      const __m256 sz = _mm256_mul_ps(_mm256_loadu_ps(sc + r * ng + g), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
-                                                                            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(zp + r * ng + g)))));
+      const __m256 sz = _mm256_mul_ps(_mm256_loadu_ps(sc + r * stride * ng + g), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+                                                                            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(zp + r * stride * ng + g)))));
 #pragma GCC unroll 4
       for (int m = 0; m < M; ++m) corr[m] = _mm256_fmadd_ps(sz, _mm256_loadu_ps(xsum + m * ng + g), corr[m]);
     }
 #pragma GCC unroll 4
     for (int m = 0; m < M; ++m) {
       float y = hsum(_mm256_sub_ps(acc[r][m], corr[m]));
-      for (int64_t t = g; t < ng; ++t) y -= sc[r * ng + t] * static_cast<float>(zp[r * ng + t]) * xsum[m * ng + t];
-      a.out[m * N + n0 + r] = a.bias ? y + a.bias[n0 + r] : y;
+      for (int64_t t = g; t < ng; ++t) y -= sc[r * stride * ng + t] * static_cast<float>(zp[r * stride * ng + t]) * xsum[m * ng + t];
+      a.out[m * N + n0 + r * stride] = a.bias ? y + a.bias[n0 + r * stride] : y;
     }
   }
 }

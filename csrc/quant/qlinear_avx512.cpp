@@ -16,7 +16,7 @@ namespace quark {
 namespace {
 
 template <int M, int R>
-void gemv_int8_rows(const QLinearArgs& a, int64_t n0) {
+void gemv_int8_rows(const QLinearArgs& a, int64_t n0, int64_t stride, int64_t wrap) {
   const int64_t K = a.w.k, N = a.w.n;
   const uint8_t* w = a.w.data + n0 * K;
   __m512 acc[R][M];
@@ -28,10 +28,10 @@ void gemv_int8_rows(const QLinearArgs& a, int64_t n0) {
   for (; k + 64 <= K; k += 64) {
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
-      prefetch_ahead(w + r * K, k, K, R * K);
+      prefetch_ahead(w + r * stride * K, k, K, wrap * K);
 #pragma GCC unroll 4
       for (int u = 0; u < 4; ++u) {
-        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * K + k + 16 * u));
+        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * stride * K + k + 16 * u));
         const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
 #pragma GCC unroll 8
         for (int m = 0; m < M; ++m) acc[r][m] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(a.x + m * K + k + 16 * u), acc[r][m]);
@@ -42,7 +42,7 @@ void gemv_int8_rows(const QLinearArgs& a, int64_t n0) {
     const __mmask16 mk = K - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (K - k)) - 1);
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
-      const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, w + r * K + k)));
+      const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, w + r * stride * K + k)));
 #pragma GCC unroll 8
       for (int m = 0; m < M; ++m) acc[r][m] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mk, a.x + m * K + k), acc[r][m]);
     }
@@ -51,8 +51,8 @@ void gemv_int8_rows(const QLinearArgs& a, int64_t n0) {
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
     for (int m = 0; m < M; ++m) {
-      const float y = _mm512_reduce_add_ps(acc[r][m]) * a.w.scales[n0 + r];
-      a.out[m * N + n0 + r] = a.bias ? y + a.bias[n0 + r] : y;
+      const float y = _mm512_reduce_add_ps(acc[r][m]) * a.w.scales[n0 + r * stride];
+      a.out[m * N + n0 + r * stride] = a.bias ? y + a.bias[n0 + r * stride] : y;
     }
 }
 
@@ -75,7 +75,8 @@ inline __m512 chunk_scales(const float* s, int64_t c, __mmask8 mk) {
 // each index, so permutexvar(v >> 4i, {0, 1, ..., 15}) is nibble i as fp32 -- one shift and one permute
 // per 16 weights, no mask and no convert -- and every FMA is a plain 16-lane one against xp.
 template <int M, int R, int G>
-void gemv_int4_rows(const QLinearArgs& a, int64_t n0, const float* xp, int64_t kc, const float* xsum) {
+void gemv_int4_rows(const QLinearArgs& a, int64_t n0, int64_t stride, int64_t wrap, const float* xp, int64_t kc,
+                    const float* xsum) {
   const int64_t K = a.w.k, N = a.w.n, ng = K / G, row_bytes = K / 2, full = K / kChunk;
   const uint8_t* q = a.w.data + n0 * row_bytes;
   const float* sc = a.w.scales + n0 * ng;
@@ -99,17 +100,17 @@ void gemv_int4_rows(const QLinearArgs& a, int64_t n0, const float* xp, int64_t k
 #pragma GCC unroll 8
       for (int m = 0; m < M; ++m) ac[m] = _mm512_fmadd_ps(wi, _mm512_loadu_ps(xc + m * kc + 16 * i), ac[m]);
     }
-    const __m512 sv = chunk_scales<G>(sc + r * ng, c, smk);
+    const __m512 sv = chunk_scales<G>(sc + r * stride * ng, c, smk);
 #pragma GCC unroll 8
     for (int m = 0; m < M; ++m) acc[r][m] = _mm512_fmadd_ps(ac[m], sv, acc[r][m]);
   };
-  prefetch_next_zeros(zp, R * ng);
+  prefetch_next_zeros<R>(zp, ng, stride, wrap);
   for (int64_t c = 0; c < full; ++c) {
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
-      prefetch_ahead(q + r * row_bytes, 64 * c, row_bytes, R * row_bytes);
-      prefetch_scales_ahead<G>(sc + r * ng, c, ng, R);
-      chunk(r, c, _mm512_loadu_si512(q + r * row_bytes + 64 * c), 0xF);
+      prefetch_ahead(q + r * stride * row_bytes, 64 * c, row_bytes, wrap * row_bytes);
+      prefetch_scales_ahead<G>(sc + r * stride * ng, c, ng, wrap);
+      chunk(r, c, _mm512_loadu_si512(q + r * stride * row_bytes + 64 * c), 0xF);
     }
   }
   if (full * kChunk < K) {   // 1 to 3 blocks left: masked lanes read 0 -> nibble 0 -> 0 * xp pad
@@ -117,7 +118,7 @@ void gemv_int4_rows(const QLinearArgs& a, int64_t n0, const float* xp, int64_t k
     const __mmask16 wmk = static_cast<__mmask16>((1u << (4 * blocks)) - 1);
     const __mmask8 smk = static_cast<__mmask8>((1u << (blocks * 32 / G)) - 1);
 #pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) chunk(r, full, _mm512_maskz_loadu_epi32(wmk, q + r * row_bytes + 64 * full), smk);
+    for (int r = 0; r < R; ++r) chunk(r, full, _mm512_maskz_loadu_epi32(wmk, q + r * stride * row_bytes + 64 * full), smk);
   }
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
@@ -126,15 +127,15 @@ void gemv_int4_rows(const QLinearArgs& a, int64_t n0, const float* xp, int64_t k
     for (int m = 0; m < M; ++m) corr[m] = _mm512_setzero_ps();
     for (int64_t g = 0; g < ng; g += 16) {
       const __mmask16 mk = ng - g >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (ng - g)) - 1);
-      const __m512 sz = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, sc + r * ng + g),
-                                      _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mk, zp + r * ng + g))));
+      const __m512 sz = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, sc + r * stride * ng + g),
+                                      _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mk, zp + r * stride * ng + g))));
 #pragma GCC unroll 8
       for (int m = 0; m < M; ++m) corr[m] = _mm512_fmadd_ps(sz, _mm512_maskz_loadu_ps(mk, xsum + m * ng + g), corr[m]);
     }
 #pragma GCC unroll 8
     for (int m = 0; m < M; ++m) {
       const float y = _mm512_reduce_add_ps(_mm512_sub_ps(acc[r][m], corr[m]));
-      a.out[m * N + n0 + r] = a.bias ? y + a.bias[n0 + r] : y;
+      a.out[m * N + n0 + r * stride] = a.bias ? y + a.bias[n0 + r * stride] : y;
     }
   }
 }
