@@ -34,16 +34,17 @@ def outlier_model(seed=0):
 
 
 @pytest.mark.parametrize("act_order", [False, True])
-@pytest.mark.parametrize("group_size", [32, 128])
-def test_gptq_layer_beats_rtn_on_output_error(group_size, act_order):
+@pytest.mark.parametrize("group_size,K", [(32, 256), (128, 256), (128, 160)])   # 160: a padded last group
+def test_gptq_layer_beats_rtn_on_output_error(group_size, K, act_order):
     torch.manual_seed(1)
-    N, K = 48, 256
+    N = 48
     w = torch.randn(N, K) * 0.05
     x = correlated_inputs(512, K)
     h = x.T @ x / len(x)
     qt, loss = gptq_quantize(w, h, group_size, act_order=act_order)
     rtn = quantize(w, "int4", group_size)
     assert qt.scheme == "int4" and qt.group_size == group_size and qt.shape == (N, K) and loss > 0
+    assert qt.data.shape == rtn.data.shape and qt.scales.shape == rtn.scales.shape
     err_gptq = float((x @ (dequantize(qt) - w).T).norm())
     err_rtn = float((x @ (dequantize(rtn) - w).T).norm())
     assert err_gptq < 0.8 * err_rtn
@@ -76,8 +77,6 @@ def test_gptq_dead_inputs_and_errors():
     x[:, 5] = 0                      # an input that never fires: its weight is zeroed, H stays invertible
     qt, _ = gptq_quantize(w, x.T @ x / 100, 32)
     assert float(dequantize(qt)[:, 5].abs().max()) < float(qt.scales.max())
-    with pytest.raises(ValueError, match="multiple of group_size"):
-        gptq_quantize(torch.randn(8, 48), torch.eye(48), 32)
     with pytest.raises(ValueError, match="hessian must have shape"):
         gptq_quantize(w, torch.eye(32), 32)
 

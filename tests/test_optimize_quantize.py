@@ -1,5 +1,6 @@
 """quark.optimize.quantize: quantize_model, quantized model directories, the `quantize` step and CLI."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -35,7 +36,7 @@ def test_quantize_model_swaps_linears_and_shrinks(scheme):
     assert float((out - ref).norm() / ref.norm()) < 0.2
 
 
-def test_int4_layers_with_odd_k_stay_float_and_quantizer_hook():
+def test_int4_layers_with_odd_k_are_padded_and_quantizer_hook():
     net = torch.nn.Sequential(torch.nn.Linear(48, 64), torch.nn.Linear(64, 8))
     seen = []
 
@@ -45,7 +46,8 @@ def test_int4_layers_with_odd_k_stay_float_and_quantizer_hook():
         return quantize(linear.weight, "int4", 32)
 
     report = quantize_model(net, "int4", 32, skip=(), quantizer=quantizer)
-    assert report.layers == ["1"] and seen == ["1"] and "not a multiple of group_size" in report.skipped["0"]
+    assert report.layers == ["0", "1"] and seen == ["0", "1"] and report.skipped == {}
+    assert net[0].data.shape == (64, 32)   # in_features 48 padded to 64 (two groups of 32)
     with pytest.raises(ValueError, match="scheme must be one of"):
         quantize_model(net, "fp4")
 
@@ -118,6 +120,23 @@ def test_window_losses_and_paired_delta():
     assert two_se == pytest.approx(100 * 2 * float(d.std()) / 2 * np.exp(float(d.mean())))
 
 
+def test_step_quantizes_the_latest_or_the_best_model(tmp_path):
+    run = make_run_dir(tmp_path)
+    worse = tiny_model()
+    with torch.no_grad():
+        for p in worse.parameters():
+            p.add_(torch.randn_like(p))                        # an "aligned" model far worse on held-out text
+    save_model(worse, run / "sft" / "final")
+    cfg = {"seed": 0, "eval_tokens": 128, "decode_tokens": 2, "decode_repeats": 1, "schemes": ["int8"]}
+    latest = run_step(run, cfg)
+    assert latest["source"] == str(run / "sft" / "final") and latest["candidates"] == {}
+    best = run_step(run, {**cfg, "model": "best"})
+    assert best["source"] == str(run / "pretrain" / "final")
+    assert set(best["candidates"]) == {str(run / "sft" / "final"), str(run / "pretrain" / "final")}
+    assert best["candidates"][best["source"]] < best["candidates"][str(run / "sft" / "final")]
+    assert best["float"]["perplexity"] < latest["float"]["perplexity"]   # re-measured for the new source
+
+
 def test_step_config_and_input_errors(tmp_path):
     with pytest.raises(ConfigError, match="schemes"):
         validate_config({"schemes": ["int2"]})
@@ -128,11 +147,13 @@ def test_step_config_and_input_errors(tmp_path):
     with pytest.raises(ConfigError, match="methods"):
         validate_config({"methods": ["smoothquant"]})
     run = make_run_dir(tmp_path)
+    shutil.copytree(run / "pack", tmp_path / "no-model" / "pack")
+    for model in ("latest", "best"):
+        with pytest.raises(FileNotFoundError, match="no trained model"):
+            run_step(tmp_path / "no-model", {"seed": 0, "model": model})
     (run / "pack" / "meta.json").write_text("{}")
     with pytest.raises(ValueError, match="dtype"):
         run_step(run, {"seed": 0})
-    with pytest.raises(FileNotFoundError, match="no trained model"):
-        run_step(tmp_path / "empty", {"seed": 0})
 
 
 def test_cli(tmp_path, capsys):

@@ -206,8 +206,6 @@ def test_bad_inputs_raise_clear_errors():
         qlinear(torch.randn(2, 64), qt, torch.randn(7))
     with pytest.raises(TypeError, match="QuantizedTensor"):
         qlinear(torch.randn(2, 64), torch.randn(8, 64))
-    with pytest.raises(ValueError, match="not a multiple of group_size 32"):
-        quantize(torch.randn(8, 48), "int4", 32)
     with pytest.raises(ValueError, match="group_size must be one of"):
         quantize(torch.randn(8, 64), "int4", 16)
     with pytest.raises(ValueError, match="scheme must be one of"):
@@ -230,6 +228,34 @@ def test_zero_rows_and_constant_weights():
         assert torch.allclose(dequantize(qt), w, atol=1e-7)
         y = qlinear(torch.zeros(3, 64), qt)
         assert torch.equal(y, torch.zeros(3, 4))
+
+
+@pytest.mark.parametrize("isa", AVAILABLE)
+@pytest.mark.parametrize("group,K", [(128, 160), (64, 100), (32, 48)])
+def test_int4_pads_k_to_whole_groups(tmp_path, isa, group, K):
+    """K not a multiple of the group: zero weights pad the last group; its grid comes from the real
+    weights alone (the same scale and zero point as quantizing them as a group of their own)."""
+    g = torch.Generator().manual_seed(K)
+    w = torch.randn(40, K, generator=g)
+    qt = quantize(w, "int4", group)
+    Kp = -(-K // group) * group
+    assert qt.shape == (40, K) and qt.packed_k == Kp
+    assert qt.data.shape == (40, Kp // 2) and qt.scales.shape == qt.zeros.shape == (40, Kp // group)
+    assert dequantize(qt).shape == (40, K) and rel(dequantize(qt), w) < 0.105   # as whole groups of this size
+    tail = K - K % group
+    if (K - tail) % 32 == 0:
+        alone = quantize(w[:, tail:], "int4", 32)
+        assert torch.equal(qt.scales[:, -1], alone.scales[:, 0]) and torch.equal(qt.zeros[:, -1], alone.zeros[:, 0])
+    bias = torch.randn(40, generator=g)
+    for M in (1, 3, 5, 13):
+        x = torch.randn(M, K, generator=g)
+        with quark.isa(isa):
+            y = qlinear(x, qt, bias)
+        assert y.shape == (M, 40) and rel(y, ref64(x, qt, bias)) < 1e-5
+    back = QuantizedTensor.load(qt.save(tmp_path / "w.safetensors"))
+    assert back.shape == (40, K) and torch.equal(dequantize(back), dequantize(qt))
+    with pytest.raises(ValueError, match="scales must have shape"):
+        QuantizedTensor("int4", (40, K), qt.data, qt.scales[:, :1], qt.zeros[:, :1], group)
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4", "w8a8"])

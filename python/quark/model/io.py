@@ -87,3 +87,21 @@ def latest_model_dir(run_dir):
         if (d / "model.safetensors").exists():
             return d
     raise FileNotFoundError(f"{run_dir} holds no trained model (looked for {', '.join(MODEL_STEPS)}/final)")
+
+
+def pick_model(run_dir, choice, held_out_loss):
+    """(model directory, {candidate directory: held-out loss}) for a step's model setting:
+    "latest" (latest_model_dir), "best" (the run's final model with the lowest held_out_loss(model)),
+    or a model directory. Alignment (sft, dpo) trades some held-out perplexity for behaviour, so the
+    steps that judge a model by perplexity (distill's teacher, quantize) can ask for "best"."""
+    if choice not in ("best", "latest"):
+        return Path(choice), {}
+    if choice == "latest":
+        return latest_model_dir(run_dir), {}
+    losses = {}
+    for d in (Path(run_dir) / step / "final" for step in MODEL_STEPS):
+        if (d / "model.safetensors").exists():
+            losses[str(d)] = round(float(held_out_loss(load_model(d), d)), 4)
+    if not losses:
+        return latest_model_dir(run_dir), {}   # raises: no trained model
+    return Path(min(losses, key=losses.get)), losses

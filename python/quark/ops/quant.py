@@ -4,8 +4,11 @@ Schemes (a QuantizedTensor of weights W (N, K) = (out_features, in_features)):
   "int8"  symmetric per output channel: W ~ q * s[n], q int8 in [-127, 127].
   "int4"  asymmetric per group of `group_size` (32, 64, 128) along K: W ~ (q - z) * s, q and the zero
           point z in [0, 15], two values per byte in blocks of 32 (see csrc/quant/qlinear.h).
-          K must be a multiple of group_size: we raise rather than pad, so the stored tensor always
-          has the shape of the layer it replaces.
+          When K is not a multiple of group_size, the packed tensors are padded with zero weights to
+          Kp = K rounded up to the group (data (N, Kp/2), scales and zeros (N, Kp/G)): the last group
+          holds K % G real weights, and its scale and zero point are chosen from those alone (zero is
+          always on the grid, so the padding rounds exactly and adds no error). The shape stays (N, K);
+          dequantize drops the padding and qlinear pads x with zeros to Kp for the kernels.
   "w8a8"  int8 weights as above, and qlinear also quantizes activations per row (token) to int8
           (scale max|x|/127) so the dot products run in exact int32 (VNNI vpdpbusd where present).
 
@@ -56,6 +59,11 @@ class QuantizedTensor:
     @property
     def in_features(self):
         return self.shape[1]
+
+    @property
+    def packed_k(self):
+        """K as the packed tensors hold it: K rounded up to the group for int4, else K."""
+        return padded_k(self.shape[1], self.group_size) if self.scheme == "int4" else self.shape[1]
 
     @property
     def nbytes(self):
@@ -133,6 +141,11 @@ class QuantizedTensor:
         return f"QuantizedTensor(scheme={self.scheme!r}, shape={self.shape}{g}, nbytes={self.nbytes})"
 
 
+def padded_k(K, group_size):
+    """K rounded up to a whole number of int4 groups."""
+    return -(-K // group_size) * group_size
+
+
 def read_safetensors(path):
     """(tensors, metadata) of a safetensors file; a truncated or corrupted file raises ValueError."""
     from safetensors import SafetensorError, safe_open
@@ -174,11 +187,10 @@ def _validate(qt, where):
         G = qt.group_size
         if G not in GROUP_SIZES:
             raise ValueError(f"{where}: group_size must be one of {GROUP_SIZES}, got {G}")
-        if K % G:
-            raise ValueError(f"{where}: K={K} is not a multiple of group_size {G}")
-        _expect(where, "data", qt.data, torch.uint8, (N, K // 2))
-        _expect(where, "scales", qt.scales, torch.float32, (N, K // G))
-        _expect(where, "zeros", qt.zeros, torch.uint8, (N, K // G))
+        Kp = padded_k(K, G)
+        _expect(where, "data", qt.data, torch.uint8, (N, Kp // 2))
+        _expect(where, "scales", qt.scales, torch.float32, (N, Kp // G))
+        _expect(where, "zeros", qt.zeros, torch.uint8, (N, Kp // G))
         if qt.zeros.numel() and int(qt.zeros.max()) > 15:
             raise ValueError(f"{where}: int4 zero points must be in [0, 15], got {int(qt.zeros.max())}")
     else:
@@ -243,10 +255,8 @@ def quantize_rtn(w, scheme="int4", group_size=32):
         raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
     if group_size not in GROUP_SIZES:
         raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {group_size!r}")
-    if K % group_size:
-        raise ValueError(f"in_features K={K} is not a multiple of group_size {group_size}; int4 needs whole "
-                         f"groups (pick a group size dividing K, or use scheme='int8')")
-    g = w.view(N, K // group_size, group_size)                                   # (N, G, g)
+    Kp = padded_k(K, group_size)
+    g = torch.nn.functional.pad(w, (0, Kp - K)).view(N, Kp // group_size, group_size)   # (N, G, g)
     lo = g.amin(dim=2, keepdim=True).clamp(max=0)                                # 0 stays representable
     hi = g.amax(dim=2, keepdim=True).clamp(min=0)
     best = None
@@ -263,7 +273,7 @@ def quantize_rtn(w, scheme="int4", group_size=32):
             best = [torch.where(better, q, best[0]), torch.where(better, s, best[1]),
                     torch.where(better, z, best[2]), torch.minimum(err, best[3])]
     q, s, z, _ = best
-    return QuantizedTensor("int4", (N, K), _pack_int4(q.reshape(N, K)), s[..., 0].contiguous(),
+    return QuantizedTensor("int4", (N, K), _pack_int4(q.reshape(N, Kp)), s[..., 0].contiguous(),
                            z[..., 0].to(torch.uint8).contiguous(), group_size)
 
 
@@ -280,8 +290,9 @@ def dequantize(qt):
         raise TypeError(f"qt must be a QuantizedTensor, got {type(qt).__name__}")
     if qt.scheme == "int4":
         N, K = qt.shape
-        q = _unpack_int4(qt.data, K).view(N, K // qt.group_size, qt.group_size).float()
-        return ((q - qt.zeros.float()[..., None]) * qt.scales[..., None]).reshape(N, K)
+        Kp = qt.packed_k
+        q = _unpack_int4(qt.data, Kp).view(N, Kp // qt.group_size, qt.group_size).float()
+        return ((q - qt.zeros.float()[..., None]) * qt.scales[..., None]).reshape(N, Kp)[:, :K]
     return qt.data.float() * qt.scales[:, None]
 
 
@@ -293,6 +304,12 @@ def quantize_activations(x):
     safe = torch.where(amax > 0, amax, torch.ones_like(amax))
     inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / safe, torch.zeros_like(amax))
     return torch.round(x * inv[:, None]).to(torch.int8), amax / torch.full_like(amax, 127.0)
+
+
+def pad_to_packed(x, qt):
+    """x (..., K) zero-padded to (..., qt.packed_k), the K the kernels see; x itself when not padded."""
+    pad = qt.packed_k - qt.shape[1]
+    return torch.nn.functional.pad(x, (0, pad)) if pad else x
 
 
 def qlinear(x, qt, bias=None):
@@ -322,13 +339,13 @@ def qlinear(x, qt, bias=None):
         if qt.scheme == "w8a8":                    # the same activation rounding as the CPU kernels
             q, s = quantize_activations(xt.reshape(-1, K).float())
             xt = (q.float() * s[:, None]).to(xt.dtype).reshape(xt.shape)
-        return qmatmul(xt, "int4" if qt.scheme == "int4" else "int8", qt.data, qt.scales, qt.zeros,
+        return qmatmul(pad_to_packed(xt, qt), "int4" if qt.scheme == "int4" else "int8", qt.data, qt.scales, qt.zeros,
                        qt.group_size, bias)
     if device_of(xt) != "cpu" or qt.data.device.type != "cpu":
         from quark.ops import reference
         return reference.qlinear(xt, qt, bias)
     lead = xt.shape[:-1]
-    x2 = xt.reshape(-1, K)
+    x2 = pad_to_packed(xt.reshape(-1, K), qt)
     if x2.dtype != torch.float32:
         x2 = x2.float()
     b = None if bias is None else bias.detach().to(torch.float32).contiguous()

@@ -25,8 +25,9 @@ group's share of it by the group's diagonal block of H. So every calibration tok
 the cost of a grid point does not grow with the number of tokens (llm-awq subsamples instead).
 """
 import torch
+import torch.nn.functional as F
 
-from quark.ops.quant import dequantize, quantize_rtn
+from quark.ops.quant import dequantize, padded_k, quantize_rtn
 
 
 def _pseudo_quantize(w, group_size):
@@ -63,14 +64,18 @@ def search_scale(h, act, weights, group_size, n_grid=20):
 @torch.no_grad()
 def search_clip(w, h, group_size, n_grid=20, max_shrink=0.5, row_chunk=256):
     """Clip w (N, K) in place to the per-(row, group) threshold that minimises the quantized output
-    error over inputs with second moment h (K, K); returns the mean chosen fraction of the max |w|."""
-    N, K = w.shape
+    error over inputs with second moment h (K, K); returns the mean chosen fraction of the max |w|.
+    K not a multiple of the group: the last group is padded with zero weights and inputs (as the
+    int4 format pads it), which neither clip nor add error."""
+    N, K0 = w.shape
+    K = padded_k(K0, group_size)
+    h = F.pad(h, (0, K - K0, 0, K - K0))
     n_groups = K // group_size
     idx = torch.arange(K).view(n_groups, group_size)
     hg = h[idx[:, :, None], idx[:, None, :]]                                      # (G, g, g) diagonal blocks
     fractions = []
     for r0 in range(0, N, row_chunk):
-        wg = w[r0:r0 + row_chunk].float().view(-1, n_groups, group_size)           # (c, G, g)
+        wg = F.pad(w[r0:r0 + row_chunk].float(), (0, K - K0)).view(-1, n_groups, group_size)   # (c, G, g)
         amax = wg.abs().amax(dim=-1, keepdim=True)                                # (c, G, 1)
         best_err = torch.full(amax.shape, float("inf"))
         best_frac = torch.ones_like(amax)
@@ -83,7 +88,7 @@ def search_clip(w, h, group_size, n_grid=20, max_shrink=0.5, row_chunk=256):
             best_err = torch.where(better, err, best_err)
             best_frac = torch.where(better, torch.full_like(best_frac, frac), best_frac)
         m = amax * best_frac
-        w[r0:r0 + row_chunk] = torch.clamp(wg, -m, m).reshape(-1, K).to(w.dtype)
+        w[r0:r0 + row_chunk] = torch.clamp(wg, -m, m).reshape(-1, K)[:, :K0].to(w.dtype)
         fractions.append(best_frac.flatten())
     return float(torch.cat(fractions).mean())
 
@@ -137,7 +142,7 @@ def awq_model(model, calib, group_size=128, skip=("lm_head",), n_grid=20, clip=T
             """Search s for the layers reading one input, fold it; returns that input's new moment."""
             names = [f"blocks.{b}.{n}" for n in linears]
             mods = [block.get_submodule(n) for n in linears]
-            if any(skipped(n) for n in names) or any(m.in_features % group_size for m in mods):
+            if any(skipped(n) for n in names):
                 return h
             s, alpha, rtn_loss, loss = search_scale(h, act, [m.weight for m in mods], group_size, n_grid)
             fold(s)
@@ -166,7 +171,7 @@ def awq_model(model, calib, group_size=128, skip=("lm_head",), n_grid=20, clip=T
         for name, h in (("attn.wv", h_qkv), ("attn.wo", h_o), ("mlp.w1", h_mlp), ("mlp.w3", h_mlp),
                         ("mlp.w2", h_down)):
             m = block.get_submodule(name)
-            if clip and not skipped(f"blocks.{b}.{name}") and m.in_features % group_size == 0:
+            if clip and not skipped(f"blocks.{b}.{name}"):
                 clips.append(search_clip(m.weight, h, group_size, n_grid))
         x = out   # the next block sees the float outputs (scaling and clipping barely change them)
     return {"alpha": alphas, "error_vs_rtn": round(sum(ratios) / max(len(ratios), 1), 4),

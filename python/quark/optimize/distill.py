@@ -199,20 +199,12 @@ def _check_vocab(model, data, where):
 
 def pick_teacher(run_dir, choice, data, val):
     """(teacher directory, {candidate directory: held-out loss}) for DistillConfig.teacher."""
-    from quark.model.io import MODEL_STEPS, latest_model_dir, load_model
-    if choice not in ("best", "latest"):
-        return Path(choice), {}
-    if choice == "latest":
-        return latest_model_dir(run_dir), {}
-    losses = {}
-    for d in (run_dir / step / "final" for step in MODEL_STEPS):
-        if (d / "model.safetensors").exists():
-            model = load_model(d)
-            _check_vocab(model, data, d)
-            losses[str(d)] = round(evaluate(model, val), 4)
-    if not losses:
-        return latest_model_dir(run_dir), {}   # raises: no trained model
-    return Path(min(losses, key=losses.get)), losses
+    from quark.model.io import pick_model
+
+    def held_out_loss(model, where):
+        _check_vocab(model, data, where)
+        return evaluate(model, val)
+    return pick_model(run_dir, choice, held_out_loss)
 
 
 def train_student(cfg: GPTConfig, data, c: DistillConfig, alpha, teacher=None, cache=None, desc="student"):

@@ -8,7 +8,9 @@ quadratic (H = 2 X^T X / n). Using the upper Cholesky factor of H^-1 makes each 
 and processing columns in blocks makes most of the work one matrix product per block (the
 reference implementation's "lazy batch" updates).
 
-Groups: the int4 format is asymmetric per group of `group_size` columns (quark.ops.quant). The
+Groups: the int4 format is asymmetric per group of `group_size` columns (quark.ops.quant). When K
+is not a multiple of the group, W and H are padded with zero columns to the format's packed width:
+inputs that are always zero, whose weights stay zero and round exactly. The
 scale and zero point of a group are chosen when GPTQ reaches its first column, from the weights as
 already updated by the earlier groups' errors (as the reference does with groupsize), with the same
 clipping search as round-to-nearest. Block size = group size, so a group's parameters always see
@@ -19,8 +21,9 @@ The model is processed block by block: the calibration hidden states enter block
 """
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from quark.ops.quant import QuantizedTensor, _pack_int4, quantize_rtn
+from quark.ops.quant import QuantizedTensor, _pack_int4, padded_k, quantize_rtn
 
 
 def gptq_quantize(w, hessian, group_size=128, damp=0.01, act_order=False, block_size=128):
@@ -35,13 +38,12 @@ def gptq_quantize(w, hessian, group_size=128, damp=0.01, act_order=False, block_
     loss: the reference's objective sum((w - q)^2 / U_kk^2) / 2 over all weights, U the Cholesky factor
     of H^-1 (lower is better).
     """
-    W = w.detach().to(torch.float32).clone()                                     # (N, K)
-    N, K = W.shape
-    if K % group_size:
-        raise ValueError(f"in_features K={K} is not a multiple of group_size {group_size}")
-    if tuple(hessian.shape) != (K, K):
-        raise ValueError(f"hessian must have shape ({K}, {K}), got {tuple(hessian.shape)}")
-    H = hessian.detach().to(torch.float64).clone()
+    N, K0 = w.shape
+    if tuple(hessian.shape) != (K0, K0):
+        raise ValueError(f"hessian must have shape ({K0}, {K0}), got {tuple(hessian.shape)}")
+    K = padded_k(K0, group_size)
+    W = F.pad(w.detach().to(torch.float32), (0, K - K0))                        # (N, K), a copy
+    H = F.pad(hessian.detach().to(torch.float64), (0, K - K0, 0, K - K0))       # (K, K), a copy
     dead = torch.diag(H) == 0                     # inputs that are always zero: their weights don't matter
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
@@ -81,7 +83,7 @@ def gptq_quantize(w, hessian, group_size=128, damp=0.01, act_order=False, block_
             err1[:, i] = e
         W[:, c1:] -= err1 @ Hinv[c0:c1, c1:]                                      # and in the columns after it
     codes = codes[:, torch.argsort(perm)]                                         # back to the layer's column order
-    qt = QuantizedTensor("int4", (N, K), _pack_int4(codes.contiguous()), scales.contiguous(), zeros.contiguous(),
+    qt = QuantizedTensor("int4", (N, K0), _pack_int4(codes.contiguous()), scales.contiguous(), zeros.contiguous(),
                          group_size)
     return qt, loss
 
@@ -96,16 +98,14 @@ def gptq_model(model, calib, group_size=128, damp=0.01, act_order=False, skip=("
 
     Returns {layer name: QuantizedTensor} for quantize_model's quantizer hook. The model's Linear
     weights are left holding their dequantized values (the next block is calibrated on them).
-    Layers outside the blocks (the head) and layers whose in_features is not a multiple of
-    group_size are not in the result.
+    Layers outside the blocks (the head) are not in the result.
     """
     from quark.optimize.quantize import block_inputs, run_block
     x, cos, sin = block_inputs(model, calib, batch_size)                          # (n, T, d)
     result = {}
     for b, block in enumerate(model.blocks):
         linears = {f"blocks.{b}.{n}": m for n, m in block.named_modules()
-                   if isinstance(m, nn.Linear) and not _skipped(f"blocks.{b}.{n}", skip)
-                   and m.in_features % group_size == 0}
+                   if isinstance(m, nn.Linear) and not _skipped(f"blocks.{b}.{n}", skip)}
         hessians = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for name, m in linears.items()}
         counts = dict.fromkeys(linears, 0)
 

@@ -73,7 +73,7 @@ def quantize_model(model: nn.Module, scheme="int4", group_size=32, skip=("lm_hea
 
     skip: layer names (or name suffixes) kept in float; the output head by default, as GPTQ/AWQ do,
     since it is the layer most sensitive to quantization. int4 layers whose in_features is not a
-    multiple of group_size stay in float and are listed in report.skipped.
+    multiple of group_size pad their last group (quark.ops.quant).
     quantizer(name, linear) -> QuantizedTensor overrides round-to-nearest (the AWQ/GPTQ hook).
     """
     if scheme not in SCHEMES:
@@ -86,9 +86,6 @@ def quantize_model(model: nn.Module, scheme="int4", group_size=32, skip=("lm_hea
     for name, linear in targets:
         if any(name == s or name.endswith("." + s) for s in skip):
             report.skipped[name] = "skipped by request"
-            continue
-        if scheme == "int4" and linear.in_features % group_size:
-            report.skipped[name] = f"in_features {linear.in_features} is not a multiple of group_size {group_size}"
             continue
         qt = quantizer(name, linear)
         _set_module(model, name, QuantLinear(qt, linear.bias))
@@ -333,6 +330,8 @@ def decode_tokens_per_s(model, prompt, new_tokens=32, repeats=3):
 
 @dataclass
 class QuantizeConfig:
+    model: str = "latest"       # "latest" (the most aligned model, the one served), "best" (lowest held-out
+                                # loss on the eval windows among pretrain/sft/dpo) or a model directory
     schemes: list = field(default_factory=lambda: ["int8", "int4"])
     group_size: int = 32
     eval_tokens: int = 512      # held-out targets for perplexity / KL (windows of max_seq_len of pack/val.bin)
@@ -380,9 +379,10 @@ def format_table(stats):
     def vs(s, key):
         return f"{s[key]:+.2f}% ± {s[key + '_2se']:.2f}" if s.get(key) is not None else "-"
 
-    rows = ["| variant | group | bytes | ratio | perplexity | vs fp32 | vs int4 RTN | KL to fp32 | decode tok/s "
-            "| speedup |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = [f"Model: {stats['source']}\n"] if "source" in stats else []
+    rows += ["| variant | group | bytes | ratio | perplexity | vs fp32 | vs int4 RTN | KL to fp32 | decode tok/s "
+             "| speedup |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     f = stats["float"]
     rows.append(f"| fp32 | - | {f['bytes']:,} | 1.00 | {f['perplexity']:.3f} | - | - | - | "
                 f"{f['decode_tokens_per_s']:.1f} | 1.00 |")
@@ -408,16 +408,17 @@ def _evaluate(model, tokens, c, reference=None):
 def run_step(run_dir, cfg):
     from tqdm import tqdm
 
-    from quark.model.io import latest_model_dir, load_model
+    from quark.model.io import load_model, pick_model
     c = validate_config(cfg)
     torch.manual_seed(c.seed)
     run_dir = Path(run_dir)
-    src = latest_model_dir(run_dir)
+    tokens = load_val_tokens(run_dir)
+    src, candidates = pick_model(run_dir, c.model,
+                                 lambda model, where: window_losses(model, tokens, c.eval_tokens)[0].mean())
     source = {"model_dir": str(src), "mtime": (src / "model.safetensors").stat().st_mtime,
               "eval_tokens": c.eval_tokens}
-    tokens = load_val_tokens(run_dir)
     out = run_dir / "quantize"
-    stats = {"source": str(src)}
+    stats = {"source": str(src), "candidates": candidates}
     base_path = out / "float.json"
     base = json.loads(base_path.read_text()) if base_path.exists() else {}
     if base.get("source") != source:   # resume: the float baseline is measured once per source model
