@@ -31,8 +31,9 @@ inline void prefetch_ahead(const uint8_t* row, int64_t pos, int64_t row_bytes, i
 // order: a block is R P rows, and pass p < P of a row kernel over it reads rows n0 + p + r P (r < R).
 // The L2 hardware streamer follows such long runs across pages; with one row per stream (P = 1) the
 // streams were short (2 KiB int4 rows at K = 4096) and several shared each 4 KiB page, and it did
-// little. Measured at M = 1 with weights from DRAM, in one run against P = 1 and R = 8: int4 +15-25%,
-// int8 +3-8%; R = 4 streams of 32 KiB beat 8 or 16 streams and 16 or 64 KiB.
+// little. Measured at M = 1 with weights from DRAM, interleaved in one run against P = 1 and R = 8:
+// int4 +4-28% (+20-28% in five of six cases), int8 +3-6%; R = 4 streams of 32 KiB beat 2, 8 or 16
+// streams and 4, 16 or 64 KiB.
 constexpr int64_t kStreamBytes = 32 << 10;
 
 // Threads over N in blocks of R P rows. A guided schedule hands out long contiguous runs of blocks first
