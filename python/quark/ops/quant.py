@@ -344,15 +344,18 @@ def qlinear(x, qt, bias=None):
     if device_of(xt) != "cpu" or qt.data.device.type != "cpu":
         from quark.ops import reference
         return reference.qlinear(xt, qt, bias)
-    lead = xt.shape[:-1]
-    x2 = pad_to_packed(xt.reshape(-1, K), qt)
-    if x2.dtype != torch.float32:
-        x2 = x2.float()
+    # As few torch ops as possible around the kernel, none after it for fp32 x: a GEMV streams megabytes
+    # through L2 and evicts the interpreter's and torch's working set, so each op after it runs cold
+    # (~25 us for the first, measured; a few us when warm).
+    x2 = xt if xt.ndim == 2 else xt.reshape(-1, K)
+    x2 = pad_to_packed(x2 if x2.dtype == torch.float32 else x2.float(), qt)
     b = None if bias is None else bias.detach().to(torch.float32).contiguous()
-    out = torch.empty((x2.shape[0], N), dtype=torch.float32)
+    out = torch.empty((*xt.shape[:-1], N), dtype=torch.float32)
+    out2 = out if out.ndim == 2 else out.view(-1, N)
     if qt.scheme == "int4":
-        _C.qlinear_int4(x2, qt.data, qt.scales, qt.zeros, qt.group_size, b, out, bf16_compute=xt.dtype == torch.bfloat16)
+        _C.qlinear_int4(x2, qt.data, qt.scales, qt.zeros, qt.group_size, b, out2, bf16_compute=xt.dtype == torch.bfloat16)
     else:
-        _C.qlinear_int8(x2, qt.data, qt.scales, b, out, qt.scheme == "w8a8")
-    out = out.reshape(*lead, N).to(xt.dtype)
+        _C.qlinear_int8(x2, qt.data, qt.scales, b, out2, qt.scheme == "w8a8")
+    if xt.dtype != torch.float32:
+        out = out.to(xt.dtype)
     return out.numpy() if was_numpy else out
