@@ -312,6 +312,14 @@ def pad_to_packed(x, qt):
     return torch.nn.functional.pad(x, (0, pad)) if pad else x
 
 
+def _run_kernel(x2, qt, bias, out, bf16_compute=False):
+    """The C++ kernel for x2 (M, packed_k) fp32 into out (M, N); the binding checks every argument."""
+    if qt.scheme == "int4":
+        _C.qlinear_int4(x2, qt.data, qt.scales, qt.zeros, qt.group_size, bias, out, bf16_compute=bf16_compute)
+    else:
+        _C.qlinear_int8(x2, qt.data, qt.scales, bias, out, qt.scheme == "w8a8")
+
+
 def qlinear(x, qt, bias=None):
     """x (..., K) float32 or bfloat16 -> (..., N) in x's dtype: x @ dequantize(qt).T + bias.
 
@@ -320,6 +328,18 @@ def qlinear(x, qt, bias=None):
     bf16 x is widened to fp32 for the kernel and the result rounded back to bf16; int4 weights may be
     rounded to bf16 as well (amx GEMM, M > 4: see the module docstring).
     """
+    # Fast path, a decode step's case: 2-D fp32 CPU x and bias, weights packed at x's width. Each check
+    # costs microseconds here (the previous layer's GEMV has just evicted the interpreter's working set
+    # from the caches), so the binding's own checks (dtype, device, layout, shapes) do the work, and
+    # whatever they refuse takes the general path, which handles it or raises a clear error.
+    if (type(x) is torch.Tensor and x.dtype is torch.float32 and type(qt) is QuantizedTensor
+            and (bias is None or type(bias) is torch.Tensor and bias.dtype is torch.float32)):
+        try:
+            out = torch.empty((x.shape[0], qt.shape[0]), dtype=torch.float32)
+            _run_kernel(x, qt, bias, out)
+            return out
+        except (TypeError, ValueError, IndexError):
+            pass
     if not isinstance(qt, QuantizedTensor):
         raise TypeError(f"qt must be a QuantizedTensor, got {type(qt).__name__}")
     was_numpy = isinstance(x, np.ndarray)
@@ -352,10 +372,7 @@ def qlinear(x, qt, bias=None):
     b = None if bias is None else bias.detach().to(torch.float32).contiguous()
     out = torch.empty((*xt.shape[:-1], N), dtype=torch.float32)
     out2 = out if out.ndim == 2 else out.view(-1, N)
-    if qt.scheme == "int4":
-        _C.qlinear_int4(x2, qt.data, qt.scales, qt.zeros, qt.group_size, b, out2, bf16_compute=xt.dtype == torch.bfloat16)
-    else:
-        _C.qlinear_int8(x2, qt.data, qt.scales, b, out2, qt.scheme == "w8a8")
+    _run_kernel(x2, qt, b, out2, bf16_compute=xt.dtype == torch.bfloat16)
     if xt.dtype != torch.float32:
         out = out.to(xt.dtype)
     return out.numpy() if was_numpy else out
