@@ -218,6 +218,12 @@ def test_bad_inputs_raise_clear_errors():
         QuantizedTensor("int4", (8, 64), qt.data, qt.scales, qt.zeros.float(), 32)
     with pytest.raises(ValueError, match="K=64"):   # the C++ boundary checks too
         _C.qlinear_int4(torch.randn(1, 32), qt.data, qt.scales, qt.zeros, 32, None, torch.empty(1, 8))
+    with pytest.raises(ValueError, match="leading dimensions"):
+        _C.qlinear_int4(torch.randn(2, 3, 64), qt.data, qt.scales, qt.zeros, 32, None, torch.empty(3, 2, 8))
+    x3 = torch.randn(2, 3, 64)                              # the binding reads (..., K) as rows
+    out3 = torch.empty(2, 3, 8)
+    _C.qlinear_int4(x3, qt.data, qt.scales, qt.zeros, 32, None, out3)
+    assert rel(out3, ref64(x3, qt)) < 1e-5
 
 
 def test_zero_rows_and_constant_weights():

@@ -19,19 +19,30 @@ static std::string shape_str(int64_t a, int64_t b) {
   return "(" + std::to_string(a) + ", " + std::to_string(b) + ")";
 }
 
-static QLinearArgs make_args(const Mat& x, QWeight w, const std::optional<Vec>& bias, OutMat& out) {
-  check(x.shape(1) == static_cast<size_t>(w.k),
-        "x has K=" + std::to_string(x.shape(1)) + " but the weight has K=" + std::to_string(w.k));
-  check(out.shape(0) == x.shape(0) && out.shape(1) == static_cast<size_t>(w.n),
-        "out must have shape " + shape_str(x.shape(0), w.n));
+// x (..., K) and out (..., N) with the same leading dims, read as (M, K) and (M, N): callers pass a
+// decode step's (B, T, K) activations as they are, without a reshape on the Python side.
+using Rows = CArray<const float>;
+using OutRows = CArray<float>;
+
+static QLinearArgs make_args(const Rows& x, QWeight w, const std::optional<Vec>& bias, OutRows& out) {
+  const size_t nd = x.ndim();
+  check(nd >= 1 && x.shape(nd - 1) == static_cast<size_t>(w.k),
+        "x must have last dimension K=" + std::to_string(w.k));
+  bool same_lead = out.ndim() == nd && out.shape(nd - 1) == static_cast<size_t>(w.n);
+  int64_t m = 1;
+  for (size_t d = 0; d + 1 < nd; ++d) {
+    same_lead = same_lead && out.shape(d) == x.shape(d);
+    m *= static_cast<int64_t>(x.shape(d));
+  }
+  check(same_lead, "out must have x's leading dimensions and last dimension N=" + std::to_string(w.n));
   if (bias) check(bias->shape(0) == static_cast<size_t>(w.n), "bias must have shape (" + std::to_string(w.n) + ",)");
-  return QLinearArgs{x.data(), static_cast<int64_t>(x.shape(0)), w, bias ? bias->data() : nullptr, out.data()};
+  return QLinearArgs{x.data(), m, w, bias ? bias->data() : nullptr, out.data()};
 }
 
 void bind_quant(nb::module_& m) {
   m.def(
       "qlinear_int8",
-      [](Mat x, CArray<const int8_t, nb::ndim<2>> data, Vec scales, std::optional<Vec> bias, OutMat out, bool w8a8) {
+      [](Rows x, CArray<const int8_t, nb::ndim<2>> data, Vec scales, std::optional<Vec> bias, OutRows out, bool w8a8) {
         const int64_t N = data.shape(0), K = data.shape(1);
         check(scales.shape(0) == static_cast<size_t>(N), "scales must have shape (" + std::to_string(N) + ",)");
         QWeight w{QScheme::int8, reinterpret_cast<const uint8_t*>(data.data()), scales.data(), nullptr, N, K, K};
@@ -42,11 +53,11 @@ void bind_quant(nb::module_& m) {
       },
       nb::arg("x").noconvert(), nb::arg("data").noconvert(), nb::arg("scales").noconvert(),
       nb::arg("bias").noconvert().none(), nb::arg("out").noconvert(), nb::arg("w8a8") = false,
-      "out (M, N) = x (M, K) . (data * scales[:, None])^T + bias; w8a8 also quantizes x per row to int8");
+      "out (..., N) = x (..., K) . (data * scales[:, None])^T + bias; w8a8 also quantizes x per row to int8");
   m.def(
       "qlinear_int4",
-      [](Mat x, CArray<const uint8_t, nb::ndim<2>> data, CArray<const float, nb::ndim<2>> scales,
-         CArray<const uint8_t, nb::ndim<2>> zeros, int64_t group, std::optional<Vec> bias, OutMat out, bool bf16_compute) {
+      [](Rows x, CArray<const uint8_t, nb::ndim<2>> data, CArray<const float, nb::ndim<2>> scales,
+         CArray<const uint8_t, nb::ndim<2>> zeros, int64_t group, std::optional<Vec> bias, OutRows out, bool bf16_compute) {
         const int64_t N = data.shape(0), K = 2 * static_cast<int64_t>(data.shape(1));
         check(group == 32 || group == 64 || group == 128, "group must be 32, 64 or 128");
         check(K % group == 0, "K=" + std::to_string(K) + " is not a multiple of group " + std::to_string(group));
@@ -63,7 +74,7 @@ void bind_quant(nb::module_& m) {
       nb::arg("x").noconvert(), nb::arg("data").noconvert(), nb::arg("scales").noconvert(),
       nb::arg("zeros").noconvert(), nb::arg("group"), nb::arg("bias").noconvert().none(), nb::arg("out").noconvert(),
       nb::arg("bf16_compute") = false,
-      "out (M, N) = x (M, K) . W^T + bias with W[n,k] = (q[n,k] - zeros[n,k/G]) * scales[n,k/G], q packed 2 per byte; "
+      "out (..., N) = x (..., K) . W^T + bias with W[n,k] = (q[n,k] - zeros[n,k/G]) * scales[n,k/G], q packed 2 per byte; "
       "bf16_compute: x holds bf16 values and out will be rounded to bf16, so the AMX GEMM may round W to bf16");
   m.def(
       "gemv_f32",

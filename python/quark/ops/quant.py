@@ -313,7 +313,7 @@ def pad_to_packed(x, qt):
 
 
 def _run_kernel(x2, qt, bias, out, bf16_compute=False):
-    """The C++ kernel for x2 (M, packed_k) fp32 into out (M, N); the binding checks every argument."""
+    """The C++ kernel for x2 (..., packed_k) fp32 into out (..., N); the binding checks every argument."""
     if qt.scheme == "int4":
         _C.qlinear_int4(x2, qt.data, qt.scales, qt.zeros, qt.group_size, bias, out, bf16_compute=bf16_compute)
     else:
@@ -328,17 +328,17 @@ def qlinear(x, qt, bias=None):
     bf16 x is widened to fp32 for the kernel and the result rounded back to bf16; int4 weights may be
     rounded to bf16 as well (amx GEMM, M > 4: see the module docstring).
     """
-    # Fast path, a decode step's case: 2-D fp32 CPU x and bias, weights packed at x's width. Each check
-    # costs microseconds here (the previous layer's GEMV has just evicted the interpreter's working set
-    # from the caches), so the binding's own checks (dtype, device, layout, shapes) do the work, and
+    # Fast path, a decode step's case: fp32 CPU x (..., K) and bias, weights packed at x's width. Each
+    # check costs microseconds here (the previous layer's GEMV has just evicted the interpreter's working
+    # set from the caches), so the binding's own checks (dtype, device, layout, shapes) do the work, and
     # whatever they refuse takes the general path, which handles it or raises a clear error.
     if (type(x) is torch.Tensor and x.dtype is torch.float32 and type(qt) is QuantizedTensor
             and (bias is None or type(bias) is torch.Tensor and bias.dtype is torch.float32)):
         try:
-            out = torch.empty((x.shape[0], qt.shape[0]), dtype=torch.float32)
+            out = torch.empty((*x.shape[:-1], qt.shape[0]), dtype=torch.float32)
             _run_kernel(x, qt, bias, out)
             return out
-        except (TypeError, ValueError, IndexError):
+        except (TypeError, ValueError):
             pass
     if not isinstance(qt, QuantizedTensor):
         raise TypeError(f"qt must be a QuantizedTensor, got {type(qt).__name__}")
@@ -367,12 +367,10 @@ def qlinear(x, qt, bias=None):
     # As few torch ops as possible around the kernel, none after it for fp32 x: a GEMV streams megabytes
     # through L2 and evicts the interpreter's and torch's working set, so each op after it runs cold
     # (~25 us for the first, measured; a few us when warm).
-    x2 = xt if xt.ndim == 2 else xt.reshape(-1, K)
-    x2 = pad_to_packed(x2 if x2.dtype == torch.float32 else x2.float(), qt)
+    x2 = pad_to_packed(xt if xt.dtype == torch.float32 else xt.float(), qt)
     b = None if bias is None else bias.detach().to(torch.float32).contiguous()
     out = torch.empty((*xt.shape[:-1], N), dtype=torch.float32)
-    out2 = out if out.ndim == 2 else out.view(-1, N)
-    _run_kernel(x2, qt, b, out2, bf16_compute=xt.dtype == torch.bfloat16)
+    _run_kernel(x2, qt, b, out, bf16_compute=xt.dtype == torch.bfloat16)
     if xt.dtype != torch.float32:
         out = out.to(xt.dtype)
     return out.numpy() if was_numpy else out
