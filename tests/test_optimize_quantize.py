@@ -8,7 +8,7 @@ import torch
 
 from quark.cli import main as cli_main
 from quark.config import ConfigError
-from quark.model import GPT, preset
+from quark.model import GPT, GPTConfig, preset
 from quark.model.io import save_model
 from quark.nn import QuantLinear
 from quark.optimize import load_quantized_model, model_nbytes, quantize_model, save_quantized_model
@@ -52,9 +52,12 @@ def test_int4_layers_with_odd_k_are_padded_and_quantizer_hook():
         quantize_model(net, "fp4")
 
 
-def test_save_and_load_quantized_model(tmp_path):
-    model = tiny_model()
-    report = quantize_model(model, "int4", 32)
+@pytest.mark.parametrize("d_model,group_size", [(128, 32), (160, 128)])   # 160: padded last groups
+def test_save_and_load_quantized_model(tmp_path, d_model, group_size):
+    model = tiny_model() if d_model == 128 else GPT(GPTConfig(vocab_size=256, n_layer=1, n_head=5, n_kv_head=5,
+                                                             d_model=160, ffn_hidden=448, max_seq_len=64)).eval()
+    report = quantize_model(model, "int4", group_size)
+    assert report.skipped == {"lm_head": "skipped by request"}
     save_quantized_model(model, tmp_path / "q", report)
     back = load_quantized_model(tmp_path / "q")
     idx = torch.randint(0, 256, (1, 10))
