@@ -210,12 +210,39 @@ QUARK_INLINE void zero_c() {
   else _tile_zero(3);
 }
 
-template <int C>
-QUARK_INLINE void dot_c() {   // C += A4 x B6
-  if constexpr (C == 0) _tile_dpbf16ps(0, 4, 6);
-  else if constexpr (C == 1) _tile_dpbf16ps(1, 4, 6);
-  else if constexpr (C == 2) _tile_dpbf16ps(2, 4, 6);
-  else _tile_dpbf16ps(3, 4, 6);
+// C += A x B with A in tmm4 or tmm5 and B in tmm6 or tmm7. Tile registers are not renamed: a load into
+// the tile the previous product still reads waits for it, and the product then waits for the load.
+// Alternating the A tile per item and the B tile per part (continuing across items) lets each load
+// overlap a product.
+template <int C, int A>
+QUARK_INLINE void load_a(const uint8_t* a) {
+  if constexpr (A == 4) _tile_loadd(4, a, 64);
+  else _tile_loadd(5, a, 64);
+}
+
+template <int C, int A, int B>
+QUARK_INLINE void dot_c() {
+  if constexpr (A == 4 && B == 6) {
+    if constexpr (C == 0) _tile_dpbf16ps(0, 4, 6);
+    else if constexpr (C == 1) _tile_dpbf16ps(1, 4, 6);
+    else if constexpr (C == 2) _tile_dpbf16ps(2, 4, 6);
+    else _tile_dpbf16ps(3, 4, 6);
+  } else if constexpr (A == 4) {
+    if constexpr (C == 0) _tile_dpbf16ps(0, 4, 7);
+    else if constexpr (C == 1) _tile_dpbf16ps(1, 4, 7);
+    else if constexpr (C == 2) _tile_dpbf16ps(2, 4, 7);
+    else _tile_dpbf16ps(3, 4, 7);
+  } else if constexpr (B == 6) {
+    if constexpr (C == 0) _tile_dpbf16ps(0, 5, 6);
+    else if constexpr (C == 1) _tile_dpbf16ps(1, 5, 6);
+    else if constexpr (C == 2) _tile_dpbf16ps(2, 5, 6);
+    else _tile_dpbf16ps(3, 5, 6);
+  } else {
+    if constexpr (C == 0) _tile_dpbf16ps(0, 5, 7);
+    else if constexpr (C == 1) _tile_dpbf16ps(1, 5, 7);
+    else if constexpr (C == 2) _tile_dpbf16ps(2, 5, 7);
+    else _tile_dpbf16ps(3, 5, 7);
+  }
 }
 
 template <int C>
@@ -257,12 +284,18 @@ struct Rotation {
       if (i < n) {
         const uint8_t* a = ap + (pr * steps + pg * gs) * kTileBytes;
         const uint8_t* b = bp + (pt * steps + pg * gs) * np * kTileBytes;
+        constexpr int A = 4 + (C & 1);
         zero_c<C>();
         for (int64_t s = 0; s < gs; ++s, a += kTileBytes) {
-          _tile_loadd(4, a, 64);
+          load_a<C, A>(a);
           for (int q = 0; q < np; ++q, b += kTileBytes) {
-            _tile_loadd(6, b, 64);
-            dot_c<C>();
+            if ((q + C) & 1) {   // B tiles alternate across the parts and across items
+              _tile_loadd(7, b, 64);
+              dot_c<C, A, 7>();
+            } else {
+              _tile_loadd(6, b, 64);
+              dot_c<C, A, 6>();
+            }
           }
         }
         if (++pg == ng) {
