@@ -214,7 +214,7 @@ QUARK_INLINE void zero_c() {
 // the tile the previous product still reads waits for it, and the product then waits for the load.
 // Alternating the A tile per item and the B tile per part (continuing across items) lets each load
 // overlap a product.
-template <int C, int A>
+template <int A>
 QUARK_INLINE void load_a(const uint8_t* a) {
   if constexpr (A == 4) _tile_loadd(4, a, 64);
   else _tile_loadd(5, a, 64);
@@ -287,7 +287,7 @@ struct Rotation {
         constexpr int A = 4 + (C & 1);
         zero_c<C>();
         for (int64_t s = 0; s < gs; ++s, a += kTileBytes) {
-          load_a<C, A>(a);
+          load_a<A>(a);
           for (int q = 0; q < np; ++q, b += kTileBytes) {
             if ((q + C) & 1) {   // B tiles alternate across the parts and across items
               _tile_loadd(7, b, 64);

@@ -7,6 +7,7 @@ second implementation the GPU benchmark compares against (benchmarks/bench_gpu.p
 import torch
 
 from quark import _C
+from quark.ops.quant import pad_to_packed
 
 
 def available():
@@ -51,7 +52,6 @@ def int4_gemv(x, qt, bias=None):
         raise ValueError(f"qt must be an int4 QuantizedTensor, got scheme {qt.scheme!r}")
     if x.ndim != 2 or x.shape[1] != qt.shape[1] or not 1 <= x.shape[0] <= 8:
         raise ValueError(f"x must be (M, {qt.shape[1]}) with 1 <= M <= 8, got {tuple(x.shape)}")
-    from quark.ops.quant import pad_to_packed   # (quark.ops.quant is the heavier module; imported when used)
     out = torch.empty((x.shape[0], qt.shape[0]), dtype=x.dtype, device=x.device)
     b = None if bias is None else bias.to(device=x.device, dtype=torch.float32).contiguous()
     _C.cuda_int4_gemv(pad_to_packed(x, qt).contiguous(), qt.data, qt.scales, qt.zeros, b, out, qt.group_size,

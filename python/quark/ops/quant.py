@@ -21,9 +21,11 @@ and "int4" with fp32 x, with a streaming GEMV for <= 4 rows and a blocked GEMM a
 where present). bf16 x is widened to fp32 and the result rounded back to bf16; it is the one inexact
 mode: for "int4" with more than 4 rows on the amx path, the dequantized weights are rounded to bf16
 too (bf16 compute, like torch's bf16 linear on dequantize(qt)), since the exact form needs an fp32
-scaling pass per group that halves the speed. Its error stays within that of torch's bf16 linear. Files: QuantizedTensor.save/load use safetensors with
-the scheme, shape, group size and a CRC32 of the payload in the metadata, so a truncated or corrupted
-file fails with an error naming the problem instead of loading garbage.
+scaling pass per group that halves the speed. Its error stays within that of torch's bf16 linear.
+
+Files: QuantizedTensor.save/load use safetensors with the scheme, shape, group size and a CRC32 of
+the payload in the metadata, so a truncated or corrupted file fails with an error naming the problem
+instead of loading garbage.
 """
 import zlib
 from pathlib import Path
@@ -359,8 +361,8 @@ def qlinear(x, qt, bias=None):
         if qt.scheme == "w8a8":                    # the same activation rounding as the CPU kernels
             q, s = quantize_activations(xt.reshape(-1, K).float())
             xt = (q.float() * s[:, None]).to(xt.dtype).reshape(xt.shape)
-        return qmatmul(pad_to_packed(xt, qt), "int4" if qt.scheme == "int4" else "int8", qt.data, qt.scales, qt.zeros,
-                       qt.group_size, bias)
+        return qmatmul(pad_to_packed(xt, qt), "int4" if qt.scheme == "int4" else "int8", qt.data, qt.scales,
+                       qt.zeros, qt.group_size, bias)
     if device_of(xt) != "cpu" or qt.data.device.type != "cpu":
         from quark.ops import reference
         return reference.qlinear(xt, qt, bias)

@@ -125,13 +125,10 @@ def awq_model(model, calib, group_size=128, skip=("lm_head",), n_grid=20, clip=T
     Returns calibration info for the quantized model's metadata: the chosen alpha of each scaled
     group and the calibration output error of AWQ relative to RTN (mean over groups, < 1 is better).
     """
-    from quark.optimize.quantize import block_inputs
+    from quark.optimize.quantize import block_inputs, is_skipped
     x, cos, sin = block_inputs(model, calib, batch_size)
     cfg = model.config
     alphas, ratios, clips = {}, [], []
-
-    def skipped(name):
-        return any(name == s or name.endswith("." + s) for s in skip)
 
     for b, block in enumerate(model.blocks):
         attn, mlp = block.attn, block.mlp
@@ -142,7 +139,7 @@ def awq_model(model, calib, group_size=128, skip=("lm_head",), n_grid=20, clip=T
             """Search s for the layers reading one input, fold it; returns that input's new moment."""
             names = [f"blocks.{b}.{n}" for n in linears]
             mods = [block.get_submodule(n) for n in linears]
-            if any(skipped(n) for n in names):
+            if any(is_skipped(n, skip) for n in names):
                 return h
             s, alpha, rtn_loss, loss = search_scale(h, act, [m.weight for m in mods], group_size, n_grid)
             fold(s)
@@ -171,7 +168,7 @@ def awq_model(model, calib, group_size=128, skip=("lm_head",), n_grid=20, clip=T
         for name, h in (("attn.wv", h_qkv), ("attn.wo", h_o), ("mlp.w1", h_mlp), ("mlp.w3", h_mlp),
                         ("mlp.w2", h_down)):
             m = block.get_submodule(name)
-            if clip and not skipped(f"blocks.{b}.{name}"):
+            if clip and not is_skipped(f"blocks.{b}.{name}", skip):
                 clips.append(search_clip(m.weight, h, group_size, n_grid))
         x = out   # the next block sees the float outputs (scaling and clipping barely change them)
     return {"alpha": alphas, "error_vs_rtn": round(sum(ratios) / max(len(ratios), 1), 4),

@@ -88,10 +88,6 @@ def gptq_quantize(w, hessian, group_size=128, damp=0.01, act_order=False, block_
     return qt, loss
 
 
-def _skipped(name, skip):
-    return any(name == s or name.endswith("." + s) for s in skip)
-
-
 @torch.no_grad()
 def gptq_model(model, calib, group_size=128, damp=0.01, act_order=False, skip=("lm_head",), batch_size=16):
     """Run GPTQ over every block's Linear layers with calibration tokens calib (n, T) int64.
@@ -100,12 +96,12 @@ def gptq_model(model, calib, group_size=128, damp=0.01, act_order=False, skip=("
     weights are left holding their dequantized values (the next block is calibrated on them).
     Layers outside the blocks (the head) are not in the result.
     """
-    from quark.optimize.quantize import block_inputs, run_block
+    from quark.optimize.quantize import block_inputs, is_skipped, run_block
     x, cos, sin = block_inputs(model, calib, batch_size)                          # (n, T, d)
     result = {}
     for b, block in enumerate(model.blocks):
         linears = {f"blocks.{b}.{n}": m for n, m in block.named_modules()
-                   if isinstance(m, nn.Linear) and not _skipped(f"blocks.{b}.{n}", skip)}
+                   if isinstance(m, nn.Linear) and not is_skipped(f"blocks.{b}.{n}", skip)}
         hessians = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for name, m in linears.items()}
         counts = dict.fromkeys(linears, 0)
 

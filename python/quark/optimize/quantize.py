@@ -64,6 +64,11 @@ def model_nbytes(model: nn.Module):
     return total
 
 
+def is_skipped(name, skip):
+    """Whether layer `name` is one of `skip`: a full name or a name suffix ("lm_head", "attn.wq")."""
+    return any(name == s or name.endswith("." + s) for s in skip)
+
+
 def _rtn(scheme, group_size):
     return lambda name, linear: quantize(linear.weight, scheme, group_size)
 
@@ -84,7 +89,7 @@ def quantize_model(model: nn.Module, scheme="int4", group_size=32, skip=("lm_hea
     report = QuantizeReport(scheme, group_size if scheme == "int4" else 0, bytes_before=model_nbytes(model))
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     for name, linear in targets:
-        if any(name == s or name.endswith("." + s) for s in skip):
+        if is_skipped(name, skip):
             report.skipped[name] = "skipped by request"
             continue
         qt = quantizer(name, linear)
