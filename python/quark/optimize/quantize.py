@@ -399,8 +399,12 @@ def format_table(stats):
     return "\n".join(rows) + "\n"
 
 
-def _evaluate(model, tokens, c, reference=None):
-    losses, kls = window_losses(model, tokens, c.eval_tokens, reference)
+def _evaluate(model, tokens, c, reference=None, losses=None):
+    """Perplexity, decode speed and size of model (and its KL to reference); losses: the model's
+    window losses when already measured (no reference then)."""
+    kls = None
+    if losses is None:
+        losses, kls = window_losses(model, tokens, c.eval_tokens, reference)
     out = {"perplexity": round(math.exp(float(losses.mean())), 4),
            "eval_tokens": int(losses.numel()) * min(model.config.max_seq_len, len(tokens) - 1),
            "decode_tokens_per_s": round(decode_tokens_per_s(model, tokens, c.decode_tokens, c.decode_repeats), 2),
@@ -418,8 +422,12 @@ def run_step(run_dir, cfg):
     torch.manual_seed(c.seed)
     run_dir = Path(run_dir)
     tokens = load_val_tokens(run_dir)
-    src, candidates = pick_model(run_dir, c.model,
-                                 lambda model, where: window_losses(model, tokens, c.eval_tokens)[0].mean())
+    heldout = {}   # "best" measures every candidate's window losses: the float baseline reuses its own
+
+    def held_out_loss(model, where):
+        heldout[str(where)] = window_losses(model, tokens, c.eval_tokens)[0]
+        return heldout[str(where)].mean()
+    src, candidates = pick_model(run_dir, c.model, held_out_loss)
     source = {"model_dir": str(src), "mtime": (src / "model.safetensors").stat().st_mtime,
               "eval_tokens": c.eval_tokens}
     out = run_dir / "quantize"
@@ -427,7 +435,7 @@ def run_step(run_dir, cfg):
     base_path = out / "float.json"
     base = json.loads(base_path.read_text()) if base_path.exists() else {}
     if base.get("source") != source:   # resume: the float baseline is measured once per source model
-        base = {"source": source, **_evaluate(load_model(src), tokens, c)}
+        base = {"source": source, **_evaluate(load_model(src), tokens, c, losses=heldout.get(str(src)))}
         atomic_write_json(base_path, base)
     stats["float"] = {k: v for k, v in base.items() if k not in ("source", "window_losses")}
     calib, reference, done = None, None, {}
