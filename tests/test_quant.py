@@ -112,13 +112,14 @@ def test_gemm_paths_at_block_edges(isa, scheme, group, N, K, M):
 
 
 # The amx path splits fp32 activations into as many exact bf16 parts as they need (1 for bf16 values,
-# 2 for fp16-like ones, else 3); every case must stay exact up to fp32 rounding.
+# 2 for fp16-like ones, else 3); every case, at every int4 group (its own unrolled kernel), must stay
+# exact up to fp32 rounding.
 @pytest.mark.parametrize("isa", GEMM_LEVELS)
 @pytest.mark.parametrize("precision", ["bf16", "fp16", "fp32", "wide range"])
-@pytest.mark.parametrize("scheme", ["int4", "int8"])
-def test_weight_only_gemm_is_exact_for_every_activation_precision(isa, precision, scheme):
+@pytest.mark.parametrize("scheme,group", [("int4", 32), ("int4", 64), ("int4", 128), ("int8", 0)])
+def test_weight_only_gemm_is_exact_for_every_activation_precision(isa, precision, scheme, group):
     g = torch.Generator().manual_seed(11)
-    qt = quantize(torch.randn(200, 320, generator=g), scheme, 32)
+    qt = quantize(torch.randn(200, 320, generator=g), scheme, group or 32)
     x = torch.randn(40, 320, generator=g)
     if precision == "bf16":
         x = x.bfloat16().float()

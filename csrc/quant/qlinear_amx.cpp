@@ -29,6 +29,7 @@
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "quant/qlinear.h"
@@ -194,12 +195,11 @@ void sweep_2x2(const Kind& kind, const uint8_t* apanel, const uint8_t* bk, int64
 
 // The rotating int4 kernel (1 x 1 grid). The work of a k block is a stream of items (row tile r,
 // token tile t, group g), one tile product chain each, whose results rotate through C0..C3: item i's
-// tile is stored two items later and scaled into the fp32 sums of its 16 x 16 block three items
-// later, so the stores wait on nothing and the FMAs overlap the next products; the stream never
-// drains between blocks. The sums of the block being scaled live in 16 zmm (loaded from and stored
-// to acc when the scaling stage enters and leaves a block). Everything is inlined: a call would
-// clobber those zmm (all vector registers are caller-saved). GCC's tile intrinsics need literal
-// tile numbers, hence the if constexpr.
+// tile is stored two items later and scaled into the fp32 sums of its 16 x 16 block (acc, in L1
+// while its groups pass) three items later, so the stores wait on nothing and the FMAs overlap the
+// next products; the stream never drains between blocks. (Holding the block's sums in zmm instead
+// measured no faster.) GCC's tile intrinsics need literal tile numbers, hence the if constexpr and
+// the unrolled items.
 #define QUARK_INLINE inline __attribute__((always_inline))
 
 template <int C>
@@ -218,6 +218,12 @@ template <int A>
 QUARK_INLINE void load_a(const uint8_t* a) {
   if constexpr (A == 4) _tile_loadd(4, a, 64);
   else _tile_loadd(5, a, 64);
+}
+
+template <int B>
+QUARK_INLINE void load_b(const uint8_t* b) {
+  if constexpr (B == 6) _tile_loadd(6, b, 64);
+  else _tile_loadd(7, b, 64);
 }
 
 template <int C, int A, int B>
@@ -253,6 +259,23 @@ QUARK_INLINE void store_c(float* cbuf) {
   else _tile_stored(3, cbuf + 768, 64);
 }
 
+// Product j of an item whose C tile is C: step j / NP (a new A tile per step), activation part j % NP.
+// A tiles alternate per step and B tiles per product, counted over the four items of a rotation (a
+// whole number of pairs), so consecutive loads never target the tile the previous product reads.
+template <int C, int NP, int GS, int J>
+QUARK_INLINE void product(const uint8_t* a, const uint8_t* b) {
+  constexpr int A = 4 + ((C * GS + J / NP) & 1), B = 6 + ((C * NP * GS + J) & 1);
+  if constexpr (J % NP == 0) load_a<A>(a + J / NP * kTileBytes);
+  load_b<B>(b + J * kTileBytes);
+  dot_c<C, A, B>();
+}
+
+template <int C, int NP, int GS, int... J>
+QUARK_INLINE void item_products(const uint8_t* a, const uint8_t* b, std::integer_sequence<int, J...>) {
+  zero_c<C>();
+  (product<C, NP, GS, J>(a, b), ...);
+}
+
 struct Rotation {
   const uint8_t* apanel;
   const uint8_t* bk;
@@ -263,62 +286,61 @@ struct Rotation {
   bool first;           // first k block: the sums start at zero, not from acc
   float* cbuf;
 
-  // Items in the order (r, t, g): a row tile's A tiles stay in L1 while it sweeps the tokens, and
-  // the acc tiles are visited in memory order. The fields are copied into locals first: every tile
-  // store clobbers memory, which would make the compiler reload them from *this after each one.
+  // Items in the order (t, r, g): a token tile's B tiles for the block (steps x parts KiB, <= 32)
+  // stay in L1 while every row tile passes, so only the A tiles (one per step, shared by the parts)
+  // come from L2. The other order, reading a B tile from L2 for every product, was 5-15% slower
+  // at M = 256. The parts (1..3) and steps per group (1, 2, 4) are template arguments, so every
+  // item's products unroll with literal tile numbers and no branches. The fields are copied into
+  // locals first: every tile store clobbers memory, which would make the compiler reload them from
+  // *this after each one.
   void run() const {
+    auto by_gs = [&](auto np) {
+      if (gsteps == 1) run_fixed<decltype(np)::value, 1>();
+      else if (gsteps == 2) run_fixed<decltype(np)::value, 2>();
+      else run_fixed<decltype(np)::value, 4>();
+    };
+    if (parts == 1) by_gs(std::integral_constant<int, 1>());
+    else if (parts == 2) by_gs(std::integral_constant<int, 2>());
+    else by_gs(std::integral_constant<int, 3>());
+  }
+
+  template <int NP, int GS>
+  void run_fixed() const {
     const uint8_t* const ap = apanel;
     const uint8_t* const bp = bk;
-    const int64_t steps = sc, gs = gsteps, ng = groups, nt = ttiles, n = rtiles * ttiles * groups;
-    const int np = parts;
+    const int64_t steps = sc, ng = groups, nr = rtiles, nt = ttiles, n = nr * nt * groups;
     const float* const sp = scale;
     float* const sums = acc;
     float* const cb = cbuf;
     const bool zero = first;
     int64_t pr = 0, pt = 0, pg = 0;   // products cursor
     int64_t fr = 0, ft = 0, fg = 0;   // scaling cursor, three items behind
-    __m512 v[16];
     // Item i: products of the p cursor into C; store of item i - 2; scaling of item i - 3.
     auto step = [&](int64_t i, auto c) {
       constexpr int C = decltype(c)::value;
       if (i < n) {
-        const uint8_t* a = ap + (pr * steps + pg * gs) * kTileBytes;
-        const uint8_t* b = bp + (pt * steps + pg * gs) * np * kTileBytes;
-        constexpr int A = 4 + (C & 1);
-        zero_c<C>();
-        for (int64_t s = 0; s < gs; ++s, a += kTileBytes) {
-          load_a<A>(a);
-          for (int q = 0; q < np; ++q, b += kTileBytes) {
-            if ((q + C) & 1) {   // B tiles alternate across the parts and across items
-              _tile_loadd(7, b, 64);
-              dot_c<C, A, 7>();
-            } else {
-              _tile_loadd(6, b, 64);
-              dot_c<C, A, 6>();
-            }
-          }
-        }
+        item_products<C, NP, GS>(ap + (pr * steps + pg * GS) * kTileBytes, bp + (pt * steps + pg * GS) * NP * kTileBytes,
+                                 std::make_integer_sequence<int, NP * GS>());
         if (++pg == ng) {
           pg = 0;
-          if (++pt == nt) pt = 0, ++pr;
+          if (++pr == nr) pr = 0, ++pt;
         }
       }
       if (i >= 2 && i - 2 < n) store_c<(C + 2) & 3>(cb);
       if (i >= 3 && i - 3 < n) {
         float* out = sums + (fr * nt + ft) * 256;
-        if (fg == 0) {
-          for (int j = 0; j < 16; ++j) v[j] = zero ? _mm512_setzero_ps() : _mm512_load_ps(out + 16 * j);
-          if (!zero)   // the next block's sums, fetched while this block runs
-            for (int j = 0; j < 16; ++j) _mm_prefetch(reinterpret_cast<const char*>(out + 256 + 16 * j), _MM_HINT_T0);
-        }
+        const bool start = zero && fg == 0;   // the first k block's first group: the sums start at zero
+        if (fg == 0 && !zero)   // the next block's sums, fetched while this block runs
+          for (int j = 0; j < 16; ++j) _mm_prefetch(reinterpret_cast<const char*>(out + nt * 256 + 16 * j), _MM_HINT_T0);
         const float* cg = cb + ((C + 1) & 3) * 256;
         const float* sg = sp + fg * kTaskRows + 16 * fr;
-        for (int j = 0; j < 16; ++j) v[j] = _mm512_fmadd_ps(_mm512_load_ps(cg + 16 * j), _mm512_set1_ps(sg[j]), v[j]);
-        if (fg == ng - 1)
-          for (int j = 0; j < 16; ++j) _mm512_store_ps(out + 16 * j, v[j]);
+        for (int j = 0; j < 16; ++j) {
+          const __m512 sum = start ? _mm512_setzero_ps() : _mm512_load_ps(out + 16 * j);
+          _mm512_store_ps(out + 16 * j, _mm512_fmadd_ps(_mm512_load_ps(cg + 16 * j), _mm512_set1_ps(sg[j]), sum));
+        }
         if (++fg == ng) {
           fg = 0;
-          if (++ft == nt) ft = 0, ++fr;
+          if (++fr == nr) fr = 0, ++ft;
         }
       }
     };
