@@ -150,6 +150,42 @@ def test_int4_bf16_activations_are_as_precise_as_torch_bf16(isa, group):
 
 
 @pytest.mark.parametrize("isa", AVAILABLE)
+@pytest.mark.parametrize("scheme,group", [("int4", 32), ("int4", 128), ("int8", 0), ("w8a8", 0)])
+@pytest.mark.parametrize("M", [1, 3, 37])
+def test_bf16_io_in_the_kernels_equals_widening_and_rounding_around_them(isa, scheme, group, M):
+    """The kernels read bf16 x and write bf16 out themselves (the amx GEMM natively, every other path
+    through fp32 buffers): bit for bit what the fp32 kernel gives on the widened x, rounded by torch.
+    Row 0 of x (~2^-95) times weight rows 0..7 (scales 2^-40, no bias) gives results below 2^-126,
+    whose bf16 rounding must keep them (bf16 has fp32's exponent range); row 1 holds a NaN."""
+    g = torch.Generator().manual_seed(M)
+    qt = quantize(torch.randn(70, 256, generator=g), scheme, group or 32)
+    qt.scales[:8] = 2.0 ** -40
+    x = torch.randn(M, 256, generator=g).bfloat16()
+    x[0] *= 2.0 ** -95
+    if M > 1:
+        x[1, 5] = float("nan")
+    bias = torch.randn(70, generator=g)
+    bias[:8] = 0.0
+    kernel = _C.qlinear_int4 if scheme == "int4" else _C.qlinear_int8
+    extra = (qt.data, qt.scales, qt.zeros, qt.group_size) if scheme == "int4" else (qt.data, qt.scales)
+    flag = {"bf16_compute": True} if scheme == "int4" else {"w8a8": scheme == "w8a8"}
+    with quark.isa(isa):
+        out32 = torch.empty(M, 70)
+        kernel(x.float(), *extra, bias, out32, **flag)
+        out16 = torch.empty(M, 70, dtype=torch.bfloat16)
+        kernel(x, *extra, bias, out16, **flag)
+        y = qlinear(x, qt, bias)
+    expect = out32.bfloat16()
+    assert bool(expect.isnan().any()) == (M > 1 and scheme != "w8a8")   # int8 activations hold no NaN
+    for got in (out16, y):   # bits equal, NaN payloads aside (torch writes 0xFFFF, the kernels 0x7FC0)
+        assert torch.equal(got.isnan(), expect.isnan())
+        assert torch.equal(got.nan_to_num(0.0).view(torch.int16), expect.nan_to_num(0.0).view(torch.int16))
+    tiny = expect[0, :8].float()
+    if not (isa == "amx" and scheme == "int4" and M > 4):   # AMX-BF16 flushes its denormal sums to zero
+        assert int(((tiny != 0) & (tiny.abs() < 2.0 ** -126)).sum()) >= 4
+
+
+@pytest.mark.parametrize("isa", AVAILABLE)
 @pytest.mark.parametrize("scheme,group,K", [("int8", 0, 333), ("int4", 32, 672), ("int4", 64, 704),
                                             ("int4", 128, 640)])
 def test_threaded_gemv_at_odd_sizes(isa, scheme, group, K):

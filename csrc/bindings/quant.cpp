@@ -20,11 +20,20 @@ static std::string shape_str(int64_t a, int64_t b) {
 }
 
 // x (..., K) and out (..., N) with the same leading dims, read as (M, K) and (M, N): callers pass a
-// decode step's (B, T, K) activations as they are, without a reshape on the Python side.
-using Rows = CArray<const float>;
-using OutRows = CArray<float>;
+// decode step's (B, T, K) activations as they are, without a reshape on the Python side. Each is
+// float32 or bfloat16.
+using Rows = CArray<nb::ro>;
+using OutRows = CArray<>;
+
+static bool is_bf16(const nb::dlpack::dtype& t, const char* name) {
+  if (t == nb::dtype<float>()) return false;
+  check(t == nb::dlpack::dtype{static_cast<uint8_t>(nb::dlpack::dtype_code::Bfloat), 16, 1},
+        std::string(name) + " must be float32 or bfloat16");
+  return true;
+}
 
 static QLinearArgs make_args(const Rows& x, QWeight w, const std::optional<Vec>& bias, OutRows& out) {
+  const bool x16 = is_bf16(x.dtype(), "x"), out16 = is_bf16(out.dtype(), "out");
   const size_t nd = x.ndim();
   check(nd >= 1 && x.shape(nd - 1) == static_cast<size_t>(w.k),
         "x must have last dimension K=" + std::to_string(w.k));
@@ -36,7 +45,11 @@ static QLinearArgs make_args(const Rows& x, QWeight w, const std::optional<Vec>&
   }
   check(same_lead, "out must have x's leading dimensions and last dimension N=" + std::to_string(w.n));
   if (bias) check(bias->shape(0) == static_cast<size_t>(w.n), "bias must have shape (" + std::to_string(w.n) + ",)");
-  return QLinearArgs{x.data(), m, w, bias ? bias->data() : nullptr, out.data()};
+  QLinearArgs a{x16 ? nullptr : static_cast<const float*>(x.data()), m, w, bias ? bias->data() : nullptr,
+                out16 ? nullptr : static_cast<float*>(out.data())};
+  if (x16) a.x16 = static_cast<const uint16_t*>(x.data());
+  if (out16) a.out16 = static_cast<uint16_t*>(out.data());
+  return a;
 }
 
 void bind_quant(nb::module_& m) {
@@ -53,7 +66,8 @@ void bind_quant(nb::module_& m) {
       },
       nb::arg("x").noconvert(), nb::arg("data").noconvert(), nb::arg("scales").noconvert(),
       nb::arg("bias").noconvert().none(), nb::arg("out").noconvert(), nb::arg("w8a8") = false,
-      "out (..., N) = x (..., K) . (data * scales[:, None])^T + bias; w8a8 also quantizes x per row to int8");
+      "out (..., N) = x (..., K) . (data * scales[:, None])^T + bias, x and out float32 or bfloat16; w8a8 also "
+      "quantizes x per row to int8");
   m.def(
       "qlinear_int4",
       [](Rows x, CArray<const uint8_t, nb::ndim<2>> data, CArray<const float, nb::ndim<2>> scales,
@@ -75,7 +89,8 @@ void bind_quant(nb::module_& m) {
       nb::arg("zeros").noconvert(), nb::arg("group"), nb::arg("bias").noconvert().none(), nb::arg("out").noconvert(),
       nb::arg("bf16_compute") = false,
       "out (..., N) = x (..., K) . W^T + bias with W[n,k] = (q[n,k] - zeros[n,k/G]) * scales[n,k/G], q packed 2 per byte; "
-      "bf16_compute: x holds bf16 values and out will be rounded to bf16, so the AMX GEMM may round W to bf16");
+      "x and out float32 or bfloat16; bf16_compute: x holds bf16 values and out will be rounded to bf16, so the "
+      "AMX GEMM may round W to bf16");
   m.def(
       "gemv_f32",
       [](Mat x, Mat weight, std::optional<Vec> bias, OutMat out) {

@@ -6,6 +6,7 @@
 #include <immintrin.h>
 
 #include <cmath>
+#include <cstring>
 #include <memory>
 #include <vector>
 
@@ -15,16 +16,54 @@ namespace quark {
 
 static FamilyRegistration reg("quant", Isa::amx);
 
+static float bf16_to_f32(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float v;
+  std::memcpy(&v, &bits, 4);
+  return v;
+}
+
+// Round to nearest even, NaN to the quiet NaN: torch's float -> bfloat16.
+static uint16_t f32_to_bf16(float v) {
+  if (std::isnan(v)) return 0x7FC0;
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  return static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
+// Runs `run` on fp32 I/O: bf16 x16 widened into a buffer, out16 rounded from one.
+template <class Run>
+static void with_f32_io(const QLinearArgs& a, Run run) {
+  if (!a.x16 && !a.out16) return run(a);
+  const int64_t M = a.m, K = a.w.k, N = a.w.n;
+  std::vector<float> xf(a.x16 ? M * K : 0), of(a.out16 ? M * N : 0);
+  QLinearArgs f = a;
+  if (a.x16) {
+#pragma omp parallel for schedule(static) if (M > kGemvMaxRows)
+    for (int64_t i = 0; i < M * K; ++i) xf[i] = bf16_to_f32(a.x16[i]);
+    f.x = xf.data(), f.x16 = nullptr;
+  }
+  if (a.out16) f.out = of.data(), f.out16 = nullptr;
+  run(f);
+  if (a.out16) {
+#pragma omp parallel for schedule(static) if (M > kGemvMaxRows)
+    for (int64_t i = 0; i < M * N; ++i) a.out16[i] = f32_to_bf16(of[i]);
+  }
+}
+
 void qlinear_f32(const QLinearArgs& a) {
   if (a.m == 0 || a.w.n == 0) return;
   const Isa isa = family_isa(Isa::amx);
-  if (isa == Isa::scalar) return qgemv_f32_scalar(a);
-  if (a.m <= kGemvMaxRows) return isa == Isa::avx2 ? qgemv_f32_avx2(a) : qgemv_f32_avx512(a);
-  if (isa == Isa::amx) return qgemm_f32_amx(a);
-  return isa == Isa::avx2 ? qgemm_f32_avx2(a) : qgemm_f32_avx512(a);
+  if (isa == Isa::amx && a.m > kGemvMaxRows) return qgemm_f32_amx(a);   // reads and writes bf16 itself
+  with_f32_io(a, [&](const QLinearArgs& f) {
+    if (isa == Isa::scalar) return qgemv_f32_scalar(f);
+    if (f.m <= kGemvMaxRows) return isa == Isa::avx2 ? qgemv_f32_avx2(f) : qgemv_f32_avx512(f);
+    return isa == Isa::avx2 ? qgemm_f32_avx2(f) : qgemm_f32_avx512(f);
+  });
 }
 
-void qlinear_w8a8(const QLinearArgs& a) {
+// W8A8 on fp32 I/O.
+static void w8a8(const QLinearArgs& a) {
   if (a.m == 0 || a.w.n == 0) return;
   const int64_t M = a.m, N = a.w.n, K = a.w.k, kp = (K + 63) / 64 * 64;
   const Isa isa = family_isa(Isa::amx);
@@ -69,5 +108,7 @@ void qlinear_w8a8(const QLinearArgs& a) {
     }
   }
 }
+
+void qlinear_w8a8(const QLinearArgs& a) { with_f32_io(a, w8a8); }
 
 }  // namespace quark

@@ -36,13 +36,17 @@ struct QWeight {
 };
 
 struct QLinearArgs {
-  const float* x;         // (M, K) row-major fp32
+  const float* x;         // (M, K) row-major fp32 (nullptr when x16 holds the activations)
   int64_t m;
   QWeight w;
   const float* bias;      // (N,) or nullptr
-  float* out;             // (M, N) row-major fp32
-  bool bf16_compute = false;  // bf16 activations (widened into x), result rounded to bf16 by the caller:
-                              // the amx GEMM may then round dequantized int4 weights to bf16 too
+  float* out;             // (M, N) row-major fp32 (nullptr when the result goes to out16)
+  bool bf16_compute = false;  // bf16 activations, result rounded to bf16: the amx GEMM may then round
+                              // dequantized int4 weights to bf16 too
+  // bf16 I/O (M, K) / (M, N) instead of x / out: the amx GEMM reads and writes bf16 itself; the
+  // dispatcher widens and rounds around every other path. Rounding is to nearest even, as torch's.
+  const uint16_t* x16 = nullptr;
+  uint16_t* out16 = nullptr;
 };
 
 // W8A8 after activation quantization: the kernels fill dots (M, N) = xq . wq^T exactly.
@@ -59,6 +63,7 @@ constexpr int64_t kGemvMaxRows = 4;   // M above this takes the GEMM path
 
 void qlinear_f32(const QLinearArgs& a);    // dispatches on M and current_isa(); OpenMP inside
 void qlinear_w8a8(const QLinearArgs& a);   // a.w.scheme must be int8
+                                           // both take fp32 or bf16 I/O (x or x16, out or out16)
 
 void qgemv_f32_scalar(const QLinearArgs& a);   // scalar handles any M
 void qgemv_f32_avx2(const QLinearArgs& a);

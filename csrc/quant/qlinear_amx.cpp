@@ -584,11 +584,21 @@ int count_parts(const float* x, int64_t n) {
   return _mm512_test_epi32_mask(any2, any2) ? 2 : 1;
 }
 
+// 16 fp32 -> bf16 rounded to nearest even, NaN to the quiet NaN, denormals kept: torch's conversion
+// (vcvtneps2bf16 would flush denormals).
+__m256i round_bf16(__m512 y) {
+  const __m512i bits = _mm512_castps_si512(y);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+  const __m512i v = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(v);
+}
+
 }  // namespace
 
 void qgemm_f32_amx(const QLinearArgs& a) {
   const int64_t K = a.w.k, ksteps = (K + 31) / 32;
-  const int parts = count_parts(a.x, a.m * K);
+  const int parts = a.x16 ? 1 : count_parts(a.x, a.m * K);   // bf16 x is its own single part
   const Bf16Kind kind(a.w, a.w.scheme == QScheme::int4 && a.bf16_compute);
   const TileGemm<Bf16Kind> gemm{kind, a.w.n, K, ksteps, parts};
   // B tile (step s, part p, token tile mt): row r, dword j = (x_p[m, 32 s + 2 r], x_p[m, 32 s + 2 r + 1]).
@@ -599,8 +609,12 @@ void qgemm_f32_amx(const QLinearArgs& a) {
         __m512i r[3][16];
         for (int j = 0; j < 16; ++j) {
           const int64_t m = mt * 16 + j, k = s * 32;
-          const float* src = a.x + (m0 + m) * K + k;
           const bool in = m < rows;
+          if (a.x16) {   // 32 bf16 of row m at k: already the one part, in order
+            r[0][j] = _mm512_maskz_loadu_epi16(in ? __mmask32(mask64(K - k)) : 0, in ? a.x16 + (m0 + m) * K + k : a.x16);
+            continue;
+          }
+          const float* src = a.x + (m0 + m) * K + k;
           __m512i lo[3], hi[3];
           split3(_mm512_maskz_loadu_ps(in ? mask16(K - k) : 0, in ? src : a.x), lo);
           split3(_mm512_maskz_loadu_ps(in ? mask16(K - k - 16) : 0, in ? src + 16 : a.x), hi);
@@ -617,7 +631,8 @@ void qgemm_f32_amx(const QLinearArgs& a) {
   gemm.run(a.m, pack_b, [&](int64_t m, int64_t n, __mmask16 mk, __m512i v) {
     __m512 y = _mm512_castsi512_ps(v);
     if (a.bias) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mk, a.bias + n));
-    _mm512_mask_storeu_ps(a.out + m * N + n, mk, y);
+    if (a.out16) _mm256_mask_storeu_epi16(a.out16 + m * N + n, mk, round_bf16(y));
+    else _mm512_mask_storeu_ps(a.out + m * N + n, mk, y);
   });
 }
 

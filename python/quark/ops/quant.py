@@ -18,10 +18,11 @@ k-quants do). Calibrated methods (AWQ, GPTQ) can build on `quantize_rtn` by pass
 
 qlinear(x, qt, bias) computes x @ dequantize(qt).T + bias exactly up to fp32 rounding for "int8"
 and "int4" with fp32 x, with a streaming GEMV for <= 4 rows and a blocked GEMM above (AMX tiles
-where present). bf16 x is widened to fp32 and the result rounded back to bf16; it is the one inexact
-mode: for "int4" with more than 4 rows on the amx path, the dequantized weights are rounded to bf16
-too (bf16 compute, like torch's bf16 linear on dequantize(qt)), since the exact form needs an fp32
-scaling pass per group that halves the speed. Its error stays within that of torch's bf16 linear.
+where present). bf16 x is widened to fp32 (exactly, inside the kernels) and the result rounded back
+to bf16 (to nearest even, as torch rounds); it is the one inexact mode: for "int4" with more than 4
+rows on the amx path, the dequantized weights are rounded to bf16 too (bf16 compute, like torch's
+bf16 linear on dequantize(qt)), since the exact form needs an fp32 scaling pass per group that halves
+the speed. Its error stays within that of torch's bf16 linear.
 
 Files: QuantizedTensor.save/load use safetensors with the scheme, shape, group size and a CRC32 of
 the payload in the metadata, so a truncated or corrupted file fails with an error naming the problem
@@ -315,7 +316,8 @@ def pad_to_packed(x, qt):
 
 
 def _run_kernel(x2, qt, bias, out, bf16_compute=False):
-    """The C++ kernel for x2 (..., packed_k) fp32 into out (..., N); the binding checks every argument."""
+    """The C++ kernel for x2 (..., packed_k) into out (..., N), each fp32 or bf16; the binding checks
+    every argument."""
     if qt.scheme == "int4":
         _C.qlinear_int4(x2, qt.data, qt.scales, qt.zeros, qt.group_size, bias, out, bf16_compute=bf16_compute)
     else:
@@ -334,11 +336,12 @@ def qlinear(x, qt, bias=None):
     # check costs microseconds here (the previous layer's GEMV has just evicted the interpreter's working
     # set from the caches), so the binding's own checks (dtype, device, layout, shapes) do the work, and
     # whatever they refuse takes the general path, which handles it or raises a clear error.
-    if (type(x) is torch.Tensor and x.dtype is torch.float32 and type(qt) is QuantizedTensor
+    if (type(x) is torch.Tensor and (x.dtype is torch.float32 or x.dtype is torch.bfloat16)
+            and type(qt) is QuantizedTensor
             and (bias is None or type(bias) is torch.Tensor and bias.dtype is torch.float32)):
         try:
-            out = torch.empty((*x.shape[:-1], qt.shape[0]), dtype=torch.float32)
-            _run_kernel(x, qt, bias, out)
+            out = torch.empty((*x.shape[:-1], qt.shape[0]), dtype=x.dtype)
+            _run_kernel(x, qt, bias, out, bf16_compute=x.dtype is torch.bfloat16)
             return out
         except (TypeError, ValueError):
             pass
@@ -366,13 +369,11 @@ def qlinear(x, qt, bias=None):
     if device_of(xt) != "cpu" or qt.data.device.type != "cpu":
         from quark.ops import reference
         return reference.qlinear(xt, qt, bias)
-    # As few torch ops as possible around the kernel, none after it for fp32 x: a GEMV streams megabytes
-    # through L2 and evicts the interpreter's and torch's working set, so each op after it runs cold
-    # (~25 us for the first, measured; a few us when warm).
-    x2 = pad_to_packed(xt if xt.dtype == torch.float32 else xt.float(), qt)
+    # As few torch ops as possible around the kernel, none after it: a GEMV streams megabytes through L2
+    # and evicts the interpreter's and torch's working set, so each op after it runs cold (~25 us for
+    # the first, measured; a few us when warm). The kernels read and write bf16 themselves.
+    x2 = pad_to_packed(xt.contiguous(), qt)
     b = None if bias is None else bias.detach().to(torch.float32).contiguous()
-    out = torch.empty((*xt.shape[:-1], N), dtype=torch.float32)
+    out = torch.empty((*xt.shape[:-1], N), dtype=xt.dtype)
     _run_kernel(x2, qt, b, out, bf16_compute=xt.dtype == torch.bfloat16)
-    if xt.dtype != torch.float32:
-        out = out.to(xt.dtype)
     return out.numpy() if was_numpy else out
