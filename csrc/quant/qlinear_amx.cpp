@@ -212,7 +212,7 @@ QUARK_INLINE void zero_c() {
 
 // C += A x B with A in tmm4 or tmm5 and B in tmm6 or tmm7. Tile registers are not renamed: a load into
 // the tile the previous product still reads waits for it, and the product then waits for the load.
-// Alternating the A tile per item and the B tile per part (continuing across items) lets each load
+// Alternating the A tile per step and the B tile per product (see product() below) lets each load
 // overlap a product.
 template <int A>
 QUARK_INLINE void load_a(const uint8_t* a) {
