@@ -32,9 +32,11 @@ inline void prefetch_ahead(const uint8_t* row, int64_t pos, int64_t row_bytes, i
 // The L2 hardware streamer follows such long runs across pages; with one row per stream (P = 1) the
 // streams were short (2 KiB int4 rows at K = 4096) and several shared each 4 KiB page, and it did
 // little. Measured at M = 1 with weights from DRAM, interleaved in one run against P = 1 and R = 8:
-// int4 +4-28% (+20-28% in five of six cases), int8 +3-6%; R = 4 streams of 32 KiB beat 2, 8 or 16
-// streams and 4, 16 or 64 KiB.
-constexpr int64_t kStreamBytes = 32 << 10;
+// int4 +4-28% (+20-28% in five of six cases), int8 +3-6%; R = 4 streams beat 2, 8 or 16. Stream
+// length, re-measured after the AMX and wrapper work (M = 1, DRAM, the three shapes of bench_quant,
+// two rounds): 64 KiB against 32 KiB int4 g128 +5-10%, g32 +1-7%, int8 +1-3%; 16 KiB is slower, and
+// 128 KiB halves the speed at K = 11008 (fewer, longer blocks).
+constexpr int64_t kStreamBytes = 64 << 10;
 
 // Threads over N in blocks of R P rows. A guided schedule hands out long contiguous runs of blocks first
 // and short ones at the end, so a thread that lost time (another job on its core) does not leave the
