@@ -180,7 +180,7 @@ def test_bf16_io_in_the_kernels_equals_widening_and_rounding_around_them(isa, sc
         kernel(x, *extra, bias, out16, **flag)
         y = qlinear(x, qt, bias)
     expect = out32.bfloat16()
-    assert bool(expect.isnan().any()) == (M > 1 and scheme != "w8a8")   # int8 activations hold no NaN
+    assert bool(expect.isnan().any()) == (M > 1)
     for got in (out16, y):   # bits equal, NaN payloads aside (torch writes 0xFFFF, the kernels 0x7FC0)
         assert torch.equal(got.isnan(), expect.isnan())
         assert torch.equal(got.nan_to_num(0.0).view(torch.int16), expect.nan_to_num(0.0).view(torch.int16))
@@ -203,6 +203,22 @@ def test_threaded_gemv_at_odd_sizes(isa, scheme, group, K):
         with quark.isa(isa):
             y = qlinear(x, qt, bias)
         assert rel(y, ref64(x, qt, bias)) < 1e-5
+
+
+@pytest.mark.parametrize("isa", AVAILABLE)
+@pytest.mark.parametrize("M", [3, 9])
+def test_w8a8_nan_in_a_row_makes_that_row_nan(isa, M):
+    # int8 activations cannot carry a NaN: the row's scale does, as a float linear would.
+    g = torch.Generator().manual_seed(M)
+    qt = quantize(torch.randn(40, 96, generator=g), "w8a8")
+    x = torch.randn(M, 96, generator=g)
+    clean = qlinear(x, qt)
+    x[1, 7] = float("nan")
+    with quark.isa(isa):
+        y = qlinear(x, qt)
+    assert bool(y[1].isnan().all())
+    rows = [i for i in range(M) if i != 1]
+    assert torch.equal(y[rows], clean[rows])
 
 
 def test_w8a8_gemv_and_gemm_paths_agree_bitwise():

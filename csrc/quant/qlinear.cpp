@@ -73,7 +73,9 @@ static void w8a8(const QLinearArgs& a) {
   std::vector<int16_t> xq16(wide ? M * kp : 0, 0);
   std::vector<float> sx(M);
   // Per-token symmetric quantization: q = round_half_even(x * (127 / max|x|)), scale = max|x| / 127.
-  // cvtss2si rounds half to even (the default MXCSR mode) without a libm call per element.
+  // cvtss2si rounds half to even (the default MXCSR mode) without a libm call per element. A NaN in
+  // a row makes its max NaN, so the scale and every output of the row are NaN, as in a float linear
+  // (int8 has no NaN to carry it otherwise).
   // Decode-sized M stays serial: a parallel region (fork + barrier) costs more than the work there.
 #pragma omp parallel for schedule(static) if (M > kGemvMaxRows)
   for (int64_t m = 0; m < M; ++m) {
@@ -81,7 +83,7 @@ static void w8a8(const QLinearArgs& a) {
     float amax = 0.f;
     for (int64_t k = 0; k < K; ++k) {
       const float v = std::fabs(x[k]);
-      amax = v > amax ? v : amax;
+      amax = v > amax || v != v ? v : amax;
     }
     sx[m] = amax / 127.f;
     const float inv = amax > 0.f ? 127.f / amax : 0.f;
