@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <vector>
 
@@ -73,9 +74,9 @@ static void w8a8(const QLinearArgs& a) {
   std::vector<int16_t> xq16(wide ? M * kp : 0, 0);
   std::vector<float> sx(M);
   // Per-token symmetric quantization: q = round_half_even(x * (127 / max|x|)), scale = max|x| / 127.
-  // cvtss2si rounds half to even (the default MXCSR mode) without a libm call per element. A NaN in
-  // a row makes its max NaN, so the scale and every output of the row are NaN, as in a float linear
-  // (int8 has no NaN to carry it otherwise).
+  // cvtss2si rounds half to even (the default MXCSR mode) without a libm call per element. A row with
+  // a NaN gets a NaN scale, so every output of the row is NaN, as in a float linear (int8 has no NaN
+  // to carry it; cvtss2si would make it INT_MIN, which casts to 0).
   // Decode-sized M stays serial: a parallel region (fork + barrier) costs more than the work there.
 #pragma omp parallel for schedule(static) if (M > kGemvMaxRows)
   for (int64_t m = 0; m < M; ++m) {
@@ -83,15 +84,17 @@ static void w8a8(const QLinearArgs& a) {
     float amax = 0.f;
     for (int64_t k = 0; k < K; ++k) {
       const float v = std::fabs(x[k]);
-      amax = v > amax || v != v ? v : amax;
+      amax = v > amax ? v : amax;
     }
-    sx[m] = amax / 127.f;
     const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    bool nan = false;
     for (int64_t k = 0; k < K; ++k) {
+      nan |= x[k] != x[k];
       const int8_t q = static_cast<int8_t>(_mm_cvtss_si32(_mm_set_ss(x[k] * inv)));
       xq[m * kp + k] = q;
       if (wide) xq16[m * kp + k] = q;
     }
+    sx[m] = nan ? std::numeric_limits<float>::quiet_NaN() : amax / 127.f;
   }
   std::unique_ptr<int32_t[]> dots(new int32_t[M * N]);   // every entry is written by the kernel
   W8A8Args w{xq.data(), xq16.data(), M, kp, a.w, dots.get()};
