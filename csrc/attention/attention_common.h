@@ -1,31 +1,16 @@
-// Element conversions shared by every attention variant (bf16 <-> fp32, int8 dequantization).
+// Element conversions shared by every attention variant (rows of fp32 / bf16 / int8; the bf16 <-> fp32
+// element conversions are common/bf16.h).
 // Everything sits in an anonymous namespace: this header is compiled with different -m flags in
 // each ISA translation unit, and the linker must never merge those copies.
 #pragma once
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 
 #include "attention/attention.h"
+#include "common/bf16.h"
 
 namespace quark {
 namespace {
-
-inline float bf16_to_f32(uint16_t h) {
-  uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-// Round to nearest even, like torch's .to(torch.bfloat16); NaN stays NaN.
-inline uint16_t f32_to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
 
 // bytes from p into L1, one prefetch per 64-byte line (prefetcht0; never faults past the end).
 inline void prefetch_row(const void* p, int64_t bytes) {

@@ -6,31 +6,16 @@
 #include <immintrin.h>
 
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <memory>
 #include <vector>
 
+#include "common/bf16.h"
 #include "common/dispatch.h"
 
 namespace quark {
 
 static FamilyRegistration reg("quant", Isa::amx);
-
-static float bf16_to_f32(uint16_t h) {
-  const uint32_t bits = static_cast<uint32_t>(h) << 16;
-  float v;
-  std::memcpy(&v, &bits, 4);
-  return v;
-}
-
-// Round to nearest even, NaN to the quiet NaN: torch's float -> bfloat16.
-static uint16_t f32_to_bf16(float v) {
-  if (std::isnan(v)) return 0x7FC0;
-  uint32_t bits;
-  std::memcpy(&bits, &v, 4);
-  return static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
-}
 
 // Runs `run` on fp32 I/O: bf16 x16 widened into a buffer, out16 rounded from one.
 template <class Run>

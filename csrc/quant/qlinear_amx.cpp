@@ -584,14 +584,14 @@ int count_parts(const float* x, int64_t n) {
   return _mm512_test_epi32_mask(any2, any2) ? 2 : 1;
 }
 
-// 16 fp32 -> bf16 rounded to nearest even, NaN to the quiet NaN, denormals kept: torch's conversion
-// (vcvtneps2bf16 would flush denormals).
+// 16 fp32 -> bf16 as f32_to_bf16 (common/bf16.h) rounds them: to nearest even, NaN quieted, denormals
+// kept, like torch (vcvtneps2bf16 would flush denormals).
 __m256i round_bf16(__m512 y) {
-  const __m512i bits = _mm512_castps_si512(y);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i bits = _mm512_castps_si512(y), high = _mm512_srli_epi32(bits, 16);
+  const __m512i odd = _mm512_and_si512(high, _mm512_set1_epi32(1));
   const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
-  const __m512i v = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-  return _mm512_cvtepi32_epi16(v);
+  const __m512i nan = _mm512_or_si512(high, _mm512_set1_epi32(0x40));
+  return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q), nan));
 }
 
 }  // namespace
