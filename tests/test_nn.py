@@ -39,14 +39,17 @@ def test_close_to_the_float_layer():
         assert err < tol, (scheme, err)
 
 
-def test_state_dict_roundtrip_and_dtype_casts_keep_fp32_scales():
+def test_state_dict_roundtrip_and_dtype_casts_keep_scale_dtypes():
     torch.manual_seed(2)
     q = QuantLinear.from_linear(nn.Linear(64, 16), "int4", 32)
     assert set(q.state_dict()) == {"data", "scales", "zeros", "bias"}
     x = torch.randn(2, 64)
     y = q(x)
-    q16 = q.to(torch.bfloat16)
-    assert q16.scales.dtype == torch.float32 and q16.bias.dtype == torch.float32 and q16.data.dtype == torch.uint8
+    for dtype in (torch.float64, torch.float16, torch.bfloat16):   # int4 scales are bf16, int8's fp32
+        q8 = QuantLinear.from_linear(nn.Linear(64, 16), "int8").to(dtype)
+        assert q8.scales.dtype == torch.float32 and q8.bias.dtype == torch.float32 and q8.data.dtype == torch.int8
+        q16 = q.to(dtype)
+        assert q16.scales.dtype == torch.bfloat16 and q16.bias.dtype == torch.float32 and q16.data.dtype == torch.uint8
     yb = q16(x.bfloat16())
     assert yb.dtype == torch.bfloat16 and torch.allclose(yb.float(), y, rtol=2e-2, atol=2e-2)
     clone = QuantLinear(quantize(torch.randn(16, 64), "int4", 32), torch.zeros(16))

@@ -10,6 +10,7 @@ import quark
 from quark import _C
 from quark._runtime import ISA_LEVELS
 from quark.ops import QuantizedTensor, dequantize, qlinear, quantize, reference
+from quark.ops import quant
 from quark.ops.quant import quantize_activations
 
 AVAILABLE = ISA_LEVELS[:ISA_LEVELS.index(_C.detected_isa()) + 1]   # scalar .. the best this CPU has
@@ -53,7 +54,7 @@ def test_int4_packing_layout_and_sizes():
     w = torch.arange(64, dtype=torch.float32).repeat(3, 1) - 30          # distinct values along K
     qt = quantize(w, "int4", 64)
     assert qt.data.shape == (3, 32) and qt.scales.shape == (3, 1) and qt.zeros.shape == (3, 1)
-    assert qt.nbytes == 3 * 32 + 3 * 4 + 3
+    assert qt.nbytes == 3 * 32 + 3 * 2 + 3                             # bf16 scales
     lo, hi = qt.data[0, :16] & 15, qt.data[0, :16] >> 4                 # byte j: q[j] | q[j + 16] << 4
     q = torch.round(dequantize(qt)[0] / qt.scales[0, 0] + qt.zeros[0, 0].float())
     assert torch.equal(lo.float(), q[:16]) and torch.equal(hi.float(), q[16:32])
@@ -190,11 +191,12 @@ def test_bf16_io_in_the_kernels_equals_widening_and_rounding_around_them(isa, sc
 
 @pytest.mark.parametrize("isa", AVAILABLE)
 @pytest.mark.parametrize("scheme,group,K", [("int8", 0, 333), ("int4", 32, 672), ("int4", 64, 704),
-                                            ("int4", 128, 640)])
+                                            ("int4", 128, 640), ("int4", 32, 544), ("int4", 128, 2304)])
 def test_threaded_gemv_at_odd_sizes(isa, scheme, group, K):
     """Weights above the GEMV's one-thread cutoff (128 KiB): the threaded row split, blocks whose
-    streams each sweep several rows (8 at these K), rows left over after the last full block, and K
-    ending in a partial 128-weight chunk (672, 704)."""
+    streams each sweep several rows, rows left over after the last full block, K ending in a partial
+    128-weight chunk (672, 704, 544; 544 at g32 has 17 groups, one past a 16-lane vector of scales),
+    and a g128 row of 18 chunks (2304)."""
     g = torch.Generator().manual_seed(K)
     qt = quantize(torch.randn(1037, K, generator=g), scheme, group or 32)
     assert qt.data.numel() > 1 << 17
@@ -272,6 +274,10 @@ def test_bad_inputs_raise_clear_errors():
         quantize(torch.full((2, 32), float("nan")), "int8")
     with pytest.raises(ValueError, match="zeros must have dtype"):
         QuantizedTensor("int4", (8, 64), qt.data, qt.scales, qt.zeros.float(), 32)
+    with pytest.raises(ValueError, match="int4 scales must be bfloat16, got float32"):
+        QuantizedTensor("int4", (8, 64), qt.data, qt.scales.float(), qt.zeros, 32)
+    with pytest.raises(ValueError, match="scales must be bfloat16"):
+        _C.qlinear_int4(torch.randn(1, 64), qt.data, qt.scales.float(), qt.zeros, 32, None, torch.empty(1, 8))
     with pytest.raises(ValueError, match="K=64"):   # the C++ boundary checks too
         _C.qlinear_int4(torch.randn(1, 32), qt.data, qt.scales, qt.zeros, 32, None, torch.empty(1, 8))
     with pytest.raises(ValueError, match="leading dimensions"):
@@ -287,7 +293,8 @@ def test_zero_rows_and_constant_weights():
     w[1] = 0.5
     for scheme in ("int8", "int4", "w8a8"):
         qt = quantize(w, scheme, 32)
-        assert torch.allclose(dequantize(qt), w, atol=1e-7)
+        # 15 steps of a scale 0.5 / 15 rounded to bf16 (2^-8 relative at most) for int4
+        assert torch.allclose(dequantize(qt), w, atol=0.5 * 2**-8 if scheme == "int4" else 1e-7)
         y = qlinear(torch.zeros(3, 64), qt)
         assert torch.equal(y, torch.zeros(3, 4))
 
@@ -356,8 +363,27 @@ def test_truncated_corrupted_and_foreign_files_fail_clearly(tmp_path):
     with pytest.raises(FileNotFoundError):
         QuantizedTensor.load(tmp_path / "missing.safetensors")
     tensors, meta = qt.state()
-    meta["format"] = "quark.quantized_tensor/1"
+    meta["format"] = "quark.quantized_tensor/2"
     meta["shape"] = "16,96"
     save_file(tensors, str(tmp_path / "shape.safetensors"), metadata=meta)
     with pytest.raises(ValueError, match="must have shape"):
         QuantizedTensor.load(tmp_path / "shape.safetensors")
+
+
+def test_format_1_files_load_for_int8_and_are_refused_for_int4(tmp_path):
+    """quark.quantized_tensor/1 held int4 scales in fp32; rounding them on load would change the
+    weights silently, so such files are refused with a message to re-quantize. int8's layout did not
+    change: its /1 files still load."""
+    from safetensors.torch import save_file
+    for scheme in ("int8", "int4"):
+        qt = quantize(torch.randn(16, 64), scheme, 32)
+        tensors, meta = qt.state()
+        if scheme == "int4":
+            tensors["scales"] = tensors["scales"].float()
+            meta["crc32"] = str(quant._crc32(tensors))
+        save_file(tensors, str(tmp_path / f"{scheme}.safetensors"), metadata={**meta, "format": "quark.quantized_tensor/1"})
+        if scheme == "int8":
+            assert torch.equal(QuantizedTensor.load(tmp_path / "int8.safetensors").data, qt.data)
+        else:
+            with pytest.raises(ValueError, match="float32 .*quantized_tensor/1.*re-quantize"):
+                QuantizedTensor.load(tmp_path / "int4.safetensors")

@@ -57,20 +57,22 @@ static void decode_attention(CudaArray<> q, CudaArray<> k, CudaArray<> v, CudaAr
   check_cuda(err);
 }
 
-static void int4_gemv(CudaArray<> x, CudaArray<const uint8_t, nb::ndim<2>> data, CudaArray<const float, nb::ndim<2>> scales,
+static void int4_gemv(CudaArray<> x, CudaArray<const uint8_t, nb::ndim<2>> data, CudaArray<nb::ro, nb::ndim<2>> scales,
                       CudaArray<const uint8_t, nb::ndim<2>> zeros, std::optional<CudaArray<const float, nb::ndim<1>>> bias,
                       CudaArray<> out, int64_t group_size, uintptr_t stream) {
   check(x.ndim() == 2 && out.ndim() == 2, "x (M, K) and out (M, N) must be 2-D");
   const int64_t M = x.shape(0), K = x.shape(1), N = data.shape(0);
   check((int64_t)data.shape(1) * 2 == K, "data must be (N, K/2) packed int4 matching x's K");
   check(group_size > 0 && K % group_size == 0, "group_size must divide K");
+  check(scales.dtype() == nb::dlpack::dtype{static_cast<uint8_t>(nb::dlpack::dtype_code::Bfloat), 16, 1},
+        "scales must be bfloat16");
   check((int64_t)scales.shape(0) == N && (int64_t)scales.shape(1) == K / group_size, "scales must be (N, K/G)");
   check((int64_t)zeros.shape(0) == N && (int64_t)zeros.shape(1) == K / group_size, "zeros must be (N, K/G)");
   check((int64_t)out.shape(0) == M && (int64_t)out.shape(1) == N, "out must be (M, N)");
   check(!bias || (int64_t)bias->shape(0) == N, "bias must be (N,)");
   const cuda::DType dt = float_dtype(x, "x");
   check(float_dtype(out, "out") == dt, "out must have x's dtype");
-  cuda::Int4GemvArgs a{x.data(), data.data(), scales.data(), zeros.data(), bias ? bias->data() : nullptr,
+  cuda::Int4GemvArgs a{x.data(), data.data(), static_cast<const uint16_t*>(scales.data()), zeros.data(), bias ? bias->data() : nullptr,
                        out.data(), M, N, K, group_size, dt};
   std::string err;
   {

@@ -25,10 +25,11 @@ static std::string shape_str(int64_t a, int64_t b) {
 using Rows = CArray<nb::ro>;
 using OutRows = CArray<>;
 
+static const nb::dlpack::dtype kBf16{static_cast<uint8_t>(nb::dlpack::dtype_code::Bfloat), 16, 1};
+
 static bool is_bf16(const nb::dlpack::dtype& t, const char* name) {
   if (t == nb::dtype<float>()) return false;
-  check(t == nb::dlpack::dtype{static_cast<uint8_t>(nb::dlpack::dtype_code::Bfloat), 16, 1},
-        std::string(name) + " must be float32 or bfloat16");
+  check(t == kBf16, std::string(name) + " must be float32 or bfloat16");
   return true;
 }
 
@@ -58,7 +59,7 @@ void bind_quant(nb::module_& m) {
       [](Rows x, CArray<const int8_t, nb::ndim<2>> data, Vec scales, std::optional<Vec> bias, OutRows out, bool w8a8) {
         const int64_t N = data.shape(0), K = data.shape(1);
         check(scales.shape(0) == static_cast<size_t>(N), "scales must have shape (" + std::to_string(N) + ",)");
-        QWeight w{QScheme::int8, reinterpret_cast<const uint8_t*>(data.data()), scales.data(), nullptr, N, K, K};
+        QWeight w{QScheme::int8, reinterpret_cast<const uint8_t*>(data.data()), scales.data(), nullptr, nullptr, N, K, K};
         QLinearArgs a = make_args(x, w, bias, out);
         nb::gil_scoped_release release;
         if (w8a8) qlinear_w8a8(a);
@@ -70,16 +71,17 @@ void bind_quant(nb::module_& m) {
       "quantizes x per row to int8");
   m.def(
       "qlinear_int4",
-      [](Rows x, CArray<const uint8_t, nb::ndim<2>> data, CArray<const float, nb::ndim<2>> scales,
+      [](Rows x, CArray<const uint8_t, nb::ndim<2>> data, CArray<nb::ro, nb::ndim<2>> scales,
          CArray<const uint8_t, nb::ndim<2>> zeros, int64_t group, std::optional<Vec> bias, OutRows out, bool bf16_compute) {
         const int64_t N = data.shape(0), K = 2 * static_cast<int64_t>(data.shape(1));
         check(group == 32 || group == 64 || group == 128, "group must be 32, 64 or 128");
         check(K % group == 0, "K=" + std::to_string(K) + " is not a multiple of group " + std::to_string(group));
+        check(scales.dtype() == kBf16, "scales must be bfloat16");
         check(scales.shape(0) == static_cast<size_t>(N) && scales.shape(1) == static_cast<size_t>(K / group),
               "scales must have shape " + shape_str(N, K / group));
         check(zeros.shape(0) == scales.shape(0) && zeros.shape(1) == scales.shape(1),
               "zeros must have shape " + shape_str(N, K / group));
-        QWeight w{QScheme::int4, data.data(), scales.data(), zeros.data(), N, K, group};
+        QWeight w{QScheme::int4, data.data(), nullptr, static_cast<const uint16_t*>(scales.data()), zeros.data(), N, K, group};
         QLinearArgs a = make_args(x, w, bias, out);
         a.bf16_compute = bf16_compute;
         nb::gil_scoped_release release;
@@ -88,7 +90,8 @@ void bind_quant(nb::module_& m) {
       nb::arg("x").noconvert(), nb::arg("data").noconvert(), nb::arg("scales").noconvert(),
       nb::arg("zeros").noconvert(), nb::arg("group"), nb::arg("bias").noconvert().none(), nb::arg("out").noconvert(),
       nb::arg("bf16_compute") = false,
-      "out (..., N) = x (..., K) . W^T + bias with W[n,k] = (q[n,k] - zeros[n,k/G]) * scales[n,k/G], q packed 2 per byte; "
+      "out (..., N) = x (..., K) . W^T + bias with W[n,k] = (q[n,k] - zeros[n,k/G]) * scales[n,k/G], q packed 2 per byte, "
+      "scales bfloat16; "
       "x and out float32 or bfloat16; bf16_compute: x holds bf16 values and out will be rounded to bf16, so the "
       "AMX GEMM may round W to bf16");
   m.def(

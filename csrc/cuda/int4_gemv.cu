@@ -20,7 +20,7 @@ constexpr int kRowsPerBlock = 4;
 
 template <class T, int M>
 __global__ void __launch_bounds__(kRowsPerBlock * 32) int4_gemv_kernel(
-    const T* __restrict__ x, const uint8_t* __restrict__ data, const float* __restrict__ scales,
+    const T* __restrict__ x, const uint8_t* __restrict__ data, const uint16_t* __restrict__ scales,
     const uint8_t* __restrict__ zeros, const float* __restrict__ bias, T* __restrict__ out, int64_t N, int64_t K,
     int64_t G) {
   const int lane = threadIdx.x % 32;
@@ -35,7 +35,7 @@ __global__ void __launch_bounds__(kRowsPerBlock * 32) int4_gemv_kernel(
     const uint4 packed = __ldg(row + blk);
     const uint32_t words[4] = {packed.x, packed.y, packed.z, packed.w};
     const int64_t g = blk * 32 / G;
-    const float s = __ldg(scales + n * n_groups + g);
+    const float s = __uint_as_float((uint32_t)__ldg(scales + n * n_groups + g) << 16);   // bf16 -> fp32
     const float z = (float)__ldg(zeros + n * n_groups + g);
 #pragma unroll
     for (int m = 0; m < M; ++m) {

@@ -38,7 +38,7 @@ std::string decode_attention(const DecodeArgs& a, cudaStream_t stream);
 struct Int4GemvArgs {
   const void* x;
   const uint8_t* data;
-  const float* scales;
+  const uint16_t* scales;   // (N, K/G) bf16 bits
   const uint8_t* zeros;
   const float* bias;
   void* out;

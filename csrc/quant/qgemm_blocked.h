@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "common/bf16.h"
 #include "quant/qlinear.h"
 
 namespace quark {
@@ -41,7 +42,7 @@ inline void dequant_row(const QWeight& w, int64_t n, int64_t k0, int64_t len, fl
   for (int64_t b = k0; b < k0 + len; b += 32) {
     const int64_t g = b / w.group;
     const int z = w.zeros[n * ngroups + g];
-    const float s = w.scales[n * ngroups + g];
+    const float s = bf16_to_f32(w.scales16[n * ngroups + g]);
     const uint8_t* q = row + b / 2;
     float* d = dst + (b - k0) * stride;
     for (int j = 0; j < 16; ++j) {

@@ -78,14 +78,20 @@ constexpr int64_t kChunk = 128;   // weights per 64-byte chunk
 constexpr int chunk_pos(int i, int d) { return 32 * (d / 4) + 4 * (d % 4) + i / 2 + 16 * (i % 2); }
 
 // int4 scales and zero points (R rows x K/G each, beside the weights) are prefetched as well, worth a
-// few percent at G = 32 where they are a quarter of the bytes: each row's scales the same way as its
-// weights (one prefetch per 64-byte line of scales, every G/8 chunks), and at the start of a pass the
-// zero points of the rows the next pass reads (`wrap` rows on), which its correction after the main
-// loop then finds in cache.
+// few percent at G = 32 where they are a sixth of the bytes. A row's scales are prefetched for the
+// weights its weight prefetch reaches (kPrefetch bytes on, in this row or `wrap` rows on), twice per
+// 64-byte line of 32 bf16 scales (every G/8 chunks). Prefetching them kPrefetch bytes on in the
+// scales' own stream instead reached 16 rows on at G = 128 (64 bytes of scales per row at K = 4096),
+// past the end of the stream's run of rows, and left the first rows of every run to demand misses.
+// The zero points of the rows the next pass reads (`wrap` rows on) are prefetched at the start of a
+// pass: the correction after the main loop then finds them in cache.
 template <int G>
-inline void prefetch_scales_ahead(const float* row_scales, int64_t c, int64_t ng, int64_t wrap) {
-  if (c % (G / 8) == 0)
-    prefetch_ahead(reinterpret_cast<const uint8_t*>(row_scales), 4 * c * kChunk / G, 4 * ng, 4 * wrap * ng);
+inline void prefetch_scales_ahead(const uint16_t* row_scales, int64_t c, int64_t ng, int64_t row_bytes,
+                                  int64_t wrap) {
+  if (c % (G / 8) != 0) return;
+  const int64_t ahead = 64 * c + kPrefetch;   // byte of the packed row, 2 weights per byte
+  const uint16_t* p = ahead < row_bytes ? row_scales + 2 * ahead / G : row_scales + wrap * ng + 2 * (ahead - row_bytes) / G;
+  _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
 }
 
 template <int R>

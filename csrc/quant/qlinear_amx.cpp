@@ -32,6 +32,7 @@
 #include <utility>
 #include <vector>
 
+#include "common/bf16.h"
 #include "quant/qlinear.h"
 
 namespace quark {
@@ -486,7 +487,7 @@ struct Bf16Kind {
     const int64_t ng = K >> gs, g0 = k0 >> gs, groups = kc >> gs;
     auto prefetch_row = [&](int64_t n) {
       prefetch_l2(w.data + n * (K / 2) + k0 / 2, kc / 2);
-      prefetch_l2(w.scales + n * ng + g0, groups * 4);
+      prefetch_l2(w.scales16 + n * ng + g0, groups * 2);
       prefetch_l2(w.zeros + n * ng + g0, groups);
     };
     if (round_w) {
@@ -495,7 +496,7 @@ struct Bf16Kind {
         const int64_t k = k0 + s * kStepK, g = n * ng + (k >> gs);
         const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.data + n * (K / 2) + k / 2)));
         const __m512i z = _mm512_set1_epi32(w.zeros[g]);
-        const __m512 sg = _mm512_set1_ps(w.scales[g]);
+        const __m512 sg = _mm512_set1_ps(bf16_to_f32(w.scales16[g]));
         // (q - z) * s in fp32, as dequantize() computes it, then rounded to nearest bf16.
         const __m512 wa = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(q, _mm512_set1_epi32(15)), z)), sg);
         const __m512 wb = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(q, 4), z)), sg);
@@ -504,7 +505,7 @@ struct Bf16Kind {
       return;
     }
     for (int64_t i = 0; i < rows; ++i)
-      for (int64_t g = 0; g < groups; ++g) sdst[g * kTaskRows + i] = n0 + i < w.n ? w.scales[(n0 + i) * ng + g0 + g] : 0.f;
+      for (int64_t g = 0; g < groups; ++g) sdst[g * kTaskRows + i] = n0 + i < w.n ? bf16_to_f32(w.scales16[(n0 + i) * ng + g0 + g]) : 0.f;
     pack_rows(n0, rows, w.n, kc / kStepK, grid, dst, [&](int64_t n, int64_t s) {
       const int64_t k = k0 + s * kStepK;
       const __m256i q = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.data + n * (K / 2) + k / 2)));

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 
+#include "common/bf16.h"
 #include "common/gemm_f32_avx2.h"
 #include "quant/qgemm_blocked.h"
 #include "quant/qgemv.h"
@@ -68,15 +69,16 @@ void gemv_int8_rows(const QLinearArgs& a, int64_t n0, int64_t stride, int64_t wr
 // int4, chunks of 128 weights (qgemv.h) as two halves of 8 dwords: nibble i of half h is
 // cvt((v >> 4i) & 15), against xp[c + 16 i + 8 h ..]. Lane d of half h belongs to block 2h + d/4.
 template <int G>
-inline __m256 half_scales(const float* s, int64_t c, int h, int64_t blocks) {
+inline __m256 half_scales(const uint16_t* s, int64_t c, int h, int64_t blocks) {
   if constexpr (G == 32) {
-    const float* p = s + 4 * c + 2 * h;
-    return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(p[0])), _mm_set1_ps(blocks > 2 * h + 1 ? p[1] : 0.f), 1);
+    const uint16_t* p = s + 4 * c + 2 * h;
+    return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(bf16_to_f32(p[0]))),
+                                _mm_set1_ps(blocks > 2 * h + 1 ? bf16_to_f32(p[1]) : 0.f), 1);
   } else if constexpr (G == 64) {
-    return _mm256_set1_ps(s[2 * c + h]);
+    return _mm256_set1_ps(bf16_to_f32(s[2 * c + h]));
   } else {
     static_assert(G == 128);
-    return _mm256_set1_ps(s[c]);
+    return _mm256_set1_ps(bf16_to_f32(s[c]));
   }
 }
 
@@ -85,7 +87,7 @@ void gemv_int4_rows(const QLinearArgs& a, int64_t n0, int64_t stride, int64_t wr
                     const float* xsum) {
   const int64_t K = a.w.k, N = a.w.n, ng = K / G, row_bytes = K / 2, nchunks = (K + kChunk - 1) / kChunk;
   const uint8_t* q = a.w.data + n0 * row_bytes;
-  const float* sc = a.w.scales + n0 * ng;
+  const uint16_t* sc = a.w.scales16 + n0 * ng;
   const uint8_t* zp = a.w.zeros + n0 * ng;
   const __m256i low4 = _mm256_set1_epi32(15);
   __m256 acc[R][M];
@@ -101,7 +103,7 @@ void gemv_int4_rows(const QLinearArgs& a, int64_t n0, int64_t stride, int64_t wr
       const uint8_t* src = q + r * stride * row_bytes + 64 * c;
       if (blocks == 4) {
         prefetch_ahead(q + r * stride * row_bytes, 64 * c, row_bytes, wrap * row_bytes);
-        prefetch_scales_ahead<G>(sc + r * stride * ng, c, ng, wrap);
+        prefetch_scales_ahead<G>(sc + r * stride * ng, c, ng, row_bytes, wrap);
       }
 #pragma GCC unroll 2
       for (int h = 0; h < 2; ++h) {
@@ -135,15 +137,17 @@ void gemv_int4_rows(const QLinearArgs& a, int64_t n0, int64_t stride, int64_t wr
     for (int m = 0; m < M; ++m) corr[m] = _mm256_setzero_ps();
     int64_t g = 0;
     for (; g + 8 <= ng; g += 8) {
-      const __m256 sz = _mm256_mul_ps(_mm256_loadu_ps(sc + r * stride * ng + g), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
-                                                                            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(zp + r * stride * ng + g)))));
+      const __m256 s = _mm256_castsi256_ps(_mm256_slli_epi32(
+          _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + r * stride * ng + g))), 16));
+      const __m256 sz = _mm256_mul_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+                                             _mm_loadl_epi64(reinterpret_cast<const __m128i*>(zp + r * stride * ng + g)))));
 #pragma GCC unroll 4
       for (int m = 0; m < M; ++m) corr[m] = _mm256_fmadd_ps(sz, _mm256_loadu_ps(xsum + m * ng + g), corr[m]);
     }
 #pragma GCC unroll 4
     for (int m = 0; m < M; ++m) {
       float y = hsum(_mm256_sub_ps(acc[r][m], corr[m]));
-      for (int64_t t = g; t < ng; ++t) y -= sc[r * stride * ng + t] * static_cast<float>(zp[r * stride * ng + t]) * xsum[m * ng + t];
+      for (int64_t t = g; t < ng; ++t) y -= bf16_to_f32(sc[r * stride * ng + t]) * static_cast<float>(zp[r * stride * ng + t]) * xsum[m * ng + t];
       a.out[m * N + n0 + r * stride] = a.bias ? y + a.bias[n0 + r * stride] : y;
     }
   }

@@ -56,19 +56,22 @@ void gemv_int8_rows(const QLinearArgs& a, int64_t n0, int64_t stride, int64_t wr
     }
 }
 
-// The scales of the (up to four) groups of chunk c, spread over the lanes of their blocks.
+// 16 bf16 (masked) as fp32: exact.
+inline __m512 load_bf16(__mmask16 mk, const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, p)), 16));
+}
+
+// The bf16 scales of the (up to four) groups of chunk c as fp32, spread over the lanes of their blocks:
+// one masked word permute puts scale j in the high half of each dword of its lanes, zero below.
 template <int G>
-inline __m512 chunk_scales(const float* s, int64_t c, __mmask8 mk) {
-  if constexpr (G == 32) {
-    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
-                                 _mm512_castps128_ps512(_mm_maskz_loadu_ps(mk, s + 4 * c)));
-  } else if constexpr (G == 64) {
-    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1),
-                                 _mm512_castps128_ps512(_mm_maskz_loadu_ps(mk, s + 2 * c)));
-  } else {
-    static_assert(G == 128);
-    return _mm512_set1_ps(s[c]);
-  }
+inline __m512 chunk_scales(const uint16_t* s, int64_t c, __mmask8 mk) {
+  static_assert(G == 32 || G == 64 || G == 128);
+  constexpr int lanes = G / 8;   // dword lanes per group
+  alignas(64) static constexpr uint16_t idx[32] = {
+      0, 0 / lanes, 0, 1 / lanes, 0, 2 / lanes, 0, 3 / lanes, 0, 4 / lanes, 0, 5 / lanes, 0, 6 / lanes, 0, 7 / lanes,
+      0, 8 / lanes, 0, 9 / lanes, 0, 10 / lanes, 0, 11 / lanes, 0, 12 / lanes, 0, 13 / lanes, 0, 14 / lanes, 0, 15 / lanes};
+  const __m512i v = _mm512_castsi128_si512(_mm_maskz_loadu_epi16(mk, s + (kChunk / G) * c));
+  return _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(0xAAAAAAAAu, _mm512_load_si512(idx), v));
 }
 
 // int4, chunks of 128 weights seen as 16 dwords (qgemv.h): vpermps reads only the low 4 bits of
@@ -79,9 +82,10 @@ void gemv_int4_rows(const QLinearArgs& a, int64_t n0, int64_t stride, int64_t wr
                     const float* xsum) {
   const int64_t K = a.w.k, N = a.w.n, ng = K / G, row_bytes = K / 2, full = K / kChunk;
   const uint8_t* q = a.w.data + n0 * row_bytes;
-  const float* sc = a.w.scales + n0 * ng;
+  const uint16_t* sc = a.w.scales16 + n0 * ng;
   const uint8_t* zp = a.w.zeros + n0 * ng;
   const __m512 table = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  constexpr __mmask8 kAllScales = (1u << (kChunk / G)) - 1;   // a whole chunk's scales
   __m512 acc[R][M];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
@@ -109,8 +113,8 @@ void gemv_int4_rows(const QLinearArgs& a, int64_t n0, int64_t stride, int64_t wr
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       prefetch_ahead(q + r * stride * row_bytes, 64 * c, row_bytes, wrap * row_bytes);
-      prefetch_scales_ahead<G>(sc + r * stride * ng, c, ng, wrap);
-      chunk(r, c, _mm512_loadu_si512(q + r * stride * row_bytes + 64 * c), 0xF);
+      prefetch_scales_ahead<G>(sc + r * stride * ng, c, ng, row_bytes, wrap);
+      chunk(r, c, _mm512_loadu_si512(q + r * stride * row_bytes + 64 * c), kAllScales);
     }
   }
   if (full * kChunk < K) {   // 1 to 3 blocks left: masked lanes read 0 -> nibble 0 -> 0 * xp pad
@@ -127,7 +131,7 @@ void gemv_int4_rows(const QLinearArgs& a, int64_t n0, int64_t stride, int64_t wr
     for (int m = 0; m < M; ++m) corr[m] = _mm512_setzero_ps();
     for (int64_t g = 0; g < ng; g += 16) {
       const __mmask16 mk = ng - g >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (ng - g)) - 1);
-      const __m512 sz = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, sc + r * stride * ng + g),
+      const __m512 sz = _mm512_mul_ps(load_bf16(mk, sc + r * stride * ng + g),
                                       _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mk, zp + r * stride * ng + g))));
 #pragma GCC unroll 8
       for (int m = 0; m < M; ++m) corr[m] = _mm512_fmadd_ps(sz, _mm512_maskz_loadu_ps(mk, xsum + m * ng + g), corr[m]);

@@ -1,5 +1,6 @@
 // Scalar path: the plain definition of every format, for any M. It is the fallback on CPUs without
 // AVX2 and the readable statement of what the SIMD paths compute.
+#include "common/bf16.h"
 #include "quant/qlinear.h"
 
 namespace quark {
@@ -19,7 +20,7 @@ void qgemv_f32_scalar(const QLinearArgs& a) {
         const uint8_t* q = a.w.data + n * (K / 2);
         for (int64_t g = 0; g < ngroups; ++g) {
           const int z = a.w.zeros[n * ngroups + g];
-          const float s = a.w.scales[n * ngroups + g];
+          const float s = bf16_to_f32(a.w.scales16[n * ngroups + g]);
           for (int64_t k = g * G; k < (g + 1) * G; ++k) {
             const uint8_t byte = q[(k / 32) * 16 + (k % 16)];
             const int v = (k % 32) < 16 ? (byte & 15) : (byte >> 4);

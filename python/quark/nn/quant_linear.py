@@ -47,8 +47,9 @@ class QuantLinear(nn.Module):
         return qlinear(x, self.qweight, self.bias)
 
     def _apply(self, fn, recurse=True):
-        # model.to(torch.bfloat16) must not round the fp32 scales and bias (the kernels read fp32 and
-        # handle bf16 activations themselves): hold them out of the cast and move them by device only.
+        # model.to(dtype) must not cast the scales (the kernels read int4's as bf16, int8's as fp32) or
+        # round the fp32 bias (bf16 activations are handled inside the kernels): hold them out of the
+        # cast and move them by device only.
         held = {n: self._buffers.pop(n) for n in ("scales", "bias") if self._buffers.get(n) is not None}
         super()._apply(fn, recurse)
         device = fn(torch.empty(0)).device

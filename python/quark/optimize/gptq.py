@@ -48,12 +48,12 @@ def gptq_quantize(w, hessian, group_size=128, damp=0.01, act_order=False, block_
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
     G = K // group_size
-    scales = torch.empty(N, G)
+    scales = torch.empty(N, G)                    # fp32 copies of the bf16 scales (exact)
     zeros = torch.empty(N, G, dtype=torch.uint8)
     perm = torch.arange(K)
     if act_order:
         static = quantize_rtn(W, "int4", group_size)
-        scales, zeros = static.scales.clone(), static.zeros.clone()
+        scales, zeros = static.scales.float(), static.zeros.clone()
         perm = torch.argsort(torch.diag(H), descending=True, stable=True)
         W, H = W[:, perm], H[perm][:, perm]
     else:
@@ -83,7 +83,7 @@ def gptq_quantize(w, hessian, group_size=128, damp=0.01, act_order=False, block_
             err1[:, i] = e
         W[:, c1:] -= err1 @ Hinv[c0:c1, c1:]                                      # and in the columns after it
     codes = codes[:, torch.argsort(perm)]                                         # back to the layer's column order
-    qt = QuantizedTensor("int4", (N, K0), _pack_int4(codes.contiguous()), scales.contiguous(), zeros.contiguous(),
+    qt = QuantizedTensor("int4", (N, K0), _pack_int4(codes.contiguous()), scales.to(torch.bfloat16), zeros.contiguous(),
                          group_size)
     return qt, loss
 

@@ -30,7 +30,8 @@ from quark.io import atomic_open, atomic_write_json, atomic_write_text
 from quark.nn import QuantLinear
 from quark.ops.quant import GROUP_SIZES, SCHEMES, QuantizedTensor, quantize, read_safetensors
 
-MODEL_FORMAT = "quark.quantized_model/1"
+MODEL_FORMAT = "quark.quantized_model/2"
+READ_MODEL_FORMATS = ("quark.quantized_model/1", MODEL_FORMAT)   # /1: fp32 int4 scales, refused per layer
 METHODS = ("rtn", "awq", "gptq")   # round-to-nearest; activation-aware scaling; second-order error compensation
 
 
@@ -151,7 +152,7 @@ def load_quantized_model(directory):
         raise ValueError(f"{spec_path} is malformed ({e}); expected {{scheme, group_size, layers}}") from None
     weights = directory / "model.safetensors"
     tensors, metadata = read_safetensors(weights)
-    if metadata.get("format") != MODEL_FORMAT:
+    if metadata.get("format") not in READ_MODEL_FORMATS:
         raise ValueError(f"{weights}: not a Quark quantized model (format {metadata.get('format')!r})")
     model = GPT(config)
     for name in layers:

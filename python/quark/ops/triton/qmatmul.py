@@ -1,7 +1,7 @@
 """Weight-only quantized matmul in Triton: out (M, N) = x (M, K) @ dequantize(W)^T + bias, with W in
 the formats of quark.ops.quant (see csrc/quant/qlinear.h):
   int8  data (N, K) int8, scales (N,) fp32                          W[n, k] = data[n, k] * s[n]
-  int4  data (N, K/2) uint8, scales/zeros (N, K/G) fp32/uint8      W[n, k] = (q[n, k] - z[n, g]) * s[n, g]
+  int4  data (N, K/2) uint8, scales/zeros (N, K/G) bf16/uint8      W[n, k] = (q[n, k] - z[n, g]) * s[n, g]
         packed in blocks of 32 along K: byte 16*b + j holds q[32b + j] (low nibble) and q[32b + j + 16]
         (high nibble).
 The kernels never unpack nibbles into K order: a byte tile (.., BK/2) is split into its low and high
@@ -11,7 +11,7 @@ the two halves are two ordinary dot products.
 GEMV (M <= 4, decode): memory-bound, one program per (BLOCK_N rows, x row); one quantization group
 per step, its scale and zero factored out of the sum:
     sum_k (q - z) s x = s * (sum_k q x - z * sum_k x),
-so the inner loop is nibble -> float -> FMA. int4 reads 0.5 + 5/G bytes per weight instead of 2 (bf16).
+so the inner loop is nibble -> float -> FMA. int4 reads 0.5 + 3/G bytes per weight instead of 2 (bf16).
 GEMM (M > 4, prefill): tensor-core tiles (BM x BN x BK); the weight tile is dequantized to x's dtype
 in registers (int8 values are exact in bf16/fp16; int8's per-row scale is applied to the accumulator).
 """
@@ -43,7 +43,7 @@ def _int4_gemv_kernel(X, D, S, Z, B, O, N, K, n_groups, sxm, som,
         lo = (byte & 15).to(tl.float32)
         hi = (byte >> 4).to(tl.float32)
         dot = tl.sum(lo * xl[None, :] + hi * xh[None, :], 1)                           # (BN,)
-        s = tl.load(S + offs_n * n_groups + g, mask=nmask, other=0.0)
+        s = tl.load(S + offs_n * n_groups + g, mask=nmask, other=0.0).to(tl.float32)
         z = tl.load(Z + offs_n * n_groups + g, mask=nmask, other=0).to(tl.float32)
         acc += s * (dot - z * (tl.sum(xl, 0) + tl.sum(xh, 0)))
     if HAS_BIAS:
@@ -95,7 +95,7 @@ def _qgemm_kernel(X, D, S, Z, B, O, M, N, K, n_groups, sxm, som,
             wmask = kvalid[:, None] & nmask[None, :]
             byte = tl.load(d_cols + k0 // 2 + i[:, None], mask=wmask, other=0)        # (HALF, BN)
             gidx = offs_n[None, :] * n_groups + kl[:, None] // GROUP
-            s = tl.load(S + gidx, mask=wmask, other=0.0)
+            s = tl.load(S + gidx, mask=wmask, other=0.0).to(tl.float32)
             z = tl.load(Z + gidx, mask=wmask, other=0).to(tl.float32)
             wl = (((byte & 15).to(tl.float32) - z) * s).to(xl.dtype)
             wh = (((byte >> 4).to(tl.float32) - z) * s).to(xl.dtype)
