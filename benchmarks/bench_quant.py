@@ -3,7 +3,7 @@ bf16 and torch.ao dynamic int8 quantization (quantize_dynamic), same run, interl
 
 Each provider cycles through copies of its weights (distinct memory, at least 8, enough to span 1.5x
 the last-level cache: this Xeon reports 480 MiB of L3) so every call streams its weights from DRAM,
-as a decode step through all layers does.
+as a decode step through all layers does, and reads each copy once before the timed rounds.
 M=1 rows report GB/s of weight bytes actually read (packed data + scales + zero points for ours) and
 the fraction of the machine's measured read bandwidth; M=256 rows report GFLOP/s (2 M N K).
 `python -m benchmarks --only quant` (add --quick for one shape); pytest-benchmark view:
@@ -34,7 +34,22 @@ def _clone(obj):
 
 def _rotating(fn, items, start=0):
     it = itertools.islice(itertools.cycle(items), start, None)
-    return lambda: fn(next(it))
+
+    def call():
+        return fn(next(it))
+    call.copies = len(items)
+    return call
+
+
+def _touch_every_copy(calls):
+    """One pass of each provider over all its copies before timing. On this VM memory left untouched
+    for seconds reads slower on its next pass (a GEMV over weights idle 10 s: 1.62 ms, then 1.07 ms), and
+    building the later providers' copies takes that long: without this pass the providers with the
+    most copies (int4 g128: 31) spent half their timed calls on that first pass. A decode loop reads
+    every layer each token, so its weights are never idle that long."""
+    for call in calls:
+        for _ in range(call.copies):
+            call()
 
 
 def _dynamic_int8(w):
@@ -77,6 +92,7 @@ def case(N, K, Ms, quick=False):
             providers["torch.ao dynamic int8"] = (_rotating(lambda m: m(x), dyns), N * K + N * 4)
         with torch.no_grad():
             repeats = (5 if quick else 15) if M == 1 else (2 if quick else 5)
+            _touch_every_copy(v[0] for v in providers.values())
             times = interleaved({k: v[0] for k, v in providers.items()}, repeats=repeats, warmup=1,
                                 min_time=0.0 if quick else (1.0 if M == 1 else 0.0))
         label = f"M={M} N={N} K={K}"
