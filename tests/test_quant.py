@@ -171,14 +171,12 @@ def test_bf16_io_in_the_kernels_equals_widening_and_rounding_around_them(isa, sc
         x[1, 5] = float("nan")
     bias = torch.randn(70, generator=g)
     bias[0] = 0.0
-    kernel = _C.qlinear_int4 if scheme == "int4" else _C.qlinear_int8
-    extra = (qt.data, qt.scales, qt.zeros, qt.group_size) if scheme == "int4" else (qt.data, qt.scales)
-    flag = {"bf16_compute": True} if scheme == "int4" else {"w8a8": scheme == "w8a8"}
+    w = _C.PackedWeight(scheme, qt.data, qt.scales, qt.zeros, qt.group_size)
     with quark.isa(isa):
         out32 = torch.empty(M, 70)
-        kernel(x.float(), *extra, bias, out32, **flag)
+        _C.qlinear(x.float(), w, bias, out32, bf16_compute=True)
         out16 = torch.empty(M, 70, dtype=torch.bfloat16)
-        kernel(x, *extra, bias, out16, **flag)
+        _C.qlinear(x, w, bias, out16, bf16_compute=True)
         y = qlinear(x, qt, bias)
     expect = out32.bfloat16()
     assert bool(expect.isnan().any()) == (M > 1)
@@ -276,15 +274,20 @@ def test_bad_inputs_raise_clear_errors():
         QuantizedTensor("int4", (8, 64), qt.data, qt.scales, qt.zeros.float(), 32)
     with pytest.raises(ValueError, match="int4 scales must be bfloat16, got float32"):
         QuantizedTensor("int4", (8, 64), qt.data, qt.scales.float(), qt.zeros, 32)
-    with pytest.raises(ValueError, match="scales must be bfloat16"):
-        _C.qlinear_int4(torch.randn(1, 64), qt.data, qt.scales.float(), qt.zeros, 32, None, torch.empty(1, 8))
-    with pytest.raises(ValueError, match="K=64"):   # the C++ boundary checks too
-        _C.qlinear_int4(torch.randn(1, 32), qt.data, qt.scales, qt.zeros, 32, None, torch.empty(1, 8))
+    with pytest.raises(ValueError, match="int4 scales must be bfloat16"):   # the C++ boundary checks too
+        _C.PackedWeight("int4", qt.data, qt.scales.float(), qt.zeros, 32)
+    with pytest.raises(ValueError, match="zeros must have shape"):
+        _C.PackedWeight("int4", qt.data, qt.scales, qt.zeros[:, :1].contiguous(), 32)
+    with pytest.raises(ValueError, match="int8 data must be int8"):
+        _C.PackedWeight("int8", qt.data, qt.scales, None, 64)
+    w = _C.PackedWeight("int4", qt.data, qt.scales, qt.zeros, 32)
+    with pytest.raises(ValueError, match="K=64"):
+        _C.qlinear(torch.randn(1, 32), w, None, torch.empty(1, 8))
     with pytest.raises(ValueError, match="leading dimensions"):
-        _C.qlinear_int4(torch.randn(2, 3, 64), qt.data, qt.scales, qt.zeros, 32, None, torch.empty(3, 2, 8))
+        _C.qlinear(torch.randn(2, 3, 64), w, None, torch.empty(3, 2, 8))
     x3 = torch.randn(2, 3, 64)                              # the binding reads (..., K) as rows
     out3 = torch.empty(2, 3, 8)
-    _C.qlinear_int4(x3, qt.data, qt.scales, qt.zeros, 32, None, out3)
+    _C.qlinear(x3, w, None, out3)
     assert rel(out3, ref64(x3, qt)) < 1e-5
 
 
@@ -387,3 +390,34 @@ def test_format_1_files_load_for_int8_and_are_refused_for_int4(tmp_path):
         else:
             with pytest.raises(ValueError, match="float32 .*quantized_tensor/1.*re-quantize"):
                 QuantizedTensor.load(tmp_path / "int4.safetensors")
+
+
+def test_kernel_handle_follows_the_tensors_and_copies_drop_it():
+    """qlinear imports a QuantizedTensor's arrays once (quant._packed, cached on it): in-place updates
+    show through, a replaced tensor rebuilds the handle, and copies and pickles leave it behind."""
+    import copy
+    import pickle
+    g = torch.Generator().manual_seed(5)
+    qt = quantize(torch.randn(24, 64, generator=g), "int4", 32)
+    x = torch.randn(2, 64, generator=g)
+    y = qlinear(x, qt)
+    handle = quant._packed(qt)
+    assert quant._packed(qt) is handle and handle.shape == (24, 64)
+    qt.scales.mul_(2)                                       # in place: same memory
+    assert torch.allclose(qlinear(x, qt), 2 * y, rtol=1e-6, atol=1e-6)
+    qt.scales = qt.scales / 4                               # replaced: a new handle
+    assert quant._packed(qt) is not handle
+    assert torch.allclose(qlinear(x, qt), y / 2, rtol=1e-6, atol=1e-6)
+    for clone in (copy.deepcopy(qt), pickle.loads(pickle.dumps(qt))):
+        assert "_packed" not in clone.__dict__ and torch.equal(qlinear(x, clone), qlinear(x, qt))
+
+
+def test_negative_views_are_resolved():
+    """A tensor with torch's negative-view bit holds -x lazily; DLPack exports its raw memory, so qlinear
+    resolves the bit first (it once computed with +x)."""
+    g = torch.Generator().manual_seed(6)
+    qt = quantize(torch.randn(8, 64, generator=g), "int4", 32)
+    x, bias = torch.randn(3, 64, generator=g), torch.randn(8, generator=g)
+    xn, bn = torch._neg_view(-x), torch._neg_view(-bias)
+    assert xn.is_neg() and bn.is_neg()
+    assert torch.equal(qlinear(xn, qt, bn), qlinear(x, qt, bias))

@@ -1,6 +1,7 @@
 // Bindings of the quantized linear family (csrc/quant). quark.ops.qlinear checks and shapes the
 // arguments first; the checks here keep direct callers of quark._C from reading out of bounds.
 #include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
 
 #include <optional>
 #include <string>
@@ -53,47 +54,69 @@ static QLinearArgs make_args(const Rows& x, QWeight w, const std::optional<Vec>&
   return a;
 }
 
+// A QuantizedTensor's packed arrays, checked and imported once: quark.ops.quant keeps one per
+// QuantizedTensor, so a call converts only x, out and bias. Each array import goes through torch's
+// __dlpack__ (~2 us warm; ~10 us cold, and a decode step's GEMV runs cold: the previous layer has
+// just streamed megabytes through the caches). The arrays held here keep the tensors alive.
+using Mat2 = CArray<nb::ro, nb::ndim<2>>;
+
+struct PackedWeight {
+  Mat2 data;
+  CArray<nb::ro> scales;
+  std::optional<Mat2> zeros;
+  QWeight w;
+  bool w8a8;
+};
+
+static PackedWeight pack_weight(const std::string& scheme, Mat2 data, CArray<nb::ro> scales, std::optional<Mat2> zeros,
+                                int64_t group) {
+  const int64_t N = data.shape(0);
+  if (scheme == "int8" || scheme == "w8a8") {
+    const int64_t K = data.shape(1);
+    check(data.dtype() == nb::dtype<int8_t>(), "int8 data must be int8");
+    check(scales.dtype() == nb::dtype<float>() && scales.ndim() == 1 && scales.shape(0) == static_cast<size_t>(N),
+          "int8 scales must be float32 of shape (" + std::to_string(N) + ",)");
+    check(!zeros, "int8 has no zero points");
+    QWeight w{QScheme::int8, static_cast<const uint8_t*>(data.data()), static_cast<const float*>(scales.data()),
+              nullptr, nullptr, N, K, K};
+    return {data, scales, std::nullopt, w, scheme == "w8a8"};
+  }
+  check(scheme == "int4", "scheme must be int8, w8a8 or int4");
+  const int64_t K = 2 * static_cast<int64_t>(data.shape(1));
+  check(data.dtype() == nb::dtype<uint8_t>(), "int4 data must be uint8 (two values per byte)");
+  check(group == 32 || group == 64 || group == 128, "group must be 32, 64 or 128");
+  check(K % group == 0, "K=" + std::to_string(K) + " is not a multiple of group " + std::to_string(group));
+  check(scales.dtype() == kBf16, "int4 scales must be bfloat16");
+  check(scales.ndim() == 2 && scales.shape(0) == static_cast<size_t>(N) && scales.shape(1) == static_cast<size_t>(K / group),
+        "scales must have shape " + shape_str(N, K / group));
+  check(zeros && zeros->dtype() == nb::dtype<uint8_t>(), "int4 zeros must be uint8");
+  check(zeros->shape(0) == scales.shape(0) && zeros->shape(1) == scales.shape(1),
+        "zeros must have shape " + shape_str(N, K / group));
+  QWeight w{QScheme::int4, static_cast<const uint8_t*>(data.data()), nullptr,
+            static_cast<const uint16_t*>(scales.data()), static_cast<const uint8_t*>(zeros->data()), N, K, group};
+  return {data, scales, zeros, w, false};
+}
+
 void bind_quant(nb::module_& m) {
+  nb::class_<PackedWeight>(m, "PackedWeight",
+                           "Packed quantized weights checked once for qlinear (made by quark.ops.quant; use that)")
+      .def(nb::new_(&pack_weight), nb::arg("scheme"), nb::arg("data").noconvert(), nb::arg("scales").noconvert(),
+           nb::arg("zeros").noconvert().none(), nb::arg("group"))
+      .def_prop_ro("shape", [](const PackedWeight& p) { return nb::make_tuple(p.w.n, p.w.k); });
   m.def(
-      "qlinear_int8",
-      [](Rows x, CArray<const int8_t, nb::ndim<2>> data, Vec scales, std::optional<Vec> bias, OutRows out, bool w8a8) {
-        const int64_t N = data.shape(0), K = data.shape(1);
-        check(scales.shape(0) == static_cast<size_t>(N), "scales must have shape (" + std::to_string(N) + ",)");
-        QWeight w{QScheme::int8, reinterpret_cast<const uint8_t*>(data.data()), scales.data(), nullptr, nullptr, N, K, K};
-        QLinearArgs a = make_args(x, w, bias, out);
-        nb::gil_scoped_release release;
-        if (w8a8) qlinear_w8a8(a);
-        else qlinear_f32(a);
-      },
-      nb::arg("x").noconvert(), nb::arg("data").noconvert(), nb::arg("scales").noconvert(),
-      nb::arg("bias").noconvert().none(), nb::arg("out").noconvert(), nb::arg("w8a8") = false,
-      "out (..., N) = x (..., K) . (data * scales[:, None])^T + bias, x and out float32 or bfloat16; w8a8 also "
-      "quantizes x per row to int8");
-  m.def(
-      "qlinear_int4",
-      [](Rows x, CArray<const uint8_t, nb::ndim<2>> data, CArray<nb::ro, nb::ndim<2>> scales,
-         CArray<const uint8_t, nb::ndim<2>> zeros, int64_t group, std::optional<Vec> bias, OutRows out, bool bf16_compute) {
-        const int64_t N = data.shape(0), K = 2 * static_cast<int64_t>(data.shape(1));
-        check(group == 32 || group == 64 || group == 128, "group must be 32, 64 or 128");
-        check(K % group == 0, "K=" + std::to_string(K) + " is not a multiple of group " + std::to_string(group));
-        check(scales.dtype() == kBf16, "scales must be bfloat16");
-        check(scales.shape(0) == static_cast<size_t>(N) && scales.shape(1) == static_cast<size_t>(K / group),
-              "scales must have shape " + shape_str(N, K / group));
-        check(zeros.shape(0) == scales.shape(0) && zeros.shape(1) == scales.shape(1),
-              "zeros must have shape " + shape_str(N, K / group));
-        QWeight w{QScheme::int4, data.data(), nullptr, static_cast<const uint16_t*>(scales.data()), zeros.data(), N, K, group};
-        QLinearArgs a = make_args(x, w, bias, out);
+      "qlinear",
+      [](Rows x, const PackedWeight& w, std::optional<Vec> bias, OutRows out, bool bf16_compute) {
+        QLinearArgs a = make_args(x, w.w, bias, out);
         a.bf16_compute = bf16_compute;
         nb::gil_scoped_release release;
-        qlinear_f32(a);
+        if (w.w8a8) qlinear_w8a8(a);
+        else qlinear_f32(a);
       },
-      nb::arg("x").noconvert(), nb::arg("data").noconvert(), nb::arg("scales").noconvert(),
-      nb::arg("zeros").noconvert(), nb::arg("group"), nb::arg("bias").noconvert().none(), nb::arg("out").noconvert(),
+      nb::arg("x").noconvert(), nb::arg("w"), nb::arg("bias").noconvert().none(), nb::arg("out").noconvert(),
       nb::arg("bf16_compute") = false,
-      "out (..., N) = x (..., K) . W^T + bias with W[n,k] = (q[n,k] - zeros[n,k/G]) * scales[n,k/G], q packed 2 per byte, "
-      "scales bfloat16; "
-      "x and out float32 or bfloat16; bf16_compute: x holds bf16 values and out will be rounded to bf16, so the "
-      "AMX GEMM may round W to bf16");
+      "out (..., N) = x (..., K) . dequant(w)^T + bias, x and out float32 or bfloat16 (w8a8 also quantizes x per "
+      "row to int8); bf16_compute: x holds bf16 values and out will be rounded to bf16, so the AMX GEMM may round "
+      "int4 weights to bf16");
   m.def(
       "gemv_f32",
       [](Mat x, Mat weight, std::optional<Vec> bias, OutMat out) {

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.dlpack import to_dlpack
 
 from quark import _C
 from quark.io import atomic_write_bytes
@@ -148,6 +149,9 @@ class QuantizedTensor:
     def __repr__(self):
         g = f", group_size={self.group_size}" if self.scheme == "int4" else ""
         return f"QuantizedTensor(scheme={self.scheme!r}, shape={self.shape}{g}, nbytes={self.nbytes})"
+
+    def __getstate__(self):   # copies and pickles drop the kernels' handle (_packed rebuilds it)
+        return {k: v for k, v in self.__dict__.items() if k != "_packed"}
 
 
 def padded_k(K, group_size):
@@ -324,13 +328,23 @@ def pad_to_packed(x, qt):
     return torch.nn.functional.pad(x, (0, pad)) if pad else x
 
 
+def _packed(qt):
+    """qt's CPU arrays as the C++ kernels take them (_C.PackedWeight: checked and imported once, ~10 us
+    a call saved cold), cached on qt and rebuilt when one of its tensors is replaced. In-place updates
+    need nothing: the handle points at the tensors' memory."""
+    p = qt.__dict__.get("_packed")
+    if p is None or p[1] is not qt.data or p[2] is not qt.scales or p[3] is not qt.zeros:
+        p = (_C.PackedWeight(qt.scheme, qt.data, qt.scales, qt.zeros, qt.group_size), qt.data, qt.scales, qt.zeros)
+        qt.__dict__["_packed"] = p
+    return p[0]
+
+
 def _run_kernel(x2, qt, bias, out, bf16_compute=False):
     """The C++ kernel for x2 (..., packed_k) into out (..., N), each fp32 or bf16; the binding checks
-    every argument."""
-    if qt.scheme == "int4":
-        _C.qlinear_int4(x2, qt.data, qt.scales, qt.zeros, qt.group_size, bias, out, bf16_compute=bf16_compute)
-    else:
-        _C.qlinear_int8(x2, qt.data, qt.scales, bias, out, qt.scheme == "w8a8")
+    every argument. The tensors go as DLPack capsules: torch's Tensor.__dlpack__, which nanobind calls
+    otherwise, is Python code that costs ~45 us cold against ~14 us for to_dlpack (a decode step's
+    GEMV runs cold). to_dlpack ignores a negative-view bit, so callers pass none (is_neg())."""
+    _C.qlinear(to_dlpack(x2), _packed(qt), None if bias is None else to_dlpack(bias), to_dlpack(out), bf16_compute)
 
 
 def qlinear(x, qt, bias=None):
@@ -345,14 +359,14 @@ def qlinear(x, qt, bias=None):
     # check costs microseconds here (the previous layer's GEMV has just evicted the interpreter's working
     # set from the caches), so the binding's own checks (dtype, device, layout, shapes) do the work, and
     # whatever they refuse takes the general path, which handles it or raises a clear error.
-    if (type(x) is torch.Tensor and (x.dtype is torch.float32 or x.dtype is torch.bfloat16)
+    if (type(x) is torch.Tensor and (x.dtype is torch.float32 or x.dtype is torch.bfloat16) and not x.is_neg()
             and type(qt) is QuantizedTensor
-            and (bias is None or type(bias) is torch.Tensor and bias.dtype is torch.float32)):
+            and (bias is None or type(bias) is torch.Tensor and bias.dtype is torch.float32 and not bias.is_neg())):
         try:
             out = torch.empty((*x.shape[:-1], qt.shape[0]), dtype=x.dtype)
             _run_kernel(x, qt, bias, out, bf16_compute=x.dtype is torch.bfloat16)
             return out
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RuntimeError):   # RuntimeError: to_dlpack of a non-strided tensor
             pass
     if not isinstance(qt, QuantizedTensor):
         raise TypeError(f"qt must be a QuantizedTensor, got {type(qt).__name__}")
@@ -381,8 +395,8 @@ def qlinear(x, qt, bias=None):
     # As few torch ops as possible around the kernel, none after it: a GEMV streams megabytes through L2
     # and evicts the interpreter's and torch's working set, so each op after it runs cold (~25 us for
     # the first, measured; a few us when warm). The kernels read and write bf16 themselves.
-    x2 = pad_to_packed(xt.contiguous(), qt)
-    b = None if bias is None else bias.detach().to(torch.float32).contiguous()
+    x2 = pad_to_packed(xt.resolve_neg().contiguous(), qt)
+    b = None if bias is None else bias.detach().resolve_neg().to(torch.float32).contiguous()
     out = torch.empty((*xt.shape[:-1], N), dtype=xt.dtype)
     _run_kernel(x2, qt, b, out, bf16_compute=xt.dtype == torch.bfloat16)
     return out.numpy() if was_numpy else out
