@@ -96,6 +96,12 @@ def test_pipeline_step_reports_and_resumes(tmp_path):
     again = run_step(run, cfg)
     assert again["int4"]["perplexity"] == stats["int4"]["perplexity"]
     assert (run / "quantize" / "int4" / "model.safetensors").stat().st_mtime == mtime   # resumed, not redone
+    report = run / "quantize" / "int4" / "report.json"
+    old = json.loads(report.read_text())
+    del old["key"]["format"]                                    # as an older format's run left it
+    report.write_text(json.dumps(old))
+    run_step(run, cfg)
+    assert (run / "quantize" / "int4" / "model.safetensors").stat().st_mtime != mtime   # redone in this format
     assert stats["int4-gptq"]["method"] == "gptq" and stats["int4"]["method"] == "rtn"
     # paired comparisons on the same held-out windows: calibrated int4 against fp32 and against int4 RTN
     assert "vs_rtn" in stats["int4-gptq"] and "vs_rtn" not in stats["int4"] and "vs_rtn" not in stats["int8"]

@@ -443,7 +443,8 @@ def run_step(run_dir, cfg):
     for name, scheme, method in tqdm(_variants(c), desc="quantize", unit="variant"):
         d = out / name
         report_path = d / "report.json"
-        key = {"source": source, "scheme": scheme, "group_size": c.group_size, "method": method}
+        # the file format is part of the key: a variant written in an older one is redone on resume
+        key = {"source": source, "scheme": scheme, "group_size": c.group_size, "method": method, "format": MODEL_FORMAT}
         if method != "rtn":
             key |= {"calib_sequences": c.calib_sequences, "calib_seq_len": c.calib_seq_len, "seed": c.seed}
         if method == "gptq":
