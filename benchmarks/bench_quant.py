@@ -5,7 +5,8 @@ Each provider cycles through copies of its weights (distinct memory, at least 8,
 the last-level cache: this Xeon reports 480 MiB of L3) so every call streams its weights from DRAM,
 as a decode step through all layers does, and reads each copy once before the timed rounds.
 M=1 rows report GB/s of weight bytes actually read (packed data + scales + zero points for ours) and
-the fraction of the machine's measured read bandwidth; M=256 rows report GFLOP/s (2 M N K).
+the fraction of the machine's measured read bandwidth; M > 4 rows report GFLOP/s (2 M N K). 11008x4096
+also runs decode batches, M = 5, 8, 16 and 32.
 `python -m benchmarks --only quant` (add --quick for one shape); pytest-benchmark view:
 `pytest benchmarks/bench_quant.py --benchmark-only`.
 """
@@ -91,7 +92,7 @@ def case(N, K, Ms, quick=False):
         if dyns is not None:
             providers["torch.ao dynamic int8"] = (_rotating(lambda m: m(x), dyns), N * K + N * 4)
         with torch.no_grad():
-            repeats = (5 if quick else 15) if M == 1 else (2 if quick else 5)
+            repeats = (5 if quick else 15) if M <= 32 else (2 if quick else 5)
             _touch_every_copy(v[0] for v in providers.values())
             times = interleaved({k: v[0] for k, v in providers.items()}, repeats=repeats, warmup=1,
                                 min_time=0.0 if quick else (1.0 if M == 1 else 0.0))
@@ -106,10 +107,12 @@ def case(N, K, Ms, quick=False):
 
 def compare(quick=False):
     bw = measure_read_bandwidth()
-    shapes = [(4096, 4096)] if quick else [(4096, 4096), (11008, 4096), (4096, 11008)]
+    # decode batches (M = 5-32) on one shape: where the GEMV passes and the GEMMs take over
+    shapes = [(4096, 4096, (1, 256))] if quick else [(4096, 4096, (1, 256)), (11008, 4096, (1, 5, 8, 16, 32, 256)),
+                                                      (4096, 11008, (1, 256))]
     rows = []
-    for N, K in shapes:
-        rows += case(N, K, (1, 256), quick)
+    for N, K, Ms in shapes:
+        rows += case(N, K, Ms, quick)
     for r in rows:
         r.extra["read_bw_GBs"] = round(bw, 1)
         if r.unit == "GB/s":

@@ -5,6 +5,7 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <memory>
@@ -37,13 +38,42 @@ static void with_f32_io(const QLinearArgs& a, Run run) {
   }
 }
 
+// Up to these M, weight-only runs the GEMV in passes of kGemvMaxRows rows (each pass streams the
+// weights again) rather than the blocked GEMMs, which unpack the whole weight matrix on every call
+// whatever M is. At 11008x4096 that costs ~7 ms on AMX and ~17 ms with AVX-512 / AVX2, against
+// 0.5-0.8 ms per row of GEMV passes. Measured there (GEMV passes / GEMM, ms, from DRAM):
+//   AMX      int4 g32 M=8 5.4 / 8.1, M=12 8.0 / 7.1; g128 M=8 5.0 / 5.9, M=10 6.4 / 6.1;
+//            int8 M=8 5.3 / 6.6, M=12 8.0 / 6.7; int4 with bf16 compute (the AMX GEMM rounds the
+//            weights to bf16, see qlinear.h) M=5 4.1 / 5.2, M=6 5.1 / 5.2, M=8 5.3 / 4.7
+//   AVX-512  int4 g32 M=32 26.8 / 27.6, M=48 40.4 / 33.4; int8 M=32 18.5 / 45.9, M=96 57 / 68
+//   AVX2     int4 g32 M=16 16.5 / 22.7, M=32 32.4 / 30.7; int8 M=32 24.3 / 29.2
+static int64_t gemv_max_rows(Isa isa, const QLinearArgs& a) {
+  switch (isa) {
+    case Isa::amx: return a.bf16_compute && a.w.scheme == QScheme::int4 ? 5 : 8;
+    case Isa::avx2: return 16;
+    default: return 32;   // avx512, avx512_bf16
+  }
+}
+
+static void gemv_passes(const QLinearArgs& a, Isa isa) {
+  for (int64_t m0 = 0; m0 < a.m; m0 += kGemvMaxRows) {
+    QLinearArgs p = a;
+    p.m = std::min(kGemvMaxRows, a.m - m0);
+    p.x = a.x + m0 * a.w.k;
+    p.out = a.out + m0 * a.w.n;
+    if (isa == Isa::avx2) qgemv_f32_avx2(p);
+    else qgemv_f32_avx512(p);
+  }
+}
+
 void qlinear_f32(const QLinearArgs& a) {
   if (a.m == 0 || a.w.n == 0) return;
   const Isa isa = family_isa(Isa::amx);
-  if (isa == Isa::amx && a.m > kGemvMaxRows) return qgemm_f32_amx(a);   // reads and writes bf16 itself
+  const bool gemv = isa == Isa::scalar || a.m <= gemv_max_rows(isa, a);
+  if (isa == Isa::amx && !gemv) return qgemm_f32_amx(a);   // reads and writes bf16 itself
   with_f32_io(a, [&](const QLinearArgs& f) {
     if (isa == Isa::scalar) return qgemv_f32_scalar(f);
-    if (f.m <= kGemvMaxRows) return isa == Isa::avx2 ? qgemv_f32_avx2(f) : qgemv_f32_avx512(f);
+    if (gemv) return gemv_passes(f, isa);
     return isa == Isa::avx2 ? qgemm_f32_avx2(f) : qgemm_f32_avx512(f);
   });
 }

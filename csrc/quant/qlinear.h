@@ -12,13 +12,15 @@
 //
 // Paths (all exact up to fp32 rounding against dequant(W) @ x):
 //   GEMV  M <= 4: stream each packed weight row once, dequantize in registers, FMA with the M rows of x;
-//         threads over N. Memory bound: speed is bytes of weights per second.
-//   GEMM  M > 4: dequantize a (kc x nc) block of W into k-major fp32 panels that stay in L1/L2 and run
+//         threads over N. Memory bound: speed is bytes of weights per second. Weight-only M up to
+//         8 (amx; 5 with bf16 compute), 16 (avx2) or 32 (avx512) runs it in passes of 4 rows: the
+//         GEMMs unpack all of W per call, which costs more there (measurements in qlinear.cpp).
+//   GEMM  above: dequantize a (kc x nc) block of W into k-major fp32 panels that stay in L1/L2 and run
 //         a register-tiled FMA microkernel over them; threads over N blocks x M chunks.
 //   W8A8  int8 weights, activations quantized per row (token) to int8 (scale max|x|/127, round half to
 //         even). Kernels return exact int32 dots; the driver applies sx[m] * sw[n] (+ bias) so every
 //         ISA path gives bit-identical results. VNNI (vpdpbusd) on avx512_bf16, int16 madd below.
-//   AMX   M > 4 on amx: the GEMM on tiles (qlinear_amx.cpp), AMX-BF16 for weight-only (exact products:
+//   AMX   the GEMM on amx (W8A8: M > 4): tiles (qlinear_amx.cpp), AMX-BF16 for weight-only (exact products:
 //         integer weights and activations split into exact bf16 parts) and AMX-INT8 for W8A8. The one
 //         inexact mode: int4 with bf16_compute (bf16 activations) rounds the dequantized weights to
 //         bf16, as torch's bf16 linear does; the exact form needs a scaling pass per group.
@@ -62,7 +64,7 @@ struct W8A8Args {
   int32_t* dots;          // (M, N)
 };
 
-constexpr int64_t kGemvMaxRows = 4;   // M above this takes the GEMM path
+constexpr int64_t kGemvMaxRows = 4;   // rows per GEMV pass; W8A8 above this takes its GEMMs
 
 void qlinear_f32(const QLinearArgs& a);    // dispatches on M and current_isa(); OpenMP inside
 void qlinear_w8a8(const QLinearArgs& a);   // a.w.scheme must be int8
