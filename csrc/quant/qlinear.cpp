@@ -38,10 +38,10 @@ static void with_f32_io(const QLinearArgs& a, Run run) {
   }
 }
 
-// Up to these M, weight-only runs the GEMV in passes of kGemvMaxRows rows (each pass streams the
-// weights again) rather than the blocked GEMMs, which unpack the whole weight matrix on every call
-// whatever M is. At 11008x4096 that costs ~7 ms on AMX and ~17 ms with AVX-512 / AVX2, against
-// 0.5-0.8 ms per row of GEMV passes. Measured there (GEMV passes / GEMM, ms, from DRAM):
+// Up to these M, weight-only runs the GEMV (in passes of up to 8 rows, qgemv.h) rather than the
+// blocked GEMMs, which unpack the whole weight matrix on every call whatever M is. At 11008x4096 that
+// costs ~7 ms on AMX and ~17 ms with AVX-512 / AVX2, against 0.5-0.8 ms per row of GEMV. Measured
+// there with GEMV passes of 4 rows (GEMV / GEMM, ms, from DRAM; passes of 8 only widened the gaps):
 //   AMX      int4 g32 M=8 5.4 / 8.1, M=12 8.0 / 7.1; g128 M=8 5.0 / 5.9, M=10 6.4 / 6.1;
 //            int8 M=8 5.3 / 6.6, M=12 8.0 / 6.7; int4 with bf16 compute (the AMX GEMM rounds the
 //            weights to bf16, see qlinear.h) M=5 4.1 / 5.2, M=6 5.1 / 5.2, M=8 5.3 / 4.7
@@ -55,17 +55,6 @@ static int64_t gemv_max_rows(Isa isa, const QLinearArgs& a) {
   }
 }
 
-static void gemv_passes(const QLinearArgs& a, Isa isa) {
-  for (int64_t m0 = 0; m0 < a.m; m0 += kGemvMaxRows) {
-    QLinearArgs p = a;
-    p.m = std::min(kGemvMaxRows, a.m - m0);
-    p.x = a.x + m0 * a.w.k;
-    p.out = a.out + m0 * a.w.n;
-    if (isa == Isa::avx2) qgemv_f32_avx2(p);
-    else qgemv_f32_avx512(p);
-  }
-}
-
 void qlinear_f32(const QLinearArgs& a) {
   if (a.m == 0 || a.w.n == 0) return;
   const Isa isa = family_isa(Isa::amx);
@@ -73,7 +62,7 @@ void qlinear_f32(const QLinearArgs& a) {
   if (isa == Isa::amx && !gemv) return qgemm_f32_amx(a);   // reads and writes bf16 itself
   with_f32_io(a, [&](const QLinearArgs& f) {
     if (isa == Isa::scalar) return qgemv_f32_scalar(f);
-    if (gemv) return gemv_passes(f, isa);
+    if (gemv) return isa == Isa::avx2 ? qgemv_f32_avx2(f) : qgemv_f32_avx512(f);
     return isa == Isa::avx2 ? qgemm_f32_avx2(f) : qgemm_f32_avx512(f);
   });
 }

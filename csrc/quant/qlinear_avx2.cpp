@@ -194,7 +194,7 @@ void w8a8_block(const W8A8Args& a, int64_t n0) {
 
 }  // namespace
 
-void qgemv_f32_avx2(const QLinearArgs& a) { run_qgemv(a); }
+void qgemv_f32_avx2(const QLinearArgs& a) { run_qgemv<4>(a); }
 
 void qgemm_f32_avx2(const QLinearArgs& a) { run_qgemm<GemmTileAvx2>(a); }
 
