@@ -1,6 +1,6 @@
-// Pieces of the quantized GEMV (M <= 4) shared by the AVX2 and AVX-512 paths: the thread split over
-// rows, the prefetch of the row streams, the int4 kernels' view of a packed row, and the driver
-// (run_qgemv) over the row kernels each ISA file defines.
+// Pieces of the quantized GEMV (small M: where it takes over, see qlinear.cpp) shared by the AVX2 and
+// AVX-512 paths: the thread split over rows, the prefetch of the row streams, the int4 kernels' view of
+// a packed row, and the driver (run_qgemv) over the row kernels each ISA file defines.
 //
 // Included by one .cpp per ISA (compiled with its own flags): everything is in an anonymous namespace.
 #pragma once
@@ -90,7 +90,8 @@ inline void prefetch_scales_ahead(const uint16_t* row_scales, int64_t c, int64_t
                                   int64_t wrap) {
   if (c % (G / 8) != 0) return;
   const int64_t ahead = 64 * c + kPrefetch;   // byte of the packed row, 2 weights per byte
-  const uint16_t* p = ahead < row_bytes ? row_scales + 2 * ahead / G : row_scales + wrap * ng + 2 * (ahead - row_bytes) / G;
+  const uint16_t* p =
+      ahead < row_bytes ? row_scales + 2 * ahead / G : row_scales + wrap * ng + 2 * (ahead - row_bytes) / G;
   _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
 }
 
@@ -137,7 +138,8 @@ void gemv_int4_rows(const QLinearArgs& a, int64_t n0, int64_t stride, int64_t wr
                     const float* xsum);
 
 // R streams (weight rows per pass): R x M accumulators plus the x and weight vectors fit 16 ymm / 32
-// zmm; at M = 1, 4 streams measured better than 8 once each sweeps several rows (kStreamBytes).
+// zmm (at M = 8, AVX-512 only: 16 accumulators and a chunk's 8 partial sums); at M = 1, 4 streams
+// measured better than 8 once each sweeps several rows (kStreamBytes).
 template <int M>
 constexpr int kGemvRows = M <= 2 ? 4 : 2;
 
@@ -192,5 +194,6 @@ void run_qgemv(const QLinearArgs& a) {
     gemv_upto<1, MaxM>(p);
   }
 }
+
 }  // namespace
 }  // namespace quark
