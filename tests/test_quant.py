@@ -222,6 +222,27 @@ def test_w8a8_nan_in_a_row_makes_that_row_nan(isa, M):
     assert torch.equal(y[rows], clean[rows])
 
 
+@pytest.mark.parametrize("isa", AVAILABLE)
+def test_w8a8_rows_of_tiny_activations_keep_their_values(isa):
+    """A row with max |x| below 127 / FLT_MAX (~3.7e-37, denormals included) used to quantize to zeros
+    (127 / max|x| overflowed): it is scaled by 2^100 first, in the kernel and in quantize_activations."""
+    g = torch.Generator().manual_seed(4)
+    qt = quantize(torch.randn(24, 96, generator=g), "w8a8")
+    x = torch.randn(6, 96, generator=g)
+    x[1] *= 1e-38
+    x[2] *= 1e-42                                           # denormal
+    q, _ = quantize_activations(x)
+    assert torch.equal(q[1], quantize_activations(x[1:2] * 1e38)[0][0])
+    assert int(q[2].abs().max()) == 127
+    with quark.isa(isa):
+        y = qlinear(x, qt)
+    ref = ref64(x, qt)
+    assert bool((y[1:3] != 0).all())
+    assert rel(y[1], ref[1]) < 1e-5
+    assert rel(y[2], ref[2]) < 1e-3                        # outputs ~1e-41 are denormal: ~4 digits in fp32
+    assert rel(y, ref) < 1e-5
+
+
 def test_w8a8_gemv_and_gemm_paths_agree_bitwise():
     g = torch.Generator().manual_seed(3)
     qt = quantize(torch.randn(96, 200, generator=g), "w8a8")

@@ -90,6 +90,15 @@ static void w8a8(const QLinearArgs& a) {
       const float v = std::fabs(x[k]);
       amax = v > amax ? v : amax;
     }
+    sx[m] = amax / 127.f;
+    // Below 127 / FLT_MAX (~3.7e-37) 127 / amax overflows and the row would quantize to zeros: such a
+    // row is quantized from a copy scaled by 2^100 (exact for these values, denormals included).
+    std::vector<float> scaled;
+    if (amax > 0.f && amax < 127.f / std::numeric_limits<float>::max()) {
+      scaled.assign(x, x + K);
+      for (float& v : scaled) v *= 0x1p100f;
+      x = scaled.data(), amax *= 0x1p100f;
+    }
     const float inv = amax > 0.f ? 127.f / amax : 0.f;
     bool nan = false;
     for (int64_t k = 0; k < K; ++k) {
@@ -98,7 +107,7 @@ static void w8a8(const QLinearArgs& a) {
       xq[m * kp + k] = q;
       if (wide) xq16[m * kp + k] = q;
     }
-    sx[m] = nan ? std::numeric_limits<float>::quiet_NaN() : amax / 127.f;
+    if (nan) sx[m] = std::numeric_limits<float>::quiet_NaN();
   }
   std::unique_ptr<int32_t[]> dots(new int32_t[M * N]);   // every entry is written by the kernel
   W8A8Args w{xq.data(), xq16.data(), M, kp, a.w, dots.get()};
@@ -112,7 +121,8 @@ static void w8a8(const QLinearArgs& a) {
 #pragma omp parallel for schedule(static) if (M > kGemvMaxRows)
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t n = 0; n < N; ++n) {
-      const float y = static_cast<float>(dots[m * N + n]) * (sx[m] * a.w.scales[n]);
+      // dots first: sx * sw of a tiny row is denormal and would keep only a few digits
+      const float y = static_cast<float>(dots[m * N + n]) * sx[m] * a.w.scales[n];
       a.out[m * N + n] = a.bias ? y + a.bias[n] : y;
     }
   }

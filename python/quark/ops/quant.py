@@ -315,11 +315,14 @@ def dequantize(qt):
 def quantize_activations(x):
     """Per-row symmetric int8 of x (M, K) float32, as the W8A8 path does: (q int8, scale (M,) float32)."""
     amax = x.abs().amax(dim=1)
+    # rows whose 127 / amax would overflow (amax < ~3.7e-37) are scaled by 2^100 first, exactly
+    tiny = (amax > 0) & (amax < 127.0 / torch.finfo(torch.float32).max)
+    pre = torch.where(tiny, torch.full_like(amax, 2.0**100), torch.ones_like(amax))
     # tensor / tensor: torch computes `127.0 / t` as reciprocal(t) * 127, which rounds differently from
     # the kernel's 127.f / amax and flips the odd exact tie (107.5 -> 107 vs 108).
-    safe = torch.where(amax > 0, amax, torch.ones_like(amax))
+    safe = torch.where(amax > 0, amax * pre, torch.ones_like(amax))
     inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / safe, torch.zeros_like(amax))
-    return torch.round(x * inv[:, None]).to(torch.int8), amax / torch.full_like(amax, 127.0)
+    return torch.round(x * pre[:, None] * inv[:, None]).to(torch.int8), amax / torch.full_like(amax, 127.0)
 
 
 def pad_to_packed(x, qt):
