@@ -162,14 +162,12 @@ inline void transpose16(__m512i r[16]) {
 inline __mmask16 first_n(int64_t n) { return n <= 0 ? 0 : n >= 16 ? 0xffff : static_cast<__mmask16>((1u << n) - 1); }
 inline __mmask32 first_n32(int64_t n) { return n <= 0 ? 0 : n >= 32 ? 0xffffffffu : (1u << n) - 1; }
 
-inline __m512 bf16_to_ps(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
-
 // Two fp32 vectors -> 32 bf16 (x0 first): hi = bf16(x) and, for lo != nullptr, lo = bf16(x - hi).
 inline __m512i split32(__m512 x0, __m512 x1, __m512i* lo) {
   const __m512i h = (__m512i)_mm512_cvtne2ps_pbh(x1, x0);
   if (lo) {
-    const __m512 l0 = _mm512_sub_ps(x0, bf16_to_ps(_mm512_castsi512_si256(h)));
-    const __m512 l1 = _mm512_sub_ps(x1, bf16_to_ps(_mm512_extracti64x4_epi64(h, 1)));
+    const __m512 l0 = _mm512_sub_ps(x0, bf16x16_to_f32(_mm512_castsi512_si256(h)));
+    const __m512 l1 = _mm512_sub_ps(x1, bf16x16_to_f32(_mm512_extracti64x4_epi64(h, 1)));
     *lo = (__m512i)_mm512_cvtne2ps_pbh(l1, l0);
   }
   return h;

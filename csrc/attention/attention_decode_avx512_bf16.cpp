@@ -247,7 +247,7 @@ struct Bf16Cache {
   // x (16 fp32) -> hi = bf16(x), lo = bf16(x - hi).
   static void split16(__m512 x, uint16_t* hi, uint16_t* lo) {
     const __m256i h = (__m256i)_mm512_cvtneps_pbh(x);
-    const __m512 hf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    const __m512 hf = bf16x16_to_f32(h);
     _mm256_store_si256(reinterpret_cast<__m256i*>(hi), h);
     _mm256_store_si256(reinterpret_cast<__m256i*>(lo), (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(x, hf)));
   }

@@ -7,6 +7,8 @@
 
 #include <cstdint>
 
+#include "common/bf16.h"
+
 namespace quark {
 namespace {
 
@@ -28,8 +30,7 @@ struct VecAvx512 {
   static float hmax(reg x) { return _mm512_reduce_max_ps(x); }
 
   static reg load_bf16(const uint16_t* p) {
-    __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    return bf16x16_to_f32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }
   static reg load_i8(const int8_t* p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));

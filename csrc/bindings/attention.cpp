@@ -16,8 +16,7 @@ using CF32 = CArray<const float>;
 
 static DType float_dtype(const Any& x, const char* name) {
   if (x.dtype() == nb::dtype<float>()) return DType::f32;
-  const nb::dlpack::dtype bf16{static_cast<uint8_t>(nb::dlpack::dtype_code::Bfloat), 16, 1};
-  if (x.dtype() == bf16) return DType::bf16;
+  if (x.dtype() == kBf16) return DType::bf16;
   value_error(std::string(name) + " must be float32 or bfloat16");
 }
 

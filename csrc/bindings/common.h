@@ -18,6 +18,9 @@ namespace nb = nanobind;
 template <class... Ts>
 using CArray = nb::ndarray<nb::device::cpu, nb::c_contig, Ts...>;
 
+// DLPack's bfloat16 (nanobind has no nb::dtype<> for it).
+inline const nb::dlpack::dtype kBf16{static_cast<uint8_t>(nb::dlpack::dtype_code::Bfloat), 16, 1};
+
 [[noreturn]] inline void value_error(const std::string& msg) { throw nb::value_error(msg.c_str()); }
 
 inline void check(bool ok, const std::string& msg) {

@@ -21,9 +21,8 @@ using CudaArray = nb::ndarray<nb::device::cuda, nb::c_contig, Ts...>;
 static cuda::DType float_dtype(const CudaArray<>& a, const char* name) {
   if (a.dtype() == nb::dtype<float>()) return cuda::DType::f32;
   const nb::dlpack::dtype f16{static_cast<uint8_t>(nb::dlpack::dtype_code::Float), 16, 1};
-  const nb::dlpack::dtype bf16{static_cast<uint8_t>(nb::dlpack::dtype_code::Bfloat), 16, 1};
   if (a.dtype() == f16) return cuda::DType::f16;
-  if (a.dtype() == bf16) return cuda::DType::bf16;
+  if (a.dtype() == kBf16) return cuda::DType::bf16;
   value_error(std::string(name) + " must be float32, float16 or bfloat16");
 }
 
@@ -64,8 +63,7 @@ static void int4_gemv(CudaArray<> x, CudaArray<const uint8_t, nb::ndim<2>> data,
   const int64_t M = x.shape(0), K = x.shape(1), N = data.shape(0);
   check((int64_t)data.shape(1) * 2 == K, "data must be (N, K/2) packed int4 matching x's K");
   check(group_size > 0 && K % group_size == 0, "group_size must divide K");
-  check(scales.dtype() == nb::dlpack::dtype{static_cast<uint8_t>(nb::dlpack::dtype_code::Bfloat), 16, 1},
-        "scales must be bfloat16");
+  check(scales.dtype() == kBf16, "scales must be bfloat16");
   check((int64_t)scales.shape(0) == N && (int64_t)scales.shape(1) == K / group_size, "scales must be (N, K/G)");
   check((int64_t)zeros.shape(0) == N && (int64_t)zeros.shape(1) == K / group_size, "zeros must be (N, K/G)");
   check((int64_t)out.shape(0) == M && (int64_t)out.shape(1) == N, "out must be (M, N)");

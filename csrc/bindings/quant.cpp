@@ -26,8 +26,6 @@ static std::string shape_str(int64_t a, int64_t b) {
 using Rows = CArray<nb::ro>;
 using OutRows = CArray<>;
 
-static const nb::dlpack::dtype kBf16{static_cast<uint8_t>(nb::dlpack::dtype_code::Bfloat), 16, 1};
-
 static bool is_bf16(const nb::dlpack::dtype& t, const char* name) {
   if (t == nb::dtype<float>()) return false;
   check(t == kBf16, std::string(name) + " must be float32 or bfloat16");

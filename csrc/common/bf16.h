@@ -1,7 +1,10 @@
-// bf16 <-> fp32 element conversions shared by the kernel families (attention caches, quantized linear
-// I/O). In an anonymous namespace: the header is compiled with different -m flags in each ISA
-// translation unit, and the linker must never merge those copies.
+// bf16 <-> fp32 conversions shared by the kernel families (attention caches, quantized linear I/O and
+// int4 scales): elements, and vectors where the translation unit's -m flags have them. In an anonymous
+// namespace: the header is compiled with different -m flags in each ISA translation unit, and the
+// linker must never merge those copies.
 #pragma once
+#include <immintrin.h>
+
 #include <cstdint>
 #include <cstring>
 
@@ -23,6 +26,18 @@ inline uint16_t f32_to_bf16(float f) {
   u += 0x7fffu + ((u >> 16) & 1u);
   return static_cast<uint16_t>(u >> 16);
 }
+
+// bf16 -> fp32 is exact: the bits move to the high half of each 32-bit lane.
+#ifdef __AVX2__
+inline __m256 bf16x8_to_f32(__m128i h) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+#endif
+#ifdef __AVX512F__
+inline __m512 bf16x16_to_f32(__m256i h) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+#endif
 
 }  // namespace
 }  // namespace quark

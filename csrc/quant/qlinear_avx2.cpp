@@ -137,8 +137,7 @@ void gemv_int4_rows(const QLinearArgs& a, int64_t n0, int64_t stride, int64_t wr
     for (int m = 0; m < M; ++m) corr[m] = _mm256_setzero_ps();
     int64_t g = 0;
     for (; g + 8 <= ng; g += 8) {
-      const __m256 s = _mm256_castsi256_ps(_mm256_slli_epi32(
-          _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + r * stride * ng + g))), 16));
+      const __m256 s = bf16x8_to_f32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + r * stride * ng + g)));
       const __m256 sz = _mm256_mul_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
                                              _mm_loadl_epi64(reinterpret_cast<const __m128i*>(zp + r * stride * ng + g)))));
 #pragma GCC unroll 4

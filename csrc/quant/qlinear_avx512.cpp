@@ -7,6 +7,7 @@
 // W8A8 without VNNI: int8 -> int16 and vpmaddwd (pairs into int32, no saturation), exact.
 #include <immintrin.h>
 
+#include "common/bf16.h"
 #include "common/gemm_f32_avx512.h"
 #include "quant/qgemm_blocked.h"
 #include "quant/qgemv.h"
@@ -54,11 +55,6 @@ void gemv_int8_rows(const QLinearArgs& a, int64_t n0, int64_t stride, int64_t wr
       const float y = _mm512_reduce_add_ps(acc[r][m]) * a.w.scales[n0 + r * stride];
       a.out[m * N + n0 + r * stride] = a.bias ? y + a.bias[n0 + r * stride] : y;
     }
-}
-
-// 16 bf16 (masked) as fp32: exact.
-inline __m512 load_bf16(__mmask16 mk, const uint16_t* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, p)), 16));
 }
 
 // The bf16 scales of the (up to four) groups of chunk c as fp32, spread over the lanes of their blocks:
@@ -131,7 +127,7 @@ void gemv_int4_rows(const QLinearArgs& a, int64_t n0, int64_t stride, int64_t wr
     for (int m = 0; m < M; ++m) corr[m] = _mm512_setzero_ps();
     for (int64_t g = 0; g < ng; g += 16) {
       const __mmask16 mk = ng - g >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (ng - g)) - 1);
-      const __m512 sz = _mm512_mul_ps(load_bf16(mk, sc + r * stride * ng + g),
+      const __m512 sz = _mm512_mul_ps(bf16x16_to_f32(_mm256_maskz_loadu_epi16(mk, sc + r * stride * ng + g)),
                                       _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mk, zp + r * stride * ng + g))));
 #pragma GCC unroll 8
       for (int m = 0; m < M; ++m) corr[m] = _mm512_fmadd_ps(sz, _mm512_maskz_loadu_ps(mk, xsum + m * ng + g), corr[m]);
