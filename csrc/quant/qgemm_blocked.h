@@ -1,4 +1,5 @@
-// Blocked GEMM driver for quantized weights (M > 4), shared by the AVX2 and AVX-512 paths.
+// Blocked GEMM driver for quantized weights (M past the GEMV's range, qlinear.cpp), shared by the AVX2
+// and AVX-512 paths.
 //
 // BLIS-style loop order: each task owns an N block of kNBlock output columns and an M chunk of rows.
 // For every K block of kKBlock it dequantizes W[n-block, k-block] into k-major panels of NR columns

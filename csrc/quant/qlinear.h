@@ -11,8 +11,8 @@
 //         consecutive values with an AND and a shift (no interleaving shuffles).
 //
 // Paths (all exact up to fp32 rounding against dequant(W) @ x):
-//   GEMV  M <= 4: stream each packed weight row once, dequantize in registers, FMA with the M rows of x;
-//         threads over N. Memory bound: speed is bytes of weights per second. Weight-only M up to
+//   GEMV  small M: stream each packed weight row once, dequantize in registers, FMA with the M rows of x;
+//         threads over N. Memory bound at M = 1: speed is bytes of weights per second. Weight-only M up to
 //         8 (amx; 5 with bf16 compute), 16 (avx2) or 32 (avx512) runs it in passes of up to 8 rows
 //         (avx2: 4): the GEMMs unpack all of W per call, which costs more there (qlinear.cpp).
 //   GEMM  above: dequantize a (kc x nc) block of W into k-major fp32 panels that stay in L1/L2 and run

@@ -1,4 +1,4 @@
-// AMX path of the quantized GEMM (M > 4).
+// AMX path of the quantized GEMM (weight-only M > 8, or > 5 with bf16 compute; W8A8 M > 4).
 //
 // Weight-only int4 / int8 with fp32 activations, on AMX-BF16 (TDPBF16PS multiplies bf16 pairs exactly
 // and accumulates in fp32), exact like every other path:

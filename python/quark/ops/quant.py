@@ -21,12 +21,12 @@ few shrink factors of the min/max range, keep the one with the lowest squared er
 k-quants do). Calibrated methods (AWQ, GPTQ) can build on `quantize_rtn` by passing their own scales.
 
 qlinear(x, qt, bias) computes x @ dequantize(qt).T + bias exactly up to fp32 rounding for "int8"
-and "int4" with fp32 x, with a streaming GEMV for <= 4 rows and a blocked GEMM above (AMX tiles
-where present). bf16 x is widened to fp32 (exactly, inside the kernels) and the result rounded back
-to bf16 (to nearest even, as torch rounds); it is the one inexact mode: for "int4" with more than 4
-rows on the amx path, the dequantized weights are rounded to bf16 too (bf16 compute, like torch's
-bf16 linear on dequantize(qt)), since the exact form needs an fp32 scaling pass per group that halves
-the speed. Its error stays within that of torch's bf16 linear.
+and "int4" with fp32 x, with a streaming GEMV for decode-sized M (up to 8 rows with AMX, 16 with
+AVX2, 32 with AVX-512) and a blocked GEMM above (AMX tiles where present). bf16 x is widened to fp32
+(exactly, inside the kernels) and the result rounded back to bf16 (to nearest even, as torch rounds);
+it is the one inexact mode: for "int4" with more than 5 rows on the amx path, the dequantized
+weights are rounded to bf16 too (bf16 compute, like torch's bf16 linear on dequantize(qt)), since the
+exact form needs an fp32 scaling pass per group that halves the speed. Its error stays within that of torch's bf16 linear.
 
 Files: QuantizedTensor.save/load use safetensors with the scheme, shape, group size and a CRC32 of
 the payload in the metadata, so a truncated or corrupted file fails with an error naming the problem
@@ -356,7 +356,7 @@ def qlinear(x, qt, bias=None):
     numpy in -> numpy out. CPU runs the C++ kernels, CUDA the Triton kernels (quark.ops.triton.qmatmul);
     other devices use quark.ops.reference.qlinear.
     bf16 x is widened to fp32 for the kernel and the result rounded back to bf16; int4 weights may be
-    rounded to bf16 as well (amx GEMM, M > 4: see the module docstring).
+    rounded to bf16 as well (amx GEMM, M > 5: see the module docstring).
     """
     # Fast path, a decode step's case: fp32 CPU x (..., K) and bias, weights packed at x's width. Each
     # check costs microseconds here (the previous layer's GEMV has just evicted the interpreter's working
