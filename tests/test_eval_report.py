@@ -45,7 +45,7 @@ def test_history_curves_quantization_and_redteam_sections(tmp_path):
         "source": "x", "float": {"perplexity": 10.0, "bytes": 100, "decode_tokens_per_s": 5.0},
         "int4": {"bytes_after": 30, "perplexity": 10.5, "decode_tokens_per_s": 9.0}}))
     state = json.loads((run / "pipeline.json").read_text())
-    state["steps"]["redteam"] = {"status": "done", "seconds": 1, "stats": {"asr_before": 1.0, "asr_after": 0.1}}
+    state["steps"]["redteam"] = {"status": "done", "seconds": 1, "stats": {"asr_before": 1.0, "asr_after": 0.1, "asr_after_ci": [0.03, 0.3]}}
     (run / "pipeline.json").write_text(json.dumps(state))
     page = build_report(run)
     assert page.count("data:image/png;base64,") == 3          # pretrain, sft curves + red-team chart

@@ -87,14 +87,17 @@ def quantization_section(run_dir):
 
 
 def redteam_section(stats):
-    """Attack success rate before and after alignment, with and without the safety filter."""
+    """Attack success rate before and after alignment, with and without the safety filter (95% Wilson
+    intervals as error bars when the step reported them)."""
     keys = [("before alignment", "asr_before"), ("aligned model only", "asr_after_model_only"),
             ("filter only", "asr_filter_only"), ("aligned + filter", "asr_after")]
-    present = [(label, stats[k]) for label, k in keys if isinstance(stats.get(k), (int, float))]
+    present = [(label, stats[k], stats.get(k + "_ci") or [stats[k], stats[k]])
+               for label, k in keys if isinstance(stats.get(k), (int, float))]
     if not present:
         return []
     fig, ax = plt.subplots(figsize=(6, 2.6))
-    ax.barh([p[0] for p in present][::-1], [p[1] for p in present][::-1], color="#b55")
+    err = [[max(0.0, p[1] - p[2][0]) for p in present][::-1], [max(0.0, p[2][1] - p[1]) for p in present][::-1]]
+    ax.barh([p[0] for p in present][::-1], [p[1] for p in present][::-1], xerr=err, color="#b55", capsize=3)
     ax.set_xlim(0, 1)
     ax.set_xlabel("attack success rate")
     ax.set_title("red-team", fontsize=9)

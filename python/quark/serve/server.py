@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import secrets
+import sys
 import threading
 import time
 from pathlib import Path
@@ -110,7 +111,7 @@ def _read_run(run_dir, max_points=2000):
 
 
 def create_app(engine, tokenizer, model_name="quark", api_key=None, safety=None, runs_dir=None):
-    """The FastAPI app. safety: a quark.align.safety.SafetyFilter (check_input / check_output return a
+    """The FastAPI app. safety: a quark.safety.SafetyFilter (check_messages / check_output return a
     Decision: allow, refuse or redact, with the text to use), or None to serve unfiltered."""
     from fastapi import FastAPI, Request
     from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
@@ -177,23 +178,28 @@ def create_app(engine, tokenizer, model_name="quark", api_key=None, safety=None,
         except ValueError as e:
             raise APIError(400, str(e), param=str(e).split()[0]) from None
 
-    def screen(text, where):
-        """None when allowed (or no filter), else the text to answer instead (a refusal or a redaction)."""
+    def screen(prompt, where):
+        """None when allowed (or no filter), else the text to answer instead: a refusal of the prompt
+        (every user and system message: a list of chat messages, or one text) or a refused/redacted output."""
         if safety is None:
             return None
-        decision = safety.check_input(text) if where == "input" else safety.check_output(text)
+        if where == "input":
+            messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+            decision = safety.check_messages(messages)
+        else:
+            decision = safety.check_output(prompt)
         if decision.action != "allow":
             metrics.inc("quark_safety_interventions_total", help_="prompts or outputs refused or redacted",
                         where=where, action=decision.action)
             return decision.text
         return None
 
-    async def run(prompt_ids, params, stream, make_chunk, make_final, prompt_text, route):
+    async def run(prompt_ids, params, stream, make_chunk, make_final, prompt, route):
         """Submit to the engine; answer a JSON body or an SSE stream built by make_chunk/make_final."""
         def record_refusal():
             metrics.inc("quark_requests_total", help_="HTTP requests by route and status", route=route, status="200")
 
-        refusal = screen(prompt_text, "input")
+        refusal = screen(prompt, "input")
         if refusal is not None:   # answered like a model refusal, without generating
             record_refusal()
             if not stream:
@@ -328,8 +334,7 @@ def create_app(engine, tokenizer, model_name="quark", api_key=None, safety=None,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                  "logprobs": None, "finish_reason": finish}], "usage": usage}
 
-        last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
-        return await run(ids, params, body.get("stream", False), chunk, final, last_user, "/v1/chat/completions")
+        return await run(ids, params, body.get("stream", False), chunk, final, messages, "/v1/chat/completions")
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -397,7 +402,9 @@ def configure_parser(p):
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (KV cache slots)")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot before 429")
     p.add_argument("--cache-dtype", default="fp32", choices=["fp32", "bf16", "int8"])
-    p.add_argument("--safety", action="store_true", help="screen prompts and outputs with quark.align.safety")
+    p.add_argument("--safety", nargs="?", const="auto", default=None, metavar="FILE",
+                   help="screen prompts and outputs with a safety filter the run trained (FILE: its safety.json; "
+                        "default: RUN/redteam/safety.json)")
     p.add_argument("--runs-dir", default=None, help="runs shown on /runs (default: the served run directory)")
 
 
@@ -408,8 +415,16 @@ def run_cli(args):
     model, tokenizer, model_dir, run_dir = load_for_serving(args.path)
     safety = None
     if args.safety:
-        from quark.align.safety import SafetyFilter
-        safety = SafetyFilter.from_config()
+        from quark.safety import SafetyFilter
+        if args.safety == "auto" and run_dir is None:
+            print(f"error: --safety: {args.path} is a model directory; name the filter file "
+                  "(--safety RUN/redteam/safety.json)", file=sys.stderr)
+            return 2
+        try:
+            safety = SafetyFilter.load(run_dir / "redteam" / "safety.json" if args.safety == "auto" else args.safety)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"error: --safety: {e}", file=sys.stderr)
+            return 2
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue, cache_dtype=args.cache_dtype)
     name = args.model_name or (run_dir or model_dir).name
     app = create_app(engine, tokenizer, name, api_key=args.api_key or os.environ.get("QUARK_API_KEY"),
