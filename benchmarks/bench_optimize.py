@@ -27,7 +27,7 @@ from quark.model import GPT, GPTConfig
 from quark.model.io import load_model, save_model
 from quark.nn import QuantLinear
 from quark.optimize.quantize import quantize_calibrated, quantize_model, save_quantized_model
-from quark.serve.engine import Runner
+from quark.infer.engine import Runner
 
 AREA = "optimize"
 VARIANTS = ("fp32", "int8", "int4-rtn", "int4-awq", "int4-gptq")

@@ -311,7 +311,7 @@ def paired_delta(losses, baseline):
 def decode_tokens_per_s(model, prompt, new_tokens=32, repeats=3):
     """Greedy decode speed at batch 1 through the serving engine's runner (what `quark serve` runs:
     every Linear is a GEMV); median of repeats, each rewound to the same 8-token prompt."""
-    from quark.serve.engine import Runner
+    from quark.infer.engine import Runner
     prompt = prompt[:8].tolist()
     new_tokens = max(1, min(new_tokens, model.config.max_seq_len - len(prompt) - 1))
     runner = Runner(model, 1, max_seq_len=len(prompt) + new_tokens + 1)
