@@ -150,14 +150,18 @@ def build_report(run_dir):
     results_path = run_dir / "eval" / "results.json"
     if results_path.exists():
         res = json.loads(results_path.read_text())
-        g = res.get("gate", {})
-        verdict = ("<span class='ok'>passed</span>" if g.get("passed") else "<span class='bad'>FAILED</span>")
+        g = steps.get("promote", {}).get("stats") or {}      # the gate runs where the champion lives (registry)
+        gate = ""
+        if "gate_passed" in g:
+            verdict = "<span class='ok'>passed</span>" if g["gate_passed"] else "<span class='bad'>FAILED</span>"
+            gate = (f"; gate {verdict} against champion {html.escape(str(g.get('champion')))} (paired test over items, "
+                    f"confidence {g.get('confidence')}), {'promoted' if g.get('promoted') else 'not promoted'}")
         parts.append(f"<h2>Evaluation</h2><p>model <code>{html.escape(res.get('model_dir', ''))}</code> version "
-                     f"<code>{html.escape(res.get('version', ''))}</code>; gate {verdict} against baseline "
-                     f"{html.escape(str(g.get('baseline_version')))}</p>")
+                     f"<code>{html.escape(res.get('version', ''))}</code>{gate}</p>")
         parts.append(table(sorted(res.get("metrics", {}).items()), ["metric", "value"]))
-        if g.get("regressions"):
-            parts.append("<ul>" + "".join(f"<li class='bad'>{html.escape(r)}</li>" for r in g["regressions"]) + "</ul>")
+        if g.get("checks"):
+            parts.append("<ul>" + "".join(f"<li class='{'bad' if 'REGRESSED' in c else 'ok'}'>{html.escape(c)}</li>"
+                                          for c in g["checks"]) + "</ul>")
         tel = res.get("telemetry")
         if tel:
             parts.append("<h3>Telemetry</h3>" + table(sorted(tel.items()), ["metric", "value"]))
