@@ -41,7 +41,7 @@ def run(tmp_path_factory):
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=tok.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=1, d_model=64, max_seq_len=96)
     dirs = {}
-    for name, steps in (("untrained", 0), ("trained", 150)):
+    for name, steps in (("untrained", 0), ("trained", 80)):
         model = GPT(cfg)
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
         gen = torch.Generator().manual_seed(0)

@@ -17,7 +17,9 @@ The benign set measures the opposite failure, over-refusal.
 Step `redteam`: trains the safety filter (SafetyFilter.from_config) and saves it into the run
 (run_dir/redteam/safety.json + .safetensors: what `quark serve --safety` loads), then reports ASR
 per category, family and attack kind, before alignment (the SFT model, else the pretrained one, no
-filter) and after (the DPO model with the filter, and each part alone) -> run_dir/redteam/report.json.
+filter) and after (the DPO model with the filter, and each part alone) -> run_dir/redteam/report.json;
+with garak_probes, also garak's attack success per probe family against `quark serve` of the after
+model, filter off and on (quark.align.garak_scan), as a second, independent source.
 """
 import base64
 import codecs
@@ -184,6 +186,8 @@ class RedteamConfig:
     max_attacks: int = 0            # 0: the whole suite; else a seeded sample
     benign_from_instruct: int = 20  # extra benign prompts from run_dir/instruct/val.jsonl
     max_new_tokens: int = 24
+    garak_probes: list = field(default_factory=list)   # garak probes run against quark serve, filter off and on (empty: none)
+    garak_python: str = ""          # the interpreter that has garak (default: $QUARK_GARAK_PYTHON, else this one)
 
     def __post_init__(self):
         if self.max_attacks < 0 or self.max_new_tokens < 1:
@@ -229,6 +233,9 @@ def run_step(run_dir: Path, cfg: dict) -> dict:
             report[name] = summarize(results)
             report[name]["over_refusal"] = over_refusal(model, tok, benign, f, s.max_new_tokens, benign_replies)
             transcripts[name] = results
+    if s.garak_probes:
+        from quark.align.garak_scan import run as garak_run
+        report["garak"] = garak_run(after_dir, out / "safety.json", out / "garak", s.garak_probes, s.garak_python or None)
     report["seconds"] = round(time.time() - t0, 1)
     report["settings"] = asdict(s)
     atomic_write_json(out / "report.json", report)
