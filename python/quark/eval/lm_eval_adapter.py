@@ -4,10 +4,8 @@ QuarkLM implements the harness's three request types on top of quark.eval.lm.Lan
 each request carries its arguments in `.args` exactly as lm_eval's Instance does. When lm_eval is
 installed the class is registered with it under the name "quark"; without it the class still works
 (the tests drive it directly)."""
-from pathlib import Path
 
 from quark.eval.lm import LanguageModel
-from quark.model.io import latest_model_dir
 
 try:
     from lm_eval.api.model import LM as _Base
@@ -20,9 +18,7 @@ class QuarkLM(_Base):
     def __init__(self, path, **kwargs):
         if _Base is not object:
             super().__init__()
-        path = Path(path)
-        model_dir = path if (path / "model.safetensors").exists() else latest_model_dir(path)
-        self.lm = LanguageModel.from_dir(model_dir, path)
+        self.lm = LanguageModel.from_path(path)
 
     @classmethod
     def create_from_arg_string(cls, arg_string, additional_config=None):

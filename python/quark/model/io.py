@@ -1,23 +1,19 @@
 """Model directories: model.safetensors + config.json (GPTConfig) [+ tokenizer.json].
 
 Every step that produces a model writes one of these (run_dir/<step>/final/), and every step that
-consumes one loads it here. safetensors only: nothing is ever unpickled.
+consumes one loads it here; which directory a run's "latest" or "best" model is, is quark.rundir's
+business. safetensors only: nothing is ever unpickled.
 """
 import json
 import shutil
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from quark.io import atomic_open, atomic_write_text
 from quark.model.config import GPTConfig
 from quark.model.gpt import GPT
-
-# Steps that produce a model, latest in the life cycle first.
-MODEL_STEPS = ("dpo", "sft", "pretrain")
-
 
 def save_model(model: GPT, directory, tokenizer_path=None, metadata=None):
     directory = Path(directory)
@@ -78,30 +74,3 @@ def load_model(directory, device="cpu", dtype=None) -> GPT:
     if dtype is not None:
         model = model.to(dtype)
     return model.to(device).eval()
-
-
-def latest_model_dir(run_dir):
-    """The most aligned model a run has produced: dpo, else sft, else pretrain (…/final)."""
-    for step in MODEL_STEPS:
-        d = Path(run_dir) / step / "final"
-        if (d / "model.safetensors").exists():
-            return d
-    raise FileNotFoundError(f"{run_dir} holds no trained model (looked for {', '.join(MODEL_STEPS)}/final)")
-
-
-def pick_model(run_dir, choice, held_out_loss):
-    """(model directory, {candidate directory: held-out loss}) for a step's model setting:
-    "latest" (latest_model_dir), "best" (the run's final model with the lowest held_out_loss(model)),
-    or a model directory. Alignment (sft, dpo) trades some held-out perplexity for behaviour, so the
-    steps that judge a model by perplexity (distill's teacher, quantize) can ask for "best"."""
-    if choice not in ("best", "latest"):
-        return Path(choice), {}
-    if choice == "latest":
-        return latest_model_dir(run_dir), {}
-    losses = {}
-    for d in (Path(run_dir) / step / "final" for step in MODEL_STEPS):
-        if (d / "model.safetensors").exists():
-            losses[str(d)] = round(float(held_out_loss(load_model(d), d)), 4)
-    if not losses:
-        return latest_model_dir(run_dir), {}   # raises: no trained model
-    return Path(min(losses, key=losses.get)), losses

@@ -2,7 +2,8 @@
 optional torch.compile, periodic validation, JSONL metrics (loss, lr, grad norm, tokens/s, MFU), a
 progress bar, a loss-curve PNG, atomic checkpoints with exact resume, and DDP / FSDP2.
 
-Pipeline step `pretrain` (and `quark pretrain RUN_DIR`): reads run_dir/pack/{train,val}.bin +
+Pipeline step `pretrain` (and `quark pretrain --run-dir R`; under torchrun the same command trains
+with DDP unless --strategy says otherwise): reads run_dir/pack/{train,val}.bin +
 meta.json and run_dir/tokenizer/tokenizer.json; writes run_dir/pretrain/checkpoints/step_N/,
 metrics.jsonl, loss.png, stats.json and the final model directory run_dir/pretrain/final/
 (quark.model.io format, tokenizer included). Rerunning resumes from the newest good checkpoint.
@@ -17,18 +18,19 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
 import torch
 from tqdm import tqdm
 
-from quark.config import ConfigError, from_dict
+from quark.config import ConfigError, Step, from_dict
 from quark.data.loader import TokenLoader, eval_batches
 from quark.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from quark.model import GPT, GPTConfig, preset
 from quark.model.io import save_model
+from quark.rundir import RunDir
 from quark.train import checkpoint as ckpt
 from quark.train import distributed as qdist
 
@@ -96,26 +98,23 @@ def validate_config(cfg):
 
 
 def data_spec(run_dir):
-    pack = Path(run_dir) / "pack"
-    meta_path = pack / "meta.json"
-    if not meta_path.exists():
-        raise FileNotFoundError(f"{meta_path} is missing: run the pack step first")
-    meta = json.loads(meta_path.read_text())
-    for key in ("dtype", "vocab_size"):
-        if key not in meta:
-            raise ValueError(f"{meta_path} lacks {key!r}")
-    tok = Path(run_dir) / "tokenizer" / "tokenizer.json"
-    return DataSpec(str(pack / "train.bin"), str(pack / "val.bin"), meta["dtype"], int(meta["vocab_size"]),
-                    str(tok) if tok.exists() else None)
+    run_dir = RunDir.of(run_dir)
+    pack = run_dir.pack()
+    try:
+        tok = str(run_dir.tokenizer_path())
+    except FileNotFoundError:
+        tok = None
+    return DataSpec(str(pack.bin("train")), str(pack.bin("val")), pack.dtype, pack.vocab_size, tok)
 
 
 def model_config(cfg: PretrainConfig, vocab_size, run_dir=None) -> GPTConfig:
     if cfg.model == "plan":
-        plan_path = Path(run_dir or ".") / "plan" / "plan.json"
-        if not plan_path.exists():
-            raise FileNotFoundError(f"pretrain.model is 'plan' but {plan_path} is missing: run the plan step "
-                                    f"first or set pretrain.model to a preset")
-        base = GPTConfig.from_dict(json.loads(plan_path.read_text())["model"], str(plan_path))
+        run_dir = RunDir.of(run_dir or ".")
+        try:
+            path = run_dir.input("plan", "plan.json")
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"pretrain.model is 'plan' but {e}, or set pretrain.model to a preset") from None
+        base = GPTConfig.from_dict(json.loads(path.read_text())["model"], str(path))
     else:
         base = preset(cfg.model)
     fields = {**asdict(base), "vocab_size": vocab_size, "max_seq_len": max(base.max_seq_len, cfg.seq_len)}
@@ -353,78 +352,26 @@ def _spawned(cfg_dict, data_dict, out_dir, run_dir, until_step):
 
 def pretrain(run_dir, cfg: PretrainConfig, until_step=None):
     """Train on run_dir's packed data into run_dir/pretrain (spawning cfg.nproc processes)."""
+    run_dir = RunDir.of(run_dir)
     data = data_spec(run_dir)
-    out_dir = Path(run_dir) / "pretrain"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = run_dir.output("pretrain")
+    if "WORLD_SIZE" in os.environ and cfg.strategy == "none":
+        cfg = replace(cfg, strategy="ddp")   # launched by torchrun
     if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:
         if cfg.strategy == "none":
             raise ConfigError("pretrain.strategy: choose 'ddp' or 'fsdp' when nproc > 1")
-        qdist.spawn(_spawned, cfg.nproc, asdict(cfg), asdict(data), str(out_dir), str(run_dir), until_step,
+        qdist.spawn(_spawned, cfg.nproc, asdict(cfg), asdict(data), str(out_dir), str(run_dir.root), until_step,
                     threads=cfg.threads or None)
         return json.loads((out_dir / "stats.json").read_text())
-    return train(cfg, data, out_dir, run_dir=run_dir, until_step=until_step)
+    try:
+        return train(cfg, data, out_dir, run_dir=run_dir, until_step=until_step)
+    finally:
+        if "WORLD_SIZE" in os.environ:
+            qdist.shutdown()
 
 
 def run_step(run_dir, cfg):
-    return pretrain(Path(run_dir), validate_config(cfg))
+    return pretrain(run_dir, validate_config(cfg))
 
 
-def configure_parser(parser):
-    parser.add_argument("run_dir", help="run directory holding pack/ and tokenizer/ (output: RUN_DIR/pretrain)")
-    parser.add_argument("--model", default=None, help="preset name, or 'plan' (default: %(default)s from the config)")
-    parser.add_argument("--steps", type=int, default=None, help="max_steps")
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--seq-len", type=int, default=None)
-    parser.add_argument("--lr", type=float, default=None)
-    parser.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default=None)
-    parser.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-    parser.add_argument("--nproc", type=int, default=None, help="local processes (gloo on CPU)")
-    parser.add_argument("--strategy", choices=qdist.STRATEGIES, default=None, help="ddp or fsdp when distributed")
-    parser.add_argument("--until-step", type=int, default=None, help="stop after this step (resume later)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON", help="any other PretrainConfig field")
-    parser.add_argument("--hpo", type=int, default=0, metavar="TRIALS",
-                        help="instead of training, search lr / weight decay / warmup by successive halving over "
-                             "TRIALS short runs (steps: --steps is the longest); writes RUN_DIR/hpo/best.json")
-
-
-def run_cli(args):
-    cfg = {k: v for k, v in {"model": args.model, "max_steps": args.steps, "batch_size": args.batch_size,
-                             "seq_len": args.seq_len, "lr": args.lr, "precision": args.precision,
-                             "compile": args.compile, "nproc": args.nproc, "strategy": args.strategy}.items()
-           if v is not None}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        try:
-            cfg[key] = json.loads(value)
-        except json.JSONDecodeError:
-            cfg[key] = value
-    if "WORLD_SIZE" in os.environ and "strategy" not in cfg:
-        cfg["strategy"] = "ddp"
-    try:
-        config = validate_config(cfg)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.hpo:
-        from quark.train.hpo import tune_pretrain
-        base = {k: v for k, v in cfg.items() if k != "max_steps"}
-        result = tune_pretrain(Path(args.run_dir), base, n_trials=args.hpo, max_steps=config.max_steps,
-                               min_steps=max(1, config.max_steps // 2 ** int(math.log2(args.hpo))), eta=2)
-        print(result.table())
-        print(f"best: {json.dumps(result.best_params)} -> {Path(args.run_dir) / 'hpo' / 'best.json'}")
-        return 0
-    stats = pretrain(Path(args.run_dir), config, until_step=args.until_step)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(stats, indent=1))
-    return 0
-
-
-if __name__ == "__main__":   # torchrun --nproc_per_node N -m quark.train.trainer RUN_DIR --strategy fsdp
-    import argparse
-    p = argparse.ArgumentParser(prog="python -m quark.train.trainer")
-    configure_parser(p)
-    try:
-        code = run_cli(p.parse_args())
-    finally:
-        qdist.shutdown()
-    sys.exit(code)
+STEP = Step(name="pretrain", config=PretrainConfig, run=run_step, check=validate_config)
