@@ -201,10 +201,10 @@ class RunDir:
         if which in ("latest", "best", "auto"):
             found = self.trained_models(before)
             if not found:
-                where = f" before {before}" if before else ""
-                raise FileNotFoundError(f"{self.root} holds no trained model{where} (looked for "
-                                        f"{', '.join(s for s, _, t in LINEAGE if t)}); run the earlier steps first "
-                                        "or name a model directory")
+                steps = LINEAGE_STEPS[:LINEAGE_STEPS.index(before)] if before in LINEAGE_STEPS else LINEAGE_STEPS
+                looked = ", ".join(f"{s}/{names[0]}" for s, names, trained in LINEAGE if trained and s in steps)
+                raise FileNotFoundError(f"{self.root} holds no trained model (looked for {looked}); run the earlier "
+                                        "steps first or name a model directory")
             if which != "best":
                 return self._read(found[-1][1]), {}
             if held_out_loss is None:

@@ -16,7 +16,8 @@ import yaml
 
 from quark.config import ConfigError
 from quark.io import atomic_write_json, atomic_write_text
-from quark.pipeline import STEP_NAMES, load_recipe, run
+from quark.pipeline import run
+from quark.recipe import STEP_NAMES, load_recipe
 from quark.train.hpo import search, write_results
 
 DEFAULT_SPACE = {"pretrain.lr": {"low": 1e-3, "high": 1e-2, "log": True},
