@@ -460,7 +460,4 @@ def run_step(run_dir, cfg):
     return stats
 
 
-# ---- CLI: quark quantize MODEL_DIR --scheme int4 [--method awq --calib RUN_DIR] --out DIR ----------
-
-
 STEP = Step(name="quantize", config=QuantizeConfig, run=run_step, check=validate_config)
