@@ -9,7 +9,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from quark.io import atomic_open, atomic_write_text
+from quark.io import atomic_dir
 from quark.model.config import load_config
 from quark.model.gpt import GPT
 from quark.model.quantized import load_quantized_model
@@ -20,16 +20,20 @@ MODEL_STEPS = ("dpo", "sft", "pretrain")
 
 
 def save_model(model: GPT, directory, tokenizer_path=None, metadata=None):
+    """Write the model directory as a whole (quark.io.atomic_dir): weights, config and tokenizer
+    of one save, never the weights of a new model beside the config of an old one. Without
+    tokenizer_path the directory keeps the tokenizer.json it has; other files it held are gone."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    if tokenizer_path is None and (directory / "tokenizer.json").is_file():
+        tokenizer_path = directory / "tokenizer.json"
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)   # shared with tok_emb.weight; safetensors refuses aliases
-    with atomic_open(directory / "model.safetensors") as f:
-        f.write(_serialize(state, {k: str(v) for k, v in (metadata or {}).items()}))
-    atomic_write_text(directory / "config.json", model.config.to_json())
-    if tokenizer_path is not None and Path(tokenizer_path).resolve() != (directory / "tokenizer.json").resolve():
-        shutil.copyfile(tokenizer_path, directory / "tokenizer.json")
+    with atomic_dir(directory) as tmp:
+        (tmp / "model.safetensors").write_bytes(_serialize(state, {k: str(v) for k, v in (metadata or {}).items()}))
+        (tmp / "config.json").write_text(model.config.to_json())
+        if tokenizer_path is not None:   # may be the directory's own tokenizer.json: copied before the swap
+            shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
     return directory
 
 
