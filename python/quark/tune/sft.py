@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 
-from quark.chat import encode_chat, special_ids, validate_messages
+from quark.chat import check_chat_record, encode_chat, special_ids
 from quark.config import ConfigError
 from quark.io import atomic_write_json, read_jsonl
 from quark.model.io import load_model, save_model
@@ -65,20 +65,6 @@ class SFTConfig:
 
 def validate_config(cfg):
     common.settings(SFTConfig, cfg, "sft")
-
-
-def check_chat_record(rec, where):
-    """Raise ValueError naming `where` (path:line) unless rec is a well-formed chat record."""
-    if not isinstance(rec, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-    if "messages" not in rec:
-        raise ValueError(f"{where}: missing field 'messages'")
-    try:
-        validate_messages(rec["messages"], where="messages")
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
-    if not any(m["role"] == "assistant" for m in rec["messages"]):
-        raise ValueError(f"{where}: no assistant message, so nothing to learn")
 
 
 def load_chat_jsonl(path, tokenizer, max_len, overlong="error", limit=0):
