@@ -12,8 +12,6 @@ QuantizedTensor for that layer (for example after scaling or error-correcting it
 """
 import argparse
 import json
-import math
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from quark.config import ConfigError, from_dict
+from quark.infer.measure import decode_tokens_per_s, held_out, paired_delta, window_batches
 from quark.io import atomic_write_json, atomic_write_text
 from quark.model.quantized import MODEL_FORMAT, save_quantized_model, set_module
 from quark.nn import QuantLinear
@@ -123,7 +122,7 @@ def quantize_calibrated(model, method, calib, group_size=128, skip=("lm_head",),
     return report
 
 
-# ---- evaluation used by the pipeline step ---------------------------------------------------------
+# ---- held-out tokens the step scores ---------------------------------------------------------------
 
 def load_val_tokens(run_dir):
     """run_dir/pack/val.bin as a flat int64 tensor, dtype from pack/meta.json["dtype"]."""
@@ -140,73 +139,6 @@ def load_val_tokens(run_dir):
     if len(tokens) < 2:
         raise ValueError(f"{val_path} holds {len(tokens)} tokens; need at least 2 to evaluate")
     return torch.from_numpy(tokens.astype(np.int64))
-
-
-def _windows(model, tokens, max_tokens):
-    """Consecutive windows of max_seq_len + 1 tokens covering ~max_tokens targets: (n, T + 1)."""
-    T = min(model.config.max_seq_len, len(tokens) - 1)
-    n = max(1, min(math.ceil(max_tokens / T), (len(tokens) - 1) // T))
-    windows = torch.stack([tokens[i * T: i * T + T + 1] for i in range(n)])
-    if int(windows.max()) >= model.config.vocab_size:
-        raise ValueError(f"token id {int(windows.max())} >= vocab_size {model.config.vocab_size}: "
-                         "val.bin was packed with another tokenizer")
-    return windows
-
-
-@torch.no_grad()
-def window_losses(model, tokens, max_tokens=512, reference=None, batch_size=16):
-    """Per-window mean next-token loss (n,) over the held-out windows, and per-window mean
-    KL(reference || model) (n,) when a reference model is given (else None).
-
-    Kept per window so that two variants can be compared on the same windows (paired_delta): their
-    difference is far less noisy than either perplexity. KL measures how far quantization moved the
-    output distribution, far more sensitive than the perplexity difference.
-    """
-    windows = _windows(model, tokens, max_tokens)
-    losses, kls = [], []
-    for w in windows.split(batch_size):
-        x, y = w[:, :-1], w[:, 1:]
-        log_q = torch.log_softmax(model(x)[0].float(), -1)                                # (b, T, V)
-        losses.append(-log_q.gather(-1, y[..., None])[..., 0].double().mean(1))
-        if reference is not None:
-            log_p = torch.log_softmax(reference(x)[0].float(), -1)
-            kls.append((log_p.exp() * (log_p - log_q)).sum(-1).double().mean(1))
-    return torch.cat(losses), (torch.cat(kls) if reference is not None else None)
-
-
-def paired_delta(losses, baseline):
-    """Perplexity change of `losses` against `baseline` on the same windows, in percent, with its noise:
-    (delta %, 2 standard errors %). exp(mean(l - l_base)) - 1; the standard error is that of the mean
-    per-window difference (windows ~ independent samples), so +-2 SE is a ~95% interval."""
-    d = torch.as_tensor(losses, dtype=torch.float64) - torch.as_tensor(baseline, dtype=torch.float64)
-    mean = float(d.mean())
-    se = float(d.std() / math.sqrt(len(d))) if len(d) > 1 else float("nan")
-    return 100 * math.expm1(mean), 100 * 2 * se * math.exp(mean)
-
-
-@torch.no_grad()
-def decode_tokens_per_s(model, prompt, new_tokens=32, repeats=3):
-    """Greedy decode speed at batch 1 through the serving engine's runner (what `quark serve` runs:
-    every Linear is a GEMV); median of repeats, each rewound to the same 8-token prompt."""
-    from quark.infer.engine import Runner
-    prompt = prompt[:8].tolist()
-    new_tokens = max(1, min(new_tokens, model.config.max_seq_len - len(prompt) - 1))
-    runner = Runner(model, 1, max_seq_len=len(prompt) + new_tokens + 1)
-    first = runner.extend(0, prompt)
-
-    def generate(n):
-        runner.lens[0] = len(prompt)
-        token = int(first.argmax())
-        for _ in range(n):
-            token = int(runner.decode([token])[0].argmax())
-
-    generate(2)                                                                    # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        generate(new_tokens)
-        times.append(time.perf_counter() - t0)
-    return new_tokens / sorted(times)[len(times) // 2]
 
 
 # ---- pipeline step --------------------------------------------------------------------------------
@@ -277,18 +209,17 @@ def format_table(stats):
     return "\n".join(rows) + "\n"
 
 
-def _evaluate(model, tokens, c, reference=None, losses=None):
-    """Perplexity, decode speed and size of model (and its KL to reference); losses: the model's
-    window losses when already measured (no reference then)."""
-    kls = None
-    if losses is None:
-        losses, kls = window_losses(model, tokens, c.eval_tokens, reference)
-    out = {"perplexity": round(math.exp(float(losses.mean())), 4),
-           "eval_tokens": int(losses.numel()) * min(model.config.max_seq_len, len(tokens) - 1),
+def _evaluate(model, tokens, c, reference=None, scored=None):
+    """Perplexity, decode speed and size of model (and its KL to reference); scored: the model's
+    held-out result when already measured (no reference then)."""
+    if scored is None:
+        batches = window_batches(tokens, model.config.max_seq_len, c.eval_tokens, vocab_size=model.config.vocab_size)
+        scored = held_out(model, batches, reference)
+    out = {"perplexity": round(scored.perplexity(), 4), "eval_tokens": int(scored.tokens.sum()),
            "decode_tokens_per_s": round(decode_tokens_per_s(model, tokens, c.decode_tokens, c.decode_repeats), 2),
-           "bytes": model_nbytes(model), "window_losses": [round(float(v), 6) for v in losses]}
-    if kls is not None:
-        out["kl_to_float"] = round(float(kls.mean()), 6)
+           "bytes": model_nbytes(model), "window_losses": [round(float(v), 6) for v in scored.losses]}
+    if scored.kl is not None:
+        out["kl_to_float"] = round(scored.mean_kl(), 6)
     return out
 
 
@@ -303,7 +234,8 @@ def run_step(run_dir, cfg):
     heldout = {}   # "best" measures every candidate's window losses: the float baseline reuses its own
 
     def held_out_loss(model, where):
-        heldout[str(where)] = window_losses(model, tokens, c.eval_tokens)[0]
+        batches = window_batches(tokens, model.config.max_seq_len, c.eval_tokens, vocab_size=model.config.vocab_size)
+        heldout[str(where)] = held_out(model, batches)
         return heldout[str(where)].mean()
     src, candidates = pick_model(run_dir, c.model, held_out_loss)
     source = {"model_dir": str(src), "mtime": (src / "model.safetensors").stat().st_mtime,
@@ -313,7 +245,7 @@ def run_step(run_dir, cfg):
     base_path = out / "float.json"
     base = json.loads(base_path.read_text()) if base_path.exists() else {}
     if base.get("source") != source:   # resume: the float baseline is measured once per source model
-        base = {"source": source, **_evaluate(load_model(src), tokens, c, losses=heldout.get(str(src)))}
+        base = {"source": source, **_evaluate(load_model(src), tokens, c, scored=heldout.get(str(src)))}
         atomic_write_json(base_path, base)
     stats["float"] = {k: v for k, v in base.items() if k not in ("source", "window_losses")}
     calib, reference, done = None, None, {}

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from quark.config import ConfigError, from_dict
 from quark.data.loader import TokenLoader, eval_batches
+from quark.infer.measure import held_out
 from quark.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from quark.model import GPT, GPTConfig, preset
 from quark.model.io import save_model
@@ -178,17 +179,6 @@ def plot_losses(metrics_path, png_path):
     atomic_write_bytes(png_path, buf.getvalue())
 
 
-@torch.no_grad()
-def evaluate(model, batches, autocast, env):
-    model.eval()
-    losses = []
-    for x, y in batches:
-        with autocast():
-            losses.append(float(model(x.to(env.device), y.to(env.device))[1]))
-    model.train()
-    return env.mean(sum(losses) / len(losses)) if losses else None
-
-
 def train(cfg: PretrainConfig, data: DataSpec, out_dir, run_dir=None, until_step=None, log=None):
     """Train (or resume) in out_dir; on every rank when distributed. until_step: stop after that step
     with a checkpoint (the schedule still runs to max_steps), to be resumed later. Returns stats."""
@@ -292,7 +282,7 @@ def _train(cfg, data, out_dir, run_dir, until_step, log):
                     metrics.flush()
                 bar.set_postfix(loss=f"{loss_avg:.3f}", tok_s=f"{tps:,.0f}")
             if done % cfg.eval_interval == 0 or done == stop:
-                last["val_loss"] = evaluate(runner, val, autocast, env)
+                last["val_loss"] = env.mean(held_out(runner, val, autocast=autocast).mean()) if val else None
                 if metrics and last["val_loss"] is not None:
                     metrics.write(json.dumps({"step": done, "val_loss": last["val_loss"]}) + "\n")
                     metrics.flush()
