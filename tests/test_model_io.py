@@ -50,7 +50,7 @@ def _which(directory, models):
                if all(torch.equal(v, ref.state_dict()[k]) for k, v in m.state_dict().items())]
     config = [w for w in models if m.config.rope_theta == CONFIGS[w]["rope_theta"]]
     tokenizer = json.loads((directory / "tokenizer.json").read_text())["which"]
-    assert weights == config == [tokenizer], f"mixed directory: weights {weights}, config {config}, tokenizer {tokenizer}"
+    assert weights == config == [tokenizer], f"mixed: weights {weights}, config {config}, tokenizer {tokenizer}"
     return tokenizer
 
 

@@ -4,10 +4,10 @@ run_dir/scrape/files-*.jsonl records {path, repo, language, license, text, bytes
 Listing: in a git repository (a directory holding a .git directory), `git ls-files --cached --others
 --exclude-standard` (tracked files plus untracked ones that .gitignore does not exclude); elsewhere a
 directory walk that applies the .gitignore files it meets (the common subset of the syntax: globs,
-`**`, anchored `/x`, `dir/`, `!` negation). Files are skipped, with a count per reason, when their extension is not a known
-language, they sit in a vendored directory, are empty or over max_file_bytes, are binary (a NUL
-byte or invalid UTF-8), minified (`.min.` or very long average lines) or generated (a marker such
-as "do not edit" / "@generated" in the first lines). The license of a file is its
+`**`, anchored `/x`, `dir/`, `!` negation). Files are skipped, with a count per reason, when their
+extension is not a known language, they sit in a vendored directory, are empty or over
+max_file_bytes, are binary (a NUL byte or invalid UTF-8), minified (`.min.` or very long average
+lines), generated (a marker such as "do not edit" / "@generated" in the first lines) or symlinks. The license of a file is its
 SPDX-License-Identifier if it has one, else that of the nearest LICENSE/COPYING file above it.
 
 Scraped repositories are untrusted: git runs with the system and global config ignored and every
