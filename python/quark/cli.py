@@ -21,7 +21,7 @@ TOOLS = {
     # name -> (module, one-line help)
     "info": ("quark._runtime", "version, CPU features, kernel dispatch paths, threads, GPU stack"),
     "run": ("quark.pipeline", "run a recipe end to end with resume (default: the embedded default recipe)"),
-    "hpo": ("quark.train.hpo", "search pretraining lr / weight decay / warmup by successive halving"),
+    "hpo": ("quark.train.trainer", "search pretraining lr / weight decay / warmup by successive halving"),
     "search": ("quark.retrieval.store", "search a run's index (hybrid, BM25 or dense)"),
     "ask": ("quark.retrieval.rag", "answer a question from a run's index with cited sources"),
     "route": ("quark.orchestrate.router", "classify a request's intent and route it to a model or pipeline"),
@@ -32,7 +32,7 @@ TOOLS = {
     "serve": ("quark.serve.server", "OpenAI-compatible API server with a chat and training-runs web UI"),
     "registry": ("quark.improve.registry", "query a run's model registry: list, show, register, promote"),
     "augment": ("quark.improve.augment", "augment chat data: noise, model paraphrases, code/docstring round trips"),
-    "automl": ("quark.improve.automl", "search recipe settings with successive halving over pipeline runs"),
+    "automl": ("quark.automl", "search recipe settings with successive halving over pipeline runs"),
 }
 COMMANDS = {**{name: (module, help_text) for name, (module, help_text, _) in STEPS.items()}, **TOOLS}
 

@@ -29,10 +29,10 @@ from quark.config import ConfigError, Step, from_dict
 from quark.io import atomic_write_json
 from quark.model.io import load_model, save_model
 from quark.rundir import RunDir
+from quark.safety_data import harmful_requests, is_refusal
 
 
 def _refusal_reward(prompt, text, terminated):
-    from quark.align.redteam import harmful_requests, is_refusal
     harmful = {r["prompt"] for r in harmful_requests("train")}
     asked = prompt[-1]["content"]
     return 1.0 if is_refusal(text) == (asked in harmful) else 0.0
