@@ -383,3 +383,82 @@ def test_non_streaming_request_is_cancelled_when_the_client_disconnects(tok):
             time.sleep(0.01)
         assert engine.tokens_generated < 4000
         assert httpx.get(s.url + "/health").json()["active"] == 0
+
+
+# ---- fuzz: random and malformed requests never get a 500, crash or hang the server ----
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+any_text = st.text(st.characters(exclude_categories=()), max_size=40)   # lone surrogates included
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2 ** 70, 2 ** 70) | st.floats() | any_text,
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(any_text, kids, max_size=4), max_leaves=12)
+
+
+VALID = {
+    "model": st.just("tiny"), "max_tokens": st.integers(1, 12), "max_completion_tokens": st.integers(1, 12),
+    "temperature": st.floats(0, 2) | st.sampled_from([0, 1e-3, 100]), "top_p": st.floats(0.01, 1),
+    "top_k": st.integers(0, 10 ** 30), "repetition_penalty": st.floats(1e-3, 10),
+    "presence_penalty": st.floats(-2, 2), "frequency_penalty": st.floats(-2, 2),
+    "stop": any_text.filter(bool) | st.lists(any_text.filter(bool), max_size=4),
+    "seed": st.integers(-2 ** 63, 2 ** 63 - 1), "stream": st.booleans(), "n": st.just(1)}
+REQUIRED = {
+    "/v1/completions": {"prompt": any_text.filter(bool) | st.lists(any_text.filter(bool), min_size=1, max_size=1)},
+    "/v1/chat/completions": {"messages": st.lists(st.fixed_dictionaries({
+        "role": st.sampled_from(["user", "system", "assistant", "tool"]), "content": any_text}), min_size=1, max_size=4)}}
+
+
+def draw_body(data, path):
+    """A request body: nine fields in ten drawn valid, so that enough requests reach generation and
+    streaming, the rest any JSON value; now and then not an object at all. A seeded Random makes the
+    choices: hypothesis' own draws lean to the edge cases, i.e. to the invalid side."""
+    rnd = data.draw(st.randoms(use_true_random=True))
+    if rnd.random() < 0.05:
+        return data.draw(json_values)
+    body = {}
+    for k, v in (REQUIRED[path] | VALID).items():
+        if k in REQUIRED[path] or rnd.random() < 0.4:
+            body[k] = data.draw(v if rnd.random() < 0.9 else json_values)
+    return body
+
+
+raw_bodies = st.binary(max_size=200) | json_values.map(lambda b: json.dumps(b)[:-1].encode()) | st.sampled_from(
+    [b"", b"{", b'{"prompt": "hi"', b"[" * 5000, b"\xff\xfe{}", b"NaN", b'{"prompt": "\\ud800"}', b"{" * 3000])
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(tok):
+    """A short context (64) keeps every generation the fuzzer reaches short."""
+    engine = Engine(make_model(tok.get_vocab_size(), max_seq_len=64), tok, max_batch=4)
+    with ServerThread(create_app(engine, tok, "tiny")) as s:
+        with httpx.Client(base_url=s.url, timeout=60) as c:
+            yield s, c
+        assert httpx.get(s.url + "/health").json()["status"] == "ok"   # still serving after all of it
+
+
+def check_response(r):
+    assert r.status_code < 500, r.text
+    if r.headers.get("content-type", "").startswith("text/event-stream"):
+        lines = [ln for ln in r.text.split("\n") if ln.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]" and all(json.loads(ln[6:]) for ln in lines[:-1]), r.text
+    else:
+        body = r.json()
+        assert (r.status_code == 200) != ("error" in body), body
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzz_json_requests(fuzz_server, path, data):
+    _, c = fuzz_server
+    body = draw_body(data, path)
+    check_response(c.post(path, content=json.dumps(body).encode(), headers={"Content-Type": "application/json"}))
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(raw=raw_bodies, ctype=st.sampled_from(["application/json", "application/json; charset=latin-1", "text/plain",
+                                               "APPLICATION/JSON", ""]))
+def test_fuzz_malformed_requests(fuzz_server, path, raw, ctype):
+    _, c = fuzz_server
+    check_response(c.post(path, content=raw, headers={"Content-Type": ctype} if ctype else {}))
