@@ -6,7 +6,8 @@ import torch
 
 from quark.ops import dequantize, quantize
 from quark.optimize.awq import awq_model, output_error, search_clip, search_scale
-from quark.optimize.quantize import load_calibration, quantize_calibrated
+from quark.optimize.calibration import load_calibration
+from quark.optimize.quantize import quantize_calibrated
 from tests._train_util import make_run_dir
 from tests.test_optimize_gptq import outlier_model
 

@@ -10,9 +10,10 @@ from quark.cli import main as cli_main
 from quark.config import ConfigError
 from quark.model import GPT, GPTConfig, preset
 from quark.model.io import save_model
+from quark.model.quantized import load_quantized_model, save_quantized_model
 from quark.nn import QuantLinear
-from quark.optimize import load_quantized_model, model_nbytes, quantize_model, save_quantized_model
-from quark.optimize.quantize import paired_delta, run_step, validate_config, window_losses
+from quark.optimize import model_nbytes, quantize_model
+from quark.optimize.quantize import run_step, validate_config
 
 
 def tiny_model(seed=0):
@@ -111,22 +112,6 @@ def test_pipeline_step_reports_and_resumes(tmp_path):
     table = (run / "quantize" / "table.md").read_text()
     assert "| fp32 |" in table and "| int4 | 32 |" in table and "| int4-gptq | 32 |" in table
     assert "vs int4 RTN" in table and "±" in table
-
-
-def test_window_losses_and_paired_delta():
-    model = tiny_model()
-    tokens = torch.from_numpy(np.random.default_rng(0).integers(0, 256, 1000))
-    losses, kl = window_losses(model, tokens, 300, reference=model, batch_size=2)
-    assert losses.shape == (5,) and kl.shape == (5,) and float(kl.abs().max()) < 1e-6   # 5 windows of 64 >= 300
-    with torch.no_grad():
-        _, loss = model(tokens[:64][None], tokens[1:65][None])
-    assert float(losses[0]) == pytest.approx(float(loss), rel=1e-5)
-    base = torch.tensor([2.0, 3.0, 2.5, 4.0], dtype=torch.float64)
-    delta, two_se = paired_delta(base + 0.01, base)          # the same shift on every window: no noise
-    assert delta == pytest.approx(100 * (np.exp(0.01) - 1)) and two_se == pytest.approx(0, abs=1e-9)
-    d = torch.tensor([0.02, -0.01, 0.03, 0.0], dtype=torch.float64)
-    delta, two_se = paired_delta(base + d, base)
-    assert two_se == pytest.approx(100 * 2 * float(d.std()) / 2 * np.exp(float(d.mean())))
 
 
 def test_step_quantizes_the_latest_or_the_best_model(tmp_path):

@@ -44,9 +44,9 @@ def test_selector_respects_each_budget():
         plan.select_architecture(4096, 128, 8, time_budget_s=10)
 
 
-def test_throughput_probe_and_peak():
-    tps = plan.measure_throughput(preset("nano", vocab_size=256), 2, 32, steps=1)
-    assert tps > 0 and plan.measure_peak_flops() > 1e9
+def test_throughput_probe():
+    assert plan.measure_throughput(preset("nano", vocab_size=256), 2, 32, steps=1) > 0
+
 
 
 def test_plan_step_feeds_pretrain(tmp_path):

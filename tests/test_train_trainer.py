@@ -76,13 +76,6 @@ def test_bf16_autocast_trains(run_dir):
     assert stats["val_loss"] is not None
 
 
-def test_auto_precision_follows_the_cpu():
-    import quark
-    native = quark.info()["cpu_features"]["avx512_bf16"] or quark.info()["cpu_features"]["amx_bf16"]
-    assert trainer.resolve_precision("auto", torch.device("cpu")) == ("bfloat16" if native else "float32")
-    assert trainer.resolve_precision("float32", torch.device("cpu")) == "float32"
-
-
 def test_lr_schedule():
     cfg = PretrainConfig(max_steps=100, warmup_steps=10, lr=1.0, min_lr=0.1)
     assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)

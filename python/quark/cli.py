@@ -38,7 +38,7 @@ COMMANDS = {
     "report": ("quark.eval.report", "write report.html (tables and plots) for a run directory"),
     "registry": ("quark.improve.registry", "model registry: list, show, register, promote through the eval gate"),
     "augment": ("quark.improve.augment", "augment chat data: noise, model paraphrases, code/docstring round trips"),
-    "automl": ("quark.improve.automl", "search recipe settings with successive halving over pipeline runs"),
+    "automl": ("quark.automl", "search recipe settings with successive halving over pipeline runs"),
 }
 
 

@@ -28,11 +28,11 @@ from quark.chat import encode_chat, special_ids
 from quark.config import ConfigError
 from quark.io import atomic_write_json
 from quark.model.io import load_model, save_model
+from quark.safety_data import harmful_requests, is_refusal
 from quark.tune import common
 
 
 def _refusal_reward(prompt, text, terminated):
-    from quark.align.redteam import harmful_requests, is_refusal
     harmful = {r["prompt"] for r in harmful_requests("train")}
     asked = prompt[-1]["content"]
     return 1.0 if is_refusal(text) == (asked in harmful) else 0.0

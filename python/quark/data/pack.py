@@ -26,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from quark.config import ConfigError, from_dict
-from quark.data.shards import file_state, fingerprint
+from quark.data.shards import file_state, fingerprint, open_at
 from quark.data.tokenizer import load as load_tokenizer
 from quark.io import atomic_write_json
 
@@ -95,10 +95,7 @@ def run_step(run_dir, cfg):
                     "n_docs": {"train": 0, "val": 0}}
     files = {}
     for name in FILES:
-        f = open(out / name, "ab")
-        f.truncate(progress["sizes"][name])  # drop whatever was appended after the last commit
-        f.seek(progress["sizes"][name])
-        files[name] = f
+        files[name] = open_at(out / name, progress["sizes"][name])  # drops what was appended after the last commit
     n_total = sum(1 for line in open(src, "rb") if line.strip())
     t0 = time.time()
     done = 0

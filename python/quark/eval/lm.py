@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
+from quark.infer.measure import held_out
 from quark.model.io import load_model
 
 
@@ -65,15 +66,9 @@ class LanguageModel:
         full = [w for w in windows if len(w) == W]
         rest = [w for w in windows if 1 < len(w) < W]
         per_batch = max(1, self.max_batch_tokens // self.max_len)
-        groups = [full[i:i + per_batch] for i in range(0, len(full), per_batch)] + [[w] for w in rest]
-        total, count = 0.0, 0
-        for group in groups:
-            batch = torch.stack(group)                                  # (B, L)
-            logits, _ = self.model(batch[:, :-1])
-            total += F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1),
-                                     reduction="sum").item()
-            count += batch[:, 1:].numel()
-        return total, count
+        groups = [torch.stack(full[i:i + per_batch]) for i in range(0, len(full), per_batch)] + [w[None] for w in rest]
+        scored = held_out(self.model, [(g[:, :-1], g[:, 1:]) for g in groups])
+        return float(scored.nll.sum()), int(scored.tokens.sum())
 
     @torch.no_grad()
     def generate(self, prompt, max_new_tokens=64, until=(), temperature=0.0, seed=0):

@@ -1,6 +1,7 @@
 """Model configuration: a dataclass with named presets, parameter and FLOP counts."""
 import json
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 from quark.config import from_dict
 
@@ -73,3 +74,14 @@ def preset(name, **overrides):
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; available: {', '.join(PRESETS)}")
     return replace(PRESETS[name], **overrides)
+
+
+def load_config(directory):
+    path = Path(directory) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{directory} is not a model directory: config.json is missing")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    return GPTConfig.from_dict(data, where=str(path))

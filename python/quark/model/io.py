@@ -3,33 +3,37 @@
 Every step that produces a model writes one of these (run_dir/<step>/final/), and every step that
 consumes one loads it here. safetensors only: nothing is ever unpickled.
 """
-import json
 import shutil
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from quark.io import atomic_open, atomic_write_text
-from quark.model.config import GPTConfig
+from quark.io import atomic_dir
+from quark.model.config import load_config
 from quark.model.gpt import GPT
+from quark.model.quantized import load_quantized_model
+from quark.model.shard import load_state
 
 # Steps that produce a model, latest in the life cycle first.
 MODEL_STEPS = ("dpo", "sft", "pretrain")
 
 
 def save_model(model: GPT, directory, tokenizer_path=None, metadata=None):
+    """Write the model directory as a whole (quark.io.atomic_dir): weights, config and tokenizer
+    of one save, never the weights of a new model beside the config of an old one. Without
+    tokenizer_path the directory keeps the tokenizer.json it has; other files it held are gone."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    if tokenizer_path is None and (directory / "tokenizer.json").is_file():
+        tokenizer_path = directory / "tokenizer.json"
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)   # shared with tok_emb.weight; safetensors refuses aliases
-    with atomic_open(directory / "model.safetensors") as f:
-        f.write(_serialize(state, {k: str(v) for k, v in (metadata or {}).items()}))
-    atomic_write_text(directory / "config.json", model.config.to_json())
-    if tokenizer_path is not None and Path(tokenizer_path).resolve() != (directory / "tokenizer.json").resolve():
-        shutil.copyfile(tokenizer_path, directory / "tokenizer.json")
+    with atomic_dir(directory) as tmp:
+        (tmp / "model.safetensors").write_bytes(_serialize(state, {k: str(v) for k, v in (metadata or {}).items()}))
+        (tmp / "config.json").write_text(model.config.to_json())
+        if tokenizer_path is not None:   # may be the directory's own tokenizer.json: copied before the swap
+            shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
     return directory
 
 
@@ -38,30 +42,17 @@ def _serialize(state, metadata):
     return save(state, metadata=metadata or None)
 
 
-def load_config(directory):
-    path = Path(directory) / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{directory} is not a model directory: config.json is missing")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    return GPTConfig.from_dict(data, where=str(path))
-
-
 def load_model(directory, device="cpu", dtype=None) -> GPT:
     """A GPT from a model directory: model.safetensors, Hugging Face style shards
-    (model.safetensors.index.json, quark.optimize.shard), or a quantized model (quant.json,
-    quark.optimize.quantize; its QuantLinear layers run the int8/int4 kernels)."""
+    (model.safetensors.index.json, quark.model.shard), or a quantized model (quant.json,
+    quark.model.quantized; its QuantLinear layers run the int8/int4 kernels)."""
     directory = Path(directory)
     config = load_config(directory)
     if (directory / "quant.json").exists():
-        from quark.optimize.quantize import load_quantized_model
         model = load_quantized_model(directory)
         return (model.to(dtype) if dtype is not None else model).to(device).eval()
     weights = directory / "model.safetensors"
     if not weights.exists() and (directory / "model.safetensors.index.json").exists():
-        from quark.optimize.shard import load_state
         weights, state = directory / "model.safetensors.index.json", load_state(directory)
     elif not weights.exists():
         raise FileNotFoundError(f"{directory} is not a model directory: model.safetensors is missing")

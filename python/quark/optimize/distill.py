@@ -35,9 +35,9 @@ from tqdm import tqdm
 
 from quark.config import ConfigError, from_dict
 from quark.data.loader import TokenLoader, eval_batches
+from quark.infer.measure import held_out, paired_delta
 from quark.io import atomic_write_json
 from quark.model import GPT, GPTConfig
-from quark.optimize.quantize import paired_delta
 
 
 @dataclass
@@ -177,20 +177,6 @@ class _TopkCache:
         return t["values"][j], t["ids"][j]
 
 
-def batch_losses(model, batches):
-    """Mean loss of each held-out batch (a list, same order as batches)."""
-    model.eval()
-    with torch.no_grad():
-        losses = [float(model(x, y)[1]) for x, y in batches]
-    model.train()
-    return losses
-
-
-def evaluate(model, batches):
-    losses = batch_losses(model, batches)
-    return sum(losses) / len(losses) if losses else float("nan")
-
-
 def _check_vocab(model, data, where):
     if data.vocab_size > model.config.vocab_size:
         raise ValueError(f"pack vocab_size {data.vocab_size} > vocab_size {model.config.vocab_size} of {where}: "
@@ -203,7 +189,7 @@ def pick_teacher(run_dir, choice, data, val):
 
     def held_out_loss(model, where):
         _check_vocab(model, data, where)
-        return evaluate(model, val)
+        return held_out(model, val).mean()
     return pick_model(run_dir, choice, held_out_loss)
 
 
@@ -268,19 +254,19 @@ def distill(run_dir, c: DistillConfig):
         if c.top_k:
             cache = _TopkCache(cache_teacher_topk(teacher, data, c, out / "teacher_topk", teacher_dir))
         student, s_stats = train_student(scfg, data, c, c.alpha, teacher=teacher, cache=cache)
-        s_losses = batch_losses(student, val)
+        s_val = held_out(student, val)
         results = {"teacher": {"dir": str(teacher_dir), "params": teacher.config.num_params(),
-                               "val_loss": evaluate(teacher, val)},
-                   "student": {**s_stats, "val_loss": sum(s_losses) / len(s_losses)}}
+                               "val_loss": held_out(teacher, val).mean()},
+                   "student": {**s_stats, "val_loss": s_val.mean()}}
         meta = {"distilled_from": str(teacher_dir), "temperature": c.temperature, "alpha": c.alpha,
                 "top_k": c.top_k, "steps": c.steps}
         save_model(student, out / "student", tokenizer_path=data.tokenizer, metadata=meta)
         if c.baseline:
             baseline, b_stats = train_student(scfg, data, c, 0.0, desc="baseline")
-            b_losses = batch_losses(baseline, val)
-            results["baseline"] = {**b_stats, "val_loss": sum(b_losses) / len(b_losses)}
+            b_val = held_out(baseline, val)
+            results["baseline"] = {**b_stats, "val_loss": b_val.mean()}
             results["student"]["vs_baseline"], results["student"]["vs_baseline_2se"] = \
-                (round(v, 3) for v in paired_delta(s_losses, b_losses))
+                (round(v, 3) for v in paired_delta(s_val.losses, b_val.losses))
             save_model(baseline, out / "baseline", tokenizer_path=data.tokenizer,
                        metadata={"steps": c.steps, "teacher": "none"})
     finally:

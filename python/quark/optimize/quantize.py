@@ -1,6 +1,7 @@
 """Post-training weight quantization of a whole model: swap nn.Linear for quark.nn.QuantLinear,
-report the size before and after, save and reload quantized model directories, and the pipeline
-step `quantize` (perplexity and decode speed of each scheme against the float model).
+report the size before and after, and the pipeline step `quantize` (perplexity and decode speed of
+each scheme against the float model). The quantized model directory format (save / load) is
+quark.model.quantized.
 
 Layers are quantized with round-to-nearest (quark.ops.quantize). Calibrated methods (AWQ, GPTQ)
 plug in through `quantize_model(..., quantizer=fn)`, where fn(name, linear) returns the
@@ -8,16 +9,9 @@ QuantizedTensor for that layer (for example after scaling or error-correcting it
 `quantize_calibrated(model, method, calib)` runs them on calibration token windows
 (`load_calibration`: a few hundred sequences of run_dir/pack/train.bin, never the held-out split).
 
-Quantized model directory: config.json (GPTConfig), quant.json {scheme, group_size, layers, method,
-calibration}, model.safetensors (float tensors + each layer's QuantizedTensor.state(prefix) with its
-metadata and CRC; the method and calibration settings in the file metadata too), tokenizer.json when
-the source had one.
 """
 import argparse
 import json
-import math
-import shutil
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,12 +20,15 @@ import torch
 import torch.nn as nn
 
 from quark.config import ConfigError, from_dict
-from quark.io import atomic_open, atomic_write_json, atomic_write_text
+from quark.infer.measure import decode_tokens_per_s, held_out, paired_delta, window_batches
+from quark.io import atomic_write_json, atomic_write_text
+from quark.model.quantized import MODEL_FORMAT, save_quantized_model, set_module
 from quark.nn import QuantLinear
-from quark.ops.quant import GROUP_SIZES, SCHEMES, QuantizedTensor, quantize, read_safetensors
+from quark.ops.quant import GROUP_SIZES, SCHEMES, quantize
+from quark.optimize.awq import awq_model
+from quark.optimize.calibration import is_skipped, load_calibration
+from quark.optimize.gptq import gptq_model
 
-MODEL_FORMAT = "quark.quantized_model/2"
-READ_MODEL_FORMATS = ("quark.quantized_model/1", MODEL_FORMAT)   # /1: fp32 int4 scales, refused per layer
 METHODS = ("rtn", "awq", "gptq")   # round-to-nearest; activation-aware scaling; second-order error compensation
 
 
@@ -65,11 +62,6 @@ def model_nbytes(model: nn.Module):
     return total
 
 
-def is_skipped(name, skip):
-    """Whether layer `name` is one of `skip`: a full name or a name suffix ("lm_head", "attn.wq")."""
-    return any(name == s or name.endswith("." + s) for s in skip)
-
-
 def _rtn(scheme, group_size):
     return lambda name, linear: quantize(linear.weight, scheme, group_size)
 
@@ -94,127 +86,13 @@ def quantize_model(model: nn.Module, scheme="int4", group_size=32, skip=("lm_hea
             report.skipped[name] = "skipped by request"
             continue
         qt = quantizer(name, linear)
-        _set_module(model, name, QuantLinear(qt, linear.bias))
+        set_module(model, name, QuantLinear(qt, linear.bias))
         report.layers.append(name)
     report.bytes_after = model_nbytes(model)
     return report
 
 
-def _set_module(model, name, module):
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
-def save_quantized_model(model, directory, report: QuantizeReport, tokenizer_path=None):
-    """Write a quantized GPT (after quantize_model) as a quantized model directory."""
-    from safetensors.torch import save
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    metadata = {"format": MODEL_FORMAT, "method": report.method, "calibration": json.dumps(report.calibration)}
-    quantized = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
-    for name, m in quantized.items():
-        t, meta = m.qweight.state(name + ".")
-        tensors.update(t)
-        metadata.update(meta)
-        if m.bias is not None:
-            tensors[name + ".bias"] = m.bias.detach().contiguous().cpu()
-    for key, value in model.state_dict().items():
-        owner = key.rpartition(".")[0]
-        if owner not in quantized:
-            tensors[key] = value.detach().contiguous().cpu()
-    if model.config.tie_embeddings and "lm_head" not in quantized:
-        tensors.pop("lm_head.weight", None)   # shares tok_emb.weight; safetensors refuses aliases
-    with atomic_open(directory / "model.safetensors") as f:
-        f.write(save(tensors, metadata=metadata))
-    atomic_write_text(directory / "config.json", model.config.to_json())
-    atomic_write_json(directory / "quant.json", {"scheme": report.scheme, "group_size": report.group_size,
-                                                  "layers": report.layers, "method": report.method,
-                                                  "calibration": report.calibration})
-    if tokenizer_path is not None and Path(tokenizer_path).exists():
-        shutil.copyfile(tokenizer_path, directory / "tokenizer.json")
-    return directory
-
-
-def load_quantized_model(directory):
-    """A GPT with QuantLinear layers from a quantized model directory; every layer is checked."""
-    from quark.model.gpt import GPT
-    from quark.model.io import load_config
-    directory = Path(directory)
-    config = load_config(directory)
-    spec_path = directory / "quant.json"
-    if not spec_path.exists():
-        raise FileNotFoundError(f"{directory} is not a quantized model directory: quant.json is missing")
-    try:
-        spec = json.loads(spec_path.read_text())
-        layers = list(spec["layers"])
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{spec_path} is malformed ({e}); expected {{scheme, group_size, layers}}") from None
-    weights = directory / "model.safetensors"
-    tensors, metadata = read_safetensors(weights)
-    if metadata.get("format") not in READ_MODEL_FORMATS:
-        raise ValueError(f"{weights}: not a Quark quantized model (format {metadata.get('format')!r})")
-    model = GPT(config)
-    for name in layers:
-        try:
-            model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"{spec_path}: layer {name!r} does not exist in this model") from None
-        qt = QuantizedTensor.from_state(tensors, metadata, prefix=name + ".", where=f"{weights} layer {name}")
-        _set_module(model, name, QuantLinear(qt, tensors.get(name + ".bias")))
-    rest = {k: v for k, v in tensors.items() if k.rpartition(".")[0] not in layers}
-    missing, unexpected = model.load_state_dict(rest, strict=False)
-    missing = [k for k in missing if k.rpartition(".")[0] not in layers
-               and not (config.tie_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise ValueError(f"{weights} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    return model.eval()
-
-
 # ---- calibrated int4 (AWQ, GPTQ) ------------------------------------------------------------------
-
-def load_calibration(source, n_sequences=128, seq_len=128, seed=0):
-    """(n_sequences, seq_len) int64 windows drawn at random from a packed token file.
-
-    source: a run directory (its pack/train.bin) or a .bin file with meta.json beside it (its
-    "dtype"). The training split, never val.bin: the held-out perplexity must not see calibration text.
-    """
-    source = Path(source)
-    path = source / "pack" / "train.bin" if source.is_dir() else source
-    meta_path = path.parent / "meta.json"
-    for p in (path, meta_path):
-        if not p.exists():
-            raise FileNotFoundError(f"calibration data: {p} is missing (run the pack step, or pass a packed .bin)")
-    try:
-        dtype = np.dtype(json.loads(meta_path.read_text())["dtype"])
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{meta_path}: needs a valid 'dtype' key ({e})") from None
-    tokens = np.memmap(path, dtype=dtype, mode="r")
-    if len(tokens) < seq_len + 1:
-        raise ValueError(f"{path} holds {len(tokens)} tokens; calibration needs at least seq_len={seq_len}")
-    rng = np.random.default_rng(seed)
-    starts = rng.integers(0, len(tokens) - seq_len, size=n_sequences)
-    return torch.from_numpy(np.stack([np.asarray(tokens[s:s + seq_len], dtype=np.int64) for s in starts]))
-
-
-@torch.no_grad()
-def block_inputs(model, tokens, batch_size=16):
-    """Calibration hidden states entering the first block: (x (n, T, d), cos, sin)."""
-    T = tokens.shape[1]
-    if T > model.config.max_seq_len:
-        raise ValueError(f"calibration seq_len {T} exceeds the model's max_seq_len {model.config.max_seq_len}")
-    if int(tokens.max()) >= model.config.vocab_size:
-        raise ValueError(f"calibration token id {int(tokens.max())} >= vocab_size {model.config.vocab_size}: "
-                         "the calibration data was packed with another tokenizer")
-    x = torch.cat([model.tok_emb(tokens[i:i + batch_size]) for i in range(0, len(tokens), batch_size)])
-    return x.float(), model.rope_cos[:T], model.rope_sin[:T]
-
-
-@torch.no_grad()
-def run_block(block, x, cos, sin, batch_size=16):
-    """One transformer block over all calibration sequences, batch_size sequences at a time."""
-    return torch.cat([block(x[i:i + batch_size], cos, sin) for i in range(0, len(x), batch_size)])
-
 
 def quantize_calibrated(model, method, calib, group_size=128, skip=("lm_head",), calib_info=None, act_order=True,
                         damp=0.01):
@@ -229,10 +107,8 @@ def quantize_calibrated(model, method, calib, group_size=128, skip=("lm_head",),
     quantizer = None
     info = {}
     if method == "awq":
-        from quark.optimize.awq import awq_model
         info = awq_model(model, calib, group_size, skip=skip)
     elif method == "gptq":
-        from quark.optimize.gptq import gptq_model
         qts = gptq_model(model, calib, group_size, damp, act_order, skip=skip)
         info = {"act_order": act_order, "damp": damp}
 
@@ -246,7 +122,7 @@ def quantize_calibrated(model, method, calib, group_size=128, skip=("lm_head",),
     return report
 
 
-# ---- evaluation used by the pipeline step ---------------------------------------------------------
+# ---- held-out tokens the step scores ---------------------------------------------------------------
 
 def load_val_tokens(run_dir):
     """run_dir/pack/val.bin as a flat int64 tensor, dtype from pack/meta.json["dtype"]."""
@@ -263,73 +139,6 @@ def load_val_tokens(run_dir):
     if len(tokens) < 2:
         raise ValueError(f"{val_path} holds {len(tokens)} tokens; need at least 2 to evaluate")
     return torch.from_numpy(tokens.astype(np.int64))
-
-
-def _windows(model, tokens, max_tokens):
-    """Consecutive windows of max_seq_len + 1 tokens covering ~max_tokens targets: (n, T + 1)."""
-    T = min(model.config.max_seq_len, len(tokens) - 1)
-    n = max(1, min(math.ceil(max_tokens / T), (len(tokens) - 1) // T))
-    windows = torch.stack([tokens[i * T: i * T + T + 1] for i in range(n)])
-    if int(windows.max()) >= model.config.vocab_size:
-        raise ValueError(f"token id {int(windows.max())} >= vocab_size {model.config.vocab_size}: "
-                         "val.bin was packed with another tokenizer")
-    return windows
-
-
-@torch.no_grad()
-def window_losses(model, tokens, max_tokens=512, reference=None, batch_size=16):
-    """Per-window mean next-token loss (n,) over the held-out windows, and per-window mean
-    KL(reference || model) (n,) when a reference model is given (else None).
-
-    Kept per window so that two variants can be compared on the same windows (paired_delta): their
-    difference is far less noisy than either perplexity. KL measures how far quantization moved the
-    output distribution, far more sensitive than the perplexity difference.
-    """
-    windows = _windows(model, tokens, max_tokens)
-    losses, kls = [], []
-    for w in windows.split(batch_size):
-        x, y = w[:, :-1], w[:, 1:]
-        log_q = torch.log_softmax(model(x)[0].float(), -1)                                # (b, T, V)
-        losses.append(-log_q.gather(-1, y[..., None])[..., 0].double().mean(1))
-        if reference is not None:
-            log_p = torch.log_softmax(reference(x)[0].float(), -1)
-            kls.append((log_p.exp() * (log_p - log_q)).sum(-1).double().mean(1))
-    return torch.cat(losses), (torch.cat(kls) if reference is not None else None)
-
-
-def paired_delta(losses, baseline):
-    """Perplexity change of `losses` against `baseline` on the same windows, in percent, with its noise:
-    (delta %, 2 standard errors %). exp(mean(l - l_base)) - 1; the standard error is that of the mean
-    per-window difference (windows ~ independent samples), so +-2 SE is a ~95% interval."""
-    d = torch.as_tensor(losses, dtype=torch.float64) - torch.as_tensor(baseline, dtype=torch.float64)
-    mean = float(d.mean())
-    se = float(d.std() / math.sqrt(len(d))) if len(d) > 1 else float("nan")
-    return 100 * math.expm1(mean), 100 * 2 * se * math.exp(mean)
-
-
-@torch.no_grad()
-def decode_tokens_per_s(model, prompt, new_tokens=32, repeats=3):
-    """Greedy decode speed at batch 1 through the serving engine's runner (what `quark serve` runs:
-    every Linear is a GEMV); median of repeats, each rewound to the same 8-token prompt."""
-    from quark.serve.engine import Runner
-    prompt = prompt[:8].tolist()
-    new_tokens = max(1, min(new_tokens, model.config.max_seq_len - len(prompt) - 1))
-    runner = Runner(model, 1, max_seq_len=len(prompt) + new_tokens + 1)
-    first = runner.extend(0, prompt)
-
-    def generate(n):
-        runner.lens[0] = len(prompt)
-        token = int(first.argmax())
-        for _ in range(n):
-            token = int(runner.decode([token])[0].argmax())
-
-    generate(2)                                                                    # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        generate(new_tokens)
-        times.append(time.perf_counter() - t0)
-    return new_tokens / sorted(times)[len(times) // 2]
 
 
 # ---- pipeline step --------------------------------------------------------------------------------
@@ -400,18 +209,17 @@ def format_table(stats):
     return "\n".join(rows) + "\n"
 
 
-def _evaluate(model, tokens, c, reference=None, losses=None):
-    """Perplexity, decode speed and size of model (and its KL to reference); losses: the model's
-    window losses when already measured (no reference then)."""
-    kls = None
-    if losses is None:
-        losses, kls = window_losses(model, tokens, c.eval_tokens, reference)
-    out = {"perplexity": round(math.exp(float(losses.mean())), 4),
-           "eval_tokens": int(losses.numel()) * min(model.config.max_seq_len, len(tokens) - 1),
+def _evaluate(model, tokens, c, reference=None, scored=None):
+    """Perplexity, decode speed and size of model (and its KL to reference); scored: the model's
+    held-out result when already measured (no reference then)."""
+    if scored is None:
+        batches = window_batches(tokens, model.config.max_seq_len, c.eval_tokens, vocab_size=model.config.vocab_size)
+        scored = held_out(model, batches, reference)
+    out = {"perplexity": round(scored.perplexity(), 4), "eval_tokens": int(scored.tokens.sum()),
            "decode_tokens_per_s": round(decode_tokens_per_s(model, tokens, c.decode_tokens, c.decode_repeats), 2),
-           "bytes": model_nbytes(model), "window_losses": [round(float(v), 6) for v in losses]}
-    if kls is not None:
-        out["kl_to_float"] = round(float(kls.mean()), 6)
+           "bytes": model_nbytes(model), "window_losses": [round(float(v), 6) for v in scored.losses]}
+    if scored.kl is not None:
+        out["kl_to_float"] = round(scored.mean_kl(), 6)
     return out
 
 
@@ -426,7 +234,8 @@ def run_step(run_dir, cfg):
     heldout = {}   # "best" measures every candidate's window losses: the float baseline reuses its own
 
     def held_out_loss(model, where):
-        heldout[str(where)] = window_losses(model, tokens, c.eval_tokens)[0]
+        batches = window_batches(tokens, model.config.max_seq_len, c.eval_tokens, vocab_size=model.config.vocab_size)
+        heldout[str(where)] = held_out(model, batches)
         return heldout[str(where)].mean()
     src, candidates = pick_model(run_dir, c.model, held_out_loss)
     source = {"model_dir": str(src), "mtime": (src / "model.safetensors").stat().st_mtime,
@@ -436,7 +245,7 @@ def run_step(run_dir, cfg):
     base_path = out / "float.json"
     base = json.loads(base_path.read_text()) if base_path.exists() else {}
     if base.get("source") != source:   # resume: the float baseline is measured once per source model
-        base = {"source": source, **_evaluate(load_model(src), tokens, c, losses=heldout.get(str(src)))}
+        base = {"source": source, **_evaluate(load_model(src), tokens, c, scored=heldout.get(str(src)))}
         atomic_write_json(base_path, base)
     stats["float"] = {k: v for k, v in base.items() if k not in ("source", "window_losses")}
     calib, reference, done = None, None, {}

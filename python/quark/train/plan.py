@@ -12,7 +12,6 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, replace
-from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -20,35 +19,10 @@ import torch
 from quark.config import ConfigError, from_dict
 from quark.io import atomic_write_json, atomic_write_text
 from quark.model import GPT, GPTConfig, preset
+from quark.train.precision import resolve_precision
 
 TOKENS_PER_PARAM = 20          # Chinchilla-optimal tokens per parameter
 BYTES = {"float32": 4, "bfloat16": 2}
-
-
-@lru_cache(maxsize=None)
-def _peak_flops(device_type, dtype, threads):
-    """Best of repeated square matmuls at two sizes: the practical FLOP/s ceiling of this device and
-    dtype. Best, not median: the machine is shared, and a ceiling should not include the noise."""
-    sizes = (512, 1024) if device_type == "cpu" else (4096, 8192)
-    best = 0.0
-    for n in sizes:
-        a = torch.randn(n, n, device=device_type, dtype=dtype)
-        b = torch.randn(n, n, device=device_type, dtype=dtype)
-        for i in range(8):
-            if device_type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            a @ b
-            if device_type == "cuda":
-                torch.cuda.synchronize()
-            if i >= 2:   # the first calls pay for page faults and kernel selection
-                best = max(best, 2 * n ** 3 / (time.perf_counter() - t0))
-    return best
-
-
-def measure_peak_flops(device=torch.device("cpu"), dtype=torch.float32):
-    """Measured matmul FLOP/s for this process (its thread count): the denominator of our MFU."""
-    return _peak_flops(torch.device(device).type, dtype, torch.get_num_threads())
 
 
 def memory_estimate(cfg: GPTConfig, batch_size, seq_len, precision="float32"):
@@ -179,7 +153,6 @@ def validate_config(cfg):
 
 def make_plan(c: PlanConfig, vocab_size, tokens, log=print):
     """-> plan dict (JSON-able) with the chosen model config, estimates and runner-up candidates."""
-    from quark.train.trainer import resolve_precision
     c = replace(c, precision=resolve_precision(c.precision, torch.device("cuda" if torch.cuda.is_available() else "cpu")))
     probe_flops = None
     if c.time_budget_s:   # throughput of a mid-sized reference model stands in for every candidate

@@ -26,11 +26,14 @@ from tqdm import tqdm
 
 from quark.config import ConfigError, from_dict
 from quark.data.loader import TokenLoader, eval_batches
+from quark.infer.measure import held_out
 from quark.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from quark.model import GPT, GPTConfig, preset
 from quark.model.io import save_model
 from quark.train import checkpoint as ckpt
 from quark.train import distributed as qdist
+from quark.train.hpo import rungs_needed, search, write_results
+from quark.train.precision import measure_peak_flops, resolve_precision
 
 
 @dataclass
@@ -125,18 +128,6 @@ def model_config(cfg: PretrainConfig, vocab_size, run_dir=None) -> GPTConfig:
     return GPTConfig(**fields)
 
 
-def resolve_precision(precision, device):
-    """auto -> bfloat16 where bf16 matmuls are native (AVX512-BF16 or AMX CPUs, Ampere+ GPUs: 1.5-2x
-    faster steps here), float32 elsewhere (emulated bf16 would be slower than fp32)."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-    import quark
-    features = quark.info()["cpu_features"]
-    return "bfloat16" if features.get("avx512_bf16") or features.get("amx_bf16") else "float32"
-
-
 def lr_at(step, cfg: PretrainConfig):
     """Linear warmup to lr over warmup_steps, then cosine decay to min_lr at max_steps."""
     if step < cfg.warmup_steps:
@@ -186,17 +177,6 @@ def plot_losses(metrics_path, png_path):
     fig.savefig(buf, format="png", bbox_inches="tight")
     plt.close(fig)
     atomic_write_bytes(png_path, buf.getvalue())
-
-
-@torch.no_grad()
-def evaluate(model, batches, autocast, env):
-    model.eval()
-    losses = []
-    for x, y in batches:
-        with autocast():
-            losses.append(float(model(x.to(env.device), y.to(env.device))[1]))
-    model.train()
-    return env.mean(sum(losses) / len(losses)) if losses else None
 
 
 def train(cfg: PretrainConfig, data: DataSpec, out_dir, run_dir=None, until_step=None, log=None):
@@ -250,7 +230,7 @@ def _train(cfg, data, out_dir, run_dir, until_step, log):
 
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * env.world_size
     flops_per_token = mcfg.flops_per_token(cfg.seq_len)
-    peak = (cfg.peak_tflops * 1e12 if cfg.peak_tflops else _peak_flops(env, use_bf16)) * env.world_size
+    peak = (cfg.peak_tflops * 1e12 if cfg.peak_tflops else measure_peak_flops(env.device, torch.bfloat16 if use_bf16 else torch.float32)) * env.world_size
     stop = min(cfg.max_steps, until_step or cfg.max_steps)
 
     def save(step):
@@ -302,7 +282,7 @@ def _train(cfg, data, out_dir, run_dir, until_step, log):
                     metrics.flush()
                 bar.set_postfix(loss=f"{loss_avg:.3f}", tok_s=f"{tps:,.0f}")
             if done % cfg.eval_interval == 0 or done == stop:
-                last["val_loss"] = evaluate(runner, val, autocast, env)
+                last["val_loss"] = env.mean(held_out(runner, val, autocast=autocast).mean()) if val else None
                 if metrics and last["val_loss"] is not None:
                     metrics.write(json.dumps({"step": done, "val_loss": last["val_loss"]}) + "\n")
                     metrics.flush()
@@ -342,11 +322,6 @@ def _clip(model, max_norm):
     return float(norm)
 
 
-def _peak_flops(env, use_bf16):
-    from quark.train.plan import measure_peak_flops
-    return measure_peak_flops(env.device, torch.bfloat16 if use_bf16 else torch.float32)
-
-
 def _spawned(cfg_dict, data_dict, out_dir, run_dir, until_step):
     train(PretrainConfig(**cfg_dict), DataSpec(**data_dict), out_dir, run_dir=run_dir, until_step=until_step)
 
@@ -367,6 +342,40 @@ def pretrain(run_dir, cfg: PretrainConfig, until_step=None):
 
 def run_step(run_dir, cfg):
     return pretrain(Path(run_dir), validate_config(cfg))
+
+
+# ---- hyperparameter search over pretraining runs (`quark pretrain --hpo N`) ----------------------
+
+def pretrain_space(max_steps):
+    """Default space for pretraining trials: the settings that matter most at small scale."""
+    return {"lr": {"low": 1e-3, "high": 1e-2, "log": True}, "weight_decay": [0.0, 0.1],
+            "warmup_steps": {"low": 0, "high": max(0, max_steps // 5), "int": True}}
+
+
+def tune_pretrain(run_dir, base_cfg: dict, space=None, n_trials=6, min_steps=20, max_steps=None, eta=2, seed=0,
+                  log=print):
+    """Search pretraining settings on run_dir's packed data. Every trial trains in
+    run_dir/hpo/trial_K/ with its schedule fixed to max_steps and stops at each rung's budget; a
+    promoted trial resumes from its checkpoint. Objective: validation loss at the budget.
+    Writes run_dir/hpo/{results.jsonl,results.md,best.json}; best.json["config"] is base_cfg with
+    the winning values, ready for the pretrain step."""
+    run_dir = Path(run_dir)
+    data = data_spec(run_dir)
+    max_steps = max_steps or min_steps * eta ** rungs_needed(n_trials, eta)
+    space = space or pretrain_space(max_steps)
+
+    def objective(params, budget, trial):
+        cfg = validate_config({**base_cfg, **params, "max_steps": max_steps,
+                               "eval_interval": max_steps, "ckpt_interval": max_steps})
+        stats = train(cfg, data, run_dir / "hpo" / f"trial_{trial}", run_dir=run_dir, until_step=budget,
+                      log=lambda msg: None)
+        return stats["val_loss"]
+
+    result = search(objective, space, n_trials, min_steps, max_steps, eta, seed, log)
+    write_results(result, run_dir / "hpo")
+    best = json.loads((run_dir / "hpo" / "best.json").read_text())
+    atomic_write_json(run_dir / "hpo" / "best.json", {**best, "config": {**base_cfg, **result.best_params}})
+    return result
 
 
 def configure_parser(parser):
@@ -406,7 +415,6 @@ def run_cli(args):
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.hpo:
-        from quark.train.hpo import tune_pretrain
         base = {k: v for k, v in cfg.items() if k != "max_steps"}
         result = tune_pretrain(Path(args.run_dir), base, n_trials=args.hpo, max_steps=config.max_steps,
                                min_steps=max(1, config.max_steps // 2 ** int(math.log2(args.hpo))), eta=2)

@@ -16,6 +16,7 @@ import torch
 
 from quark.chat import special_ids
 from quark.config import ConfigError
+from quark.infer.measure import held_out
 from quark.io import atomic_write_json, read_jsonl
 from quark.model.io import load_model, save_model
 from quark.tune import common
@@ -73,15 +74,13 @@ def split_stream(tokens, val_fraction, seq_len):
     return tokens[:-n_val], tokens[-n_val:]
 
 
-@torch.no_grad()
 def stream_loss(model, tokens, seq_len, n_windows=16):
     """Mean next-token loss over evenly spaced windows of a held-out stream."""
-    model.eval()
     last = len(tokens) - seq_len - 1
     starts = torch.linspace(0, max(0, last), min(n_windows, last + 1)).long().tolist()
     x = torch.stack([tokens[i: i + seq_len] for i in starts])
     y = torch.stack([tokens[i + 1: i + 1 + seq_len] for i in starts])
-    return float(model(x, y)[1])
+    return held_out(model, [(x, y)]).mean()
 
 
 def adapt(model, domain, general, s: DomainConfig, seq_len, seed=0, ckpt_dir=None):

@@ -27,6 +27,7 @@ import torch
 from quark.chat import encode_chat, special_ids
 from quark.config import ConfigError
 from quark.io import atomic_open, atomic_write_json, read_jsonl
+from quark.safety_data import REFUSAL, harmful_requests
 from quark.tune import common
 
 SYSTEM = "You are Quark, a concise assistant for Python and its documentation."
@@ -130,8 +131,6 @@ def doc_pairs(text, title, rng, max_chars=600):
 
 
 def safety_pairs(n, rng):
-    from quark.align.redteam import harmful_requests
-    from quark.align.safety import REFUSAL
     reqs = harmful_requests("train")
     return [chat(r["prompt"], REFUSAL) for r in rng.sample(reqs, min(n, len(reqs)))]
 

@@ -16,8 +16,9 @@ from typing import Literal
 
 import torch
 
-from quark.chat import encode_chat, special_ids, validate_messages
+from quark.chat import check_chat_record, encode_chat, special_ids
 from quark.config import ConfigError
+from quark.infer.measure import held_out
 from quark.io import atomic_write_json, read_jsonl
 from quark.model.io import load_model, save_model
 from quark.model.lora import LoRAConfig, apply_lora, save_adapter, strip_lora
@@ -65,20 +66,6 @@ class SFTConfig:
 
 def validate_config(cfg):
     common.settings(SFTConfig, cfg, "sft")
-
-
-def check_chat_record(rec, where):
-    """Raise ValueError naming `where` (path:line) unless rec is a well-formed chat record."""
-    if not isinstance(rec, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-    if "messages" not in rec:
-        raise ValueError(f"{where}: missing field 'messages'")
-    try:
-        validate_messages(rec["messages"], where="messages")
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
-    if not any(m["role"] == "assistant" for m in rec["messages"]):
-        raise ValueError(f"{where}: no assistant message, so nothing to learn")
 
 
 def load_chat_jsonl(path, tokenizer, max_len, overlong="error", limit=0):
@@ -144,19 +131,11 @@ def trim(X, Y):
     return X[:, :width], Y[:, :width]
 
 
-@torch.no_grad()
 def evaluate_loss(model, X, Y, batch_size=16):
-    """Mean cross-entropy over the learned (assistant) tokens of all rows."""
-    model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(X), batch_size):
-        x, y = trim(X[i:i + batch_size], Y[i:i + batch_size])
-        n = int((y != IGNORE).sum())
-        if n:
-            _, loss = model(x, y, ignore_index=IGNORE)
-            total += float(loss) * n
-            count += n
-    return total / max(count, 1)
+    """Mean cross-entropy over the learned (assistant) tokens of all rows (0 when there are none)."""
+    batches = [trim(X[i:i + batch_size], Y[i:i + batch_size]) for i in range(0, len(X), batch_size)]
+    scored = held_out(model, batches, ignore_index=IGNORE)
+    return scored.mean() if int(scored.tokens.sum()) else 0.0
 
 
 def finetune(model, X, Y, cfg: SFTConfig, seed=0, ckpt_dir=None, desc="sft"):

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from quark.config import ConfigError
-from quark.improve.automl import apply_params, automl
+from quark.automl import apply_params, automl
 from quark.pipeline import load_recipe, run
 from tests._train_util import make_run_dir
 
