@@ -10,13 +10,13 @@
 // detected_isa() is scalar.
 #pragma once
 #include <string>
+#include <vector>
 
 #if defined(__x86_64__)
 #define QUARK_X86 1
 #else
 #define QUARK_X86 0
 #endif
-#include <vector>
 
 namespace quark {
 
