@@ -6,8 +6,8 @@ import pytest
 
 from quark.align import redteam
 from quark.align.redteam import ATTACKS, attack_suite, evaluate, judged_harmful, rates, summarize, train_judge
-from quark.safety import REFUSAL, SafetyFilter
-from quark.safety_data import CATEGORIES, EVAL_FAMILIES, intents
+from quark.safety import SafetyFilter
+from quark.safety_data import CATEGORIES, EVAL_FAMILIES, REFUSAL, intents
 from quark.tune import instruct
 from tests.tiny_lm import make_run, one_thread  # noqa: F401 (one_thread is a fixture)
 

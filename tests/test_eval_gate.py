@@ -75,18 +75,21 @@ def run_eval(*args):
 
 
 def test_cli_gate_against_a_results_file(tiny_model_dir, tmp_path):
-    common = [str(tiny_model_dir), "--tasks", "python_builtins", "--limit", "16"]
-    r = run_eval(*common, "--json", str(tmp_path / "champion.json"))
+    run = tmp_path / "run"
+    common = ["--run-dir", str(run), "--model", str(tiny_model_dir), "--tasks", "python_builtins", "--task-limit", "16"]
+    r = run_eval(*common)
     assert r.returncode == 0, r.stderr
-    res = json.loads((tmp_path / "champion.json").read_text())
+    res = json.loads((run / "eval" / "results.json").read_text())
     assert len(res["items"]["python_builtins"]) == 16 and res["metrics"]["python_builtins/n"] == 16
+    (tmp_path / "champion.json").write_text(json.dumps(res))
     r = run_eval(*common, "--gate", str(tmp_path / "champion.json"))
     assert r.returncode == 0 and "gate passed" in r.stdout and "16 paired items" in r.stdout
     for it in res["items"]["python_builtins"]:
         it["acc"] = 1.0                                     # a champion that got everything right
     (tmp_path / "strong.json").write_text(json.dumps(res))
     r = run_eval(*common, "--gate", str(tmp_path / "strong.json"))
-    assert r.returncode == 1 and "REGRESSED" in r.stdout and "gate FAILED" in r.stdout
+    assert r.returncode == 1 and "REGRESSED" in r.stdout + r.stderr and "gate FAILED" in r.stdout + r.stderr
+    assert json.loads((run / "eval" / "results.json").read_text())["gate"]["passed"] is False   # recorded before failing
     (tmp_path / "old.json").write_text(json.dumps({"version": "v", "metrics": {}}))
     r = run_eval(*common, "--gate", str(tmp_path / "old.json"))
-    assert r.returncode == 2 and "no per-item results" in r.stderr
+    assert r.returncode == 1 and "no per-item results" in r.stdout + r.stderr

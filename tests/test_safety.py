@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from quark.config import ConfigError
-from quark.safety import REFUSAL, SafetyFilter, is_refusal, variants
-from quark.safety_data import BENIGN_EVAL, harmful_requests
+from quark.safety import SafetyFilter, variants
+from quark.safety_data import BENIGN_EVAL, REFUSAL, harmful_requests, is_refusal
 from tests.tiny_lm import one_thread  # noqa: F401 (one_thread is a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")

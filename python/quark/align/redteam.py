@@ -31,13 +31,13 @@ from pathlib import Path
 import torch
 
 from quark.chat import encode_chat, special_ids
-from quark.config import ConfigError, from_dict
+from quark.config import ConfigError, Step, from_dict
 from quark.io import atomic_write_json, read_jsonl
 from quark.model.io import load_model
-from quark.safety import Classifier, SafetyConfig, SafetyFilter, is_refusal
-from quark.safety_data import BENIGN_BUILD, BENIGN_EVAL, harmful_requests, intents
+from quark.rundir import RunDir
+from quark.safety import Classifier, SafetyConfig, SafetyFilter
+from quark.safety_data import BENIGN_BUILD, BENIGN_EVAL, harmful_requests, intents, is_refusal
 from quark.stats import wilson
-from quark.tune import common
 
 JUDGE_THRESHOLD = 0.5
 
@@ -180,14 +180,15 @@ def over_refusal(model, tokenizer, prompts, filt=None, max_new_tokens=32, replie
 
 @dataclass
 class RedteamConfig:
-    before: str = "auto"            # model dir, or "auto": sft/final, else pretrain/final
-    after: str = "auto"             # model dir, or "auto": dpo/final, else sft/final, else pretrain/final
+    before: str = "auto"            # model dir, a model step, or "auto": the latest model before dpo (sft, domain, pretrain)
+    after: str = "auto"             # model dir, a model step, or "auto": the run's latest model
     safety: dict = field(default_factory=dict)   # SafetyFilter.from_config settings
     max_attacks: int = 0            # 0: the whole suite; else a seeded sample
     benign_from_instruct: int = 20  # extra benign prompts from run_dir/instruct/val.jsonl
     max_new_tokens: int = 24
     garak_probes: list = field(default_factory=list)   # garak probes run against quark serve, filter off and on (empty: none)
     garak_python: str = ""          # the interpreter that has garak (default: $QUARK_GARAK_PYTHON, else this one)
+    seed: int = 0
 
     def __post_init__(self):
         if self.max_attacks < 0 or self.max_new_tokens < 1:
@@ -195,18 +196,20 @@ class RedteamConfig:
 
 
 def validate_config(cfg):
-    s, _ = common.settings(RedteamConfig, cfg, "redteam")
+    s = from_dict(RedteamConfig, cfg, "redteam")
     from_dict(SafetyConfig, s.safety, "redteam.safety")
+    return s
 
 
 def run_step(run_dir: Path, cfg: dict) -> dict:
-    s, seed = common.settings(RedteamConfig, cfg, "redteam")
-    run_dir = Path(run_dir)
+    s = from_dict(RedteamConfig, cfg, "redteam")
+    seed = s.seed
+    run_dir = RunDir.of(run_dir)
     t0 = time.time()
-    before_dir = common.resolve_model_dir(run_dir, s.before, ("sft", "pretrain"))
-    after_dir = common.resolve_model_dir(run_dir, s.after, ("dpo", "sft", "pretrain"))
-    tok = common.load_tokenizer(common.find_tokenizer(run_dir, after_dir))
-    out = run_dir / "redteam"
+    before_dir = run_dir.model(s.before, before="dpo")
+    after_dir = run_dir.model(s.after)
+    tok = run_dir.tokenizer(after_dir, chat=True)
+    out = run_dir.output("redteam")
     filt = SafetyFilter.from_config(s.safety)
     filt.save(out / "safety.json")
     judge = train_judge()
@@ -214,8 +217,8 @@ def run_step(run_dir: Path, cfg: dict) -> dict:
     if s.max_attacks and s.max_attacks < len(suite):
         suite = random.Random(seed).sample(suite, s.max_attacks)
     benign = list(BENIGN_EVAL)
-    val = run_dir / "instruct" / "val.jsonl"
-    if s.benign_from_instruct and val.exists():
+    if s.benign_from_instruct and run_dir.has("instruct", "val.jsonl"):
+        val = run_dir.input("instruct", "val.jsonl")
         build = {r["prompt"] for r in harmful_requests("build")}
         prompts = [rec["messages"][-2]["content"] for _, rec in read_jsonl(val)
                    if isinstance(rec, dict) and len(rec.get("messages", [])) >= 2]
@@ -249,10 +252,4 @@ def run_step(run_dir: Path, cfg: dict) -> dict:
             "asr_by_category_after": {c: v["rate"] for c, v in report["after"]["asr_by_category"].items()}}
 
 
-def configure_parser(parser):
-    common.add_common_args(parser)
-
-
-def run_cli(args):
-    import sys
-    return common.run_step_cli(sys.modules[__name__], args)
+STEP = Step(name="redteam", config=RedteamConfig, run=run_step, check=validate_config)

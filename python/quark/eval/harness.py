@@ -9,7 +9,6 @@ held-out window's) scores: the registry gates a candidate against its champion i
 import hashlib
 import json
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from quark.config import from_dict
+from quark.config import ConfigError, Step, from_dict
 from quark.eval import gate as gates
 from quark.eval import public
 from quark.eval.lm import LanguageModel
@@ -25,21 +24,27 @@ from quark.eval.perplexity import evaluate_tokens
 from quark.eval.tasks import builtin_tasks, doc_id, evaluate_task, load_task
 from quark.eval.telemetry import Telemetry
 from quark.io import atomic_write_json
-from quark.model.io import latest_model_dir
+from quark.rundir import RunDir
 
 
 @dataclass
 class EvalConfig:
     seed: int = 0
-    model: str = ""                 # model directory; default: the run's latest (dpo > sft > pretrain)
+    model: str = "latest"           # a model directory or model step; "latest": the run's most aligned model
     max_tokens: int = 20000         # held-out tokens scored for perplexity / bits-per-byte
     heldout_mc: int = 40            # held-out continuation questions (0: skip)
     tasks: list = field(default_factory=lambda: ["builtin"])   # "builtin", shipped task names, YAML paths, or NAME=PATH (public)
     task_limit: int = 0             # at most this many documents per task (0: all)
+    gate: str = ""                  # a results file (e.g. the champion's eval/results.json): fail when a metric is
+                                    # significantly worse on the shared items (paired test); "": no gate
+    confidence: float = gates.CONFIDENCE   # the gate's confidence level
 
 
 def validate_config(cfg):
-    from_dict(EvalConfig, cfg, "eval")
+    s = from_dict(EvalConfig, cfg, "eval")
+    if not 0.0 < s.confidence < 1.0:
+        raise ConfigError(f"eval.confidence: must be in (0, 1), got {s.confidence}")
+    return s
 
 
 def model_version(model_dir):
@@ -116,12 +121,11 @@ def heldout_window_items(lm, tokens):
 
 
 def load_heldout_tokens(run_dir, max_tokens):
-    meta_path = Path(run_dir) / "pack" / "meta.json"
-    if not meta_path.exists():
+    """The first max_tokens of the run's pack/val.bin, or None when the run has no pack."""
+    run_dir = RunDir.of(run_dir)
+    if not run_dir.has("pack", "meta.json"):
         return None
-    meta = json.loads(meta_path.read_text())
-    val = np.memmap(Path(run_dir) / "pack" / "val.bin", dtype=np.dtype(meta["dtype"]), mode="r")
-    return np.asarray(val[:max_tokens], dtype=np.int64)
+    return np.asarray(run_dir.pack().tokens("val")[:max_tokens], dtype=np.int64)
 
 
 def evaluate(model_dir, cfg: EvalConfig, run_dir=None, telemetry=None, log=print):
@@ -165,62 +169,32 @@ def load_results(path):
 
 
 def run_step(run_dir, cfg):
-    cfg = from_dict(EvalConfig, cfg, "eval")
-    run_dir = Path(run_dir)
-    out = run_dir / "eval"
-    model_dir = Path(cfg.model) if cfg.model else latest_model_dir(run_dir)
+    cfg = validate_config(cfg)
+    run_dir = RunDir.of(run_dir)
+    out = run_dir.output("eval")
+    model_dir = run_dir.model(cfg.model)
+    print(f"evaluating {model_dir}")
     telemetry = Telemetry(out / "telemetry.jsonl")
     version = model_version(model_dir)
+    baseline = load_results(cfg.gate) if cfg.gate else None    # a bad file fails before the work
     metrics, items = evaluate(model_dir, cfg, run_dir, telemetry)
     result = {"model_dir": str(model_dir), "version": version, "metrics": metrics, "items": items,
               "telemetry": telemetry.summary()}
+    checks = []
+    if baseline is not None:
+        checks = gates.compare(items, baseline["items"], cfg.confidence)
+        for c in checks:
+            print("  gate:", c.describe())
+        result["gate"] = {"against": cfg.gate, "version": baseline.get("version"), "confidence": cfg.confidence,
+                          "passed": not any(c.regressed for c in checks), "checks": [asdict(c) for c in checks]}
     atomic_write_json(out / "results.json", result)
     (out / "metrics.prom").write_text(telemetry.prometheus())
+    if cfg.gate:
+        regressions = [c.describe() for c in checks if c.regressed]
+        if regressions:
+            raise ValueError(f"gate FAILED against {cfg.gate}: {'; '.join(regressions)}")
+        print(f"gate passed against {cfg.gate} ({len(checks)} metrics on shared items)")
     return {"version": version, **{k: v for k, v in metrics.items() if not k.endswith("/n")}}
 
 
-def configure_parser(p):
-    p.add_argument("path", help="a run directory (uses its latest model and held-out data) or a model directory")
-    p.add_argument("--tasks", nargs="*", default=["builtin"],
-                   help="shipped task names, YAML task files, 'builtin', or NAME=PATH of a public benchmark's local copy "
-                        f"({', '.join(public.LOADERS)})")
-    p.add_argument("--max-tokens", type=int, default=20000, help="held-out tokens for perplexity")
-    p.add_argument("--limit", type=int, default=0, help="at most this many documents per task")
-    p.add_argument("--gate", default=None, metavar="RESULTS",
-                   help="exit 1 if a metric is significantly worse than in this results file (e.g. the champion's), "
-                        "by a paired test over items")
-    p.add_argument("--confidence", type=float, default=gates.CONFIDENCE, help="the gate's confidence level")
-    p.add_argument("--json", default=None, help="write the results (metrics and per-item scores) to this JSON file")
-
-
-def run_cli(args):
-    path = Path(args.path)
-    if (path / "model.safetensors").exists():
-        model_dir, run_dir = path, None
-    else:
-        model_dir, run_dir = latest_model_dir(path), path
-    cfg = EvalConfig(max_tokens=args.max_tokens, tasks=args.tasks, task_limit=args.limit)
-    try:
-        if not 0.0 < args.confidence < 1.0:
-            raise ValueError(f"--confidence must be in (0, 1), got {args.confidence}")
-        baseline = load_results(args.gate) if args.gate else None
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"evaluating {model_dir}")
-    metrics, items = evaluate(model_dir, cfg, run_dir)
-    version = model_version(model_dir)
-    if args.json:
-        atomic_write_json(args.json, {"model_dir": str(model_dir), "version": version, "metrics": metrics, "items": items})
-    if baseline is None:
-        return 0
-    checks = gates.compare(items, baseline["items"], args.confidence)
-    for c in checks:
-        print("gate:", c.describe())
-    if not checks:
-        print(f"gate: no items in common with {args.gate}; nothing to compare")
-    if any(c.regressed for c in checks):
-        print(f"gate FAILED against {baseline.get('version', args.gate)}")
-        return 1
-    print(f"gate passed against {baseline.get('version', args.gate)}")
-    return 0
+STEP = Step(name="eval", config=EvalConfig, run=run_step, check=validate_config)

@@ -6,14 +6,19 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
+from quark.infer.measure import held_out
 from quark.model.io import load_model
+from quark.rundir import RunDir
 
 
 def load_tokenizer(model_dir, run_dir=None):
-    for p in (Path(model_dir) / "tokenizer.json", Path(run_dir or model_dir) / "tokenizer" / "tokenizer.json"):
-        if p.exists():
-            return Tokenizer.from_file(str(p))
-    raise FileNotFoundError(f"no tokenizer.json in {model_dir} (or {run_dir}/tokenizer)")
+    """The tokenizer beside the model, else the run's."""
+    if run_dir is not None:
+        return RunDir.of(run_dir).tokenizer(model_dir)
+    path = Path(model_dir) / "tokenizer.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no tokenizer.json in {model_dir}")
+    return Tokenizer.from_file(str(path))
 
 
 class LanguageModel:
@@ -27,6 +32,12 @@ class LanguageModel:
     @classmethod
     def from_dir(cls, model_dir, run_dir=None):
         return cls(load_model(model_dir), load_tokenizer(model_dir, run_dir))
+
+    @classmethod
+    def from_path(cls, path):
+        """A run directory (its latest model) or a model directory."""
+        run_dir, model_dir = RunDir.locate(path)
+        return cls.from_dir(model_dir, run_dir)
 
     def encode(self, text):
         return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -71,15 +82,10 @@ class LanguageModel:
         windows = [w for w in windows if len(w) > 1]
         per_batch = max(1, self.max_batch_tokens // self.max_len)
         n_full = sum(len(w) == W for w in windows)   # only the last window can be shorter: it runs alone
-        groups = [windows[i:min(i + per_batch, n_full)] for i in range(0, n_full, per_batch)] + [[w] for w in windows[n_full:]]
-        out = []
-        for group in groups:
-            batch = torch.stack(group)                                  # (B, L)
-            logits, _ = self.model(batch[:, :-1])
-            nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1),
-                                  reduction="none").view(batch.size(0), -1).sum(1)   # (B,)
-            out += [(float(v), batch.size(1) - 1) for v in nll]
-        return out
+        groups = [torch.stack(windows[i:min(i + per_batch, n_full)]) for i in range(0, n_full, per_batch)]
+        groups += [w[None] for w in windows[n_full:]]
+        scored = held_out(self.model, [(g[:, :-1], g[:, 1:]) for g in groups])   # per window, in order
+        return [(float(n), int(t)) for n, t in zip(scored.nll, scored.tokens)]
 
     @torch.no_grad()
     def generate(self, prompt, max_new_tokens=64, until=(), temperature=0.0, seed=0):
