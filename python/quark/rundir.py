@@ -84,14 +84,11 @@ class RunDir:
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"{path} is not a directory (expected a run directory or a model directory)")
-        if is_model_dir(path) or (path / "config.json").exists():
+        if (path / "config.json").exists():
             run = cls(path.parent.parent)
-            return (run if (run.root / "tokenizer" / "tokenizer.json").exists() else None), path
+            return (run if run.has("tokenizer", "tokenizer.json") else None), path
         run = cls(path)
         return run, run.model("latest")
-
-    def __repr__(self):
-        return f"RunDir({str(self.root)!r})"
 
     def _read(self, path):
         self.reads.add(Path(path))

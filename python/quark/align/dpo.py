@@ -15,7 +15,6 @@ and an optional pairs JSONL (the feedback loop's) -> run_dir/dpo/final and metri
 import random
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -118,7 +117,7 @@ def validate_config(cfg):
     return from_dict(DPOConfig, cfg, "dpo")
 
 
-def run_step(run_dir: Path, cfg: dict) -> dict:
+def run_step(run_dir, cfg: dict) -> dict:
     from quark.align.reward import build_datasets
     s = from_dict(DPOConfig, cfg, "dpo")
     seed = s.seed

@@ -160,7 +160,7 @@ def build_datasets(run_dir, s, tok, max_len, rng):
     return enc_train, enc_val, dropped
 
 
-def run_step(run_dir: Path, cfg: dict) -> dict:
+def run_step(run_dir, cfg: dict) -> dict:
     s = from_dict(RewardConfig, cfg, "reward")
     seed = s.seed
     run_dir = RunDir.of(run_dir)

@@ -100,7 +100,7 @@ def adapt(model, domain, general, s: DomainConfig, seq_len, seed=0, ckpt_dir=Non
     return common.train_loop(model, loss_fn, loop, seed=seed, ckpt_dir=ckpt_dir, desc="domain")
 
 
-def run_step(run_dir: Path, cfg: dict) -> dict:
+def run_step(run_dir, cfg: dict) -> dict:
     s = from_dict(DomainConfig, cfg, "domain")
     seed = s.seed
     run_dir = RunDir.of(run_dir)

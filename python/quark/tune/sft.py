@@ -156,7 +156,7 @@ def trainable_parameter_names(model):
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
-def run_step(run_dir: Path, cfg: dict) -> dict:
+def run_step(run_dir, cfg: dict) -> dict:
     s = from_dict(SFTConfig, cfg, "sft")
     seed = s.seed
     run_dir = RunDir.of(run_dir)
