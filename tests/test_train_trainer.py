@@ -98,9 +98,10 @@ def test_resume_refuses_another_model(run_dir):
 
 
 def test_cli_pretrain(run_dir, capsys):
-    rc = quark_main(["pretrain", str(run_dir), "--model", "nano", "--steps", "6", "--seq-len", "32",
-                     "--batch-size", "2", "--set", "warmup_steps=1", "peak_tflops=1", "eval_batches=1", "threads=1"])
+    rc = quark_main(["pretrain", "--run-dir", str(run_dir), "--model", "nano", "--max-steps", "6", "--seq-len", "32",
+                     "--batch-size", "2", "--set", "warmup_steps=1", "--set", "peak_tflops=1", "--set", "eval_batches=1",
+                     "--set", "threads=1"])
     assert rc == 0
     assert json.loads(capsys.readouterr().out)["steps"] == 6
     assert (run_dir / "pretrain" / "final" / "model.safetensors").exists()
-    assert quark_main(["pretrain", str(run_dir), "--set", "warmup=1"]) == 2
+    assert quark_main(["pretrain", "--run-dir", str(run_dir), "--set", "warmup=1"]) == 2

@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 
 from quark.chat import encode_chat, special_ids
-from quark.config import ConfigError
+from quark.config import ConfigError, Step, from_dict
 from quark.io import atomic_write_json, read_jsonl
 from quark.model.io import load_model
+from quark.rundir import RunDir
 from quark.safety_data import BENIGN_EVAL, INTENTS, harmful_requests, is_refusal
-from quark.tune import common
 
 
 def _rot13(s):
@@ -147,12 +147,13 @@ def over_refusal(model, tokenizer, prompts, filt=None, max_new_tokens=32, replie
 
 @dataclass
 class RedteamConfig:
-    before: str = "auto"            # model dir, or "auto": sft/final, else pretrain/final
-    after: str = "auto"             # model dir, or "auto": dpo/final, else sft/final, else pretrain/final
+    before: str = "auto"            # model dir, a model step, or "auto": the latest model before dpo (sft, domain, pretrain)
+    after: str = "auto"             # model dir, a model step, or "auto": the run's latest model
     safety: dict = field(default_factory=dict)   # SafetyFilter.from_config settings
     max_attacks: int = 0            # 0: the whole suite (75 attacks); else a seeded sample
     benign_from_instruct: int = 20  # extra benign prompts from run_dir/instruct/val.jsonl
     max_new_tokens: int = 24
+    seed: int = 0
 
     def __post_init__(self):
         if self.max_attacks < 0 or self.max_new_tokens < 1:
@@ -160,22 +161,23 @@ class RedteamConfig:
 
 
 def validate_config(cfg):
-    s, _ = common.settings(RedteamConfig, cfg, "redteam")
+    s = from_dict(RedteamConfig, cfg, "redteam")
     from quark.align.safety import SafetyConfig
-    from quark.config import from_dict
     from_dict(SafetyConfig, s.safety, "redteam.safety")
+    return s
 
 
 def run_step(run_dir: Path, cfg: dict) -> dict:
     from quark.align.safety import SafetyFilter
-    s, seed = common.settings(RedteamConfig, cfg, "redteam")
-    run_dir = Path(run_dir)
+    s = from_dict(RedteamConfig, cfg, "redteam")
+    seed = s.seed
+    run_dir = RunDir.of(run_dir)
     t0 = time.time()
-    before_dir = common.resolve_model_dir(run_dir, s.before, ("sft", "pretrain"))
-    after_dir = common.resolve_model_dir(run_dir, s.after, ("dpo", "sft", "pretrain"))
-    tok = common.load_tokenizer(common.find_tokenizer(run_dir, after_dir))
+    before_dir = run_dir.model(s.before, before="dpo")
+    after_dir = run_dir.model(s.after)
+    tok = run_dir.tokenizer(after_dir, chat=True)
     filt = SafetyFilter.from_config(s.safety)
-    out = run_dir / "redteam"
+    out = run_dir.output("redteam")
     if filt.classifier is not None:
         filt.classifier.save(out / "classifier")
     atomic_write_json(out / "safety.json", {**s.safety, "classifier": str((out / "classifier").resolve()) if filt.classifier else None})
@@ -183,8 +185,8 @@ def run_step(run_dir: Path, cfg: dict) -> dict:
     if s.max_attacks and s.max_attacks < len(suite):
         suite = random.Random(seed).sample(suite, s.max_attacks)
     benign = list(BENIGN_EVAL)
-    val = run_dir / "instruct" / "val.jsonl"
-    if s.benign_from_instruct and val.exists():
+    if s.benign_from_instruct and run_dir.has("instruct", "val.jsonl"):
+        val = run_dir.input("instruct", "val.jsonl")
         prompts = [rec["messages"][-2]["content"] for _, rec in read_jsonl(val)
                    if isinstance(rec, dict) and len(rec.get("messages", [])) >= 2]
         benign += [p for p in prompts if not any(p == r["prompt"] for r in harmful_requests("train"))][: s.benign_from_instruct]
@@ -211,10 +213,4 @@ def run_step(run_dir: Path, cfg: dict) -> dict:
             "asr_by_category_after": report["after"]["asr_by_category"]}
 
 
-def configure_parser(parser):
-    common.add_common_args(parser)
-
-
-def run_cli(args):
-    import sys
-    return common.run_step_cli(sys.modules[__name__], args)
+STEP = Step(name="redteam", config=RedteamConfig, run=run_step, check=validate_config)

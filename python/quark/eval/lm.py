@@ -10,13 +10,17 @@ from quark.infer.engine import Engine
 from quark.infer.measure import held_out
 from quark.infer.sampling import SamplingParams
 from quark.model.io import load_model
+from quark.rundir import RunDir
 
 
 def load_tokenizer(model_dir, run_dir=None):
-    for p in (Path(model_dir) / "tokenizer.json", Path(run_dir or model_dir) / "tokenizer" / "tokenizer.json"):
-        if p.exists():
-            return Tokenizer.from_file(str(p))
-    raise FileNotFoundError(f"no tokenizer.json in {model_dir} (or {run_dir}/tokenizer)")
+    """The tokenizer beside the model, else the run's."""
+    if run_dir is not None:
+        return RunDir.of(run_dir).tokenizer(model_dir)
+    path = Path(model_dir) / "tokenizer.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no tokenizer.json in {model_dir}")
+    return Tokenizer.from_file(str(path))
 
 
 class LanguageModel:
@@ -31,6 +35,12 @@ class LanguageModel:
     @classmethod
     def from_dir(cls, model_dir, run_dir=None):
         return cls(load_model(model_dir), load_tokenizer(model_dir, run_dir))
+
+    @classmethod
+    def from_path(cls, path):
+        """A run directory (its latest model) or a model directory."""
+        run_dir, model_dir = RunDir.locate(path)
+        return cls.from_dir(model_dir, run_dir)
 
     def encode(self, text):
         return self.tokenizer.encode(text, add_special_tokens=False).ids

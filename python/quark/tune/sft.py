@@ -17,20 +17,20 @@ from typing import Literal
 import torch
 
 from quark.chat import check_chat_record, encode_chat, special_ids
-from quark.config import ConfigError
+from quark.config import ConfigError, Step, from_dict
 from quark.infer.measure import held_out
 from quark.io import atomic_write_json, read_jsonl
 from quark.model.io import load_model, save_model
 from quark.model.lora import LoRAConfig, apply_lora, save_adapter, strip_lora
+from quark.rundir import RunDir
 from quark.train.loop import LoopSettings, clear_checkpoints, seeded_batches, train_loop
-from quark.tune import common
 
 IGNORE = -100
 
 
 @dataclass
 class SFTConfig:
-    init: str = "auto"                 # model directory, or "auto": run_dir/pretrain/final
+    init: str = "auto"                 # model dir, a model step, or "auto": the latest model before sft
     data: str = "instruct"             # directory with train.jsonl and val.jsonl (relative to run_dir or absolute)
     method: Literal["full", "lora"] = "full"
     lora_rank: int = 8
@@ -48,6 +48,7 @@ class SFTConfig:
     overlong: Literal["error", "drop"] = "error"
     max_examples: int = 0              # 0: all
     ckpt_every: int = 50
+    seed: int = 0
 
     def __post_init__(self):
         for k in ("steps", "batch_size"):
@@ -66,7 +67,7 @@ class SFTConfig:
 
 
 def validate_config(cfg):
-    common.settings(SFTConfig, cfg, "sft")
+    return from_dict(SFTConfig, cfg, "sft")
 
 
 def load_chat_jsonl(path, tokenizer, max_len, overlong="error", limit=0):
@@ -156,24 +157,25 @@ def trainable_parameter_names(model):
 
 
 def run_step(run_dir: Path, cfg: dict) -> dict:
-    s, seed = common.settings(SFTConfig, cfg, "sft")
-    run_dir = Path(run_dir)
+    s = from_dict(SFTConfig, cfg, "sft")
+    seed = s.seed
+    run_dir = RunDir.of(run_dir)
     torch.manual_seed(seed)
-    init = common.resolve_model_dir(run_dir, s.init, ("pretrain",))
-    tok_path = common.find_tokenizer(run_dir, init)
-    tok = common.load_tokenizer(tok_path)
+    init = run_dir.model(s.init, before="sft")
+    tok_path = run_dir.tokenizer_path(init)
+    tok = run_dir.tokenizer(init, chat=True)
     model = load_model(init)
     max_len = s.max_len or model.config.max_seq_len
     if max_len > model.config.max_seq_len + 1:
         raise ConfigError(f"sft.max_len {max_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
-    data = Path(s.data) if Path(s.data).is_absolute() else run_dir / s.data
+    data = run_dir.path(s.data)
     train, dropped = load_chat_jsonl(data / "train.jsonl", tok, max_len, s.overlong, s.max_examples)
     val, _ = load_chat_jsonl(data / "val.jsonl", tok, max_len, "drop")
     pad = special_ids(tok)["<|pad|>"]
     seq = model.config.max_seq_len
     X, Y = pack_examples(train, seq, pad, s.packing)
     Xv, Yv = pack_examples(val, seq, pad, s.packing)
-    out = run_dir / "sft"
+    out = run_dir.output("sft")
     t0 = time.time()
     val_before = evaluate_loss(model, Xv, Yv)
     if s.method == "lora":
@@ -195,10 +197,4 @@ def run_step(run_dir: Path, cfg: dict) -> dict:
     return stats
 
 
-def configure_parser(parser):
-    common.add_common_args(parser)
-
-
-def run_cli(args):
-    import sys
-    return common.run_step_cli(sys.modules[__name__], args)
+STEP = Step(name="sft", config=SFTConfig, run=run_step, check=validate_config)
