@@ -222,6 +222,15 @@ def test_load_for_serving_run_and_model_dirs(tmp_path):
         load_for_serving(tmp_path / "missing")
 
 
+@pytest.mark.parametrize("step", ["domain", "rl"])
+def test_serving_a_run_picks_up_its_domain_and_rl_models(tmp_path, step):
+    """rl/final (after dpo) and domain/final (after pretrain) are the run's latest model when present."""
+    earlier = {"domain": "pretrain", "rl": "dpo"}[step]
+    make_model_dir(tmp_path / "run" / earlier / "final")
+    mdir, _, _ = make_model_dir(tmp_path / "run" / step / "final")
+    assert load_for_serving(tmp_path / "run")[2] == mdir
+
+
 class QLinear(torch.nn.Module):
     """nn.Linear's call contract over quark.ops.qlinear (what quantized models plug in)."""
 

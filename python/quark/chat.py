@@ -40,6 +40,20 @@ def special_ids(tokenizer):
     return ids
 
 
+def check_chat_record(rec, where):
+    """Raise ValueError naming `where` (path:line) unless rec is a well-formed chat record."""
+    if not isinstance(rec, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    if "messages" not in rec:
+        raise ValueError(f"{where}: missing field 'messages'")
+    try:
+        validate_messages(rec["messages"], where="messages")
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    if not any(m["role"] == "assistant" for m in rec["messages"]):
+        raise ValueError(f"{where}: no assistant message, so nothing to learn")
+
+
 def encode_chat(tokenizer, messages, add_generation_prompt=False):
     """-> (ids, mask): token ids of the rendered conversation (a tokenizers.Tokenizer) and a 0/1 mask
     that is 1 exactly on assistant content tokens and their closing <|end|> (the SFT loss positions)."""

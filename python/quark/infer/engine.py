@@ -427,23 +427,17 @@ class Engine:
 
 def load_for_serving(path):
     """A run directory or a model directory -> (model, tokenizer, model_dir, run_dir or None).
-    The run's latest model (quark.model.io.latest_model_dir) is served; the tokenizer is the model
-    directory's tokenizer.json, else the run's tokenizer/tokenizer.json."""
-    from pathlib import Path
-
+    The run's latest model (RunDir.model("latest")) is served; the tokenizer is the model
+    directory's tokenizer.json, else the run's."""
     from tokenizers import Tokenizer
 
-    from quark.model.io import latest_model_dir, load_model
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path} is not a directory (expected a run directory or a model directory)")
-    if (path / "config.json").exists():
-        model_dir = path
-        run_dir = path.parent.parent if (path.parent.parent / "tokenizer").is_dir() else None
+    from quark.model.io import load_model
+    from quark.rundir import RunDir
+    run, model_dir = RunDir.locate(path)
+    if run is not None:
+        tokenizer = run.tokenizer(model_dir)
+    elif (model_dir / "tokenizer.json").exists():
+        tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     else:
-        model_dir, run_dir = latest_model_dir(path), path
-    candidates = [model_dir / "tokenizer.json"] + ([run_dir / "tokenizer" / "tokenizer.json"] if run_dir else [])
-    tok_path = next((p for p in candidates if p.exists()), None)
-    if tok_path is None:
-        raise FileNotFoundError(f"no tokenizer found (looked for {', '.join(map(str, candidates))})")
-    return load_model(model_dir), Tokenizer.from_file(str(tok_path)), model_dir, run_dir
+        raise FileNotFoundError(f"no tokenizer found (looked for {model_dir / 'tokenizer.json'})")
+    return load_model(model_dir), tokenizer, model_dir, run.root if run is not None else None
