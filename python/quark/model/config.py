@@ -1,8 +1,24 @@
 """Model configuration: a dataclass with named presets, parameter and FLOP counts."""
 import json
 from dataclasses import asdict, dataclass, replace
+from typing import Optional
 
 from quark.config import from_dict
+
+# Required keys of each rope scaling type, beside rope_type (and rope_theta, which GPTConfig holds).
+ROPE_SCALING_KEYS = {"linear": ("factor",), "dynamic": ("factor", "original_max_position_embeddings"),
+                     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def check_rope_scaling(rope):
+    kind = rope.get("rope_type")
+    if kind not in ROPE_SCALING_KEYS:
+        raise ValueError(f"rope_scaling type {kind!r} is not implemented; Quark has {', '.join(ROPE_SCALING_KEYS)}")
+    missing = [k for k in ROPE_SCALING_KEYS[kind] if not isinstance(rope.get(k), (int, float))]
+    extra = sorted(set(rope) - {"rope_type", *ROPE_SCALING_KEYS[kind]})
+    if missing or extra:
+        raise ValueError(f"rope_scaling {kind!r} needs numbers {list(ROPE_SCALING_KEYS[kind])}: "
+                         f"missing {missing}, not implemented {extra}")
 
 
 @dataclass
@@ -19,25 +35,35 @@ class GPTConfig:
     tie_embeddings: bool = True
     dropout: float = 0.0
     init_std: float = 0.02
+    # Options of the Hugging Face Llama family (quark.model.hf); the defaults are Quark's own GPT.
+    head_dim_override: int = 0  # 0: d_model // n_head; Qwen3 checkpoints fix their own head_dim
+    qkv_bias: bool = False      # bias on the q/k/v projections (Qwen2; Llama attention_bias)
+    o_bias: bool = False        # bias on the output projection (Llama attention_bias)
+    mlp_bias: bool = False
+    qk_norm: bool = False       # RMSNorm over head_dim on q and k before the rotation (Qwen3)
+    sliding_window: int = 0     # > 0: a query sees only the last sliding_window keys, itself included (Mistral)
+    rope_scaling: Optional[dict] = None   # transformers' rope_parameters of type "linear", "dynamic" or "llama3"
 
     def __post_init__(self):
-        if self.d_model % self.n_head:
+        if not self.head_dim_override and self.d_model % self.n_head:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
-        if (self.d_model // self.n_head) % 2:
+        if self.head_dim % 2:
             raise ValueError("head_dim must be even for rotary embeddings")
         if self.ffn_hidden == 0:
             self.ffn_hidden = ((8 * self.d_model // 3 + 63) // 64) * 64
+        if self.rope_scaling is not None:
+            check_rope_scaling(self.rope_scaling)
 
     @property
     def head_dim(self):
-        return self.d_model // self.n_head
+        return self.head_dim_override or self.d_model // self.n_head
 
     def num_params(self, non_embedding=False):
         d, f, L, V = self.d_model, self.ffn_hidden, self.n_layer, self.vocab_size
-        kv = self.n_kv_head * self.head_dim
-        per_layer = d * d + 2 * d * kv + d * d + 3 * d * f + 2 * d   # q, k+v, o, SwiGLU, two norms
+        q, kv = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        per_layer = 2 * d * q + 2 * d * kv + 3 * d * f + 2 * d   # q+o, k+v, SwiGLU, two norms
         embed = V * d * (1 if self.tie_embeddings else 2)
         total = L * per_layer + d + embed
         return total - (V * d if non_embedding else 0)

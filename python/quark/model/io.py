@@ -1,10 +1,10 @@
 """Model directories: model.safetensors + config.json (GPTConfig) [+ tokenizer.json].
 
 Every step that produces a model writes one of these (run_dir/<step>/final/), and every step that
-consumes one loads it here. safetensors only: nothing is ever unpickled.
+consumes one loads it here: a Quark directory, its sharded or quantized forms, or a Hugging Face
+directory (config.json with a model_type; quark.model.hf). safetensors only: nothing is ever unpickled.
 """
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from quark.io import atomic_open, atomic_write_text
 from quark.model.config import GPTConfig
 from quark.model.gpt import GPT
+from quark.model.hf import config_from_hf, copy_tokenizer_files, is_hf_dir, load_hf
 
 # Steps that produce a model, latest in the life cycle first.
 MODEL_STEPS = ("dpo", "sft", "pretrain")
@@ -28,8 +29,8 @@ def save_model(model: GPT, directory, tokenizer_path=None, metadata=None):
     with atomic_open(directory / "model.safetensors") as f:
         f.write(_serialize(state, {k: str(v) for k, v in (metadata or {}).items()}))
     atomic_write_text(directory / "config.json", model.config.to_json())
-    if tokenizer_path is not None and Path(tokenizer_path).resolve() != (directory / "tokenizer.json").resolve():
-        shutil.copyfile(tokenizer_path, directory / "tokenizer.json")
+    if tokenizer_path is not None:   # with an HF tokenizer's chat template and eos ids beside it
+        copy_tokenizer_files(tokenizer_path, directory)
     return directory
 
 
@@ -46,14 +47,19 @@ def load_config(directory):
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if "model_type" in data:
+        return config_from_hf(data, str(path))
     return GPTConfig.from_dict(data, where=str(path))
 
 
 def load_model(directory, device="cpu", dtype=None) -> GPT:
     """A GPT from a model directory: model.safetensors, Hugging Face style shards
     (model.safetensors.index.json, quark.optimize.shard), or a quantized model (quant.json,
-    quark.optimize.quantize; its QuantLinear layers run the int8/int4 kernels)."""
+    quark.optimize.quantize; its QuantLinear layers run the int8/int4 kernels), or a Hugging Face
+    directory (kept in its stored dtype unless `dtype` is given)."""
     directory = Path(directory)
+    if is_hf_dir(directory):
+        return load_hf(directory, device, dtype)
     config = load_config(directory)
     if (directory / "quant.json").exists():
         from quark.optimize.quantize import load_quantized_model
