@@ -26,8 +26,9 @@ from benchmarks.harness import interleaved, summarize
 from quark.model import GPT, GPTConfig
 from quark.model.io import load_model, save_model
 from quark.nn import QuantLinear
-from quark.optimize.quantize import quantize_calibrated, quantize_model, save_quantized_model
-from quark.serve.engine import Runner
+from quark.model.quantized import save_quantized_model
+from quark.optimize.quantize import quantize_calibrated, quantize_model
+from quark.infer.engine import Runner
 
 AREA = "optimize"
 VARIANTS = ("fp32", "int8", "int4-rtn", "int4-awq", "int4-gptq")

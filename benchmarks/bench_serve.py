@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from benchmarks.harness import Result, interleaved, summarize
 from quark import ops
 from quark.model import GPT, GPTConfig
-from quark.serve.engine import Engine, Runner
-from quark.serve.sampling import SamplingParams
+from quark.infer.engine import Engine, Runner
+from quark.infer.sampling import SamplingParams
 
 AREA = "serve"
 

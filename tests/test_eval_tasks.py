@@ -62,6 +62,18 @@ def test_code_task_pass_at_k_runs_completions_in_the_sandbox(tmp_path):
     assert r["pass@4"] == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("cheat", ["import os; os._exit(0)", "import sys; sys.exit(0)", "raise SystemExit(0)"])
+def test_code_task_completion_that_exits_early_fails(tmp_path, cheat):
+    """Before, "passed" meant exit code 0 and the completion ran before the tests: an exit faked a pass."""
+    (tmp_path / "d.jsonl").write_text(json.dumps({"prompt": "def inc(x):\n", "test": "assert inc(1) == 2"}) + "\n")
+    (tmp_path / "t.yaml").write_text("task: t\ndataset_path: d.jsonl\noutput_type: code\ndoc_to_text: '{{prompt}}'\n")
+    spec, docs = load_task(tmp_path / "t.yaml")
+    r = evaluate_task(ScriptedLM(lambda p, s: f"    {cheat}\n"), spec, docs)
+    assert r["pass@1"] == 0.0
+    honest = evaluate_task(ScriptedLM(lambda p, s: "    return x + 1\n"), spec, docs)
+    assert honest["pass@1"] == 1.0
+
+
 def test_generation_exact_match(tmp_path):
     (tmp_path / "d.jsonl").write_text(json.dumps({"p": "a", "t": "X"}) + "\n" + json.dumps({"p": "b", "t": "Y"}) + "\n")
     (tmp_path / "t.yaml").write_text("task: g\ndataset_path: d.jsonl\noutput_type: generate_until\n"

@@ -9,7 +9,7 @@ from quark.model import GPT, preset
 from quark.model.io import load_model
 from quark.nn import QuantLinear
 from quark.ops import dequantize, qlinear, quantize
-from quark.optimize import save_quantized_model
+from quark.model.quantized import save_quantized_model
 from quark.optimize.gptq import gptq_quantize
 from quark.optimize.quantize import quantize_calibrated
 

@@ -11,7 +11,8 @@ from quark.config import ConfigError
 from quark.model import GPT, GPTConfig, preset
 from quark.model.io import save_model
 from quark.nn import QuantLinear
-from quark.optimize import load_quantized_model, model_nbytes, quantize_model, save_quantized_model
+from quark.model.quantized import load_quantized_model, save_quantized_model
+from quark.optimize import model_nbytes, quantize_model
 from quark.optimize.quantize import paired_delta, run_step, validate_config, window_losses
 
 

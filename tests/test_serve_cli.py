@@ -4,8 +4,8 @@ import sys
 
 from quark.chat import encode_chat
 from quark.cli import main
-from quark.serve.engine import Engine
-from quark.serve.sampling import SamplingParams
+from quark.infer.engine import Engine
+from quark.infer.sampling import SamplingParams
 from tests.serve_helpers import make_model_dir, single_thread  # noqa: F401
 
 

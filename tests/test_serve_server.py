@@ -14,8 +14,8 @@ import openai
 import pytest
 
 from quark.chat import encode_chat
-from quark.serve.engine import Engine
-from quark.serve.sampling import SamplingParams
+from quark.infer.engine import Engine
+from quark.infer.sampling import SamplingParams
 from quark.serve.server import create_app
 from tests.serve_helpers import ServerThread, free_port, make_model, make_model_dir, make_tokenizer, single_thread  # noqa: F401
 

@@ -13,8 +13,8 @@ import aiohttp
 import pytest
 
 from quark.chat import encode_chat
-from quark.serve.engine import Engine
-from quark.serve.sampling import SamplingParams
+from quark.infer.engine import Engine
+from quark.infer.sampling import SamplingParams
 from quark.serve.server import create_app
 from tests.serve_helpers import ServerThread, make_model, make_tokenizer, single_thread  # noqa: F401
 

@@ -1,35 +1,33 @@
-"""lm-evaluation-harness adapter: `lm_eval --model quark --model_args path=RUN_OR_MODEL_DIR ...`.
+"""lm-evaluation-harness adapter: `lm_eval --model quark --model_args path=RUN_OR_MODEL_DIR --tasks T`.
 
-QuarkLM implements the harness's three request types on top of quark.eval.lm.LanguageModel;
-each request carries its arguments in `.args` exactly as lm_eval's Instance does. When lm_eval is
-installed the class is registered with it under the name "quark"; without it the class still works
-(the tests drive it directly)."""
+QuarkLM implements the harness's three request types on top of quark.eval.lm.LanguageModel and is
+registered under the name "quark": by the decorator when this module is imported, and from the command
+line by the import hook quark_lm_eval.py (installed with a .pth), which points lm_eval's registry here.
+"""
 from pathlib import Path
+
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+from lm_eval.utils import simple_parse_args_string
 
 from quark.eval.lm import LanguageModel
 from quark.model.io import latest_model_dir
 
-try:
-    from lm_eval.api.model import LM as _Base
-    from lm_eval.api.registry import register_model
-except ImportError:     # lm_eval is optional
-    _Base, register_model = object, None
 
-
-class QuarkLM(_Base):
-    def __init__(self, path, **kwargs):
-        if _Base is not object:
-            super().__init__()
+@register_model("quark")
+class QuarkLM(LM):
+    def __init__(self, path, **kwargs):   # lm_eval also passes batch_size, device, ...: one CPU/GPU model here
+        super().__init__()
         path = Path(path)
         model_dir = path if (path / "model.safetensors").exists() else latest_model_dir(path)
         self.lm = LanguageModel.from_dir(model_dir, path)
 
     @classmethod
     def create_from_arg_string(cls, arg_string, additional_config=None):
-        args = dict(kv.split("=", 1) for kv in arg_string.split(",") if kv)
+        args = simple_parse_args_string(arg_string)
         if "path" not in args:
             raise ValueError("model_args must include path=<run or model directory>")
-        return cls(**args)
+        return cls(**args, **{k: v for k, v in (additional_config or {}).items() if v is not None})
 
     def loglikelihood(self, requests):
         return self.lm.loglikelihood([tuple(r.args[:2]) for r in requests])
@@ -48,7 +46,3 @@ class QuarkLM(_Base):
             out.append(self.lm.generate(context, kwargs.get("max_gen_toks", 128), until,
                                         temperature=float(kwargs.get("temperature", 0.0))))
         return out
-
-
-if register_model is not None:
-    register_model("quark")(QuarkLM)

@@ -114,7 +114,8 @@ def evaluate_task(lm, spec, docs, seed=0):
             out = lm.generate(render(spec.doc_to_text, doc), kw.get("max_gen_toks", 32), kw.get("until", ["\n"]))
             hits += int(out.strip() == str(_value(spec.doc_to_target, doc)).strip())
         return {"exact_match": hits / max(len(docs), 1), "n": len(docs)}
-    # code: n samples per problem, run each completion + the tests in the sandbox
+    # code: n samples per problem; the sandbox runs each completion, then the tests, and passes it only on
+    # its harness's report that the tests finished (an early exit in the completion is a failure)
     per_k = {k: [] for k in spec.k}
     kw = spec.generation_kwargs
     for i, doc in enumerate(docs):
@@ -124,7 +125,7 @@ def evaluate_task(lm, spec, docs, seed=0):
             temp = 0.0 if spec.num_samples == 1 else spec.temperature
             completion = lm.generate(prompt, kw.get("max_gen_toks", 128), kw.get("until", ["\ndef ", "\nclass "]),
                                      temperature=temp, seed=seed * 1000 + i * 100 + s)
-            c += run_program(prompt + completion + "\n\n" + doc["test"] + "\n", timeout=spec.timeout).passed
+            c += run_program(prompt + completion + "\n", doc["test"] + "\n", timeout=spec.timeout).passed
         for k in spec.k:
             per_k[k].append(pass_at_k(spec.num_samples, c, k))
     return {f"pass@{k}": float(np.mean(v)) if v else 0.0 for k, v in per_k.items()} | {"n": len(docs)}

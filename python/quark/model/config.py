@@ -1,6 +1,7 @@
 """Model configuration: a dataclass with named presets, parameter and FLOP counts."""
 import json
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Optional
 
 from quark.config import from_dict
@@ -99,3 +100,17 @@ def preset(name, **overrides):
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; available: {', '.join(PRESETS)}")
     return replace(PRESETS[name], **overrides)
+
+
+def load_config(directory):
+    path = Path(directory) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{directory} is not a model directory: config.json is missing")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if "model_type" in data:   # a Hugging Face directory
+        from quark.model.hf import config_from_hf
+        return config_from_hf(data, str(path))
+    return GPTConfig.from_dict(data, where=str(path))

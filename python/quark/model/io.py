@@ -4,17 +4,17 @@ Every step that produces a model writes one of these (run_dir/<step>/final/), an
 consumes one loads it here: a Quark directory, its sharded or quantized forms, or a Hugging Face
 directory (config.json with a model_type; quark.model.hf). safetensors only: nothing is ever unpickled.
 """
-import json
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from quark.io import atomic_open, atomic_write_text
-from quark.model.config import GPTConfig
+from quark.model.config import load_config
 from quark.model.gpt import GPT
-from quark.model.hf import config_from_hf, copy_tokenizer_files, is_hf_dir, load_hf
+from quark.model.hf import copy_tokenizer_files, is_hf_dir, load_hf
+from quark.model.quantized import load_quantized_model
+from quark.model.shard import load_state
 
 # Steps that produce a model, latest in the life cycle first.
 MODEL_STEPS = ("dpo", "sft", "pretrain")
@@ -39,35 +39,20 @@ def _serialize(state, metadata):
     return save(state, metadata=metadata or None)
 
 
-def load_config(directory):
-    path = Path(directory) / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{directory} is not a model directory: config.json is missing")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if "model_type" in data:
-        return config_from_hf(data, str(path))
-    return GPTConfig.from_dict(data, where=str(path))
-
-
 def load_model(directory, device="cpu", dtype=None) -> GPT:
     """A GPT from a model directory: model.safetensors, Hugging Face style shards
-    (model.safetensors.index.json, quark.optimize.shard), or a quantized model (quant.json,
-    quark.optimize.quantize; its QuantLinear layers run the int8/int4 kernels), or a Hugging Face
-    directory (kept in its stored dtype unless `dtype` is given)."""
+    (model.safetensors.index.json, quark.model.shard), a quantized model (quant.json,
+    quark.model.quantized; its QuantLinear layers run the int8/int4 kernels), or a Hugging Face
+    directory (quark.model.hf; kept in its stored dtype unless `dtype` is given)."""
     directory = Path(directory)
     if is_hf_dir(directory):
         return load_hf(directory, device, dtype)
     config = load_config(directory)
     if (directory / "quant.json").exists():
-        from quark.optimize.quantize import load_quantized_model
         model = load_quantized_model(directory)
         return (model.to(dtype) if dtype is not None else model).to(device).eval()
     weights = directory / "model.safetensors"
     if not weights.exists() and (directory / "model.safetensors.index.json").exists():
-        from quark.optimize.shard import load_state
         weights, state = directory / "model.safetensors.index.json", load_state(directory)
     elif not weights.exists():
         raise FileNotFoundError(f"{directory} is not a model directory: model.safetensors is missing")

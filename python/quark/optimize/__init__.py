@@ -1,6 +1,6 @@
 """Model optimization for inference: weight quantization (quantize: RTN, AWQ, GPTQ), distillation
-(distill), tensor-parallel sharding and sharded checkpoints (shard)."""
-from quark.optimize.quantize import (QuantizeReport, load_quantized_model, model_nbytes, quantize_model,
-                                     save_quantized_model)
+(distill), resharding and the tensor-parallel check (shard). The quantized and sharded model
+directory formats themselves are quark.model.quantized and quark.model.shard."""
+from quark.optimize.quantize import QuantizeReport, model_nbytes, quantize_model
 
-__all__ = ["QuantizeReport", "load_quantized_model", "model_nbytes", "quantize_model", "save_quantized_model"]
+__all__ = ["QuantizeReport", "model_nbytes", "quantize_model"]

@@ -1,6 +1,7 @@
 """Post-training weight quantization of a whole model: swap nn.Linear for quark.nn.QuantLinear,
-report the size before and after, save and reload quantized model directories, and the pipeline
-step `quantize` (perplexity and decode speed of each scheme against the float model).
+report the size before and after, and the pipeline step `quantize` (perplexity and decode speed of
+each scheme against the float model). The quantized model directory format (save / load) is
+quark.model.quantized.
 
 Layers are quantized with round-to-nearest (quark.ops.quantize). Calibrated methods (AWQ, GPTQ)
 plug in through `quantize_model(..., quantizer=fn)`, where fn(name, linear) returns the
@@ -8,15 +9,10 @@ QuantizedTensor for that layer (for example after scaling or error-correcting it
 `quantize_calibrated(model, method, calib)` runs them on calibration token windows
 (`load_calibration`: a few hundred sequences of run_dir/pack/train.bin, never the held-out split).
 
-Quantized model directory: config.json (GPTConfig), quant.json {scheme, group_size, layers, method,
-calibration}, model.safetensors (float tensors + each layer's QuantizedTensor.state(prefix) with its
-metadata and CRC; the method and calibration settings in the file metadata too), tokenizer.json when
-the source had one.
 """
 import argparse
 import json
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,13 +22,11 @@ import torch
 import torch.nn as nn
 
 from quark.config import ConfigError, from_dict
-from quark.io import atomic_open, atomic_write_json, atomic_write_text
-from quark.nn import QuantLinear
+from quark.io import atomic_write_json, atomic_write_text
+from quark.model.quantized import MODEL_FORMAT, save_quantized_model
 from quark.nn.patch import is_skipped, quantize_
-from quark.ops.quant import GROUP_SIZES, SCHEMES, QuantizedTensor, quantize, read_safetensors
+from quark.ops.quant import GROUP_SIZES, SCHEMES, quantize
 
-MODEL_FORMAT = "quark.quantized_model/2"
-READ_MODEL_FORMATS = ("quark.quantized_model/1", MODEL_FORMAT)   # /1: fp32 int4 scales, refused per layer
 METHODS = ("rtn", "awq", "gptq")   # round-to-nearest; activation-aware scaling; second-order error compensation
 
 
@@ -80,77 +74,6 @@ def quantize_model(model: nn.Module, scheme="int4", group_size=32, skip=("lm_hea
     report.layers = quantize_(model, scheme, group_size, skip, quantizer)
     report.bytes_after = model_nbytes(model)
     return report
-
-
-def _set_module(model, name, module):
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
-def save_quantized_model(model, directory, report: QuantizeReport, tokenizer_path=None):
-    """Write a quantized GPT (after quantize_model) as a quantized model directory."""
-    from safetensors.torch import save
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    metadata = {"format": MODEL_FORMAT, "method": report.method, "calibration": json.dumps(report.calibration)}
-    quantized = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
-    for name, m in quantized.items():
-        t, meta = m.qweight.state(name + ".")
-        tensors.update(t)
-        metadata.update(meta)
-        if m.bias is not None:
-            tensors[name + ".bias"] = m.bias.detach().contiguous().cpu()
-    for key, value in model.state_dict().items():
-        owner = key.rpartition(".")[0]
-        if owner not in quantized:
-            tensors[key] = value.detach().contiguous().cpu()
-    if model.config.tie_embeddings and "lm_head" not in quantized:
-        tensors.pop("lm_head.weight", None)   # shares tok_emb.weight; safetensors refuses aliases
-    with atomic_open(directory / "model.safetensors") as f:
-        f.write(save(tensors, metadata=metadata))
-    atomic_write_text(directory / "config.json", model.config.to_json())
-    atomic_write_json(directory / "quant.json", {"scheme": report.scheme, "group_size": report.group_size,
-                                                  "layers": report.layers, "method": report.method,
-                                                  "calibration": report.calibration})
-    if tokenizer_path is not None and Path(tokenizer_path).exists():
-        shutil.copyfile(tokenizer_path, directory / "tokenizer.json")
-    return directory
-
-
-def load_quantized_model(directory):
-    """A GPT with QuantLinear layers from a quantized model directory; every layer is checked."""
-    from quark.model.gpt import GPT
-    from quark.model.io import load_config
-    directory = Path(directory)
-    config = load_config(directory)
-    spec_path = directory / "quant.json"
-    if not spec_path.exists():
-        raise FileNotFoundError(f"{directory} is not a quantized model directory: quant.json is missing")
-    try:
-        spec = json.loads(spec_path.read_text())
-        layers = list(spec["layers"])
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{spec_path} is malformed ({e}); expected {{scheme, group_size, layers}}") from None
-    weights = directory / "model.safetensors"
-    tensors, metadata = read_safetensors(weights)
-    if metadata.get("format") not in READ_MODEL_FORMATS:
-        raise ValueError(f"{weights}: not a Quark quantized model (format {metadata.get('format')!r})")
-    model = GPT(config)
-    for name in layers:
-        try:
-            model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"{spec_path}: layer {name!r} does not exist in this model") from None
-        qt = QuantizedTensor.from_state(tensors, metadata, prefix=name + ".", where=f"{weights} layer {name}")
-        _set_module(model, name, QuantLinear(qt, tensors.get(name + ".bias")))
-    rest = {k: v for k, v in tensors.items() if k.rpartition(".")[0] not in layers}
-    missing, unexpected = model.load_state_dict(rest, strict=False)
-    missing = [k for k in missing if k.rpartition(".")[0] not in layers
-               and not (config.tie_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise ValueError(f"{weights} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    return model.eval()
 
 
 # ---- calibrated int4 (AWQ, GPTQ) ------------------------------------------------------------------
@@ -293,7 +216,7 @@ def paired_delta(losses, baseline):
 def decode_tokens_per_s(model, prompt, new_tokens=32, repeats=3):
     """Greedy decode speed at batch 1 through the serving engine's runner (what `quark serve` runs:
     every Linear is a GEMV); median of repeats, each rewound to the same 8-token prompt."""
-    from quark.serve.engine import Runner
+    from quark.infer.engine import Runner
     prompt = prompt[:8].tolist()
     new_tokens = max(1, min(new_tokens, model.config.max_seq_len - len(prompt) - 1))
     runner = Runner(model, 1, max_seq_len=len(prompt) + new_tokens + 1)

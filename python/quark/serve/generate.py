@@ -3,7 +3,7 @@ on stderr; `--draft` decodes speculatively with a smaller model that shares the 
 import sys
 
 from quark.chat import encode_chat
-from quark.serve.sampling import SamplingParams
+from quark.infer.sampling import SamplingParams
 
 
 def add_sampling_args(p):
@@ -32,7 +32,7 @@ def configure_parser(p):
 
 
 def run_cli(args):
-    from quark.serve.engine import Engine, load_for_serving
+    from quark.infer.engine import Engine, load_for_serving
     try:
         params = sampling_params(args)
         model, tok, model_dir, _ = load_for_serving(args.path)
@@ -53,7 +53,7 @@ def run_cli(args):
     try:
         if args.draft:
             from quark.model.io import load_model
-            from quark.serve.speculative import SpeculativeDecoder
+            from quark.infer.speculative import SpeculativeDecoder
             dec = SpeculativeDecoder(model, load_model(args.draft), k=args.draft_k, cache_dtype=args.cache_dtype)
             res = dec.generate(ids, params, tok, stop_ids, on_text=show)
             n, secs = len(res.output_ids), res.seconds

@@ -14,7 +14,7 @@ def configure_parser(p):
 
 
 def run_cli(args):
-    from quark.serve.engine import Engine, load_for_serving
+    from quark.infer.engine import Engine, load_for_serving
     try:
         params = sampling_params(args)
         model, tok, model_dir, _ = load_for_serving(args.path)

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 from quark.chat import encode_chat, validate_messages
-from quark.serve.engine import QueueFull, ShuttingDown
-from quark.serve.sampling import SamplingParams
+from quark.infer.engine import QueueFull, ShuttingDown
+from quark.infer.sampling import SamplingParams
 
 STATIC = Path(__file__).parent / "static"
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -404,7 +404,7 @@ def configure_parser(p):
 def run_cli(args):
     import os
 
-    from quark.serve.engine import Engine, load_for_serving
+    from quark.infer.engine import Engine, load_for_serving
     model, tokenizer, model_dir, run_dir = load_for_serving(args.path)
     safety = None
     if args.safety:

@@ -7,8 +7,8 @@ import torch
 
 from quark import ops
 from quark.chat import encode_chat
-from quark.serve.engine import CACHE_DTYPES, Engine, QueueFull, Runner, ShuttingDown, load_for_serving
-from quark.serve.sampling import SamplingParams
+from quark.infer.engine import CACHE_DTYPES, Engine, QueueFull, Runner, ShuttingDown, load_for_serving
+from quark.infer.sampling import SamplingParams
 from tests.serve_helpers import make_model, make_model_dir, make_tokenizer, single_thread  # noqa: F401 (autouse fixture)
 
 

@@ -5,9 +5,9 @@ import copy
 import pytest
 import torch
 
-from quark.serve.engine import Engine
-from quark.serve.sampling import SamplingParams, probs
-from quark.serve.speculative import SpeculativeDecoder, verify_token
+from quark.infer.engine import Engine
+from quark.infer.sampling import SamplingParams, probs
+from quark.infer.speculative import SpeculativeDecoder, verify_token
 from tests.serve_helpers import make_model, make_tokenizer, single_thread  # noqa: F401 (autouse fixture)
 
 V = 400

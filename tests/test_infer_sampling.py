@@ -3,7 +3,7 @@ incremental detokenizer (UTF-8 hold-back, stop strings)."""
 import pytest
 import torch
 
-from quark.serve.sampling import Detokenizer, SamplingParams, apply_penalties, probs, sample
+from quark.infer.sampling import Detokenizer, SamplingParams, apply_penalties, probs, sample
 from tests.serve_helpers import make_tokenizer
 
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from quark.serve.engine import Runner
-from quark.serve.sampling import Detokenizer, SamplingParams, probs
+from quark.infer.engine import Runner
+from quark.infer.sampling import Detokenizer, SamplingParams, probs
 
 
 @dataclass

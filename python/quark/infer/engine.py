@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from quark import ops
-from quark.serve.sampling import Detokenizer, SamplingParams, sample
+from quark.infer.sampling import Detokenizer, SamplingParams, sample
 
 # int8: symmetric per (token, head) with float32 scales (quark.ops.quantize_kv), a quarter of fp32's bytes
 CACHE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
