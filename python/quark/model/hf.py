@@ -56,6 +56,18 @@ def to_hf_name(name):
     return f"model.layers.{i}.{LAYER_MODULES[module]}.{param}"
 
 
+def from_hf_name(name):
+    """The GPT name of an HF tensor name, or None when it has no place in a GPT."""
+    inverse = {v: k for k, v in GLOBAL_NAMES.items()}
+    if name in inverse:
+        return inverse[name]
+    parts = name.split(".")
+    modules = {v: k for k, v in LAYER_MODULES.items()}
+    if len(parts) < 5 or parts[:2] != ["model", "layers"] or ".".join(parts[3:-1]) not in modules:
+        return None
+    return f"blocks.{parts[2]}.{modules['.'.join(parts[3:-1])]}.{parts[-1]}"
+
+
 # ---- config.json -> GPTConfig ---------------------------------------------------------------------
 
 def _any(v):
@@ -177,15 +189,18 @@ def _weight_files(directory):
     """[(path, names the index puts in it or None)] of model.safetensors or the indexed shards."""
     index = directory / "model.safetensors.index.json"
     if index.exists():
-        weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise ValueError(f"{index}: weight_map is missing or empty")
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise ValueError("weight_map is empty")
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{index} is malformed ({e}); expected {{metadata, weight_map}}") from None
         files = {}
         for name, file in weight_map.items():
             files.setdefault(file, set()).add(name)
         for file in files:
             if not (directory / file).exists():
-                raise FileNotFoundError(f"{directory}: shard {file} listed in {index.name} is missing")
+                raise FileNotFoundError(f"{directory / file} is missing (listed in {index.name})")
         return [(directory / f, names) for f, names in sorted(files.items())]
     if (directory / "model.safetensors").exists():
         return [(directory / "model.safetensors", None)]
