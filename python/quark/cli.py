@@ -31,6 +31,7 @@ COMMANDS = {
     "quantize": ("quark.optimize.quantize", "quantize a model's Linear layers (int8 / int4 / w8a8) and save it"),
     "distill": ("quark.optimize.distill", "train a smaller student from a teacher's logits (+ a no-teacher control run)"),
     "shard": ("quark.optimize.shard", "reshard a model into HF-style safetensors shards; check tensor-parallel logits"),
+    "export": ("quark.export", "write a model as a Hugging Face directory, a LoRA adapter as PEFT, or a GGUF file"),
     "generate": ("quark.serve.generate", "generate text from a run's latest model (or a model directory)"),
     "chat": ("quark.serve.repl", "chat with a model in the terminal, streaming replies"),
     "serve": ("quark.serve.server", "OpenAI-compatible API server with a chat and training-runs web UI"),
