@@ -8,7 +8,7 @@ import torch
 
 from quark.cli import main
 from quark.model.hf import load_hf
-from quark.model.io import load_model, save_model
+from quark.model.io import load_model
 from quark.model.lora import LoRAConfig, apply_lora, save_adapter
 from tests.hf_helpers import VOCAB, make_hf_model
 
