@@ -16,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-from quark.chat import encode_chat, validate_messages
+from quark.chat import QuarkChat, chat_format, validate_messages
 from quark.infer.engine import QueueFull, ShuttingDown
 from quark.infer.sampling import SamplingParams
 
@@ -109,9 +109,10 @@ def _read_run(run_dir, max_points=2000):
     return out
 
 
-def create_app(engine, tokenizer, model_name="quark", api_key=None, safety=None, runs_dir=None):
+def create_app(engine, tokenizer, model_name="quark", api_key=None, safety=None, runs_dir=None, chat=None):
     """The FastAPI app. safety: a quark.align.safety.SafetyFilter (check_input / check_output return a
-    Decision: allow, refuse or redact, with the text to use), or None to serve unfiltered."""
+    Decision: allow, refuse or redact, with the text to use), or None to serve unfiltered. chat: the
+    model's chat format (quark.chat.chat_format), Quark's template by default."""
     from fastapi import FastAPI, Request
     from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 
@@ -122,6 +123,7 @@ def create_app(engine, tokenizer, model_name="quark", api_key=None, safety=None,
         # uvicorn runs this after open connections have closed: drain whatever is still queued
         await asyncio.to_thread(engine.shutdown, True, 60)
 
+    chat = chat or QuarkChat(tokenizer)
     app = FastAPI(title="Quark", docs_url=None, redoc_url=None, lifespan=lifespan)
     metrics = Metrics()
     app.state.engine, app.state.metrics = engine, metrics
@@ -312,7 +314,7 @@ def create_app(engine, tokenizer, model_name="quark", api_key=None, safety=None,
         messages = body.get("messages")
         try:
             validate_messages(messages)
-            ids, _ = encode_chat(tokenizer, messages, add_generation_prompt=True)
+            ids, _ = chat.encode(messages, add_generation_prompt=True)
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
         params = params_from(body, len(ids), 256)
@@ -410,10 +412,12 @@ def run_cli(args):
     if args.safety:
         from quark.align.safety import SafetyFilter
         safety = SafetyFilter.from_config()
-    engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue, cache_dtype=args.cache_dtype)
+    chat = chat_format(tokenizer, model_dir)   # the checkpoint's own template and eos ids, else Quark's
+    engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue, cache_dtype=args.cache_dtype,
+                    stop_ids=chat.stop_ids)
     name = args.model_name or (run_dir or model_dir).name
     app = create_app(engine, tokenizer, name, api_key=args.api_key or os.environ.get("QUARK_API_KEY"),
-                     safety=safety, runs_dir=args.runs_dir or run_dir)
+                     safety=safety, runs_dir=args.runs_dir or run_dir, chat=chat)
     print(f"serving {model_dir} as {name!r} on http://{args.host}:{args.port} (chat UI at /, runs at /runs)")
     serve(app, args.host, args.port)
     return 0
