@@ -170,6 +170,8 @@ class TemplateChat:
         eos = self.special_tokens.get("eos_token")
         ids = list(eos_ids) or ([tokenizer.token_to_id(eos)] if eos and tokenizer is not None else [])
         self.stop_ids = frozenset(i for i in ids if i is not None)
+        pad = self.special_tokens.get("pad_token")   # padding is never a target: any id would do
+        self.pad_id = (tokenizer.token_to_id(pad) if pad and tokenizer is not None else None) or min(self.stop_ids, default=0)
 
     def render(self, messages, add_generation_prompt=False, tools=None, **kwargs):
         import jinja2
@@ -207,6 +209,7 @@ class QuarkChat:
         self.tokenizer = tokenizer
         ids = [tokenizer.token_to_id(t) for t in STOP_TOKENS] if tokenizer is not None else []
         self.stop_ids = frozenset(i for i in ids if i is not None)
+        self.pad_id = tokenizer.token_to_id("<|pad|>") if tokenizer is not None else None
 
     def render(self, messages, add_generation_prompt=False, tools=None):
         if tools:

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from quark.chat import special_ids
+from quark.chat import QuarkChat, chat_format, special_ids
 from quark.config import ConfigError, from_dict
 from quark.io import atomic_write_bytes, atomic_write_json
 from quark.model.io import latest_model_dir
@@ -31,7 +31,8 @@ def load_tokenizer(path):
     if not path.exists():
         raise FileNotFoundError(f"tokenizer {path} does not exist; run the tokenizer step first")
     tok = Tokenizer.from_file(str(path))
-    special_ids(tok)   # fails early, naming the missing chat tokens
+    if isinstance(chat_format(tok, path.parent), QuarkChat):   # (an HF checkpoint brings its own template)
+        special_ids(tok)   # fails early, naming the missing chat tokens
     return tok
 
 

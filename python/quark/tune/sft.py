@@ -1,7 +1,8 @@
 """Supervised fine-tuning on chat records: full fine-tuning or LoRA.
 
-Records are JSONL lines {"messages": [{"role", "content"}, ...]} rendered with the chat template of
-quark.chat; the loss covers assistant tokens only (encode_chat's mask). Examples are packed greedily
+Records are JSONL lines {"messages": [{"role", "content"}, ...]} rendered with the model's chat template
+(quark.chat.chat_format: a Hugging Face checkpoint's own, else Quark's); the loss covers assistant
+tokens only (the template's mask). Examples are packed greedily
 (first fit, longest first) into rows of max_seq_len tokens so little compute goes to padding; as in
 most packed-SFT trainers, a packed example may attend to the ones before it in its row (each starts
 with <|bos|>), which is harmless at these lengths and avoids a document mask in the attention kernel.
@@ -16,7 +17,7 @@ from typing import Literal
 
 import torch
 
-from quark.chat import encode_chat, special_ids, validate_messages
+from quark.chat import QuarkChat, chat_format, validate_messages
 from quark.config import ConfigError
 from quark.io import atomic_write_json, read_jsonl
 from quark.model.io import load_model, save_model
@@ -81,8 +82,10 @@ def check_chat_record(rec, where):
         raise ValueError(f"{where}: no assistant message, so nothing to learn")
 
 
-def load_chat_jsonl(path, tokenizer, max_len, overlong="error", limit=0):
-    """-> (examples [(ids, mask)], dropped). Bad lines raise ValueError naming path:line."""
+def load_chat_jsonl(path, tokenizer, max_len, overlong="error", limit=0, chat=None):
+    """-> (examples [(ids, mask)], dropped), rendered by `chat` (quark.chat.chat_format; Quark's
+    template by default). Bad lines raise ValueError naming path:line."""
+    chat = chat or QuarkChat(tokenizer)
     examples, dropped = [], 0
     path = Path(path)
     if not path.exists():
@@ -90,7 +93,7 @@ def load_chat_jsonl(path, tokenizer, max_len, overlong="error", limit=0):
     for n, rec in read_jsonl(path):
         where = f"{path}:{n}"
         check_chat_record(rec, where)
-        ids, mask = encode_chat(tokenizer, rec["messages"])
+        ids, mask = chat.encode(rec["messages"])
         if len(ids) > max_len:
             if overlong == "error":
                 raise ValueError(f"{where}: example is {len(ids)} tokens, longer than max_len {max_len}; "
@@ -187,9 +190,10 @@ def run_step(run_dir: Path, cfg: dict) -> dict:
     if max_len > model.config.max_seq_len + 1:
         raise ConfigError(f"sft.max_len {max_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
     data = Path(s.data) if Path(s.data).is_absolute() else run_dir / s.data
-    train, dropped = load_chat_jsonl(data / "train.jsonl", tok, max_len, s.overlong, s.max_examples)
-    val, _ = load_chat_jsonl(data / "val.jsonl", tok, max_len, "drop")
-    pad = special_ids(tok)["<|pad|>"]
+    chat = chat_format(tok, tok_path.parent)
+    train, dropped = load_chat_jsonl(data / "train.jsonl", tok, max_len, s.overlong, s.max_examples, chat=chat)
+    val, _ = load_chat_jsonl(data / "val.jsonl", tok, max_len, "drop", chat=chat)
+    pad = chat.pad_id
     seq = model.config.max_seq_len
     X, Y = pack_examples(train, seq, pad, s.packing)
     Xv, Yv = pack_examples(val, seq, pad, s.packing)
