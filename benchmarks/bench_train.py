@@ -11,7 +11,7 @@ Providers, interleaved in the same run, each on its own copy of the same weights
   torch bf16 autocast    the plain torch model under the same autocast (SDPA in bf16)
 Before timing, the plain torch model is checked to give our logits (same function, same weights).
 MFU = achieved FLOP/s (GPTConfig.flops_per_token) / the measured matmul peak of this process in
-that dtype (quark.train.plan.measure_peak_flops).
+that dtype (quark.train.precision.measure_peak_flops).
 """
 import copy
 
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from benchmarks.harness import interleaved, summarize
 from quark.model import GPT, preset
 from quark.model.gpt import apply_rope, rope_cache
-from quark.train.plan import measure_peak_flops
+from quark.train.precision import measure_peak_flops
 from quark.train.trainer import PretrainConfig, make_optimizer
 
 

@@ -5,8 +5,9 @@ import json
 import pytest
 
 from quark.align import redteam
-from quark.align.redteam import ATTACKS, CATEGORIES, INTENTS, attack_suite, evaluate, harmful_requests, is_refusal, summarize
-from quark.align.safety import REFUSAL, SafetyFilter
+from quark.align.redteam import ATTACKS, attack_suite, evaluate, summarize
+from quark.align.safety import SafetyFilter
+from quark.safety_data import CATEGORIES, INTENTS, REFUSAL, harmful_requests, is_refusal
 from quark.tune import instruct
 from tests.tiny_lm import make_run, one_thread  # noqa: F401 (one_thread is a fixture)
 

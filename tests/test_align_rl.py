@@ -36,7 +36,7 @@ def test_grpo_loss_clips_and_penalises_kl():
 def test_rules_and_config_errors():
     assert rule_reward("terminates")([], "x", True) == 1.0 and rule_reward("terminates")([], "x", False) == 0.0
     refusal = rule_reward("refusal")
-    from quark.align.redteam import harmful_requests
+    from quark.safety_data import harmful_requests
     harmful = [{"role": "user", "content": harmful_requests("train")[0]["prompt"]}]
     assert refusal(harmful, "I can't help with that request.", True) == 1.0
     assert refusal([{"role": "user", "content": "hi"}], "I can't help with that request.", True) == 0.0

@@ -2,7 +2,8 @@ import base64
 
 import pytest
 
-from quark.align.safety import REFUSAL, Classifier, SafetyFilter, builtin_training_data, variants
+from quark.align.safety import Classifier, SafetyFilter, builtin_training_data, variants
+from quark.safety_data import BENIGN_EVAL, REFUSAL, harmful_requests
 from quark.config import ConfigError
 from tests.tiny_lm import one_thread  # noqa: F401 (one_thread is a fixture)
 
@@ -63,7 +64,6 @@ def test_classifier_catches_a_paraphrase_no_rule_matches():
 
 
 def test_classifier_beats_chance_on_held_out_intents_and_round_trips(tmp_path):
-    from quark.align.redteam import BENIGN_EVAL, harmful_requests
     clf = Classifier.train(*builtin_training_data())
     harmful = [r["prompt"] for r in harmful_requests("eval")]
     p_harm = 1 - clf.predict_proba(harmful)[:, 0]

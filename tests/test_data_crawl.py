@@ -293,3 +293,166 @@ def test_kill_9_and_rerun_loses_and_duplicates_nothing(tmp_path):
         assert len(shard_paths(tmp_path / "crawl", "pages")) == -(-n // 7)
     finally:
         server.close()
+
+
+# --- hostile pages that used to abort the whole crawl (issue 22.4) --------------------------------
+
+def charset_app():
+    app = web.Application()
+    retried = {"n": 0}
+    body = "<html><head>{meta}<title>{title}</title></head><body><main><p>caf\u00e9 {title}</p></main></body></html>"
+
+    def html(title, ctype="text/html", meta=""):
+        return web.Response(body=body.format(title=title, meta=meta).encode(), headers={"Content-Type": ctype})
+
+    def serve(title, ctype="text/html", meta=""):
+        async def handler(request):
+            return html(title, ctype, meta)
+        return handler
+
+    async def index(request):
+        return page("Index", "links", ["/hex", "/base64", "/rot13", "/undefined", "/idna", "/retry", "/secret"])
+
+    async def robots(request):   # robotparser: "²".isdigit() is True, then int("²") raised
+        return web.Response(text="User-agent: *\nCrawl-delay: \u00b2\nRequest-rate: \u00b2/\u00b2\nDisallow: /secret\n")
+
+    async def retry(request):
+        retried["n"] += 1
+        if retried["n"] == 1:
+            return web.Response(status=503, headers={"Retry-After": "\u00b2"})
+        return html("retry")
+
+    app.router.add_get("/", index)
+    app.router.add_get("/robots.txt", robots)
+    app.router.add_get("/hex", serve("hex", "text/html; charset=hex"))
+    app.router.add_get("/base64", serve("base64", meta='<meta charset="base64">'))
+    app.router.add_get("/rot13", serve("rot13", "text/html; charset=rot13"))
+    app.router.add_get("/undefined", serve("undefined", meta='<meta charset="undefined">'))
+    app.router.add_get("/idna", serve("idna", "text/html; charset=idna"))
+    app.router.add_get("/retry", retry)
+    app.router.add_get("/secret", serve("secret"))
+    return app
+
+
+def test_hostile_charsets_and_headers_fail_alone(tmp_path):
+    server = Server(charset_app())
+    try:
+        stats = crawl.run_step(tmp_path, _cfg(server))
+        recs = {r["url"].rsplit("/", 1)[1]: r for r in iter_records(shard_paths(tmp_path / "crawl", "pages"))}
+        # Charsets that are not text encodings are ignored like unknown labels: the UTF-8 body decodes.
+        assert set(recs) == {"", "hex", "base64", "rot13", "undefined", "idna", "retry"}
+        for name in ("hex", "base64", "rot13", "undefined", "idna", "retry"):
+            assert recs[name]["text"] == f"caf\u00e9 {name}"
+        assert server.requests.count("/retry") == 2 and "/secret" not in server.requests   # robots still obeyed
+        assert stats["urls"] == {"done": 7, "skipped": 1}
+        before = len(server.requests)
+        crawl.run_step(tmp_path, _cfg(server))
+        assert len(server.requests) == before
+    finally:
+        server.close()
+
+
+def test_a_page_that_raises_fails_alone_and_is_committed(tmp_path, monkeypatch):
+    # Fault injection for the safety net: any exception while handling one page (here the HTML
+    # extractor) fails that page, is recorded and committed, and the crawl goes on.
+    server = Server(charset_app())
+    extract = crawl.extract_html
+
+    def fragile(html, url):
+        if url.endswith("/rot13"):
+            raise RuntimeError("extractor bug")
+        return extract(html, url)
+
+    monkeypatch.setattr(crawl, "extract_html", fragile)
+    try:
+        stats = crawl.run_step(tmp_path, _cfg(server))
+        assert stats["pages"] == 6 and stats["reasons"]["page error: RuntimeError"] == 1
+        before = len(server.requests)
+        assert crawl.run_step(tmp_path, _cfg(server))["urls"]["failed"] == 1
+        assert len(server.requests) == before   # committed as failed: a rerun does not die on it again
+    finally:
+        server.close()
+
+
+# --- guards (issue 22.8) --------------------------------------------------------------------------
+
+def test_transition_and_numeric_addresses_are_refused():
+    for ip in ("64:ff9b::7f00:1", "64:ff9b::a00:1", "2002:7f00:1::", "2002:a9fe:a9fe::1", "::7f00:1", "::a00:1",
+               "::ffff:7f00:1", "fec0::1", "64:ff9b:1::5db8:d822"):
+        assert not crawl.ip_is_public(ip), ip
+    for ip in ("64:ff9b::5db8:d822", "2002:5db8:d822::1", "::ffff:93.184.216.34", "2606:4700::1111"):
+        assert crawl.ip_is_public(ip), ip   # the embedded IPv4 (or the IPv6 itself) is public
+    for host in ("2130706433", "0x7f.1", "0X7F000001", "0177.0.0.1", "127.1", "127.0.1", "10.1", "1.2.3.4.5"):
+        with pytest.raises(crawl.BlockedAddress, match="non-canonical"):
+            crawl.check_literal_host(host, allow_private=True, trusted_hosts={host})
+    crawl.check_literal_host("127.0.0.1", allow_private=True, trusted_hosts=set())
+    crawl.check_literal_host("v1.example.com", allow_private=False, trusted_hosts=set())   # names go to the resolver
+
+
+def guards_app():
+    app = web.Application()
+    app.times = []
+
+    async def index(request):
+        port = request.url.port
+        hosts = ("2130706433", "0x7f.1", "0177.0.0.1", "127.1")
+        numeric = [f"http://{h}:{port}/numeric/{i}" for i, h in enumerate(hosts)]
+        return page("Index", "links", numeric + [f"/many/{i}" for i in range(50)] + ["/long/" + "x" * 3000])
+
+    async def many(request):
+        app.times.append(time.monotonic())
+        return page("Many", request.path)
+
+    async def robots(request):
+        return web.Response(text="User-agent: *\nCrawl-delay: 100000\n")
+
+    app.router.add_get("/", index)
+    app.router.add_get("/robots.txt", robots)
+    app.router.add_get("/many/{i}", many)
+    app.router.add_get("/numeric/{i}", many)
+    app.router.add_get("/long/{x}", many)
+    return app
+
+
+def test_numeric_hosts_crawl_delay_links_and_url_length_are_capped(tmp_path):
+    server = Server(guards_app())
+    try:
+        cfg = _cfg(server, allow_private=True, allowed_domains=["127.0.0.1", "2130706433", "0x7f.1", "0177.0.0.1",
+                                                                   "127.1"], max_pages=4, max_links_per_page=8,
+                   max_crawl_delay=0.3, per_host_concurrency=1)
+        t0 = time.monotonic()
+        stats = crawl.run_step(tmp_path, cfg)
+        assert time.monotonic() - t0 < 20   # Crawl-delay: 100000 is capped
+        assert not any(p.startswith(("/numeric", "/long")) for p in server.requests)
+        assert stats["reasons"]["blocked address"] == 4
+        # 8 links kept of 55: the 4 numeric ones and the first 4 of /many (the 3000-character URL is never queued)
+        assert sum(stats["urls"].values()) == 1 + 8
+        gaps = [b - a for a, b in zip(server.app.times, server.app.times[1:])]
+        assert len(gaps) == 2 and all(0.25 < g < 5 for g in gaps)   # the capped delay is still honoured
+    finally:
+        server.close()
+
+
+def test_robots_fetch_stays_in_scope(tmp_path):
+    app = web.Application()
+
+    async def robots(request):
+        raise web.HTTPFound(f"http://localhost:{request.url.port}/robots-elsewhere")
+
+    async def elsewhere(request):
+        return web.Response(text="User-agent: *\nAllow: /\n")
+
+    async def index(request):
+        return page("Index", "text")
+
+    app.router.add_get("/", index)
+    app.router.add_get("/robots.txt", robots)
+    app.router.add_get("/robots-elsewhere", elsewhere)
+    server = Server(app)
+    try:
+        # localhost is trusted, so only the scope (127.0.0.1) can stop the robots.txt redirect.
+        stats = crawl.run_step(tmp_path, _cfg(server, allow_private_hosts=["127.0.0.1", "localhost"]))
+        assert "/robots-elsewhere" not in server.requests
+        assert stats["reasons"] == {"robots": 1}   # robots.txt unreachable within scope: disallow all (RFC 9309)
+    finally:
+        server.close()

@@ -101,3 +101,44 @@ def test_license_classifier_and_config_errors():
         repos.validate_config({"roots": ["/does/not/exist"]})
     with pytest.raises(ConfigError, match="scrape.languages"):
         repos.validate_config({"languages": ["klingon"]})
+
+
+def _hostile_repo(tmp_path):
+    """A repository whose author wants to run a command on the scraper's machine (core.fsmonitor is
+    run by `git ls-files`) and to pull files from outside the tree into the corpus (symlinks)."""
+    secret = tmp_path / "home" / ".aws"
+    secret.mkdir(parents=True)
+    (secret / "credentials").write_text("[default]\naws_secret_access_key = TOP-SECRET-KEY-0123456789\n")
+    (secret / "tool.py").write_text("def tool():\n    return 'TOP-SECRET-KEY in a python file'\n")
+    root = tmp_path / "proj"
+    root.mkdir()
+    (root / "app.py").write_text("def main():\n    return 'hello world from the app'\n")
+    (root / "leak.py").symlink_to(secret / "credentials")
+    (root / "leak_dir").symlink_to(secret, target_is_directory=True)
+    (root / "LICENSE").symlink_to(secret / "credentials")
+    marker = tmp_path / "PWNED"
+    hook = tmp_path / "fsmonitor.sh"
+    hook.write_text(f"#!/bin/sh\ntouch {marker}\n")
+    hook.chmod(0o755)
+    return root, marker, hook
+
+
+@pytest.mark.parametrize("use_git", [False, True])
+def test_hostile_repository_runs_nothing_and_leaks_nothing(tmp_path, use_git):
+    root, marker, hook = _hostile_repo(tmp_path)
+    if use_git:
+        git = ["git", "-C", str(root), "-c", "user.name=t", "-c", "user.email=t@t"]
+        subprocess.run(["git", "init", "-q", str(root)], check=True)
+        subprocess.run(git + ["add", "app.py", "leak.py", "leak_dir", "LICENSE"], check=True)
+        subprocess.run(git + ["commit", "-qm", "init"], check=True)
+        (root / "untracked_leak.py").symlink_to(tmp_path / "home" / ".aws" / "credentials")
+        subprocess.run(git + ["config", "core.fsmonitor", str(hook)], check=True)
+        subprocess.run(git + ["config", "core.hooksPath", str(tmp_path)], check=True)
+        marker.unlink(missing_ok=True)   # our own git calls above ran it: only the scraper's count
+    stats = repos.run_step(tmp_path / "run", {"roots": [str(root)], "min_file_bytes": 1})
+    recs = _records(tmp_path / "run")
+    assert set(recs) == {"app.py"} and recs["app.py"]["license"] == "none"
+    assert "TOP-SECRET" not in json.dumps(recs)
+    assert not marker.exists()
+    if use_git:
+        assert stats["dropped"]["symlink"] == 2   # leak.py, untracked_leak.py (leak_dir is one link, not listed)

@@ -35,9 +35,12 @@ def run_eval(*args):
 
 def test_cli_gate_fails_on_regression_and_passes_otherwise(tiny_model_dir, tmp_path):
     store = tmp_path / "baselines.json"
-    common = [str(tiny_model_dir), "--tasks", "python_builtins", "--limit", "4", "--baselines", str(store)]
-    r = run_eval(*common, "--record", "--json", str(tmp_path / "m.json"))
+    run = tmp_path / "run"
+    common = ["--run-dir", str(run), "--model", str(tiny_model_dir), "--tasks", "python_builtins", "--task-limit", "4",
+              "--baselines", str(store)]
+    r = run_eval(*common)                  # no baseline yet: passes and records this version
     assert r.returncode == 0, r.stderr
+    assert json.loads((run / "eval" / "results.json").read_text())["gate"]["passed"]
     assert run_eval(*common, "--gate").returncode == 0
     data = json.loads(store.read_text())
     version = next(iter(data["versions"]))
@@ -45,3 +48,4 @@ def test_cli_gate_fails_on_regression_and_passes_otherwise(tiny_model_dir, tmp_p
     store.write_text(json.dumps(data))
     r = run_eval(*common, "--gate")
     assert r.returncode == 1 and "REGRESSED" in r.stdout and "gate FAILED" in r.stdout
+    assert run_eval(*common, "--no-gate").returncode == 0   # recorded as failed, not an error, without --gate

@@ -28,7 +28,7 @@ def test_report_has_tables_plots_and_escapes(tmp_path):
 
 
 def test_step_writes_report_atomically(tmp_path):
-    stats = run_step(make_run(tmp_path), {"seed": 0})
+    stats = run_step(make_run(tmp_path), {})
     assert (tmp_path / "report.html").read_text().startswith("<!doctype html>") and stats["bytes"] > 1000
 
 

@@ -52,3 +52,35 @@ def test_cli_register_promote_list(tmp_path, tiny_model_dir):
     assert q("promote", version).returncode == 0
     assert "champion" in q("list").stdout
     assert q("show", "nope").returncode == 2
+
+
+def test_registry_command_reads_what_the_promote_step_wrote(tmp_path, tiny_model_dir):
+    """`quark registry --run-dir R` opens the registry the promote step of run R wrote (it looked in
+    runs/registry.sqlite while the step wrote R/registry.sqlite)."""
+    import json
+    import shutil
+
+    from quark.eval.harness import model_version
+    from quark.improve.registry import run_step
+    run = tmp_path / "run"
+    shutil.copytree(tiny_model_dir, run / "pretrain" / "final")
+    import torch
+
+    from quark.model.io import load_model, save_model
+    model = load_model(tiny_model_dir)
+    with torch.no_grad():
+        model.tok_emb.weight.mul_(2.0)        # the rl step changed the weights: another version
+    save_model(model, run / "rl" / "final", tokenizer_path=tiny_model_dir / "tokenizer.json")
+    version = model_version(run / "rl" / "final")
+    (run / "eval").mkdir()
+    (run / "eval" / "results.json").write_text(json.dumps({"version": version, "model_dir": str(run / "rl" / "final"),
+                                                           "metrics": {"x/acc": 0.5}}))
+    stats = run_step(run, {})
+    assert stats["promoted"] and stats["champion"] == version
+    q = lambda *a: subprocess.run([sys.executable, "-m", "quark.cli", "registry", *a], capture_output=True, text=True,
+                                  timeout=120, cwd=tmp_path)
+    r = q("--run-dir", str(run), "list")
+    assert r.returncode == 0 and version in r.stdout and "champion" in r.stdout and "run/rl" in r.stdout
+    assert "run/pretrain" in r.stdout and f"parent={model_version(run / 'pretrain' / 'final')}" in r.stdout
+    r = q("--run-dir", str(tmp_path / "other"), "list")
+    assert r.returncode == 2 and "run the promote step" in r.stdout

@@ -91,6 +91,41 @@ def test_seeded_sampling_independent_of_batch(model):
     assert mine.output_ids == alone
 
 
+def test_a_failing_request_fails_alone(model):
+    """Before, an exception while sampling one request ended every request in the batch and reset the
+    cache. Now the broken one finishes with an error and the others keep their tokens and cache."""
+    prompts = [[10, 11, 12], [20, 21], [30, 31, 32, 33]]
+    eng = Engine(model, None, max_batch=5).start()
+    with eng.cond:   # admit all at once, so they share decode steps
+        good = [eng.submit(p, SamplingParams(max_tokens=14, temperature=0)) for p in prompts]
+        broken = SamplingParams(max_tokens=14, temperature=1.0)
+        broken.top_k = -5                 # corrupted after validation: torch.topk raises inside the step
+        bad = eng.submit([40, 41], broken)
+        tiny = SamplingParams(max_tokens=14, temperature=1.0)
+        tiny.temperature = 1e-40          # what main's validation let through
+        overflow = eng.submit([10, 11, 12], tiny)
+    for r in good + [bad, overflow]:
+        assert r.done.wait(60)
+    eng.shutdown()
+    assert bad.finish_reason.startswith("error") and "k" in bad.finish_reason
+    for p, r in zip(prompts, good):
+        assert r.finish_reason == "length" and r.output_ids == greedy_reference(model, p, 14)
+    assert overflow.finish_reason == "length" and overflow.output_ids == greedy_reference(model, [10, 11, 12], 14)
+
+
+def test_a_raising_event_callback_cancels_only_its_request(tok, model):
+    p = SamplingParams(max_tokens=20, temperature=0)
+    alone = Engine(model, tok, max_batch=1).generate([30, 31, 32], p)
+    eng = Engine(model, tok, max_batch=2).start()
+    with eng.cond:
+        rude = eng.submit([50, 51], p, on_event=lambda kind, value: 1 / 0)
+        polite = eng.submit([30, 31, 32], p)
+    assert rude.done.wait(60) and polite.done.wait(60)
+    eng.shutdown()
+    assert rude.finish_reason == "cancelled"
+    assert polite.output_ids == alone.output_ids and polite.finish_reason == alone.finish_reason
+
+
 def test_stop_token_and_streamed_text(tok):
     model = make_model(tok.get_vocab_size())
     end = tok.token_to_id("<|end|>")
@@ -185,6 +220,15 @@ def test_load_for_serving_run_and_model_dirs(tmp_path):
         load_for_serving(tmp_path)
     with pytest.raises(FileNotFoundError, match="not a directory"):
         load_for_serving(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("step", ["domain", "rl"])
+def test_serving_a_run_picks_up_its_domain_and_rl_models(tmp_path, step):
+    """rl/final (after dpo) and domain/final (after pretrain) are the run's latest model when present."""
+    earlier = {"domain": "pretrain", "rl": "dpo"}[step]
+    make_model_dir(tmp_path / "run" / earlier / "final")
+    mdir, _, _ = make_model_dir(tmp_path / "run" / step / "final")
+    assert load_for_serving(tmp_path / "run")[2] == mdir
 
 
 class QLinear(torch.nn.Module):

@@ -3,17 +3,37 @@ incremental detokenizer (UTF-8 hold-back, stop strings)."""
 import pytest
 import torch
 
-from quark.infer.sampling import Detokenizer, SamplingParams, apply_penalties, probs, sample
+from quark.infer.sampling import MIN_SCALE, Detokenizer, SamplingParams, apply_penalties, probs, sample
 from tests.serve_helpers import make_tokenizer
 
 
 @pytest.mark.parametrize("field,value", [("max_tokens", 0), ("max_tokens", 1.5), ("temperature", -1),
                                          ("top_k", -1), ("top_p", 0), ("top_p", 1.5), ("repetition_penalty", 0),
                                          ("presence_penalty", 3), ("stop", [""]), ("stop", ["a"] * 5), ("seed", "x"),
-                                         ("temperature", True)])
+                                         ("temperature", True), ("temperature", 1e-40), ("repetition_penalty", 1e-40),
+                                         ("temperature", float("nan")), ("seed", 2 ** 64), ("seed", -2 ** 63 - 1),
+                                         ("stop", ["x" * 257])])
 def test_params_validation_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})
+
+
+def test_processed_distribution_is_valid_for_extreme_inputs():
+    """Before, temperature or repetition_penalty 1e-40 overflowed the logits to inf and NaN, and
+    torch.multinomial raised inside the engine step."""
+    logits = torch.tensor([90.0, 89.0, float("nan"), float("-inf"), 3e38, -3e38, 5.0])
+    history = torch.tensor([0, 1, 4, 6])
+    for t, rp in [(MIN_SCALE, MIN_SCALE), (MIN_SCALE, 10.0), (100.0, MIN_SCALE), (1.0, 1.0)]:
+        p = SamplingParams(temperature=t, repetition_penalty=rp, presence_penalty=2, frequency_penalty=-2, top_p=0.5)
+        for h in (None, history):
+            q = probs(logits, p, h)
+            assert torch.isfinite(q).all() and abs(float(q.sum()) - 1) < 1e-5 and q[2] == 0 and q[3] == 0
+            assert sample(logits, p, h, torch.Generator().manual_seed(0)) not in (2, 3)
+    p = SamplingParams(temperature=1.0)
+    p.temperature = 1e-40   # what main let through: now just greedy, never NaN
+    assert probs(torch.tensor([1.0, 2.0, 0.5]), p).tolist() == [0, 1, 0]
+    with pytest.raises(ValueError, match="no finite logit"):
+        sample(torch.full((5,), float("nan")), SamplingParams(temperature=1.0))
 
 
 def test_stop_string_becomes_a_list():

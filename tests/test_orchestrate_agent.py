@@ -1,5 +1,9 @@
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -8,7 +12,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from tests.retrieval_helpers import tiny_model, tiny_tokenizer
 
-from quark.orchestrate.agent import Agent, Coordinator, TaskBoard
+from quark.orchestrate.agent import Agent, Coordinator, LeaseLost, TaskBoard
 from quark.retrieval.rag import ModelGenerator
 from quark.retrieval.tools import ToolCall, ToolRegistry, register_http_api
 
@@ -109,7 +113,7 @@ def test_board_claims_each_task_once_across_threads(tmp_path):
         while (t := board.claim(name)) is not None:
             with lock:
                 taken.append(t.id)
-            board.finish(t.id, result=name)
+            board.finish(t.id, name, result=name)
 
     threads = [threading.Thread(target=worker, args=(f"a{i}",)) for i in range(4)]
     for t in threads:
@@ -121,8 +125,52 @@ def test_board_claims_each_task_once_across_threads(tmp_path):
         board.post("job", "x", depends_on=[999])
     a = board.post("job", "fails")
     b = board.post("job", "after", depends_on=[a])
-    board.finish(board.claim("x").id, error="boom")
+    board.finish(board.claim("x").id, "x", error="boom")
     assert board.claim("x") is None and board.get(b).status == "failed"
+
+
+def test_task_of_a_killed_worker_is_taken_over_after_its_lease(tmp_path):
+    path = tmp_path / "board.sqlite"
+    board = TaskBoard(path)
+    task_id = board.post("job", "x")
+    code = ("import sys, time; from quark.orchestrate.agent import TaskBoard\n"
+            "t = TaskBoard(sys.argv[1]).claim('doomed', lease_s=1.5)\n"
+            "print(t.id, flush=True); time.sleep(600)\n")
+    worker = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert int(worker.stdout.readline()) == task_id
+        t0 = time.monotonic()
+        os.kill(worker.pid, signal.SIGKILL)
+    finally:
+        worker.kill()
+        worker.wait()
+    assert board.claim("b") is None and board.get(task_id).owner == "doomed"   # the lease still holds
+    while (t := board.claim("b")) is None:
+        assert time.monotonic() - t0 < 10
+        time.sleep(0.05)
+    assert t.id == task_id and t.owner == "b"
+    with pytest.raises(LeaseLost, match="not held by 'doomed'"):
+        board.finish(task_id, "doomed", result="late")   # a worker that lost its lease cannot overwrite
+    board.finish(task_id, "b", result="ok")
+    assert board.get(task_id).status == "done" and board.get(task_id).result == "ok"
+    with pytest.raises(LeaseLost):
+        board.finish(task_id, "b", result="twice")
+
+
+def test_finish_checks_the_owner_and_a_task_that_kills_its_workers_fails(tmp_path):
+    board = TaskBoard(tmp_path / "board.sqlite", max_claims=2)
+    a = board.post("job", "a")
+    assert board.claim("w1").id == a
+    with pytest.raises(LeaseLost, match="owner 'w1'"):
+        board.finish(a, "w2", result="not mine")
+    assert board.get(a).status == "running"
+    poison = board.post("job", "poison")
+    board.finish(a, "w1", result="ok")
+    for _ in range(2):
+        assert board.claim("w", lease_s=0.01).id == poison
+        time.sleep(0.05)
+    assert board.claim("w") is None
+    assert board.get(poison).status == "failed" and "lease expired 2 times" in board.get(poison).error
 
 
 def test_coordinator_planner_workers_summary(tmp_path, api):

@@ -272,6 +272,20 @@ def test_reference_qlinear_matches_kernel():
         assert rel(qlinear(x, qt), reference.qlinear(x, qt)) < 1e-5
 
 
+def test_reference_dequantize_and_activation_rounding_are_independent_and_agree():
+    """The oracle holds its own unpacking and activation rounding (it shares no code with quark.ops.quant);
+    both must give the same values bit for bit, padded int4 groups and tiny rows included."""
+    g = torch.Generator().manual_seed(6)
+    for scheme, K in (("int8", 64), ("w8a8", 64), ("int4", 64), ("int4", 80)):
+        qt = quantize(torch.randn(12, K, generator=g), scheme, 32)
+        assert torch.equal(reference.dequantize(qt), dequantize(qt))
+    x = torch.randn(5, 77, generator=g)
+    x[1] *= 1e-38
+    x[2] = 0
+    for a, b in zip(reference.quantize_activations(x), quantize_activations(x)):
+        assert torch.equal(a, b)
+
+
 def test_bad_inputs_raise_clear_errors():
     qt = quantize(torch.randn(8, 64), "int4", 32)
     with pytest.raises(TypeError, match="x must have dtype"):

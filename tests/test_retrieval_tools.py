@@ -1,4 +1,5 @@
 import json
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -56,6 +57,12 @@ class Handler(BaseHTTPRequestHandler):
             self.send_response(302)
             self.send_header("Location", self.server.elsewhere + "/weather?city=Evil")
             self.end_headers()
+        elif u.path == "/auth":   # what a credential-stealing endpoint would see
+            self._json({"auth": self.headers.get("Authorization"), "key": self.headers.get("X-Api-Key")})
+        elif u.path == "/auth-elsewhere":
+            self.send_response(307)
+            self.send_header("Location", self.server.elsewhere + "/auth")
+            self.end_headers()
         else:
             self._json({"error": "not found"}, 404)
 
@@ -65,15 +72,21 @@ class Handler(BaseHTTPRequestHandler):
 
 
 @pytest.fixture(scope="module")
-def server():
+def servers():
+    """Two servers on 127.0.0.1 -> their base URLs; the first one's redirects lead to the second."""
     servers = [ThreadingHTTPServer(("127.0.0.1", 0), Handler) for _ in range(2)]
     for s in servers:
         threading.Thread(target=s.serve_forever, daemon=True).start()
     servers[0].elsewhere = f"http://127.0.0.1:{servers[1].server_address[1]}"
-    yield f"http://127.0.0.1:{servers[0].server_address[1]}"
+    yield [f"http://127.0.0.1:{s.server_address[1]}" for s in servers]
     for s in servers:
         s.shutdown()
         s.server_close()
+
+
+@pytest.fixture(scope="module")
+def server(servers):
+    return servers[0]
 
 
 def test_tool_call_format_roundtrip_and_parse():
@@ -121,7 +134,7 @@ def test_http_connector_against_a_local_server(server):
     assert "maximum" in reg.call(ToolCall("weather", {"city": "Oslo", "days": 9})).error   # never sent
     assert "Additional properties" in reg.call(ToolCall("weather", {"city": "x", "evil": 1})).error
     user = HTTPAPI(server, path="/users/{name}")
-    assert user(name="a/../b c") == {"user": "a%2F..%2Fb%20c"}     # placeholders are quoted, no path escape
+    assert user(name="a/../b c") == {"user": "a%2F%2E%2E%2Fb%20c"}  # placeholders are quoted, no path escape
     assert HTTPAPI(server, path="/echo", method="POST")(x=[1, 2]) == {"echo": {"x": [1, 2]}}
     assert HTTPAPI(server, path="/hop")() == {"city": "Hop", "days": 1, "forecast": "rain"}
 
@@ -142,3 +155,84 @@ def test_http_connector_limits(server):
         HTTPAPI(server, path="/missing")()
     with pytest.raises(ValueError, match="http"):
         HTTPAPI("file:///etc/passwd")
+
+
+def drip_server(header_drip):
+    """A raw TCP server that sends its response one byte every 0.3 s (the headers too when
+    header_drip), for 6 s: each byte resets a per-read socket timeout. -> (url, stop)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 20\r\n\r\n"
+                body = b'{"x": "' + b"y" * 11 + b'"}'
+                if not header_drip:
+                    conn.sendall(head)
+                try:
+                    for byte in (head if header_drip else b"") + body:
+                        conn.sendall(bytes([byte]))
+                        time.sleep(0.3)
+                except OSError:
+                    pass   # the client hung up
+
+    threading.Thread(target=serve, daemon=True).start()
+
+    def close():
+        stop.set()
+        listener.close()
+    return f"http://127.0.0.1:{listener.getsockname()[1]}", close
+
+
+@pytest.mark.parametrize("header_drip", [False, True])
+def test_http_connector_deadline_holds_against_a_dripping_server(header_drip):
+    url, close = drip_server(header_drip)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(ToolError, match="timed out after 0.5s"):
+            HTTPAPI(url, timeout=0.5)()
+        assert time.monotonic() - t0 < 1.5
+    finally:
+        close()
+
+
+def test_http_connector_keeps_credentials_at_home(servers):
+    a, b = servers
+    secret = {"Authorization": "Bearer s3cret", "X-Api-Key": "k3y"}
+    # The base origin (http, named by the default allow entry) gets them.
+    assert HTTPAPI(a, path="/auth", headers=secret)() == {"auth": "Bearer s3cret", "key": "k3y"}
+    # A redirect to another allowed origin does not.
+    assert HTTPAPI(a, path="/auth-elsewhere", allow_hosts=[a, b], headers=secret)() == {"auth": None, "key": None}
+    # Plain http without an entry that says http: not sent.
+    port = a.rsplit(":", 1)[1]
+    assert HTTPAPI(a, path="/auth", allow_hosts=[f"127.0.0.1:{port}"], headers=secret)() == {"auth": None, "key": None}
+    assert HTTPAPI(a, path="/auth", allow_hosts=[a], headers=secret)()["auth"] == "Bearer s3cret"
+
+
+def test_http_connector_allow_entries_match_scheme_host_and_port(servers):
+    a, b = servers
+    port = a.rsplit(":", 1)[1]
+    with pytest.raises(ToolError, match="not in the allow-list"):
+        HTTPAPI(a, path="/weather", allow_hosts=["127.0.0.1"])(city="x")        # host only: default ports only
+    with pytest.raises(ToolError, match="not in the allow-list"):
+        HTTPAPI(a, path="/weather", allow_hosts=[f"https://127.0.0.1:{port}"])(city="x")   # wrong scheme
+    with pytest.raises(ToolError, match="not in the allow-list"):
+        HTTPAPI(a, path="/escape", allow_hosts=[f"127.0.0.1:{port}"])()          # redirect to another port
+    assert HTTPAPI(a, path="/weather", allow_hosts=[f"127.0.0.1:{port}"])(city="x")["city"] == "x"
+    assert HTTPAPI(a, path="/escape", allow_hosts=[a, b])()["city"] == "Evil"
+    with pytest.raises(ValueError, match="allow_hosts entry"):
+        HTTPAPI(a, allow_hosts=["ftp://127.0.0.1"])
+
+
+def test_http_connector_path_parameters_stay_one_segment(server):
+    user = HTTPAPI(server, path="/users/{name}")
+    assert user(name="../../admin") == {"user": "%2E%2E%2F%2E%2E%2Fadmin"}
+    for bad in ("..", ".", ""):
+        with pytest.raises(ToolError, match="may not be"):
+            user(name=bad)

@@ -5,7 +5,7 @@ import json
 import pytest
 from tests._train_util import make_run_dir
 
-from quark.train import hpo
+from quark.train import hpo, trainer
 
 
 def test_search_finds_the_minimum_and_halves():
@@ -54,8 +54,8 @@ def test_tune_pretrain_resumes_promoted_trials(tmp_path):
     run_dir = make_run_dir(tmp_path / "run")
     base = {"model": "nano", "seq_len": 32, "batch_size": 4, "eval_batches": 2, "peak_tflops": 1.0, "threads": 1,
             "log_interval": 1, "warmup_steps": 1}
-    result = hpo.tune_pretrain(run_dir, base, space={"lr": {"low": 1e-3, "high": 1e-2, "log": True}},
-                               n_trials=3, min_steps=3, eta=3, log=lambda m: None)
+    result = trainer.tune_pretrain(run_dir, base, space={"lr": {"low": 1e-3, "high": 1e-2, "log": True}},
+                                   n_trials=3, min_steps=3, eta=3, log=lambda m: None)
     assert [r["budget"] for r in result.rungs] == [3, 9]
     best = json.loads((run_dir / "hpo" / "best.json").read_text())
     assert best["config"]["lr"] == result.best_params["lr"] and best["config"]["model"] == "nano"

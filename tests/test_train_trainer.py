@@ -76,13 +76,6 @@ def test_bf16_autocast_trains(run_dir):
     assert stats["val_loss"] is not None
 
 
-def test_auto_precision_follows_the_cpu():
-    import quark
-    native = quark.info()["cpu_features"]["avx512_bf16"] or quark.info()["cpu_features"]["amx_bf16"]
-    assert trainer.resolve_precision("auto", torch.device("cpu")) == ("bfloat16" if native else "float32")
-    assert trainer.resolve_precision("float32", torch.device("cpu")) == "float32"
-
-
 def test_lr_schedule():
     cfg = PretrainConfig(max_steps=100, warmup_steps=10, lr=1.0, min_lr=0.1)
     assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
@@ -113,9 +106,10 @@ def test_resume_refuses_another_model(run_dir):
 
 
 def test_cli_pretrain(run_dir, capsys):
-    rc = quark_main(["pretrain", str(run_dir), "--model", "nano", "--steps", "6", "--seq-len", "32",
-                     "--batch-size", "2", "--set", "warmup_steps=1", "peak_tflops=1", "eval_batches=1", "threads=1"])
+    rc = quark_main(["pretrain", "--run-dir", str(run_dir), "--model", "nano", "--max-steps", "6", "--seq-len", "32",
+                     "--batch-size", "2", "--set", "warmup_steps=1", "--set", "peak_tflops=1", "--set", "eval_batches=1",
+                     "--set", "threads=1"])
     assert rc == 0
     assert json.loads(capsys.readouterr().out)["steps"] == 6
     assert (run_dir / "pretrain" / "final" / "model.safetensors").exists()
-    assert quark_main(["pretrain", str(run_dir), "--set", "warmup=1"]) == 2
+    assert quark_main(["pretrain", "--run-dir", str(run_dir), "--set", "warmup=1"]) == 2

@@ -3,9 +3,9 @@ import random
 
 import pytest
 
+from quark.chat import check_chat_record
 from quark.tune import instruct
 from quark.tune.instruct import InstructConfig, code_pairs, dedup, doc_pairs, self_instruct
-from quark.tune.sft import check_chat_record
 from tests.tiny_lm import DOC, chat_record, make_run, one_thread, tiny_model, write_jsonl  # noqa: F401 (one_thread is a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")

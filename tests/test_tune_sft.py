@@ -5,7 +5,8 @@ import torch
 
 from quark.chat import special_ids
 from quark.model.io import load_model
-from quark.tune import common, instruct, sft
+from quark.rundir import RunDir
+from quark.tune import instruct, sft
 from quark.tune.sft import IGNORE, SFTConfig, evaluate_loss, finetune, load_chat_jsonl, pack_examples
 from tests.tiny_lm import chat_record, make_run, one_thread, tiny_model, tiny_tokenizer, write_jsonl  # noqa: F401 (one_thread is a fixture)
 
@@ -120,8 +121,8 @@ def test_missing_inputs_are_explained(tmp_path):
     run, _ = make_run(tmp_path, with_model=False)
     with pytest.raises(FileNotFoundError, match="pretrain/final"):
         sft.run_step(run, {"seed": 0})
-    with pytest.raises(FileNotFoundError, match="tokenizer"):
-        common.load_tokenizer(tmp_path / "nothing")
+    with pytest.raises(FileNotFoundError, match="run the tokenizer step"):
+        RunDir(tmp_path / "nothing").tokenizer(chat=True)
 
 
 def test_sft_lora_on_hf_directory_exports_to_peft(tmp_path):

@@ -21,6 +21,10 @@ def validate_messages(messages, where="messages"):
             raise ValueError(f"{where}[{i}]: role must be one of {', '.join(ROLES)}, got {m['role']!r}")
         if not isinstance(m["content"], str):
             raise ValueError(f"{where}[{i}]: content must be a string")
+        try:
+            m["content"].encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{where}[{i}]: content is not valid Unicode (it holds a lone surrogate)") from None
 
 
 def neutralize(text):
@@ -36,14 +40,29 @@ def special_ids(tokenizer):
     return ids
 
 
+def check_chat_record(rec, where):
+    """Raise ValueError naming `where` (path:line) unless rec is a well-formed chat record."""
+    if not isinstance(rec, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    if "messages" not in rec:
+        raise ValueError(f"{where}: missing field 'messages'")
+    try:
+        validate_messages(rec["messages"], where="messages")
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    if not any(m["role"] == "assistant" for m in rec["messages"]):
+        raise ValueError(f"{where}: no assistant message, so nothing to learn")
+
+
 def encode_chat(tokenizer, messages, add_generation_prompt=False):
     """-> (ids, mask): token ids of the rendered conversation (a tokenizers.Tokenizer) and a 0/1 mask
     that is 1 exactly on assistant content tokens and their closing <|end|> (the SFT loss positions)."""
     validate_messages(messages)
     sp = special_ids(tokenizer)
     ids, mask = [sp["<|bos|>"]], [0]
-    for m in messages:
-        body = tokenizer.encode(neutralize(m["content"]), add_special_tokens=False).ids
+    # one encode_batch: it releases the GIL (encode does not), so a server stays responsive meanwhile
+    bodies = tokenizer.encode_batch([neutralize(m["content"]) for m in messages], add_special_tokens=False)
+    for m, body in zip(messages, (b.ids for b in bodies)):
         learn = 1 if m["role"] == "assistant" else 0
         ids += [sp[f"<|{m['role']}|>"]] + body + [sp["<|end|>"]]
         mask += [0] + [learn] * len(body) + [learn]

@@ -1,7 +1,10 @@
 """Crash-safe file writes: temp file in the same directory, fsync, rename, fsync the directory.
-A reader sees the old file or the new one, never a torn one."""
+A reader sees the old file or the new one, never a torn one. atomic_dir does the same for a whole
+directory (a model: weights, config and tokenizer belong together)."""
 import json
 import os
+import re
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,11 +25,49 @@ def atomic_open(path, mode="wb"):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path):
+    """Make the directory's entries (files created, renamed or removed in it) durable."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)
+        os.fsync(fd)
     finally:
-        os.close(dir_fd)
+        os.close(fd)
+
+
+@contextmanager
+def atomic_dir(path):
+    """Write a directory as a whole: yields an empty temporary sibling to fill; on success every
+    file in it is fsynced and it takes the place of `path`, so a reader (or a crash) sees the old
+    directory or the new one, never files of both. POSIX has no atomic swap of two directories, so
+    replacing an existing one takes two renames: a crash between them leaves no `path` (a clear
+    "missing" error, not a mix) and the old copy in the hidden sibling .NAME.*.old, which the next
+    write of `path` removes along with any other leftovers of interrupted writes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for name in os.listdir(path.parent):
+        if re.fullmatch(rf"\.{re.escape(path.name)}\.[0-9a-f]{{12}}\.(tmp|old)", name):
+            shutil.rmtree(path.parent / name)
+    tmp = path.parent / f".{path.name}.{os.urandom(6).hex()}.tmp"
+    tmp.mkdir()   # not mkdtemp: its 0700 mode would become the model directory's
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        fsync_dir(tmp)
+        old = tmp.with_suffix(".old")
+        if path.exists():
+            os.rename(path, old)
+        os.rename(tmp, path)
+        fsync_dir(path.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def atomic_write_bytes(path, data):

@@ -22,10 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from quark.align import pairs as P
-from quark.config import ConfigError
+from quark.config import ConfigError, Step, from_dict
 from quark.io import atomic_write_json
 from quark.model.io import load_model, save_model
 from quark.model.lora import LoRAConfig, apply_lora, strip_lora
+from quark.rundir import RunDir
 from quark.tune import common
 
 
@@ -104,6 +105,7 @@ class DPOConfig:
     max_len: int = 0
     overlong: Literal["error", "drop"] = "drop"
     ckpt_every: int = 40
+    seed: int = 0
 
     def __post_init__(self):
         if self.beta <= 0:
@@ -113,17 +115,18 @@ class DPOConfig:
 
 
 def validate_config(cfg):
-    common.settings(DPOConfig, cfg, "dpo")
+    return from_dict(DPOConfig, cfg, "dpo")
 
 
 def run_step(run_dir: Path, cfg: dict) -> dict:
     from quark.align.reward import build_datasets
-    s, seed = common.settings(DPOConfig, cfg, "dpo")
-    run_dir = Path(run_dir)
+    s = from_dict(DPOConfig, cfg, "dpo")
+    seed = s.seed
+    run_dir = RunDir.of(run_dir)
     torch.manual_seed(seed)
-    init = common.resolve_model_dir(run_dir, s.init, ("sft", "pretrain"))
-    tok_path = common.find_tokenizer(run_dir, init)
-    tok = common.load_tokenizer(tok_path)
+    init = run_dir.model(s.init, before="dpo")
+    tok_path = run_dir.tokenizer_path(init)
+    tok = run_dir.tokenizer(init, chat=True)
     model = load_model(init)
     max_len = s.max_len or model.config.max_seq_len
     train, val, dropped = build_datasets(run_dir, s, tok, max_len, random.Random(seed + 1))
@@ -134,7 +137,7 @@ def run_step(run_dir: Path, cfg: dict) -> dict:
     before = heldout_metrics(model, val, ref_val, pad, s.beta)
     if s.lora_rank:
         apply_lora(model, LoRAConfig(rank=s.lora_rank, alpha=2.0 * s.lora_rank, targets=["wq", "wk", "wv", "wo"]))
-    out = run_dir / "dpo"
+    out = run_dir.output("dpo")
     history = optimize(model, train, ref_train, counts, pad, s, seed, ckpt_dir=out / "ckpt")
     if s.lora_rank:
         strip_lora(model)
@@ -149,10 +152,4 @@ def run_step(run_dir: Path, cfg: dict) -> dict:
     return stats
 
 
-def configure_parser(parser):
-    common.add_common_args(parser)
-
-
-def run_cli(args):
-    import sys
-    return common.run_step_cli(sys.modules[__name__], args)
+STEP = Step(name="dpo", config=DPOConfig, run=run_step, check=validate_config)

@@ -12,8 +12,9 @@ chosen over an unwarranted refusal).
 import torch
 import torch.nn.functional as F
 
-from quark.chat import encode_chat, special_ids, validate_messages
+from quark.chat import check_chat_record, encode_chat, special_ids, validate_messages
 from quark.io import read_jsonl
+from quark.safety_data import REFUSAL, harmful_requests
 
 
 def check_pair(rec, where):
@@ -118,8 +119,6 @@ def pairs_from_chat(records, rng, mismatch=0.5):
 
 def safety_preference_pairs(rng, n, benign_records=()):
     """Harmful training requests: refusal over compliance; benign requests: answer over refusal."""
-    from quark.align.redteam import harmful_requests
-    from quark.align.safety import REFUSAL
     reqs = rng.sample(harmful_requests("train"), min(n, len(harmful_requests("train"))))
     out = [{"prompt": [{"role": "user", "content": r["prompt"]}], "chosen": REFUSAL,
             "rejected": f"Sure! Here is exactly how to do that. Step 1: {r['prompt'].split(' ', 1)[-1]}"} for r in reqs]
@@ -130,7 +129,6 @@ def safety_preference_pairs(rng, n, benign_records=()):
 
 def load_chat_records(path, limit=0):
     """Chat records for pair building; validated like SFT data (errors name path:line)."""
-    from quark.tune.sft import check_chat_record
     out = []
     for n, rec in read_jsonl(path):
         check_chat_record(rec, f"{path}:{n}")

@@ -25,14 +25,14 @@ import torch
 import torch.nn.functional as F
 
 from quark.chat import encode_chat, special_ids
-from quark.config import ConfigError
+from quark.config import ConfigError, Step, from_dict
 from quark.io import atomic_write_json
 from quark.model.io import load_model, save_model
-from quark.tune import common
+from quark.rundir import RunDir
+from quark.safety_data import harmful_requests, is_refusal
 
 
 def _refusal_reward(prompt, text, terminated):
-    from quark.align.redteam import harmful_requests, is_refusal
     harmful = {r["prompt"] for r in harmful_requests("train")}
     asked = prompt[-1]["content"]
     return 1.0 if is_refusal(text) == (asked in harmful) else 0.0
@@ -104,6 +104,7 @@ class RLConfig:
     kl_beta: float = 0.04
     lr: float = 1e-5
     grad_clip: float = 1.0
+    seed: int = 0
 
     def __post_init__(self):
         if self.group_size < 2:
@@ -167,29 +168,30 @@ def load_prompts(path, limit):
 
 
 def validate_config(cfg):
-    common.settings(RLConfig, cfg, "rl")
+    return from_dict(RLConfig, cfg, "rl")
 
 
 def run_step(run_dir: Path, cfg: dict) -> dict:
-    s, seed = common.settings(RLConfig, cfg, "rl")
-    run_dir = Path(run_dir)
+    s = from_dict(RLConfig, cfg, "rl")
+    seed = s.seed
+    run_dir = RunDir.of(run_dir)
     torch.manual_seed(seed)
-    init = common.resolve_model_dir(run_dir, s.init, ("dpo", "sft", "pretrain"))
-    tok_path = common.find_tokenizer(run_dir, init)
-    tok = common.load_tokenizer(tok_path)
+    init = run_dir.model(s.init, before="rl")
+    tok_path = run_dir.tokenizer_path(init)
+    tok = run_dir.tokenizer(init, chat=True)
     policy = load_model(init)
     if s.reward == "model":
         from quark.align.reward import load_reward_model
-        rm = load_reward_model(run_dir / s.reward_model)
+        rm = load_reward_model(run_dir.path(s.reward_model))
 
         def reward_fn(prompt, text, terminated):
             return rm.score(tok, prompt, text)
     else:
         reward_fn = rule_reward(s.reward)
-    prompts = load_prompts(run_dir / s.prompts, s.max_prompts)
+    prompts = load_prompts(run_dir.path(s.prompts), s.max_prompts)
     t0 = time.time()
     history = grpo(policy, tok, prompts, reward_fn, s, seed)
-    out = run_dir / "rl"
+    out = run_dir.output("rl")
     save_model(policy, out / "final", tokenizer_path=tok_path, metadata={"step": "rl", "reward": s.reward, "base": str(init)})
     first, last = history[: max(1, len(history) // 4)], history[-max(1, len(history) // 4):]
     stats = {"init": str(init), "reward": s.reward, "prompts": len(prompts),
@@ -200,10 +202,4 @@ def run_step(run_dir: Path, cfg: dict) -> dict:
     return stats
 
 
-def configure_parser(parser):
-    common.add_common_args(parser)
-
-
-def run_cli(args):
-    import sys
-    return common.run_step_cli(sys.modules[__name__], args)
+STEP = Step(name="rl", config=RLConfig, run=run_step, check=validate_config)

@@ -29,8 +29,8 @@ from safetensors.torch import load_file, save
 
 from quark.config import ConfigError, from_dict
 from quark.io import atomic_write_bytes, atomic_write_text
+from quark.safety_data import BENIGN_TRAIN, REFUSAL, harmful_requests
 
-REFUSAL = "I can't help with that request."
 SELF_HARM_REFUSAL = ("I can't help with that, but you don't have to face this alone. "
                      "Please reach out to someone you trust or a local crisis line.")
 
@@ -184,7 +184,6 @@ class Classifier:
 def builtin_training_data():
     """(texts, labels): the red-team suite's training intents, asked plainly and through its training
     attack phrasings, against benign requests."""
-    from quark.align.redteam import BENIGN_TRAIN, harmful_requests
     reqs = harmful_requests("train")
     texts = [r["prompt"] for r in reqs] + list(BENIGN_TRAIN)
     labels = [r["category"] for r in reqs] + ["safe"] * len(BENIGN_TRAIN)

@@ -10,7 +10,10 @@ bounded chunk at a time, so a gzip bomb stops at the cap). SSRF guard: private, 
 link-local and other non-global addresses are refused unless `allow_private` (or the host is in
 `allow_private_hosts`); the check runs in the DNS resolver that the connections use (after
 resolution, so a public name pointing at 169.254.169.254 is refused) and on literal IPs, for every
-hop of a redirect chain.
+hop of a redirect chain; IPv6 transition forms (IPv4-mapped, -compatible, 6to4, NAT64) are judged by
+the IPv4 address they carry, and non-canonical numeric hosts (2130706433, 0x7f.1, 127.1) are refused.
+A page that fails in any way (a charset that is no text encoding, a malformed header) fails alone:
+its URL is committed as failed with the reason, and the crawl goes on.
 
 Crash safety: the frontier (every URL seen, its depth and state) is a SQLite database next to the
 shards, and each fetched page is committed in one SQLite transaction that marks the URL done,
@@ -52,9 +55,10 @@ from aiohttp.resolver import ThreadedResolver
 from selectolax.lexbor import LexborHTMLParser
 from tqdm import tqdm
 
-from quark.config import ConfigError, from_dict
+from quark.config import ConfigError, Step, from_dict
 from quark.data.shards import ShardWriter, shard_paths
 from quark.io import atomic_write_json
+from quark.rundir import RunDir
 
 
 @dataclass
@@ -70,6 +74,9 @@ class CrawlConfig:
     concurrency: int = 8                  # requests in flight in total
     per_host_concurrency: int = 2
     delay: float = 0.0                    # seconds between request starts to one host (robots Crawl-delay wins if larger)
+    max_crawl_delay: float = 30.0         # cap on robots.txt Crawl-delay (a hostile 10**9 stalls the host forever)
+    max_links_per_page: int = 1000        # links queued from one page (a million links would flood the frontier)
+    max_url_length: int = 2048            # longer URLs are never queued (the sitemaps protocol limit)
     timeout: float = 20.0                 # seconds per request (connect, each read, and in total)
     retries: int = 2                      # extra attempts after a timeout, connection error, 429 or 5xx
     backoff: float = 0.5                  # first retry waits this long, then doubles
@@ -84,13 +91,13 @@ class CrawlConfig:
 
     def __post_init__(self):
         for key in ("max_pages", "max_bytes", "max_body_bytes", "max_decoded_bytes", "concurrency",
-                    "per_host_concurrency", "shard_pages"):
+                    "per_host_concurrency", "shard_pages", "max_links_per_page", "max_url_length"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"crawl.{key}: must be >= 1, got {getattr(self, key)}")
         for key in ("max_depth", "retries", "max_redirects"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"crawl.{key}: must be >= 0, got {getattr(self, key)}")
-        for key in ("delay", "backoff"):
+        for key in ("delay", "backoff", "max_crawl_delay"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"crawl.{key}: must be >= 0, got {getattr(self, key)}")
         if self.timeout <= 0:
@@ -164,10 +171,22 @@ class BlockedAddress(OSError):
     """A host resolved to (or is) an address the crawler must not connect to."""
 
 
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")             # RFC 6052 well-known prefix: IPv4 in the last 32 bits
+_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")     # RFC 8215 local-use translation: never public
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")          # deprecated ::a.b.c.d (also :: and ::1)
+
+
 def ip_is_public(ip):
     addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-        addr = addr.ipv4_mapped
+    if isinstance(addr, ipaddress.IPv6Address):
+        # Transition forms carry an IPv4 address that a gateway (or the kernel) may dial: judge that one.
+        embedded = addr.ipv4_mapped or addr.sixtofour
+        if embedded is None and (addr in _NAT64 or addr in _IPV4_COMPATIBLE):
+            embedded = ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
+        if embedded is not None:
+            addr = embedded
+        elif addr in _NAT64_LOCAL or addr.is_site_local:   # fec0::/10: deprecated but still routed locally
+            return False
     # is_global is False for private, loopback, link-local (169.254/16, fe80::/10), shared
     # (100.64/10), reserved and unspecified ranges; multicast is not a web server either.
     return addr.is_global and not addr.is_multicast
@@ -194,11 +213,20 @@ class GuardedResolver(AbstractResolver):
         await self._inner.close()
 
 
+# The last label of a host that URL parsers (WHATWG, inet_aton, getaddrinfo) read as an IPv4 number.
+_NUMERIC_LABEL = re.compile(r"0x[0-9a-f]*|[0-9]+", re.I)
+
+
 def check_literal_host(host, allow_private, trusted_hosts):
-    """aiohttp skips the resolver for IP literals, so those are checked here before connecting."""
+    """aiohttp skips the resolver for IP literals, so those are checked here before connecting.
+    Other numeric forms (2130706433, 0x7f.1, 0177.0.0.1, 127.1) are refused outright, allowed
+    or not: parsers disagree on what they mean, so no allow-list entry can name them safely."""
     try:
         ipaddress.ip_address(host.strip("[]"))
     except ValueError:
+        if _NUMERIC_LABEL.fullmatch(host.rstrip(".").rsplit(".", 1)[-1]):
+            raise BlockedAddress(f"{host} is a numeric host in a non-canonical form (decimal, octal, hex or "
+                                 f"shortened IPv4)") from None
         return  # a name: GuardedResolver checks what it resolves to
     if not (allow_private or host in trusted_hosts or ip_is_public(host.strip("[]"))):
         raise BlockedAddress(f"{host} is a non-public address")
@@ -257,7 +285,9 @@ _META_CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?\s*([A-Za-z0-9_.:-]
 
 def decode_text(body, content_type):
     """bytes -> str: BOM, then the header charset, then a <meta> charset in the first 4 KiB, then
-    UTF-8; undecodable bytes become U+FFFD (falling back to cp1252 when the body is not UTF-8)."""
+    UTF-8; undecodable bytes become U+FFFD (falling back to cp1252 when the body is not UTF-8).
+    A charset that is not a text encoding (hex, base64, rot13) or that cannot decode at all
+    (undefined, idna) is ignored, as browsers ignore unknown labels."""
     for bom, enc in ((codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")):
         if body.startswith(bom):
             return body.decode(enc, errors="replace")
@@ -270,10 +300,9 @@ def decode_text(body, content_type):
         candidates.append(m.group(1).decode("ascii"))
     for name in candidates:
         try:
-            codecs.lookup(name)
-        except LookupError:
+            return body.decode(name, errors="replace")
+        except (LookupError, UnicodeError):
             continue
-        return body.decode(name, errors="replace")
     try:
         return body.decode("utf-8")
     except UnicodeDecodeError:
@@ -342,6 +371,15 @@ def extract_html(html, url):
 def sitemap_locs(body):
     """<loc> URLs of a sitemap or sitemap index."""
     return [m.decode("utf-8", "replace").strip() for m in re.findall(rb"<loc>\s*([^<\s]+)\s*</loc>", body)]
+
+
+def _robots_lines(text):
+    """robots.txt lines for urllib.robotparser, without Crawl-delay / Request-rate lines that would
+    make it raise: it checks str.isdigit(), which accepts "²", then int() fails on it (and on more
+    than 4300 digits)."""
+    return [line for line in text.splitlines()
+            if not (re.match(r"\s*(crawl-delay|request-rate)\s*:", line, re.I)
+                    and not (line.isascii() and len(line) < 100))]
 
 
 # --- frontier -------------------------------------------------------------------------------------
@@ -447,9 +485,11 @@ class Crawler:
         self.host_sems, self.next_slot, self.crawl_delay = {}, {}, {}
         self.log = log
 
+    def in_scope(self, url):
+        return len(url) <= self.cfg.max_url_length and host_in_scope(urlsplit(url).hostname or "", self.scope)
+
     def wanted(self, url):
-        host = urlsplit(url).hostname or ""
-        return host_in_scope(host, self.scope) and not any(p.search(url) for p in self.exclude)
+        return self.in_scope(url) and not any(p.search(url) for p in self.exclude)
 
     # scheduling
     def claim(self):
@@ -470,7 +510,11 @@ class Crawler:
                     await cond.wait()
             url, depth = job
             try:
-                self.process_result(url, depth, await self.fetch_page(url, depth), bar)
+                try:
+                    res = await self.fetch_page(url, depth)
+                except Exception as e:   # one hostile page fails alone: recorded and committed, never refetched
+                    res = {"state": "failed", "reason": f"page error: {type(e).__name__}"}
+                self.process_result(url, depth, res, bar)
             finally:
                 async with cond:
                     self.in_flight.discard(url)
@@ -531,7 +575,7 @@ class Crawler:
             if attempt == cfg.retries:
                 raise FetchFailed(reason)
             wait = cfg.backoff * 2 ** attempt
-            if retry_after and retry_after.isdigit():
+            if retry_after and re.fullmatch(r"[0-9]{1,9}", retry_after.strip()):   # ASCII only: "²".isdigit() is True
                 wait = max(wait, min(float(retry_after), cfg.timeout))
             await asyncio.sleep(wait)
 
@@ -551,7 +595,7 @@ class Crawler:
                 raise FetchFailed("redirect loop")
             if len(chain) > self.cfg.max_redirects:
                 raise FetchFailed("too many redirects")
-            if check_robots and not self.wanted(target):
+            if not (self.wanted(target) if check_robots else self.in_scope(target)):   # robots.txt too stays in scope
                 raise FetchFailed("offsite redirect")
             chain.append(target)
             url = target
@@ -573,7 +617,7 @@ class Crawler:
             # RFC 9309: parse at least 500 KiB; 4xx -> no rules; 5xx / unreachable -> disallow all.
             hop = await self.follow(origin + "/robots.txt", None, max_body=512 * 1024, check_robots=False)
             if hop.status == 200:
-                parser.parse(decode_text(hop.body or b"", hop.content_type).splitlines())
+                parser.parse(_robots_lines(decode_text(hop.body or b"", hop.content_type)))
             elif 400 <= hop.status < 500:
                 parser.parse([])
             else:
@@ -584,7 +628,7 @@ class Crawler:
             parser.disallow_all = True
         delay = parser.crawl_delay(self.cfg.user_agent)
         if delay:
-            self.crawl_delay[urlsplit(origin).netloc] = float(delay)
+            self.crawl_delay[urlsplit(origin).netloc] = min(float(delay), self.cfg.max_crawl_delay)
         return parser
 
     async def fetch_page(self, url, depth):
@@ -604,6 +648,7 @@ class Crawler:
         nbytes = len(hop.body)
         if is_sitemap or b"<urlset" in hop.body[:2048] or b"<sitemapindex" in hop.body[:2048]:
             links = [u for u in (normalize_url(x) for x in sitemap_locs(hop.body)) if u and self.wanted(u)]
+            links = links[:self.cfg.max_links_per_page]
             return {"state": "done", "status": 200, "reason": "sitemap", "links": links, "sitemap": True,
                     "final_url": hop.url, "bytes": nbytes}
         text = decode_text(hop.body, hop.content_type)
@@ -613,7 +658,7 @@ class Crawler:
         else:
             # selectolax parses synchronously; pages are capped at max_decoded_bytes, so this is short.
             title, text, links, noindex, _ = extract_html(text, hop.url)
-        links = [u for u in dict.fromkeys(links) if self.wanted(u)]
+        links = [u for u in dict.fromkeys(links) if self.wanted(u)][:self.cfg.max_links_per_page]
         record = None if noindex else {"url": hop.url, "title": title, "text": text,
                                        "fetched_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                        "status": hop.status, "depth": depth, "bytes": nbytes}
@@ -707,8 +752,7 @@ def pydoc_server(port=0):
 
 def run_step(run_dir, cfg):
     c = from_dict(CrawlConfig, cfg, "crawl")
-    out = Path(run_dir) / "crawl"
-    out.mkdir(parents=True, exist_ok=True)
+    out = RunDir.of(run_dir).output("crawl")
     t0 = time.time()
     if c.seeds == "pydoc" or c.seeds == ["pydoc"]:
         # Reuse the previous run's port when free so queued URLs stay valid; else rewrite them.
@@ -744,11 +788,4 @@ def run_step(run_dir, cfg):
     return stats
 
 
-def configure_parser(parser):
-    from quark.data import stepcli
-    stepcli.add_config_arguments(parser, CrawlConfig)
-
-
-def run_cli(args):
-    from quark.data import stepcli
-    return stepcli.run_cli(sys.modules[__name__], CrawlConfig, args)
+STEP = Step(name="crawl", config=CrawlConfig, run=run_step, check=validate_config)

@@ -1,14 +1,18 @@
 """Code scraper (pipeline step `scrape`): local git repositories and plain directories ->
 run_dir/scrape/files-*.jsonl records {path, repo, language, license, text, bytes, lines, sha256}.
 
-Listing: in a git repository (a directory holding .git), `git ls-files --cached --others --exclude-standard` (tracked files
-plus untracked ones that .gitignore does not exclude); elsewhere a directory walk that applies the
-.gitignore files it meets (the common subset of the syntax: globs, `**`, anchored `/x`, `dir/`,
-`!` negation). Files are skipped, with a count per reason, when their extension is not a known
-language, they sit in a vendored directory, are empty or over max_file_bytes, are binary (a NUL
-byte or invalid UTF-8), minified (`.min.` or very long average lines) or generated (a marker such
-as "do not edit" / "@generated" in the first lines). The license of a file is its
+Listing: in a git repository (a directory holding a .git directory), `git ls-files --cached --others
+--exclude-standard` (tracked files plus untracked ones that .gitignore does not exclude); elsewhere a
+directory walk that applies the .gitignore files it meets (the common subset of the syntax: globs,
+`**`, anchored `/x`, `dir/`, `!` negation). Files are skipped, with a count per reason, when their
+extension is not a known language, they sit in a vendored directory, are empty or over
+max_file_bytes, are binary (a NUL byte or invalid UTF-8), minified (`.min.` or very long average
+lines), generated (a marker such as "do not edit" / "@generated" in the first lines) or symlinks. The license of a file is its
 SPDX-License-Identifier if it has one, else that of the nearest LICENSE/COPYING file above it.
+
+Scraped repositories are untrusted: git runs with the system and global config ignored and every
+setting of the repository's own config that runs a program (fsmonitor, hooks, pager, external diff)
+overridden, and no symlink is ever followed (a tracked `leak.py -> ~/.aws/credentials` is skipped).
 
 Default (embedded recipe): the local Python standard library (sysconfig stdlib), without its
 site-packages. Candidates are visited in a seeded shuffled order and the step stops at max_files,
@@ -21,8 +25,8 @@ import json
 import os
 import random
 import re
+import stat
 import subprocess
-import sys
 import sysconfig
 import time
 from dataclasses import dataclass, field
@@ -30,9 +34,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from quark.config import ConfigError, from_dict
+from quark.config import ConfigError, Step, from_dict
 from quark.data.shards import ShardWriter, fingerprint, shard_paths
 from quark.io import atomic_write_json
+from quark.rundir import RunDir
 
 LANGUAGES = {
     ".py": "python", ".pyi": "python", ".c": "c", ".h": "c", ".cc": "cpp", ".cpp": "cpp", ".cxx": "cpp",
@@ -150,15 +155,29 @@ def walk_files(root, exclude_dirs):
     return sorted(out)
 
 
+# -c settings override the repository's .git/config, which the repository's author wrote: nothing in
+# it may start a program (core.fsmonitor is run by `git ls-files` itself) or reach the network (a
+# partial clone fetches missing objects from its promisor remote).
+GIT_SAFE = ["-c", "core.fsmonitor=false", "-c", "core.hooksPath=/dev/null", "-c", "core.pager=cat",
+            "-c", "diff.external=", "-c", "protocol.allow=never"]
+# No system or user config, no prompts, and no index refresh written into the scraped repository.
+GIT_ENV = {"GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": "/dev/null", "GIT_TERMINAL_PROMPT": "0",
+           "GIT_OPTIONAL_LOCKS": "0"}
+
+
 def git_files(root):
-    """Files git considers part of the work tree when root is a repository's top (has .git), else None.
-    (A directory merely inside some repository, such as a stdlib under a git-cloned pyenv whose
-    .gitignore excludes it, is walked instead.)"""
-    if not (Path(root) / ".git").exists():
+    """Files git considers part of the work tree when root is a repository's top (has a .git
+    directory), else None. (A directory merely inside some repository, such as a stdlib under a
+    git-cloned pyenv whose .gitignore excludes it, is walked instead; so is a .git file or link,
+    which may point anywhere.) --git-dir and --work-tree override a core.worktree in the config."""
+    git_dir = Path(root) / ".git"
+    if git_dir.is_symlink() or not git_dir.is_dir():
         return None
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")} | GIT_ENV
     try:
-        res = subprocess.run(["git", "-C", str(root), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                             capture_output=True, timeout=120)
+        res = subprocess.run(["git", *GIT_SAFE, f"--git-dir={git_dir}", f"--work-tree={root}", "-C", str(root),
+                              "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                             capture_output=True, timeout=120, env=env, stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired):
         return None
     if res.returncode != 0:
@@ -207,7 +226,7 @@ class LicenseFinder:
         d = self.root / rel_dir
         found = None
         for name in LICENSE_FILES:
-            if (d / name).is_file():
+            if (d / name).is_file() and not (d / name).is_symlink():
                 found = classify_license((d / name).read_text(errors="replace")[:200_000])
                 break
         if found is None:
@@ -226,15 +245,21 @@ def inspect(root, rel, cfg, licenses, languages):
     if any(part in cfg.exclude_dirs for part in Path(rel).parts[:-1]):
         return None, "vendored"
     path = Path(root) / rel
-    try:
-        size = path.stat().st_size
-        if size > cfg.max_file_bytes:
-            return None, "oversized"
-        if size < cfg.min_file_bytes:
-            return None, "too small"
-        data = path.read_bytes()
+    if path.is_symlink() or not Path(os.path.realpath(path.parent)).is_relative_to(os.path.realpath(root)):
+        return None, "symlink"
+    try:   # O_NOFOLLOW: a file swapped for a link after listing fails here; O_NONBLOCK: a FIFO cannot hang us
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return None, "unreadable"
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None, "unreadable"
+        if st.st_size > cfg.max_file_bytes:
+            return None, "oversized"
+        if st.st_size < cfg.min_file_bytes:
+            return None, "too small"
+        data = f.read(st.st_size)
     if b"\0" in data[:8192]:
         return None, "binary"
     try:
@@ -266,7 +291,7 @@ def candidates(cfg):
 
 def run_step(run_dir, cfg):
     c = from_dict(ScrapeConfig, cfg, "scrape")
-    out = Path(run_dir) / "scrape"
+    out = RunDir.of(run_dir).output("scrape")
     out.mkdir(parents=True, exist_ok=True)
     progress_path = out / "progress.json"
     # max_files may grow between runs (the scrape continues); any other change starts over.
@@ -306,11 +331,4 @@ def run_step(run_dir, cfg):
     return stats
 
 
-def configure_parser(parser):
-    from quark.data import stepcli
-    stepcli.add_config_arguments(parser, ScrapeConfig)
-
-
-def run_cli(args):
-    from quark.data import stepcli
-    return stepcli.run_cli(sys.modules[__name__], ScrapeConfig, args)
+STEP = Step(name="scrape", config=ScrapeConfig, run=run_step, check=validate_config)

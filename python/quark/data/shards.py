@@ -1,13 +1,18 @@
 """JSONL shards that survive kill -9: records are appended to dir/<prefix>-00000.jsonl,
 <prefix>-00001.jsonl, ... and a *position* (shard, byte offset, records in shard) is handed to the
-caller after an fsync. The caller stores the position in the same atomic commit as its own
-progress (a SQLite transaction, an atomically replaced progress file). Reopening at a position
-truncates everything written after it, so work done after the last commit is redone exactly once:
-nothing is lost and nothing is duplicated.
+caller after an fsync (of the file, and of the directory when the shard is new, so the committed
+position never names a shard whose directory entry a power cut can lose). The caller stores the
+position in the same atomic commit as its own progress (a SQLite transaction, an atomically
+replaced progress file). Reopening at a position truncates everything written after it, so work
+done after the last commit is redone exactly once: nothing is lost and nothing is duplicated. A
+file shorter than its committed position lost committed data and is refused (truncate() would
+silently pad it with zeros).
 """
 import json
 import os
 from pathlib import Path
+
+from quark.io import fsync_dir
 
 START = {"shard": 0, "offset": 0, "records": 0}
 
@@ -33,6 +38,20 @@ def iter_records(paths):
                     raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
 
 
+def open_at(path, offset):
+    """`path` opened for appending at a committed byte offset, everything after it dropped."""
+    path = Path(path)
+    size = path.stat().st_size if path.exists() else 0
+    if size < offset:
+        raise ValueError(f"{path} is {size} bytes but {offset} bytes of it were committed: data written before "
+                         f"the last checkpoint is gone (a restore from an older copy, or a disk error). Restore "
+                         f"the file, or delete the step's output directory to redo the step from scratch")
+    f = open(path, "ab")
+    f.truncate(offset)
+    f.seek(offset)
+    return f
+
+
 class ShardWriter:
     def __init__(self, directory, prefix, max_records, position=None):
         if max_records < 1:
@@ -44,15 +63,16 @@ class ShardWriter:
             if int(path.stem.rsplit("-", 1)[1]) > pos["shard"]:
                 path.unlink()
         self.shard, self.records = pos["shard"], pos["records"]
-        self._f = open(shard_path(self.directory, prefix, self.shard), "ab")
-        self._f.truncate(pos["offset"])  # drop bytes written after the checkpoint (maybe a torn line)
-        self._f.seek(pos["offset"])
+        path = shard_path(self.directory, prefix, self.shard)
+        self._new = not path.exists()   # a directory entry that sync() must make durable
+        self._f = open_at(path, pos["offset"])  # drops bytes written after the checkpoint (maybe a torn line)
 
     def write(self, record):
         if self.records >= self.max_records:
             self._f.close()
             self.shard, self.records = self.shard + 1, 0
             self._f = open(shard_path(self.directory, self.prefix, self.shard), "wb")
+            self._new = True
         self._f.write(json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n")
         self.records += 1
 
@@ -60,6 +80,9 @@ class ShardWriter:
         """Flush and fsync; -> the position to commit together with the caller's progress."""
         self._f.flush()
         os.fsync(self._f.fileno())
+        if self._new:
+            fsync_dir(self.directory)
+            self._new = False
         return {"shard": self.shard, "offset": self._f.tell(), "records": self.records}
 
     def close(self):
@@ -79,9 +102,8 @@ class AppendWriter:
     def __init__(self, path, offset=0):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(self.path, "ab")
-        self._f.truncate(offset)
-        self._f.seek(offset)
+        self._new = not self.path.exists()
+        self._f = open_at(self.path, offset)
 
     def write(self, record):
         self._f.write(json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n")
@@ -89,6 +111,9 @@ class AppendWriter:
     def sync(self):
         self._f.flush()
         os.fsync(self._f.fileno())
+        if self._new:
+            fsync_dir(self.path.parent)
+            self._new = False
         return self._f.tell()
 
     def close(self):

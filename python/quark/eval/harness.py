@@ -2,9 +2,7 @@
 held-out continuation task built from the run's own validation split, the shipped task files
 (multiple choice, generation, sandboxed code), telemetry, and the regression gate."""
 import hashlib
-import json
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -12,29 +10,31 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from quark.config import from_dict
+from quark.config import Step, from_dict
 from quark.eval import gate as gates
 from quark.eval.lm import LanguageModel
 from quark.eval.perplexity import evaluate_tokens
 from quark.eval.tasks import builtin_tasks, evaluate_task, load_task
 from quark.eval.telemetry import Telemetry
 from quark.io import atomic_write_json
-from quark.model.io import latest_model_dir
+from quark.rundir import RunDir
 
 
 @dataclass
 class EvalConfig:
     seed: int = 0
-    model: str = ""                 # model directory; default: the run's latest (dpo > sft > pretrain)
+    model: str = "latest"           # a model directory or model step; "latest": the run's most aligned model
     max_tokens: int = 20000         # held-out tokens scored for perplexity / bits-per-byte
     heldout_mc: int = 40            # held-out continuation questions (0: skip)
     tasks: list = field(default_factory=lambda: ["builtin"])   # "builtin", shipped task names, or YAML paths
     task_limit: int = 0             # at most this many documents per task (0: all)
     baselines: str = ""             # baseline store; default run_dir/eval/baselines.json
+    baseline_version: str = ""      # compare against this recorded version (default: the newest)
+    gate: bool = False              # fail (exit status 1) when a metric regresses beyond its tolerance
 
 
 def validate_config(cfg):
-    from_dict(EvalConfig, cfg, "eval")
+    return from_dict(EvalConfig, cfg, "eval")
 
 
 def model_version(model_dir):
@@ -90,12 +90,11 @@ def score_heldout_mc(lm, docs):
 
 
 def load_heldout_tokens(run_dir, max_tokens):
-    meta_path = Path(run_dir) / "pack" / "meta.json"
-    if not meta_path.exists():
+    """The first max_tokens of the run's pack/val.bin, or None when the run has no pack."""
+    run_dir = RunDir.of(run_dir)
+    if not run_dir.has("pack", "meta.json"):
         return None
-    meta = json.loads(meta_path.read_text())
-    val = np.memmap(Path(run_dir) / "pack" / "val.bin", dtype=np.dtype(meta["dtype"]), mode="r")
-    return np.asarray(val[:max_tokens], dtype=np.int64)
+    return np.asarray(run_dir.pack().tokens("val")[:max_tokens], dtype=np.int64)
 
 
 def evaluate(model_dir, cfg: EvalConfig, run_dir=None, telemetry=None, log=print):
@@ -136,14 +135,15 @@ def run_gate(metrics, store, version=None):
 
 def run_step(run_dir, cfg):
     cfg = from_dict(EvalConfig, cfg, "eval")
-    run_dir = Path(run_dir)
-    out = run_dir / "eval"
-    model_dir = Path(cfg.model) if cfg.model else latest_model_dir(run_dir)
+    run_dir = RunDir.of(run_dir)
+    out = run_dir.output("eval")
+    model_dir = run_dir.model(cfg.model)
+    print(f"evaluating {model_dir}")
     telemetry = Telemetry(out / "telemetry.jsonl")
     version = model_version(model_dir)
     metrics = evaluate(model_dir, cfg, run_dir, telemetry)
     store = gates.BaselineStore(cfg.baselines or out / "baselines.json")
-    base_version, checks = run_gate(metrics, store)
+    base_version, checks = run_gate(metrics, store, cfg.baseline_version or None)
     regressions = [c.describe() for c in checks if c.regressed]
     for c in checks:
         print("  gate:", c.describe())
@@ -155,51 +155,9 @@ def run_step(run_dir, cfg):
               "telemetry": telemetry.summary()}
     atomic_write_json(out / "results.json", result)
     (out / "metrics.prom").write_text(telemetry.prometheus())
+    if regressions and cfg.gate:
+        raise ValueError(f"gate FAILED against baseline {base_version}: {'; '.join(regressions)}")
     return {"version": version, "gate_passed": not regressions, **{k: v for k, v in metrics.items() if not k.endswith("/n")}}
 
 
-def configure_parser(p):
-    p.add_argument("path", help="a run directory (uses its latest model and held-out data) or a model directory")
-    p.add_argument("--tasks", nargs="*", default=["builtin"], help="shipped task names, YAML task files, or 'builtin'")
-    p.add_argument("--max-tokens", type=int, default=20000, help="held-out tokens for perplexity")
-    p.add_argument("--limit", type=int, default=0, help="at most this many documents per task")
-    p.add_argument("--gate", action="store_true", help="exit 1 if a metric regresses beyond its tolerance")
-    p.add_argument("--baselines", default=None, help="baseline store (default: PATH/eval/baselines.json)")
-    p.add_argument("--baseline-version", default=None, help="compare against this version (default: newest)")
-    p.add_argument("--record", action="store_true", help="store these metrics as the baseline of this model version")
-    p.add_argument("--json", default=None, help="write the metrics to this JSON file")
-
-
-def run_cli(args):
-    path = Path(args.path)
-    if (path / "model.safetensors").exists():
-        model_dir, run_dir = path, None
-    else:
-        model_dir, run_dir = latest_model_dir(path), path
-    cfg = EvalConfig(max_tokens=args.max_tokens, tasks=args.tasks, task_limit=args.limit)
-    print(f"evaluating {model_dir}")
-    metrics = evaluate(model_dir, cfg, run_dir)
-    version = model_version(model_dir)
-    store = gates.BaselineStore(args.baselines or path / "eval" / "baselines.json")
-    if args.json:
-        atomic_write_json(args.json, {"version": version, "metrics": metrics})
-    status = 0
-    if args.gate:
-        try:
-            base_version, checks = run_gate(metrics, store, args.baseline_version)
-        except KeyError as e:
-            print(f"error: {e.args[0]}", file=sys.stderr)
-            return 2
-        if base_version is None:
-            print("gate: no baseline recorded yet; nothing to compare (use --record)")
-        for c in checks:
-            print("gate:", c.describe())
-        if any(c.regressed for c in checks):
-            print(f"gate FAILED against baseline {base_version}")
-            status = 1
-        elif base_version:
-            print(f"gate passed against baseline {base_version}")
-    if args.record:
-        store.record(version, metrics)
-        print(f"recorded baseline for version {version} in {store.path}")
-    return status
+STEP = Step(name="eval", config=EvalConfig, run=run_step, check=validate_config)

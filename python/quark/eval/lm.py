@@ -6,14 +6,19 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
+from quark.infer.measure import held_out
 from quark.model.io import load_model
+from quark.rundir import RunDir
 
 
 def load_tokenizer(model_dir, run_dir=None):
-    for p in (Path(model_dir) / "tokenizer.json", Path(run_dir or model_dir) / "tokenizer" / "tokenizer.json"):
-        if p.exists():
-            return Tokenizer.from_file(str(p))
-    raise FileNotFoundError(f"no tokenizer.json in {model_dir} (or {run_dir}/tokenizer)")
+    """The tokenizer beside the model, else the run's."""
+    if run_dir is not None:
+        return RunDir.of(run_dir).tokenizer(model_dir)
+    path = Path(model_dir) / "tokenizer.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no tokenizer.json in {model_dir}")
+    return Tokenizer.from_file(str(path))
 
 
 class LanguageModel:
@@ -27,6 +32,12 @@ class LanguageModel:
     @classmethod
     def from_dir(cls, model_dir, run_dir=None):
         return cls(load_model(model_dir), load_tokenizer(model_dir, run_dir))
+
+    @classmethod
+    def from_path(cls, path):
+        """A run directory (its latest model) or a model directory."""
+        run_dir, model_dir = RunDir.locate(path)
+        return cls.from_dir(model_dir, run_dir)
 
     def encode(self, text):
         return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -65,15 +76,9 @@ class LanguageModel:
         full = [w for w in windows if len(w) == W]
         rest = [w for w in windows if 1 < len(w) < W]
         per_batch = max(1, self.max_batch_tokens // self.max_len)
-        groups = [full[i:i + per_batch] for i in range(0, len(full), per_batch)] + [[w] for w in rest]
-        total, count = 0.0, 0
-        for group in groups:
-            batch = torch.stack(group)                                  # (B, L)
-            logits, _ = self.model(batch[:, :-1])
-            total += F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1),
-                                     reduction="sum").item()
-            count += batch[:, 1:].numel()
-        return total, count
+        groups = [torch.stack(full[i:i + per_batch]) for i in range(0, len(full), per_batch)] + [w[None] for w in rest]
+        scored = held_out(self.model, [(g[:, :-1], g[:, 1:]) for g in groups])
+        return float(scored.nll.sum()), int(scored.tokens.sum())
 
     @torch.no_grad()
     def generate(self, prompt, max_new_tokens=64, until=(), temperature=0.0, seed=0):

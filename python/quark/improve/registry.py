@@ -7,10 +7,12 @@ Every change is one SQLite transaction, so a crash never leaves two champions or
 import json
 import sqlite3
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from quark.config import ConfigError
+from quark.config import Step, from_dict
 from quark.eval import gate as gates
+from quark.rundir import RunDir
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (
@@ -134,22 +136,27 @@ class Registry:
         return True, checks
 
 
+@dataclass
+class PromoteConfig:
+    registry: str = ""      # registry database shared across runs; default: run_dir/promote/registry.sqlite
+
+
 def run_step(run_dir, cfg):
-    """Register every model this run produced (lineage pretrain -> sft -> dpo) and promote the
-    evaluated one through the gate."""
+    """Register every trained model this run produced (in lineage order: pretrain -> ... -> rl) and
+    promote the evaluated one through the gate."""
     from quark.eval.harness import model_version
-    run_dir = Path(run_dir)
-    validate_config(cfg)
-    results = json.loads((run_dir / "eval" / "results.json").read_text())
-    reg = Registry(cfg.get("registry") or run_dir / "registry.sqlite")
+    c = from_dict(PromoteConfig, cfg, "promote")
+    run_dir = RunDir.of(run_dir)
+    results = run_dir.json("eval", "results.json")
+    run_dir.output("promote")
+    reg = Registry(c.registry or run_dir.registry_path)
     try:
         parent = None
-        for step in ("pretrain", "sft", "dpo"):
-            d = run_dir / step / "final"
-            if (d / "model.safetensors").exists():
-                v = model_version(d)
-                reg.register(v, d, name=f"{run_dir.name}/{step}", parent=parent)
-                parent = v
+        for step, _ in run_dir.trained_models():
+            d = run_dir.model(step)
+            v = model_version(d)
+            reg.register(v, d, name=f"{run_dir.root.name}/{step}", parent=parent)
+            parent = v
         reg.register(results["version"], results["model_dir"], parent=None if results["version"] == parent else parent,
                      metrics=results["metrics"])
         promoted, checks = reg.promote(results["version"])
@@ -160,14 +167,14 @@ def run_step(run_dir, cfg):
         reg.close()
 
 
-def validate_config(cfg):
-    unknown = set(cfg) - {"seed", "registry"}
-    if unknown:
-        raise ConfigError(f"unknown key {sorted(unknown)[0]!r}; allowed keys: registry")
+STEP = Step(name="promote", config=PromoteConfig, run=run_step)
 
+
+# ---- `quark registry`: query and edit a run's registry by hand
 
 def configure_parser(p):
-    p.add_argument("--db", default="runs/registry.sqlite", help="registry database (SQLite)")
+    p.add_argument("--run-dir", default="runs/default", help="run whose registry to use (default: runs/default)")
+    p.add_argument("--db", default=None, help="a registry database (SQLite) other than the run's")
     sub = p.add_subparsers(dest="action", required=True)
     sub.add_parser("list", help="every version with its stage")
     s = sub.add_parser("show", help="one version: metrics, lineage, events")
@@ -175,14 +182,18 @@ def configure_parser(p):
     r = sub.add_parser("register", help="add a model directory as a candidate")
     r.add_argument("model_dir")
     r.add_argument("--parent", default=None)
-    r.add_argument("--metrics", default=None, help="JSON file of metrics (e.g. from quark eval --json)")
+    r.add_argument("--metrics", default=None, help="JSON file with a 'metrics' mapping (e.g. RUN_DIR/eval/results.json)")
     pr = sub.add_parser("promote", help="promote a candidate through the gate")
     pr.add_argument("version")
 
 
 def run_cli(args):
     from quark.eval.harness import model_version
-    reg = Registry(args.db)
+    path = Path(args.db) if args.db else RunDir(args.run_dir).registry_path
+    if not path.exists() and args.action != "register":
+        print(f"error: no model registry at {path}: run the promote step (quark run) or pass --db")
+        return 2
+    reg = Registry(path)
     try:
         if args.action == "list":
             for m in reg.list():

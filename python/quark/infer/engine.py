@@ -237,7 +237,11 @@ class Request:
 
     def _emit(self, kind, value):
         if self._on_event is not None:
-            self._on_event(kind, value)
+            try:
+                self._on_event(kind, value)
+            except Exception:   # a broken consumer cancels its own request, never the engine
+                self._on_event = None
+                self.cancelled = True
 
     def _accept(self, token):
         """Record a sampled token; returns True when the request is finished."""
@@ -376,7 +380,7 @@ class Engine:
                     admitted.append(self.waiting.popleft())
             try:
                 self._step(admitted)
-            except Exception as e:   # never leave clients hanging: fail every request in flight
+            except Exception as e:   # the batch's forward failed: fail every request in flight, never hang them
                 for r in self.active + admitted:
                     if r.finish_reason is None:
                         r._finish(f"error: {e}")
@@ -390,7 +394,12 @@ class Engine:
                 continue
             slot = len(self.active)
             self.runner.lens[slot] = 0
-            logits = self.runner.extend(slot, req.prompt_ids)
+            try:
+                logits = self.runner.extend(slot, req.prompt_ids)
+            except Exception as e:   # this prompt alone fails; the slot stays free
+                self.runner.lens[slot] = 0
+                req._finish(f"error: {e}")
+                continue
             self.active.append(req)
             if self._sample_and_accept(req, logits):
                 self._release(slot)
@@ -407,18 +416,23 @@ class Engine:
             if req.cancelled:
                 req._finish("cancelled")
                 finished.append(j)
-            elif j in picks:
-                self.tokens_generated += 1
-                if req._accept(picks[j]):
-                    finished.append(j)
-            elif self._sample_and_accept(req, logits[j]):
+            elif self._sample_and_accept(req, logits[j], picks.get(j)):
                 finished.append(j)
         for j in reversed(finished):
             self._release(j)
 
-    def _sample_and_accept(self, req, logits):
-        self.tokens_generated += 1
-        return req._accept(sample(logits, req.params, req.history, req.generator))
+    def _sample_and_accept(self, req, logits, token=None):
+        """Sample (unless the batched argmax already picked token) and record -> True when req is done.
+        A failure here is this request's alone: it finishes with an error, the batch goes on."""
+        try:
+            if token is None:
+                token = sample(logits, req.params, req.history, req.generator)
+            self.tokens_generated += 1
+            return req._accept(token)
+        except Exception as e:
+            if req.finish_reason is None:
+                req._finish(f"error: {e}")
+            return True
 
     def _release(self, slot):
         """Free a slot; the last active request moves into it so active slots stay a prefix."""
@@ -432,23 +446,17 @@ class Engine:
 
 def load_for_serving(path):
     """A run directory or a model directory -> (model, tokenizer, model_dir, run_dir or None).
-    The run's latest model (quark.model.io.latest_model_dir) is served; the tokenizer is the model
-    directory's tokenizer.json, else the run's tokenizer/tokenizer.json."""
-    from pathlib import Path
-
+    The run's latest model (RunDir.model("latest")) is served; the tokenizer is the model
+    directory's tokenizer.json, else the run's."""
     from tokenizers import Tokenizer
 
-    from quark.model.io import latest_model_dir, load_model
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path} is not a directory (expected a run directory or a model directory)")
-    if (path / "config.json").exists():
-        model_dir = path
-        run_dir = path.parent.parent if (path.parent.parent / "tokenizer").is_dir() else None
+    from quark.model.io import load_model
+    from quark.rundir import RunDir
+    run, model_dir = RunDir.locate(path)
+    if run is not None:
+        tokenizer = run.tokenizer(model_dir)
+    elif (model_dir / "tokenizer.json").exists():
+        tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     else:
-        model_dir, run_dir = latest_model_dir(path), path
-    candidates = [model_dir / "tokenizer.json"] + ([run_dir / "tokenizer" / "tokenizer.json"] if run_dir else [])
-    tok_path = next((p for p in candidates if p.exists()), None)
-    if tok_path is None:
-        raise FileNotFoundError(f"no tokenizer found (looked for {', '.join(map(str, candidates))})")
-    return load_model(model_dir), Tokenizer.from_file(str(tok_path)), model_dir, run_dir
+        raise FileNotFoundError(f"no tokenizer found (looked for {model_dir / 'tokenizer.json'})")
+    return load_model(model_dir), tokenizer, model_dir, run.root if run is not None else None

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+MAX_STOP_CHARS = 256   # the detokenizer rescans a stop string's length of tail per token
+MIN_SCALE = 1e-3   # smallest temperature / repetition penalty: logits of ~1e3 still divide to finite float32
 
 @dataclass
 class SamplingParams:
@@ -35,21 +37,24 @@ class SamplingParams:
             raise ValueError(f"{name} {what}, got {getattr(self, name)!r}")
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
             bad("max_tokens", "must be a positive integer")
-        if not _is_number(self.temperature) or not 0 <= self.temperature <= 100:
-            bad("temperature", "must be a number in [0, 100]")
+        # lower bounds keep logits / temperature and logits / penalty finite in float32
+        if not _is_number(self.temperature) or not (self.temperature == 0 or MIN_SCALE <= self.temperature <= 100):
+            bad("temperature", f"must be 0 (greedy) or a number in [{MIN_SCALE}, 100]")
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
             bad("top_k", "must be a non-negative integer")
         if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
             bad("top_p", "must be a number in (0, 1]")
-        if not _is_number(self.repetition_penalty) or not 0 < self.repetition_penalty <= 10:
-            bad("repetition_penalty", "must be a number in (0, 10]")
+        if not _is_number(self.repetition_penalty) or not MIN_SCALE <= self.repetition_penalty <= 10:
+            bad("repetition_penalty", f"must be a number in [{MIN_SCALE}, 10]")
         for name in ("presence_penalty", "frequency_penalty"):
             if not _is_number(getattr(self, name)) or not -2 <= getattr(self, name) <= 2:
                 bad(name, "must be a number in [-2, 2]")
-        if not isinstance(self.stop, list) or len(self.stop) > 4 or not all(isinstance(s, str) and s for s in self.stop):
-            bad("stop", "must be a non-empty string or a list of at most 4 non-empty strings")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
-            bad("seed", "must be an integer")
+        if not isinstance(self.stop, list) or len(self.stop) > 4 or not all(
+                isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in self.stop):
+            bad("stop", f"must be a string or a list of at most 4 strings, each of 1 to {MAX_STOP_CHARS} characters")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not -2 ** 63 <= self.seed < 2 ** 63):
+            bad("seed", "must be a 64-bit signed integer")
 
     @property
     def greedy(self):
@@ -84,16 +89,25 @@ def apply_penalties(logits, history, params):
     return logits
 
 
+def _finite(logits):
+    """NaN -> -inf (never drawn), +inf -> the largest float32; ValueError when no token is left."""
+    logits = torch.nan_to_num(logits.float(), nan=float("-inf"), posinf=torch.finfo(torch.float32).max)
+    if not torch.isfinite(logits).any():
+        raise ValueError("the model produced no finite logit")
+    return logits
+
+
 def probs(logits, params, history=None):
-    """logits (V,) -> the processed sampling distribution (V,) float32 (one-hot for greedy)."""
-    logits = logits.float()
+    """logits (V,) -> the processed sampling distribution (V,) float32 (one-hot for greedy). Always a
+    valid distribution: the top logit is shifted to 0 before scaling, so it keeps probability > 0."""
+    logits = _finite(logits)
     if history is not None:
-        logits = apply_penalties(logits, history, params)
+        logits = _finite(apply_penalties(logits, history, params))
     if params.greedy:
         out = torch.zeros_like(logits)
         out[logits.argmax()] = 1.0
         return out
-    logits = logits / params.temperature
+    logits = (logits - logits.max()) / params.temperature
     if params.top_k and params.top_k < logits.numel():
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -109,8 +123,8 @@ def probs(logits, params, history=None):
 def sample(logits, params, history=None, generator=None):
     """logits (V,) -> one token id."""
     if params.greedy:
-        logits = apply_penalties(logits.float(), history, params) if history is not None else logits
-        return int(logits.argmax())
+        logits = _finite(logits)
+        return int((apply_penalties(logits, history, params) if history is not None else logits).argmax())
     return int(torch.multinomial(probs(logits, params, history), 1, generator=generator))
 
 

@@ -2,35 +2,36 @@
 
 Every step that produces a model writes one of these (run_dir/<step>/final/), and every step that
 consumes one loads it here: a Quark directory, its sharded or quantized forms, or a Hugging Face
-directory (config.json with a model_type; quark.model.hf). safetensors only: nothing is ever unpickled.
+directory (config.json with a model_type; quark.model.hf); which directory a run's "latest" or "best"
+model is, is quark.rundir's business. safetensors only: nothing is ever unpickled.
 """
 from pathlib import Path
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from quark.io import atomic_open, atomic_write_text
+from quark.io import atomic_dir
 from quark.model.config import load_config
 from quark.model.gpt import GPT
 from quark.model.hf import copy_tokenizer_files, is_hf_dir, load_hf
 from quark.model.quantized import load_quantized_model
 from quark.model.shard import load_state
 
-# Steps that produce a model, latest in the life cycle first.
-MODEL_STEPS = ("dpo", "sft", "pretrain")
-
-
 def save_model(model: GPT, directory, tokenizer_path=None, metadata=None):
+    """Write the model directory as a whole (quark.io.atomic_dir): weights, config and tokenizer
+    of one save, never the weights of a new model beside the config of an old one. Without
+    tokenizer_path the directory keeps the tokenizer.json it has; other files it held are gone."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    if tokenizer_path is None and (directory / "tokenizer.json").is_file():
+        tokenizer_path = directory / "tokenizer.json"
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)   # shared with tok_emb.weight; safetensors refuses aliases
-    with atomic_open(directory / "model.safetensors") as f:
-        f.write(_serialize(state, {k: str(v) for k, v in (metadata or {}).items()}))
-    atomic_write_text(directory / "config.json", model.config.to_json())
-    if tokenizer_path is not None:   # with an HF tokenizer's chat template and eos ids beside it
-        copy_tokenizer_files(tokenizer_path, directory)
+    with atomic_dir(directory) as tmp:
+        (tmp / "model.safetensors").write_bytes(_serialize(state, {k: str(v) for k, v in (metadata or {}).items()}))
+        (tmp / "config.json").write_text(model.config.to_json())
+        if tokenizer_path is not None:   # copied before the swap, with an HF checkpoint's chat files beside it
+            copy_tokenizer_files(tokenizer_path, tmp)
     return directory
 
 
@@ -69,30 +70,3 @@ def load_model(directory, device="cpu", dtype=None) -> GPT:
     if dtype is not None:
         model = model.to(dtype)
     return model.to(device).eval()
-
-
-def latest_model_dir(run_dir):
-    """The most aligned model a run has produced: dpo, else sft, else pretrain (…/final)."""
-    for step in MODEL_STEPS:
-        d = Path(run_dir) / step / "final"
-        if (d / "model.safetensors").exists():
-            return d
-    raise FileNotFoundError(f"{run_dir} holds no trained model (looked for {', '.join(MODEL_STEPS)}/final)")
-
-
-def pick_model(run_dir, choice, held_out_loss):
-    """(model directory, {candidate directory: held-out loss}) for a step's model setting:
-    "latest" (latest_model_dir), "best" (the run's final model with the lowest held_out_loss(model)),
-    or a model directory. Alignment (sft, dpo) trades some held-out perplexity for behaviour, so the
-    steps that judge a model by perplexity (distill's teacher, quantize) can ask for "best"."""
-    if choice not in ("best", "latest"):
-        return Path(choice), {}
-    if choice == "latest":
-        return latest_model_dir(run_dir), {}
-    losses = {}
-    for d in (Path(run_dir) / step / "final" for step in MODEL_STEPS):
-        if (d / "model.safetensors").exists():
-            losses[str(d)] = round(float(held_out_loss(load_model(d), d)), 4)
-    if not losses:
-        return latest_model_dir(run_dir), {}   # raises: no trained model
-    return Path(min(losses, key=losses.get)), losses

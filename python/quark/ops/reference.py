@@ -172,10 +172,33 @@ def minhash(texts, num_perm=128, ngram=5, seed=0, unit="word"):
     return out
 
 
+def dequantize(qt):
+    """Same contract as quark.ops.dequantize: QuantizedTensor -> float32 weights (N, K). int4 bytes
+    hold, per block of 32 columns, column j in the low nibble of byte j and column j + 16 in the high one."""
+    N, K = qt.shape
+    if qt.scheme != "int4":
+        return qt.data.float() * qt.scales.float()[:, None]
+    Kp = qt.data.shape[1] * 2                                                   # K padded to whole groups
+    blocks = qt.data.view(N, Kp // 32, 16).long()
+    q = torch.cat([blocks & 15, blocks >> 4], dim=2).reshape(N, Kp // qt.group_size, qt.group_size).float()
+    return ((q - qt.zeros.float()[..., None]) * qt.scales.float()[..., None]).reshape(N, Kp)[:, :K]
+
+
+def quantize_activations(x):
+    """Same contract as quark.ops.quant.quantize_activations: x (M, K) float32 -> per-row symmetric int8
+    (q, scale (M,)), q = round(x * 127 / max|x|). Rows whose 127 / max|x| overflows float32 are scaled by
+    2^100 first (exact), and the division is done as the kernel does it, 127 / (max|x| * pre)."""
+    amax = x.abs().amax(dim=1)
+    tiny = (amax > 0) & (amax < 127.0 / torch.finfo(torch.float32).max)
+    pre = torch.where(tiny, torch.full_like(amax, 2.0**100), torch.ones_like(amax))
+    denom = torch.where(amax > 0, amax * pre, torch.ones_like(amax))
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / denom, torch.zeros_like(amax))
+    return torch.round(x * pre[:, None] * inv[:, None]).to(torch.int8), amax / torch.full_like(amax, 127.0)
+
+
 def qlinear(x, qt, bias=None):
     """Same contract as quark.ops.qlinear: x (..., K) @ dequantize(qt).T + bias in x's dtype; "w8a8"
     first quantizes x per row to int8 exactly as the kernel does."""
-    from quark.ops.quant import dequantize, quantize_activations
     w = dequantize(qt).to(x.device)
     xf = x.float().reshape(-1, x.shape[-1])
     if qt.scheme == "w8a8":

@@ -27,7 +27,9 @@ the cost of a grid point does not grow with the number of tokens (llm-awq subsam
 import torch
 import torch.nn.functional as F
 
+from quark.nn.patch import is_skipped
 from quark.ops.quant import dequantize, padded_k, quantize_rtn
+from quark.optimize.calibration import block_inputs, run_block
 
 
 def _pseudo_quantize(w, group_size):
@@ -96,7 +98,6 @@ def search_clip(w, h, group_size, n_grid=20, max_shrink=0.5, row_chunk=256):
 def _input_moments(block, x, cos, sin, layers, batch_size):
     """Run the block on x, accumulating over every token the inputs of the given Linear layers:
     {name: (H = X^T X / n (K, K), mean |x| (K,))}; also returns the block's output."""
-    from quark.optimize.quantize import run_block
     sums = {name: [0, 0, 0] for name in layers}
 
     def hook(name):
@@ -125,7 +126,6 @@ def awq_model(model, calib, group_size=128, skip=("lm_head",), n_grid=20, clip=T
     Returns calibration info for the quantized model's metadata: the chosen alpha of each scaled
     group and the calibration output error of AWQ relative to RTN (mean over groups, < 1 is better).
     """
-    from quark.optimize.quantize import block_inputs, is_skipped
     x, cos, sin = block_inputs(model, calib, batch_size)
     cfg = model.config
     alphas, ratios, clips = {}, [], []

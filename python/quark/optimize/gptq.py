@@ -23,7 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from quark.nn.patch import is_skipped
 from quark.ops.quant import QuantizedTensor, _pack_int4, padded_k, quantize_rtn
+from quark.optimize.calibration import block_inputs, run_block
 
 
 def gptq_quantize(w, hessian, group_size=128, damp=0.01, act_order=False, block_size=128):
@@ -96,7 +98,6 @@ def gptq_model(model, calib, group_size=128, damp=0.01, act_order=False, skip=("
     weights are left holding their dequantized values (the next block is calibrated on them).
     Layers outside the blocks (the head) are not in the result.
     """
-    from quark.optimize.quantize import block_inputs, is_skipped, run_block
     x, cos, sin = block_inputs(model, calib, batch_size)                          # (n, T, d)
     result = {}
     for b, block in enumerate(model.blocks):

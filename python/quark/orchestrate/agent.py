@@ -10,7 +10,10 @@ needs more than max_steps policy calls or max_seconds.
 TaskBoard: tasks in a SQLite file (so agents in threads or in separate processes share it), with
 kind, payload, dependencies and status todo -> running -> done | failed. claim() is one IMMEDIATE
 transaction, so two agents never take the same task; a task is claimable only when every task it
-depends on is done, and its prompt then carries their results. Agents reach the board through two
+depends on is done, and its prompt then carries their results. A claim is a lease: a worker that
+dies (kill -9) leaves its task running only until the lease expires, then another worker takes it
+over; finish() is accepted only from the task's current owner, and a task whose lease expired
+max_claims times (it kills its workers) fails. Agents reach the board through two
 tools, board_post (add a task, e.g. a planner splitting work) and board_get (read a task).
 """
 import json
@@ -26,10 +29,16 @@ TASKS = """
 CREATE TABLE IF NOT EXISTS tasks (
     id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, payload TEXT NOT NULL,
     depends_on TEXT NOT NULL DEFAULT '[]', status TEXT NOT NULL DEFAULT 'todo', owner TEXT,
-    result TEXT, error TEXT, steps INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL, updated REAL NOT NULL);
+    result TEXT, error TEXT, steps INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL, updated REAL NOT NULL,
+    lease_until REAL, claims INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS tasks_status ON tasks(status, kind);
 """
 STATUSES = ("todo", "running", "done", "failed")
+COLUMNS = "id, kind, payload, depends_on, status, owner, result, error, steps"
+
+
+class LeaseLost(RuntimeError):
+    """finish() by a worker that no longer holds the task (its lease expired and it was taken over)."""
 
 
 @dataclass
@@ -46,9 +55,11 @@ class Task:
 
 
 class TaskBoard:
-    def __init__(self, path):
+    def __init__(self, path, lease_s=300.0, max_claims=3):
+        if lease_s <= 0 or max_claims < 1:
+            raise ValueError(f"lease_s must be > 0 and max_claims >= 1, got {lease_s}, {max_claims}")
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self.path = str(path)
+        self.path, self.lease_s, self.max_claims = str(path), lease_s, max_claims
         self.local = threading.local()
         with self._db() as db:
             db.executescript(TASKS)
@@ -73,35 +84,41 @@ class TaskBoard:
         return cur.lastrowid
 
     def get(self, task_id):
-        row = self._db().execute("SELECT id, kind, payload, depends_on, status, owner, result, error, steps FROM tasks "
-                                 "WHERE id=?", (int(task_id),)).fetchone()
+        row = self._db().execute(f"SELECT {COLUMNS} FROM tasks WHERE id=?", (int(task_id),)).fetchone()
         return _task(row) if row else None
 
     def list(self, status=None):
-        q = "SELECT id, kind, payload, depends_on, status, owner, result, error, steps FROM tasks"
+        q = f"SELECT {COLUMNS} FROM tasks"
         rows = self._db().execute(q + (" WHERE status=? ORDER BY id" if status else " ORDER BY id"),
                                   (status,) if status else ())
         return [_task(r) for r in rows]
 
-    def claim(self, owner, kinds=None):
-        """Atomically take the oldest ready task of one of `kinds` -> Task or None. A task whose
-        dependency failed is failed too (it can never run)."""
+    def claim(self, owner, kinds=None, lease_s=None):
+        """Atomically take the oldest ready task of one of `kinds` -> Task or None, leased to
+        `owner` for lease_s seconds (default: the board's). A running task whose lease expired is
+        ready again. A task whose dependency failed is failed too (it can never run)."""
         db = self._db()
+        now = time.time()
         db.execute("BEGIN IMMEDIATE")
         try:
-            rows = db.execute("SELECT id, kind, payload, depends_on, status, owner, result, error, steps FROM tasks "
-                              "WHERE status='todo' ORDER BY id").fetchall()
+            rows = db.execute(f"SELECT {COLUMNS}, claims FROM tasks WHERE status='todo' OR "
+                              "(status='running' AND lease_until < ?) ORDER BY id", (now,)).fetchall()
             for row in rows:
-                t = _task(row)
+                t, claims = _task(row), row[-1]
                 if kinds is not None and t.kind not in kinds:
+                    continue
+                if claims >= self.max_claims:
+                    db.execute("UPDATE tasks SET status='failed', error=?, updated=? WHERE id=?",
+                               (f"its lease expired {claims} times: the workers that claimed it died", now, t.id))
                     continue
                 dep_status = [db.execute("SELECT status FROM tasks WHERE id=?", (d,)).fetchone()[0] for d in t.depends_on]
                 if "failed" in dep_status:
                     db.execute("UPDATE tasks SET status='failed', error=?, updated=? WHERE id=?",
-                               ("a task it depends on failed", time.time(), t.id))
+                               ("a task it depends on failed", now, t.id))
                     continue
                 if all(s == "done" for s in dep_status):
-                    db.execute("UPDATE tasks SET status='running', owner=?, updated=? WHERE id=?", (owner, time.time(), t.id))
+                    db.execute("UPDATE tasks SET status='running', owner=?, lease_until=?, claims=claims+1, updated=? "
+                               "WHERE id=?", (owner, now + (lease_s or self.lease_s), now, t.id))
                     db.execute("COMMIT")
                     t.status, t.owner = "running", owner
                     return t
@@ -111,10 +128,17 @@ class TaskBoard:
             db.execute("ROLLBACK")
             raise
 
-    def finish(self, task_id, result=None, error=None, steps=0):
+    def finish(self, task_id, owner, result=None, error=None, steps=0):
+        """Record the outcome of a task `owner` holds; raises LeaseLost when it no longer does."""
         status = "failed" if error is not None else "done"
-        self._db().execute("UPDATE tasks SET status=?, result=?, error=?, steps=?, updated=? WHERE id=?",
-                           (status, result, error, steps, time.time(), int(task_id)))
+        cur = self._db().execute("UPDATE tasks SET status=?, result=?, error=?, steps=?, lease_until=NULL, updated=? "
+                                 "WHERE id=? AND status='running' AND owner=?",
+                                 (status, result, error, steps, time.time(), int(task_id), owner))
+        if cur.rowcount != 1:
+            t = self.get(task_id)
+            now = f"{t.status}, owner {t.owner!r}" if t else "no such task"
+            raise LeaseLost(f"task {task_id} is not held by {owner!r} ({now}): its lease expired and it was "
+                            "taken over, or it was never claimed by it")
 
     def counts(self):
         out = dict.fromkeys(STATUSES, 0)
@@ -218,7 +242,8 @@ class Coordinator:
     def _work(self, agent, deadline, log):
         idle_since = None
         while time.monotonic() < deadline:
-            task = self.board.claim(agent.name, agent.kinds)
+            # The agent checks its time limit between policy calls, so one call may overrun it: twice the limit.
+            task = self.board.claim(agent.name, agent.kinds, lease_s=2 * agent.max_seconds)
             if task is None:
                 if self.board.pending() == 0:
                     return
@@ -229,7 +254,10 @@ class Coordinator:
                 continue
             idle_since = None
             run = agent.run(task.payload, self._context(task))
-            self.board.finish(task.id, run.answer, run.error, run.steps)
+            try:
+                self.board.finish(task.id, agent.name, run.answer, run.error, run.steps)
+            except LeaseLost:
+                continue   # another agent took the task over; its outcome counts
             log.append({"task": task.id, "kind": task.kind, "agent": agent.name, "steps": run.steps,
                         "tool_calls": run.tool_calls, "ok": run.error is None, "seconds": round(run.seconds, 3)})
 
@@ -263,13 +291,15 @@ def configure_parser(parser):
 
 
 def run_cli(args):
-    from quark.model.io import latest_model_dir, load_model
+    from quark.model.io import load_model
     from quark.retrieval.rag import ModelGenerator
     from quark.retrieval.tools import register_http_api
+    from quark.rundir import RunDir
     try:
+        run_dir = RunDir(args.run_dir)
         reg = ToolRegistry()
         tokenizer = None
-        if (Path(args.run_dir) / "index" / "config.json").exists():
+        if run_dir.has("index", "config.json"):
             from quark.retrieval.store import open_run_store
             store = open_run_store(args.run_dir)
             tokenizer = store.tokenizer
@@ -283,10 +313,8 @@ def run_cli(args):
             if not url:
                 raise ValueError(f"--api {spec!r}: expected NAME=URL")
             register_http_api(reg, name, f"HTTP API at {url}", {"type": "object"}, url)
-        if tokenizer is None:
-            from quark.retrieval.store import run_tokenizer
-            tokenizer = run_tokenizer(args.run_dir)
-        policy = ModelGenerator(load_model(latest_model_dir(args.run_dir)), tokenizer, args.max_new_tokens)
+        model_dir = run_dir.model("latest")
+        policy = ModelGenerator(load_model(model_dir), tokenizer or run_dir.tokenizer(model_dir), args.max_new_tokens)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}")
         return 2

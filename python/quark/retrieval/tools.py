@@ -9,11 +9,12 @@ Arguments are checked against the tool's JSON schema (Draft 2020-12, the `jsonsc
 the tool runs, so a tool body never sees malformed input; every failure becomes an error observation
 the model can read, never an exception in the agent loop.
 """
+import http.client
 import json
+import socket
+import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass, field
 
 import jsonschema
@@ -141,31 +142,61 @@ class ToolRegistry:
 
 
 # ------------------------------------------------------------------------------ HTTP connector
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        return None   # redirects are followed by HTTPAPI itself, re-checking the allow-list each hop
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _origin(url):
+    """(scheme, host, port) of an http(s) URL, the port made explicit."""
+    p = urllib.parse.urlsplit(url)
+    return p.scheme, (p.hostname or "").lower(), p.port or DEFAULT_PORTS.get(p.scheme)
+
+
+def _allow_entry(entry):
+    """An allow-list entry -> (schemes, host, port): "https://host[:port]" names one origin;
+    "host:port" both schemes on that port; a bare "host" only the default ports (80, 443)."""
+    if "://" in entry:
+        scheme, host, port = _origin(entry)
+        if scheme not in DEFAULT_PORTS or not host:
+            raise ValueError(f"allow_hosts entry {entry!r}: expected scheme://host[:port] with http or https")
+        return (scheme,), host, port
+    p = urllib.parse.urlsplit("//" + entry)
+    if not p.hostname:
+        raise ValueError(f"allow_hosts entry {entry!r}: expected host, host:port or scheme://host[:port]")
+    return ("http", "https"), p.hostname.lower(), p.port
 
 
 class HTTPAPI:
     """Call an HTTP JSON API as a tool. `path` may hold {placeholders} filled from the arguments
-    (URL-quoted); the other arguments go to the query string (GET) or a JSON body (POST/PUT).
-    Only hosts in allow_hosts ("host" or "host:port") are reached, including across redirects;
-    every request has a timeout and the response body a size cap."""
+    (percent-encoded, "/" and "." included, so a value stays one path segment); the other arguments
+    go to the query string (GET) or a JSON body (POST/PUT).
+
+    Only origins in allow_hosts are reached, including across redirects: "scheme://host[:port]",
+    "host:port", or "host" (default ports only); default: the origin of base_url. `headers`
+    (credentials such as Authorization) go only to base_url's origin, and over plain http only when
+    an allow entry names http explicitly. The whole call (connect, headers, every body read) has one
+    deadline, enforced by shutting the socket down when it passes, and the body a size cap."""
 
     def __init__(self, base_url, path="", method="GET", allow_hosts=None, timeout=5.0, max_bytes=1 << 20,
                  headers=None, max_redirects=3):
         parts = urllib.parse.urlsplit(base_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        if parts.scheme not in DEFAULT_PORTS or not parts.hostname:
             raise ValueError(f"base_url must be an http(s) URL with a host, got {base_url!r}")
         self.base_url, self.path, self.method = base_url.rstrip("/"), path, method.upper()
-        self.allow_hosts = set(allow_hosts if allow_hosts is not None else [parts.netloc])
+        scheme, host, port = _origin(base_url)
+        self.allow = ([_allow_entry(e) for e in allow_hosts] if allow_hosts is not None else [((scheme,), host, port)])
         self.timeout, self.max_bytes, self.max_redirects = timeout, max_bytes, max_redirects
         self.headers = dict(headers or {})
-        self.opener = urllib.request.build_opener(_NoRedirect)
 
     def _allowed(self, url):
-        p = urllib.parse.urlsplit(url)
-        return p.scheme in ("http", "https") and (p.netloc in self.allow_hosts or p.hostname in self.allow_hosts)
+        """-> the matching allow entry, or None."""
+        try:
+            scheme, host, port = _origin(url)
+        except ValueError:   # a port out of range
+            return None
+        for schemes, h, p in self.allow:
+            if scheme in schemes and host == h and port == (p or DEFAULT_PORTS[scheme]):
+                return schemes, h, p
+        return None
 
     def url_for(self, arguments):
         args = dict(arguments)
@@ -173,7 +204,10 @@ class HTTPAPI:
         for key in list(args):
             token = "{" + key + "}"
             if token in path:
-                path = path.replace(token, urllib.parse.quote(str(args.pop(key)), safe=""))
+                value = str(args.pop(key))
+                if value in ("", ".", ".."):   # even encoded, WHATWG parsers read %2e%2e as ".."
+                    raise ToolError(f"path parameter {key!r} may not be empty, '.' or '..'")
+                path = path.replace(token, urllib.parse.quote(value, safe="").replace(".", "%2E"))
         url = self.base_url + path
         if self.method == "GET" and args:
             url += ("&" if "?" in url else "?") + urllib.parse.urlencode(args, doseq=True)
@@ -181,59 +215,82 @@ class HTTPAPI:
 
     def __call__(self, **arguments):
         url, body = self.url_for(arguments)
+        data = json.dumps(body).encode() if body is not None else None
+        base = _origin(self.base_url)
         deadline = time.monotonic() + self.timeout
         for _ in range(self.max_redirects + 1):
-            if not self._allowed(url):
-                raise ToolError(f"host of {url!r} is not in the allow-list {sorted(self.allow_hosts)}")
-            data = json.dumps(body).encode() if body is not None else None
-            headers = {"Accept": "application/json", **self.headers}
+            entry = self._allowed(url)
+            if entry is None:
+                raise ToolError(f"origin of {url!r} is not in the allow-list")
+            headers = {"Accept": "application/json"}
+            if _origin(url) == base and (base[0] == "https" or entry[0] == ("http",)):
+                headers.update(self.headers)
             if data is not None:
                 headers["Content-Type"] = "application/json"
-            req = urllib.request.Request(url, data=data, method=self.method, headers=headers)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise ToolError(f"timed out after {self.timeout}s calling {url}")
-            try:
-                resp = self.opener.open(req, timeout=remaining)
-            except urllib.error.HTTPError as e:
-                if e.code in (301, 302, 303, 307, 308) and e.headers.get("Location"):
-                    url = urllib.parse.urljoin(url, e.headers["Location"])
-                    e.close()
-                    continue
-                detail = e.read(512).decode("utf-8", "replace")
-                e.close()
-                raise ToolError(f"HTTP {e.code} from {url}: {detail}") from None
-            except (urllib.error.URLError, TimeoutError, OSError) as e:
-                reason = getattr(e, "reason", e)
-                raise ToolError(f"request to {url} failed: {reason}") from None
-            with resp:
-                return self._read(resp, url, deadline)
+            status, resp_headers, payload = self._request(url, data, headers, deadline)
+            if status in (301, 302, 303, 307, 308) and resp_headers.get("Location"):
+                url = urllib.parse.urljoin(url, resp_headers["Location"])
+                continue
+            if status >= 400:
+                detail = payload[:512].decode("utf-8", "replace")
+                raise ToolError(f"HTTP {status} from {url}: {detail}")
+            text = payload.decode(resp_headers.get_content_charset() or "utf-8", "replace")
+            if "json" in (resp_headers.get_content_type() or ""):
+                try:
+                    return json.loads(text)
+                except json.JSONDecodeError:
+                    raise ToolError(f"{url} said JSON but sent invalid JSON") from None
+            return text
         raise ToolError(f"too many redirects (> {self.max_redirects}) from {self.base_url}")
 
-    def _read(self, resp, url, deadline):
-        length = resp.headers.get("Content-Length")
-        if length and length.isdigit() and int(length) > self.max_bytes:
-            raise ToolError(f"response from {url} is {length} bytes, over the cap of {self.max_bytes}")
-        buf = bytearray()
-        while True:
-            if time.monotonic() > deadline:
-                raise ToolError(f"timed out after {self.timeout}s reading {url}")
-            try:
-                piece = resp.read(min(65536, self.max_bytes + 1 - len(buf)))
-            except (TimeoutError, OSError) as e:
-                raise ToolError(f"reading {url} failed: {e}") from None
-            if not piece:
-                break
-            buf += piece
-            if len(buf) > self.max_bytes:
-                raise ToolError(f"response from {url} exceeds the cap of {self.max_bytes} bytes")
-        text = buf.decode(resp.headers.get_content_charset() or "utf-8", "replace")
-        if "json" in (resp.headers.get_content_type() or ""):
-            try:
-                return json.loads(text)
-            except json.JSONDecodeError:
-                raise ToolError(f"{url} said JSON but sent invalid JSON") from None
-        return text
+    def _request(self, url, data, headers, deadline):
+        """One request -> (status, headers, body bytes). A timer shuts the socket down at the
+        deadline: a server that sends one byte at a time resets every per-read socket timeout,
+        so only a wall-clock cut bounds the headers and the body."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ToolError(f"timed out after {self.timeout}s calling {url}")
+        p = urllib.parse.urlsplit(url)
+        cls = http.client.HTTPSConnection if p.scheme == "https" else http.client.HTTPConnection
+        conn = cls(p.hostname, p.port, timeout=remaining)
+        timer = threading.Timer(remaining, _shutdown, (conn,))
+        timer.start()
+        try:
+            conn.connect()
+            if time.monotonic() >= deadline:   # the timer fired while connecting, before conn.sock existed
+                raise TimeoutError
+            conn.request(self.method, urllib.parse.urlunsplit(("", "", p.path or "/", p.query, "")), body=data,
+                         headers=headers)
+            resp = conn.getresponse()
+            length = resp.headers.get("Content-Length")
+            if length and length.isdigit() and int(length) > self.max_bytes:
+                raise ToolError(f"response from {url} is {length} bytes, over the cap of {self.max_bytes}")
+            buf = bytearray()
+            while piece := resp.read1(min(65536, self.max_bytes + 1 - len(buf))):
+                buf += piece
+                if len(buf) > self.max_bytes:
+                    raise ToolError(f"response from {url} exceeds the cap of {self.max_bytes} bytes")
+            if time.monotonic() >= deadline:   # the cut looks like an early end of the body
+                raise TimeoutError
+            if resp.length:   # the server closed before Content-Length bytes
+                raise http.client.IncompleteRead(bytes(buf), resp.length)
+            return resp.status, resp.headers, bytes(buf)
+        except (OSError, http.client.HTTPException) as e:
+            if time.monotonic() >= deadline:
+                raise ToolError(f"timed out after {self.timeout}s calling {url}") from None
+            raise ToolError(f"request to {url} failed: {e}") from None
+        finally:
+            timer.cancel()
+            conn.close()
+
+
+def _shutdown(conn):
+    sock = conn.sock
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 def register_http_api(registry, name, description, parameters, base_url, **kw):

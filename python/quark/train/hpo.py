@@ -4,8 +4,8 @@ Hyperband, Li et al. 2018): sample n configurations, run each on a small budget,
 
 Generic: search(objective, space, ...) works for any objective(params, budget, trial) -> float
 (lower is better), so the AutoML step reuses it as is. The budget is an integer resource (training
-steps here); an objective may resume a trial from where its previous rung stopped (tune_pretrain
-does, through the trainer's exact-resume checkpoints, so a promoted trial never redoes work).
+steps here); an objective may resume a trial from where its previous rung stopped (the trainer's
+tune_pretrain does, through the trainer's exact-resume checkpoints, so a promoted trial never redoes work).
 
 Search space: {name: spec}, spec one of
     [a, b, c]                          categorical choice
@@ -125,36 +125,3 @@ def write_results(result: SearchResult, out_dir):
     atomic_write_text(out / "results.md", "# Hyperparameter search (successive halving)\n\n" + result.table() + "\n")
     atomic_write_json(out / "best.json", {"params": result.best_params, "value": result.best_value,
                                           "trial": result.best_trial, "rungs": result.rungs})
-
-
-def pretrain_space(max_steps):
-    """Default space for pretraining trials: the settings that matter most at small scale."""
-    return {"lr": {"low": 1e-3, "high": 1e-2, "log": True}, "weight_decay": [0.0, 0.1],
-            "warmup_steps": {"low": 0, "high": max(0, max_steps // 5), "int": True}}
-
-
-def tune_pretrain(run_dir, base_cfg: dict, space=None, n_trials=6, min_steps=20, max_steps=None, eta=2, seed=0,
-                  log=print):
-    """Search pretraining settings on run_dir's packed data. Every trial trains in
-    run_dir/hpo/trial_K/ with its schedule fixed to max_steps and stops at each rung's budget; a
-    promoted trial resumes from its checkpoint. Objective: validation loss at the budget.
-    Writes run_dir/hpo/{results.jsonl,results.md,best.json}; best.json["config"] is base_cfg with
-    the winning values, ready for the pretrain step."""
-    from quark.train.trainer import data_spec, train, validate_config
-    run_dir = Path(run_dir)
-    data = data_spec(run_dir)
-    max_steps = max_steps or min_steps * eta ** rungs_needed(n_trials, eta)
-    space = space or pretrain_space(max_steps)
-
-    def objective(params, budget, trial):
-        cfg = validate_config({**base_cfg, **params, "max_steps": max_steps,
-                               "eval_interval": max_steps, "ckpt_interval": max_steps})
-        stats = train(cfg, data, run_dir / "hpo" / f"trial_{trial}", run_dir=run_dir, until_step=budget,
-                      log=lambda msg: None)
-        return stats["val_loss"]
-
-    result = search(objective, space, n_trials, min_steps, max_steps, eta, seed, log)
-    write_results(result, run_dir / "hpo")
-    best = json.loads((run_dir / "hpo" / "best.json").read_text())
-    atomic_write_json(run_dir / "hpo" / "best.json", {**best, "config": {**base_cfg, **result.best_params}})
-    return result

@@ -2,7 +2,8 @@
 optional torch.compile, periodic validation, JSONL metrics (loss, lr, grad norm, tokens/s, MFU), a
 progress bar, a loss-curve PNG, atomic checkpoints with exact resume, and DDP / FSDP2.
 
-Pipeline step `pretrain` (and `quark pretrain RUN_DIR`): reads run_dir/pack/{train,val}.bin +
+Pipeline step `pretrain` (and `quark pretrain --run-dir R`; under torchrun the same command trains
+with DDP unless --strategy says otherwise): reads run_dir/pack/{train,val}.bin +
 meta.json and run_dir/tokenizer/tokenizer.json; writes run_dir/pretrain/checkpoints/step_N/,
 metrics.jsonl, loss.png, stats.json and the final model directory run_dir/pretrain/final/
 (quark.model.io format, tokenizer included). Rerunning resumes from the newest good checkpoint.
@@ -17,20 +18,24 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
 import torch
 from tqdm import tqdm
 
-from quark.config import ConfigError, from_dict
+from quark.config import ConfigError, Step, from_dict
 from quark.data.loader import TokenLoader, eval_batches
+from quark.infer.measure import held_out
 from quark.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from quark.model import GPT, GPTConfig, preset
 from quark.model.io import save_model
+from quark.rundir import RunDir
 from quark.train import checkpoint as ckpt
 from quark.train import distributed as qdist
+from quark.train.hpo import rungs_needed, search, write_results
+from quark.train.precision import measure_peak_flops, resolve_precision
 
 
 @dataclass
@@ -96,26 +101,23 @@ def validate_config(cfg):
 
 
 def data_spec(run_dir):
-    pack = Path(run_dir) / "pack"
-    meta_path = pack / "meta.json"
-    if not meta_path.exists():
-        raise FileNotFoundError(f"{meta_path} is missing: run the pack step first")
-    meta = json.loads(meta_path.read_text())
-    for key in ("dtype", "vocab_size"):
-        if key not in meta:
-            raise ValueError(f"{meta_path} lacks {key!r}")
-    tok = Path(run_dir) / "tokenizer" / "tokenizer.json"
-    return DataSpec(str(pack / "train.bin"), str(pack / "val.bin"), meta["dtype"], int(meta["vocab_size"]),
-                    str(tok) if tok.exists() else None)
+    run_dir = RunDir.of(run_dir)
+    pack = run_dir.pack()
+    try:
+        tok = str(run_dir.tokenizer_path())
+    except FileNotFoundError:
+        tok = None
+    return DataSpec(str(pack.bin("train")), str(pack.bin("val")), pack.dtype, pack.vocab_size, tok)
 
 
 def model_config(cfg: PretrainConfig, vocab_size, run_dir=None) -> GPTConfig:
     if cfg.model == "plan":
-        plan_path = Path(run_dir or ".") / "plan" / "plan.json"
-        if not plan_path.exists():
-            raise FileNotFoundError(f"pretrain.model is 'plan' but {plan_path} is missing: run the plan step "
-                                    f"first or set pretrain.model to a preset")
-        base = GPTConfig.from_dict(json.loads(plan_path.read_text())["model"], str(plan_path))
+        run_dir = RunDir.of(run_dir or ".")
+        try:
+            path = run_dir.input("plan", "plan.json")
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"pretrain.model is 'plan' but {e}, or set pretrain.model to a preset") from None
+        base = GPTConfig.from_dict(json.loads(path.read_text())["model"], str(path))
     else:
         base = preset(cfg.model)
     fields = {**asdict(base), "vocab_size": vocab_size, "max_seq_len": max(base.max_seq_len, cfg.seq_len)}
@@ -123,18 +125,6 @@ def model_config(cfg: PretrainConfig, vocab_size, run_dir=None) -> GPTConfig:
         fields["ffn_hidden"] = 0   # keep it derived, so a d_model override rescales it
     fields.update(cfg.model_overrides)
     return GPTConfig(**fields)
-
-
-def resolve_precision(precision, device):
-    """auto -> bfloat16 where bf16 matmuls are native (AVX512-BF16 or AMX CPUs, Ampere+ GPUs: 1.5-2x
-    faster steps here), float32 elsewhere (emulated bf16 would be slower than fp32)."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-    import quark
-    features = quark.info()["cpu_features"]
-    return "bfloat16" if features.get("avx512_bf16") or features.get("amx_bf16") else "float32"
 
 
 def lr_at(step, cfg: PretrainConfig):
@@ -188,17 +178,6 @@ def plot_losses(metrics_path, png_path):
     atomic_write_bytes(png_path, buf.getvalue())
 
 
-@torch.no_grad()
-def evaluate(model, batches, autocast, env):
-    model.eval()
-    losses = []
-    for x, y in batches:
-        with autocast():
-            losses.append(float(model(x.to(env.device), y.to(env.device))[1]))
-    model.train()
-    return env.mean(sum(losses) / len(losses)) if losses else None
-
-
 def train(cfg: PretrainConfig, data: DataSpec, out_dir, run_dir=None, until_step=None, log=None):
     """Train (or resume) in out_dir; on every rank when distributed. until_step: stop after that step
     with a checkpoint (the schedule still runs to max_steps), to be resumed later. Returns stats."""
@@ -250,7 +229,7 @@ def _train(cfg, data, out_dir, run_dir, until_step, log):
 
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * env.world_size
     flops_per_token = mcfg.flops_per_token(cfg.seq_len)
-    peak = (cfg.peak_tflops * 1e12 if cfg.peak_tflops else _peak_flops(env, use_bf16)) * env.world_size
+    peak = (cfg.peak_tflops * 1e12 if cfg.peak_tflops else measure_peak_flops(env.device, torch.bfloat16 if use_bf16 else torch.float32)) * env.world_size
     stop = min(cfg.max_steps, until_step or cfg.max_steps)
 
     def save(step):
@@ -302,7 +281,7 @@ def _train(cfg, data, out_dir, run_dir, until_step, log):
                     metrics.flush()
                 bar.set_postfix(loss=f"{loss_avg:.3f}", tok_s=f"{tps:,.0f}")
             if done % cfg.eval_interval == 0 or done == stop:
-                last["val_loss"] = evaluate(runner, val, autocast, env)
+                last["val_loss"] = env.mean(held_out(runner, val, autocast=autocast).mean()) if val else None
                 if metrics and last["val_loss"] is not None:
                     metrics.write(json.dumps({"step": done, "val_loss": last["val_loss"]}) + "\n")
                     metrics.flush()
@@ -342,89 +321,93 @@ def _clip(model, max_norm):
     return float(norm)
 
 
-def _peak_flops(env, use_bf16):
-    from quark.train.plan import measure_peak_flops
-    return measure_peak_flops(env.device, torch.bfloat16 if use_bf16 else torch.float32)
-
-
 def _spawned(cfg_dict, data_dict, out_dir, run_dir, until_step):
     train(PretrainConfig(**cfg_dict), DataSpec(**data_dict), out_dir, run_dir=run_dir, until_step=until_step)
 
 
 def pretrain(run_dir, cfg: PretrainConfig, until_step=None):
     """Train on run_dir's packed data into run_dir/pretrain (spawning cfg.nproc processes)."""
+    run_dir = RunDir.of(run_dir)
     data = data_spec(run_dir)
-    out_dir = Path(run_dir) / "pretrain"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = run_dir.output("pretrain")
+    if "WORLD_SIZE" in os.environ and cfg.strategy == "none":
+        cfg = replace(cfg, strategy="ddp")   # launched by torchrun
     if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:
         if cfg.strategy == "none":
             raise ConfigError("pretrain.strategy: choose 'ddp' or 'fsdp' when nproc > 1")
-        qdist.spawn(_spawned, cfg.nproc, asdict(cfg), asdict(data), str(out_dir), str(run_dir), until_step,
+        qdist.spawn(_spawned, cfg.nproc, asdict(cfg), asdict(data), str(out_dir), str(run_dir.root), until_step,
                     threads=cfg.threads or None)
         return json.loads((out_dir / "stats.json").read_text())
-    return train(cfg, data, out_dir, run_dir=run_dir, until_step=until_step)
+    try:
+        return train(cfg, data, out_dir, run_dir=run_dir, until_step=until_step)
+    finally:
+        if "WORLD_SIZE" in os.environ:
+            qdist.shutdown()
 
 
 def run_step(run_dir, cfg):
-    return pretrain(Path(run_dir), validate_config(cfg))
+    return pretrain(run_dir, validate_config(cfg))
+
+
+STEP = Step(name="pretrain", config=PretrainConfig, run=run_step, check=validate_config)
+
+
+# ---- `quark hpo`: hyperparameter search over pretraining runs -------------------------------------
+
+def pretrain_space(max_steps):
+    """Default space for pretraining trials: the settings that matter most at small scale."""
+    return {"lr": {"low": 1e-3, "high": 1e-2, "log": True}, "weight_decay": [0.0, 0.1],
+            "warmup_steps": {"low": 0, "high": max(0, max_steps // 5), "int": True}}
+
+
+def tune_pretrain(run_dir, base_cfg: dict, space=None, n_trials=6, min_steps=20, max_steps=None, eta=2, seed=0,
+                  log=print):
+    """Search pretraining settings on run_dir's packed data. Every trial trains in
+    run_dir/hpo/trial_K/ with its schedule fixed to max_steps and stops at each rung's budget; a
+    promoted trial resumes from its checkpoint. Objective: validation loss at the budget.
+    Writes run_dir/hpo/{results.jsonl,results.md,best.json}; best.json["config"] is base_cfg with
+    the winning values, ready for the pretrain step."""
+    run_dir = RunDir.of(run_dir)
+    data = data_spec(run_dir)
+    out = run_dir.output("hpo")
+    max_steps = max_steps or min_steps * eta ** rungs_needed(n_trials, eta)
+    space = space or pretrain_space(max_steps)
+
+    def objective(params, budget, trial):
+        cfg = validate_config({**base_cfg, **params, "max_steps": max_steps,
+                               "eval_interval": max_steps, "ckpt_interval": max_steps})
+        stats = train(cfg, data, out / f"trial_{trial}", run_dir=run_dir, until_step=budget, log=lambda msg: None)
+        return stats["val_loss"]
+
+    result = search(objective, space, n_trials, min_steps, max_steps, eta, seed, log)
+    write_results(result, out)
+    best = json.loads((out / "best.json").read_text())
+    atomic_write_json(out / "best.json", {**best, "config": {**base_cfg, **result.best_params}})
+    return result
 
 
 def configure_parser(parser):
-    parser.add_argument("run_dir", help="run directory holding pack/ and tokenizer/ (output: RUN_DIR/pretrain)")
-    parser.add_argument("--model", default=None, help="preset name, or 'plan' (default: %(default)s from the config)")
-    parser.add_argument("--steps", type=int, default=None, help="max_steps")
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--seq-len", type=int, default=None)
-    parser.add_argument("--lr", type=float, default=None)
-    parser.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default=None)
-    parser.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-    parser.add_argument("--nproc", type=int, default=None, help="local processes (gloo on CPU)")
-    parser.add_argument("--strategy", choices=qdist.STRATEGIES, default=None, help="ddp or fsdp when distributed")
-    parser.add_argument("--until-step", type=int, default=None, help="stop after this step (resume later)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON", help="any other PretrainConfig field")
-    parser.add_argument("--hpo", type=int, default=0, metavar="TRIALS",
-                        help="instead of training, search lr / weight decay / warmup by successive halving over "
-                             "TRIALS short runs (steps: --steps is the longest); writes RUN_DIR/hpo/best.json")
+    """`quark hpo` (a tool: the pretrain step itself is `quark pretrain`)."""
+    parser.add_argument("--run-dir", default="runs/default", help="run directory holding pack/ (writes RUN_DIR/hpo)")
+    parser.add_argument("--trials", type=int, default=6, help="configurations sampled for the first rung")
+    parser.add_argument("--max-steps", type=int, default=200, help="steps of the longest rung (the schedule's length)")
+    parser.add_argument("--config", default=None, metavar="FILE", help="YAML or JSON file of pretrain settings")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="one pretrain setting, VALUE parsed as YAML (repeatable)")
 
 
 def run_cli(args):
-    cfg = {k: v for k, v in {"model": args.model, "max_steps": args.steps, "batch_size": args.batch_size,
-                             "seq_len": args.seq_len, "lr": args.lr, "precision": args.precision,
-                             "compile": args.compile, "nproc": args.nproc, "strategy": args.strategy}.items()
-           if v is not None}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        try:
-            cfg[key] = json.loads(value)
-        except json.JSONDecodeError:
-            cfg[key] = value
-    if "WORLD_SIZE" in os.environ and "strategy" not in cfg:
-        cfg["strategy"] = "ddp"
+    from quark.config import read_settings
     try:
-        config = validate_config(cfg)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        base = {k: v for k, v in read_settings(args.config, args.set).items() if k != "max_steps"}
+        validate_config({**base, "max_steps": args.max_steps})
+        if args.trials < 2:
+            raise ConfigError(f"--trials: need at least 2 configurations to compare, got {args.trials}")
+        result = tune_pretrain(args.run_dir, base, n_trials=args.trials, max_steps=args.max_steps,
+                               min_steps=max(1, args.max_steps // 2 ** int(math.log2(args.trials))), eta=2)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}")
         return 2
-    if args.hpo:
-        from quark.train.hpo import tune_pretrain
-        base = {k: v for k, v in cfg.items() if k != "max_steps"}
-        result = tune_pretrain(Path(args.run_dir), base, n_trials=args.hpo, max_steps=config.max_steps,
-                               min_steps=max(1, config.max_steps // 2 ** int(math.log2(args.hpo))), eta=2)
-        print(result.table())
-        print(f"best: {json.dumps(result.best_params)} -> {Path(args.run_dir) / 'hpo' / 'best.json'}")
-        return 0
-    stats = pretrain(Path(args.run_dir), config, until_step=args.until_step)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(stats, indent=1))
+    print(result.table())
+    print(f"best: {json.dumps(result.best_params)} -> {RunDir.of(args.run_dir).root / 'hpo' / 'best.json'}")
     return 0
-
-
-if __name__ == "__main__":   # torchrun --nproc_per_node N -m quark.train.trainer RUN_DIR --strategy fsdp
-    import argparse
-    p = argparse.ArgumentParser(prog="python -m quark.train.trainer")
-    configure_parser(p)
-    try:
-        code = run_cli(p.parse_args())
-    finally:
-        qdist.shutdown()
-    sys.exit(code)

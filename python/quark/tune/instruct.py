@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 
 from quark.chat import encode_chat, special_ids
-from quark.config import ConfigError
+from quark.config import ConfigError, Step, from_dict
 from quark.io import atomic_open, atomic_write_json, read_jsonl
-from quark.tune import common
+from quark.rundir import RunDir
+from quark.safety_data import REFUSAL, harmful_requests
 
 SYSTEM = "You are Quark, a concise assistant for Python and its documentation."
 DOC_PROMPTS = ("Write the docstring for this Python function:\n{sig}", "What does `{sig}` do?",
@@ -47,8 +48,9 @@ class InstructConfig:
     system_prompt: bool = False       # prepend the SYSTEM message to every record
     safety_examples: int = 40         # harmful request -> refusal records (0: none; at most 10% of the data)
     self_instruct: int = 0            # new instructions to generate with the teacher model (0: off)
-    teacher: str = "auto"             # model dir, or "auto": the latest model of the run
+    teacher: str = "auto"             # model dir, a model step, or "auto": the latest model of the run
     max_files: int = 0                # code files to read (0: all)
+    seed: int = 0
 
     def __post_init__(self):
         if not 0.0 < self.val_fraction < 0.5:
@@ -58,7 +60,7 @@ class InstructConfig:
 
 
 def validate_config(cfg):
-    common.settings(InstructConfig, cfg, "instruct")
+    return from_dict(InstructConfig, cfg, "instruct")
 
 
 def chat(prompt, response):
@@ -130,8 +132,6 @@ def doc_pairs(text, title, rng, max_chars=600):
 
 
 def safety_pairs(n, rng):
-    from quark.align.redteam import harmful_requests
-    from quark.align.safety import REFUSAL
     reqs = harmful_requests("train")
     return [chat(r["prompt"], REFUSAL) for r in rng.sample(reqs, min(n, len(reqs)))]
 
@@ -212,9 +212,9 @@ def self_instruct(model, tokenizer, pool, n, rng, max_new_tokens=48, max_similar
 
 
 def corpus_records(run_dir, s: InstructConfig, rng):
-    run_dir = Path(run_dir)
+    run_dir = RunDir.of(run_dir)
     code, docs, files = [], [], 0
-    paths = sorted((run_dir / "scrape").glob("files-*.jsonl"))
+    paths = run_dir.shards("scrape", "files")
     for path in paths:
         for n, rec in read_jsonl(path):
             if not isinstance(rec, dict) or "text" not in rec or "path" not in rec:
@@ -227,15 +227,15 @@ def corpus_records(run_dir, s: InstructConfig, rng):
                 break
         if s.max_files and files >= s.max_files:
             break
-    clean = run_dir / "clean" / "docs.jsonl"
-    if clean.exists():
+    if run_dir.has("clean", "docs.jsonl"):
+        clean = run_dir.input("clean", "docs.jsonl")
         for n, rec in read_jsonl(clean):
             if not isinstance(rec, dict) or "text" not in rec:
                 raise ValueError(f"{clean}:{n}: expected field 'text'")
             meta = rec.get("meta") or {}
             docs += doc_pairs(rec["text"], meta.get("title") if isinstance(meta, dict) else None, rng, s.max_response_chars)
-    if not paths and not clean.exists():
-        raise FileNotFoundError(f"{run_dir} has neither scrape/files-*.jsonl nor clean/docs.jsonl; run the data steps first")
+    if not paths and not run_dir.has("clean", "docs.jsonl"):
+        raise FileNotFoundError(f"{run_dir.root} has neither scrape/files-*.jsonl nor clean/docs.jsonl; run the data steps first")
     return code, docs, files
 
 
@@ -247,14 +247,12 @@ def write_jsonl(path, records):
 
 
 def run_step(run_dir: Path, cfg: dict) -> dict:
-    s, seed = common.settings(InstructConfig, cfg, "instruct")
-    run_dir = Path(run_dir)
+    s = from_dict(InstructConfig, cfg, "instruct")
+    seed = s.seed
+    run_dir = RunDir.of(run_dir)
     rng = random.Random(seed)
     code, docs, files = corpus_records(run_dir, s, rng)
-    tok = None
-    tok_path = run_dir / "tokenizer" / "tokenizer.json"
-    if tok_path.exists():
-        tok = common.load_tokenizer(tok_path)
+    tok = run_dir.tokenizer(chat=True) if run_dir.has("tokenizer", "tokenizer.json") else None
     max_tokens = s.max_tokens or 256
     pool = dedup([r for r in code + docs if keep(r, s, tok, max_tokens)])
     rng.shuffle(pool)
@@ -264,8 +262,8 @@ def run_step(run_dir: Path, cfg: dict) -> dict:
     gen_stats = {}
     if s.self_instruct:
         from quark.model.io import load_model
-        teacher = common.resolve_model_dir(run_dir, s.teacher, ())
-        tok = tok or common.load_tokenizer(common.find_tokenizer(run_dir, teacher))
+        teacher = run_dir.model(s.teacher)
+        tok = tok or run_dir.tokenizer(teacher, chat=True)
         new, gen_stats = self_instruct(load_model(teacher), tok, pool, s.self_instruct, rng)
         pool += dedup([r for r in new if keep(r, s, tok, max_tokens)])
     records = pool + safety
@@ -276,7 +274,7 @@ def run_step(run_dir: Path, cfg: dict) -> dict:
     val, train = records[:n_val], records[n_val:]
     if len(train) < 2:
         raise ValueError(f"only {len(records)} instruction pairs survived filtering; the corpus is too small")
-    out = run_dir / "instruct"
+    out = run_dir.output("instruct")
     write_jsonl(out / "train.jsonl", train)
     write_jsonl(out / "val.jsonl", val)
     stats = {"python_files": files, "code_pairs": len(code), "doc_pairs": len(docs), "safety_pairs": len(safety),
@@ -285,10 +283,4 @@ def run_step(run_dir: Path, cfg: dict) -> dict:
     return stats
 
 
-def configure_parser(parser):
-    common.add_common_args(parser)
-
-
-def run_cli(args):
-    import sys
-    return common.run_step_cli(sys.modules[__name__], args)
+STEP = Step(name="instruct", config=InstructConfig, run=run_step, check=validate_config)

@@ -1,7 +1,7 @@
 """Supervised fine-tuning on chat records: full fine-tuning or LoRA.
 
 Records are JSONL lines {"messages": [{"role", "content"}, ...]} rendered with the model's chat template
-(quark.chat.chat_format: a Hugging Face checkpoint's own, else Quark's); the loss covers assistant
+(RunDir.chat: a Hugging Face checkpoint's own, else Quark's of quark.chat); the loss covers assistant
 tokens only (the template's mask). Examples are packed greedily
 (first fit, longest first) into rows of max_seq_len tokens so little compute goes to padding; as in
 most packed-SFT trainers, a packed example may attend to the ones before it in its row (each starts
@@ -17,11 +17,13 @@ from typing import Literal
 
 import torch
 
-from quark.chat import QuarkChat, chat_format, validate_messages
-from quark.config import ConfigError
+from quark.chat import QuarkChat, check_chat_record
+from quark.config import ConfigError, Step, from_dict
+from quark.infer.measure import held_out
 from quark.io import atomic_write_json, read_jsonl
 from quark.model.io import load_model, save_model
 from quark.model.lora import LoRAConfig, apply_lora, save_adapter, strip_lora
+from quark.rundir import RunDir
 from quark.tune import common
 
 IGNORE = -100
@@ -29,7 +31,7 @@ IGNORE = -100
 
 @dataclass
 class SFTConfig:
-    init: str = "auto"                 # model directory, or "auto": run_dir/pretrain/final
+    init: str = "auto"                 # model dir, a model step, or "auto": the latest model before sft
     data: str = "instruct"             # directory with train.jsonl and val.jsonl (relative to run_dir or absolute)
     method: Literal["full", "lora"] = "full"
     lora_rank: int = 8
@@ -47,6 +49,7 @@ class SFTConfig:
     overlong: Literal["error", "drop"] = "error"
     max_examples: int = 0              # 0: all
     ckpt_every: int = 50
+    seed: int = 0
 
     def __post_init__(self):
         for k in ("steps", "batch_size"):
@@ -65,21 +68,7 @@ class SFTConfig:
 
 
 def validate_config(cfg):
-    common.settings(SFTConfig, cfg, "sft")
-
-
-def check_chat_record(rec, where):
-    """Raise ValueError naming `where` (path:line) unless rec is a well-formed chat record."""
-    if not isinstance(rec, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-    if "messages" not in rec:
-        raise ValueError(f"{where}: missing field 'messages'")
-    try:
-        validate_messages(rec["messages"], where="messages")
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
-    if not any(m["role"] == "assistant" for m in rec["messages"]):
-        raise ValueError(f"{where}: no assistant message, so nothing to learn")
+    return from_dict(SFTConfig, cfg, "sft")
 
 
 def load_chat_jsonl(path, tokenizer, max_len, overlong="error", limit=0, chat=None):
@@ -147,19 +136,11 @@ def trim(X, Y):
     return X[:, :width], Y[:, :width]
 
 
-@torch.no_grad()
 def evaluate_loss(model, X, Y, batch_size=16):
-    """Mean cross-entropy over the learned (assistant) tokens of all rows."""
-    model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(X), batch_size):
-        x, y = trim(X[i:i + batch_size], Y[i:i + batch_size])
-        n = int((y != IGNORE).sum())
-        if n:
-            _, loss = model(x, y, ignore_index=IGNORE)
-            total += float(loss) * n
-            count += n
-    return total / max(count, 1)
+    """Mean cross-entropy over the learned (assistant) tokens of all rows (0 when there are none)."""
+    batches = [trim(X[i:i + batch_size], Y[i:i + batch_size]) for i in range(0, len(X), batch_size)]
+    scored = held_out(model, batches, ignore_index=IGNORE)
+    return scored.mean() if int(scored.tokens.sum()) else 0.0
 
 
 def finetune(model, X, Y, cfg: SFTConfig, seed=0, ckpt_dir=None, desc="sft"):
@@ -179,25 +160,26 @@ def trainable_parameter_names(model):
 
 
 def run_step(run_dir: Path, cfg: dict) -> dict:
-    s, seed = common.settings(SFTConfig, cfg, "sft")
-    run_dir = Path(run_dir)
+    s = from_dict(SFTConfig, cfg, "sft")
+    seed = s.seed
+    run_dir = RunDir.of(run_dir)
     torch.manual_seed(seed)
-    init = common.resolve_model_dir(run_dir, s.init, ("pretrain",))
-    tok_path = common.find_tokenizer(run_dir, init)
-    tok = common.load_tokenizer(tok_path)
+    init = run_dir.model(s.init, before="sft")
+    tok_path = run_dir.tokenizer_path(init)
+    chat = run_dir.chat(init)
+    tok = chat.tokenizer
     model = load_model(init)
     max_len = s.max_len or model.config.max_seq_len
     if max_len > model.config.max_seq_len + 1:
         raise ConfigError(f"sft.max_len {max_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
-    data = Path(s.data) if Path(s.data).is_absolute() else run_dir / s.data
-    chat = chat_format(tok, tok_path.parent)
+    data = run_dir.path(s.data)
     train, dropped = load_chat_jsonl(data / "train.jsonl", tok, max_len, s.overlong, s.max_examples, chat=chat)
     val, _ = load_chat_jsonl(data / "val.jsonl", tok, max_len, "drop", chat=chat)
     pad = chat.pad_id
     seq = model.config.max_seq_len
     X, Y = pack_examples(train, seq, pad, s.packing)
     Xv, Yv = pack_examples(val, seq, pad, s.packing)
-    out = run_dir / "sft"
+    out = run_dir.output("sft")
     t0 = time.time()
     val_before = evaluate_loss(model, Xv, Yv)
     if s.method == "lora":
@@ -219,10 +201,4 @@ def run_step(run_dir: Path, cfg: dict) -> dict:
     return stats
 
 
-def configure_parser(parser):
-    common.add_common_args(parser)
-
-
-def run_cli(args):
-    import sys
-    return common.run_step_cli(sys.modules[__name__], args)
+STEP = Step(name="sft", config=SFTConfig, run=run_step, check=validate_config)
