@@ -196,7 +196,9 @@ class GPT(nn.Module):
 
     def rope(self, pos):
         """cos, sin (..., D/2) at positions pos (T,) or (B, T); "dynamic" rope scaling recomputes the
-        frequencies for the longest sequence of the call once it outgrows the original context."""
+        frequencies for the longest sequence of the call once it outgrows the original context. (A
+        transformers model also keeps the frequencies of the longest call it has seen until a call fits
+        the original context again; here each call stands alone, which is what a fresh model computes.)"""
         seq_len = int(pos.max()) + 1
         if seq_len > self.rope_cos.shape[0]:
             raise ValueError(f"position {seq_len - 1} exceeds max_seq_len {self.config.max_seq_len}")
