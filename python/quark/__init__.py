@@ -14,6 +14,6 @@ __all__ = ["__version__", "info", "isa", "num_threads", "patch", "quantize_", "s
 def __getattr__(name):
     # quark.patch / quark.quantize_ (quark.nn.patch) load on first use: `import quark` stays light
     if name in ("patch", "quantize_"):
-        from quark.nn import patch as module
-        return getattr(module, name)
+        import importlib
+        return getattr(importlib.import_module("quark.nn.patch"), name)
     raise AttributeError(f"module 'quark' has no attribute {name!r}")

@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from quark.io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from quark.model.config import GPTConfig
+from quark.model.config import GPTConfig, config_from_hf
 from quark.model.gpt import GPT
 
 # Quark module -> HF module inside layer i (parameters keep their suffix, weight or bias), and globals.
@@ -66,101 +66,6 @@ def from_hf_name(name):
     if len(parts) < 5 or parts[:2] != ["model", "layers"] or ".".join(parts[3:-1]) not in modules:
         return None
     return f"blocks.{parts[2]}.{modules['.'.join(parts[3:-1])]}.{parts[-1]}"
-
-
-# ---- config.json -> GPTConfig ---------------------------------------------------------------------
-
-def _any(v):
-    return True
-
-
-# Fields that change nothing at inference in transformers' modeling of these architectures, or that
-# this loader reads: accepted when their value passes the check, else "not implemented".
-_COMMON = {
-    "architectures": _any, "model_type": _any, "transformers_version": _any, "torch_dtype": _any, "dtype": _any,
-    "bos_token_id": _any, "eos_token_id": _any, "pad_token_id": _any, "initializer_range": _any, "use_cache": _any,
-    "output_hidden_states": _any, "output_attentions": _any, "return_dict": _any, "id2label": _any,
-    "label2id": _any, "problem_type": _any, "is_encoder_decoder": lambda v: v is False,
-    "chunk_size_feed_forward": lambda v: v == 0, "pretraining_tp": _any,   # transformers >= 4.45 ignores it
-    "vocab_size": _any, "hidden_size": _any, "intermediate_size": _any, "num_hidden_layers": _any,
-    "num_attention_heads": _any, "num_key_value_heads": _any, "max_position_embeddings": _any,
-    "rms_norm_eps": _any, "tie_word_embeddings": _any, "head_dim": _any, "rope_theta": _any,
-    "rope_scaling": _any, "rope_parameters": _any, "hidden_act": lambda v: v == "silu",
-    "attention_dropout": lambda v: v == 0,   # Quark's attention has no dropout
-    "is_llama_config": _any, "rope_interleaved": lambda v: v is False,   # SmolLM2 (nanotron) leftovers
-}
-_NO_WINDOW = {"use_sliding_window": lambda v: v is False, "sliding_window": _any, "max_window_layers": _any,
-              "layer_types": lambda v: all(t == "full_attention" for t in v)}
-_FIELDS = {
-    "llama": {**_COMMON, "attention_bias": _any, "mlp_bias": _any},
-    "mistral": {**_COMMON, "sliding_window": _any},
-    "qwen2": {**_COMMON, **_NO_WINDOW},
-    "qwen3": {**_COMMON, **_NO_WINDOW, "attention_bias": _any},
-}
-# transformers' defaults for fields a config.json may leave out.
-_DEFAULTS = {"llama": {"max_position_embeddings": 2048}, "mistral": {"max_position_embeddings": 131072},
-             "qwen2": {"max_position_embeddings": 32768}, "qwen3": {"max_position_embeddings": 32768}}
-
-
-def _rope(c, where):
-    """(rope_theta, rope_scaling or None) from transformers >= 5 rope_parameters or the older
-    rope_theta + rope_scaling ({"type": ...} before 4.45)."""
-    rope = {**(c.get("rope_scaling") or {}), **(c.get("rope_parameters") or {})}
-    theta = float(rope.pop("rope_theta", c.get("rope_theta", 10000.0)))
-    kind = rope.pop("rope_type", rope.pop("type", "default"))
-    if kind == "default":
-        if rope:
-            raise ValueError(f"{where}: rope parameters {sorted(rope)} are not implemented for the default rope")
-        return theta, None
-    if kind == "dynamic":   # transformers scales against max_position_embeddings, whatever else is written
-        orig = rope.setdefault("original_max_position_embeddings", c["max_position_embeddings"])
-        if orig != c["max_position_embeddings"]:
-            raise ValueError(f"{where}: dynamic rope with original_max_position_embeddings {orig} != "
-                             f"max_position_embeddings {c['max_position_embeddings']} is not implemented")
-    try:
-        return theta, GPTConfig(rope_scaling={"rope_type": kind, **rope}).rope_scaling
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
-
-
-def config_from_hf(c, where="config.json") -> GPTConfig:
-    """The GPTConfig of a transformers config dict; ValueError names what Quark does not implement."""
-    kind = c.get("model_type")
-    if kind not in _FIELDS:
-        raise ValueError(f"{where}: model_type {kind!r} is not supported; Quark loads {', '.join(_FIELDS)}")
-    fields = _FIELDS[kind]
-    for key, value in c.items():
-        if key.startswith("_"):   # bookkeeping such as _name_or_path
-            continue
-        if key not in fields:
-            raise ValueError(f"{where}: field {key!r} is not implemented for model_type {kind!r}")
-        if value is not None and not fields[key](value):
-            raise ValueError(f"{where}: {key}={value!r} is not implemented (Quark's {kind} needs its default)")
-    c = {**_DEFAULTS[kind], **{k: v for k, v in c.items() if v is not None}}
-    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
-        if key not in c:
-            raise ValueError(f"{where}: {key} is missing")
-    if kind != "llama" and "num_key_value_heads" not in c:
-        raise ValueError(f"{where}: num_key_value_heads is missing")
-    d, heads = c["hidden_size"], c["num_attention_heads"]
-    head_dim = c.get("head_dim") or d // heads
-    theta, scaling = _rope(c, where)
-    max_pos = c["max_position_embeddings"]
-    bias = bool(c.get("attention_bias", False))
-    try:
-        return GPTConfig(
-            vocab_size=c["vocab_size"], n_layer=c["num_hidden_layers"], n_head=heads,
-            n_kv_head=c.get("num_key_value_heads", heads), d_model=d, ffn_hidden=c["intermediate_size"],
-            # dynamic rope exists to run past the original context: allow factor times it
-            max_seq_len=int(max_pos * scaling["factor"]) if scaling and scaling["rope_type"] == "dynamic" else max_pos,
-            rope_theta=theta, norm_eps=float(c.get("rms_norm_eps", 1e-6)),
-            tie_embeddings=bool(c.get("tie_word_embeddings", False)), init_std=c.get("initializer_range", 0.02),
-            head_dim_override=head_dim if head_dim * heads != d else 0,
-            qkv_bias=True if kind == "qwen2" else bias, o_bias=bias if kind in ("llama", "qwen3") else False,
-            mlp_bias=bool(c.get("mlp_bias", False)), qk_norm=kind == "qwen3",
-            sliding_window=int(c.get("sliding_window") or 0) if kind == "mistral" else 0, rope_scaling=scaling)
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
 
 
 def read_json(path):
