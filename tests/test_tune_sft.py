@@ -6,6 +6,7 @@ import torch
 from quark.chat import special_ids
 from quark.model.io import load_model
 from quark.rundir import RunDir
+from quark.train.checkpoint import list_checkpoints
 from quark.tune import instruct, sft
 from quark.tune.sft import IGNORE, SFTConfig, evaluate_loss, finetune, load_chat_jsonl, pack_examples
 from tests.tiny_lm import chat_record, make_run, one_thread, tiny_model, tiny_tokenizer, write_jsonl  # noqa: F401 (one_thread is a fixture)
@@ -86,7 +87,7 @@ def test_full_finetune_lowers_assistant_loss_and_resumes_exactly(tmp_path, tok):
     b.forward = failing_forward
     with pytest.raises(KeyboardInterrupt):
         finetune(b, X, Y, cfg, seed=5, ckpt_dir=ckpt)
-    assert json.loads((ckpt / "state.json").read_text())["step"] == 6
+    assert [c.name for c in list_checkpoints(ckpt)] == ["step_000006"]
     b.forward = real_forward
     finetune(b, X, Y, cfg, seed=5, ckpt_dir=ckpt)
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):

@@ -73,7 +73,7 @@ def _fuse(linears):
 class Runner:
     """The model's forward over a slot cache. Not thread-safe: one owner (the engine thread)."""
 
-    def __init__(self, model, slots, max_seq_len=None, cache_dtype="fp32"):
+    def __init__(self, model, slots, max_seq_len=None, cache_dtype="fp32", fuse=True):
         if cache_dtype not in CACHE_DTYPES:
             raise ValueError(f"cache_dtype must be one of {', '.join(CACHE_DTYPES)}, got {cache_dtype!r}")
         self.model = model.eval()
@@ -90,9 +90,11 @@ class Runner:
             self.k_scale = [torch.zeros(shape[:3]) for _ in range(cfg.n_layer)]                 # (slots, Hkv, Smax)
             self.v_scale = [torch.zeros(shape[:3]) for _ in range(cfg.n_layer)]
         self.lens = torch.zeros(slots, dtype=torch.long)
+        # fuse=False leaves the model's parameters alone (fusing replaces them by views of one tensor): for
+        # a model that is still being trained between generations, such as the RL policy
         with torch.no_grad():
-            self.qkv = [_fuse([b.attn.wq, b.attn.wk, b.attn.wv]) for b in model.blocks]
-            self.gate_up = [_fuse([b.mlp.w1, b.mlp.w3]) for b in model.blocks]
+            self.qkv = [_fuse([b.attn.wq, b.attn.wk, b.attn.wv]) if fuse else None for b in model.blocks]
+            self.gate_up = [_fuse([b.mlp.w1, b.mlp.w3]) if fuse else None for b in model.blocks]
 
     def _project_qkv(self, i, h):
         a = self.model.blocks[i].attn
@@ -226,6 +228,7 @@ class Request:
         self.detok = Detokenizer(tokenizer, params.stop) if tokenizer is not None else None
         self.text = ""
         self.finish_reason = None
+        self.stop_token = None     # the stop token id that ended it (not in output_ids)
         self.cancelled = False
         self.generator = params.generator()
         self.history = torch.tensor(self.prompt_ids, dtype=torch.long) if params.penalized else None
@@ -248,6 +251,7 @@ class Request:
         if self.t_first is None:
             self.t_first = time.perf_counter()
         if token in self.stop_ids:
+            self.stop_token = token
             return self._finish("stop")
         self.output_ids.append(token)
         if self.history is not None:
@@ -293,14 +297,14 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer=None, max_batch=8, max_queue=64, max_seq_len=None, cache_dtype="fp32",
-                 stop_tokens=("<|end|>", "<|eos|>"), stop_ids=None):
+                 stop_tokens=("<|end|>", "<|eos|>"), stop_ids=None, fuse=True):
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch}, {max_queue}")
-        self.runner = Runner(model, max_batch, max_seq_len, cache_dtype)
+        self.runner = Runner(model, max_batch, max_seq_len, cache_dtype, fuse)
         self.tokenizer = tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.max_seq_len = self.runner.max_seq_len
-        if stop_ids is None:   # a checkpoint's own eos ids come from quark.chat.chat_format(...).stop_ids
+        if stop_ids is None:   # by default the tokenizer's stop tokens (none without a tokenizer)
             stop_ids = [tokenizer.token_to_id(t) for t in stop_tokens] if tokenizer is not None else []
         self.stop_ids = frozenset(i for i in stop_ids if i is not None)
         self.waiting = deque()
@@ -313,7 +317,7 @@ class Engine:
         self.tokens_generated = 0
 
     # ---- client side (any thread) ----
-    def submit(self, prompt_ids, params=None, on_event=None):
+    def _request(self, prompt_ids, params, on_event=None):
         params = params or SamplingParams()
         if not prompt_ids:
             raise ValueError("prompt is empty: it must hold at least one token")
@@ -323,7 +327,10 @@ class Engine:
         vocab = self.runner.cfg.vocab_size
         if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
             raise ValueError(f"prompt token ids must lie in [0, {vocab})")
-        req = Request(prompt_ids, params, self.tokenizer, self.stop_ids, on_event)
+        return Request(prompt_ids, params, self.tokenizer, self.stop_ids, on_event)
+
+    def submit(self, prompt_ids, params=None, on_event=None):
+        req = self._request(prompt_ids, params, on_event)
         with self.cond:
             if not self.accepting:
                 raise ShuttingDown("the engine is shutting down")
@@ -340,6 +347,24 @@ class Engine:
         req = self.submit(prompt_ids, params, on_event)
         req.done.wait()
         return req
+
+    def run(self, prompts, params=None):
+        """Generate for every prompt on the caller's thread (no loop thread, no queue bound), max_batch at
+        a time with continuous batching -> the finished Requests in prompt order. params: one
+        SamplingParams for all prompts, or a list with one per prompt (e.g. distinct seeds)."""
+        if self.thread is not None:
+            raise RuntimeError("run() drives the engine itself; this engine already has its loop thread")
+        per_prompt = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(per_prompt) != len(prompts):
+            raise ValueError(f"got {len(per_prompt)} SamplingParams for {len(prompts)} prompts")
+        reqs = [self._request(p, sp) for p, sp in zip(prompts, per_prompt)]
+        pending = deque(reqs)
+        while pending or self.active:
+            admitted = []
+            while pending and len(self.active) + len(admitted) < self.max_batch:
+                admitted.append(pending.popleft())
+            self._step(admitted)
+        return reqs
 
     @property
     def queue_depth(self):

@@ -24,7 +24,7 @@ from quark.io import atomic_write_json, read_jsonl
 from quark.model.io import load_model, save_model
 from quark.model.lora import LoRAConfig, apply_lora, save_adapter, strip_lora
 from quark.rundir import RunDir
-from quark.tune import common
+from quark.train.loop import LoopSettings, clear_checkpoints, seeded_batches, train_loop
 
 IGNORE = -100
 
@@ -150,9 +150,9 @@ def finetune(model, X, Y, cfg: SFTConfig, seed=0, ckpt_dir=None, desc="sft"):
         x, y = trim(X[idx], Y[idx])
         _, loss = model(x, y, ignore_index=IGNORE)
         return loss, {}
-    loop = common.LoopSettings(steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, weight_decay=cfg.weight_decay,
-                               grad_clip=cfg.grad_clip, ckpt_every=cfg.ckpt_every)
-    return common.train_loop(model, loss_fn, loop, seed=seed, ckpt_dir=ckpt_dir, desc=desc)
+    s = LoopSettings(steps=cfg.steps, lr=cfg.lr, min_lr=0.1 * cfg.lr, warmup=cfg.warmup, weight_decay=cfg.weight_decay,
+                     grad_clip=cfg.grad_clip, ckpt_every=cfg.ckpt_every)
+    return train_loop(model, seeded_batches(loss_fn, seed), s, ckpt_root=ckpt_dir, keep_history=True, desc=desc)[0]
 
 
 def trainable_parameter_names(model):
@@ -191,7 +191,7 @@ def run_step(run_dir: Path, cfg: dict) -> dict:
         save_adapter(model, out / "adapter", metadata={"base": str(init)})
         strip_lora(model)
     save_model(model, out / "final", tokenizer_path=tok_path, metadata={"step": "sft", "base": str(init), "method": s.method})
-    common.clear_checkpoint(out / "ckpt")
+    clear_checkpoints(out / "ckpt")
     stats = {"init": str(init), "method": s.method, "train_examples": len(train), "dropped_overlong": dropped,
              "val_examples": len(val), "train_rows": len(X), "assistant_tokens": int((Y != IGNORE).sum()),
              "packing_efficiency": round(float((X != pad).float().mean()), 3), "trainable_params": n_train,
