@@ -15,7 +15,6 @@ and an optional pairs JSONL (the feedback loop's) -> run_dir/dpo/final and metri
 import random
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -27,7 +26,7 @@ from quark.io import atomic_write_json
 from quark.model.io import load_model, save_model
 from quark.model.lora import LoRAConfig, apply_lora, strip_lora
 from quark.rundir import RunDir
-from quark.tune import common
+from quark.train.loop import LoopSettings, clear_checkpoints, seeded_batches, train_loop
 
 
 def preference_loss(kind, pi, ref, n_tokens, B, beta, gamma=0.0):
@@ -81,8 +80,9 @@ def optimize(model, train, ref, counts, pad, s, seed=0, ckpt_dir=None):
         pi, n = P.sequence_logps(model, ids, mask)
         r = torch.cat([ref[idx, 0], ref[idx, 1]])
         return preference_loss(s.loss, pi, r, n.clamp_min(1), len(idx), s.beta, s.gamma)
-    loop = common.LoopSettings(steps=s.steps, lr=s.lr, warmup=s.warmup, weight_decay=s.weight_decay, ckpt_every=s.ckpt_every)
-    return common.train_loop(model, loss_fn, loop, seed=seed, ckpt_dir=ckpt_dir, desc=s.loss)
+    loop = LoopSettings(steps=s.steps, lr=s.lr, min_lr=0.1 * s.lr, warmup=s.warmup, weight_decay=s.weight_decay,
+                        ckpt_every=s.ckpt_every)
+    return train_loop(model, seeded_batches(loss_fn, seed), loop, ckpt_root=ckpt_dir, keep_history=True, desc=s.loss)[0]
 
 
 @dataclass
@@ -118,7 +118,7 @@ def validate_config(cfg):
     return from_dict(DPOConfig, cfg, "dpo")
 
 
-def run_step(run_dir: Path, cfg: dict) -> dict:
+def run_step(run_dir, cfg: dict) -> dict:
     from quark.align.reward import build_datasets
     s = from_dict(DPOConfig, cfg, "dpo")
     seed = s.seed
@@ -126,7 +126,7 @@ def run_step(run_dir: Path, cfg: dict) -> dict:
     torch.manual_seed(seed)
     init = run_dir.model(s.init, before="dpo")
     tok_path = run_dir.tokenizer_path(init)
-    tok = run_dir.tokenizer(init, chat=True)
+    tok = run_dir.chat(init)   # the model's chat format: Quark's, or an HF checkpoint's own template
     model = load_model(init)
     max_len = s.max_len or model.config.max_seq_len
     train, val, dropped = build_datasets(run_dir, s, tok, max_len, random.Random(seed + 1))
@@ -143,7 +143,7 @@ def run_step(run_dir: Path, cfg: dict) -> dict:
         strip_lora(model)
     after = heldout_metrics(model, val, ref_val, pad, s.beta)
     save_model(model, out / "final", tokenizer_path=tok_path, metadata={"step": "dpo", "loss": s.loss, "base": str(init)})
-    common.clear_checkpoint(out / "ckpt")
+    clear_checkpoints(out / "ckpt")
     stats = {"init": str(init), "loss": s.loss, "train_pairs": len(train), "heldout_pairs": len(val),
              "dropped_overlong": dropped, "heldout_before": {k: round(v, 4) for k, v in before.items()},
              "heldout_after": {k: round(v, 4) for k, v in after.items()},

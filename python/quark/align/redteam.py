@@ -26,7 +26,6 @@ import codecs
 import random
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -201,7 +200,7 @@ def validate_config(cfg):
     return s
 
 
-def run_step(run_dir: Path, cfg: dict) -> dict:
+def run_step(run_dir, cfg: dict) -> dict:
     s = from_dict(RedteamConfig, cfg, "redteam")
     seed = s.seed
     run_dir = RunDir.of(run_dir)

@@ -28,7 +28,7 @@ from quark.io import atomic_write_bytes, atomic_write_json
 from quark.model.gpt import GPT
 from quark.model.io import load_model, save_model
 from quark.rundir import RunDir
-from quark.tune import common
+from quark.train.loop import LoopSettings, clear_checkpoints, seeded_batches, train_loop
 
 
 class RewardModel(nn.Module):
@@ -99,8 +99,9 @@ def train_reward(rm, train, pad, s, seed=0, ckpt_dir=None):
         ids, _, lens = P.pair_batch(train, idx, pad)
         loss, acc, margin = bt_loss(rm(ids, lens), len(idx))
         return loss, {"accuracy": acc, "margin": margin}
-    loop = common.LoopSettings(steps=s.steps, lr=s.lr, warmup=s.warmup, weight_decay=s.weight_decay, ckpt_every=s.ckpt_every)
-    return common.train_loop(rm, loss_fn, loop, seed=seed, ckpt_dir=ckpt_dir, desc="reward")
+    loop = LoopSettings(steps=s.steps, lr=s.lr, min_lr=0.1 * s.lr, warmup=s.warmup, weight_decay=s.weight_decay,
+                        ckpt_every=s.ckpt_every)
+    return train_loop(rm, seeded_batches(loss_fn, seed), loop, ckpt_root=ckpt_dir, keep_history=True, desc="reward")[0]
 
 
 @dataclass
@@ -160,14 +161,14 @@ def build_datasets(run_dir, s, tok, max_len, rng):
     return enc_train, enc_val, dropped
 
 
-def run_step(run_dir: Path, cfg: dict) -> dict:
+def run_step(run_dir, cfg: dict) -> dict:
     s = from_dict(RewardConfig, cfg, "reward")
     seed = s.seed
     run_dir = RunDir.of(run_dir)
     torch.manual_seed(seed)
     init = run_dir.model(s.init, before="dpo")
     tok_path = run_dir.tokenizer_path(init)
-    tok = run_dir.tokenizer(init, chat=True)
+    tok = run_dir.chat(init)   # the model's chat format: Quark's, or an HF checkpoint's own template
     rm = RewardModel(load_model(init))
     max_len = s.max_len or rm.backbone.config.max_seq_len
     train, val, dropped = build_datasets(run_dir, s, tok, max_len, random.Random(seed))
@@ -179,7 +180,7 @@ def run_step(run_dir: Path, cfg: dict) -> dict:
     acc_after, margin_after = accuracy(rm, val, pad)
     acc_train, _ = accuracy(rm, train[: len(val) * 2], pad)
     save_reward_model(rm, out / "final", tok_path, {"step": "reward", "base": str(init)})
-    common.clear_checkpoint(out / "ckpt")
+    clear_checkpoints(out / "ckpt")
     stats = {"init": str(init), "train_pairs": len(train), "heldout_pairs": len(val), "dropped_overlong": dropped,
              "heldout_accuracy_before": round(acc_before, 3), "heldout_accuracy": round(acc_after, 3),
              "heldout_margin": round(margin_after, 4), "train_accuracy": round(acc_train, 3),

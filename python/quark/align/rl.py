@@ -19,13 +19,14 @@ import random
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from quark.chat import encode_chat, special_ids
 from quark.config import ConfigError, Step, from_dict
+from quark.infer.engine import Engine
+from quark.infer.sampling import SamplingParams
 from quark.io import atomic_write_json
 from quark.model.io import load_model, save_model
 from quark.rundir import RunDir
@@ -56,17 +57,24 @@ def rule_reward(name):
 
 @torch.no_grad()
 def sample_group(model, prompt_ids, G, max_new_tokens, temperature, stop_ids, generator):
-    """G completions of one prompt -> ids (G, P+N), completion mask (G, P+N) (1 on generated tokens up
-    to and including the first stop token), terminated (G,) bool, answer lengths before the stop (G,)."""
-    P = len(prompt_ids)
-    seqs = model.generate(torch.tensor([prompt_ids] * G), max_new_tokens, temperature=temperature, generator=generator)
-    gen = seqs[:, P:]
-    is_stop = torch.isin(gen, torch.tensor(sorted(stop_ids)))
-    first = torch.where(is_stop.any(1), is_stop.float().argmax(1), torch.full((G,), gen.shape[1]))   # (G,)
-    pos = torch.arange(gen.shape[1])[None, :]
-    mask = torch.zeros_like(seqs, dtype=torch.float32)
-    mask[:, P:] = (pos <= first[:, None]).float()
-    return seqs, mask, is_stop.any(1), first
+    """G completions of one prompt through the engine -> ids (G, P+N) (N: the longest completion with its
+    stop token; shorter rows padded with a stop id), completion mask (G, P+N) (1 on generated tokens up to
+    and including the stop token), terminated (G,) bool, answer lengths before the stop (G,)."""
+    # fuse=False: the policy keeps training between groups, so its parameters must stay its own
+    engine = Engine(model, max_batch=G, stop_ids=stop_ids, fuse=False)
+    seeds = torch.randint(2**31, (G,), generator=generator).tolist()
+    reqs = engine.run([prompt_ids] * G, [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, seed=int(s))
+                                         for s in seeds])
+    rows = [r.output_ids + ([r.stop_token] if r.stop_token is not None else []) for r in reqs]
+    P, N = len(prompt_ids), max(len(r) for r in rows)
+    seqs = torch.full((G, P + N), min(stop_ids), dtype=torch.long)
+    mask = torch.zeros(G, P + N)
+    seqs[:, :P] = torch.tensor(prompt_ids)
+    for i, row in enumerate(rows):
+        seqs[i, P:P + len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, P:P + len(row)] = 1.0
+    terminated = torch.tensor([r.stop_token is not None for r in reqs])
+    return seqs, mask, terminated, torch.tensor([len(r.output_ids) for r in reqs])
 
 
 def token_logps(model, ids):
@@ -171,7 +179,7 @@ def validate_config(cfg):
     return from_dict(RLConfig, cfg, "rl")
 
 
-def run_step(run_dir: Path, cfg: dict) -> dict:
+def run_step(run_dir, cfg: dict) -> dict:
     s = from_dict(RLConfig, cfg, "rl")
     seed = s.seed
     run_dir = RunDir.of(run_dir)

@@ -38,6 +38,7 @@ from quark.infer.measure import held_out, paired_delta
 from quark.io import atomic_write_json
 from quark.model import GPT, GPTConfig
 from quark.rundir import RunDir
+from quark.train.loop import LoopSettings, train_loop
 
 
 @dataclass
@@ -193,18 +194,11 @@ def pick_teacher(run_dir, choice, data, val):
 
 def train_student(cfg: GPTConfig, data, c: DistillConfig, alpha, teacher=None, cache=None, desc="student"):
     """Train a fresh student (init seed c.seed) for c.steps; returns (model, stats)."""
-    from quark.train.trainer import PretrainConfig, lr_at, make_optimizer
-    sched = PretrainConfig(max_steps=c.steps, lr=c.lr, min_lr=c.min_lr, warmup_steps=c.warmup_steps,
-                           weight_decay=c.weight_decay, batch_size=c.batch_size, seq_len=c.seq_len)
     torch.manual_seed(c.seed)
     model = GPT(cfg)
-    opt = make_optimizer(model, sched)
     loader = _loader(data, c)
-    model.train()
-    t0 = time.perf_counter()
-    for step in tqdm(range(c.steps), desc=desc, file=sys.stderr):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, sched)
+
+    def micro_loss(step, micro):
         x, y = loader.next_batch()
         logits, _ = model(x)
         if alpha == 0:
@@ -216,10 +210,11 @@ def train_student(cfg: GPTConfig, data, c: DistillConfig, alpha, teacher=None, c
             with torch.no_grad():
                 t_logits, _ = teacher(x)
             loss, _, _ = kd_loss(logits, y, c.temperature, alpha, teacher_logits=t_logits)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        return loss, {}
+    t0 = time.perf_counter()
+    s = LoopSettings(steps=c.steps, lr=c.lr, min_lr=c.min_lr, warmup=c.warmup_steps, weight_decay=c.weight_decay,
+                     log_every=c.steps)
+    train_loop(model, micro_loss, s, desc=desc)
     return model.eval(), {"seconds": round(time.perf_counter() - t0, 2), "params": cfg.num_params(),
                           "tokens": c.steps * c.batch_size * c.seq_len}
 

@@ -25,6 +25,8 @@ import torch
 
 from quark.chat import encode_chat, special_ids
 from quark.config import ConfigError, Step, from_dict
+from quark.infer.engine import Engine
+from quark.infer.sampling import SamplingParams
 from quark.io import atomic_write_json, atomic_write_text
 from quark.rundir import RunDir
 
@@ -71,35 +73,23 @@ def build_messages(question, hits, max_chars_per_source=600):
 
 
 class ModelGenerator:
-    """Greedy (or sampled) chat generation with a KV cache, stopping at <|end|> / <|eos|>."""
+    """Chat generation through the engine, greedy (or sampled), stopping at <|end|> / <|eos|>."""
 
     def __init__(self, model, tokenizer, max_new_tokens=64, temperature=0.0, seed=0):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
-        self.generator = torch.Generator().manual_seed(seed)
+        self.rng = random.Random(seed)   # one seed per answer: a sequence of answers is reproducible
         sp = special_ids(tokenizer)
-        self.stop = {sp["<|end|>"], sp["<|eos|>"]}
+        self.engine = Engine(model, max_batch=1, stop_ids=[sp["<|end|>"], sp["<|eos|>"]])
 
-    @torch.no_grad()
     def __call__(self, messages):
-        from quark.model import KVCache
         ids, _ = encode_chat(self.tokenizer, messages, add_generation_prompt=True)
         room = self.model.config.max_seq_len - self.max_new_tokens
         if len(ids) > room:   # keep the start (system, first sources) and the end (the question)
             ids = ids[: room // 2] + ids[len(ids) - (room - room // 2):]
-        cache = KVCache(self.model.config, 1, len(ids) + self.max_new_tokens)
-        logits, _ = self.model(torch.tensor([ids]), cache=cache)
-        out = []
-        for _ in range(self.max_new_tokens):
-            last = logits[0, -1].float()
-            if self.temperature > 0:
-                nxt = int(torch.multinomial(torch.softmax(last / self.temperature, -1), 1, generator=self.generator))
-            else:
-                nxt = int(last.argmax())
-            if nxt in self.stop:
-                break
-            out.append(nxt)
-            logits, _ = self.model(torch.tensor([[nxt]]), cache=cache)
+        params = SamplingParams(max_tokens=self.max_new_tokens, temperature=self.temperature,
+                                seed=self.rng.randrange(2**31))
+        out = self.engine.run([ids], params)[0].output_ids
         return self.tokenizer.decode(out, skip_special_tokens=True).strip()
 
 

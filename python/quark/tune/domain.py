@@ -20,7 +20,7 @@ from quark.infer.measure import held_out
 from quark.io import atomic_write_json, read_jsonl
 from quark.model.io import load_model, save_model
 from quark.rundir import RunDir
-from quark.tune import common
+from quark.train.loop import LoopSettings, clear_checkpoints, seeded_batches, train_loop
 
 
 @dataclass
@@ -96,11 +96,11 @@ def adapt(model, domain, general, s: DomainConfig, seq_len, seed=0, ckpt_dir=Non
             ys.append(tokens[i + 1: i + 1 + seq_len])
             n_replay += from_general
         return model(torch.stack(xs), torch.stack(ys))[1], {"replay_rows": n_replay}
-    loop = common.LoopSettings(steps=s.steps, lr=s.lr, warmup=s.warmup, ckpt_every=s.ckpt_every)
-    return common.train_loop(model, loss_fn, loop, seed=seed, ckpt_dir=ckpt_dir, desc="domain")
+    loop = LoopSettings(steps=s.steps, lr=s.lr, min_lr=0.1 * s.lr, warmup=s.warmup, ckpt_every=s.ckpt_every)
+    return train_loop(model, seeded_batches(loss_fn, seed), loop, ckpt_root=ckpt_dir, keep_history=True, desc="domain")[0]
 
 
-def run_step(run_dir: Path, cfg: dict) -> dict:
+def run_step(run_dir, cfg: dict) -> dict:
     s = from_dict(DomainConfig, cfg, "domain")
     seed = s.seed
     run_dir = RunDir.of(run_dir)
@@ -118,7 +118,7 @@ def run_step(run_dir: Path, cfg: dict) -> dict:
     history = adapt(model, dom_train, gen_train, s, seq_len, seed, ckpt_dir=out / "ckpt")
     after = {"domain": stream_loss(model, dom_val, seq_len, s.eval_windows), "general": stream_loss(model, gen_val, seq_len, s.eval_windows)}
     save_model(model, out / "final", tokenizer_path=tok_path, metadata={"step": "domain", "base": str(init)})
-    common.clear_checkpoint(out / "ckpt")
+    clear_checkpoints(out / "ckpt")
     stats = {"init": str(init), "domain_tokens": len(dom_train), "general_tokens": len(gen_train),
              "domain_loss_before": round(before["domain"], 4), "domain_loss_after": round(after["domain"], 4),
              "general_loss_before": round(before["general"], 4), "general_loss_after": round(after["general"], 4),

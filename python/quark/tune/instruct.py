@@ -26,6 +26,8 @@ import torch
 
 from quark.chat import encode_chat, special_ids
 from quark.config import ConfigError, Step, from_dict
+from quark.infer.engine import Engine
+from quark.infer.sampling import SamplingParams
 from quark.io import atomic_open, atomic_write_json, read_jsonl
 from quark.rundir import RunDir
 from quark.safety_data import REFUSAL, harmful_requests
@@ -179,13 +181,13 @@ def self_instruct(model, tokenizer, pool, n, rng, max_new_tokens=48, max_similar
     known = [norm(x) for x in seeds]
     out, stats = [], {"attempts": 0, "empty": 0, "similar": 0, "kept": 0}
 
+    engine = Engine(model, max_batch=1, stop_ids=stops)
+
     def complete(messages, limit):
         ids, _ = encode_chat(tokenizer, messages, add_generation_prompt=True)
         ids = ids[-(model.config.max_seq_len - limit):]
-        gen = model.generate(torch.tensor([ids]), limit, temperature=0.8, top_k=40,
-                             generator=torch.Generator().manual_seed(rng.randrange(2**31)))[0, len(ids):].tolist()
-        cut = next((i for i, t in enumerate(gen) if t in stops), len(gen))
-        return tokenizer.decode(gen[:cut]).strip()
+        params = SamplingParams(max_tokens=limit, temperature=0.8, top_k=40, seed=rng.randrange(2**31))
+        return tokenizer.decode(engine.run([ids], params)[0].output_ids).strip()
 
     for _ in range(n * attempts_per_item):
         if len(out) >= n or not seeds:
@@ -246,7 +248,7 @@ def write_jsonl(path, records):
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
-def run_step(run_dir: Path, cfg: dict) -> dict:
+def run_step(run_dir, cfg: dict) -> dict:
     s = from_dict(InstructConfig, cfg, "instruct")
     seed = s.seed
     run_dir = RunDir.of(run_dir)

@@ -1,7 +1,8 @@
 """Supervised fine-tuning on chat records: full fine-tuning or LoRA.
 
-Records are JSONL lines {"messages": [{"role", "content"}, ...]} rendered with the chat template of
-quark.chat; the loss covers assistant tokens only (encode_chat's mask). Examples are packed greedily
+Records are JSONL lines {"messages": [{"role", "content"}, ...]} rendered with the model's chat template
+(RunDir.chat: a Hugging Face checkpoint's own, else Quark's of quark.chat); the loss covers assistant
+tokens only (the template's mask). Examples are packed greedily
 (first fit, longest first) into rows of max_seq_len tokens so little compute goes to padding; as in
 most packed-SFT trainers, a packed example may attend to the ones before it in its row (each starts
 with <|bos|>), which is harmless at these lengths and avoids a document mask in the attention kernel.
@@ -16,14 +17,14 @@ from typing import Literal
 
 import torch
 
-from quark.chat import check_chat_record, encode_chat, special_ids
+from quark.chat import QuarkChat, check_chat_record
 from quark.config import ConfigError, Step, from_dict
 from quark.infer.measure import held_out
 from quark.io import atomic_write_json, read_jsonl
 from quark.model.io import load_model, save_model
 from quark.model.lora import LoRAConfig, apply_lora, save_adapter, strip_lora
 from quark.rundir import RunDir
-from quark.tune import common
+from quark.train.loop import LoopSettings, clear_checkpoints, seeded_batches, train_loop
 
 IGNORE = -100
 
@@ -70,8 +71,10 @@ def validate_config(cfg):
     return from_dict(SFTConfig, cfg, "sft")
 
 
-def load_chat_jsonl(path, tokenizer, max_len, overlong="error", limit=0):
-    """-> (examples [(ids, mask)], dropped). Bad lines raise ValueError naming path:line."""
+def load_chat_jsonl(path, tokenizer, max_len, overlong="error", limit=0, chat=None):
+    """-> (examples [(ids, mask)], dropped), rendered by `chat` (quark.chat.chat_format; Quark's
+    template by default). Bad lines raise ValueError naming path:line."""
+    chat = chat or QuarkChat(tokenizer)
     examples, dropped = [], 0
     path = Path(path)
     if not path.exists():
@@ -79,7 +82,7 @@ def load_chat_jsonl(path, tokenizer, max_len, overlong="error", limit=0):
     for n, rec in read_jsonl(path):
         where = f"{path}:{n}"
         check_chat_record(rec, where)
-        ids, mask = encode_chat(tokenizer, rec["messages"])
+        ids, mask = chat.encode(rec["messages"])
         if len(ids) > max_len:
             if overlong == "error":
                 raise ValueError(f"{where}: example is {len(ids)} tokens, longer than max_len {max_len}; "
@@ -147,31 +150,32 @@ def finetune(model, X, Y, cfg: SFTConfig, seed=0, ckpt_dir=None, desc="sft"):
         x, y = trim(X[idx], Y[idx])
         _, loss = model(x, y, ignore_index=IGNORE)
         return loss, {}
-    loop = common.LoopSettings(steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, weight_decay=cfg.weight_decay,
-                               grad_clip=cfg.grad_clip, ckpt_every=cfg.ckpt_every)
-    return common.train_loop(model, loss_fn, loop, seed=seed, ckpt_dir=ckpt_dir, desc=desc)
+    s = LoopSettings(steps=cfg.steps, lr=cfg.lr, min_lr=0.1 * cfg.lr, warmup=cfg.warmup, weight_decay=cfg.weight_decay,
+                     grad_clip=cfg.grad_clip, ckpt_every=cfg.ckpt_every)
+    return train_loop(model, seeded_batches(loss_fn, seed), s, ckpt_root=ckpt_dir, keep_history=True, desc=desc)[0]
 
 
 def trainable_parameter_names(model):
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
-def run_step(run_dir: Path, cfg: dict) -> dict:
+def run_step(run_dir, cfg: dict) -> dict:
     s = from_dict(SFTConfig, cfg, "sft")
     seed = s.seed
     run_dir = RunDir.of(run_dir)
     torch.manual_seed(seed)
     init = run_dir.model(s.init, before="sft")
     tok_path = run_dir.tokenizer_path(init)
-    tok = run_dir.tokenizer(init, chat=True)
+    chat = run_dir.chat(init)
+    tok = chat.tokenizer
     model = load_model(init)
     max_len = s.max_len or model.config.max_seq_len
     if max_len > model.config.max_seq_len + 1:
         raise ConfigError(f"sft.max_len {max_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
     data = run_dir.path(s.data)
-    train, dropped = load_chat_jsonl(data / "train.jsonl", tok, max_len, s.overlong, s.max_examples)
-    val, _ = load_chat_jsonl(data / "val.jsonl", tok, max_len, "drop")
-    pad = special_ids(tok)["<|pad|>"]
+    train, dropped = load_chat_jsonl(data / "train.jsonl", tok, max_len, s.overlong, s.max_examples, chat=chat)
+    val, _ = load_chat_jsonl(data / "val.jsonl", tok, max_len, "drop", chat=chat)
+    pad = chat.pad_id
     seq = model.config.max_seq_len
     X, Y = pack_examples(train, seq, pad, s.packing)
     Xv, Yv = pack_examples(val, seq, pad, s.packing)
@@ -187,7 +191,7 @@ def run_step(run_dir: Path, cfg: dict) -> dict:
         save_adapter(model, out / "adapter", metadata={"base": str(init)})
         strip_lora(model)
     save_model(model, out / "final", tokenizer_path=tok_path, metadata={"step": "sft", "base": str(init), "method": s.method})
-    common.clear_checkpoint(out / "ckpt")
+    clear_checkpoints(out / "ckpt")
     stats = {"init": str(init), "method": s.method, "train_examples": len(train), "dropped_overlong": dropped,
              "val_examples": len(val), "train_rows": len(X), "assistant_tokens": int((Y != IGNORE).sum()),
              "packing_efficiency": round(float((X != pad).float().mean()), 3), "trainable_params": n_train,
