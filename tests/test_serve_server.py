@@ -262,6 +262,31 @@ def test_graceful_shutdown_finishes_open_streams(tmp_path):
             proc.wait()
 
 
+def test_openai_client_on_hf_directory_matches_transformers(tmp_path):
+    """A served Hugging Face checkpoint: its own chat template, its eos ids, and transformers' greedy text."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from quark.chat import chat_format
+    from quark.infer.engine import load_for_serving
+    from tests.hf_helpers import make_hf_model
+    hf = make_hf_model(tmp_path, "qwen2", max_position_embeddings=128)
+    model, tok, model_dir, _ = load_for_serving(tmp_path)
+    chat = chat_format(tok, model_dir)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "The quick brown fox"}]
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    ids = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    assert chat.encode(messages, add_generation_prompt=True)[0] == list(ids)
+    new = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, pad_token_id=0)[0, len(ids):].tolist()
+    stopped = next((i for i, t in enumerate(new) if t in (0, 2)), None)   # generation_config's eos ids
+    engine = Engine(model, tok, max_batch=2, stop_ids=chat.stop_ids)
+    with ServerThread(create_app(engine, tok, "hf", chat=chat)) as s:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
+        r = client.chat.completions.create(model="hf", messages=messages, max_tokens=32, temperature=0)
+    assert r.choices[0].message.content == hf_tok.decode(new[:stopped], skip_special_tokens=False)
+    assert r.choices[0].finish_reason == ("stop" if stopped is not None else "length")
+
+
 def test_cross_origin_form_posts_are_refused(server):
     """A page on any origin may POST text/plain (no CORS preflight): it must never reach generation."""
     engine = server.server.config.app.state.engine

@@ -27,6 +27,7 @@ TOOLS = {
     "route": ("quark.orchestrate.router", "classify a request's intent and route it to a model or pipeline"),
     "agent": ("quark.orchestrate.agent", "run an agent (the run's chat model + tools) on a task"),
     "shard": ("quark.optimize.shard", "reshard a model into HF-style safetensors shards; check tensor-parallel logits"),
+    "export": ("quark.export", "write a model as a Hugging Face directory, a LoRA adapter as PEFT, or a GGUF file"),
     "generate": ("quark.serve.generate", "generate text from a run's latest model (or a model directory)"),
     "chat": ("quark.serve.repl", "chat with a model in the terminal, streaming replies"),
     "serve": ("quark.serve.server", "OpenAI-compatible API server with a chat and training-runs web UI"),

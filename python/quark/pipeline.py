@@ -46,7 +46,7 @@ def run(recipe, only=None, force=False, log=print):
         if only and name not in only:
             continue
         step = load_step(name)
-        cfg = settings(step, recipe)
+        cfg = step.settings(settings(step, recipe))     # every setting, defaults filled in: what the manifest holds
         fresh, why = run_dir.up_to_date(name, cfg)
         if fresh and not force:
             log(f"[{name}] up to date, skipped")

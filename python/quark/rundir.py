@@ -84,14 +84,11 @@ class RunDir:
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"{path} is not a directory (expected a run directory or a model directory)")
-        if is_model_dir(path) or (path / "config.json").exists():
+        if (path / "config.json").exists():
             run = cls(path.parent.parent)
-            return (run if (run.root / "tokenizer" / "tokenizer.json").exists() else None), path
+            return (run if run.has("tokenizer", "tokenizer.json") else None), path
         run = cls(path)
         return run, run.model("latest")
-
-    def __repr__(self):
-        return f"RunDir({str(self.root)!r})"
 
     def _read(self, path):
         self.reads.add(Path(path))
@@ -147,14 +144,23 @@ class RunDir:
         return self._read(path)
 
     def tokenizer(self, model_dir=None, chat=False):
-        """The tokenizer of tokenizer_path; chat=True checks it has the chat template's special tokens."""
+        """The tokenizer of tokenizer_path; chat=True checks it has Quark's chat special tokens (unless
+        a Hugging Face checkpoint's own chat template sits beside it)."""
         from tokenizers import Tokenizer
 
-        from quark.chat import special_ids
-        tok = Tokenizer.from_file(str(self.tokenizer_path(model_dir)))
-        if chat:
+        from quark.chat import QuarkChat, chat_format, special_ids
+        path = self.tokenizer_path(model_dir)
+        tok = Tokenizer.from_file(str(path))
+        if chat and isinstance(chat_format(tok, path.parent), QuarkChat):
             special_ids(tok)    # fails early, naming the missing chat tokens
         return tok
+
+    def chat(self, model_dir=None):
+        """The chat format (quark.chat) of model_dir's tokenizer: a Hugging Face checkpoint's own
+        template and eos ids (models fine-tuned from one keep its files), else Quark's template."""
+        from quark.chat import chat_format
+        path = self.tokenizer_path(model_dir)
+        return chat_format(self.tokenizer(model_dir, chat=True), path.parent)
 
     def pack(self):
         if self._pack is None:

@@ -15,7 +15,6 @@ and an optional pairs JSONL (the feedback loop's) -> run_dir/dpo/final and metri
 import random
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -119,7 +118,7 @@ def validate_config(cfg):
     return from_dict(DPOConfig, cfg, "dpo")
 
 
-def run_step(run_dir: Path, cfg: dict) -> dict:
+def run_step(run_dir, cfg: dict) -> dict:
     from quark.align.reward import build_datasets
     s = from_dict(DPOConfig, cfg, "dpo")
     seed = s.seed
@@ -127,7 +126,7 @@ def run_step(run_dir: Path, cfg: dict) -> dict:
     torch.manual_seed(seed)
     init = run_dir.model(s.init, before="dpo")
     tok_path = run_dir.tokenizer_path(init)
-    tok = run_dir.tokenizer(init, chat=True)
+    tok = run_dir.chat(init)   # the model's chat format: Quark's, or an HF checkpoint's own template
     model = load_model(init)
     max_len = s.max_len or model.config.max_seq_len
     train, val, dropped = build_datasets(run_dir, s, tok, max_len, random.Random(seed + 1))

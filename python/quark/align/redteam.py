@@ -20,7 +20,6 @@ import codecs
 import random
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -167,7 +166,7 @@ def validate_config(cfg):
     return s
 
 
-def run_step(run_dir: Path, cfg: dict) -> dict:
+def run_step(run_dir, cfg: dict) -> dict:
     from quark.align.safety import SafetyFilter
     s = from_dict(RedteamConfig, cfg, "redteam")
     seed = s.seed

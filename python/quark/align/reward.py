@@ -161,14 +161,14 @@ def build_datasets(run_dir, s, tok, max_len, rng):
     return enc_train, enc_val, dropped
 
 
-def run_step(run_dir: Path, cfg: dict) -> dict:
+def run_step(run_dir, cfg: dict) -> dict:
     s = from_dict(RewardConfig, cfg, "reward")
     seed = s.seed
     run_dir = RunDir.of(run_dir)
     torch.manual_seed(seed)
     init = run_dir.model(s.init, before="dpo")
     tok_path = run_dir.tokenizer_path(init)
-    tok = run_dir.tokenizer(init, chat=True)
+    tok = run_dir.chat(init)   # the model's chat format: Quark's, or an HF checkpoint's own template
     rm = RewardModel(load_model(init))
     max_len = s.max_len or rm.backbone.config.max_seq_len
     train, val, dropped = build_datasets(run_dir, s, tok, max_len, random.Random(seed))

@@ -19,7 +19,6 @@ import random
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -180,7 +179,7 @@ def validate_config(cfg):
     return from_dict(RLConfig, cfg, "rl")
 
 
-def run_step(run_dir: Path, cfg: dict) -> dict:
+def run_step(run_dir, cfg: dict) -> dict:
     s = from_dict(RLConfig, cfg, "rl")
     seed = s.seed
     run_dir = RunDir.of(run_dir)

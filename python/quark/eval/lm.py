@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
+from quark.chat import TemplateChat, chat_format
 from quark.infer.engine import Engine
 from quark.infer.measure import held_out
 from quark.infer.sampling import SamplingParams
@@ -24,17 +25,21 @@ def load_tokenizer(model_dir, run_dir=None):
 
 
 class LanguageModel:
-    def __init__(self, model, tokenizer, max_batch_tokens=8192):
+    def __init__(self, model, tokenizer, max_batch_tokens=8192, eos_ids=None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_len = model.config.max_seq_len
         self.max_batch_tokens = max_batch_tokens
-        self.eos_ids = {i for i in (tokenizer.token_to_id("<|eos|>"), tokenizer.token_to_id("<|end|>")) if i is not None}
+        if eos_ids is None:   # Quark's stop tokens; a checkpoint's own come from its chat format (from_dir)
+            eos_ids = (tokenizer.token_to_id("<|eos|>"), tokenizer.token_to_id("<|end|>"))
+        self.eos_ids = {i for i in eos_ids if i is not None}
         self._engine = None
 
     @classmethod
     def from_dir(cls, model_dir, run_dir=None):
-        return cls(load_model(model_dir), load_tokenizer(model_dir, run_dir))
+        tokenizer = load_tokenizer(model_dir, run_dir)
+        chat = chat_format(tokenizer, model_dir)   # a Hugging Face checkpoint's eos ids
+        return cls(load_model(model_dir), tokenizer, eos_ids=chat.stop_ids if isinstance(chat, TemplateChat) else None)
 
     @classmethod
     def from_path(cls, path):

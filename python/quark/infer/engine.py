@@ -13,6 +13,9 @@
   QueueFull beyond it, so overload is answered, not absorbed), join the running batch as slots free
   up (continuous batching: Orca, Yu et al. 2022; vLLM), and stream text deltas through a callback.
 Any module with the nn.Linear call contract works as a projection, so QuantLinear models run as is.
+The options of Hugging Face checkpoints (quark.model.hf) run as quark.model.gpt runs them: biases in
+the projections, q/k norms before the rotation, rope scaling through model.rope, and a sliding window
+as a mask (prefill) or windowed attention (decode past the window).
 """
 import itertools
 import threading
@@ -25,6 +28,7 @@ import torch.nn.functional as F
 
 from quark import ops
 from quark.infer.sampling import Detokenizer, SamplingParams, sample
+from quark.model.gpt import window_attention
 
 # int8: symmetric per (token, head) with float32 scales (quark.ops.quantize_kv), a quarter of fp32's bytes
 CACHE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
@@ -99,6 +103,13 @@ class Runner:
                 [self.cfg.n_head * self.cfg.head_dim] + [self.cfg.n_kv_head * self.cfg.head_dim] * 2, -1)
         return _linear(a.wq, h), _linear(a.wk, h), _linear(a.wv, h)
 
+    def _qk(self, i, q, k, cos, sin):
+        """q (T, H, D), k (T, Hkv, D) -> normed (Qwen3) and rotated."""
+        a = self.model.blocks[i].attn
+        if self.cfg.qk_norm:
+            q, k = a.q_norm(q), a.k_norm(k)
+        return _rope(q, cos, sin), _rope(k, cos, sin)
+
     def _mlp(self, i, h):
         m = self.model.blocks[i].mlp
         if self.gate_up[i] is not None:
@@ -110,20 +121,21 @@ class Runner:
     def extend(self, slot, ids, all_logits=False):
         """Append ids (T,) to a slot's sequence (a prompt, or tokens to verify) -> logits (T, V) or (V,)
         for the last position. Queries attend causally to the slot's whole cache."""
-        H, Hkv, D = self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim
+        H, Hkv, D, W = self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim, self.cfg.sliding_window
         T, p0 = len(ids), int(self.lens[slot])
         if p0 + T > self.max_seq_len:
             raise ValueError(f"sequence of {p0 + T} tokens exceeds the cache ({self.max_seq_len})")
         pos = torch.arange(p0, p0 + T)
-        cos, sin = self.model.rope_cos[pos][:, None].to(self.dtype), self.model.rope_sin[pos][:, None].to(self.dtype)
+        cos, sin = (c[:, None].to(self.dtype) for c in self.model.rope(pos))
         x = self.model.tok_emb(torch.as_tensor(ids, dtype=torch.long))                      # (T, d)
         mask = None
-        if p0:   # queries at p0.. see keys 0..p0+t (bottom-right aligned causal mask)
+        if p0 or (W and p0 + T > W):   # queries at p0.. see keys 0..p0+t (bottom-right aligned causal mask)
             mask = torch.ones(T, p0 + T, dtype=torch.bool).tril(diagonal=p0)
+            if W:                      # ... and only the last W of them
+                mask &= ~torch.ones(T, p0 + T, dtype=torch.bool).tril(diagonal=p0 - W)
         for i, blk in enumerate(self.model.blocks):
             q, k, v = self._project_qkv(i, blk.attn_norm(x))
-            q = _rope(q.view(T, H, D), cos, sin)                                             # (T, H, D)
-            k = _rope(k.view(T, Hkv, D), cos, sin)
+            q, k = self._qk(i, q.view(T, H, D), k.view(T, Hkv, D), cos, sin)                 # (T, H|Hkv, D)
             self._store(i, slot, slice(p0, p0 + T), k.transpose(0, 1), v.view(T, Hkv, D).transpose(0, 1))
             kk, vv = self._load(i, slot, p0 + T)                                             # (1, Hkv, S, D)
             qq = q.transpose(0, 1)[None]                                                     # (1, H, T, D)
@@ -141,21 +153,25 @@ class Runner:
     @torch.no_grad()
     def decode(self, tokens):
         """One token for each of the active slots 0..n-1: tokens (n,) -> logits (n, V)."""
-        H, Hkv, D = self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim
+        H, Hkv, D, W = self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim, self.cfg.sliding_window
         n = len(tokens)
         pos = self.lens[:n].clone()                                                          # (n,)
         if int(pos.max()) >= self.max_seq_len:
             raise ValueError(f"KV cache full ({self.max_seq_len} positions)")
         rows = torch.arange(n)
-        cos, sin = self.model.rope_cos[pos][:, None].to(self.dtype), self.model.rope_sin[pos][:, None].to(self.dtype)
+        cos, sin = (c[:, None].to(self.dtype) for c in self.model.rope(pos))
         x = self.model.tok_emb(torch.as_tensor(tokens, dtype=torch.long))                   # (n, d)
         seqlens = (pos + 1).to(torch.int32)
+        windowed = W and int(seqlens.max()) > W
         for i, blk in enumerate(self.model.blocks):
             q, k, v = self._project_qkv(i, blk.attn_norm(x))
-            q = _rope(q.view(n, H, D), cos, sin)                                             # (n, H, D)
-            k = _rope(k.view(n, Hkv, D), cos, sin)
+            q, k = self._qk(i, q.view(n, H, D), k.view(n, Hkv, D), cos, sin)                 # (n, H|Hkv, D)
             self._store(i, rows, pos, k, v.view(n, Hkv, D))                                  # (n, Hkv, D)
-            if self.quantized:
+            if windowed:   # past Mistral's window: attend to each slot's last W positions only
+                S = int(seqlens.max())
+                kk, vv = self._load(i, slice(0, n), S)
+                y = window_attention(q[:, :, None], kk, vv, seqlens, W)[:, :, 0]
+            elif self.quantized:
                 y = ops.decode_attention(q.contiguous(), self.k[i][:n], self.v[i][:n], seqlens,
                                          k_scale=self.k_scale[i][:n], v_scale=self.v_scale[i][:n])
             else:
@@ -176,11 +192,13 @@ class Runner:
             self.v[i][slot, :, pos] = v.to(self.cache_dtype)
 
     def _load(self, i, slot, n):
-        """The first n cached positions of a slot in the model's dtype -> k, v (1, Hkv, n, D)."""
-        k, v = self.k[i][slot:slot + 1, :, :n], self.v[i][slot:slot + 1, :, :n]
+        """The first n cached positions of a slot (or a slice of slots) in the model's dtype -> k, v
+        (slots, Hkv, n, D)."""
+        rows = slot if isinstance(slot, slice) else slice(slot, slot + 1)
+        k, v = self.k[i][rows, :, :n], self.v[i][rows, :, :n]
         if self.quantized:
-            k = k.float() * self.k_scale[i][slot:slot + 1, :, :n, None]
-            v = v.float() * self.v_scale[i][slot:slot + 1, :, :n, None]
+            k = k.float() * self.k_scale[i][rows, :, :n, None]
+            v = v.float() * self.v_scale[i][rows, :, :n, None]
         return k.to(self.dtype), v.to(self.dtype)
 
     def move(self, src, dst):

@@ -1,10 +1,10 @@
 """Model directories: model.safetensors + config.json (GPTConfig) [+ tokenizer.json].
 
 Every step that produces a model writes one of these (run_dir/<step>/final/), and every step that
-consumes one loads it here; which directory a run's "latest" or "best" model is, is quark.rundir's
-business. safetensors only: nothing is ever unpickled.
+consumes one loads it here: a Quark directory, its sharded or quantized forms, or a Hugging Face
+directory (config.json with a model_type; quark.model.hf); which directory a run's "latest" or "best"
+model is, is quark.rundir's business. safetensors only: nothing is ever unpickled.
 """
-import shutil
 from pathlib import Path
 
 from safetensors import SafetensorError
@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from quark.io import atomic_dir
 from quark.model.config import load_config
 from quark.model.gpt import GPT
+from quark.model.hf import copy_tokenizer_files, is_hf_dir, load_hf
 from quark.model.quantized import load_quantized_model
 from quark.model.shard import load_state
 
@@ -29,8 +30,8 @@ def save_model(model: GPT, directory, tokenizer_path=None, metadata=None):
     with atomic_dir(directory) as tmp:
         (tmp / "model.safetensors").write_bytes(_serialize(state, {k: str(v) for k, v in (metadata or {}).items()}))
         (tmp / "config.json").write_text(model.config.to_json())
-        if tokenizer_path is not None:   # may be the directory's own tokenizer.json: copied before the swap
-            shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
+        if tokenizer_path is not None:   # copied before the swap, with an HF checkpoint's chat files beside it
+            copy_tokenizer_files(tokenizer_path, tmp)
     return directory
 
 
@@ -41,9 +42,12 @@ def _serialize(state, metadata):
 
 def load_model(directory, device="cpu", dtype=None) -> GPT:
     """A GPT from a model directory: model.safetensors, Hugging Face style shards
-    (model.safetensors.index.json, quark.model.shard), or a quantized model (quant.json,
-    quark.model.quantized; its QuantLinear layers run the int8/int4 kernels)."""
+    (model.safetensors.index.json, quark.model.shard), a quantized model (quant.json,
+    quark.model.quantized; its QuantLinear layers run the int8/int4 kernels), or a Hugging Face
+    directory (quark.model.hf; kept in its stored dtype unless `dtype` is given)."""
     directory = Path(directory)
+    if is_hf_dir(directory):
+        return load_hf(directory, device, dtype)
     config = load_config(directory)
     if (directory / "quant.json").exists():
         model = load_quantized_model(directory)

@@ -1,14 +1,10 @@
 """Calibration for int4 methods (AWQ, GPTQ): token windows of the training split, the hidden states
-entering the first block, one block run over them, and which layers stay in float."""
+entering the first block, and one block run over them. (Which layers stay in float:
+quark.nn.patch.is_skipped.)"""
 import numpy as np
 import torch
 
 from quark.rundir import RunDir
-
-
-def is_skipped(name, skip):
-    """Whether layer `name` is one of `skip`: a full name or a name suffix ("lm_head", "attn.wq")."""
-    return any(name == s or name.endswith("." + s) for s in skip)
 
 
 def load_calibration(run_dir, n_sequences=128, seq_len=128, seed=0):

@@ -20,11 +20,11 @@ import torch.nn as nn
 from quark.config import ConfigError, Step, from_dict
 from quark.infer.measure import decode_tokens_per_s, held_out, paired_delta, window_batches
 from quark.io import atomic_write_json, atomic_write_text
-from quark.model.quantized import MODEL_FORMAT, save_quantized_model, set_module
-from quark.nn import QuantLinear
+from quark.model.quantized import MODEL_FORMAT, save_quantized_model
+from quark.nn.patch import is_skipped, quantize_
 from quark.ops.quant import GROUP_SIZES, SCHEMES, quantize
 from quark.optimize.awq import awq_model
-from quark.optimize.calibration import is_skipped, load_calibration
+from quark.optimize.calibration import load_calibration
 from quark.optimize.gptq import gptq_model
 from quark.rundir import RunDir
 
@@ -61,10 +61,6 @@ def model_nbytes(model: nn.Module):
     return total
 
 
-def _rtn(scheme, group_size):
-    return lambda name, linear: quantize(linear.weight, scheme, group_size)
-
-
 def quantize_model(model: nn.Module, scheme="int4", group_size=32, skip=("lm_head",), quantizer=None):
     """Replace every nn.Linear of `model` (in place) by a QuantLinear; returns a QuantizeReport.
 
@@ -73,20 +69,10 @@ def quantize_model(model: nn.Module, scheme="int4", group_size=32, skip=("lm_hea
     multiple of group_size pad their last group (quark.ops.quant).
     quantizer(name, linear) -> QuantizedTensor overrides round-to-nearest (the AWQ/GPTQ hook).
     """
-    if scheme not in SCHEMES:
-        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
-    if scheme == "int4" and group_size not in GROUP_SIZES:
-        raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {group_size!r}")
-    quantizer = quantizer or _rtn(scheme, group_size)
     report = QuantizeReport(scheme, group_size if scheme == "int4" else 0, bytes_before=model_nbytes(model))
-    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    for name, linear in targets:
-        if is_skipped(name, skip):
-            report.skipped[name] = "skipped by request"
-            continue
-        qt = quantizer(name, linear)
-        set_module(model, name, QuantLinear(qt, linear.bias))
-        report.layers.append(name)
+    report.skipped = {name: "skipped by request" for name, m in model.named_modules()
+                      if isinstance(m, nn.Linear) and is_skipped(name, skip)}
+    report.layers = quantize_(model, scheme, group_size, skip, quantizer)
     report.bytes_after = model_nbytes(model)
     return report
 

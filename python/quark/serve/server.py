@@ -25,7 +25,7 @@ import threading
 import time
 from pathlib import Path
 
-from quark.chat import encode_chat, validate_messages
+from quark.chat import QuarkChat, chat_format, validate_messages
 from quark.infer.engine import QueueFull, ShuttingDown
 from quark.infer.sampling import SamplingParams
 
@@ -170,10 +170,11 @@ def _read_run(run_dir, max_points=2000):
 
 
 def create_app(engine, tokenizer, model_name="quark", api_key=None, safety=None, runs_dir=None,
-               allowed_hosts=LOOPBACK_HOSTS, max_body_bytes=MAX_BODY_BYTES, max_messages=MAX_MESSAGES):
+               allowed_hosts=LOOPBACK_HOSTS, max_body_bytes=MAX_BODY_BYTES, max_messages=MAX_MESSAGES, chat=None):
     """The FastAPI app. safety: a quark.align.safety.SafetyFilter (check_input / check_output return a
     Decision: allow, refuse or redact, with the text to use), or None to serve unfiltered.
-    allowed_hosts: host names the Host header may carry (None: any, for a public bind behind a proxy)."""
+    allowed_hosts: host names the Host header may carry (None: any, for a public bind behind a proxy).
+    chat: the model's chat format (quark.chat.chat_format), Quark's template by default."""
     from fastapi import Depends, FastAPI, Request
     from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
     from starlette.exceptions import HTTPException
@@ -185,6 +186,7 @@ def create_app(engine, tokenizer, model_name="quark", api_key=None, safety=None,
         # uvicorn runs this after open connections have closed: drain whatever is still queued
         await asyncio.to_thread(engine.shutdown, True, 60)
 
+    chat = chat or QuarkChat(tokenizer)
     hosts = None if allowed_hosts is None else {h.lower().strip("[]") for h in allowed_hosts}
 
     def guard(request: Request):
@@ -407,7 +409,7 @@ def create_app(engine, tokenizer, model_name="quark", api_key=None, safety=None,
                            param="messages")
         try:
             validate_messages(messages)
-            ids, _ = await asyncio.to_thread(encode_chat, tokenizer, messages, True)
+            ids, _ = await asyncio.to_thread(chat.encode, messages, True)
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
         params = params_from(body, len(ids), 256)
@@ -507,11 +509,13 @@ def run_cli(args):
     if args.safety:
         from quark.align.safety import SafetyFilter
         safety = SafetyFilter.from_config()
-    engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue, cache_dtype=args.cache_dtype)
+    chat = chat_format(tokenizer, model_dir)   # the checkpoint's own template and eos ids, else Quark's
+    engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue, cache_dtype=args.cache_dtype,
+                    stop_ids=chat.stop_ids)
     name = args.model_name or (run_dir or model_dir).name
     hosts = args.allowed_host or (LOOPBACK_HOSTS if _is_loopback(args.host) else None)
     app = create_app(engine, tokenizer, name, api_key=args.api_key or os.environ.get("QUARK_API_KEY"),
-                     safety=safety, runs_dir=args.runs_dir or run_dir, allowed_hosts=hosts)
+                     safety=safety, runs_dir=args.runs_dir or run_dir, allowed_hosts=hosts, chat=chat)
     print(f"serving {model_dir} as {name!r} on http://{args.host}:{args.port} (chat UI at /, runs at /runs)")
     serve(app, args.host, args.port)
     return 0

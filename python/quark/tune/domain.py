@@ -100,7 +100,7 @@ def adapt(model, domain, general, s: DomainConfig, seq_len, seed=0, ckpt_dir=Non
     return train_loop(model, seeded_batches(loss_fn, seed), loop, ckpt_root=ckpt_dir, keep_history=True, desc="domain")[0]
 
 
-def run_step(run_dir: Path, cfg: dict) -> dict:
+def run_step(run_dir, cfg: dict) -> dict:
     s = from_dict(DomainConfig, cfg, "domain")
     seed = s.seed
     run_dir = RunDir.of(run_dir)

@@ -248,7 +248,7 @@ def write_jsonl(path, records):
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
-def run_step(run_dir: Path, cfg: dict) -> dict:
+def run_step(run_dir, cfg: dict) -> dict:
     s = from_dict(InstructConfig, cfg, "instruct")
     seed = s.seed
     run_dir = RunDir.of(run_dir)

@@ -1,7 +1,8 @@
 """Supervised fine-tuning on chat records: full fine-tuning or LoRA.
 
-Records are JSONL lines {"messages": [{"role", "content"}, ...]} rendered with the chat template of
-quark.chat; the loss covers assistant tokens only (encode_chat's mask). Examples are packed greedily
+Records are JSONL lines {"messages": [{"role", "content"}, ...]} rendered with the model's chat template
+(RunDir.chat: a Hugging Face checkpoint's own, else Quark's of quark.chat); the loss covers assistant
+tokens only (the template's mask). Examples are packed greedily
 (first fit, longest first) into rows of max_seq_len tokens so little compute goes to padding; as in
 most packed-SFT trainers, a packed example may attend to the ones before it in its row (each starts
 with <|bos|>), which is harmless at these lengths and avoids a document mask in the attention kernel.
@@ -16,7 +17,7 @@ from typing import Literal
 
 import torch
 
-from quark.chat import check_chat_record, encode_chat, special_ids
+from quark.chat import QuarkChat, check_chat_record
 from quark.config import ConfigError, Step, from_dict
 from quark.infer.measure import held_out
 from quark.io import atomic_write_json, read_jsonl
@@ -70,8 +71,10 @@ def validate_config(cfg):
     return from_dict(SFTConfig, cfg, "sft")
 
 
-def load_chat_jsonl(path, tokenizer, max_len, overlong="error", limit=0):
-    """-> (examples [(ids, mask)], dropped). Bad lines raise ValueError naming path:line."""
+def load_chat_jsonl(path, tokenizer, max_len, overlong="error", limit=0, chat=None):
+    """-> (examples [(ids, mask)], dropped), rendered by `chat` (quark.chat.chat_format; Quark's
+    template by default). Bad lines raise ValueError naming path:line."""
+    chat = chat or QuarkChat(tokenizer)
     examples, dropped = [], 0
     path = Path(path)
     if not path.exists():
@@ -79,7 +82,7 @@ def load_chat_jsonl(path, tokenizer, max_len, overlong="error", limit=0):
     for n, rec in read_jsonl(path):
         where = f"{path}:{n}"
         check_chat_record(rec, where)
-        ids, mask = encode_chat(tokenizer, rec["messages"])
+        ids, mask = chat.encode(rec["messages"])
         if len(ids) > max_len:
             if overlong == "error":
                 raise ValueError(f"{where}: example is {len(ids)} tokens, longer than max_len {max_len}; "
@@ -156,22 +159,23 @@ def trainable_parameter_names(model):
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
-def run_step(run_dir: Path, cfg: dict) -> dict:
+def run_step(run_dir, cfg: dict) -> dict:
     s = from_dict(SFTConfig, cfg, "sft")
     seed = s.seed
     run_dir = RunDir.of(run_dir)
     torch.manual_seed(seed)
     init = run_dir.model(s.init, before="sft")
     tok_path = run_dir.tokenizer_path(init)
-    tok = run_dir.tokenizer(init, chat=True)
+    chat = run_dir.chat(init)
+    tok = chat.tokenizer
     model = load_model(init)
     max_len = s.max_len or model.config.max_seq_len
     if max_len > model.config.max_seq_len + 1:
         raise ConfigError(f"sft.max_len {max_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
     data = run_dir.path(s.data)
-    train, dropped = load_chat_jsonl(data / "train.jsonl", tok, max_len, s.overlong, s.max_examples)
-    val, _ = load_chat_jsonl(data / "val.jsonl", tok, max_len, "drop")
-    pad = special_ids(tok)["<|pad|>"]
+    train, dropped = load_chat_jsonl(data / "train.jsonl", tok, max_len, s.overlong, s.max_examples, chat=chat)
+    val, _ = load_chat_jsonl(data / "val.jsonl", tok, max_len, "drop", chat=chat)
+    pad = chat.pad_id
     seq = model.config.max_seq_len
     X, Y = pack_examples(train, seq, pad, s.packing)
     Xv, Yv = pack_examples(val, seq, pad, s.packing)
