@@ -135,6 +135,15 @@ def test_agrees_with_datasketch():
         assert abs(ours - theirs) <= 4.5 * max((2 * j * (1 - j) / k) ** 0.5, 1 / k), (i, j, ours, theirs)
 
 
+def test_an_ngram_longer_than_every_document_is_the_whole_document():
+    # Regression (fuzz): the kernel built a table of `ngram` multipliers up front, so ngram = 2^31 - 1
+    # allocated 16 GiB before looking at a 3-word document. A document shorter than ngram units is
+    # one shingle of all of them, whatever ngram is.
+    docs = ["alpha beta gamma", "x", ""]
+    for unit in ("word", "char"):
+        assert np.array_equal(minhash(docs, 32, 2**31 - 1, unit=unit), minhash(docs, 32, 16, unit=unit))
+
+
 def test_errors_name_the_problem():
     with pytest.raises(TypeError, match="single str"):
         minhash("a document")

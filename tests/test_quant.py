@@ -327,6 +327,18 @@ def test_bad_inputs_raise_clear_errors():
     assert rel(out3, ref64(x3, qt)) < 1e-5
 
 
+@pytest.mark.parametrize("scheme", ["int8", "w8a8", "int4"])
+def test_packed_weight_refuses_rows_of_no_columns(scheme):
+    # Regression (fuzz): K = 0 passed, and qlinear then divided by the row length / group (SIGFPE).
+    if scheme == "int4":
+        args = (torch.zeros(3, 0, dtype=torch.uint8), torch.zeros(3, 0, dtype=torch.bfloat16),
+                torch.zeros(3, 0, dtype=torch.uint8), 32)
+    else:
+        args = (torch.zeros(3, 0, dtype=torch.int8), torch.ones(3), None, 0)
+    with pytest.raises(ValueError, match=r"at least one column \(K >= 1\)"):
+        _C.PackedWeight(scheme, *args)
+
+
 def test_zero_rows_and_constant_weights():
     w = torch.zeros(4, 64)
     w[1] = 0.5

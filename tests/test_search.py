@@ -1,6 +1,7 @@
 """quark.search.Index: exact search against numpy brute force, HNSW recall, sq8 (rows in memory or in
 a file), filters, tombstones, threads, persistence (round trip, mmap, refusal of damaged files) and
 bad input; the gather_distance kernel against float64 on every ISA path."""
+import errno
 import os
 import threading
 
@@ -62,6 +63,17 @@ def test_gather_distance_matches_float64(isa, d):
             _C.gather_distance(kind, q, b, idx, w, 0.5, out)
             scale = np.abs(ref).max() + 1
             assert np.allclose(out, ref, rtol=0, atol=1e-5 * np.sqrt(d) * scale), (kind, b.dtype)
+
+
+@pytest.mark.parametrize("isa", KERNEL_ISAS)
+def test_gather_distance_refuses_rows_of_no_dimensions(isa):
+    # Regression (fuzz): a (rows, 0) base divided the prefetch distance by a row of 0 bytes (SIGFPE).
+    idx, out = np.zeros(2, np.uint32), np.empty(2, np.float32)
+    with quark.isa(isa):
+        for kind in ("l2", "ip"):
+            for base in (np.zeros((3, 0), np.float32), np.zeros((3, 0), np.uint8)):
+                with pytest.raises(ValueError, match="at least one column"):
+                    _C.gather_distance(kind, np.zeros(0, np.float32), base, idx, np.zeros(0, np.float32), 0.0, out)
 
 
 # ---- exact search -----------------------------------------------------------------------------
@@ -361,8 +373,44 @@ def test_rows_file_truncated_after_load_raises(tmp_path):
     q = clustered(4, 16, seed=1)
     index.search(q, 5)
     os.truncate(path, 4096)  # the rows section is cut while the index reads from it
-    with pytest.raises(RuntimeError, match="shorter than the index"):
+    with pytest.raises(ValueError, match="truncated"):
         index.search(q, 5)
+
+
+def _restore_from_fd(ix, fd, offset, slots=1):
+    """ix.restore of `slots` rows whose fp32 rows are read from fd at `offset` (the rest empty)."""
+    d, m = 4, 4
+    ix.restore(slots, slots, 0, 0, np.zeros((0, d), np.float32), np.zeros((slots, d), np.uint8),
+               np.zeros(d, np.float32), np.ones(d, np.float32), np.arange(slots), np.zeros(slots, np.uint8),
+               np.zeros(slots, np.int8), np.zeros((slots, 2 * m + 1), np.uint32), np.zeros(0, np.uint32), False, fd,
+               offset, -1, -1)
+
+
+@pytest.mark.parametrize("rows", ["memory", "file"])
+def test_restore_from_a_bad_fd_or_a_short_file_raises(tmp_path, rows):
+    # Regression (fuzz): a closed fd raised RuntimeError; a failed read is an OSError naming errno, as
+    # os.pread's, and a file that ends before the rows it should hold is bad contents: ValueError.
+    def make():
+        return _C.VectorIndex(4, "l2", "hnsw", "sq8", 4, 8, 0, rows, str(tmp_path))
+
+    fd = os.open(tmp_path / "closed", os.O_CREAT | os.O_RDWR)
+    os.close(fd)
+    with pytest.raises(OSError) as e:
+        _restore_from_fd(make(), fd, 0)
+    assert e.value.errno == errno.EBADF
+    short = tmp_path / "short"
+    short.write_bytes(b"\0" * 20)   # one fp32 row of dim 4 is 16 bytes: 4 past offset 8 are missing
+    fd = os.open(short, os.O_RDONLY)
+    try:
+        with pytest.raises(ValueError, match="truncated"):
+            _restore_from_fd(make(), fd, 8)
+        ix = make()
+        _restore_from_fd(ix, fd, 4)   # exactly the row: restored, and searchable
+        dist, ids = np.empty((1, 1), np.float32), np.empty((1, 1), np.int64)
+        ix.search(np.zeros((1, 4), np.float32), 4, 1, np.ones(1, np.uint8), False, dist, ids)
+        assert ids[0, 0] == 0 and dist[0, 0] == 0
+    finally:
+        os.close(fd)
 
 
 def test_load_refuses_wrong_version_magic_and_trailing_bytes(tmp_path):

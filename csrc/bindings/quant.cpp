@@ -69,6 +69,8 @@ struct PackedWeight {
 static PackedWeight pack_weight(const std::string& scheme, Mat2 data, CArray<nb::ro> scales, std::optional<Mat2> zeros,
                                 int64_t group) {
   const int64_t N = data.shape(0);
+  // The kernels divide by the row length and by the group (K itself for int8): no empty rows.
+  check(data.shape(1) >= 1, "data must have at least one column (K >= 1), got shape " + shape_str(N, 0));
   if (scheme == "int8" || scheme == "w8a8") {
     const int64_t K = data.shape(1);
     check(data.dtype() == nb::dtype<int8_t>(), "int8 data must be int8");

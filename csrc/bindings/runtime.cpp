@@ -34,7 +34,11 @@ void bind_runtime(nb::module_& m) {
     return d;
   }, "The ISA path each kernel family runs now");
   m.def("num_threads", &num_threads);
-  m.def("set_num_threads", &set_num_threads, nb::arg("n"));
+  m.def("set_num_threads", [](int n) {
+    check(n >= 1 && n <= kMaxThreads,
+          "n must be a thread count in [1, " + std::to_string(kMaxThreads) + "], got " + std::to_string(n));
+    set_num_threads(n);
+  }, nb::arg("n"), "OpenMP threads of every kernel");
   m.def("has_cuda", [] {
 #ifdef QUARK_WITH_CUDA
     return true;

@@ -3,6 +3,7 @@
 // the checks here only keep direct callers from crashing.
 #include <nanobind/stl/string.h>
 
+#include <climits>
 #include <vector>
 
 #include "bindings/common.h"
@@ -195,7 +196,9 @@ void bind_search(nb::module_& m) {
 
   auto gather = [](const std::string& kind, Vec<float> q, const void* base, size_t rows, size_t d, Vec<uint32_t> idx,
                    Vec<float> w, float bias, CArray<float, nb::ndim<1>> out, bool codes) {
+    check(d >= 1, "base must have at least one column (dim >= 1)");   // the kernels size prefetches by the row
     check(q.shape(0) == d && out.shape(0) == idx.shape(0), "q must have length dim and out the length of idx");
+    check(idx.shape(0) <= (size_t)INT_MAX, "idx must hold at most 2^31 - 1 rows");
     for (size_t i = 0; i < idx.shape(0); ++i) check(idx.data()[i] < rows, "idx holds a row past the end of base");
     const GatherKernels& K = gather_kernels();
     GatherFn fn = kind == "l2" ? (codes ? K.l2_sq8 : K.l2_f32) : kind == "ip" ? (codes ? K.ip_sq8 : K.ip_f32) : nullptr;

@@ -6,6 +6,10 @@
 namespace quark {
 
 inline int num_threads() { return omp_get_max_threads(); }
-inline void set_num_threads(int n) { omp_set_num_threads(n > 0 ? n : 1); }
+// OpenMP allocates per-thread state for every thread of a team: a count far past any machine's
+// cores (2^31) aborts the process in the next parallel region instead of failing the call.
+constexpr int kMaxThreads = 1024;
+
+inline void set_num_threads(int n) { omp_set_num_threads(n); }   // 1 <= n <= kMaxThreads (the binding checks)
 
 }  // namespace quark

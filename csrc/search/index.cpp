@@ -7,8 +7,10 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <system_error>
 #include <unordered_set>
 
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "common/threading.h"
@@ -368,8 +370,14 @@ void VectorIndex::restore(const IndexState& s) {
       throw std::invalid_argument("an index with rows in a file needs the file (fd, vectors_offset) to restore from");
     rows_file_ = std::make_unique<RowFile>(d, cfg_.rows_dir);
     if (n > 0) {
+      // The rows are read only by later searches: check now that fd is a file that holds them.
+      struct stat st;
+      if (::fstat(s.fd, &st) != 0) throw std::system_error(errno, std::generic_category(), "the index file");
+      const int64_t row_bytes = d * static_cast<int64_t>(sizeof(float));
+      if (!S_ISREG(st.st_mode) || s.vectors_offset > st.st_size || (st.st_size - s.vectors_offset) / row_bytes < n)
+        throw std::invalid_argument("the index file ends before its fp32 rows do: was it truncated?");
       const int own = ::dup(s.fd);
-      if (own < 0) throw std::runtime_error("cannot duplicate the index file descriptor");
+      if (own < 0) throw std::system_error(errno, std::generic_category(), "cannot duplicate the index file descriptor");
       rows_file_->attach(own, s.vectors_offset, n);
     }
   } else {

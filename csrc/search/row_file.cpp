@@ -8,21 +8,23 @@
 #include <cerrno>
 #include <cstdlib>
 #include <algorithm>
-#include <cstring>
 #include <stdexcept>
+#include <system_error>
 #include <vector>
 
 namespace quark {
 namespace {
 
-std::string sys_error(const std::string& what) { return what + ": " + std::strerror(errno); }
+// A failed system call: std::system_error carries errno, and the binding raises it as OSError
+// (the subclass errno names), as os.pread or open would.
+[[noreturn]] void sys_error(const std::string& what) { throw std::system_error(errno, std::generic_category(), what); }
 
 void pwrite_all(int fd, const void* src, size_t n, int64_t off) {
   const char* p = static_cast<const char*>(src);
   while (n > 0) {
     const ssize_t r = ::pwrite(fd, p, n, off);
     if (r < 0 && errno == EINTR) continue;
-    if (r < 0) throw std::runtime_error(sys_error("writing fp32 rows to the scratch file failed"));
+    if (r < 0) sys_error("writing fp32 rows to the scratch file failed");
     p += r;
     off += r;
     n -= static_cast<size_t>(r);
@@ -35,7 +37,7 @@ int open_scratch(const std::string& dir) {
   if (fd >= 0) return fd;
   std::string tmpl = dir + "/.quark-rows-XXXXXX";
   fd = ::mkostemp(tmpl.data(), O_CLOEXEC);
-  if (fd < 0) throw std::runtime_error(sys_error("cannot create a scratch file for fp32 rows in '" + dir + "'"));
+  if (fd < 0) sys_error("cannot create a scratch file for fp32 rows in '" + dir + "'");
   ::unlink(tmpl.c_str());
   return fd;
 }
@@ -47,8 +49,9 @@ void read_exact(int fd, void* dst, size_t n, int64_t off) {
   while (n > 0) {  // pread may return less than asked (a signal, a huge read): go on from there
     const ssize_t r = ::pread(fd, p, n, off);
     if (r < 0 && errno == EINTR) continue;
-    if (r < 0) throw std::runtime_error(sys_error("reading the index file failed"));
-    if (r == 0) throw std::runtime_error("the index file is shorter than the index: was it truncated?");
+    if (r < 0) sys_error("reading the index file failed");
+    // Bad contents, not a failed call (as numpy.memmap past the end of a file): ValueError.
+    if (r == 0) throw std::invalid_argument("the index file ends before the index does: was it truncated?");
     p += r;
     off += r;
     n -= static_cast<size_t>(r);

@@ -20,7 +20,8 @@
 
 namespace quark {
 
-// Reads exactly n bytes at byte `off` of fd into dst; throws std::runtime_error on EOF or error.
+// Reads exactly n bytes at byte `off` of fd into dst; throws std::system_error if a read fails
+// (a bad fd, EIO) and std::invalid_argument if the file ends first.
 void read_exact(int fd, void* dst, size_t n, int64_t off);
 
 class RowFile {

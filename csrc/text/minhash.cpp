@@ -3,6 +3,7 @@
 // goes, has one file per ISA.
 #include "text/minhash.h"
 
+#include <algorithm>
 #include <vector>
 
 #include "common/dispatch.h"
@@ -132,7 +133,11 @@ void minhash(const MinhashArgs& a) {
   // Permutation parameters, padded to whole blocks (the padding lanes are computed and dropped).
   const int padded = (a.num_perm + kPermBlock - 1) / kPermBlock * kPermBlock;
   std::vector<uint64_t> pa(padded, 1), pb(padded, 0), mul;
-  shingle_multipliers(a.ngram, mul);
+  // A document of L bytes has at most L units, so no shingle is longer than the longest document:
+  // the multiplier table stops there (an ngram of 2^31 must not allocate 16 GiB).
+  int64_t longest = 1;
+  for (int64_t d = 0; d < a.n; ++d) longest = std::max(longest, a.lengths[d]);
+  shingle_multipliers(static_cast<int>(std::min<int64_t>(a.ngram, longest)), mul);
   uint64_t state = a.seed;
   for (int i = 0; i < a.num_perm; ++i) {
     pa[i] = splitmix64(state) | 1;  // odd: multiplication by a_i is a bijection mod 2^64
