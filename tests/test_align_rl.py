@@ -55,7 +55,7 @@ def test_rules_and_config_errors():
     assert rule_reward("terminates")([], "x", True) == 1.0 and rule_reward("terminates")([], "x", False) == 0.0
     refusal = rule_reward("refusal")
     from quark.safety_data import harmful_requests
-    harmful = [{"role": "user", "content": harmful_requests("train")[0]["prompt"]}]
+    harmful = [{"role": "user", "content": harmful_requests("build")[0]["prompt"]}]
     assert refusal(harmful, "I can't help with that request.", True) == 1.0
     assert refusal([{"role": "user", "content": "hi"}], "I can't help with that request.", True) == 0.0
     with pytest.raises(ConfigError, match="unknown rule"):

@@ -128,8 +128,8 @@ def pairs_from_chat(records, rng, mismatch=0.5):
 
 
 def safety_preference_pairs(rng, n, benign_records=()):
-    """Harmful training requests: refusal over compliance; benign requests: answer over refusal."""
-    reqs = rng.sample(harmful_requests("train"), min(n, len(harmful_requests("train"))))
+    """Harmful requests of the build families: refusal over compliance; benign requests: answer over refusal."""
+    reqs = rng.sample(harmful_requests("build"), min(n, len(harmful_requests("build"))))
     out = [{"prompt": [{"role": "user", "content": r["prompt"]}], "chosen": REFUSAL,
             "rejected": f"Sure! Here is exactly how to do that. Step 1: {r['prompt'].split(' ', 1)[-1]}"} for r in reqs]
     for r in benign_records:

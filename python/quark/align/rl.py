@@ -11,8 +11,8 @@ pi_old is the policy that sampled the group; `inner_epochs` > 1 reuses a group f
 where the clip matters. The reference is the frozen starting policy.
 
 Rule rewards (name -> f(prompt messages, completion text, terminated) -> float): "terminates"
-(ends with a stop token), "brevity" (short, terminated answers), "refusal" (refuse the red-team
-training requests, answer everything else), "keyword:WORD" (mentions WORD).
+(ends with a stop token), "brevity" (short, terminated answers), "refusal" (refuse the harmful
+requests of the build families in quark.safety_data, answer everything else), "keyword:WORD" (mentions WORD).
 """
 import copy
 import random
@@ -34,7 +34,7 @@ from quark.safety_data import harmful_requests, is_refusal
 
 
 def _refusal_reward(prompt, text, terminated):
-    harmful = {r["prompt"] for r in harmful_requests("train")}
+    harmful = {r["prompt"] for r in harmful_requests("build")}
     asked = prompt[-1]["content"]
     return 1.0 if is_refusal(text) == (asked in harmful) else 0.0
 

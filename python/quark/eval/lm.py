@@ -74,19 +74,26 @@ class LanguageModel:
             out.append((lp, greedy))
         return out
 
-    @torch.no_grad()
     def rolling_nll(self, ids):
         """Total negative log-likelihood (nats) and count of the predicted tokens of a long token
         sequence, scored in disjoint windows of max_seq_len (every token after the first predicted once)."""
+        per_window = self.window_nll(ids)
+        return sum(n for n, _ in per_window), sum(c for _, c in per_window)
+
+    @torch.no_grad()
+    def window_nll(self, ids):
+        """[(nll, count)] of each disjoint window of max_seq_len + 1 tokens, in order: the per-item
+        losses the regression gate pairs across models."""
         ids = torch.as_tensor(ids, dtype=torch.long)
         W = self.max_len + 1
         windows = [ids[s: s + W] for s in range(0, max(len(ids) - 1, 0), self.max_len)]
-        full = [w for w in windows if len(w) == W]
-        rest = [w for w in windows if 1 < len(w) < W]
+        windows = [w for w in windows if len(w) > 1]
         per_batch = max(1, self.max_batch_tokens // self.max_len)
-        groups = [torch.stack(full[i:i + per_batch]) for i in range(0, len(full), per_batch)] + [w[None] for w in rest]
-        scored = held_out(self.model, [(g[:, :-1], g[:, 1:]) for g in groups])
-        return float(scored.nll.sum()), int(scored.tokens.sum())
+        n_full = sum(len(w) == W for w in windows)   # only the last window can be shorter: it runs alone
+        groups = [torch.stack(windows[i:min(i + per_batch, n_full)]) for i in range(0, n_full, per_batch)]
+        groups += [w[None] for w in windows[n_full:]]
+        scored = held_out(self.model, [(g[:, :-1], g[:, 1:]) for g in groups])   # per window, in order
+        return [(float(n), int(t)) for n, t in zip(scored.nll, scored.tokens)]
 
     @torch.no_grad()
     def generate(self, prompt, max_new_tokens=64, until=(), temperature=0.0, seed=0):

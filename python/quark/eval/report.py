@@ -92,14 +92,17 @@ def quantization_section(run_dir):
 
 
 def redteam_section(stats):
-    """Attack success rate before and after alignment, with and without the safety filter."""
+    """Attack success rate before and after alignment, with and without the safety filter (95% Wilson
+    intervals as error bars when the step reported them)."""
     keys = [("before alignment", "asr_before"), ("aligned model only", "asr_after_model_only"),
             ("filter only", "asr_filter_only"), ("aligned + filter", "asr_after")]
-    present = [(label, stats[k]) for label, k in keys if isinstance(stats.get(k), (int, float))]
+    present = [(label, stats[k], stats.get(k + "_ci") or [stats[k], stats[k]])
+               for label, k in keys if isinstance(stats.get(k), (int, float))]
     if not present:
         return []
     fig, ax = plt.subplots(figsize=(6, 2.6))
-    ax.barh([p[0] for p in present][::-1], [p[1] for p in present][::-1], color="#b55")
+    err = [[max(0.0, p[1] - p[2][0]) for p in present][::-1], [max(0.0, p[2][1] - p[1]) for p in present][::-1]]
+    ax.barh([p[0] for p in present][::-1], [p[1] for p in present][::-1], xerr=err, color="#b55", capsize=3)
     ax.set_xlim(0, 1)
     ax.set_xlabel("attack success rate")
     ax.set_title("red-team", fontsize=9)
@@ -151,14 +154,18 @@ def build_report(run_dir):
                                            ["step", "status", "seconds", "finished"]))
     if run_dir.has("eval", "results.json"):
         res = run_dir.json("eval", "results.json")
-        g = res.get("gate", {})
-        verdict = ("<span class='ok'>passed</span>" if g.get("passed") else "<span class='bad'>FAILED</span>")
+        g = steps.get("promote", {}).get("stats") or {}      # the gate runs where the champion lives (registry)
+        gate = ""
+        if "gate_passed" in g:
+            verdict = "<span class='ok'>passed</span>" if g["gate_passed"] else "<span class='bad'>FAILED</span>"
+            gate = (f"; gate {verdict} against champion {html.escape(str(g.get('champion')))} (paired test over items, "
+                    f"confidence {g.get('confidence')}), {'promoted' if g.get('promoted') else 'not promoted'}")
         parts.append(f"<h2>Evaluation</h2><p>model <code>{html.escape(res.get('model_dir', ''))}</code> version "
-                     f"<code>{html.escape(res.get('version', ''))}</code>; gate {verdict} against baseline "
-                     f"{html.escape(str(g.get('baseline_version')))}</p>")
+                     f"<code>{html.escape(res.get('version', ''))}</code>{gate}</p>")
         parts.append(table(sorted(res.get("metrics", {}).items()), ["metric", "value"]))
-        if g.get("regressions"):
-            parts.append("<ul>" + "".join(f"<li class='bad'>{html.escape(r)}</li>" for r in g["regressions"]) + "</ul>")
+        if g.get("checks"):
+            parts.append("<ul>" + "".join(f"<li class='{'bad' if 'REGRESSED' in c else 'ok'}'>{html.escape(c)}</li>"
+                                          for c in g["checks"]) + "</ul>")
         tel = res.get("telemetry")
         if tel:
             parts.append("<h3>Telemetry</h3>" + table(sorted(tel.items()), ["metric", "value"]))

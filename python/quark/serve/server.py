@@ -21,6 +21,7 @@ import contextlib
 import json
 import math
 import secrets
+import sys
 import threading
 import time
 from pathlib import Path
@@ -171,7 +172,7 @@ def _read_run(run_dir, max_points=2000):
 
 def create_app(engine, tokenizer, model_name="quark", api_key=None, safety=None, runs_dir=None,
                allowed_hosts=LOOPBACK_HOSTS, max_body_bytes=MAX_BODY_BYTES, max_messages=MAX_MESSAGES, chat=None):
-    """The FastAPI app. safety: a quark.align.safety.SafetyFilter (check_input / check_output return a
+    """The FastAPI app. safety: a quark.safety.SafetyFilter (check_messages / check_output return a
     Decision: allow, refuse or redact, with the text to use), or None to serve unfiltered.
     allowed_hosts: host names the Host header may carry (None: any, for a public bind behind a proxy).
     chat: the model's chat format (quark.chat.chat_format), Quark's template by default."""
@@ -266,24 +267,29 @@ def create_app(engine, tokenizer, model_name="quark", api_key=None, safety=None,
         except ValueError as e:
             raise APIError(400, str(e), param=str(e).split()[0]) from None
 
-    def screen(text, where):
-        """None when allowed (or no filter), else the text to answer instead (a refusal or a redaction)."""
+    def screen(prompt, where):
+        """None when allowed (or no filter), else the text to answer instead: a refusal of the prompt
+        (every user and system message: a list of chat messages, or one text) or a refused/redacted output."""
         if safety is None:
             return None
-        decision = safety.check_input(text) if where == "input" else safety.check_output(text)
+        if where == "input":
+            messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+            decision = safety.check_messages(messages)
+        else:
+            decision = safety.check_output(prompt)
         if decision.action != "allow":
             metrics.inc("quark_safety_interventions_total", help_="prompts or outputs refused or redacted",
                         where=where, action=decision.action)
             return decision.text
         return None
 
-    async def run(prompt_ids, params, stream, make_chunk, make_final, prompt_text, request):
+    async def run(prompt_ids, params, stream, make_chunk, make_final, prompt, request):
         """Submit to the engine; answer a JSON body or an SSE stream built by make_chunk/make_final."""
         route = _route(request)
         def record_refusal():
             metrics.inc("quark_requests_total", help_="HTTP requests by route and status", route=route, status="200")
 
-        refusal = screen(prompt_text, "input")
+        refusal = screen(prompt, "input")
         if refusal is not None:   # answered like a model refusal, without generating
             record_refusal()
             if not stream:
@@ -425,8 +431,7 @@ def create_app(engine, tokenizer, model_name="quark", api_key=None, safety=None,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                  "logprobs": None, "finish_reason": finish}], "usage": usage}
 
-        last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
-        return await run(ids, params, body.get("stream", False), chunk, final, last_user, request)
+        return await run(ids, params, body.get("stream", False), chunk, final, messages, request)
 
     @app.get("/v1/models")
     async def models():
@@ -493,7 +498,9 @@ def configure_parser(p):
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (KV cache slots)")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot before 429")
     p.add_argument("--cache-dtype", default="fp32", choices=["fp32", "bf16", "int8"])
-    p.add_argument("--safety", action="store_true", help="screen prompts and outputs with quark.align.safety")
+    p.add_argument("--safety", nargs="?", const="auto", default=None, metavar="FILE",
+                   help="screen prompts and outputs with a safety filter the run trained (FILE: its safety.json; "
+                        "default: RUN/redteam/safety.json)")
     p.add_argument("--runs-dir", default=None, help="runs shown on /runs (default: the served run directory)")
     p.add_argument("--allowed-host", action="append", default=None, metavar="NAME",
                    help="a host name clients may send in the Host header (repeatable; default: the loopback "
@@ -507,8 +514,16 @@ def run_cli(args):
     model, tokenizer, model_dir, run_dir = load_for_serving(args.path)
     safety = None
     if args.safety:
-        from quark.align.safety import SafetyFilter
-        safety = SafetyFilter.from_config()
+        from quark.safety import SafetyFilter
+        if args.safety == "auto" and run_dir is None:
+            print(f"error: --safety: {args.path} is a model directory; name the filter file "
+                  "(--safety RUN/redteam/safety.json)", file=sys.stderr)
+            return 2
+        try:
+            safety = SafetyFilter.load(run_dir / "redteam" / "safety.json" if args.safety == "auto" else args.safety)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"error: --safety: {e}", file=sys.stderr)
+            return 2
     chat = chat_format(tokenizer, model_dir)   # the checkpoint's own template and eos ids, else Quark's
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue, cache_dtype=args.cache_dtype,
                     stop_ids=chat.stop_ids)

@@ -4,8 +4,8 @@ Corpus pairs (deterministic, no model needed):
 - code (run_dir/scrape/files-*.jsonl, Python files parsed with ast):
   function signature -> its docstring, docstring -> the function's code, module/class -> its docstring;
 - docs (run_dir/clean/docs.jsonl): section title -> the paragraph under it, page title -> its first paragraph;
-- safety: harmful requests (the red-team suite's *training* intents) -> the refusal template, so SFT
-  teaches refusals without seeing the intents the red-team evaluation uses.
+- safety: harmful requests (the *build* intent families of quark.safety_data) -> the refusal template,
+  so SFT teaches refusals without seeing the families the red-team evaluation uses.
 Self-instruct (Wang et al. 2022, "Self-Instruct"): a teacher model is shown a few sampled instructions,
 writes a new one and answers it; kept only if well-formed and not too similar (word-set Jaccard) to
 any instruction already in the pool.
@@ -134,7 +134,7 @@ def doc_pairs(text, title, rng, max_chars=600):
 
 
 def safety_pairs(n, rng):
-    reqs = harmful_requests("train")
+    reqs = harmful_requests("build")
     return [chat(r["prompt"], REFUSAL) for r in rng.sample(reqs, min(n, len(reqs)))]
 
 
