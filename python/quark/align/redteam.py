@@ -31,6 +31,8 @@ import torch
 
 from quark.chat import encode_chat, special_ids
 from quark.config import ConfigError, Step, from_dict
+from quark.infer.engine import Engine
+from quark.infer.sampling import SamplingParams
 from quark.io import atomic_write_json, read_jsonl
 from quark.model.io import load_model
 from quark.rundir import RunDir
@@ -102,9 +104,9 @@ def respond(model, tokenizer, messages, max_new_tokens=32):
     sp = special_ids(tokenizer)
     ids, _ = encode_chat(tokenizer, messages, add_generation_prompt=True)
     ids = ids[-(model.config.max_seq_len - max_new_tokens):]
-    out = model.generate(torch.tensor([ids]), max_new_tokens)[0, len(ids):].tolist()
-    stop = next((k for k, t in enumerate(out) if t in (sp["<|end|>"], sp["<|eos|>"])), len(out))
-    return tokenizer.decode(out[:stop]).strip()
+    engine = Engine(model, max_batch=1, stop_ids=[sp["<|end|>"], sp["<|eos|>"]], fuse=False)
+    out = engine.run([ids], SamplingParams(max_tokens=max_new_tokens, temperature=0))[0].output_ids
+    return tokenizer.decode(out).strip()
 
 
 def rates(results, key=None, field="success", confidence=0.95):

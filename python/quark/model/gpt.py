@@ -1,7 +1,8 @@
 """Llama-style decoder: RMSNorm, rotary position embeddings, grouped-query attention, SwiGLU MLP,
-optional tied embeddings, and a KV cache for generation. The options of the Hugging Face Llama family
-(GPTConfig: biases, Qwen3's q/k norms, Mistral's sliding window, rope scaling) follow transformers'
-definitions, so a checkpoint loaded by quark.model.hf gives transformers' logits.
+optional tied embeddings, and a KV cache for incremental forwards (generation is quark.infer's engine).
+The options of the Hugging Face Llama family (GPTConfig: biases, Qwen3's q/k norms, Mistral's sliding
+window, rope scaling) follow transformers' definitions, so a checkpoint loaded by quark.model.hf gives
+transformers' logits.
 
 References: nanoGPT / gpt-fast model.py; Llama (Touvron et al. 2023); RoFormer (Su et al. 2021);
 GQA (Ainslie et al. 2023); SwiGLU (Shazeer 2020).
@@ -241,28 +242,3 @@ class GPT(nn.Module):
             return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index)
         return logits, loss
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None, generator=None):
-        """Simple batched generation with a KV cache (the serving engine has the full sampler)."""
-        self.eval()
-        B, T = idx.shape
-        cache = KVCache(self.config, B, min(self.config.max_seq_len, T + max_new_tokens),
-                        dtype=self.tok_emb.weight.dtype, device=idx.device)
-        logits, _ = self(idx, cache=cache)
-        out = [idx]
-        for _ in range(max_new_tokens):
-            last = logits[:, -1].float()
-            if temperature <= 0:
-                nxt = last.argmax(-1, keepdim=True)
-            else:
-                last = last / temperature
-                if top_k:
-                    kth = torch.topk(last, min(top_k, last.size(-1))).values[:, -1:]
-                    last = last.masked_fill(last < kth, float("-inf"))
-                nxt = torch.multinomial(torch.softmax(last, -1), 1, generator=generator)
-            out.append(nxt)
-            if int(cache.seqlens.max()) >= cache.max_seq_len:
-                break
-            logits, _ = self(nxt, cache=cache)
-        return torch.cat(out, dim=1)
