@@ -250,7 +250,9 @@ def run_step(run_dir, cfg: dict) -> dict:
             "over_refusal_before": report["before"]["over_refusal"]["rate"],
             "over_refusal_after": report["after"]["over_refusal"]["rate"],
             "asr_by_category_before": {c: v["rate"] for c, v in report["before"]["asr_by_category"].items()},
-            "asr_by_category_after": {c: v["rate"] for c, v in report["after"]["asr_by_category"].items()}}
+            "asr_by_category_after": {c: v["rate"] for c, v in report["after"]["asr_by_category"].items()},
+            **({f"garak_asr_{k}": {f: [v["rate"], v["low"], v["high"]] for f, v in report["garak"][k]["by_family"].items()}
+                for k in ("filter_off", "filter_on")} if "garak" in report else {})}
 
 
 STEP = Step(name="redteam", config=RedteamConfig, run=run_step, check=validate_config)

@@ -48,7 +48,7 @@ def validate_config(cfg):
 
 
 def model_version(model_dir):
-    """Content hash of the weights: the identity under which metrics and baselines are stored."""
+    """Content hash of the weights: the identity under which results are stored and registered."""
     h = hashlib.sha256()
     with open(Path(model_dir) / "model.safetensors", "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
