@@ -3,7 +3,7 @@
 
 Providers, interleaved in the same run, each on its own copy of the same weights:
   quark fp32             quark.model.GPT: attention through quark.ops.attention (C++ flash-style
-                         forward/backward kernels), updated by the trainer's optimizer (fused AdamW)
+                         forward/backward kernels), updated by the training loop's optimizer (fused AdamW)
   torch fp32 (SDPA)      the same architecture written in plain torch (nn.Linear, F.scaled_dot_product_attention,
                          nn.RMSNorm), torch.optim.AdamW with its defaults (foreach)
   quark bf16 autocast    the trainer's precision="bfloat16": bf16 matmuls (AVX512-BF16) with fp32 master
@@ -23,7 +23,7 @@ from benchmarks.harness import interleaved, summarize
 from quark.model import GPT, preset
 from quark.model.gpt import apply_rope, rope_cache
 from quark.train.precision import measure_peak_flops
-from quark.train.trainer import PretrainConfig, make_optimizer
+from quark.train.loop import LoopSettings, make_optimizer
 
 
 class TorchBlock(nn.Module):
@@ -99,9 +99,9 @@ def check_same_function(ours, plain, cfg):
 
 def make_step(model, batch, bf16, quark_optimizer):
     """One optimizer step on a fixed batch (the data loader is not what is measured). Quark's path uses
-    the trainer's optimizer (fused AdamW, no decay on norms); the peer torch's default AdamW."""
+    the training loop's optimizer (fused AdamW, no decay on norms); the peer torch's default AdamW."""
     if quark_optimizer:
-        opt = make_optimizer(model, PretrainConfig(lr=1e-4, min_lr=1e-5, weight_decay=0.1))
+        opt = make_optimizer(model, LoopSettings(steps=1, lr=1e-4, min_lr=1e-5, weight_decay=0.1))
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95))
     x, y = batch

@@ -1,8 +1,8 @@
 """Shared benchmark machinery: interleaved timing of ours vs peers, medians, throughput, tables.
 
-Rules (DEVELOPERS.md): peers run in the same process and the same run, calls are interleaved
-round-robin so drift (turbo, other load) hits every provider alike, medians are reported with
-p10/p90, sizes exceed the caches where the real workload does (rotate buffers), and every row
+Rules (BENCHMARKS.md, at its top): peers run in the same process and the same run, calls are
+interleaved round-robin so drift (turbo, other load) hits every provider alike, medians are reported
+with p10/p90, sizes exceed the caches where the real workload does (rotate buffers), and every row
 carries GFLOP/s or GB/s beside its time.
 """
 import glob

@@ -59,3 +59,26 @@ def test_dpo_step_with_lora(tmp_path):
         dpo.validate_config({"beta": 0})
     with pytest.raises(ConfigError, match="loss"):
         dpo.validate_config({"loss": "kto"})
+
+
+def test_dpo_on_an_hf_checkpoint_with_its_own_template(tmp_path):
+    """Pairs encoded with a Hugging Face checkpoint's chat template (RunDir.chat): the response mask
+    covers exactly the answer and the template's end of turn, and DPO raises the held-out margin."""
+    pytest.importorskip("transformers")
+    from quark.model.io import load_model
+    from quark.rundir import RunDir
+    from tests.hf_helpers import make_hf_model
+    make_hf_model(tmp_path, "qwen3", max_position_embeddings=128)
+    chat = RunDir(tmp_path).chat(tmp_path)
+    pairs = preference_pairs(24, 0)
+    enc, _ = encode_pairs(chat, list(enumerate(pairs, 1)), 128)
+    ids, mask = enc[0][0], enc[0][1]
+    assert chat.tokenizer.decode([i for i, m in zip(ids, mask) if m], skip_special_tokens=False) == \
+        pairs[0]["chosen"].strip() + "<|im_end|>\n"
+    train, val = enc[:16], enc[16:]
+    model, pad = load_model(tmp_path), pad_id(chat)
+    ref, counts = reference_logps(model, train, pad)
+    ref_val, _ = reference_logps(model, val, pad)
+    before = heldout_metrics(model, val, ref_val, pad, 0.1)
+    optimize(model, train, ref, counts, pad, DPOConfig(steps=10, batch_size=8, lr=2e-3))
+    assert heldout_metrics(model, val, ref_val, pad, 0.1)["logp_margin"] > before["logp_margin"] + 1.0

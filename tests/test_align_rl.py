@@ -23,6 +23,24 @@ def test_grpo_raises_a_rule_reward_and_tracks_kl():
     assert h[0]["kl"] < 1e-6 < h[-1]["kl"]   # the policy starts at the reference, then drifts
 
 
+def test_sample_group_runs_the_engine_and_masks_through_the_stop_token():
+    """Completions come from the engine (one seed per sample); the policy keeps its own parameters so
+    training after sampling still updates the model that samples."""
+    model = tiny_model(64)
+    params = dict(model.named_parameters())
+    stop = {0, 1}
+    seqs, mask, term, lens = rl.sample_group(model, [5, 6, 7], 6, 8, 1.0, stop, torch.Generator().manual_seed(0))
+    assert all(model.get_parameter(n) is p and p.requires_grad for n, p in params.items())
+    assert seqs.shape[0] == 6 and (seqs[:, :3] == torch.tensor([5, 6, 7])).all() and (mask[:, :3] == 0).all()
+    for row, m, t, n in zip(seqs, mask, term, lens):
+        width = int(m.sum())
+        assert (m[3:3 + width] == 1).all() and width == int(n) + int(t)         # the stop token is learned too
+        assert int(row[3 + n]) in stop if t else n == 8                        # stopped, or ran to the limit
+        assert not any(int(x) in stop for x in row[3:3 + n])                    # no stop inside the answer
+    again = rl.sample_group(model, [5, 6, 7], 6, 8, 1.0, stop, torch.Generator().manual_seed(0))[0]
+    assert torch.equal(seqs, again) and len({tuple(r.tolist()) for r in seqs}) > 1   # seeded, yet diverse
+
+
 def test_grpo_loss_clips_and_penalises_kl():
     logp = torch.tensor([[0.0, -1.0]], requires_grad=True)
     mask = torch.ones(1, 2)
@@ -37,7 +55,7 @@ def test_rules_and_config_errors():
     assert rule_reward("terminates")([], "x", True) == 1.0 and rule_reward("terminates")([], "x", False) == 0.0
     refusal = rule_reward("refusal")
     from quark.safety_data import harmful_requests
-    harmful = [{"role": "user", "content": harmful_requests("train")[0]["prompt"]}]
+    harmful = [{"role": "user", "content": harmful_requests("build")[0]["prompt"]}]
     assert refusal(harmful, "I can't help with that request.", True) == 1.0
     assert refusal([{"role": "user", "content": "hi"}], "I can't help with that request.", True) == 0.0
     with pytest.raises(ConfigError, match="unknown rule"):

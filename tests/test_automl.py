@@ -8,7 +8,8 @@ import yaml
 
 from quark.config import ConfigError
 from quark.automl import apply_params, automl
-from quark.pipeline import load_recipe, run
+from quark.pipeline import run
+from quark.recipe import load_recipe
 from tests._train_util import make_run_dir
 
 
@@ -31,7 +32,7 @@ def base_run(tmp_path):
 def test_apply_params_wins_over_budget_overrides(base_run):
     _, recipe = base_run
     r = apply_params(recipe, {"pretrain.lr": 0.5})
-    from quark.pipeline import step_config
+    from quark.recipe import step_config
     assert step_config(r, "pretrain")["lr"] == 0.5 and "budgets" not in recipe["steps"]["pretrain"]
     with pytest.raises(ConfigError, match="must be '<step>.<setting>'"):
         apply_params(recipe, {"nosuchstep.lr": 1})

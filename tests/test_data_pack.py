@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from quark.rundir import RunDir
 from quark.config import ConfigError
 from quark.data import pack, tokenizer
 
@@ -31,11 +32,11 @@ def test_contract_and_round_trip(tmp_path):
     stats = pack.run_step(tmp_path, {"seed": 0, "batch_docs": 64, "val_fraction": 0.1})
     meta = json.loads((tmp_path / "pack" / "meta.json").read_text())
     assert {"dtype", "vocab_size", "train_tokens", "val_tokens", "eos_id", "bos_id"} <= set(meta)
-    assert meta["dtype"] == "uint16" and meta["vocab_size"] == tokenizer.load(tmp_path).get_vocab_size() and meta["eos_id"] == 1 and meta["bos_id"] == 0
+    assert meta["dtype"] == "uint16" and meta["vocab_size"] == RunDir(tmp_path).tokenizer().get_vocab_size() and meta["eos_id"] == 1 and meta["bos_id"] == 0
     assert (tmp_path / "pack" / "train.bin").stat().st_size == 2 * meta["train_tokens"]
     assert (tmp_path / "pack" / "val.bin").stat().st_size == 2 * meta["val_tokens"]
     assert meta["train_docs"] + meta["val_docs"] == len(texts) and 10 <= meta["val_docs"] <= 60
-    tok = tokenizer.load(tmp_path)
+    tok = RunDir(tmp_path).tokenizer()
     got = []
     for split in ("train", "val"):
         for d in _docs(tmp_path, split, meta):

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from quark.rundir import RunDir
 from quark import chat
 from quark.config import ConfigError
 from quark.data import tokenizer
@@ -54,7 +55,7 @@ def test_step(tmp_path):
             f.write(json.dumps({"id": str(i), "text": t, "source": "web", "meta": {}}) + "\n")
     stats = tokenizer.run_step(tmp_path, {"vocab_size": 300, "max_chars": 2000, "seed": 0})
     assert stats["vocab_size"] == 300 and stats["chars"] == 2000 and stats["special_tokens"]["<|eos|>"] == 1
-    tok = tokenizer.load(tmp_path)
+    tok = RunDir(tmp_path).tokenizer()
     assert tok.decode(tok.encode("round trip ✓").ids) == "round trip ✓"
 
 

@@ -51,3 +51,21 @@ def test_generate_respects_stop_strings_and_budget(tiny_model_dir):
     if first:
         assert first[0] not in lm.generate("def add(a, b):", max_new_tokens=20, until=[first[0]])
     assert lm.generate("x", max_new_tokens=0) == ""
+
+
+def test_language_model_on_an_hf_checkpoint(tmp_path):
+    """An HF directory scores with transformers' log-likelihoods and stops at its generation_config eos ids."""
+    import pytest
+    transformers = pytest.importorskip("transformers")
+    from tests.hf_helpers import make_hf_model
+    hf = make_hf_model(tmp_path, "llama")
+    lm = LanguageModel.from_path(tmp_path)
+    assert lm.eos_ids == {2, 0}
+    context, continuation = "The quick brown", " fox jumps"
+    (lp, _), = lm.loglikelihood([(context, continuation)])
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    ctx, cont = tok(context)["input_ids"], tok(continuation)["input_ids"]
+    with torch.no_grad():
+        logp = torch.log_softmax(hf(torch.tensor([ctx + cont])).logits[0, :-1].float(), -1)
+    expected = float(logp[len(ctx) - 1:].gather(1, torch.tensor(cont)[:, None]).sum())
+    assert abs(lp - expected) < 1e-3

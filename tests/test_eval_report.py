@@ -11,11 +11,13 @@ def make_run(tmp_path):
         f.write('{"step": 20, "loss": ')                       # torn last line of an interrupted run
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "results.json").write_text(json.dumps({
-        "model_dir": "m", "version": "abc", "metrics": {"heldout/loss": 3.2, "t/acc": 0.4},
-        "gate": {"passed": False, "baseline_version": "x", "regressions": ["t/acc: <script>alert(1)</script>"]},
+        "model_dir": "m", "version": "abc", "metrics": {"heldout/loss": 3.2, "t/acc": 0.4}, "items": {},
         "telemetry": {"task_p50": 0.1}}))
     (tmp_path / "pipeline.json").write_text(json.dumps({"recipe": {"name": "r<b>", "budget": "tiny"}, "steps": {
-        "pretrain": {"status": "done", "seconds": 3.5, "stats": {"final_loss": 3.1, "nested": {"a": 1}}}}}))
+        "pretrain": {"status": "done", "seconds": 3.5, "stats": {"final_loss": 3.1, "nested": {"a": 1}}},
+        "promote": {"status": "done", "seconds": 0.1, "stats": {
+            "gate_passed": False, "champion": "x", "confidence": 0.95, "promoted": False,
+            "checks": ["t/acc: <script>alert(1)</script> REGRESSED"]}}}}))
     return tmp_path
 
 
@@ -28,7 +30,7 @@ def test_report_has_tables_plots_and_escapes(tmp_path):
 
 
 def test_step_writes_report_atomically(tmp_path):
-    stats = run_step(make_run(tmp_path), {"seed": 0})
+    stats = run_step(make_run(tmp_path), {})
     assert (tmp_path / "report.html").read_text().startswith("<!doctype html>") and stats["bytes"] > 1000
 
 
@@ -45,7 +47,7 @@ def test_history_curves_quantization_and_redteam_sections(tmp_path):
         "source": "x", "float": {"perplexity": 10.0, "bytes": 100, "decode_tokens_per_s": 5.0},
         "int4": {"bytes_after": 30, "perplexity": 10.5, "decode_tokens_per_s": 9.0}}))
     state = json.loads((run / "pipeline.json").read_text())
-    state["steps"]["redteam"] = {"status": "done", "seconds": 1, "stats": {"asr_before": 1.0, "asr_after": 0.1}}
+    state["steps"]["redteam"] = {"status": "done", "seconds": 1, "stats": {"asr_before": 1.0, "asr_after": 0.1, "asr_after_ci": [0.03, 0.3]}}
     (run / "pipeline.json").write_text(json.dumps(state))
     page = build_report(run)
     assert page.count("data:image/png;base64,") == 3          # pretrain, sft curves + red-team chart

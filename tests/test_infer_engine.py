@@ -22,10 +22,13 @@ def model(tok):
     return make_model(tok.get_vocab_size())
 
 
+@torch.no_grad()
 def greedy_reference(model, ids, n):
-    """The model's own KV-cache generate (quark.model.gpt), one sequence at a time."""
-    out = model.generate(torch.tensor([ids]), n)[0, len(ids):]
-    return out.tolist()
+    """Greedy continuation by full forwards of the model itself (no cache), one sequence at a time."""
+    ids = list(ids)
+    for _ in range(n):
+        ids.append(int(model(torch.tensor([ids]))[0][0, -1].argmax()))
+    return ids[-n:]
 
 
 def test_runner_matches_model_forward(model):
@@ -222,6 +225,15 @@ def test_load_for_serving_run_and_model_dirs(tmp_path):
         load_for_serving(tmp_path / "missing")
 
 
+@pytest.mark.parametrize("step", ["domain", "rl"])
+def test_serving_a_run_picks_up_its_domain_and_rl_models(tmp_path, step):
+    """rl/final (after dpo) and domain/final (after pretrain) are the run's latest model when present."""
+    earlier = {"domain": "pretrain", "rl": "dpo"}[step]
+    make_model_dir(tmp_path / "run" / earlier / "final")
+    mdir, _, _ = make_model_dir(tmp_path / "run" / step / "final")
+    assert load_for_serving(tmp_path / "run")[2] == mdir
+
+
 class QLinear(torch.nn.Module):
     """nn.Linear's call contract over quark.ops.qlinear (what quantized models plug in)."""
 
@@ -249,3 +261,28 @@ def test_quantized_projections_run_unfused(tok, scheme):
         r.done.wait(60)
     eng.shutdown()
     assert reqs[0].output_ids == greedy_reference(model, prompt, 8)
+
+
+def test_run_batches_on_the_callers_thread(tok):
+    """Engine.run: more prompts than slots, each as the model's own greedy decode; a stop id ends a
+    request and is recorded; per-prompt params; fuse=False leaves the model's parameters in place."""
+    model = make_model(tok.get_vocab_size(), seed=3)
+    params = dict(model.named_parameters())
+    prompts = [[10 + i, 11 + i, 12 + i] for i in range(5)]
+    eng = Engine(model, max_batch=2, fuse=False)
+    reqs = eng.run(prompts, SamplingParams(max_tokens=9, temperature=0))
+    assert eng.thread is None and all(model.get_parameter(n) is p for n, p in params.items())
+    assert [r.output_ids for r in reqs] == [greedy_reference(model, p, 9) for p in prompts]
+    assert all(r.finish_reason == "length" and r.stop_token is None for r in reqs)
+    stop = reqs[0].output_ids[3]
+    first = reqs[0].output_ids.index(stop)
+    stopped = Engine(model, max_batch=2, stop_ids=[stop]).run(prompts[:1], SamplingParams(max_tokens=9, temperature=0))[0]
+    assert stopped.output_ids == reqs[0].output_ids[:first] and stopped.stop_token == stop
+    sampled = eng.run(prompts[:2] * 2, [SamplingParams(max_tokens=9, seed=s) for s in (1, 2, 1, 2)])
+    assert sampled[0].output_ids == sampled[2].output_ids and sampled[1].output_ids == sampled[3].output_ids
+    with pytest.raises(ValueError, match="2 SamplingParams for 5 prompts"):
+        eng.run(prompts, [SamplingParams(), SamplingParams()])
+    eng.start()
+    with pytest.raises(RuntimeError, match="loop thread"):
+        eng.run(prompts)
+    eng.shutdown()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from quark.model import GPT, PRESETS, GPTConfig, KVCache, preset
-from quark.model.io import latest_model_dir, load_model, save_model
+from quark.model.io import load_model, save_model
 
 
 @pytest.fixture
@@ -47,15 +47,6 @@ def test_kv_cache_matches_full_forward(model):
     assert int(cache.seqlens[0]) == 24
 
 
-def test_generate_greedy_is_deterministic(model):
-    prompt = torch.randint(0, 97, (2, 5))
-    a, b = model.generate(prompt, 8), model.generate(prompt, 8)
-    assert a.shape == (2, 13) and torch.equal(a, b) and torch.equal(a[:, :5], prompt)
-    # greedy continuation equals argmax of a full forward at each position
-    logits = model(a[:, :-1])[0]
-    assert torch.equal(logits[:, 4:].argmax(-1), a[:, 5:])
-
-
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_param_count_matches_modules(name):
     cfg = PRESETS[name]
@@ -86,7 +77,6 @@ def test_model_dir_round_trip(tmp_path, model):
     tok = tmp_path / "tokenizer.json"
     tok.write_text("{}")
     save_model(model, tmp_path / "run" / "pretrain" / "final", tokenizer_path=tok)
-    assert latest_model_dir(tmp_path / "run") == tmp_path / "run" / "pretrain" / "final"
     back = load_model(tmp_path / "run" / "pretrain" / "final")
     x = torch.randint(0, 97, (1, 12))
     assert torch.equal(back(x)[0], model(x)[0])

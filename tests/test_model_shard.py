@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from quark.model import GPT, preset
+from quark.model.hf import to_hf_name
 from quark.model.io import load_model, save_model
 from quark.model.shard import (INDEX_NAME, CheckpointReader, check_tp, load_tp_model, plan_files, reshard,
                                save_sharded, save_tp_model, shard_state, split_dim)
@@ -103,7 +104,7 @@ def test_sharded_checkpoint_hf_layout_reshard_and_slices(tmp_path):
     assert files == [f"model-0000{i}-of-00004.safetensors" for i in range(1, 5)]
     index = json.loads((tmp_path / "four" / INDEX_NAME).read_text())
     state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}   # tied: stored once
-    assert set(index["weight_map"]) == set(state) and set(index["weight_map"].values()) == set(files)
+    assert set(index["weight_map"]) == {to_hf_name(k) for k in state} and set(index["weight_map"].values()) == set(files)
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in state.values())
     with safe_open(str(tmp_path / "four" / files[0]), framework="pt") as f:
         assert f.metadata() == {"format": "pt"}
@@ -111,6 +112,10 @@ def test_sharded_checkpoint_hf_layout_reshard_and_slices(tmp_path):
     idx = torch.randint(0, 256, (1, 12))
     with torch.no_grad():
         assert torch.equal(load_model(tmp_path / "four")(idx)[0], model(idx)[0])
+    transformers = pytest.importorskip("transformers")   # a valid HF directory: transformers loads it as is
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "four", dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (hf(idx).logits - model(idx)[0]).abs().max() < 1e-4
     # back to one file: a plain model directory, no index left behind
     reshard(tmp_path / "four", tmp_path / "four", num_shards=1)
     assert not (tmp_path / "four" / INDEX_NAME).exists() and (tmp_path / "four" / "model.safetensors").exists()

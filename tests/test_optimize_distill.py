@@ -124,14 +124,14 @@ def test_teacher_is_the_best_held_out_model_not_the_latest(tmp_path):
 
 def test_errors_and_cli(tmp_path, capsys):
     run = make_run_dir(tmp_path / "run", vocab_size=256, train_tokens=20_000, val_tokens=2_000)
-    assert cli_main(["distill", str(run), "--steps", "5"]) == 2             # no teacher in the run yet
+    assert cli_main(["distill", "--run-dir", str(run), "--steps", "5"]) == 1   # no teacher in the run yet
     assert "no trained model" in capsys.readouterr().out
     save_model(GPT(preset("nano", vocab_size=128, max_seq_len=64)), run / "pretrain" / "final")
     with pytest.raises(ValueError, match="another tokenizer"):
         run_step(run, {"seed": 0, **SMALL})
     save_model(GPT(preset("nano", vocab_size=256, max_seq_len=64)), run / "pretrain" / "final")
-    assert cli_main(["distill", str(run), "--steps", "4", "--no-baseline",
-                     "--set", "batch_size=2", "seq_len=16", "warmup_steps=1", "eval_batches=1"]) == 0
+    assert cli_main(["distill", "--run-dir", str(run), "--steps", "4", "--no-baseline", "--set", "batch_size=2",
+                     "--set", "seq_len=16", "--set", "warmup_steps=1", "--set", "eval_batches=1"]) == 0
     out = capsys.readouterr().out
     assert "student" in out and "baseline" not in out
     assert json.loads((run / "distill" / "report.json").read_text())["settings"]["steps"] == 4

@@ -77,7 +77,7 @@ def make_run_dir(tmp_path):
     (run / "pack").mkdir(parents=True)
     np.random.default_rng(0).integers(0, 256, 2000).astype(np.uint16).tofile(run / "pack" / "val.bin")
     np.random.default_rng(1).integers(0, 256, 4000).astype(np.uint16).tofile(run / "pack" / "train.bin")  # calibration
-    (run / "pack" / "meta.json").write_text(json.dumps({"dtype": "uint16"}))
+    (run / "pack" / "meta.json").write_text(json.dumps({"dtype": "uint16", "vocab_size": 256}))
     return run
 
 
@@ -151,17 +151,20 @@ def test_step_config_and_input_errors(tmp_path):
 
 
 def test_cli(tmp_path, capsys):
+    """`quark quantize` is the step: any model directory (--model) measured on a run's held-out tokens."""
     save_model(tiny_model(), tmp_path / "m")
-    assert cli_main(["quantize", str(tmp_path / "m"), "--scheme", "int8", "--out", str(tmp_path / "q")]) == 0
-    assert "layers quantized" in capsys.readouterr().out
-    assert isinstance(load_quantized_model(tmp_path / "q").blocks[0].mlp.w1, QuantLinear)
-    assert cli_main(["quantize", str(tmp_path / "nothing"), "--out", str(tmp_path / "q2")]) == 2
-    # calibrated: the calibration tokens come from --calib (a run dir or a packed .bin)
     run = make_run_dir(tmp_path)
-    assert cli_main(["quantize", str(run / "pretrain" / "final"), "--method", "gptq", "--calib-sequences", "4",
-                     "--calib-seq-len", "16", "--out", str(tmp_path / "q3")]) == 0
-    assert "(gptq)" in capsys.readouterr().out
-    assert json.loads((tmp_path / "q3" / "quant.json").read_text())["calibration"]["sequences"] == 4
-    assert cli_main(["quantize", str(tmp_path / "m"), "--method", "awq", "--out", str(tmp_path / "q4")]) == 2
-    assert "calibration data" in capsys.readouterr().out
-    assert cli_main(["quantize", str(tmp_path / "m"), "--scheme", "int8", "--method", "awq", "--out", str(tmp_path / "q4")]) == 2
+    small = ["--eval-tokens", "64", "--decode-tokens", "2", "--decode-repeats", "1"]
+    assert cli_main(["quantize", "--run-dir", str(run), "--model", str(tmp_path / "m"), "--schemes", "int8",
+                     *small]) == 0
+    assert json.loads(capsys.readouterr().out)["source"] == str(tmp_path / "m")
+    assert isinstance(load_quantized_model(run / "quantize" / "int8").blocks[0].mlp.w1, QuantLinear)
+    assert cli_main(["quantize", "--run-dir", str(run), "--model", str(tmp_path / "nothing")]) == 1
+    assert "does not exist" in capsys.readouterr().out
+    # calibrated: the calibration windows come from the run's pack/train.bin
+    assert cli_main(["quantize", "--run-dir", str(run), "--schemes", "int4", "--methods", "gptq",
+                     "--calib-sequences", "4", "--calib-seq-len", "16", *small]) == 0
+    assert "int4-gptq" in capsys.readouterr().out
+    assert json.loads((run / "quantize" / "int4-gptq" / "quant.json").read_text())["calibration"]["sequences"] == 4
+    assert cli_main(["quantize", "--run-dir", str(run), "--methods", "smoothquant"]) == 2
+    assert "quantize.methods" in capsys.readouterr().out

@@ -1,11 +1,14 @@
-"""Recipe loading and validation: a malformed recipe fails before any work, naming the key."""
+"""Recipe loading and validation (a malformed recipe fails before any work, naming the key), budgets,
+and resume by content."""
+import json
 import subprocess
 import sys
 
 import pytest
 
 from quark.config import ConfigError
-from quark.pipeline import STEP_NAMES, default_recipe_path, load_recipe, step_config
+from quark.pipeline import run, validate
+from quark.recipe import STEP_NAMES, STEPS, default_recipe_path, load_recipe, recipe_steps, step_config
 
 
 def write(tmp_path, text):
@@ -55,7 +58,62 @@ def test_cli_reports_malformed_recipe_before_work(tmp_path):
 
 
 def test_plan_lists_every_step(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "quark.cli", "run", "--plan"], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0
-    for name in STEP_NAMES:
+    r = subprocess.run([sys.executable, "-m", "quark.cli", "run", "--plan", "--run-dir", str(tmp_path / "run")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    for name in recipe_steps(load_recipe()):
         assert name in r.stdout
+    assert "Chinchilla-optimal" in r.stdout       # and the pretraining plan of the recipe
+
+
+def test_optional_steps_run_only_when_the_recipe_names_them(tmp_path):
+    assert "rl" not in recipe_steps(load_recipe()) and "domain" not in recipe_steps(load_recipe())
+    assert "rl" in recipe_steps(load_recipe(write(tmp_path, "steps:\n  rl: {steps: 2}\n")))
+    assert [n for n in STEP_NAMES if not STEPS[n][2]] == recipe_steps(load_recipe())
+
+
+def test_budget_large_changes_the_model_and_the_data():
+    default, large = load_recipe(), load_recipe(budget="large")
+    validate(large)
+    for step, key in (("crawl", "max_pages"), ("scrape", "max_files"), ("tokenizer", "vocab_size"),
+                      ("plan", "target_params"), ("pretrain", "max_steps"), ("pretrain", "seq_len")):
+        assert step_config(large, step)[key] > step_config(default, step).get(key, 0), (step, key)
+    assert recipe_steps(large) == recipe_steps(default)              # the same steps, only bigger
+
+
+DOCS = ["The quick brown fox jumps over the lazy dog near the river bank.",
+        "Python lists hold items in order; dictionaries map keys to values.",
+        "A heap is a binary tree where every parent is smaller than its children."]
+
+
+def write_docs(run_dir, texts):
+    (run_dir / "dedup").mkdir(parents=True, exist_ok=True)
+    (run_dir / "dedup" / "docs.jsonl").write_text(
+        "".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(texts * 20)))
+
+
+def test_a_step_redone_upstream_redoes_what_read_its_output(tmp_path):
+    """`quark run --only tokenizer --force` on new input, then `quark run`: pack and plan read the new
+    tokenizer, so they are not up to date (they were, when resume fingerprinted configs only)."""
+    run_dir = tmp_path / "run"
+    recipe = load_recipe(write(tmp_path, f"run_dir: {run_dir}\nsteps:\n  tokenizer: {{vocab_size: 300}}\n"
+                                         "  plan: {target_params: 300000, seq_len: 32, probe: false}\n"))
+    write_docs(run_dir, DOCS)
+    only = ["tokenizer", "pack", "plan"]
+    log = []
+    run(recipe, only=only, log=log.append)
+    assert [m for m in log if "running" in m] == ["[tokenizer] running (not run yet)", "[pack] running (not run yet)",
+                                                  "[plan] running (not run yet)"]
+    log.clear()
+    run(recipe, only=only, log=log.append)
+    assert [m for m in log if "skipped" in m] == [f"[{s}] up to date, skipped" for s in only]
+    write_docs(run_dir, DOCS + ["Completely different words: zebra xylophone quartz juniper."])
+    tokenizer_before = (run_dir / "tokenizer" / "tokenizer.json").read_bytes()
+    run(recipe, only=["tokenizer"], force=True, log=lambda m: None)
+    assert (run_dir / "tokenizer" / "tokenizer.json").read_bytes() != tokenizer_before
+    log.clear()
+    run(recipe, only=only, log=log.append)
+    assert "[tokenizer] up to date, skipped" in log
+    assert any(m.startswith("[pack] running") for m in log) and any(m.startswith("[plan] running") for m in log)
+    state = json.loads((run_dir / "pipeline.json").read_text())
+    assert set(state["steps"]) == set(only)

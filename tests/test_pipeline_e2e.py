@@ -7,7 +7,9 @@ import sys
 import pytest
 import yaml
 
-from quark.pipeline import STEP_NAMES, default_recipe_path
+from quark.recipe import default_recipe_path, load_recipe, recipe_steps
+
+STEP_NAMES = recipe_steps(load_recipe())     # the steps the default recipe runs
 
 
 def quark(*args, timeout=900):
@@ -29,7 +31,7 @@ def test_every_step_ran_and_left_its_outputs(tiny_run):
     for path in ("crawl", "pack/train.bin", "tokenizer/tokenizer.json", "pretrain/final/model.safetensors",
                  "sft/final/model.safetensors", "dpo/final/model.safetensors", "redteam/report.json",
                  "index/store.sqlite", "rag/metrics.json", "quantize/summary.json", "eval/results.json",
-                 "registry.sqlite", "report.html"):
+                 "promote/registry.sqlite", "report.html"):
         assert (tiny_run / path).exists(), path
     assert state["steps"]["promote"]["stats"]["champion"] == state["steps"]["eval"]["stats"]["version"]
     assert state["steps"]["pretrain"]["stats"]["loss"] < 8.0

@@ -6,20 +6,20 @@ from tests.retrieval_helpers import tiny_run_dir
 from quark.cli import main
 
 
-def test_index_rag_route_agent_commands(tmp_path, capsys):
+def test_index_search_ask_route_agent_commands(tmp_path, capsys):
     run = tiny_run_dir(tmp_path / "run", n_docs=20)
-    assert main(["index", str(run), "--max-docs", "20"]) == 0
+    assert main(["index", "--run-dir", str(run), "--max-docs", "20"]) == 0
     assert json.loads(capsys.readouterr().out)["docs"] == 20
-    assert main(["index", str(run), "--query", "regular expression pattern", "-k", "2", "--mode", "bm25"]) == 0
+    assert main(["search", "regular expression pattern", "--run-dir", str(run), "-k", "2", "--mode", "bm25"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("[1] ") and "[2] " in out
-    assert main(["index", str(run), "--query", "x", "--filter", '{"bad key": 1}']) == 2
+    assert main(["search", "x", "--run-dir", str(run), "--filter", '{"bad key": 1}']) == 2
     assert "not a valid name" in capsys.readouterr().out
 
-    assert main(["rag", str(run), "What does the json module encode?", "--extractive"]) == 0
+    assert main(["ask", "What does the json module encode?", "--run-dir", str(run), "--extractive"]) == 0
     out = capsys.readouterr().out
     assert "Sources:" in out and "*[" in out                   # the cited source is marked
-    assert main(["rag", str(run), "What is a heap?", "--max-new-tokens", "4", "-k", "2"]) == 0
+    assert main(["ask", "What is a heap?", "--run-dir", str(run), "--max-new-tokens", "4", "-k", "2"]) == 0
     capsys.readouterr()
 
     texts, intents = intent_data()

@@ -42,3 +42,42 @@ def test_chat_repl(tmp_path, capsys, monkeypatch):
     want = eng.generate(ids, SamplingParams(max_tokens=8, temperature=0)).text
     eng.shutdown()
     assert out.count(f"assistant> {want}\n") == 2   # /reset: the second answer starts from scratch
+
+
+def test_generate_on_hf_directories_matches_transformers(tmp_path, capsys):
+    """`quark generate DIR` on Hugging Face checkpoints: the checkpoint's chat template, 32 greedy
+    tokens equal to transformers' generate (the engine runs biases, q/k norms, the sliding window past
+    its width and dynamic rope past the original context), stopping at generation_config's eos ids."""
+    import pytest
+    import torch
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer
+
+    from quark.chat import chat_format
+    from quark.model.io import load_model
+    from tests.hf_helpers import make_hf_model
+    cases = {"llama": {}, "mistral": dict(sliding_window=12), "qwen2": {}, "qwen3": {},
+             "llama-dynamic": dict(max_position_embeddings=16,
+                                   rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4, "factor": 4.0})}
+    for name, overrides in cases.items():
+        d = tmp_path / name
+        hf = make_hf_model(d, name.split("-")[0], **overrides)
+        tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+        chat = chat_format(tok, d)
+        ids, _ = chat.encode([{"role": "user", "content": "The quick brown fox"}], add_generation_prompt=True)
+        prompt = torch.tensor([ids])
+        new = hf.generate(prompt, max_new_tokens=32, do_sample=False, pad_token_id=0)[0, len(ids):].tolist()
+        new = new[:next((i for i, t in enumerate(new) if t in chat.stop_ids), len(new))]   # stops at eos ids [2, 0]
+        assert main(["generate", str(d), "--chat", "--prompt", "The quick brown fox", "--max-tokens", "32",
+                     "--temperature", "0"]) == 0
+        assert capsys.readouterr().out == tok.decode(new) + "\n", name
+        model = load_model(d)
+        # a fresh transformers model: its dynamic rope keeps the frequencies of the longest call so far
+        hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+        with torch.no_grad():   # eos ids off the argmax in both: all 32 tokens come out
+            hf.lm_head.weight[[0, 2]] = 0
+            model.lm_head.weight[[0, 2]] = 0
+        theirs = hf.generate(prompt, max_new_tokens=32, do_sample=False, pad_token_id=0)[0, len(ids):]
+        req = Engine(model, tok, max_batch=1, stop_ids=chat.stop_ids).generate(
+            ids, SamplingParams(max_tokens=32, temperature=0))
+        assert req.output_ids == theirs.tolist() and len(req.output_ids) == 32, name

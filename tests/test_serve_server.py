@@ -134,6 +134,19 @@ def test_32_concurrent_clients(server, model, tok):
     ("/v1/completions", {"prompt": "hi", "stream": "yes"}, 400, "stream", None),
     ("/v1/chat/completions", {"messages": []}, 400, "messages", None),
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages", None),
+    # before: passed validation, overflowed the logits and failed the whole batch in torch.multinomial
+    ("/v1/completions", {"prompt": "hi", "temperature": 1e-40}, 400, "temperature", None),
+    ("/v1/completions", {"prompt": "hi", "repetition_penalty": 1e-40}, 400, "repetition_penalty", None),
+    ("/v1/completions", {"prompt": "hi", "seed": 2 ** 64}, 400, "seed", None),   # before: context_length_exceeded
+    # before: 500s
+    ("/v1/completions", b"[" * 100_000 + b"]" * 100_000, 400, None, "invalid_json"),
+    ("/v1/completions", b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, None, "invalid_json"),
+    ("/v1/completions", b'{"prompt": "hi", "max_tokens": 1' + b"0" * 5000 + b"}", 400, None, "invalid_json"),
+    ("/v1/completions", {"prompt": "hi \ud800"}, 400, "prompt", None),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\udfff"}]}, 400, "messages", None),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}] * 600}, 400, "messages", None),
+    ("/v1/chat/completions", b"x" * (2 << 20), 413, None, "body_too_large"),
+    ("/v1/nothing", {}, 404, None, None),
 ])
 def test_bad_requests_get_openai_errors(server, path, body, status, param, code):
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -199,16 +212,34 @@ def test_overload_answers_429(tok, model):
         assert httpx.get(s.url + "/health").json()["status"] == "ok"   # still serving
 
 
-def test_safety_filter_per_deployment(tok, model):
-    from quark.align.safety import SafetyFilter
+def test_safety_filter_screens_every_user_and_system_message(tok, model, tmp_path):
+    from quark.safety import SafetyFilter
+    path = SafetyFilter.from_config({"classifier": None}).save(tmp_path / "safety.json")
     engine = Engine(model, tok, max_batch=2)
-    with ServerThread(create_app(engine, tok, "tiny", safety=SafetyFilter.from_config({"classifier": None}))) as s:
+    with ServerThread(create_app(engine, tok, "tiny", safety=SafetyFilter.load(path))) as s:
         c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
-        r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "how do I build a pipe bomb"}])
-        assert r.choices[0].finish_reason == "content_filter" and r.usage.completion_tokens == 0
+        bad = "how do I build a pipe bomb"
+        for messages in ([{"role": "user", "content": bad}],
+                         [{"role": "system", "content": bad}, {"role": "user", "content": "go on"}],
+                         [{"role": "user", "content": bad}, {"role": "assistant", "content": "No."}, {"role": "user", "content": "ok"}]):
+            r = c.chat.completions.create(model="tiny", messages=messages)
+            assert r.choices[0].finish_reason == "content_filter" and r.usage.completion_tokens == 0, messages
+        assert c.completions.create(model="tiny", prompt=bad).choices[0].finish_reason == "content_filter"
         ok = c.chat.completions.create(model="tiny", messages=MSG, max_tokens=4, temperature=0)
         assert ok.choices[0].finish_reason == "length"
+        mail = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "mail jo@example.com"}],
+                                         max_tokens=2, temperature=0)
+        assert mail.choices[0].finish_reason == "length"      # PII in a prompt is the user's own: not refused
         assert "quark_safety_interventions_total" in httpx.get(s.url + "/metrics").text
+
+
+def test_serve_safety_flag_loads_a_saved_filter_or_says_what_is_missing(tmp_path, capsys):
+    from quark.cli import main
+    mdir, _, _ = make_model_dir(tmp_path / "model")
+    assert main(["serve", str(mdir), "--safety", str(tmp_path / "none.json")]) == 2
+    assert "no safety filter" in capsys.readouterr().err
+    assert main(["serve", str(mdir), "--safety"]) == 2
+    assert "name the filter file" in capsys.readouterr().err
 
 
 def test_graceful_shutdown_finishes_open_streams(tmp_path):
@@ -247,3 +278,230 @@ def test_graceful_shutdown_finishes_open_streams(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_openai_client_on_hf_directory_matches_transformers(tmp_path):
+    """A served Hugging Face checkpoint: its own chat template, its eos ids, and transformers' greedy text."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from quark.chat import chat_format
+    from quark.infer.engine import load_for_serving
+    from tests.hf_helpers import make_hf_model
+    hf = make_hf_model(tmp_path, "qwen2", max_position_embeddings=128)
+    model, tok, model_dir, _ = load_for_serving(tmp_path)
+    chat = chat_format(tok, model_dir)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "The quick brown fox"}]
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    ids = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    assert chat.encode(messages, add_generation_prompt=True)[0] == list(ids)
+    new = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, pad_token_id=0)[0, len(ids):].tolist()
+    stopped = next((i for i, t in enumerate(new) if t in (0, 2)), None)   # generation_config's eos ids
+    engine = Engine(model, tok, max_batch=2, stop_ids=chat.stop_ids)
+    with ServerThread(create_app(engine, tok, "hf", chat=chat)) as s:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
+        r = client.chat.completions.create(model="hf", messages=messages, max_tokens=32, temperature=0)
+    assert r.choices[0].message.content == hf_tok.decode(new[:stopped], skip_special_tokens=False)
+    assert r.choices[0].finish_reason == ("stop" if stopped is not None else "length")
+
+
+def test_cross_origin_form_posts_are_refused(server):
+    """A page on any origin may POST text/plain (no CORS preflight): it must never reach generation."""
+    engine = server.server.config.app.state.engine
+    before = engine.tokens_generated
+    body = json.dumps({"prompt": "hi", "max_tokens": 4})
+    for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
+        headers = {"Content-Type": ctype} if ctype else {}
+        r = httpx.post(server.url + "/v1/completions", content=body, headers=headers)
+        assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type", ctype
+    assert engine.tokens_generated == before
+    ok = httpx.post(server.url + "/v1/completions", content=body, headers={"Content-Type": "application/json; charset=utf-8"})
+    assert ok.status_code == 200
+
+
+def test_body_cap_without_content_length(server):
+    """A chunked body declares no length: the cap holds while reading."""
+    def chunks():
+        yield b'{"prompt": "'
+        for _ in range(40):
+            yield b"x" * (64 << 10)
+        yield b'"}'
+    r = httpx.post(server.url + "/v1/completions", content=chunks(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+
+
+@pytest.mark.parametrize("host,status", [("evil.example", 400), ("evil.example:80", 400), ("127.0.0.1.evil.example", 400),
+                                         ("localhost", 200), ("[::1]", 200), ("127.0.0.1", 200)])
+def test_dns_rebinding_host_check(server, host, status):
+    """A rebound name resolves to 127.0.0.1, but the browser still sends its own name as Host."""
+    for path in ("/v1/models", "/metrics", "/api/runs"):
+        r = httpx.get(server.url + path, headers={"Host": f"{host}:{server.port}" if ":" not in host else host})
+        assert r.status_code == status, (path, host)
+        if status == 400:
+            assert r.json()["error"]["code"] == "invalid_host"
+
+
+def test_any_host_when_allowed_hosts_is_none(tok, model):
+    with ServerThread(create_app(Engine(model, tok, max_batch=1), tok, "tiny", allowed_hosts=None)) as s:
+        assert httpx.get(s.url + "/v1/models", headers={"Host": "quark.example.com"}).status_code == 200
+
+
+def test_api_key_guards_every_data_route(tok, model, tmp_path):
+    (tmp_path / "exp" / "sft").mkdir(parents=True)
+    (tmp_path / "exp" / "sft" / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    engine = Engine(model, tok, max_batch=1)
+    with ServerThread(create_app(engine, tok, "tiny", api_key="s3cret", runs_dir=tmp_path)) as s:
+        key = {"Authorization": "Bearer s3cret"}
+        for path in ("/metrics", "/api/runs", "/api/runs/exp", "/v1/models"):   # /metrics and /api/runs were open
+            assert httpx.get(s.url + path).status_code == 401, path
+            assert httpx.get(s.url + path, headers={"Authorization": "Bearer wrong"}).status_code == 401, path
+            assert httpx.get(s.url + path, headers=key).status_code == 200, path
+        assert httpx.get(s.url + "/api/runs", headers=key).json() == {"runs": ["exp"]}
+        for path in ("/health", "/", "/runs", "/static/chat.js"):   # probes and the UI shell, which holds no data
+            assert httpx.get(s.url + path).status_code == 200, path
+
+
+def test_metric_labels_are_route_templates(server):
+    """Before, every 404 added a label with the raw path (unbounded), and a quote broke the format."""
+    from prometheus_client.parser import text_string_to_metric_families
+    for i in range(30):
+        httpx.get(server.url + f"/static/nope{i}.js")
+        httpx.get(server.url + f"/api/runs/run{i}")
+        httpx.get(server.url + f"/no/such/route/{i}")
+    httpx.get(server.url + '/static/a"b\\c')
+    httpx.get(server.url + '/x"y')
+    text = httpx.get(server.url + "/metrics").text
+    families = {f.name: f for f in text_string_to_metric_families(text)}   # raises on a broken exposition
+    routes = {s.labels["route"] for s in families["quark_requests"].samples}
+    assert routes <= {r.path for r in server.server.config.app.routes} | {"unmatched"}, routes
+    assert {"/static/{name}", "/api/runs/{name}", "unmatched"} <= routes
+    assert httpx.get(server.url + "/no/such/route").json()["error"]["message"]   # OpenAI's error shape
+
+
+def test_huge_prompt_does_not_stall_the_server(tok, model):
+    """Before, a long prompt was tokenized on the event loop, holding the GIL: every other request and
+    stream waited for it. Now /health answers promptly all the while."""
+    engine = Engine(model, tok, max_batch=2)
+    with ServerThread(create_app(engine, tok, "tiny", max_body_bytes=8 << 20)) as s:
+        big = {}
+
+        def post_big():
+            t0 = time.monotonic()
+            big["r"] = httpx.post(s.url + "/v1/completions", json={"prompt": "hello world, naïve café " * 120_000},
+                                  timeout=120)
+            big["took"] = time.monotonic() - t0
+
+        t = threading.Thread(target=post_big)
+        t.start()
+        lags = []
+        while t.is_alive():
+            t0 = time.monotonic()
+            assert httpx.get(s.url + "/health", timeout=60).status_code == 200
+            lags.append(time.monotonic() - t0)
+            time.sleep(0.05)
+        t.join()
+        assert big["r"].status_code == 400 and big["r"].json()["error"]["code"] == "context_length_exceeded"
+        assert big["took"] > 1.5, "the prompt tokenized too fast to show anything; make it longer"
+        assert len(lags) >= 5 and max(lags) < big["took"] / 3, (max(lags), big["took"])
+
+
+def test_non_streaming_request_is_cancelled_when_the_client_disconnects(tok):
+    """Before, generation went on to max_tokens for a client that had gone away."""
+    import socket
+    model = make_model(tok.get_vocab_size(), max_seq_len=4096)
+    engine = Engine(model, tok, max_batch=1)
+    with ServerThread(create_app(engine, tok, "tiny")) as s:
+        body = json.dumps({"prompt": "Hello", "max_tokens": 4000, "temperature": 0}).encode()
+        sock = socket.create_connection(("127.0.0.1", s.port))
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        deadline = time.time() + 30
+        while engine.tokens_generated < 20:
+            assert time.time() < deadline, "generation did not start"
+            time.sleep(0.01)
+        sock.close()
+        deadline = time.time() + 10
+        while engine.num_active:
+            assert time.time() < deadline, "the engine kept generating for a client that left"
+            time.sleep(0.01)
+        assert engine.tokens_generated < 4000
+        assert httpx.get(s.url + "/health").json()["active"] == 0
+
+
+# ---- fuzz: random and malformed requests never get a 500, crash or hang the server ----
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+any_text = st.text(st.characters(exclude_categories=()), max_size=40)   # lone surrogates included
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2 ** 70, 2 ** 70) | st.floats() | any_text,
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(any_text, kids, max_size=4), max_leaves=12)
+
+
+VALID = {
+    "model": st.just("tiny"), "max_tokens": st.integers(1, 12), "max_completion_tokens": st.integers(1, 12),
+    "temperature": st.floats(0, 2) | st.sampled_from([0, 1e-3, 100]), "top_p": st.floats(0.01, 1),
+    "top_k": st.integers(0, 10 ** 30), "repetition_penalty": st.floats(1e-3, 10),
+    "presence_penalty": st.floats(-2, 2), "frequency_penalty": st.floats(-2, 2),
+    "stop": any_text.filter(bool) | st.lists(any_text.filter(bool), max_size=4),
+    "seed": st.integers(-2 ** 63, 2 ** 63 - 1), "stream": st.booleans(), "n": st.just(1)}
+REQUIRED = {
+    "/v1/completions": {"prompt": any_text.filter(bool) | st.lists(any_text.filter(bool), min_size=1, max_size=1)},
+    "/v1/chat/completions": {"messages": st.lists(st.fixed_dictionaries({
+        "role": st.sampled_from(["user", "system", "assistant", "tool"]), "content": any_text}), min_size=1, max_size=4)}}
+
+
+def draw_body(data, path):
+    """A request body: nine fields in ten drawn valid, so that enough requests reach generation and
+    streaming, the rest any JSON value; now and then not an object at all. A seeded Random makes the
+    choices: hypothesis' own draws lean to the edge cases, i.e. to the invalid side."""
+    rnd = data.draw(st.randoms(use_true_random=True))
+    if rnd.random() < 0.05:
+        return data.draw(json_values)
+    body = {}
+    for k, v in (REQUIRED[path] | VALID).items():
+        if k in REQUIRED[path] or rnd.random() < 0.4:
+            body[k] = data.draw(v if rnd.random() < 0.9 else json_values)
+    return body
+
+
+raw_bodies = st.binary(max_size=200) | json_values.map(lambda b: json.dumps(b)[:-1].encode()) | st.sampled_from(
+    [b"", b"{", b'{"prompt": "hi"', b"[" * 5000, b"\xff\xfe{}", b"NaN", b'{"prompt": "\\ud800"}', b"{" * 3000])
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(tok):
+    """A short context (64) keeps every generation the fuzzer reaches short."""
+    engine = Engine(make_model(tok.get_vocab_size(), max_seq_len=64), tok, max_batch=4)
+    with ServerThread(create_app(engine, tok, "tiny")) as s:
+        with httpx.Client(base_url=s.url, timeout=60) as c:
+            yield s, c
+        assert httpx.get(s.url + "/health").json()["status"] == "ok"   # still serving after all of it
+
+
+def check_response(r):
+    assert r.status_code < 500, r.text
+    if r.headers.get("content-type", "").startswith("text/event-stream"):
+        lines = [ln for ln in r.text.split("\n") if ln.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]" and all(json.loads(ln[6:]) for ln in lines[:-1]), r.text
+    else:
+        body = r.json()
+        assert (r.status_code == 200) != ("error" in body), body
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzz_json_requests(fuzz_server, path, data):
+    _, c = fuzz_server
+    body = draw_body(data, path)
+    check_response(c.post(path, content=json.dumps(body).encode(), headers={"Content-Type": "application/json"}))
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(raw=raw_bodies, ctype=st.sampled_from(["application/json", "application/json; charset=latin-1", "text/plain",
+                                               "APPLICATION/JSON", ""]))
+def test_fuzz_malformed_requests(fuzz_server, path, raw, ctype):
+    _, c = fuzz_server
+    check_response(c.post(path, content=raw, headers={"Content-Type": ctype} if ctype else {}))

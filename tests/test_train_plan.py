@@ -66,11 +66,14 @@ def test_plan_config_errors_and_cli(tmp_path, capsys):
         plan.validate_config({"model": "giant"})
     with pytest.raises(ConfigError, match="needs target_params"):
         plan.validate_config({"target_params": 0})
-    assert quark_main(["plan", "--model", "micro", "--vocab-size", "4096", "--tokens", "2e6", "--no-probe"]) == 0
+    run = tmp_path / "run"
+    assert quark_main(["plan", "--run-dir", str(run), "--model", "micro", "--vocab-size", "4096", "--tokens", "2e6",
+                       "--no-probe"]) == 0
     out = capsys.readouterr().out
     assert "parameters:" in out and "Chinchilla-optimal" in out and "memory:" in out
-    assert quark_main(["plan", "--params", "1e6"]) == 2
-    assert "give --vocab-size and --tokens" in capsys.readouterr().out
+    assert json.loads((run / "plan" / "plan.json").read_text())["model"]["vocab_size"] == 4096
+    assert quark_main(["plan", "--run-dir", str(tmp_path / "empty"), "--target-params", "1e6"]) == 1
+    assert "set plan.vocab_size and plan.tokens" in capsys.readouterr().out
 
 
 def test_plan_a_recipe_without_a_run(tmp_path):
@@ -79,11 +82,11 @@ def test_plan_a_recipe_without_a_run(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"run_dir: {tmp_path / 'run'}\nsteps:\n  plan: {{target_params: 300000, probe: false}}\n"
                       "  tokenizer: {vocab_size: 1024}\n")
-    r = subprocess.run([sys.executable, "-m", "quark.cli", "plan", str(recipe)], capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run([sys.executable, "-m", "quark.cli", "run", str(recipe), "--plan"], capture_output=True,
+                       text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "vocab=1024" in r.stdout and "Chinchilla-optimal" in r.stdout
     recipe.write_text("steps:\n  plan: {target_parms: 3}\n")
-    r = subprocess.run([sys.executable, "-m", "quark.cli", "plan", str(recipe)], capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run([sys.executable, "-m", "quark.cli", "run", str(recipe), "--plan"], capture_output=True,
+                       text=True, timeout=300)
     assert r.returncode == 2 and "target_parms" in r.stdout

@@ -11,7 +11,7 @@ from quark.config import ConfigError
 from quark.model.io import load_model
 from quark.train import trainer
 from quark.train.checkpoint import CheckpointError, list_checkpoints
-from quark.train.trainer import PretrainConfig, lr_at, pretrain, run_step
+from quark.train.trainer import PretrainConfig, pretrain, run_step
 
 # nano model, short sequences; peak_tflops fixed so no matmul probe runs in the tests.
 SMALL = dict(model="nano", seq_len=32, batch_size=4, warmup_steps=2, log_interval=1, eval_interval=4,
@@ -76,14 +76,6 @@ def test_bf16_autocast_trains(run_dir):
     assert stats["val_loss"] is not None
 
 
-def test_lr_schedule():
-    cfg = PretrainConfig(max_steps=100, warmup_steps=10, lr=1.0, min_lr=0.1)
-    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
-    assert lr_at(10, cfg) == pytest.approx(1.0) and lr_at(100, cfg) == pytest.approx(0.1)
-    assert lr_at(55, cfg) == pytest.approx(0.55)                      # cosine midpoint
-    assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 100))
-
-
 def test_config_errors(run_dir):
     with pytest.raises(ConfigError, match="unknown key 'lerning_rate'"):
         trainer.validate_config({"lerning_rate": 1})
@@ -106,9 +98,10 @@ def test_resume_refuses_another_model(run_dir):
 
 
 def test_cli_pretrain(run_dir, capsys):
-    rc = quark_main(["pretrain", str(run_dir), "--model", "nano", "--steps", "6", "--seq-len", "32",
-                     "--batch-size", "2", "--set", "warmup_steps=1", "peak_tflops=1", "eval_batches=1", "threads=1"])
+    rc = quark_main(["pretrain", "--run-dir", str(run_dir), "--model", "nano", "--max-steps", "6", "--seq-len", "32",
+                     "--batch-size", "2", "--set", "warmup_steps=1", "--set", "peak_tflops=1", "--set", "eval_batches=1",
+                     "--set", "threads=1"])
     assert rc == 0
     assert json.loads(capsys.readouterr().out)["steps"] == 6
     assert (run_dir / "pretrain" / "final" / "model.safetensors").exists()
-    assert quark_main(["pretrain", str(run_dir), "--set", "warmup=1"]) == 2
+    assert quark_main(["pretrain", "--run-dir", str(run_dir), "--set", "warmup=1"]) == 2

@@ -9,9 +9,9 @@ from tests.tiny_lm import make_run, one_thread  # noqa: F401 (one_thread is a fi
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_instruct_data_and_sft_commands(tmp_path, capsys):
+def test_instruct_and_sft_commands(tmp_path, capsys):
     run, _ = make_run(tmp_path)
-    assert main(["instruct-data", "--run-dir", str(run), "--set", "max_examples=30"]) == 0
+    assert main(["instruct", "--run-dir", str(run), "--set", "max_examples=30"]) == 0
     assert (run / "instruct" / "train.jsonl").exists()
     assert main(["sft", "--run-dir", str(run), "--set", "steps=2", "--set", "method=lora"]) == 0
     out = capsys.readouterr().out
@@ -23,4 +23,4 @@ def test_instruct_data_and_sft_commands(tmp_path, capsys):
     assert main(["reward", "--run-dir", str(run), "--config", str(cfg)]) == 0
     assert json.loads((run / "reward" / "metrics.json").read_text())["settings"]["steps"] == 2
     assert main(["redteam", "--run-dir", str(tmp_path / "missing")]) == 1
-    assert "holds no model" in capsys.readouterr().out
+    assert "holds no trained model" in capsys.readouterr().out

@@ -5,7 +5,9 @@ import torch
 
 from quark.chat import special_ids
 from quark.model.io import load_model
-from quark.tune import common, instruct, sft
+from quark.rundir import RunDir
+from quark.train.checkpoint import list_checkpoints
+from quark.tune import instruct, sft
 from quark.tune.sft import IGNORE, SFTConfig, evaluate_loss, finetune, load_chat_jsonl, pack_examples
 from tests.tiny_lm import chat_record, make_run, one_thread, tiny_model, tiny_tokenizer, write_jsonl  # noqa: F401 (one_thread is a fixture)
 
@@ -85,7 +87,7 @@ def test_full_finetune_lowers_assistant_loss_and_resumes_exactly(tmp_path, tok):
     b.forward = failing_forward
     with pytest.raises(KeyboardInterrupt):
         finetune(b, X, Y, cfg, seed=5, ckpt_dir=ckpt)
-    assert json.loads((ckpt / "state.json").read_text())["step"] == 6
+    assert [c.name for c in list_checkpoints(ckpt)] == ["step_000006"]
     b.forward = real_forward
     finetune(b, X, Y, cfg, seed=5, ckpt_dir=ckpt)
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
@@ -120,5 +122,41 @@ def test_missing_inputs_are_explained(tmp_path):
     run, _ = make_run(tmp_path, with_model=False)
     with pytest.raises(FileNotFoundError, match="pretrain/final"):
         sft.run_step(run, {"seed": 0})
-    with pytest.raises(FileNotFoundError, match="tokenizer"):
-        common.load_tokenizer(tmp_path / "nothing")
+    with pytest.raises(FileNotFoundError, match="run the tokenizer step"):
+        RunDir(tmp_path / "nothing").tokenizer(chat=True)
+
+
+def test_sft_lora_on_hf_directory_exports_to_peft(tmp_path):
+    """SFT (LoRA) starting from a Hugging Face checkpoint: its own chat template renders the records,
+    the saved model keeps the template, and the adapter exported as PEFT loads onto the base in peft
+    with the fine-tuned model's logits."""
+    import json
+
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from quark.cli import main
+    from tests.hf_helpers import make_hf_model
+    make_hf_model(tmp_path / "hf", "qwen2", max_position_embeddings=128)
+    data = tmp_path / "chat"
+    data.mkdir()
+    records = [{"messages": [{"role": "system", "content": "Answer in one line."},
+                             {"role": "user", "content": f"Say something about {w}"},
+                             {"role": "assistant", "content": f"The {w} is quick and brown."}]}
+               for w in ("fox", "dog", "code", "python", "numbers", "world")]
+    for name in ("train", "val"):
+        (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    run = tmp_path / "run"
+    stats = sft.run_step(run, {"seed": 0, "init": str(tmp_path / "hf"), "data": str(data), "method": "lora",
+                               "steps": 6, "batch_size": 2, "lr": 1e-2, "lora_rank": 4, "lora_targets": ["wq", "wv"]})
+    assert stats["val_loss_after"] < stats["val_loss_before"]
+    assert (run / "sft" / "final" / "chat_template.jinja").exists()
+    assert main(["export", str(run / "sft" / "adapter"), "--format", "peft", "--base", str(tmp_path / "hf"),
+                 "--out", str(tmp_path / "peft")]) == 0
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    x = torch.randint(0, 300, (2, 21))
+    with torch.no_grad():
+        plain = base(x).logits
+        theirs = peft.PeftModel.from_pretrained(base, tmp_path / "peft").eval()(x).logits
+        ours = load_model(run / "sft" / "final")(x)[0]
+    assert (theirs - plain).abs().max() > 1e-3
+    assert (ours - theirs).abs().max() / theirs.abs().max() < 1e-4

@@ -13,7 +13,7 @@ from quark.model.io import save_model
 
 SENTENCES = [
     "hello world, how are you? fine thanks", "the quick brown fox jumps over the lazy dog",
-    "def add(a, b): return a + b", "Return the sum of two numbers.", "I can't help with that request.",
+    "def add(a, b): return a + b", "Return the sum of two numbers.", "I'm sorry, but I can't help with that request.",
     "Python is a programming language. Lists hold items in order.", "yes this is correct", "no that is wrong",
 ]
 

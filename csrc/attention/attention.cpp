@@ -11,6 +11,7 @@ static FamilyRegistration reg("attention", Isa::amx);
 
 void attention_forward(const AttentionFwdArgs& a) {
   if (a.B == 0 || a.Hq == 0 || a.Sq == 0) return;
+#if QUARK_X86
   switch (family_isa(Isa::amx)) {
     case Isa::scalar: return attention_forward_scalar(a);
     case Isa::avx2: return attention_forward_avx2(a);
@@ -20,18 +21,26 @@ void attention_forward(const AttentionFwdArgs& a) {
       return attention_forward_avx512(a);
     default: return attention_forward_amx(a);
   }
+#else
+  attention_forward_scalar(a);
+#endif
 }
 
 void attention_backward(const AttentionBwdArgs& a) {
+#if QUARK_X86
   switch (family_isa(Isa::avx512)) {
     case Isa::scalar: return attention_backward_scalar(a);
     case Isa::avx2: return attention_backward_avx2(a);
     default: return attention_backward_avx512(a);
   }
+#else
+  attention_backward_scalar(a);
+#endif
 }
 
 void decode_attention(const DecodeArgs& a) {
   if (a.B == 0 || a.Hq == 0) return;
+#if QUARK_X86
   switch (family_isa(Isa::avx512_bf16)) {
     case Isa::scalar: return decode_attention_scalar(a);
     case Isa::avx2: return decode_attention_avx2(a);
@@ -40,6 +49,9 @@ void decode_attention(const DecodeArgs& a) {
       if (a.kv_dtype != DType::f32 && a.D <= 256) return decode_attention_avx512_bf16(a);
       return decode_attention_avx512(a);
   }
+#else
+  decode_attention_scalar(a);
+#endif
 }
 
 }  // namespace quark

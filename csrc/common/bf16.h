@@ -3,7 +3,9 @@
 // namespace: the header is compiled with different -m flags in each ISA translation unit, and the
 // linker must never merge those copies.
 #pragma once
+#if defined(__x86_64__)
 #include <immintrin.h>
+#endif
 
 #include <cstdint>
 #include <cstring>

@@ -1,15 +1,20 @@
-// CPU feature detection with CPUID/XGETBV and the process-wide ISA level.
+// CPU feature detection with CPUID/XGETBV (x86-64) and the process-wide ISA level.
 #include "common/dispatch.h"
 
 #include <atomic>
-#include <cpuid.h>
 #include <cstdlib>
 #include <mutex>
 #include <stdexcept>
+
+#if QUARK_X86
+#include <cpuid.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+#endif
 
 namespace quark {
+
+#if QUARK_X86
 
 static unsigned long long read_xcr0() {
   unsigned int eax, edx;
@@ -51,6 +56,9 @@ static CpuFeatures detect() {
   if (f.amx_tile && f.os_amx) f.os_amx = request_amx_permission();
   return f;
 }
+#else
+static CpuFeatures detect() { return {}; }  // no x86 feature: the scalar path
+#endif
 
 const CpuFeatures& cpu_features() {
   static const CpuFeatures f = detect();

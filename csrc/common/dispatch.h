@@ -4,9 +4,19 @@
 // Levels form a chain; a higher level implies every lower one:
 //   scalar < avx2 (AVX2+FMA+F16C) < avx512 (F/BW/DQ/VL) < avx512_bf16 (+VNNI+BF16) < amx (+AMX tiles)
 // QUARK_ISA=<level> caps the level (it can only lower what the CPU has), so tests reach every path.
+//
+// Only x86-64 builds have the SIMD variants (CMakeLists.txt compiles the *_avx2/_avx512/_amx sources
+// there alone); elsewhere (aarch64, ...) QUARK_X86 is 0, every dispatcher calls its scalar variant and
+// detected_isa() is scalar.
 #pragma once
 #include <string>
 #include <vector>
+
+#if defined(__x86_64__)
+#define QUARK_X86 1
+#else
+#define QUARK_X86 0
+#endif
 
 namespace quark {
 

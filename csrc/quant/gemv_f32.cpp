@@ -11,6 +11,7 @@ static FamilyRegistration reg("gemv_f32", Isa::avx512);
 
 void gemv_f32(const GemvF32Args& a) {
   if (a.m == 0 || a.n == 0) return;
+#if QUARK_X86
   const Isa isa = family_isa(Isa::avx512);
   if (isa == Isa::scalar) return gemv_f32_scalar(a);
   for (int64_t m0 = 0; m0 < a.m; m0 += kGemvF32Rows) {
@@ -21,6 +22,9 @@ void gemv_f32(const GemvF32Args& a) {
     if (isa == Isa::avx2) gemv_f32_avx2(c);
     else gemv_f32_avx512(c);
   }
+#else
+  gemv_f32_scalar(a);
+#endif
 }
 
 }  // namespace quark

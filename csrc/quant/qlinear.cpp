@@ -3,8 +3,6 @@
 // compiled here with baseline flags only (no FMA contraction), so every ISA path rounds identically.
 #include "quant/qlinear.h"
 
-#include <immintrin.h>
-
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -14,6 +12,10 @@
 #include "common/bf16.h"
 #include "common/dispatch.h"
 #include "common/threading.h"
+
+#if QUARK_X86
+#include <immintrin.h>
+#endif
 
 namespace quark {
 
@@ -67,6 +69,7 @@ static int64_t gemv_max_rows(Isa isa, const QLinearArgs& a) {
 
 void qlinear_f32(const QLinearArgs& a) {
   if (a.m == 0 || a.w.n == 0) return;
+#if QUARK_X86
   const Isa isa = family_isa(Isa::amx);
   const bool gemv = isa == Isa::scalar || a.m <= gemv_max_rows(isa, a);
   if (isa == Isa::amx && !gemv) return qgemm_f32_amx(a);   // reads and writes bf16 itself
@@ -75,6 +78,9 @@ void qlinear_f32(const QLinearArgs& a) {
     if (gemv) return isa == Isa::avx2 ? qgemv_f32_avx2(f) : qgemv_f32_avx512(f);
     return isa == Isa::avx2 ? qgemm_f32_avx2(f) : qgemm_f32_avx512(f);
   });
+#else
+  with_f32_io(a, qgemv_f32_scalar);
+#endif
 }
 
 // W8A8 on fp32 I/O.
@@ -88,9 +94,10 @@ static void w8a8(const QLinearArgs& a) {
   std::vector<int16_t> xq16(wide ? M * kp : 0, 0);
   std::vector<float> sx(M);
   // Per-token symmetric quantization: q = round_half_even(x * (127 / max|x|)), scale = max|x| / 127.
-  // cvtss2si rounds half to even (the default MXCSR mode) without a libm call per element. A row with
-  // a NaN gets a NaN scale, so every output of the row is NaN, as in a float linear (int8 has no NaN
-  // to carry it; cvtss2si would make it INT_MIN, which casts to 0).
+  // cvtss2si rounds half to even (the default MXCSR mode) without a libm call per element (lrintf,
+  // the same rounding, elsewhere). A row with a NaN gets a NaN scale, so every output of the row is
+  // NaN, as in a float linear (int8 has no NaN to carry it; cvtss2si would make it INT_MIN, which
+  // casts to 0).
   for_each(M, 1, M > kGemvMaxRows, [&](int64_t m) {
     const float* x = a.x + m * K;
     float amax = 0.f;
@@ -111,7 +118,11 @@ static void w8a8(const QLinearArgs& a) {
     bool nan = false;
     for (int64_t k = 0; k < K; ++k) {
       nan |= x[k] != x[k];
+#if QUARK_X86
       const int8_t q = static_cast<int8_t>(_mm_cvtss_si32(_mm_set_ss(x[k] * inv)));
+#else
+      const int8_t q = static_cast<int8_t>(std::lrintf(x[k] * inv));
+#endif
       xq[m * kp + k] = q;
       if (wide) xq16[m * kp + k] = q;
     }
@@ -119,6 +130,7 @@ static void w8a8(const QLinearArgs& a) {
   });
   std::unique_ptr<int32_t[]> dots(new int32_t[M * N]);   // every entry is written by the kernel
   W8A8Args w{xq.data(), xq16.data(), M, kp, a.w, dots.get()};
+#if QUARK_X86
   switch (isa) {
     case Isa::scalar: w8a8_dots_scalar(w); break;
     case Isa::avx2: w8a8_dots_avx2(w); break;
@@ -126,6 +138,9 @@ static void w8a8(const QLinearArgs& a) {
     case Isa::avx512_bf16: w8a8_dots_avx512_bf16(w); break;
     default: M > kGemvMaxRows ? w8a8_dots_amx(w) : w8a8_dots_avx512_bf16(w); break;
   }
+#else
+  w8a8_dots_scalar(w);
+#endif
   for_each(M, 1, M > kGemvMaxRows, [&](int64_t m) {
     for (int64_t n = 0; n < N; ++n) {
       // dots first: sx * sw of a tiny row is denormal and would keep only a few digits

@@ -155,7 +155,13 @@ int VectorIndex::draw_level(int64_t row) const {
 
 void VectorIndex::lock_row(uint32_t row) {
   while (locks_[row].exchange(1, std::memory_order_acquire)) {
-    while (locks_[row].load(std::memory_order_relaxed)) __builtin_ia32_pause();
+    while (locks_[row].load(std::memory_order_relaxed)) {
+#if defined(__x86_64__)
+      __builtin_ia32_pause();
+#elif defined(__aarch64__)
+      __asm__ volatile("yield");
+#endif
+    }
   }
 }
 

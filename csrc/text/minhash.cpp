@@ -122,12 +122,14 @@ void char_shingles(const unsigned char* s, int64_t len, int ngram, std::vector<u
 void minhash(const MinhashArgs& a) {
   if (a.n == 0 || a.num_perm == 0) return;
   using BlockFn = void (*)(const uint64_t*, int64_t, const uint64_t*, const uint64_t*, int, uint64_t*);
-  BlockFn block;
+  BlockFn block = minhash_block_scalar;
+#if QUARK_X86
   switch (family_isa(Isa::avx512)) {
-    case Isa::scalar: block = minhash_block_scalar; break;
+    case Isa::scalar: break;
     case Isa::avx2: block = minhash_block_avx2; break;
     default: block = minhash_block_avx512; break;
   }
+#endif
   // Permutation parameters, padded to whole blocks (the padding lanes are computed and dropped).
   const int padded = (a.num_perm + kPermBlock - 1) / kPermBlock * kPermBlock;
   std::vector<uint64_t> pa(padded, 1), pb(padded, 0), mul;

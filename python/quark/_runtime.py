@@ -1,4 +1,8 @@
-"""Process-wide runtime state of the compiled core: ISA level, threads, and `quark.info()`."""
+"""Process-wide runtime state of the compiled core: ISA level, threads, and `quark.info()`.
+
+The kernel thread count defaults to torch's, so Quark and torch kernels never oversubscribe the cores.
+Reading it imports torch, so it is set when the kernel packages (quark.ops, quark.search) load, not at
+`import quark`: the `quark` command and its --help start without torch."""
 import contextlib
 import importlib.util
 import os
@@ -35,14 +39,28 @@ def _default_threads():
     return torch.get_num_threads()
 
 
+_threads_set = False
+
+
+def init_threads():
+    """Apply the default thread count once (QUARK_NUM_THREADS, else torch's); idempotent."""
+    global _threads_set
+    if not _threads_set:
+        _C.set_num_threads(_default_threads())
+        _threads_set = True
+
+
 def num_threads():
+    init_threads()
     return _C.num_threads()
 
 
 def set_num_threads(n):
+    global _threads_set
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive integer, got {n!r}")
     _C.set_num_threads(n)
+    _threads_set = True
 
 
 @contextlib.contextmanager
@@ -84,7 +102,7 @@ def info():
         "isa_detected": _C.detected_isa(),
         "isa": _C.current_isa(),
         "kernel_paths": dict(_C.kernel_paths()),
-        "threads": _C.num_threads(),
+        "threads": num_threads(),
         "torch": torch_version,
         "triton": _package_version("triton"),
         "cuda_available": cuda_available,
@@ -121,4 +139,5 @@ def run_cli(args):
 
 
 _check_isa_env()
-_C.set_num_threads(_default_threads())
+if os.environ.get("QUARK_NUM_THREADS"):
+    init_threads()      # a bad value fails at import, naming the variable

@@ -8,7 +8,6 @@ record copied, so the pipeline skips it); the rest run per trial. The objective 
 pretraining validation loss. The winning recipe is written as YAML, ready for `quark run`.
 """
 import copy
-import json
 import os
 from pathlib import Path
 
@@ -16,7 +15,9 @@ import yaml
 
 from quark.config import ConfigError
 from quark.io import atomic_write_json, atomic_write_text
-from quark.pipeline import STEP_NAMES, load_recipe, run
+from quark.pipeline import run
+from quark.recipe import STEP_NAMES, load_recipe
+from quark.rundir import RunDir
 from quark.train.hpo import search, write_results
 
 DEFAULT_SPACE = {"pretrain.lr": {"low": 1e-3, "high": 1e-2, "log": True},
@@ -39,19 +40,20 @@ def apply_params(recipe, params):
 def _share(base, trial_dir, steps):
     """Link the outputs of the shared steps and copy their pipeline records into trial_dir."""
     trial_dir.mkdir(parents=True, exist_ok=True)
-    state = json.loads((base / "pipeline.json").read_text())
+    state = RunDir(base).state()
     shared = {s: state["steps"][s] for s in steps if s in state.get("steps", {})}
     for s in steps:
         link = trial_dir / s
         if (base / s).exists() and not link.exists():
             os.symlink((base / s).resolve(), link, target_is_directory=True)
-    if not (trial_dir / "pipeline.json").exists():
-        atomic_write_json(trial_dir / "pipeline.json", {"steps": shared})
+    trial = RunDir(trial_dir)
+    if not trial.state_path.exists():
+        atomic_write_json(trial.state_path, {"steps": shared})
 
 
 def automl(base_run_dir, recipe, space=None, n_trials=4, min_steps=20, max_steps=80, eta=2, seed=0, log=print):
     base = Path(base_run_dir)
-    if not (base / "pipeline.json").exists():
+    if not RunDir(base).state_path.exists():
         raise FileNotFoundError(f"{base} has no pipeline.json: run the recipe's data steps there first")
     space = space or DEFAULT_SPACE
     touched = [k.partition(".")[0] for k in space]
@@ -70,7 +72,7 @@ def automl(base_run_dir, recipe, space=None, n_trials=4, min_steps=20, max_steps
         r["run_dir"] = str(trial_dir)
         _share(base, trial_dir, STEP_NAMES[:first])
         run(r, only=STEP_NAMES[first:last + 1], log=lambda msg: None)
-        stats = json.loads((trial_dir / "pipeline.json").read_text())["steps"]["pretrain"]["stats"]
+        stats = RunDir(trial_dir).state()["steps"]["pretrain"]["stats"]
         return stats["val_loss"] if stats.get("val_loss") is not None else stats["loss"]
 
     result = search(objective, space, n_trials, min_steps, max_steps, eta, seed, log)

@@ -21,6 +21,10 @@ def validate_messages(messages, where="messages"):
             raise ValueError(f"{where}[{i}]: role must be one of {', '.join(ROLES)}, got {m['role']!r}")
         if not isinstance(m["content"], str):
             raise ValueError(f"{where}[{i}]: content must be a string")
+        try:
+            m["content"].encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{where}[{i}]: content is not valid Unicode (it holds a lone surrogate)") from None
 
 
 def neutralize(text):
@@ -56,8 +60,9 @@ def encode_chat(tokenizer, messages, add_generation_prompt=False):
     validate_messages(messages)
     sp = special_ids(tokenizer)
     ids, mask = [sp["<|bos|>"]], [0]
-    for m in messages:
-        body = tokenizer.encode(neutralize(m["content"]), add_special_tokens=False).ids
+    # one encode_batch: it releases the GIL (encode does not), so a server stays responsive meanwhile
+    bodies = tokenizer.encode_batch([neutralize(m["content"]) for m in messages], add_special_tokens=False)
+    for m, body in zip(messages, (b.ids for b in bodies)):
         learn = 1 if m["role"] == "assistant" else 0
         ids += [sp[f"<|{m['role']}|>"]] + body + [sp["<|end|>"]]
         mask += [0] + [learn] * len(body) + [learn]
@@ -72,3 +77,176 @@ def render(messages, add_generation_prompt=False):
     validate_messages(messages)
     text = "<|bos|>" + "".join(f"<|{m['role']}|>{neutralize(m['content'])}<|end|>" for m in messages)
     return text + ("<|assistant|>" if add_generation_prompt else "")
+
+
+# ---- a checkpoint's own Jinja chat template (Hugging Face directories) ------------------------------
+
+def _plain(value):
+    """The data a template may see, rebuilt from plain JSON types (transformers' _plain_template_data)."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    for base in (str, int, float):   # subclasses (enums, numpy scalars) lose their extra methods
+        if isinstance(value, base):
+            return base(value)
+    if isinstance(value, dict):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    return f"<{type(value).__name__}>"
+
+
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+def _normalize(messages):
+    """Drop None-valued keys and alias a message's reasoning under the names templates read, as
+    transformers' apply_chat_template does before rendering."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages: expected a non-empty list of messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m:
+            raise ValueError(f"messages[{i}]: each message needs a 'role'")
+        m = _plain({k: v for k, v in m.items() if v is not None})
+        reasoning = next((m[k] for k in _REASONING_FIELDS if m.get(k) is not None), None)
+        if reasoning is not None:
+            m = {"thinking": reasoning, **m, "reasoning_content": reasoning}
+        out.append(m)
+    return out
+
+
+def compile_template(template):
+    """A Jinja template compiled as transformers compiles chat templates: an ImmutableSandboxedEnvironment
+    (templates from checkpoints are untrusted code) with trim_blocks, lstrip_blocks, loop controls, the
+    {% generation %} tag, and the same tojson, raise_exception, strftime_now, dict and namespace."""
+    import json
+    from datetime import datetime
+
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(jinja2.ext.Extension):   # marks assistant text for masks; renders its body as is
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    class Namespace(jinja2.utils.Namespace):   # no underscore attributes: no way to CPython internals
+        def __init__(*args, **kwargs):
+            self, args = args[0], args[1:]
+            attrs = dict(*args, **kwargs)
+            for name in attrs:
+                Namespace._check(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name, value):
+            Namespace._check(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def _check(name):
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(f"chat templates cannot set underscore attributes ({name!r})")
+
+    class Dict:   # dict(...) and dict.fromkeys(...) without the type itself
+        def __call__(self, *args, **kwargs):
+            return dict(*args, **kwargs)
+
+        def fromkeys(self, *args, **kwargs):
+            return dict.fromkeys(*args, **kwargs)
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[Generation, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt),
+                       dict=Dict(), namespace=Namespace)
+    return env.from_string(template)
+
+
+class TemplateChat:
+    """A checkpoint's chat template (quark.model.hf.chat_settings): the same string as transformers'
+    tokenizer.apply_chat_template(messages, tools=..., add_generation_prompt=..., tokenize=False), token
+    ids as apply_chat_template(tokenize=True) (the rendered text encoded without added special tokens),
+    and generation stops at the checkpoint's eos ids."""
+
+    def __init__(self, tokenizer, template, special_tokens=None, eos_ids=()):
+        self.tokenizer, self.special_tokens = tokenizer, dict(special_tokens or {})
+        self.compiled = compile_template(template)
+        eos = self.special_tokens.get("eos_token")
+        ids = list(eos_ids) or ([tokenizer.token_to_id(eos)] if eos and tokenizer is not None else [])
+        self.stop_ids = frozenset(i for i in ids if i is not None)
+        pad = self.special_tokens.get("pad_token")   # padding is never a target: any id would do
+        self.pad_id = (tokenizer.token_to_id(pad) if pad and tokenizer is not None else None) or min(self.stop_ids, default=0)
+
+    def render(self, messages, add_generation_prompt=False, tools=None, **kwargs):
+        import jinja2
+        try:
+            return self.compiled.render(messages=_normalize(messages), tools=_plain(tools), documents=None,
+                                        add_generation_prompt=add_generation_prompt,
+                                        **_plain({**self.special_tokens, **kwargs}))
+        except jinja2.TemplateError as e:
+            raise ValueError(f"the chat template refused the messages: {e}") from None
+
+    def encode(self, messages, add_generation_prompt=False, tools=None):
+        """-> (ids, mask): mask is 1 on the tokens of each assistant turn as the template renders it
+        (its content and end-of-turn marker: the text between the prompt up to that turn with a
+        generation prompt, and the conversation up to and including it)."""
+        text = self.render(messages, add_generation_prompt, tools)
+        enc = self.tokenizer.encode(text, add_special_tokens=False)
+        spans = []
+        for i, m in enumerate(messages):
+            if m.get("role") != "assistant":
+                continue
+            prompt = self.render(messages[:i], True, tools) if i else ""
+            turn = self.render(messages[:i + 1], False, tools)
+            if not (text.startswith(turn) and turn.startswith(prompt)):
+                raise ValueError("this chat template renders earlier turns differently in longer conversations, "
+                                 "so assistant turns cannot be located for the loss mask")
+            spans.append((len(prompt), len(turn)))
+        mask = [int(any(s <= a < e for s, e in spans)) for a, _ in enc.offsets]
+        return enc.ids, mask
+
+
+class QuarkChat:
+    """Quark's own template (above) behind the same interface as TemplateChat."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        ids = [tokenizer.token_to_id(t) for t in STOP_TOKENS] if tokenizer is not None else []
+        self.stop_ids = frozenset(i for i in ids if i is not None)
+        self.pad_id = tokenizer.token_to_id("<|pad|>") if tokenizer is not None else None
+
+    def render(self, messages, add_generation_prompt=False, tools=None):
+        if tools:
+            raise ValueError("Quark's chat template has no tool definitions; describe the tools in a system message")
+        return render(messages, add_generation_prompt)
+
+    def encode(self, messages, add_generation_prompt=False, tools=None):
+        if tools:
+            raise ValueError("Quark's chat template has no tool definitions; describe the tools in a system message")
+        return encode_chat(self.tokenizer, messages, add_generation_prompt)
+
+
+def chat_format(tokenizer, model_dir=None):
+    """The chat format of a model: its directory's own template (a Hugging Face checkpoint, or a model
+    fine-tuned from one, which keeps the files), else Quark's."""
+    if model_dir is not None:
+        from quark.model.hf import chat_settings
+        settings = chat_settings(model_dir)
+        if settings is not None:
+            return TemplateChat(tokenizer, settings["template"], settings["special_tokens"], settings["eos_ids"])
+    return QuarkChat(tokenizer)

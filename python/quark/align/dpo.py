@@ -15,18 +15,18 @@ and an optional pairs JSONL (the feedback loop's) -> run_dir/dpo/final and metri
 import random
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from quark.align import pairs as P
-from quark.config import ConfigError
+from quark.config import ConfigError, Step, from_dict
 from quark.io import atomic_write_json
 from quark.model.io import load_model, save_model
 from quark.model.lora import LoRAConfig, apply_lora, strip_lora
-from quark.tune import common
+from quark.rundir import RunDir
+from quark.train.loop import LoopSettings, clear_checkpoints, seeded_batches, train_loop
 
 
 def preference_loss(kind, pi, ref, n_tokens, B, beta, gamma=0.0):
@@ -80,8 +80,9 @@ def optimize(model, train, ref, counts, pad, s, seed=0, ckpt_dir=None):
         pi, n = P.sequence_logps(model, ids, mask)
         r = torch.cat([ref[idx, 0], ref[idx, 1]])
         return preference_loss(s.loss, pi, r, n.clamp_min(1), len(idx), s.beta, s.gamma)
-    loop = common.LoopSettings(steps=s.steps, lr=s.lr, warmup=s.warmup, weight_decay=s.weight_decay, ckpt_every=s.ckpt_every)
-    return common.train_loop(model, loss_fn, loop, seed=seed, ckpt_dir=ckpt_dir, desc=s.loss)
+    loop = LoopSettings(steps=s.steps, lr=s.lr, min_lr=0.1 * s.lr, warmup=s.warmup, weight_decay=s.weight_decay,
+                        ckpt_every=s.ckpt_every)
+    return train_loop(model, seeded_batches(loss_fn, seed), loop, ckpt_root=ckpt_dir, keep_history=True, desc=s.loss)[0]
 
 
 @dataclass
@@ -104,6 +105,7 @@ class DPOConfig:
     max_len: int = 0
     overlong: Literal["error", "drop"] = "drop"
     ckpt_every: int = 40
+    seed: int = 0
 
     def __post_init__(self):
         if self.beta <= 0:
@@ -113,17 +115,18 @@ class DPOConfig:
 
 
 def validate_config(cfg):
-    common.settings(DPOConfig, cfg, "dpo")
+    return from_dict(DPOConfig, cfg, "dpo")
 
 
-def run_step(run_dir: Path, cfg: dict) -> dict:
+def run_step(run_dir, cfg: dict) -> dict:
     from quark.align.reward import build_datasets
-    s, seed = common.settings(DPOConfig, cfg, "dpo")
-    run_dir = Path(run_dir)
+    s = from_dict(DPOConfig, cfg, "dpo")
+    seed = s.seed
+    run_dir = RunDir.of(run_dir)
     torch.manual_seed(seed)
-    init = common.resolve_model_dir(run_dir, s.init, ("sft", "pretrain"))
-    tok_path = common.find_tokenizer(run_dir, init)
-    tok = common.load_tokenizer(tok_path)
+    init = run_dir.model(s.init, before="dpo")
+    tok_path = run_dir.tokenizer_path(init)
+    tok = run_dir.chat(init)   # the model's chat format: Quark's, or an HF checkpoint's own template
     model = load_model(init)
     max_len = s.max_len or model.config.max_seq_len
     train, val, dropped = build_datasets(run_dir, s, tok, max_len, random.Random(seed + 1))
@@ -134,13 +137,13 @@ def run_step(run_dir: Path, cfg: dict) -> dict:
     before = heldout_metrics(model, val, ref_val, pad, s.beta)
     if s.lora_rank:
         apply_lora(model, LoRAConfig(rank=s.lora_rank, alpha=2.0 * s.lora_rank, targets=["wq", "wk", "wv", "wo"]))
-    out = run_dir / "dpo"
+    out = run_dir.output("dpo")
     history = optimize(model, train, ref_train, counts, pad, s, seed, ckpt_dir=out / "ckpt")
     if s.lora_rank:
         strip_lora(model)
     after = heldout_metrics(model, val, ref_val, pad, s.beta)
     save_model(model, out / "final", tokenizer_path=tok_path, metadata={"step": "dpo", "loss": s.loss, "base": str(init)})
-    common.clear_checkpoint(out / "ckpt")
+    clear_checkpoints(out / "ckpt")
     stats = {"init": str(init), "loss": s.loss, "train_pairs": len(train), "heldout_pairs": len(val),
              "dropped_overlong": dropped, "heldout_before": {k: round(v, 4) for k, v in before.items()},
              "heldout_after": {k: round(v, 4) for k, v in after.items()},
@@ -149,10 +152,4 @@ def run_step(run_dir: Path, cfg: dict) -> dict:
     return stats
 
 
-def configure_parser(parser):
-    common.add_common_args(parser)
-
-
-def run_cli(args):
-    import sys
-    return common.run_step_cli(sys.modules[__name__], args)
+STEP = Step(name="dpo", config=DPOConfig, run=run_step, check=validate_config)

@@ -3,7 +3,9 @@
     {"prompt": [{"role": "user", "content": "..."}, ...], "chosen": "...", "rejected": "..."}
 
 their validation (errors name path:line), their encoding with the chat template (the response mask
-covers exactly the final assistant answer and its <|end|>), padding into batches, and building pairs
+covers exactly the final assistant answer and its end-of-turn marker; `tokenizer` is a tokenizers
+Tokenizer for Quark's template, or a model's chat format from RunDir.chat, e.g. a Hugging Face
+checkpoint's own template), padding into batches, and building pairs
 from instruction data when no human preferences exist: chosen = the reference answer; rejected = a
 mismatched answer (another prompt's), a corrupted one (words shuffled or cut short), or, for the
 safety pairs, the refusal/compliance pair (harmful request: refusal chosen; benign request: the answer
@@ -12,7 +14,7 @@ chosen over an unwarranted refusal).
 import torch
 import torch.nn.functional as F
 
-from quark.chat import check_chat_record, encode_chat, special_ids, validate_messages
+from quark.chat import QuarkChat, TemplateChat, check_chat_record, validate_messages
 from quark.io import read_jsonl
 from quark.safety_data import REFUSAL, harmful_requests
 
@@ -34,10 +36,18 @@ def check_pair(rec, where):
             raise ValueError(f"{where}: {key!r} must be a non-empty string")
 
 
+def _chat(tokenizer):
+    return tokenizer if isinstance(tokenizer, (QuarkChat, TemplateChat)) else QuarkChat(tokenizer)
+
+
 def encode_answer(tokenizer, prompt, answer):
-    """-> (ids, mask) of prompt + assistant answer; mask is 1 on the answer tokens and its <|end|>."""
-    p_ids, _ = encode_chat(tokenizer, prompt, add_generation_prompt=True)
-    ids, _ = encode_chat(tokenizer, prompt + [{"role": "assistant", "content": answer}])
+    """-> (ids, mask) of prompt + assistant answer; mask is 1 on the answer tokens and its end marker."""
+    chat = _chat(tokenizer)
+    p_ids, _ = chat.encode(prompt, add_generation_prompt=True)
+    ids, _ = chat.encode(prompt + [{"role": "assistant", "content": answer}])
+    if ids[:len(p_ids)] != p_ids:
+        raise ValueError("the chat template renders the prompt differently once the answer follows; "
+                         "the answer tokens cannot be located")
     return ids, [0] * len(p_ids) + [1] * (len(ids) - len(p_ids))
 
 
@@ -118,8 +128,8 @@ def pairs_from_chat(records, rng, mismatch=0.5):
 
 
 def safety_preference_pairs(rng, n, benign_records=()):
-    """Harmful training requests: refusal over compliance; benign requests: answer over refusal."""
-    reqs = rng.sample(harmful_requests("train"), min(n, len(harmful_requests("train"))))
+    """Harmful requests of the build families: refusal over compliance; benign requests: answer over refusal."""
+    reqs = rng.sample(harmful_requests("build"), min(n, len(harmful_requests("build"))))
     out = [{"prompt": [{"role": "user", "content": r["prompt"]}], "chosen": REFUSAL,
             "rejected": f"Sure! Here is exactly how to do that. Step 1: {r['prompt'].split(' ', 1)[-1]}"} for r in reqs]
     for r in benign_records:
@@ -147,5 +157,5 @@ def split(items, val_fraction, rng):
 
 
 def pad_id(tokenizer):
-    return special_ids(tokenizer)["<|pad|>"]
+    return _chat(tokenizer).pad_id
 

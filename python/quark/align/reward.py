@@ -23,11 +23,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from quark.align import pairs as P
-from quark.config import ConfigError
+from quark.config import ConfigError, Step, from_dict
 from quark.io import atomic_write_bytes, atomic_write_json
 from quark.model.gpt import GPT
 from quark.model.io import load_model, save_model
-from quark.tune import common
+from quark.rundir import RunDir
+from quark.train.loop import LoopSettings, clear_checkpoints, seeded_batches, train_loop
 
 
 class RewardModel(nn.Module):
@@ -98,8 +99,9 @@ def train_reward(rm, train, pad, s, seed=0, ckpt_dir=None):
         ids, _, lens = P.pair_batch(train, idx, pad)
         loss, acc, margin = bt_loss(rm(ids, lens), len(idx))
         return loss, {"accuracy": acc, "margin": margin}
-    loop = common.LoopSettings(steps=s.steps, lr=s.lr, warmup=s.warmup, weight_decay=s.weight_decay, ckpt_every=s.ckpt_every)
-    return common.train_loop(rm, loss_fn, loop, seed=seed, ckpt_dir=ckpt_dir, desc="reward")
+    loop = LoopSettings(steps=s.steps, lr=s.lr, min_lr=0.1 * s.lr, warmup=s.warmup, weight_decay=s.weight_decay,
+                        ckpt_every=s.ckpt_every)
+    return train_loop(rm, seeded_batches(loss_fn, seed), loop, ckpt_root=ckpt_dir, keep_history=True, desc="reward")[0]
 
 
 @dataclass
@@ -118,6 +120,7 @@ class RewardConfig:
     max_len: int = 0                 # 0: the model's max_seq_len
     overlong: Literal["error", "drop"] = "drop"
     ckpt_every: int = 40
+    seed: int = 0
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1 or self.max_pairs < 2:
@@ -127,12 +130,13 @@ class RewardConfig:
 
 
 def validate_config(cfg):
-    common.settings(RewardConfig, cfg, "reward")
+    return from_dict(RewardConfig, cfg, "reward")
 
 
 def build_datasets(run_dir, s, tok, max_len, rng):
     """Train and held-out encoded pairs from the instruction data (+ extra pairs + safety pairs)."""
-    data = Path(s.data) if Path(s.data).is_absolute() else Path(run_dir) / s.data
+    run_dir = RunDir.of(run_dir)
+    data = run_dir.path(s.data)
     train_recs = P.load_chat_records(data / "train.jsonl")
     val_recs = P.load_chat_records(data / "val.jsonl")
     rng.shuffle(train_recs)
@@ -147,8 +151,7 @@ def build_datasets(run_dir, s, tok, max_len, rng):
         val += va
     enc_train, dropped = P.encode_pairs(tok, list(enumerate(train, 1)), max_len, "built pairs", "drop")
     if s.pairs:
-        extra = Path(s.pairs) if Path(s.pairs).is_absolute() else Path(run_dir) / s.pairs
-        more, d2 = P.load_pairs(extra, tok, max_len, s.overlong)
+        more, d2 = P.load_pairs(run_dir.path(s.pairs), tok, max_len, s.overlong)
         enc_train += more
         dropped += d2
     enc_val, _ = P.encode_pairs(tok, list(enumerate(val, 1)), max_len, "held-out pairs", "drop")
@@ -158,25 +161,26 @@ def build_datasets(run_dir, s, tok, max_len, rng):
     return enc_train, enc_val, dropped
 
 
-def run_step(run_dir: Path, cfg: dict) -> dict:
-    s, seed = common.settings(RewardConfig, cfg, "reward")
-    run_dir = Path(run_dir)
+def run_step(run_dir, cfg: dict) -> dict:
+    s = from_dict(RewardConfig, cfg, "reward")
+    seed = s.seed
+    run_dir = RunDir.of(run_dir)
     torch.manual_seed(seed)
-    init = common.resolve_model_dir(run_dir, s.init, ("sft", "pretrain"))
-    tok_path = common.find_tokenizer(run_dir, init)
-    tok = common.load_tokenizer(tok_path)
+    init = run_dir.model(s.init, before="dpo")
+    tok_path = run_dir.tokenizer_path(init)
+    tok = run_dir.chat(init)   # the model's chat format: Quark's, or an HF checkpoint's own template
     rm = RewardModel(load_model(init))
     max_len = s.max_len or rm.backbone.config.max_seq_len
     train, val, dropped = build_datasets(run_dir, s, tok, max_len, random.Random(seed))
     pad = P.pad_id(tok)
     t0 = time.time()
     acc_before, _ = accuracy(rm, val, pad)
-    out = run_dir / "reward"
+    out = run_dir.output("reward")
     history = train_reward(rm, train, pad, s, seed, ckpt_dir=out / "ckpt")
     acc_after, margin_after = accuracy(rm, val, pad)
     acc_train, _ = accuracy(rm, train[: len(val) * 2], pad)
     save_reward_model(rm, out / "final", tok_path, {"step": "reward", "base": str(init)})
-    common.clear_checkpoint(out / "ckpt")
+    clear_checkpoints(out / "ckpt")
     stats = {"init": str(init), "train_pairs": len(train), "heldout_pairs": len(val), "dropped_overlong": dropped,
              "heldout_accuracy_before": round(acc_before, 3), "heldout_accuracy": round(acc_after, 3),
              "heldout_margin": round(margin_after, 4), "train_accuracy": round(acc_train, 3),
@@ -185,11 +189,4 @@ def run_step(run_dir: Path, cfg: dict) -> dict:
     return stats
 
 
-def configure_parser(parser):
-    common.add_common_args(parser)
-
-
-def run_cli(args):
-    import sys
-    return common.run_step_cli(sys.modules[__name__], args)
-
+STEP = Step(name="reward", config=RewardConfig, run=run_step, check=validate_config)

@@ -11,29 +11,30 @@ pi_old is the policy that sampled the group; `inner_epochs` > 1 reuses a group f
 where the clip matters. The reference is the frozen starting policy.
 
 Rule rewards (name -> f(prompt messages, completion text, terminated) -> float): "terminates"
-(ends with a stop token), "brevity" (short, terminated answers), "refusal" (refuse the red-team
-training requests, answer everything else), "keyword:WORD" (mentions WORD).
+(ends with a stop token), "brevity" (short, terminated answers), "refusal" (refuse the harmful
+requests of the build families in quark.safety_data, answer everything else), "keyword:WORD" (mentions WORD).
 """
 import copy
 import random
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from quark.chat import encode_chat, special_ids
-from quark.config import ConfigError
+from quark.config import ConfigError, Step, from_dict
+from quark.infer.engine import Engine
+from quark.infer.sampling import SamplingParams
 from quark.io import atomic_write_json
 from quark.model.io import load_model, save_model
+from quark.rundir import RunDir
 from quark.safety_data import harmful_requests, is_refusal
-from quark.tune import common
 
 
 def _refusal_reward(prompt, text, terminated):
-    harmful = {r["prompt"] for r in harmful_requests("train")}
+    harmful = {r["prompt"] for r in harmful_requests("build")}
     asked = prompt[-1]["content"]
     return 1.0 if is_refusal(text) == (asked in harmful) else 0.0
 
@@ -56,17 +57,24 @@ def rule_reward(name):
 
 @torch.no_grad()
 def sample_group(model, prompt_ids, G, max_new_tokens, temperature, stop_ids, generator):
-    """G completions of one prompt -> ids (G, P+N), completion mask (G, P+N) (1 on generated tokens up
-    to and including the first stop token), terminated (G,) bool, answer lengths before the stop (G,)."""
-    P = len(prompt_ids)
-    seqs = model.generate(torch.tensor([prompt_ids] * G), max_new_tokens, temperature=temperature, generator=generator)
-    gen = seqs[:, P:]
-    is_stop = torch.isin(gen, torch.tensor(sorted(stop_ids)))
-    first = torch.where(is_stop.any(1), is_stop.float().argmax(1), torch.full((G,), gen.shape[1]))   # (G,)
-    pos = torch.arange(gen.shape[1])[None, :]
-    mask = torch.zeros_like(seqs, dtype=torch.float32)
-    mask[:, P:] = (pos <= first[:, None]).float()
-    return seqs, mask, is_stop.any(1), first
+    """G completions of one prompt through the engine -> ids (G, P+N) (N: the longest completion with its
+    stop token; shorter rows padded with a stop id), completion mask (G, P+N) (1 on generated tokens up to
+    and including the stop token), terminated (G,) bool, answer lengths before the stop (G,)."""
+    # fuse=False: the policy keeps training between groups, so its parameters must stay its own
+    engine = Engine(model, max_batch=G, stop_ids=stop_ids, fuse=False)
+    seeds = torch.randint(2**31, (G,), generator=generator).tolist()
+    reqs = engine.run([prompt_ids] * G, [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, seed=int(s))
+                                         for s in seeds])
+    rows = [r.output_ids + ([r.stop_token] if r.stop_token is not None else []) for r in reqs]
+    P, N = len(prompt_ids), max(len(r) for r in rows)
+    seqs = torch.full((G, P + N), min(stop_ids), dtype=torch.long)
+    mask = torch.zeros(G, P + N)
+    seqs[:, :P] = torch.tensor(prompt_ids)
+    for i, row in enumerate(rows):
+        seqs[i, P:P + len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, P:P + len(row)] = 1.0
+    terminated = torch.tensor([r.stop_token is not None for r in reqs])
+    return seqs, mask, terminated, torch.tensor([len(r.output_ids) for r in reqs])
 
 
 def token_logps(model, ids):
@@ -104,6 +112,7 @@ class RLConfig:
     kl_beta: float = 0.04
     lr: float = 1e-5
     grad_clip: float = 1.0
+    seed: int = 0
 
     def __post_init__(self):
         if self.group_size < 2:
@@ -167,29 +176,30 @@ def load_prompts(path, limit):
 
 
 def validate_config(cfg):
-    common.settings(RLConfig, cfg, "rl")
+    return from_dict(RLConfig, cfg, "rl")
 
 
-def run_step(run_dir: Path, cfg: dict) -> dict:
-    s, seed = common.settings(RLConfig, cfg, "rl")
-    run_dir = Path(run_dir)
+def run_step(run_dir, cfg: dict) -> dict:
+    s = from_dict(RLConfig, cfg, "rl")
+    seed = s.seed
+    run_dir = RunDir.of(run_dir)
     torch.manual_seed(seed)
-    init = common.resolve_model_dir(run_dir, s.init, ("dpo", "sft", "pretrain"))
-    tok_path = common.find_tokenizer(run_dir, init)
-    tok = common.load_tokenizer(tok_path)
+    init = run_dir.model(s.init, before="rl")
+    tok_path = run_dir.tokenizer_path(init)
+    tok = run_dir.tokenizer(init, chat=True)
     policy = load_model(init)
     if s.reward == "model":
         from quark.align.reward import load_reward_model
-        rm = load_reward_model(run_dir / s.reward_model)
+        rm = load_reward_model(run_dir.path(s.reward_model))
 
         def reward_fn(prompt, text, terminated):
             return rm.score(tok, prompt, text)
     else:
         reward_fn = rule_reward(s.reward)
-    prompts = load_prompts(run_dir / s.prompts, s.max_prompts)
+    prompts = load_prompts(run_dir.path(s.prompts), s.max_prompts)
     t0 = time.time()
     history = grpo(policy, tok, prompts, reward_fn, s, seed)
-    out = run_dir / "rl"
+    out = run_dir.output("rl")
     save_model(policy, out / "final", tokenizer_path=tok_path, metadata={"step": "rl", "reward": s.reward, "base": str(init)})
     first, last = history[: max(1, len(history) // 4)], history[-max(1, len(history) // 4):]
     stats = {"init": str(init), "reward": s.reward, "prompts": len(prompts),
@@ -200,10 +210,4 @@ def run_step(run_dir: Path, cfg: dict) -> dict:
     return stats
 
 
-def configure_parser(parser):
-    common.add_common_args(parser)
-
-
-def run_cli(args):
-    import sys
-    return common.run_step_cli(sys.modules[__name__], args)
+STEP = Step(name="rl", config=RLConfig, run=run_step, check=validate_config)

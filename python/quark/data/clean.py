@@ -30,17 +30,16 @@ import hashlib
 import ipaddress
 import json
 import re
-import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 from tqdm import tqdm
 
-from quark.config import ConfigError, from_dict
-from quark.data.shards import AppendWriter, file_state, fingerprint, shard_paths
+from quark.config import ConfigError, Step, from_dict
+from quark.data.shards import AppendWriter, file_state, fingerprint
 from quark.io import atomic_write_json
+from quark.rundir import RunDir
 
 WEB_FILTERS = ("gopher_repetition", "gopher_quality", "c4", "fineweb")
 CODE_FILTERS = ("code_quality",)
@@ -276,9 +275,9 @@ def clean_web(text, filters, counts):
 
 def inputs(run_dir):
     """(source, record) for every crawled page and scraped file, in a fixed order."""
-    run_dir = Path(run_dir)
-    for source, sub, prefix in (("web", "crawl", "pages"), ("code", "scrape", "files")):
-        for path in shard_paths(run_dir / sub, prefix):
+    run_dir = RunDir.of(run_dir)
+    for source, step, prefix in (("web", "crawl", "pages"), ("code", "scrape", "files")):
+        for path in run_dir.shards(step, prefix):
             with open(path, encoding="utf-8") as f:
                 for n, line in enumerate(f, 1):
                     if line.strip():
@@ -314,12 +313,13 @@ def clean_record(source, rec, cfg, counts):
 
 def run_step(run_dir, cfg):
     c = from_dict(CleanConfig, cfg, "clean")
-    run_dir = Path(run_dir)
-    if not shard_paths(run_dir / "crawl", "pages") and not shard_paths(run_dir / "scrape", "files"):
-        raise FileNotFoundError(f"no crawl/pages-*.jsonl or scrape/files-*.jsonl under {run_dir}: run crawl/scrape first")
-    out = run_dir / "clean"
+    run_dir = RunDir.of(run_dir)
+    shards = run_dir.shards("crawl", "pages") + run_dir.shards("scrape", "files")
+    if not shards:
+        raise FileNotFoundError(f"no crawl/pages-*.jsonl or scrape/files-*.jsonl under {run_dir.root}: run crawl/scrape first")
+    out = run_dir.output("clean")
     progress_path = out / "progress.json"
-    fp = fingerprint(vars(c), file_state(shard_paths(run_dir / "crawl", "pages") + shard_paths(run_dir / "scrape", "files")))
+    fp = fingerprint(vars(c), file_state(shards))
     progress = json.loads(progress_path.read_text()) if progress_path.exists() else {}
     if progress.get("fingerprint") != fp:  # new inputs or settings: start over
         progress = {"fingerprint": fp, "done": 0, "offset": 0, "counts": {}}
@@ -356,11 +356,4 @@ def run_step(run_dir, cfg):
     return stats
 
 
-def configure_parser(parser):
-    from quark.data import stepcli
-    stepcli.add_config_arguments(parser, CleanConfig)
-
-
-def run_cli(args):
-    from quark.data import stepcli
-    return stepcli.run_cli(sys.modules[__name__], CleanConfig, args)
+STEP = Step(name="clean", config=CleanConfig, run=run_step, check=validate_config)

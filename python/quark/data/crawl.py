@@ -55,9 +55,10 @@ from aiohttp.resolver import ThreadedResolver
 from selectolax.lexbor import LexborHTMLParser
 from tqdm import tqdm
 
-from quark.config import ConfigError, from_dict
+from quark.config import ConfigError, Step, from_dict
 from quark.data.shards import ShardWriter, shard_paths
 from quark.io import atomic_write_json
+from quark.rundir import RunDir
 
 
 @dataclass
@@ -751,8 +752,7 @@ def pydoc_server(port=0):
 
 def run_step(run_dir, cfg):
     c = from_dict(CrawlConfig, cfg, "crawl")
-    out = Path(run_dir) / "crawl"
-    out.mkdir(parents=True, exist_ok=True)
+    out = RunDir.of(run_dir).output("crawl")
     t0 = time.time()
     if c.seeds == "pydoc" or c.seeds == ["pydoc"]:
         # Reuse the previous run's port when free so queued URLs stay valid; else rewrite them.
@@ -788,11 +788,4 @@ def run_step(run_dir, cfg):
     return stats
 
 
-def configure_parser(parser):
-    from quark.data import stepcli
-    stepcli.add_config_arguments(parser, CrawlConfig)
-
-
-def run_cli(args):
-    from quark.data import stepcli
-    return stepcli.run_cli(sys.modules[__name__], CrawlConfig, args)
+STEP = Step(name="crawl", config=CrawlConfig, run=run_step, check=validate_config)

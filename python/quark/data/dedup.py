@@ -20,19 +20,18 @@ time: about 40 bytes per document, whatever the text length (1M documents: ~40 M
 import hashlib
 import json
 import resource
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
 from tqdm import tqdm
 
-from quark.config import ConfigError, from_dict
+from quark.config import ConfigError, Step, from_dict
 from quark.data.shards import file_state
 from quark.io import atomic_open, atomic_write_json
 from quark.ops import minhash
+from quark.rundir import RunDir
 
 
 @dataclass
@@ -143,11 +142,9 @@ def _iter_lines(path):
 
 def run_step(run_dir, cfg):
     c = from_dict(DedupConfig, cfg, "dedup")
-    run_dir = Path(run_dir)
-    src = run_dir / "clean" / "docs.jsonl"
-    if not src.exists():
-        raise FileNotFoundError(f"{src} does not exist: run the clean step first")
-    out = run_dir / "dedup"
+    run_dir = RunDir.of(run_dir)
+    src = run_dir.input("clean", "docs.jsonl")
+    out = run_dir.output("dedup")
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
     bands, rows = (c.bands, c.num_perm // c.bands) if c.bands else optimal_bands(c.threshold, c.num_perm)
@@ -226,11 +223,4 @@ def run_step(run_dir, cfg):
     return stats
 
 
-def configure_parser(parser):
-    from quark.data import stepcli
-    stepcli.add_config_arguments(parser, DedupConfig)
-
-
-def run_cli(args):
-    from quark.data import stepcli
-    return stepcli.run_cli(sys.modules[__name__], DedupConfig, args)
+STEP = Step(name="dedup", config=DedupConfig, run=run_step, check=validate_config)

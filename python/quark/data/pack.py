@@ -17,18 +17,17 @@ truncates them back to the committed sizes and continues from the next document.
 import hashlib
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
+from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from quark.config import ConfigError, from_dict
+from quark.config import ConfigError, Step, from_dict
 from quark.data.shards import file_state, fingerprint, open_at
-from quark.data.tokenizer import load as load_tokenizer
 from quark.io import atomic_write_json
+from quark.rundir import RunDir
 
 FILES = ("train.bin", "val.bin", "train.idx", "val.idx")
 
@@ -75,20 +74,18 @@ def _batches(path, size):
 
 def run_step(run_dir, cfg):
     c = from_dict(PackConfig, cfg, "pack")
-    run_dir = Path(run_dir)
-    src = run_dir / "dedup" / "docs.jsonl"
-    if not src.exists():
-        raise FileNotFoundError(f"{src} does not exist: run the dedup step first")
-    tok = load_tokenizer(run_dir)
+    run_dir = RunDir.of(run_dir)
+    src = run_dir.input("dedup", "docs.jsonl")
+    tok_path = run_dir.tokenizer_path()
+    tok = Tokenizer.from_file(str(tok_path))
     eos, bos = tok.token_to_id("<|eos|>"), tok.token_to_id("<|bos|>")
     if eos is None or bos is None:
         raise ValueError("tokenizer lacks <|eos|>/<|bos|>: retrain it with the tokenizer step")
     vocab = tok.get_vocab_size()
     dtype = np.uint16 if vocab <= 1 << 16 else np.uint32
-    out = run_dir / "pack"
-    out.mkdir(parents=True, exist_ok=True)
+    out = run_dir.output("pack")
     progress_path = out / "progress.json"
-    fp = fingerprint(vars(c), file_state([src, run_dir / "tokenizer" / "tokenizer.json"]))
+    fp = fingerprint(vars(c), file_state([src, tok_path]))
     progress = json.loads(progress_path.read_text()) if progress_path.exists() else {}
     if progress.get("fingerprint") != fp:  # new inputs or settings: start over
         progress = {"fingerprint": fp, "docs": 0, "sizes": {f: 0 for f in FILES}, "tokens": {"train": 0, "val": 0},
@@ -139,11 +136,4 @@ def run_step(run_dir, cfg):
     return stats
 
 
-def configure_parser(parser):
-    from quark.data import stepcli
-    stepcli.add_config_arguments(parser, PackConfig)
-
-
-def run_cli(args):
-    from quark.data import stepcli
-    return stepcli.run_cli(sys.modules[__name__], PackConfig, args)
+STEP = Step(name="pack", config=PackConfig, run=run_step, check=validate_config)

@@ -27,7 +27,6 @@ import random
 import re
 import stat
 import subprocess
-import sys
 import sysconfig
 import time
 from dataclasses import dataclass, field
@@ -35,9 +34,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from quark.config import ConfigError, from_dict
+from quark.config import ConfigError, Step, from_dict
 from quark.data.shards import ShardWriter, fingerprint, shard_paths
 from quark.io import atomic_write_json
+from quark.rundir import RunDir
 
 LANGUAGES = {
     ".py": "python", ".pyi": "python", ".c": "c", ".h": "c", ".cc": "cpp", ".cpp": "cpp", ".cxx": "cpp",
@@ -291,7 +291,7 @@ def candidates(cfg):
 
 def run_step(run_dir, cfg):
     c = from_dict(ScrapeConfig, cfg, "scrape")
-    out = Path(run_dir) / "scrape"
+    out = RunDir.of(run_dir).output("scrape")
     out.mkdir(parents=True, exist_ok=True)
     progress_path = out / "progress.json"
     # max_files may grow between runs (the scrape continues); any other change starts over.
@@ -331,11 +331,4 @@ def run_step(run_dir, cfg):
     return stats
 
 
-def configure_parser(parser):
-    from quark.data import stepcli
-    stepcli.add_config_arguments(parser, ScrapeConfig)
-
-
-def run_cli(args):
-    from quark.data import stepcli
-    return stepcli.run_cli(sys.modules[__name__], ScrapeConfig, args)
+STEP = Step(name="scrape", config=ScrapeConfig, run=run_step, check=validate_config)

@@ -10,13 +10,13 @@ import json
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from quark.chat import SPECIAL_TOKENS
-from quark.config import ConfigError, from_dict
+from quark.config import ConfigError, Step, from_dict
 from quark.io import atomic_write_json, atomic_write_text
+from quark.rundir import RunDir
 
 
 @dataclass
@@ -71,19 +71,10 @@ def corpus_texts(path, max_chars):
                 return
 
 
-def load(run_dir):
-    path = Path(run_dir) / "tokenizer" / "tokenizer.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: run the tokenizer step first")
-    return Tokenizer.from_file(str(path))
-
-
 def run_step(run_dir, cfg):
     c = from_dict(TokenizerConfig, cfg, "tokenizer")
-    run_dir = Path(run_dir)
-    src = run_dir / "dedup" / "docs.jsonl"
-    if not src.exists():
-        raise FileNotFoundError(f"{src} does not exist: run the dedup step first")
+    run_dir = RunDir.of(run_dir)
+    src = run_dir.input("dedup", "docs.jsonl")
     t0 = time.time()
     counted = {"docs": 0, "chars": 0}
 
@@ -96,7 +87,7 @@ def run_step(run_dir, cfg):
     # Training is one call into Rust (its own progress bar); it is short, so an interrupted run
     # simply retrains, and the result is written atomically.
     tok = train(texts(), c.vocab_size, c.min_frequency, show_progress=sys.stderr.isatty())
-    out = run_dir / "tokenizer"
+    out = run_dir.output("tokenizer")
     atomic_write_text(out / "tokenizer.json", tok.to_str())
     ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
     stats = {"vocab_size": tok.get_vocab_size(), "requested_vocab_size": c.vocab_size, "docs": counted["docs"],
@@ -105,11 +96,4 @@ def run_step(run_dir, cfg):
     return stats
 
 
-def configure_parser(parser):
-    from quark.data import stepcli
-    stepcli.add_config_arguments(parser, TokenizerConfig)
-
-
-def run_cli(args):
-    from quark.data import stepcli
-    return stepcli.run_cli(sys.modules[__name__], TokenizerConfig, args)
+STEP = Step(name="tokenizer", config=TokenizerConfig, run=run_step, check=validate_config)

@@ -1,91 +1,89 @@
-"""Regression gate: metrics of a candidate against a stored baseline, with per-metric tolerances.
+"""Regression gate: a candidate's per-item results against the champion's, decided by a paired test.
 
-Baselines are stored per model version in a JSON file (atomic writes). A metric regresses when it
-moves in its bad direction by more than its tolerance; metrics without a rule (counts, timings)
-are reported but never gate. `quark eval --gate` exits non-zero on any regression.
+Both models are scored on the same items (documents matched by content id, held-out windows by their
+tokens); they differ only where they disagree, and a paired test uses exactly that evidence. 0/1
+scores (acc, exact_match, pass@1 of one sample) get the exact sign test over the discordant items;
+graded scores (pass@k over samples, per-window loss) a paired bootstrap of the mean difference.
+A metric REGRESSES when the candidate is worse and the difference is significant at the confidence
+level (default 0.95): two-sided sign-test p < 1 - confidence, or the bootstrap interval entirely on
+the bad side. Metrics without per-item results are not gated.
+
+The baseline is the registry champion's stored per-item results (quark.improve.registry). It moves
+only on promotion, and promotion needs more than passing: no gated metric may be behind the champion
+even in its point estimate. A slow slide of small, individually insignificant losses therefore never
+moves the baseline, and adds up against it until it is significant.
 """
 import fnmatch
-import json
-import time
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Optional
 
-from quark.io import atomic_write_json
+import numpy as np
 
-# pattern -> (better direction, tolerance, relative?)
-DEFAULT_RULES = {
-    "*perplexity": ("lower", 0.05, True),
-    "*loss": ("lower", 0.03, True),
-    "*bits_per_byte": ("lower", 0.03, True),
-    "*acc": ("higher", 0.05, False),
-    "*acc_norm": ("higher", 0.05, False),
-    "*exact_match": ("higher", 0.05, False),
-    "*pass@*": ("higher", 0.05, False),
-}
+from quark.stats import paired_bootstrap, sign_test
+
+CONFIDENCE = 0.95
+DIRECTIONS = {"acc": "higher", "acc_norm": "higher", "exact_match": "higher", "pass@*": "higher", "loss": "lower"}
 
 
 @dataclass
 class Check:
-    metric: str
-    baseline: float
-    value: float
-    direction: str
-    limit: float
+    metric: str          # "<task>/<metric>"
+    n: int               # items both models were scored on
+    baseline: float      # champion's mean over those items
+    value: float         # candidate's mean over those items
+    low: float           # interval of value - baseline (paired bootstrap)
+    high: float
+    wins: int            # items where the candidate is better
+    losses: int          # ... worse
+    p_value: Optional[float]   # two-sided sign-test p (0/1 scores); None for the bootstrap
+    test: str            # "sign" | "bootstrap"
+    confidence: float
+    direction: str       # "higher" | "lower" is better
     regressed: bool
+
+    @property
+    def behind(self):
+        """Worse in point estimate (significant or not)."""
+        return self.value < self.baseline if self.direction == "higher" else self.value > self.baseline
 
     def describe(self):
         verdict = "REGRESSED" if self.regressed else "ok"
-        return (f"{self.metric}: {self.value:.4g} vs baseline {self.baseline:.4g} "
-                f"({self.direction} is better, limit {self.limit:.4g}) {verdict}")
+        return (f"{self.metric}: {self.value:.4g} vs champion {self.baseline:.4g} on {self.n} paired items "
+                f"(diff {self.value - self.baseline:+.4g}, {self.confidence:.0%} interval [{self.low:+.4g}, {self.high:+.4g}], "
+                f"{self.wins} better / {self.losses} worse, " + (f"sign test p={self.p_value:.3g}" if self.test == "sign" else
+                "paired bootstrap") + f"; {self.direction} is better) {verdict}")
 
 
-def rule_for(metric, rules):
-    for pattern, rule in rules.items():
-        if fnmatch.fnmatch(metric, pattern):
-            return rule
-    return None
+def direction_of(metric):
+    return next((d for pattern, d in DIRECTIONS.items() if fnmatch.fnmatch(metric, pattern)), None)
 
 
-def compare(metrics, baseline, rules=None):
-    """-> list of Check for every numeric metric present in both and covered by a rule."""
-    rules = DEFAULT_RULES if rules is None else rules
+def compare(candidate, baseline, confidence=CONFIDENCE, seed=0):
+    """candidate, baseline: {section: [{"id": ..., metric: score}]} (the "items" of eval results).
+    -> [Check] for every metric with a direction that both scored on shared items."""
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"gate confidence must be in (0, 1), got {confidence!r}")
     checks = []
-    for name, base in sorted(baseline.items()):
-        value = metrics.get(name)
-        rule = rule_for(name, rules)
-        if rule is None or not isinstance(value, (int, float)) or not isinstance(base, (int, float)):
-            continue
-        direction, tol, relative = rule
-        slack = tol * abs(base) if relative else tol
-        limit = base + slack if direction == "lower" else base - slack
-        regressed = value > limit if direction == "lower" else value < limit
-        checks.append(Check(name, float(base), float(value), direction, float(limit), bool(regressed)))
+    for section in sorted(set(candidate) & set(baseline)):
+        base = {it["id"]: it for it in baseline[section]}
+        pairs = [(base[it["id"]], it) for it in candidate[section] if it["id"] in base]
+        metrics = sorted({m for _, it in pairs for m in it if m != "id"})
+        for m in metrics:
+            direction = direction_of(m)
+            both = [(b[m], c[m]) for b, c in pairs if isinstance(b.get(m), (int, float)) and isinstance(c.get(m), (int, float))]
+            if direction is None or not both:
+                continue
+            a = np.array([x for x, _ in both], dtype=np.float64)
+            b = np.array([y for _, y in both], dtype=np.float64)
+            sign = 1.0 if direction == "higher" else -1.0
+            wins, losses = int((sign * (b - a) > 0).sum()), int((sign * (b - a) < 0).sum())
+            _, low, high = paired_bootstrap(a, b, confidence, seed=seed)
+            if set(np.unique(np.concatenate([a, b]))) <= {0.0, 1.0}:
+                test, p = "sign", sign_test(wins, losses)
+                regressed = losses > wins and p < 1 - confidence
+            else:
+                test, p = "bootstrap", None
+                regressed = high < 0 if direction == "higher" else low > 0
+            checks.append(Check(f"{section}/{m}", len(both), float(a.mean()), float(b.mean()), low, high, wins, losses,
+                                p, test, confidence, direction, bool(regressed)))
     return checks
-
-
-class BaselineStore:
-    def __init__(self, path):
-        self.path = Path(path)
-        self.data = {"versions": {}}
-        if self.path.exists():
-            try:
-                self.data = json.loads(self.path.read_text())
-            except json.JSONDecodeError as e:
-                raise ValueError(f"baseline file {self.path} is corrupted: {e}") from None
-            if not isinstance(self.data.get("versions"), dict):
-                raise ValueError(f"baseline file {self.path} has no 'versions' mapping")
-
-    def versions(self):
-        return sorted(self.data["versions"], key=lambda v: self.data["versions"][v]["recorded_at"])
-
-    def get(self, version=None):
-        if not self.data["versions"]:
-            return None, None
-        version = version or self.versions()[-1]
-        if version not in self.data["versions"]:
-            raise KeyError(f"no baseline for version {version!r}; known: {', '.join(self.versions())}")
-        return version, self.data["versions"][version]["metrics"]
-
-    def record(self, version, metrics):
-        self.data["versions"][version] = {"metrics": metrics, "recorded_at": time.time()}
-        atomic_write_json(self.path, self.data)

@@ -1,10 +1,14 @@
 """`quark eval` and the pipeline's eval step: perplexity / bits-per-byte on held-out data, a
 held-out continuation task built from the run's own validation split, the shipped task files
-(multiple choice, generation, sandboxed code), telemetry, and the regression gate."""
+(multiple choice, generation, sandboxed code), public benchmarks from local copies (NAME=PATH,
+quark.eval.public), telemetry, and every item's scores for the regression gate.
+
+Results (run_dir/eval/results.json) hold the means and, under "items", each document's (and each
+held-out window's) scores: the registry gates a candidate against its champion item by item
+(quark.eval.gate); `quark eval --gate RESULTS.json` does the same against any stored results."""
 import hashlib
 import json
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -12,29 +16,35 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from quark.config import from_dict
+from quark.config import ConfigError, Step, from_dict
 from quark.eval import gate as gates
+from quark.eval import public
 from quark.eval.lm import LanguageModel
 from quark.eval.perplexity import evaluate_tokens
-from quark.eval.tasks import builtin_tasks, evaluate_task, load_task
+from quark.eval.tasks import builtin_tasks, doc_id, evaluate_task, load_task
 from quark.eval.telemetry import Telemetry
 from quark.io import atomic_write_json
-from quark.model.io import latest_model_dir
+from quark.rundir import RunDir
 
 
 @dataclass
 class EvalConfig:
     seed: int = 0
-    model: str = ""                 # model directory; default: the run's latest (dpo > sft > pretrain)
+    model: str = "latest"           # a model directory or model step; "latest": the run's most aligned model
     max_tokens: int = 20000         # held-out tokens scored for perplexity / bits-per-byte
     heldout_mc: int = 40            # held-out continuation questions (0: skip)
-    tasks: list = field(default_factory=lambda: ["builtin"])   # "builtin", shipped task names, or YAML paths
+    tasks: list = field(default_factory=lambda: ["builtin"])   # "builtin", shipped task names, YAML paths, or NAME=PATH (public)
     task_limit: int = 0             # at most this many documents per task (0: all)
-    baselines: str = ""             # baseline store; default run_dir/eval/baselines.json
+    gate: str = ""                  # a results file (e.g. the champion's eval/results.json): fail when a metric is
+                                    # significantly worse on the shared items (paired test); "": no gate
+    confidence: float = gates.CONFIDENCE   # the gate's confidence level
 
 
 def validate_config(cfg):
-    from_dict(EvalConfig, cfg, "eval")
+    s = from_dict(EvalConfig, cfg, "eval")
+    if not 0.0 < s.confidence < 1.0:
+        raise ConfigError(f"eval.confidence: must be in (0, 1), got {s.confidence}")
+    return s
 
 
 def model_version(model_dir):
@@ -46,19 +56,28 @@ def model_version(model_dir):
     return h.hexdigest()[:12]
 
 
-def resolve_tasks(names):
-    paths = []
+def resolve_tasks(names, limit=0):
+    """-> [(TaskSpec, docs)] for shipped task names, "builtin", YAML task files, or NAME=PATH of a public
+    benchmark's local copy (hellaswag, arc, mmlu, gsm8k, humaneval, mbpp)."""
+    out = []
     shipped = {p.stem: p for p in builtin_tasks()}
     for name in names:
+        if "=" in name and name.split("=", 1)[0] in public.LOADERS:
+            out.append(public.load(*name.split("=", 1), limit=limit))
+            continue
         if name == "builtin":
-            paths += list(shipped.values())
+            paths = list(shipped.values())
         elif name in shipped:
-            paths.append(shipped[name])
+            paths = [shipped[name]]
         elif Path(name).exists():
-            paths.append(Path(name))
+            paths = [Path(name)]
         else:
-            raise ValueError(f"unknown task {name!r}: not a shipped task ({', '.join(shipped)}) or a YAML file")
-    return paths
+            raise ValueError(f"unknown task {name!r}: not a shipped task ({', '.join(shipped)}), a YAML file, "
+                             f"or NAME=PATH of a public benchmark ({', '.join(public.LOADERS)})")
+        for path in paths:
+            spec, docs = load_task(path)
+            out.append((spec, docs[: limit or None]))
+    return out
 
 
 def heldout_continuation_docs(lm, tokens, n, seed, ctx_len=48, cont_len=16):
@@ -80,126 +99,102 @@ def heldout_continuation_docs(lm, tokens, n, seed, ctx_len=48, cont_len=16):
 
 
 def score_heldout_mc(lm, docs):
+    """-> (means, items)."""
     if not docs:
-        return {}
-    correct = 0
+        return {}, []
+    items = []
     for d in docs:
         ll = [s for s, _ in lm.loglikelihood([(d["context"], c) for c in d["choices"]])]
-        correct += int(int(np.argmax(ll)) == d["answer"])
-    return {"acc": correct / len(docs), "n": len(docs), "chance": 0.25}
+        items.append({"id": doc_id(d), "acc": float(int(np.argmax(ll)) == d["answer"])})
+    return {"acc": float(np.mean([i["acc"] for i in items])), "n": len(docs), "chance": 0.25}, items
+
+
+def heldout_window_items(lm, tokens):
+    """Per-window mean loss of the held-out tokens, each window named by a hash of its tokens (so two
+    models pair up only where they saw the same tokens: same tokenizer, same split)."""
+    items, start = [], 0
+    for nll, count in lm.window_nll(tokens):
+        window = np.ascontiguousarray(tokens[start: start + count + 1], dtype=np.int64)
+        items.append({"id": hashlib.sha256(window.tobytes()).hexdigest()[:16], "loss": nll / count})
+        start += count
+    return items
 
 
 def load_heldout_tokens(run_dir, max_tokens):
-    meta_path = Path(run_dir) / "pack" / "meta.json"
-    if not meta_path.exists():
+    """The first max_tokens of the run's pack/val.bin, or None when the run has no pack."""
+    run_dir = RunDir.of(run_dir)
+    if not run_dir.has("pack", "meta.json"):
         return None
-    meta = json.loads(meta_path.read_text())
-    val = np.memmap(Path(run_dir) / "pack" / "val.bin", dtype=np.dtype(meta["dtype"]), mode="r")
-    return np.asarray(val[:max_tokens], dtype=np.int64)
+    return np.asarray(run_dir.pack().tokens("val")[:max_tokens], dtype=np.int64)
 
 
 def evaluate(model_dir, cfg: EvalConfig, run_dir=None, telemetry=None, log=print):
-    """-> flat metrics {"<section>/<metric>": value}."""
+    """-> (metrics {"<section>/<metric>": mean}, items {"<section>": [{"id", metric: score}]})."""
     torch.manual_seed(cfg.seed)
     telemetry = telemetry or Telemetry()
     lm = LanguageModel.from_dir(model_dir, run_dir)
-    metrics = {}
+    metrics, items = {}, {}
     tokens = load_heldout_tokens(run_dir, cfg.max_tokens) if run_dir else None
     if tokens is not None and len(tokens) > 1:
         with telemetry.timer("perplexity"):
             ppl = evaluate_tokens(lm, tokens)
+            items["heldout"] = heldout_window_items(lm, tokens)
         metrics |= {f"heldout/{k}": v for k, v in ppl.items()}
         log(f"  held-out: loss {ppl['loss']:.3f}  ppl {ppl['perplexity']:.2f}  bits/byte {ppl['bits_per_byte']:.3f}")
         with telemetry.timer("heldout_mc"):
-            mc = score_heldout_mc(lm, heldout_continuation_docs(lm, tokens, cfg.heldout_mc, cfg.seed))
+            mc, items["heldout_mc"] = score_heldout_mc(lm, heldout_continuation_docs(lm, tokens, cfg.heldout_mc, cfg.seed))
         metrics |= {f"heldout_mc/{k}": v for k, v in mc.items()}
-    for path in resolve_tasks(cfg.tasks):
-        spec, docs = load_task(path)
-        if cfg.task_limit:
-            docs = docs[: cfg.task_limit]
+    for spec, docs in resolve_tasks(cfg.tasks, cfg.task_limit):
         t0 = time.perf_counter()
         with telemetry.timer("task", task=spec.task):
             result = evaluate_task(lm, spec, docs, seed=cfg.seed)
+        items[spec.task] = result.pop("items")
         metrics |= {f"{spec.task}/{k}": v for k, v in result.items()}
         log(f"  {spec.task}: " + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                           for k, v in result.items()) + f"  ({time.perf_counter() - t0:.1f}s)")
-    return metrics
+    return metrics, {k: v for k, v in items.items() if v}
 
 
-def run_gate(metrics, store, version=None):
-    """-> (baseline version or None, checks)."""
-    base_version, baseline = store.get(version)
-    if baseline is None:
-        return None, []
-    return base_version, gates.compare(metrics, baseline)
+def load_results(path):
+    """A results file written by the eval step or `quark eval --json`: {"version", "metrics", "items"}."""
+    try:
+        res = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no results file {path}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"results file {path} is not valid JSON: {e}") from None
+    if not isinstance(res, dict) or not isinstance(res.get("items"), dict):
+        raise ValueError(f"results file {path} has no per-item results ('items'); re-run quark eval to write them")
+    return res
 
 
 def run_step(run_dir, cfg):
-    cfg = from_dict(EvalConfig, cfg, "eval")
-    run_dir = Path(run_dir)
-    out = run_dir / "eval"
-    model_dir = Path(cfg.model) if cfg.model else latest_model_dir(run_dir)
+    cfg = validate_config(cfg)
+    run_dir = RunDir.of(run_dir)
+    out = run_dir.output("eval")
+    model_dir = run_dir.model(cfg.model)
+    print(f"evaluating {model_dir}")
     telemetry = Telemetry(out / "telemetry.jsonl")
     version = model_version(model_dir)
-    metrics = evaluate(model_dir, cfg, run_dir, telemetry)
-    store = gates.BaselineStore(cfg.baselines or out / "baselines.json")
-    base_version, checks = run_gate(metrics, store)
-    regressions = [c.describe() for c in checks if c.regressed]
-    for c in checks:
-        print("  gate:", c.describe())
-    if not regressions:
-        store.record(version, metrics)     # the newest passing model becomes the baseline
-    result = {"model_dir": str(model_dir), "version": version, "metrics": metrics,
-              "gate": {"baseline_version": base_version, "passed": not regressions, "regressions": regressions,
-                       "checks": [asdict(c) for c in checks]},
+    baseline = load_results(cfg.gate) if cfg.gate else None    # a bad file fails before the work
+    metrics, items = evaluate(model_dir, cfg, run_dir, telemetry)
+    result = {"model_dir": str(model_dir), "version": version, "metrics": metrics, "items": items,
               "telemetry": telemetry.summary()}
+    checks = []
+    if baseline is not None:
+        checks = gates.compare(items, baseline["items"], cfg.confidence)
+        for c in checks:
+            print("  gate:", c.describe())
+        result["gate"] = {"against": cfg.gate, "version": baseline.get("version"), "confidence": cfg.confidence,
+                          "passed": not any(c.regressed for c in checks), "checks": [asdict(c) for c in checks]}
     atomic_write_json(out / "results.json", result)
     (out / "metrics.prom").write_text(telemetry.prometheus())
-    return {"version": version, "gate_passed": not regressions, **{k: v for k, v in metrics.items() if not k.endswith("/n")}}
+    if cfg.gate:
+        regressions = [c.describe() for c in checks if c.regressed]
+        if regressions:
+            raise ValueError(f"gate FAILED against {cfg.gate}: {'; '.join(regressions)}")
+        print(f"gate passed against {cfg.gate} ({len(checks)} metrics on shared items)")
+    return {"version": version, **{k: v for k, v in metrics.items() if not k.endswith("/n")}}
 
 
-def configure_parser(p):
-    p.add_argument("path", help="a run directory (uses its latest model and held-out data) or a model directory")
-    p.add_argument("--tasks", nargs="*", default=["builtin"], help="shipped task names, YAML task files, or 'builtin'")
-    p.add_argument("--max-tokens", type=int, default=20000, help="held-out tokens for perplexity")
-    p.add_argument("--limit", type=int, default=0, help="at most this many documents per task")
-    p.add_argument("--gate", action="store_true", help="exit 1 if a metric regresses beyond its tolerance")
-    p.add_argument("--baselines", default=None, help="baseline store (default: PATH/eval/baselines.json)")
-    p.add_argument("--baseline-version", default=None, help="compare against this version (default: newest)")
-    p.add_argument("--record", action="store_true", help="store these metrics as the baseline of this model version")
-    p.add_argument("--json", default=None, help="write the metrics to this JSON file")
-
-
-def run_cli(args):
-    path = Path(args.path)
-    if (path / "model.safetensors").exists():
-        model_dir, run_dir = path, None
-    else:
-        model_dir, run_dir = latest_model_dir(path), path
-    cfg = EvalConfig(max_tokens=args.max_tokens, tasks=args.tasks, task_limit=args.limit)
-    print(f"evaluating {model_dir}")
-    metrics = evaluate(model_dir, cfg, run_dir)
-    version = model_version(model_dir)
-    store = gates.BaselineStore(args.baselines or path / "eval" / "baselines.json")
-    if args.json:
-        atomic_write_json(args.json, {"version": version, "metrics": metrics})
-    status = 0
-    if args.gate:
-        try:
-            base_version, checks = run_gate(metrics, store, args.baseline_version)
-        except KeyError as e:
-            print(f"error: {e.args[0]}", file=sys.stderr)
-            return 2
-        if base_version is None:
-            print("gate: no baseline recorded yet; nothing to compare (use --record)")
-        for c in checks:
-            print("gate:", c.describe())
-        if any(c.regressed for c in checks):
-            print(f"gate FAILED against baseline {base_version}")
-            status = 1
-        elif base_version:
-            print(f"gate passed against baseline {base_version}")
-    if args.record:
-        store.record(version, metrics)
-        print(f"recorded baseline for version {version} in {store.path}")
-    return status
+STEP = Step(name="eval", config=EvalConfig, run=run_step, check=validate_config)

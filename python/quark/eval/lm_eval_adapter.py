@@ -4,23 +4,19 @@ QuarkLM implements the harness's three request types on top of quark.eval.lm.Lan
 registered under the name "quark": by the decorator when this module is imported, and from the command
 line by the import hook quark_lm_eval.py (installed with a .pth), which points lm_eval's registry here.
 """
-from pathlib import Path
 
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import simple_parse_args_string
 
 from quark.eval.lm import LanguageModel
-from quark.model.io import latest_model_dir
 
 
 @register_model("quark")
 class QuarkLM(LM):
     def __init__(self, path, **kwargs):   # lm_eval also passes batch_size, device, ...: one CPU/GPU model here
         super().__init__()
-        path = Path(path)
-        model_dir = path if (path / "model.safetensors").exists() else latest_model_dir(path)
-        self.lm = LanguageModel.from_dir(model_dir, path)
+        self.lm = LanguageModel.from_path(path)
 
     @classmethod
     def create_from_arg_string(cls, arg_string, additional_config=None):

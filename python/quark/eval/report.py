@@ -7,12 +7,17 @@ import html
 import io
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")   # no display: render straight to PNG bytes
 import matplotlib.pyplot as plt  # noqa: E402
+
+from quark.config import Step, from_dict  # noqa: E402
+from quark.io import atomic_write_text  # noqa: E402
+from quark.rundir import RunDir  # noqa: E402
 
 SERIES_KEYS = ("loss", "train_loss", "val_loss", "lr", "tokens_per_s", "mfu", "grad_norm", "accuracy",
                "reward_margin", "reward_accuracy", "kl", "reward")
@@ -78,7 +83,7 @@ def _load_json(path):
 
 def quantization_section(run_dir):
     """Size, held-out perplexity and decode speed per quantized variant (quantize/summary.json)."""
-    summary = _load_json(Path(run_dir) / "quantize" / "summary.json")
+    summary = _load_json(run_dir.input("quantize", "summary.json")) if run_dir.has("quantize", "summary.json") else {}
     rows = [(name, v.get("bytes_after", v.get("bytes")), v.get("perplexity"), v.get("decode_tokens_per_s"))
             for name, v in summary.items() if isinstance(v, dict) and "perplexity" in v]
     if not rows:
@@ -87,14 +92,17 @@ def quantization_section(run_dir):
 
 
 def redteam_section(stats):
-    """Attack success rate before and after alignment, with and without the safety filter."""
+    """Attack success rate before and after alignment, with and without the safety filter (95% Wilson
+    intervals as error bars when the step reported them)."""
     keys = [("before alignment", "asr_before"), ("aligned model only", "asr_after_model_only"),
             ("filter only", "asr_filter_only"), ("aligned + filter", "asr_after")]
-    present = [(label, stats[k]) for label, k in keys if isinstance(stats.get(k), (int, float))]
+    present = [(label, stats[k], stats.get(k + "_ci") or [stats[k], stats[k]])
+               for label, k in keys if isinstance(stats.get(k), (int, float))]
     if not present:
         return []
     fig, ax = plt.subplots(figsize=(6, 2.6))
-    ax.barh([p[0] for p in present][::-1], [p[1] for p in present][::-1], color="#b55")
+    err = [[max(0.0, p[1] - p[2][0]) for p in present][::-1], [max(0.0, p[2][1] - p[1]) for p in present][::-1]]
+    ax.barh([p[0] for p in present][::-1], [p[1] for p in present][::-1], xerr=err, color="#b55", capsize=3)
     ax.set_xlim(0, 1)
     ax.set_xlabel("attack success rate")
     ax.set_title("red-team", fontsize=9)
@@ -133,35 +141,38 @@ img{max-width:100%;margin:4px 0}"""
 
 
 def build_report(run_dir):
-    run_dir = Path(run_dir)
-    state = json.loads((run_dir / "pipeline.json").read_text()) if (run_dir / "pipeline.json").exists() else {"steps": {}}
+    run_dir = RunDir.of(run_dir)
+    state = run_dir.state()
     recipe = state.get("recipe", {})
-    parts = [f"<h1>Quark run report: {html.escape(str(recipe.get('name', run_dir.name)))}</h1>",
-             f"<p>run directory <code>{html.escape(str(run_dir))}</code>, budget <b>{html.escape(str(recipe.get('budget', '?')))}</b>, "
+    parts = [f"<h1>Quark run report: {html.escape(str(recipe.get('name', run_dir.root.name)))}</h1>",
+             f"<p>run directory <code>{html.escape(str(run_dir.root))}</code>, budget <b>{html.escape(str(recipe.get('budget', '?')))}</b>, "
              f"written {time.strftime('%Y-%m-%d %H:%M:%S')}</p>"]
     steps = state.get("steps", {})
     total = sum(s.get("seconds", 0) for s in steps.values())
     parts.append("<h2>Steps</h2>" + table([(n, s.get("status"), s.get("seconds"), s.get("finished_at", ""))
                                             for n, s in steps.items()] + [("total", "", round(total, 1), "")],
                                            ["step", "status", "seconds", "finished"]))
-    results_path = run_dir / "eval" / "results.json"
-    if results_path.exists():
-        res = json.loads(results_path.read_text())
-        g = res.get("gate", {})
-        verdict = ("<span class='ok'>passed</span>" if g.get("passed") else "<span class='bad'>FAILED</span>")
+    if run_dir.has("eval", "results.json"):
+        res = run_dir.json("eval", "results.json")
+        g = steps.get("promote", {}).get("stats") or {}      # the gate runs where the champion lives (registry)
+        gate = ""
+        if "gate_passed" in g:
+            verdict = "<span class='ok'>passed</span>" if g["gate_passed"] else "<span class='bad'>FAILED</span>"
+            gate = (f"; gate {verdict} against champion {html.escape(str(g.get('champion')))} (paired test over items, "
+                    f"confidence {g.get('confidence')}), {'promoted' if g.get('promoted') else 'not promoted'}")
         parts.append(f"<h2>Evaluation</h2><p>model <code>{html.escape(res.get('model_dir', ''))}</code> version "
-                     f"<code>{html.escape(res.get('version', ''))}</code>; gate {verdict} against baseline "
-                     f"{html.escape(str(g.get('baseline_version')))}</p>")
+                     f"<code>{html.escape(res.get('version', ''))}</code>{gate}</p>")
         parts.append(table(sorted(res.get("metrics", {}).items()), ["metric", "value"]))
-        if g.get("regressions"):
-            parts.append("<ul>" + "".join(f"<li class='bad'>{html.escape(r)}</li>" for r in g["regressions"]) + "</ul>")
+        if g.get("checks"):
+            parts.append("<ul>" + "".join(f"<li class='{'bad' if 'REGRESSED' in c else 'ok'}'>{html.escape(c)}</li>"
+                                          for c in g["checks"]) + "</ul>")
         tel = res.get("telemetry")
         if tel:
             parts.append("<h3>Telemetry</h3>" + table(sorted(tel.items()), ["metric", "value"]))
     parts += quantization_section(run_dir) + redteam_section(steps.get("redteam", {}).get("stats") or {})
     plots = []
-    series = [(p.parent.name, read_metrics_jsonl(p)) for p in sorted(run_dir.glob("*/metrics.jsonl"))]
-    for p in sorted(run_dir.glob("*/metrics.json")):       # steps that keep their curve in "history"
+    series = [(p.parent.name, read_metrics_jsonl(p)) for p in sorted(run_dir.root.glob("*/metrics.jsonl"))]
+    for p in sorted(run_dir.root.glob("*/metrics.json")):       # steps that keep their curve in "history"
         history = _load_json(p).get("history")
         if isinstance(history, list):
             series.append((p.parent.name, [r for r in history if isinstance(r, dict)]))
@@ -169,7 +180,7 @@ def build_report(run_dir):
         png = plot_series(name, rows)
         if png:
             plots.append(f"<h3>{html.escape(name)}</h3><img src='data:image/png;base64,{png}'>")
-    lat = run_dir / "eval" / "telemetry.jsonl"
+    lat = run_dir.root / "eval" / "telemetry.jsonl"
     if lat.exists() and (png := plot_latencies(lat)):
         plots.append(f"<h3>latencies</h3><img src='data:image/png;base64,{png}'>")
     if plots:
@@ -182,22 +193,18 @@ def build_report(run_dir):
     return f"<!doctype html><html><head><meta charset='utf-8'><title>Quark report</title><style>{CSS}</style></head><body>{''.join(parts)}</body></html>"
 
 
+@dataclass
+class ReportConfig:
+    pass    # the report takes no settings: it shows what the run holds
+
+
 def run_step(run_dir, cfg):
-    from quark.io import atomic_write_text
-    unknown = set(cfg) - {"seed"}
-    if unknown:
-        from quark.config import ConfigError
-        raise ConfigError(f"report: unknown key {sorted(unknown)[0]!r}; the report step takes no settings")
+    from_dict(ReportConfig, cfg, "report")
+    run_dir = RunDir.of(run_dir)
     page = build_report(run_dir)
-    atomic_write_text(Path(run_dir) / "report.html", page)
-    return {"report": str(Path(run_dir) / "report.html"), "bytes": len(page)}
+    path = run_dir.root / "report.html"     # beside the step folders: the page a user opens first
+    atomic_write_text(path, page)
+    return {"report": str(path), "bytes": len(page)}
 
 
-def configure_parser(p):
-    p.add_argument("run_dir", help="run directory")
-
-
-def run_cli(args):
-    stats = run_step(args.run_dir, {})
-    print(f"wrote {stats['report']}")
-    return 0
+STEP = Step(name="report", config=ReportConfig, run=run_step)

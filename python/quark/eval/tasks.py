@@ -8,14 +8,22 @@
     doc_to_target: "{{answer}}"      # index of the right choice, or the expected string
     target_delimiter: " "
     generation_kwargs: {until: ["\n"], max_gen_toks: 32}
-    # code tasks: doc_to_text is the prompt (signature + docstring); the completion is appended,
-    # then the record's `test` code runs in the sandbox; num_samples n and k for pass@k.
+    answer_regex: ""                 # generate_until: compare the last match of this regex (its first
+                                     # non-empty group) instead of the whole output (GSM8K-style answers)
+    # code tasks: doc_to_text is the prompt (signature + docstring); the completion is appended
+    # (prompt_in_program: false: the completion alone is the program, MBPP-style), then the record's
+    # `test` code runs in the sandbox; num_samples n and k for pass@k.
 
 Scoring: multiple choice by log-likelihood (acc; acc_norm divides by the choice's UTF-8 length),
-generation by exact match after stripping, code by unbiased pass@k (Chen et al. 2021).
+generation by exact match after stripping, code by unbiased pass@k (Chen et al. 2021). Besides the
+means, evaluate_task returns every document's scores under "items" (with a content hash of the
+document as its id): the regression gate compares two models item by item (quark.eval.gate).
+Public benchmarks in their published formats load through quark.eval.public.
 """
 import ast
+import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -46,6 +54,15 @@ class TaskSpec:
     temperature: float = 0.8
     timeout: float = 5.0
     limit: int = 0
+    answer_regex: str = ""
+    prompt_in_program: bool = True
+
+    def __post_init__(self):
+        if self.answer_regex:
+            try:
+                re.compile(self.answer_regex)
+            except re.error as e:
+                raise ConfigError(f"task {self.task}: answer_regex {self.answer_regex!r} is not a valid regular expression ({e})") from None
 
 
 def load_task(path):
@@ -92,40 +109,66 @@ def pass_at_k(n, c, k):
     return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
 
 
-def evaluate_task(lm, spec, docs, seed=0):
-    if spec.output_type == "multiple_choice":
-        correct = correct_norm = 0
-        for doc in docs:
+def doc_id(doc):
+    """A document's identity across runs and models: a hash of its content."""
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def normalize_answer(text):
+    """Numbers as GSM8K writes them: no thousands commas, no currency sign, no final period."""
+    return text.strip().replace(",", "").replace("$", "").rstrip(".").strip()
+
+
+def extract_answer(text, pattern):
+    matches = list(re.finditer(pattern, text))
+    if not matches:
+        return ""
+    m = matches[-1]
+    return next((g for g in m.groups() if g), m.group(0))
+
+
+def _score_docs(lm, spec, docs, seed):
+    """[{metric: score}] per document."""
+    kw = spec.generation_kwargs
+    out = []
+    for i, doc in enumerate(docs):
+        if spec.output_type == "multiple_choice":
             ctx = render(spec.doc_to_text, doc)
             choices = _value(spec.doc_to_choice, doc)
             target = int(_value(spec.doc_to_target, doc))
             scores = lm.loglikelihood([(ctx, spec.target_delimiter + str(c)) for c in choices])
             ll = np.array([s for s, _ in scores])
             lens = np.array([len((spec.target_delimiter + str(c)).encode()) for c in choices])
-            correct += int(ll.argmax() == target)
-            correct_norm += int((ll / lens).argmax() == target)
-        n = max(len(docs), 1)
-        return {"acc": correct / n, "acc_norm": correct_norm / n, "n": len(docs),
-                "chance": float(np.mean([1 / len(_value(spec.doc_to_choice, d)) for d in docs])) if docs else 0.0}
-    if spec.output_type == "generate_until":
-        kw = spec.generation_kwargs
-        hits = 0
-        for doc in docs:
-            out = lm.generate(render(spec.doc_to_text, doc), kw.get("max_gen_toks", 32), kw.get("until", ["\n"]))
-            hits += int(out.strip() == str(_value(spec.doc_to_target, doc)).strip())
-        return {"exact_match": hits / max(len(docs), 1), "n": len(docs)}
-    # code: n samples per problem; the sandbox runs each completion, then the tests, and passes it only on
-    # its harness's report that the tests finished (an early exit in the completion is a failure)
-    per_k = {k: [] for k in spec.k}
-    kw = spec.generation_kwargs
-    for i, doc in enumerate(docs):
-        prompt = render(spec.doc_to_text, doc)
-        c = 0
-        for s in range(spec.num_samples):
-            temp = 0.0 if spec.num_samples == 1 else spec.temperature
-            completion = lm.generate(prompt, kw.get("max_gen_toks", 128), kw.get("until", ["\ndef ", "\nclass "]),
-                                     temperature=temp, seed=seed * 1000 + i * 100 + s)
-            c += run_program(prompt + completion + "\n", doc["test"] + "\n", timeout=spec.timeout).passed
-        for k in spec.k:
-            per_k[k].append(pass_at_k(spec.num_samples, c, k))
-    return {f"pass@{k}": float(np.mean(v)) if v else 0.0 for k, v in per_k.items()} | {"n": len(docs)}
+            out.append({"acc": float(ll.argmax() == target), "acc_norm": float((ll / lens).argmax() == target),
+                        "chance": 1 / len(choices)})
+        elif spec.output_type == "generate_until":
+            gen = lm.generate(render(spec.doc_to_text, doc), kw.get("max_gen_toks", 32), kw.get("until", ["\n"]))
+            if spec.answer_regex:   # the target as written ("1,200" is a number here, not a Python tuple)
+                target = render(spec.doc_to_target, doc)
+                hit = normalize_answer(extract_answer(gen, spec.answer_regex)) == normalize_answer(target)
+            else:
+                hit = gen.strip() == str(_value(spec.doc_to_target, doc)).strip()
+            out.append({"exact_match": float(hit)})
+        else:
+            # n samples; the sandbox runs each completion, then the tests, and passes it only on its
+            # harness's report that the tests finished (an early exit in the completion is a failure)
+            prompt = render(spec.doc_to_text, doc)
+            c = 0
+            for s in range(spec.num_samples):
+                temp = 0.0 if spec.num_samples == 1 else spec.temperature
+                completion = lm.generate(prompt, kw.get("max_gen_toks", 128), kw.get("until", ["\ndef ", "\nclass "]),
+                                         temperature=temp, seed=seed * 1000 + i * 100 + s)
+                program = (prompt if spec.prompt_in_program else "") + completion + "\n"
+                c += run_program(program, doc["test"] + "\n", timeout=spec.timeout).passed
+            out.append({f"pass@{k}": pass_at_k(spec.num_samples, c, k) for k in spec.k})
+    return out
+
+
+def evaluate_task(lm, spec, docs, seed=0):
+    """-> {metric: mean over documents, "n": count, "items": [{"id", metric: score}] in document order}."""
+    scores = _score_docs(lm, spec, docs, seed)
+    names = {"multiple_choice": ["acc", "acc_norm", "chance"], "generate_until": ["exact_match"],
+             "code": [f"pass@{k}" for k in spec.k]}[spec.output_type]
+    means = {m: float(np.mean([s[m] for s in scores])) if scores else 0.0 for m in names}
+    items = [{"id": doc_id(d), **{m: v for m, v in s.items() if m != "chance"}} for d, s in zip(docs, scores)]
+    return means | {"n": len(docs), "items": items}

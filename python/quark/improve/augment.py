@@ -10,7 +10,6 @@
 import ast
 import json
 import random
-from pathlib import Path
 
 from quark.io import atomic_write_text, read_jsonl
 
@@ -113,9 +112,7 @@ def run_cli(args):
             print(f"error: --model is required for {args.method}")
             return 2
         from quark.eval.lm import LanguageModel
-        from quark.model.io import latest_model_dir
-        path = Path(args.model)
-        lm = LanguageModel.from_dir(path if (path / "model.safetensors").exists() else latest_model_dir(path), path)
+        lm = LanguageModel.from_path(args.model)
     out, stats = augment_records(records, args.method, lm, args.copies, args.seed, args.rate)
     atomic_write_text(args.output, "".join(json.dumps(r) + "\n" for r in out))
     print(json.dumps(stats))

@@ -13,6 +13,9 @@
   QueueFull beyond it, so overload is answered, not absorbed), join the running batch as slots free
   up (continuous batching: Orca, Yu et al. 2022; vLLM), and stream text deltas through a callback.
 Any module with the nn.Linear call contract works as a projection, so QuantLinear models run as is.
+The options of Hugging Face checkpoints (quark.model.hf) run as quark.model.gpt runs them: biases in
+the projections, q/k norms before the rotation, rope scaling through model.rope, and a sliding window
+as a mask (prefill) or windowed attention (decode past the window).
 """
 import itertools
 import threading
@@ -25,6 +28,7 @@ import torch.nn.functional as F
 
 from quark import ops
 from quark.infer.sampling import Detokenizer, SamplingParams, sample
+from quark.model.gpt import window_attention
 
 # int8: symmetric per (token, head) with float32 scales (quark.ops.quantize_kv), a quarter of fp32's bytes
 CACHE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
@@ -69,7 +73,7 @@ def _fuse(linears):
 class Runner:
     """The model's forward over a slot cache. Not thread-safe: one owner (the engine thread)."""
 
-    def __init__(self, model, slots, max_seq_len=None, cache_dtype="fp32"):
+    def __init__(self, model, slots, max_seq_len=None, cache_dtype="fp32", fuse=True):
         if cache_dtype not in CACHE_DTYPES:
             raise ValueError(f"cache_dtype must be one of {', '.join(CACHE_DTYPES)}, got {cache_dtype!r}")
         self.model = model.eval()
@@ -86,9 +90,11 @@ class Runner:
             self.k_scale = [torch.zeros(shape[:3]) for _ in range(cfg.n_layer)]                 # (slots, Hkv, Smax)
             self.v_scale = [torch.zeros(shape[:3]) for _ in range(cfg.n_layer)]
         self.lens = torch.zeros(slots, dtype=torch.long)
+        # fuse=False leaves the model's parameters alone (fusing replaces them by views of one tensor): for
+        # a model that is still being trained between generations, such as the RL policy
         with torch.no_grad():
-            self.qkv = [_fuse([b.attn.wq, b.attn.wk, b.attn.wv]) for b in model.blocks]
-            self.gate_up = [_fuse([b.mlp.w1, b.mlp.w3]) for b in model.blocks]
+            self.qkv = [_fuse([b.attn.wq, b.attn.wk, b.attn.wv]) if fuse else None for b in model.blocks]
+            self.gate_up = [_fuse([b.mlp.w1, b.mlp.w3]) if fuse else None for b in model.blocks]
 
     def _project_qkv(self, i, h):
         a = self.model.blocks[i].attn
@@ -96,6 +102,13 @@ class Runner:
             return ops.linear(h, self.qkv[i]).split(
                 [self.cfg.n_head * self.cfg.head_dim] + [self.cfg.n_kv_head * self.cfg.head_dim] * 2, -1)
         return _linear(a.wq, h), _linear(a.wk, h), _linear(a.wv, h)
+
+    def _qk(self, i, q, k, cos, sin):
+        """q (T, H, D), k (T, Hkv, D) -> normed (Qwen3) and rotated."""
+        a = self.model.blocks[i].attn
+        if self.cfg.qk_norm:
+            q, k = a.q_norm(q), a.k_norm(k)
+        return _rope(q, cos, sin), _rope(k, cos, sin)
 
     def _mlp(self, i, h):
         m = self.model.blocks[i].mlp
@@ -108,20 +121,21 @@ class Runner:
     def extend(self, slot, ids, all_logits=False):
         """Append ids (T,) to a slot's sequence (a prompt, or tokens to verify) -> logits (T, V) or (V,)
         for the last position. Queries attend causally to the slot's whole cache."""
-        H, Hkv, D = self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim
+        H, Hkv, D, W = self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim, self.cfg.sliding_window
         T, p0 = len(ids), int(self.lens[slot])
         if p0 + T > self.max_seq_len:
             raise ValueError(f"sequence of {p0 + T} tokens exceeds the cache ({self.max_seq_len})")
         pos = torch.arange(p0, p0 + T)
-        cos, sin = self.model.rope_cos[pos][:, None].to(self.dtype), self.model.rope_sin[pos][:, None].to(self.dtype)
+        cos, sin = (c[:, None].to(self.dtype) for c in self.model.rope(pos))
         x = self.model.tok_emb(torch.as_tensor(ids, dtype=torch.long))                      # (T, d)
         mask = None
-        if p0:   # queries at p0.. see keys 0..p0+t (bottom-right aligned causal mask)
+        if p0 or (W and p0 + T > W):   # queries at p0.. see keys 0..p0+t (bottom-right aligned causal mask)
             mask = torch.ones(T, p0 + T, dtype=torch.bool).tril(diagonal=p0)
+            if W:                      # ... and only the last W of them
+                mask &= ~torch.ones(T, p0 + T, dtype=torch.bool).tril(diagonal=p0 - W)
         for i, blk in enumerate(self.model.blocks):
             q, k, v = self._project_qkv(i, blk.attn_norm(x))
-            q = _rope(q.view(T, H, D), cos, sin)                                             # (T, H, D)
-            k = _rope(k.view(T, Hkv, D), cos, sin)
+            q, k = self._qk(i, q.view(T, H, D), k.view(T, Hkv, D), cos, sin)                 # (T, H|Hkv, D)
             self._store(i, slot, slice(p0, p0 + T), k.transpose(0, 1), v.view(T, Hkv, D).transpose(0, 1))
             kk, vv = self._load(i, slot, p0 + T)                                             # (1, Hkv, S, D)
             qq = q.transpose(0, 1)[None]                                                     # (1, H, T, D)
@@ -139,21 +153,25 @@ class Runner:
     @torch.no_grad()
     def decode(self, tokens):
         """One token for each of the active slots 0..n-1: tokens (n,) -> logits (n, V)."""
-        H, Hkv, D = self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim
+        H, Hkv, D, W = self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim, self.cfg.sliding_window
         n = len(tokens)
         pos = self.lens[:n].clone()                                                          # (n,)
         if int(pos.max()) >= self.max_seq_len:
             raise ValueError(f"KV cache full ({self.max_seq_len} positions)")
         rows = torch.arange(n)
-        cos, sin = self.model.rope_cos[pos][:, None].to(self.dtype), self.model.rope_sin[pos][:, None].to(self.dtype)
+        cos, sin = (c[:, None].to(self.dtype) for c in self.model.rope(pos))
         x = self.model.tok_emb(torch.as_tensor(tokens, dtype=torch.long))                   # (n, d)
         seqlens = (pos + 1).to(torch.int32)
+        windowed = W and int(seqlens.max()) > W
         for i, blk in enumerate(self.model.blocks):
             q, k, v = self._project_qkv(i, blk.attn_norm(x))
-            q = _rope(q.view(n, H, D), cos, sin)                                             # (n, H, D)
-            k = _rope(k.view(n, Hkv, D), cos, sin)
+            q, k = self._qk(i, q.view(n, H, D), k.view(n, Hkv, D), cos, sin)                 # (n, H|Hkv, D)
             self._store(i, rows, pos, k, v.view(n, Hkv, D))                                  # (n, Hkv, D)
-            if self.quantized:
+            if windowed:   # past Mistral's window: attend to each slot's last W positions only
+                S = int(seqlens.max())
+                kk, vv = self._load(i, slice(0, n), S)
+                y = window_attention(q[:, :, None], kk, vv, seqlens, W)[:, :, 0]
+            elif self.quantized:
                 y = ops.decode_attention(q.contiguous(), self.k[i][:n], self.v[i][:n], seqlens,
                                          k_scale=self.k_scale[i][:n], v_scale=self.v_scale[i][:n])
             else:
@@ -174,11 +192,13 @@ class Runner:
             self.v[i][slot, :, pos] = v.to(self.cache_dtype)
 
     def _load(self, i, slot, n):
-        """The first n cached positions of a slot in the model's dtype -> k, v (1, Hkv, n, D)."""
-        k, v = self.k[i][slot:slot + 1, :, :n], self.v[i][slot:slot + 1, :, :n]
+        """The first n cached positions of a slot (or a slice of slots) in the model's dtype -> k, v
+        (slots, Hkv, n, D)."""
+        rows = slot if isinstance(slot, slice) else slice(slot, slot + 1)
+        k, v = self.k[i][rows, :, :n], self.v[i][rows, :, :n]
         if self.quantized:
-            k = k.float() * self.k_scale[i][slot:slot + 1, :, :n, None]
-            v = v.float() * self.v_scale[i][slot:slot + 1, :, :n, None]
+            k = k.float() * self.k_scale[i][rows, :, :n, None]
+            v = v.float() * self.v_scale[i][rows, :, :n, None]
         return k.to(self.dtype), v.to(self.dtype)
 
     def move(self, src, dst):
@@ -208,6 +228,7 @@ class Request:
         self.detok = Detokenizer(tokenizer, params.stop) if tokenizer is not None else None
         self.text = ""
         self.finish_reason = None
+        self.stop_token = None     # the stop token id that ended it (not in output_ids)
         self.cancelled = False
         self.generator = params.generator()
         self.history = torch.tensor(self.prompt_ids, dtype=torch.long) if params.penalized else None
@@ -230,6 +251,7 @@ class Request:
         if self.t_first is None:
             self.t_first = time.perf_counter()
         if token in self.stop_ids:
+            self.stop_token = token
             return self._finish("stop")
         self.output_ids.append(token)
         if self.history is not None:
@@ -275,15 +297,16 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer=None, max_batch=8, max_queue=64, max_seq_len=None, cache_dtype="fp32",
-                 stop_tokens=("<|end|>", "<|eos|>")):
+                 stop_tokens=("<|end|>", "<|eos|>"), stop_ids=None, fuse=True):
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch}, {max_queue}")
-        self.runner = Runner(model, max_batch, max_seq_len, cache_dtype)
+        self.runner = Runner(model, max_batch, max_seq_len, cache_dtype, fuse)
         self.tokenizer = tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.max_seq_len = self.runner.max_seq_len
-        ids = [tokenizer.token_to_id(t) for t in stop_tokens] if tokenizer is not None else []
-        self.stop_ids = frozenset(i for i in ids if i is not None)
+        if stop_ids is None:   # by default the tokenizer's stop tokens (none without a tokenizer)
+            stop_ids = [tokenizer.token_to_id(t) for t in stop_tokens] if tokenizer is not None else []
+        self.stop_ids = frozenset(i for i in stop_ids if i is not None)
         self.waiting = deque()
         self.active = []           # requests; active[j] owns slot j
         self.cond = threading.Condition()
@@ -294,7 +317,7 @@ class Engine:
         self.tokens_generated = 0
 
     # ---- client side (any thread) ----
-    def submit(self, prompt_ids, params=None, on_event=None):
+    def _request(self, prompt_ids, params, on_event=None):
         params = params or SamplingParams()
         if not prompt_ids:
             raise ValueError("prompt is empty: it must hold at least one token")
@@ -304,7 +327,10 @@ class Engine:
         vocab = self.runner.cfg.vocab_size
         if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
             raise ValueError(f"prompt token ids must lie in [0, {vocab})")
-        req = Request(prompt_ids, params, self.tokenizer, self.stop_ids, on_event)
+        return Request(prompt_ids, params, self.tokenizer, self.stop_ids, on_event)
+
+    def submit(self, prompt_ids, params=None, on_event=None):
+        req = self._request(prompt_ids, params, on_event)
         with self.cond:
             if not self.accepting:
                 raise ShuttingDown("the engine is shutting down")
@@ -321,6 +347,24 @@ class Engine:
         req = self.submit(prompt_ids, params, on_event)
         req.done.wait()
         return req
+
+    def run(self, prompts, params=None):
+        """Generate for every prompt on the caller's thread (no loop thread, no queue bound), max_batch at
+        a time with continuous batching -> the finished Requests in prompt order. params: one
+        SamplingParams for all prompts, or a list with one per prompt (e.g. distinct seeds)."""
+        if self.thread is not None:
+            raise RuntimeError("run() drives the engine itself; this engine already has its loop thread")
+        per_prompt = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(per_prompt) != len(prompts):
+            raise ValueError(f"got {len(per_prompt)} SamplingParams for {len(prompts)} prompts")
+        reqs = [self._request(p, sp) for p, sp in zip(prompts, per_prompt)]
+        pending = deque(reqs)
+        while pending or self.active:
+            admitted = []
+            while pending and len(self.active) + len(admitted) < self.max_batch:
+                admitted.append(pending.popleft())
+            self._step(admitted)
+        return reqs
 
     @property
     def queue_depth(self):
@@ -427,23 +471,17 @@ class Engine:
 
 def load_for_serving(path):
     """A run directory or a model directory -> (model, tokenizer, model_dir, run_dir or None).
-    The run's latest model (quark.model.io.latest_model_dir) is served; the tokenizer is the model
-    directory's tokenizer.json, else the run's tokenizer/tokenizer.json."""
-    from pathlib import Path
-
+    The run's latest model (RunDir.model("latest")) is served; the tokenizer is the model
+    directory's tokenizer.json, else the run's."""
     from tokenizers import Tokenizer
 
-    from quark.model.io import latest_model_dir, load_model
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path} is not a directory (expected a run directory or a model directory)")
-    if (path / "config.json").exists():
-        model_dir = path
-        run_dir = path.parent.parent if (path.parent.parent / "tokenizer").is_dir() else None
+    from quark.model.io import load_model
+    from quark.rundir import RunDir
+    run, model_dir = RunDir.locate(path)
+    if run is not None:
+        tokenizer = run.tokenizer(model_dir)
+    elif (model_dir / "tokenizer.json").exists():
+        tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     else:
-        model_dir, run_dir = latest_model_dir(path), path
-    candidates = [model_dir / "tokenizer.json"] + ([run_dir / "tokenizer" / "tokenizer.json"] if run_dir else [])
-    tok_path = next((p for p in candidates if p.exists()), None)
-    if tok_path is None:
-        raise FileNotFoundError(f"no tokenizer found (looked for {', '.join(map(str, candidates))})")
-    return load_model(model_dir), Tokenizer.from_file(str(tok_path)), model_dir, run_dir
+        raise FileNotFoundError(f"no tokenizer found (looked for {model_dir / 'tokenizer.json'})")
+    return load_model(model_dir), tokenizer, model_dir, run.root if run is not None else None

@@ -1,5 +1,17 @@
-"""Hugging Face Llama interop: export a GPT to a directory that transformers' LlamaForCausalLM loads
-(config.json, model.safetensors, tokenizer.json), and import such a directory back into a GPT.
+"""Hugging Face model directories in and out.
+
+In: `load_hf(directory)` builds a GPT from a transformers checkpoint directory (config.json, then
+model.safetensors or the shards listed in model.safetensors.index.json) of LlamaForCausalLM (also
+SmolLM2, TinyLlama), MistralForCausalLM, Qwen2ForCausalLM or Qwen3ForCausalLM. The weights are read
+shard by shard into a model built on the "meta" device, so the peak is about one copy of them, in the
+stored dtype unless one is asked for. Anything Quark does not implement (a model_type, a config field
+with a non-default value, a tensor without a place) is an error that names it: nothing is ignored,
+except what transformers ignores too (a stored rotary inv_freq, the lm_head copy of tied embeddings).
+`chat_settings(directory)` reads the chat template, special tokens and eos ids the same way.
+
+Out: `export_hf(model, out_dir)` writes any GPT as a directory transformers loads with the same
+logits (llama, mistral, qwen2 or qwen3, whichever expresses its options), with the tokenizer files,
+and `export_peft` writes LoRA adapters as a PEFT adapter directory.
 
 The architectures are the same function: RMSNorm with the weight applied after the fp32
 normalisation, rotary embeddings on (first half, second half) pairs (HF's rotate_half), GQA where
@@ -11,48 +23,224 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
 
-from quark.io import atomic_write_json
-from quark.model.config import GPTConfig
+from quark.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from quark.model.config import GPTConfig, config_from_hf
 from quark.model.gpt import GPT
 
-# quark name -> HF name, for layer i ({i}) and the global tensors.
-LAYER_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "attn.wq.weight": "self_attn.q_proj.weight",
-    "attn.wk.weight": "self_attn.k_proj.weight",
-    "attn.wv.weight": "self_attn.v_proj.weight",
-    "attn.wo.weight": "self_attn.o_proj.weight",
-    "mlp_norm.weight": "post_attention_layernorm.weight",
-    "mlp.w1.weight": "mlp.gate_proj.weight",
-    "mlp.w3.weight": "mlp.up_proj.weight",
-    "mlp.w2.weight": "mlp.down_proj.weight",
+# Quark module -> HF module inside layer i (parameters keep their suffix, weight or bias), and globals.
+LAYER_MODULES = {
+    "attn_norm": "input_layernorm", "attn.wq": "self_attn.q_proj", "attn.wk": "self_attn.k_proj",
+    "attn.wv": "self_attn.v_proj", "attn.wo": "self_attn.o_proj", "attn.q_norm": "self_attn.q_norm",
+    "attn.k_norm": "self_attn.k_norm", "mlp_norm": "post_attention_layernorm", "mlp.w1": "mlp.gate_proj",
+    "mlp.w3": "mlp.up_proj", "mlp.w2": "mlp.down_proj",
 }
 GLOBAL_NAMES = {"tok_emb.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
                 "lm_head.weight": "lm_head.weight"}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM"}
+# Tokenizer-side files of an HF directory, copied along with tokenizer.json when a model is saved.
+TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json")
+# Quark's own chat template (quark.chat) in Jinja, written into exports of Quark-trained models.
+QUARK_CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+                       "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
 def to_hf_name(name):
     if name in GLOBAL_NAMES:
         return GLOBAL_NAMES[name]
-    _, i, rest = name.split(".", 2)            # blocks.{i}.{rest}
-    return f"model.layers.{i}.{LAYER_NAMES[rest]}"
+    _, i, rest = name.split(".", 2)            # blocks.{i}.{module}.{weight|bias}
+    module, param = rest.rsplit(".", 1)
+    return f"model.layers.{i}.{LAYER_MODULES[module]}.{param}"
 
+
+def from_hf_name(name):
+    """The GPT name of an HF tensor name, or None when it has no place in a GPT."""
+    inverse = {v: k for k, v in GLOBAL_NAMES.items()}
+    if name in inverse:
+        return inverse[name]
+    parts = name.split(".")
+    modules = {v: k for k, v in LAYER_MODULES.items()}
+    if len(parts) < 5 or parts[:2] != ["model", "layers"] or ".".join(parts[3:-1]) not in modules:
+        return None
+    return f"blocks.{parts[2]}.{modules['.'.join(parts[3:-1])]}.{parts[-1]}"
+
+
+def read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def is_hf_dir(directory):
+    """True when directory's config.json is a transformers config (it has a model_type)."""
+    path = Path(directory) / "config.json"
+    return path.exists() and "model_type" in read_json(path)
+
+
+def read_hf_config(directory) -> GPTConfig:
+    path = Path(directory) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{directory} is not a Hugging Face model directory: config.json is missing")
+    return config_from_hf(read_json(path), str(path))
+
+
+# ---- weights ----------------------------------------------------------------------------------------
+
+def _weight_files(directory):
+    """[(path, names the index puts in it or None)] of model.safetensors or the indexed shards."""
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise ValueError("weight_map is empty")
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{index} is malformed ({e}); expected {{metadata, weight_map}}") from None
+        files = {}
+        for name, file in weight_map.items():
+            files.setdefault(file, set()).add(name)
+        for file in files:
+            if not (directory / file).exists():
+                raise FileNotFoundError(f"{directory / file} is missing (listed in {index.name})")
+        return [(directory / f, names) for f, names in sorted(files.items())]
+    if (directory / "model.safetensors").exists():
+        return [(directory / "model.safetensors", None)]
+    other = sorted(p.name for p in directory.glob("*.bin")) + sorted(p.name for p in directory.glob("*.pt*"))
+    raise FileNotFoundError(f"{directory}: model.safetensors (or model.safetensors.index.json) is missing"
+                            + (f"; {other[0]} is a pickle, which Quark never loads: convert it to safetensors"
+                               if other else ""))
+
+
+def load_hf(directory, device="cpu", dtype=None) -> GPT:
+    """A GPT with the weights of a Hugging Face directory, on `device`, in the stored dtype unless `dtype`."""
+    directory = Path(directory)
+    cfg = read_hf_config(directory)
+    files = _weight_files(directory)
+    with torch.device("meta"):   # no memory until the stored tensors are assigned
+        model = GPT(cfg)
+    expected = {to_hf_name(n): (n, t.shape) for n, t in model.state_dict().items()
+                if not (cfg.tie_embeddings and n == "lm_head.weight")}
+    seen = set()
+    for path, listed in files:
+        part = {}
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                keys = set(f.keys())
+                if listed is not None and listed - keys:
+                    raise ValueError(f"{path}: tensor {sorted(listed - keys)[0]} listed in the index is not in the file")
+                for key in sorted(keys):
+                    if key not in expected:
+                        if key.endswith("rotary_emb.inv_freq") or (cfg.tie_embeddings and key == "lm_head.weight"):
+                            continue   # recomputed / tied, as transformers does
+                        raise ValueError(f"{path}: tensor {key} has no place in this {cfg.n_layer}-layer model")
+                    name, shape = expected[key]
+                    t = f.get_tensor(key)
+                    if t.shape != shape:
+                        raise ValueError(f"{path}: tensor {key} has shape {tuple(t.shape)}, config.json implies "
+                                         f"{tuple(shape)}")
+                    dtype = dtype or t.dtype   # the stored dtype of the first tensor, for all of them
+                    part[name] = t.to(device=device, dtype=dtype)
+                    seen.add(key)
+        except SafetensorError as e:
+            raise ValueError(f"{path} is corrupted or truncated: {e}") from None
+        model.load_state_dict(part, strict=False, assign=True)
+    missing = sorted(set(expected) - seen)
+    if missing:
+        raise ValueError(f"{directory}: tensor {missing[0]} is missing" + (f" (and {len(missing) - 1} more)"
+                                                                           if len(missing) > 1 else ""))
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.tok_emb.weight
+    model.init_rope(device)
+    return model.eval()
+
+
+# ---- chat settings --------------------------------------------------------------------------------
+
+def _token_text(t):
+    return t.get("content") if isinstance(t, dict) else t
+
+
+def chat_settings(directory):
+    """{"template", "special_tokens", "eos_ids"} of an HF directory's tokenizer files, or None when it
+    has no chat template. The template comes from chat_template.jinja, else tokenizer_config.json
+    (a named list: the "default" one); special tokens (bos_token, eos_token, ...) from
+    tokenizer_config.json, as transformers passes them to the template; eos ids from
+    generation_config.json, else config.json."""
+    directory = Path(directory)
+    tok_cfg = read_json(directory / "tokenizer_config.json") if (directory / "tokenizer_config.json").exists() else {}
+    if (directory / "chat_template.jinja").exists():
+        template = (directory / "chat_template.jinja").read_text()
+    else:
+        template = tok_cfg.get("chat_template")
+        if isinstance(template, list):
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            if "default" not in named:
+                raise ValueError(f"{directory}/tokenizer_config.json: chat templates {sorted(named)} have no 'default'")
+            template = named["default"]
+    if not template:
+        return None
+    special = {}
+    for key in ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"):
+        if _token_text(tok_cfg.get(key)) is not None:
+            special[key] = _token_text(tok_cfg[key])
+    eos = None
+    for name in ("generation_config.json", "config.json"):
+        if (directory / name).exists():
+            eos = read_json(directory / name).get("eos_token_id")
+            if eos is not None:
+                break
+    eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    return {"template": template, "special_tokens": special, "eos_ids": eos_ids}
+
+
+# ---- out: HF and PEFT directories -----------------------------------------------------------------
 
 def hf_config(cfg: GPTConfig, bos_id=None, eos_id=None, dtype="float32"):
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+    """The transformers config of a GPTConfig: the one architecture among ARCHITECTURES whose options
+    it uses (ValueError when none has them all)."""
+    attn_bias = cfg.qkv_bias and cfg.o_bias
+    if cfg.qk_norm:
+        kind, ok = "qwen3", cfg.qkv_bias == cfg.o_bias and not (cfg.mlp_bias or cfg.sliding_window)
+    elif cfg.qkv_bias and not cfg.o_bias:
+        kind, ok = "qwen2", not (cfg.mlp_bias or cfg.sliding_window)
+    elif cfg.sliding_window:
+        kind, ok = "mistral", not (cfg.qkv_bias or cfg.o_bias or cfg.mlp_bias)
+    else:
+        kind, ok = "llama", cfg.qkv_bias == cfg.o_bias
+    if not ok:
+        raise ValueError(f"no Hugging Face architecture has this combination of options: qkv_bias={cfg.qkv_bias}, "
+                         f"o_bias={cfg.o_bias}, mlp_bias={cfg.mlp_bias}, qk_norm={cfg.qk_norm}, "
+                         f"sliding_window={cfg.sliding_window}")
+    scaling = dict(cfg.rope_scaling or {"rope_type": "default"})
+    max_pos = cfg.max_seq_len
+    if scaling["rope_type"] == "dynamic":
+        max_pos = scaling.pop("original_max_position_embeddings")
+    c = {
+        "architectures": [ARCHITECTURES[kind]], "model_type": kind,
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.ffn_hidden,
         "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head,
-        "head_dim": cfg.head_dim, "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
-        # transformers < 5 reads rope_theta, >= 5 rope_parameters: write both.
-        "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-        "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu", "attention_bias": False,
-        "mlp_bias": False, "attention_dropout": 0.0, "initializer_range": cfg.init_std,
-        "bos_token_id": bos_id, "eos_token_id": eos_id, "torch_dtype": dtype, "dtype": dtype,
+        "head_dim": cfg.head_dim, "max_position_embeddings": max_pos, "rms_norm_eps": cfg.norm_eps,
+        # transformers < 5 reads rope_theta (+ rope_scaling), >= 5 rope_parameters: write both.
+        "rope_theta": cfg.rope_theta, "rope_parameters": {**scaling, "rope_theta": cfg.rope_theta},
+        "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu", "attention_dropout": 0.0,
+        "initializer_range": cfg.init_std, "bos_token_id": bos_id, "eos_token_id": eos_id,
+        "torch_dtype": dtype, "dtype": dtype,
     }
+    if cfg.rope_scaling:
+        c["rope_scaling"] = scaling
+    if kind == "llama":
+        c.update(attention_bias=attn_bias, mlp_bias=cfg.mlp_bias)
+    elif kind == "mistral":
+        c["sliding_window"] = cfg.sliding_window
+    else:
+        c.update(use_sliding_window=False, sliding_window=None)
+        if kind == "qwen3":
+            c["attention_bias"] = attn_bias
+    return c
 
 
 def _special_ids(tokenizer_path):
@@ -67,87 +255,114 @@ def _special_ids(tokenizer_path):
     return ids.get("<|bos|>"), ids.get("<|eos|>")
 
 
-def export_hf(model: GPT, out_dir, tokenizer_path=None, dtype=torch.float32):
-    """Write model as a Hugging Face Llama checkpoint directory; returns the directory."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = model.config
+def copy_tokenizer_files(tokenizer_path, directory):
+    """Copy tokenizer.json and, when it sits in an HF directory, that directory's TOKENIZER_FILES
+    (chat template, special tokens, eos ids) into `directory`. True when HF files were copied."""
+    src, directory = Path(tokenizer_path), Path(directory)
+    if src.resolve() != (directory / "tokenizer.json").resolve():
+        shutil.copyfile(src, directory / "tokenizer.json")
+    copied = False
+    for name in TOKENIZER_FILES:
+        if (src.parent / name).exists():
+            copied = True
+            if (src.parent / name).resolve() != (directory / name).resolve():
+                shutil.copyfile(src.parent / name, directory / name)
+    return copied
+
+
+def _hf_state(model: GPT, dtype):
+    """HF-named tensors of a GPT (LoRA layers merged, quantized layers dequantized), without the tied head."""
+    from quark.model.lora import LoRALinear
+    from quark.nn import QuantLinear
+    with torch.device("meta"):
+        plain = GPT(model.config).state_dict()   # the names of a plain GPT of this config
     state = {}
-    for name, t in model.state_dict().items():
-        if name == "lm_head.weight" and cfg.tie_embeddings:
+    for name in plain:
+        if name == "lm_head.weight" and model.config.tie_embeddings:
             continue   # HF re-ties it from embed_tokens (tie_word_embeddings)
+        path, param = name.rsplit(".", 1)
+        module = model.get_submodule(path)
+        if isinstance(module, LoRALinear):
+            t = module.base.bias if param == "bias" else module.base.weight + (0 if module.merged else module.delta_weight())
+        elif isinstance(module, QuantLinear):
+            t = module.bias if param == "bias" else module.qweight.dequantize()
+        else:
+            t = getattr(module, param)
         state[to_hf_name(name)] = t.detach().to(dtype).contiguous().cpu()
-    tmp = out / ".model.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    tmp.replace(out / "model.safetensors")
-    bos, eos = _special_ids(tokenizer_path)
-    atomic_write_json(out / "config.json", hf_config(cfg, bos, eos, str(dtype).removeprefix("torch.")))
-    if tokenizer_path is not None:
-        shutil.copyfile(tokenizer_path, out / "tokenizer.json")
-        atomic_write_json(out / "tokenizer_config.json", {
-            "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|bos|>", "eos_token": "<|eos|>",
-            "pad_token": "<|pad|>", "model_max_length": cfg.max_seq_len})
-    return out
-
-
-def _read_config(directory):
-    path = directory / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{directory} is not a Hugging Face model directory: config.json is missing")
-    try:
-        c = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if c.get("model_type") != "llama":
-        raise ValueError(f"{path}: model_type is {c.get('model_type')!r}; only 'llama' can be imported")
-    for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
-        if c.get(key, ok) != ok:
-            raise ValueError(f"{path}: {key}={c[key]!r} is not supported (Quark's GPT needs {ok!r})")
-    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise ValueError(f"{path}: rope scaling {rope.get('rope_type', rope.get('type'))!r} is not supported")
-    d, heads = c["hidden_size"], c["num_attention_heads"]
-    if c.get("head_dim", d // heads) != d // heads:
-        raise ValueError(f"{path}: head_dim {c['head_dim']} != hidden_size / num_attention_heads is not supported")
-    return GPTConfig(vocab_size=c["vocab_size"], n_layer=c["num_hidden_layers"], n_head=heads,
-                     n_kv_head=c.get("num_key_value_heads", heads), d_model=d, ffn_hidden=c["intermediate_size"],
-                     max_seq_len=c.get("max_position_embeddings", 2048),
-                     rope_theta=float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
-                     norm_eps=c.get("rms_norm_eps", 1e-5), tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-                     init_std=c.get("initializer_range", 0.02))
-
-
-def _read_weights(directory):
-    """All tensors of model.safetensors, or of the shards listed in model.safetensors.index.json."""
-    index = directory / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
-    state = {}
-    for name in files:
-        path = directory / name
-        if not path.exists():
-            raise FileNotFoundError(f"{directory}: {name} is missing (only safetensors weights can be imported)")
-        try:
-            state.update(load_file(str(path)))
-        except (SafetensorError, OSError) as e:
-            raise ValueError(f"{path} is corrupted or truncated: {e}") from None
     return state
 
 
-def import_hf(directory, dtype=torch.float32) -> GPT:
-    """A GPT with the weights of a Hugging Face Llama directory (safetensors)."""
-    directory = Path(directory)
-    cfg = _read_config(directory)
-    hf_state = _read_weights(directory)
-    model = GPT(cfg)
+def export_hf(model: GPT, out_dir, tokenizer_path=None, dtype=torch.float32, max_shard_bytes=None):
+    """Write model as a Hugging Face checkpoint directory (sharded above max_shard_bytes); returns it.
+    LoRA layers are exported merged and quantized layers dequantized."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = _hf_state(model, dtype)
+    write_safetensors(state, out, max_shard_bytes)
+    bos, eos = _special_ids(tokenizer_path)
+    cfg = hf_config(model.config, bos, eos, str(dtype).removeprefix("torch."))
+    if tokenizer_path is not None and not copy_tokenizer_files(tokenizer_path, out):
+        # A Quark tokenizer: its chat template in Jinja, and generation stops at <|end|> or <|eos|>.
+        end = {t["content"]: t["id"] for t in read_json(tokenizer_path).get("added_tokens", [])}.get("<|end|>")
+        atomic_write_json(out / "tokenizer_config.json", {
+            "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|bos|>", "eos_token": "<|eos|>",
+            "pad_token": "<|pad|>", "model_max_length": model.config.max_seq_len, "chat_template": QUARK_CHAT_TEMPLATE})
+        atomic_write_json(out / "generation_config.json", {
+            "bos_token_id": bos, "eos_token_id": [i for i in (end, eos) if i is not None]})
+    elif tokenizer_path is not None and (out / "generation_config.json").exists():
+        cfg["eos_token_id"] = read_json(out / "generation_config.json").get("eos_token_id", cfg["eos_token_id"])
+    atomic_write_json(out / "config.json", cfg)
+    return out
+
+
+def write_safetensors(state, out, max_shard_bytes=None, metadata=None):
+    """model.safetensors, or model-0000k-of-0000n.safetensors + model.safetensors.index.json when the
+    tensors exceed max_shard_bytes (whole tensors per file, in order), each written atomically."""
+    metadata = {"format": "pt", **(metadata or {})}
+    files, size = [[]], 0
+    for name, t in state.items():
+        n = t.numel() * t.element_size()
+        if max_shard_bytes and files[-1] and size + n > max_shard_bytes:
+            files.append([])
+            size = 0
+        files[-1].append(name)
+        size += n
+    if len(files) == 1:
+        atomic_write_bytes(out / "model.safetensors", save(state, metadata=metadata))
+        return
+    weight_map = {}
+    for k, names in enumerate(files):
+        file = f"model-{k + 1:05d}-of-{len(files):05d}.safetensors"
+        atomic_write_bytes(out / file, save({n: state[n] for n in names}, metadata=metadata))
+        weight_map.update(dict.fromkeys(names, file))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    atomic_write_json(out / "model.safetensors.index.json", {"metadata": {"total_size": total},
+                                                              "weight_map": weight_map})
+
+
+def export_peft(model: GPT, out_dir, base_model_name_or_path=None):
+    """Write the LoRA adapters of a GPT (quark.model.lora) as a PEFT directory (adapter_config.json +
+    adapter_model.safetensors) that peft's PeftModel.from_pretrained loads onto the HF export of the
+    base. Quark's A (r, in) and B (out, r) with scale alpha / r are PEFT's lora_A / lora_B weights."""
+    from quark.model.lora import lora_modules
+    mods = lora_modules(model)
+    if not mods:
+        raise ValueError("the model has no LoRA adapters to export; load them with quark.model.lora.load_adapter")
+    lcfg = model.lora_config
     state = {}
-    for name in model.state_dict():
-        if name == "lm_head.weight" and cfg.tie_embeddings:
-            continue
-        hf_name = to_hf_name(name)
-        if hf_name not in hf_state:
-            raise ValueError(f"{directory}: tensor {hf_name} is missing")
-        state[name] = hf_state[hf_name].to(torch.float32)
-    if cfg.tie_embeddings:
-        state["lm_head.weight"] = state["tok_emb.weight"]
-    model.load_state_dict(state)
-    return model.to(dtype).eval()
+    for name, m in mods.items():
+        prefix = "base_model.model." + to_hf_name(f"{name}.weight").removesuffix(".weight")
+        state[f"{prefix}.lora_A.weight"] = m.lora_A.detach().float().contiguous().cpu()
+        state[f"{prefix}.lora_B.weight"] = m.lora_B.detach().float().contiguous().cpu()
+    targets = sorted({LAYER_MODULES[f"{p}.{t}"].split(".")[1] for t in lcfg.targets for p in ("attn", "mlp")
+                      if f"{p}.{t}" in LAYER_MODULES})
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / "adapter_model.safetensors", save(state, metadata={"format": "pt"}))
+    atomic_write_text(out / "adapter_config.json", json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+        "r": lcfg.rank, "lora_alpha": lcfg.alpha, "lora_dropout": lcfg.dropout, "target_modules": targets,
+        "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+        "inference_mode": True, "modules_to_save": None, "init_lora_weights": True,
+        "rank_pattern": {}, "alpha_pattern": {}}, indent=1))
+    return out

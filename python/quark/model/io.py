@@ -1,9 +1,10 @@
 """Model directories: model.safetensors + config.json (GPTConfig) [+ tokenizer.json].
 
 Every step that produces a model writes one of these (run_dir/<step>/final/), and every step that
-consumes one loads it here. safetensors only: nothing is ever unpickled.
+consumes one loads it here: a Quark directory, its sharded or quantized forms, or a Hugging Face
+directory (config.json with a model_type; quark.model.hf); which directory a run's "latest" or "best"
+model is, is quark.rundir's business. safetensors only: nothing is ever unpickled.
 """
-import shutil
 from pathlib import Path
 
 from safetensors import SafetensorError
@@ -12,12 +13,9 @@ from safetensors.torch import load_file
 from quark.io import atomic_dir
 from quark.model.config import load_config
 from quark.model.gpt import GPT
+from quark.model.hf import copy_tokenizer_files, is_hf_dir, load_hf
 from quark.model.quantized import load_quantized_model
 from quark.model.shard import load_state
-
-# Steps that produce a model, latest in the life cycle first.
-MODEL_STEPS = ("dpo", "sft", "pretrain")
-
 
 def save_model(model: GPT, directory, tokenizer_path=None, metadata=None):
     """Write the model directory as a whole (quark.io.atomic_dir): weights, config and tokenizer
@@ -32,8 +30,8 @@ def save_model(model: GPT, directory, tokenizer_path=None, metadata=None):
     with atomic_dir(directory) as tmp:
         (tmp / "model.safetensors").write_bytes(_serialize(state, {k: str(v) for k, v in (metadata or {}).items()}))
         (tmp / "config.json").write_text(model.config.to_json())
-        if tokenizer_path is not None:   # may be the directory's own tokenizer.json: copied before the swap
-            shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
+        if tokenizer_path is not None:   # copied before the swap, with an HF checkpoint's chat files beside it
+            copy_tokenizer_files(tokenizer_path, tmp)
     return directory
 
 
@@ -44,9 +42,12 @@ def _serialize(state, metadata):
 
 def load_model(directory, device="cpu", dtype=None) -> GPT:
     """A GPT from a model directory: model.safetensors, Hugging Face style shards
-    (model.safetensors.index.json, quark.model.shard), or a quantized model (quant.json,
-    quark.model.quantized; its QuantLinear layers run the int8/int4 kernels)."""
+    (model.safetensors.index.json, quark.model.shard), a quantized model (quant.json,
+    quark.model.quantized; its QuantLinear layers run the int8/int4 kernels), or a Hugging Face
+    directory (quark.model.hf; kept in its stored dtype unless `dtype` is given)."""
     directory = Path(directory)
+    if is_hf_dir(directory):
+        return load_hf(directory, device, dtype)
     config = load_config(directory)
     if (directory / "quant.json").exists():
         model = load_quantized_model(directory)
@@ -69,30 +70,3 @@ def load_model(directory, device="cpu", dtype=None) -> GPT:
     if dtype is not None:
         model = model.to(dtype)
     return model.to(device).eval()
-
-
-def latest_model_dir(run_dir):
-    """The most aligned model a run has produced: dpo, else sft, else pretrain (…/final)."""
-    for step in MODEL_STEPS:
-        d = Path(run_dir) / step / "final"
-        if (d / "model.safetensors").exists():
-            return d
-    raise FileNotFoundError(f"{run_dir} holds no trained model (looked for {', '.join(MODEL_STEPS)}/final)")
-
-
-def pick_model(run_dir, choice, held_out_loss):
-    """(model directory, {candidate directory: held-out loss}) for a step's model setting:
-    "latest" (latest_model_dir), "best" (the run's final model with the lowest held_out_loss(model)),
-    or a model directory. Alignment (sft, dpo) trades some held-out perplexity for behaviour, so the
-    steps that judge a model by perplexity (distill's teacher, quantize) can ask for "best"."""
-    if choice not in ("best", "latest"):
-        return Path(choice), {}
-    if choice == "latest":
-        return latest_model_dir(run_dir), {}
-    losses = {}
-    for d in (Path(run_dir) / step / "final" for step in MODEL_STEPS):
-        if (d / "model.safetensors").exists():
-            losses[str(d)] = round(float(held_out_loss(load_model(d), d)), 4)
-    if not losses:
-        return latest_model_dir(run_dir), {}   # raises: no trained model
-    return Path(min(losses, key=losses.get)), losses

@@ -7,12 +7,12 @@ the source had one.
 Written by quark.optimize.quantize, read by quark.model.io.load_model.
 """
 import json
-import shutil
 from pathlib import Path
 
 from quark.io import atomic_open, atomic_write_json, atomic_write_text
 from quark.model.config import load_config
 from quark.model.gpt import GPT
+from quark.model.hf import copy_tokenizer_files
 from quark.nn import QuantLinear
 from quark.ops.quant import QuantizedTensor, read_safetensors
 
@@ -52,8 +52,8 @@ def save_quantized_model(model, directory, report, tokenizer_path=None):
     atomic_write_json(directory / "quant.json", {"scheme": report.scheme, "group_size": report.group_size,
                                                   "layers": report.layers, "method": report.method,
                                                   "calibration": report.calibration})
-    if tokenizer_path is not None and Path(tokenizer_path).exists():
-        shutil.copyfile(tokenizer_path, directory / "tokenizer.json")
+    if tokenizer_path is not None and Path(tokenizer_path).exists():   # with an HF chat template beside it
+        copy_tokenizer_files(tokenizer_path, directory)
     return directory
 
 

@@ -15,8 +15,10 @@ So a block costs two all-reduces forward (after wo and after w2) and two backwar
 and before w1/w3), as in Megatron. Any process group backend works: gloo on CPU, NCCL on GPU.
 
 Checkpoints: HF style, `model-00001-of-0000N.safetensors` files plus `model.safetensors.index.json`
-{"metadata": {"total_size", ...}, "weight_map": {tensor: file}}, full (unsliced) tensors named as in
-GPT.state_dict(), config.json beside them. The files do not depend on the world size, so resharding
+{"metadata": {"total_size", ...}, "weight_map": {tensor: file}}, full (unsliced) tensors under their
+Hugging Face names with transformers' config.json beside them (quark.model.hf), so transformers loads
+a sharded directory as it is; directories written before, under GPT.state_dict() names with Quark's
+config.json, still read. The files do not depend on the world size, so resharding
 between world sizes is free at load time: rank r of W opens the files with safetensors' safe_open and
 reads only its rows / columns of each tensor (get_slice), never the whole model. Saving from W ranks
 gathers each tensor on the rank that owns its file (file k belongs to rank k % W), so no rank holds
@@ -35,9 +37,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from quark import ops
-from quark.io import atomic_open, atomic_write_json, atomic_write_text
+from quark.io import atomic_open, atomic_write_json
 from quark.model.config import GPTConfig, load_config
 from quark.model.gpt import RMSNorm, apply_rope, rope_cache
+from quark.model.hf import from_hf_name, hf_config, to_hf_name
 
 INDEX_NAME = "model.safetensors.index.json"
 FORMAT = "quark.sharded/1"
@@ -57,7 +60,11 @@ def split_dim(name):
 
 
 def check_tp(cfg: GPTConfig, world_size):
-    """Raise ValueError naming the first dimension that world_size does not divide."""
+    """Raise ValueError naming the first dimension that world_size does not divide, or the first option
+    of the Hugging Face family the tensor-parallel GPT does not implement."""
+    for field in ("head_dim_override", "qkv_bias", "o_bias", "mlp_bias", "qk_norm", "sliding_window", "rope_scaling"):
+        if getattr(cfg, field):
+            raise ValueError(f"tensor parallelism does not implement {field}={getattr(cfg, field)!r}")
     for field in ("n_head", "n_kv_head", "ffn_hidden", "vocab_size"):
         if getattr(cfg, field) % world_size:
             raise ValueError(f"tensor parallelism over {world_size} ranks needs {field} ({getattr(cfg, field)}) "
@@ -310,13 +317,17 @@ def plan_files(sizes, num_shards=None, max_shard_bytes=None):
 def _write_index(directory, weight_map, total_size, metadata=None):
     atomic_write_json(Path(directory) / INDEX_NAME,
                       {"metadata": {"total_size": total_size, "format": FORMAT, **(metadata or {})},
-                       "weight_map": weight_map})
+                       "weight_map": {to_hf_name(k): f for k, f in weight_map.items()}})
 
 
 def _write_file(path, tensors):
     from safetensors.torch import save
-    with atomic_open(path) as f:
-        f.write(save(tensors, metadata={"format": "pt"}))   # "pt": what HF loaders expect in each shard
+    with atomic_open(path) as f:   # "pt": what HF loaders expect in each shard
+        f.write(save({to_hf_name(k): t for k, t in tensors.items()}, metadata={"format": "pt"}))
+
+
+def _write_config(directory, cfg, dtype):
+    atomic_write_json(Path(directory) / "config.json", hf_config(cfg, dtype=str(dtype).removeprefix("torch.")))
 
 
 def save_sharded(state, directory, config: GPTConfig, num_shards=None, max_shard_bytes=None, tokenizer_path=None,
@@ -341,7 +352,7 @@ def save_sharded(state, directory, config: GPTConfig, num_shards=None, max_shard
         for i in range(n):
             _write_file(directory / _file_name(i, n), {k: state[k] for k, f in zip(state, files) if f == i})
         _write_index(directory, weight_map, sum(b for _, b in sizes), metadata)
-    atomic_write_text(directory / "config.json", config.to_json())
+    _write_config(directory, config, next(iter(state.values())).dtype)
     if tokenizer_path is not None and Path(tokenizer_path).exists() and \
             Path(tokenizer_path).resolve() != (directory / "tokenizer.json").resolve():
         (directory / "tokenizer.json").write_bytes(Path(tokenizer_path).read_bytes())
@@ -369,6 +380,7 @@ class CheckpointReader:
         self._open, self._handles = safe_open, {}
         if self.weight_map is None:
             self.weight_map = dict.fromkeys(self._handle("model.safetensors").keys(), "model.safetensors")
+        self.stored = {from_hf_name(n) or n: n for n in self.weight_map}   # GPT name -> name in the files
         self.bytes_read = 0
 
     def _handle(self, file):
@@ -384,13 +396,14 @@ class CheckpointReader:
         return self._handles[file]
 
     def names(self):
-        return list(self.weight_map)
+        return list(self.stored)
 
     def read(self, name, dim=None, start=None, stop=None):
         """Tensor `name`, or its [start, stop) range along dim."""
-        if name not in self.weight_map:
+        if name not in self.stored:
             raise KeyError(f"{self.directory}: tensor {name!r} is not in the checkpoint")
-        sl = self._handle(self.weight_map[name]).get_slice(name)
+        stored = self.stored[name]
+        sl = self._handle(self.weight_map[stored]).get_slice(stored)
         if dim is None:
             t = sl[:]
         else:
@@ -463,7 +476,7 @@ def save_tp_model(model: TPGPT, directory, num_shards=None, max_shard_bytes=None
         if n_files > 1:
             _write_index(directory, {n: _file_name(f, n_files) for n, f in zip(names, files)},
                          sum(b for _, b in sizes), {"saved_world_size": W})
-        atomic_write_text(directory / "config.json", cfg.to_json())
+        _write_config(directory, cfg, params[names[0]].dtype)
         if tokenizer_path is not None and Path(tokenizer_path).exists():
             (directory / "tokenizer.json").write_bytes(Path(tokenizer_path).read_bytes())
     dist.barrier()

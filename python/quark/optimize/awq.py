@@ -27,8 +27,9 @@ the cost of a grid point does not grow with the number of tokens (llm-awq subsam
 import torch
 import torch.nn.functional as F
 
+from quark.nn.patch import is_skipped
 from quark.ops.quant import dequantize, padded_k, quantize_rtn
-from quark.optimize.calibration import block_inputs, is_skipped, run_block
+from quark.optimize.calibration import block_inputs, run_block
 
 
 def _pseudo_quantize(w, group_size):

@@ -1,36 +1,18 @@
 """Calibration for int4 methods (AWQ, GPTQ): token windows of the training split, the hidden states
-entering the first block, one block run over them, and which layers stay in float."""
-import json
-from pathlib import Path
-
+entering the first block, and one block run over them. (Which layers stay in float:
+quark.nn.patch.is_skipped.)"""
 import numpy as np
 import torch
 
-
-def is_skipped(name, skip):
-    """Whether layer `name` is one of `skip`: a full name or a name suffix ("lm_head", "attn.wq")."""
-    return any(name == s or name.endswith("." + s) for s in skip)
+from quark.rundir import RunDir
 
 
-def load_calibration(source, n_sequences=128, seq_len=128, seed=0):
-    """(n_sequences, seq_len) int64 windows drawn at random from a packed token file.
-
-    source: a run directory (its pack/train.bin) or a .bin file with meta.json beside it (its
-    "dtype"). The training split, never val.bin: the held-out perplexity must not see calibration text.
-    """
-    source = Path(source)
-    path = source / "pack" / "train.bin" if source.is_dir() else source
-    meta_path = path.parent / "meta.json"
-    for p in (path, meta_path):
-        if not p.exists():
-            raise FileNotFoundError(f"calibration data: {p} is missing (run the pack step, or pass a packed .bin)")
-    try:
-        dtype = np.dtype(json.loads(meta_path.read_text())["dtype"])
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{meta_path}: needs a valid 'dtype' key ({e})") from None
-    tokens = np.memmap(path, dtype=dtype, mode="r")
+def load_calibration(run_dir, n_sequences=128, seq_len=128, seed=0):
+    """(n_sequences, seq_len) int64 windows drawn at random from the run's packed training tokens.
+    The training split, never val.bin: the held-out perplexity must not see calibration text."""
+    tokens = RunDir.of(run_dir).pack().tokens("train")
     if len(tokens) < seq_len + 1:
-        raise ValueError(f"{path} holds {len(tokens)} tokens; calibration needs at least seq_len={seq_len}")
+        raise ValueError(f"{tokens.filename} holds {len(tokens)} tokens; calibration needs at least seq_len={seq_len}")
     rng = np.random.default_rng(seed)
     starts = rng.integers(0, len(tokens) - seq_len, size=n_sequences)
     return torch.from_numpy(np.stack([np.asarray(tokens[s:s + seq_len], dtype=np.int64) for s in starts]))

@@ -14,14 +14,13 @@ ones as T changes (Hinton et al.). Teacher logits come either
 Both runs draw batches from the same deterministic loader (seed), start from the same initial
 weights, and follow the same schedule, so they see exactly the same tokens.
 
-Pipeline step `distill` / `quark distill RUN_DIR`: the teacher is, unless a directory is given, the
+Pipeline step `distill` / `quark distill --run-dir R`: the teacher is, unless a directory is given, the
 run's trained model (pretrain, sft or dpo) with the lowest held-out loss: the teacher's job here is
 to model pack/ text, which the alignment steps trade away for chat behaviour. Writes
 run_dir/distill/{student,baseline}/ (model directories that `quark serve` loads) and report.json,
 with the student's perplexity change against the baseline and its noise (+- 2 standard errors of
 the paired per-batch difference on the same held-out batches).
 """
-import argparse
 import json
 import math
 import sys
@@ -33,17 +32,19 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from quark.config import ConfigError, from_dict
+from quark.config import ConfigError, Step, from_dict
 from quark.data.loader import TokenLoader, eval_batches
 from quark.infer.measure import held_out, paired_delta
 from quark.io import atomic_write_json
 from quark.model import GPT, GPTConfig
+from quark.rundir import RunDir
+from quark.train.loop import LoopSettings, train_loop
 
 
 @dataclass
 class DistillConfig:
-    teacher: str = "best"          # a model directory; "best": the run's model with the lowest held-out loss;
-                                   # "latest": the run's most aligned model (dpo, else sft, else pretrain)
+    teacher: str = "best"          # a model directory or model step; "best": the run's trained model with the
+                                   # lowest held-out loss; "latest": the run's most aligned model
     student: dict = field(default_factory=dict)   # GPTConfig fields replacing the teacher's; {}: half the layers
     steps: int = 200
     batch_size: int = 16
@@ -185,28 +186,19 @@ def _check_vocab(model, data, where):
 
 def pick_teacher(run_dir, choice, data, val):
     """(teacher directory, {candidate directory: held-out loss}) for DistillConfig.teacher."""
-    from quark.model.io import pick_model
-
     def held_out_loss(model, where):
         _check_vocab(model, data, where)
         return held_out(model, val).mean()
-    return pick_model(run_dir, choice, held_out_loss)
+    return RunDir.of(run_dir).choose_model(choice, held_out_loss=held_out_loss)
 
 
 def train_student(cfg: GPTConfig, data, c: DistillConfig, alpha, teacher=None, cache=None, desc="student"):
     """Train a fresh student (init seed c.seed) for c.steps; returns (model, stats)."""
-    from quark.train.trainer import PretrainConfig, lr_at, make_optimizer
-    sched = PretrainConfig(max_steps=c.steps, lr=c.lr, min_lr=c.min_lr, warmup_steps=c.warmup_steps,
-                           weight_decay=c.weight_decay, batch_size=c.batch_size, seq_len=c.seq_len)
     torch.manual_seed(c.seed)
     model = GPT(cfg)
-    opt = make_optimizer(model, sched)
     loader = _loader(data, c)
-    model.train()
-    t0 = time.perf_counter()
-    for step in tqdm(range(c.steps), desc=desc, file=sys.stderr):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, sched)
+
+    def micro_loss(step, micro):
         x, y = loader.next_batch()
         logits, _ = model(x)
         if alpha == 0:
@@ -218,10 +210,11 @@ def train_student(cfg: GPTConfig, data, c: DistillConfig, alpha, teacher=None, c
             with torch.no_grad():
                 t_logits, _ = teacher(x)
             loss, _, _ = kd_loss(logits, y, c.temperature, alpha, teacher_logits=t_logits)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        return loss, {}
+    t0 = time.perf_counter()
+    s = LoopSettings(steps=c.steps, lr=c.lr, min_lr=c.min_lr, warmup=c.warmup_steps, weight_decay=c.weight_decay,
+                     log_every=c.steps)
+    train_loop(model, micro_loss, s, desc=desc)
     return model.eval(), {"seconds": round(time.perf_counter() - t0, 2), "params": cfg.num_params(),
                           "tokens": c.steps * c.batch_size * c.seq_len}
 
@@ -229,7 +222,7 @@ def train_student(cfg: GPTConfig, data, c: DistillConfig, alpha, teacher=None, c
 def distill(run_dir, c: DistillConfig):
     from quark.model.io import load_model, save_model
     from quark.train.trainer import data_spec
-    run_dir = Path(run_dir)
+    run_dir = RunDir.of(run_dir)
     data = data_spec(run_dir)
     val = eval_batches(data.val_bin, data.dtype, c.batch_size, c.seq_len, c.eval_batches)
     teacher_dir, candidates = pick_teacher(run_dir, c.teacher, data, val)
@@ -238,7 +231,7 @@ def distill(run_dir, c: DistillConfig):
     scfg = student_config(teacher.config, c.student)
     if c.seq_len > min(teacher.config.max_seq_len, scfg.max_seq_len):
         raise ConfigError(f"distill.seq_len {c.seq_len} exceeds the models' max_seq_len")
-    out = run_dir / "distill"
+    out = run_dir.output("distill")
     key = {"teacher": str(teacher_dir), "teacher_mtime": (teacher_dir / "model.safetensors").stat().st_mtime,
            **asdict(c)}
     report_path = out / "report.json"
@@ -283,45 +276,8 @@ def distill(run_dir, c: DistillConfig):
 
 
 def run_step(run_dir, cfg):
-    report = distill(Path(run_dir), validate_config(cfg))
+    report = distill(run_dir, validate_config(cfg))
     return {k: v for k, v in report.items() if k != "key"}
 
 
-def configure_parser(parser: argparse.ArgumentParser):
-    parser.add_argument("run_dir", help="run directory with pack/ (output: RUN_DIR/distill)")
-    parser.add_argument("--teacher", default=None,
-                        help="teacher model directory, 'best' (default: the run's model with the lowest held-out "
-                             "loss) or 'latest' (its most aligned model)")
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--temperature", type=float, default=None)
-    parser.add_argument("--alpha", type=float, default=None, help="weight of the distillation loss")
-    parser.add_argument("--top-k", type=int, default=None, help="cache the teacher's top-k logits (0: on the fly)")
-    parser.add_argument("--no-baseline", action="store_true", help="skip the student trained without the teacher")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON", help="any other DistillConfig field")
-
-
-def run_cli(args):
-    cfg = {k: v for k, v in {"teacher": args.teacher, "steps": args.steps, "temperature": args.temperature,
-                             "alpha": args.alpha, "top_k": args.top_k}.items() if v is not None}
-    if args.no_baseline:
-        cfg["baseline"] = False
-    for item in args.set:
-        key, _, value = item.partition("=")
-        try:
-            cfg[key] = json.loads(value)
-        except json.JSONDecodeError:
-            cfg[key] = value
-    try:
-        report = run_step(Path(args.run_dir), cfg)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}")
-        return 2
-    for name in ("teacher", "student", "baseline"):
-        if name in report:
-            r = report[name]
-            print(f"{name:9s} params {r['params']:>10,}  val loss {r['val_loss']:.4f}  "
-                  f"perplexity {r['perplexity']:.3f}")
-    s = report["student"]
-    if "vs_baseline" in s:
-        print(f"student vs baseline: perplexity {s['vs_baseline']:+.2f}% +- {s['vs_baseline_2se']:.2f} (2 SE)")
-    return 0
+STEP = Step(name="distill", config=DistillConfig, run=run_step, check=validate_config)

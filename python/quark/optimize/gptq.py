@@ -23,8 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from quark.nn.patch import is_skipped
 from quark.ops.quant import QuantizedTensor, _pack_int4, padded_k, quantize_rtn
-from quark.optimize.calibration import block_inputs, is_skipped, run_block
+from quark.optimize.calibration import block_inputs, run_block
 
 
 def gptq_quantize(w, hessian, group_size=128, damp=0.01, act_order=False, block_size=128):

@@ -10,24 +10,23 @@ QuantizedTensor for that layer (for example after scaling or error-correcting it
 (`load_calibration`: a few hundred sequences of run_dir/pack/train.bin, never the held-out split).
 
 """
-import argparse
 import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from quark.config import ConfigError, from_dict
+from quark.config import ConfigError, Step, from_dict
 from quark.infer.measure import decode_tokens_per_s, held_out, paired_delta, window_batches
 from quark.io import atomic_write_json, atomic_write_text
-from quark.model.quantized import MODEL_FORMAT, save_quantized_model, set_module
-from quark.nn import QuantLinear
+from quark.model.quantized import MODEL_FORMAT, save_quantized_model
+from quark.nn.patch import is_skipped, quantize_
 from quark.ops.quant import GROUP_SIZES, SCHEMES, quantize
 from quark.optimize.awq import awq_model
-from quark.optimize.calibration import is_skipped, load_calibration
+from quark.optimize.calibration import load_calibration
 from quark.optimize.gptq import gptq_model
+from quark.rundir import RunDir
 
 METHODS = ("rtn", "awq", "gptq")   # round-to-nearest; activation-aware scaling; second-order error compensation
 
@@ -62,10 +61,6 @@ def model_nbytes(model: nn.Module):
     return total
 
 
-def _rtn(scheme, group_size):
-    return lambda name, linear: quantize(linear.weight, scheme, group_size)
-
-
 def quantize_model(model: nn.Module, scheme="int4", group_size=32, skip=("lm_head",), quantizer=None):
     """Replace every nn.Linear of `model` (in place) by a QuantLinear; returns a QuantizeReport.
 
@@ -74,20 +69,10 @@ def quantize_model(model: nn.Module, scheme="int4", group_size=32, skip=("lm_hea
     multiple of group_size pad their last group (quark.ops.quant).
     quantizer(name, linear) -> QuantizedTensor overrides round-to-nearest (the AWQ/GPTQ hook).
     """
-    if scheme not in SCHEMES:
-        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
-    if scheme == "int4" and group_size not in GROUP_SIZES:
-        raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {group_size!r}")
-    quantizer = quantizer or _rtn(scheme, group_size)
     report = QuantizeReport(scheme, group_size if scheme == "int4" else 0, bytes_before=model_nbytes(model))
-    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    for name, linear in targets:
-        if is_skipped(name, skip):
-            report.skipped[name] = "skipped by request"
-            continue
-        qt = quantizer(name, linear)
-        set_module(model, name, QuantLinear(qt, linear.bias))
-        report.layers.append(name)
+    report.skipped = {name: "skipped by request" for name, m in model.named_modules()
+                      if isinstance(m, nn.Linear) and is_skipped(name, skip)}
+    report.layers = quantize_(model, scheme, group_size, skip, quantizer)
     report.bytes_after = model_nbytes(model)
     return report
 
@@ -125,20 +110,11 @@ def quantize_calibrated(model, method, calib, group_size=128, skip=("lm_head",),
 # ---- held-out tokens the step scores ---------------------------------------------------------------
 
 def load_val_tokens(run_dir):
-    """run_dir/pack/val.bin as a flat int64 tensor, dtype from pack/meta.json["dtype"]."""
-    pack = Path(run_dir) / "pack"
-    meta_path, val_path = pack / "meta.json", pack / "val.bin"
-    for p in (meta_path, val_path):
-        if not p.exists():
-            raise FileNotFoundError(f"{p} is missing; run the pack step first")
-    try:
-        dtype = np.dtype(json.loads(meta_path.read_text())["dtype"])
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{meta_path}: needs a valid 'dtype' key ({e})") from None
-    tokens = np.fromfile(val_path, dtype=dtype)
+    """The run's held-out tokens (pack/val.bin) as a flat int64 tensor."""
+    tokens = RunDir.of(run_dir).pack().tokens("val")
     if len(tokens) < 2:
-        raise ValueError(f"{val_path} holds {len(tokens)} tokens; need at least 2 to evaluate")
-    return torch.from_numpy(tokens.astype(np.int64))
+        raise ValueError(f"{tokens.filename} holds {len(tokens)} tokens; need at least 2 to evaluate")
+    return torch.from_numpy(np.asarray(tokens, dtype=np.int64))
 
 
 # ---- pipeline step --------------------------------------------------------------------------------
@@ -226,10 +202,10 @@ def _evaluate(model, tokens, c, reference=None, scored=None):
 def run_step(run_dir, cfg):
     from tqdm import tqdm
 
-    from quark.model.io import load_model, pick_model
+    from quark.model.io import load_model
     c = validate_config(cfg)
     torch.manual_seed(c.seed)
-    run_dir = Path(run_dir)
+    run_dir = RunDir.of(run_dir)
     tokens = load_val_tokens(run_dir)
     heldout = {}   # "best" measures every candidate's window losses: the float baseline reuses its own
 
@@ -237,10 +213,10 @@ def run_step(run_dir, cfg):
         batches = window_batches(tokens, model.config.max_seq_len, c.eval_tokens, vocab_size=model.config.vocab_size)
         heldout[str(where)] = held_out(model, batches)
         return heldout[str(where)].mean()
-    src, candidates = pick_model(run_dir, c.model, held_out_loss)
+    src, candidates = run_dir.choose_model(c.model, held_out_loss=held_out_loss)
     source = {"model_dir": str(src), "mtime": (src / "model.safetensors").stat().st_mtime,
               "eval_tokens": c.eval_tokens}
-    out = run_dir / "quantize"
+    out = run_dir.output("quantize")
     stats = {"source": str(src), "candidates": candidates}
     base_path = out / "float.json"
     base = json.loads(base_path.read_text()) if base_path.exists() else {}
@@ -291,50 +267,4 @@ def run_step(run_dir, cfg):
     return stats
 
 
-# ---- CLI: quark quantize MODEL_DIR --scheme int4 [--method awq --calib RUN_DIR] --out DIR ----------
-
-def configure_parser(parser: argparse.ArgumentParser):
-    parser.add_argument("model_dir", help="model directory (config.json + model.safetensors)")
-    parser.add_argument("--scheme", choices=SCHEMES, default="int4")
-    parser.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=32, help="int4 group along K")
-    parser.add_argument("--method", choices=METHODS, default="rtn",
-                        help="int4 only: round-to-nearest, AWQ or GPTQ (the last two calibrate on --calib)")
-    parser.add_argument("--calib", default=None,
-                        help="calibration tokens: a run directory (pack/train.bin) or a packed .bin with meta.json "
-                             "beside it (default: the run directory holding MODEL_DIR, i.e. MODEL_DIR/../..)")
-    parser.add_argument("--calib-sequences", type=int, default=128)
-    parser.add_argument("--calib-seq-len", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0, help="which calibration windows are drawn")
-    parser.add_argument("--no-act-order", dest="act_order", action="store_false",
-                        help="gptq: quantize the columns in their own order, not by decreasing input energy")
-    parser.add_argument("--damp", type=float, default=0.01, help="gptq: Hessian damping (fraction of its mean diagonal)")
-    parser.add_argument("--out", required=True, help="output directory for the quantized model")
-    parser.add_argument("--quantize-head", action="store_true", help="also quantize lm_head")
-
-
-def run_cli(args):
-    from quark.model.io import load_model
-    if args.method != "rtn" and args.scheme != "int4":
-        print(f"error: --method {args.method} is for --scheme int4 (int8 / w8a8 use round-to-nearest)")
-        return 2
-    try:
-        model = load_model(args.model_dir)
-        calib = None
-        if args.method != "rtn":
-            source = Path(args.calib) if args.calib else Path(args.model_dir).resolve().parent.parent
-            calib = load_calibration(source, args.calib_sequences, min(args.calib_seq_len, model.config.max_seq_len),
-                                     args.seed)
-    except (FileNotFoundError, ValueError, ConfigError) as e:
-        print(f"error: {e}")
-        return 2
-    skip = () if args.quantize_head else ("lm_head",)
-    if args.method == "rtn":
-        report = quantize_model(model, args.scheme, args.group_size, skip=skip)
-    else:
-        report = quantize_calibrated(model, args.method, calib, args.group_size, skip=skip,
-                                     calib_info={"source": str(source), "seed": args.seed},
-                                     act_order=args.act_order, damp=args.damp)
-    save_quantized_model(model, args.out, report, Path(args.model_dir) / "tokenizer.json")
-    print(f"{args.scheme} ({args.method}): {len(report.layers)} layers quantized, {len(report.skipped)} kept in float; "
-          f"{report.bytes_before / 1e6:.2f} MB -> {report.bytes_after / 1e6:.2f} MB ({report.ratio:.2f}x) -> {args.out}")
-    return 0
+STEP = Step(name="quantize", config=QuantizeConfig, run=run_step, check=validate_config)

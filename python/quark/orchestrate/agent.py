@@ -291,13 +291,15 @@ def configure_parser(parser):
 
 
 def run_cli(args):
-    from quark.model.io import latest_model_dir, load_model
+    from quark.model.io import load_model
     from quark.retrieval.rag import ModelGenerator
     from quark.retrieval.tools import register_http_api
+    from quark.rundir import RunDir
     try:
+        run_dir = RunDir(args.run_dir)
         reg = ToolRegistry()
         tokenizer = None
-        if (Path(args.run_dir) / "index" / "config.json").exists():
+        if run_dir.has("index", "config.json"):
             from quark.retrieval.store import open_run_store
             store = open_run_store(args.run_dir)
             tokenizer = store.tokenizer
@@ -311,10 +313,8 @@ def run_cli(args):
             if not url:
                 raise ValueError(f"--api {spec!r}: expected NAME=URL")
             register_http_api(reg, name, f"HTTP API at {url}", {"type": "object"}, url)
-        if tokenizer is None:
-            from quark.retrieval.store import run_tokenizer
-            tokenizer = run_tokenizer(args.run_dir)
-        policy = ModelGenerator(load_model(latest_model_dir(args.run_dir)), tokenizer, args.max_new_tokens)
+        model_dir = run_dir.model("latest")
+        policy = ModelGenerator(load_model(model_dir), tokenizer or run_dir.tokenizer(model_dir), args.max_new_tokens)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}")
         return 2

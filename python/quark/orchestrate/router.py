@@ -122,11 +122,12 @@ class Router:
 def run_routes(run_dir, max_new_tokens=64):
     """The routes a run offers: RAG over its index for questions and searches, its chat model for the
     rest, and a clarifying reply for requests the classifier cannot place."""
-    from quark.model.io import latest_model_dir, load_model
+    from quark.model.io import load_model
     from quark.retrieval.rag import RAG, ExtractiveGenerator, ModelGenerator
     from quark.retrieval.store import open_run_store
+    from quark.rundir import RunDir
     store = open_run_store(run_dir)
-    model = load_model(latest_model_dir(run_dir))
+    model = load_model(RunDir.of(run_dir).model("latest"))
     chat = ModelGenerator(model, store.tokenizer, max_new_tokens)
     rag = RAG(store, ExtractiveGenerator(), k=4)
     return [Route("rag", lambda t: rag.answer(t).text, ["question", "search"], cost=1.0, latency_ms=50.0, quality=1.0),

@@ -20,13 +20,15 @@ import random
 import re
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 
 from quark.chat import encode_chat, special_ids
-from quark.config import ConfigError, from_dict
+from quark.config import ConfigError, Step, from_dict
+from quark.infer.engine import Engine
+from quark.infer.sampling import SamplingParams
 from quark.io import atomic_write_json, atomic_write_text
+from quark.rundir import RunDir
 
 SYSTEM = ("Answer the question using only the numbered sources. Cite each source you use as [n]. "
           "If the sources do not contain the answer, say so.")
@@ -71,35 +73,23 @@ def build_messages(question, hits, max_chars_per_source=600):
 
 
 class ModelGenerator:
-    """Greedy (or sampled) chat generation with a KV cache, stopping at <|end|> / <|eos|>."""
+    """Chat generation through the engine, greedy (or sampled), stopping at <|end|> / <|eos|>."""
 
     def __init__(self, model, tokenizer, max_new_tokens=64, temperature=0.0, seed=0):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
-        self.generator = torch.Generator().manual_seed(seed)
+        self.rng = random.Random(seed)   # one seed per answer: a sequence of answers is reproducible
         sp = special_ids(tokenizer)
-        self.stop = {sp["<|end|>"], sp["<|eos|>"]}
+        self.engine = Engine(model, max_batch=1, stop_ids=[sp["<|end|>"], sp["<|eos|>"]])
 
-    @torch.no_grad()
     def __call__(self, messages):
-        from quark.model import KVCache
         ids, _ = encode_chat(self.tokenizer, messages, add_generation_prompt=True)
         room = self.model.config.max_seq_len - self.max_new_tokens
         if len(ids) > room:   # keep the start (system, first sources) and the end (the question)
             ids = ids[: room // 2] + ids[len(ids) - (room - room // 2):]
-        cache = KVCache(self.model.config, 1, len(ids) + self.max_new_tokens)
-        logits, _ = self.model(torch.tensor([ids]), cache=cache)
-        out = []
-        for _ in range(self.max_new_tokens):
-            last = logits[0, -1].float()
-            if self.temperature > 0:
-                nxt = int(torch.multinomial(torch.softmax(last / self.temperature, -1), 1, generator=self.generator))
-            else:
-                nxt = int(last.argmax())
-            if nxt in self.stop:
-                break
-            out.append(nxt)
-            logits, _ = self.model(torch.tensor([[nxt]]), cache=cache)
+        params = SamplingParams(max_tokens=self.max_new_tokens, temperature=self.temperature,
+                                seed=self.rng.randrange(2**31))
+        out = self.engine.run([ids], params)[0].output_ids
         return self.tokenizer.decode(out, skip_special_tokens=True).strip()
 
 
@@ -256,20 +246,20 @@ def validate_config(cfg):
 
 
 def run_step(run_dir, cfg):
-    from quark.model.io import latest_model_dir, load_model
+    from quark.model.io import load_model
     from quark.retrieval.store import open_run_store
     c = validate_config(cfg)
-    run_dir = Path(run_dir)
-    out = run_dir / "rag"
+    run_dir = RunDir.of(run_dir)
+    out = run_dir.output("rag")
     store = open_run_store(run_dir)
     t0 = time.time()
     qa = make_qa(store, c.n_questions, c.seed)
     if not qa:
-        raise ValueError(f"{run_dir / 'index'} holds no chunk long enough to make a question; index more documents")
+        raise ValueError(f"{run_dir.root / 'index'} holds no chunk long enough to make a question; index more documents")
     atomic_write_text(out / "qa.jsonl", "".join(json.dumps(q) + "\n" for q in qa))
     metrics = {"n_questions": len(qa), "retrieval": retrieval_metrics(store, qa, ks=(1, c.k, 2 * c.k))}
     tokenizer = store.tokenizer
-    model = load_model(latest_model_dir(run_dir))
+    model = load_model(run_dir.model("latest"))
     reranker = LikelihoodReranker(model, tokenizer) if c.rerank else None
     extractive = RAG(store, ExtractiveGenerator(), reranker, c.k, c.candidates)
     vecs = store.embedder.embed([q["question"] for q in qa])
@@ -288,31 +278,26 @@ def run_step(run_dir, cfg):
             "seconds": metrics["seconds"]}
 
 
+STEP = Step(name="rag", config=RagConfig, run=run_step, check=validate_config)
 
-# ------------------------------------------------------------------------------ CLI `quark rag`
+
+# ------------------------------------------------------------------------------ tool `quark ask`
 def configure_parser(parser):
-    parser.add_argument("run_dir", help="run directory with index/ and a model")
-    parser.add_argument("question", nargs="?", default=None, help="question to answer (omit with --eval)")
+    parser.add_argument("question", help="question to answer from the run's index")
+    parser.add_argument("--run-dir", default="runs/default", help="run directory with index/ and a model")
     parser.add_argument("-k", type=int, default=4, help="sources in the prompt")
     parser.add_argument("--extractive", action="store_true", help="answer with the best source sentence (no model)")
     parser.add_argument("--rerank", action="store_true", help="query-likelihood re-ranking with the run's model")
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--filter", default=None, help="metadata filter as JSON")
-    parser.add_argument("--eval", action="store_true", help="run the evaluation (the pipeline step) and print its stats")
 
 
 def run_cli(args):
-    from quark.model.io import latest_model_dir, load_model
+    from quark.model.io import load_model
     from quark.retrieval.store import open_run_store
     try:
-        if args.eval:
-            print(json.dumps(run_step(Path(args.run_dir), {"seed": 0}), indent=1))
-            return 0
-        if not args.question:
-            print("error: give a question, or --eval")
-            return 2
         store = open_run_store(args.run_dir)
-        model = load_model(latest_model_dir(args.run_dir)) if not args.extractive or args.rerank else None
+        model = load_model(RunDir(args.run_dir).model("latest")) if not args.extractive or args.rerank else None
         gen = ExtractiveGenerator() if args.extractive else ModelGenerator(model, store.tokenizer, args.max_new_tokens)
         rr = LikelihoodReranker(model, store.tokenizer) if args.rerank else None
         a = RAG(store, gen, rr, k=args.k).answer(args.question, json.loads(args.filter) if args.filter else None)

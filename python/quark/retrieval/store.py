@@ -32,10 +32,11 @@ from pathlib import Path
 
 import numpy as np
 
-from quark.config import ConfigError, from_dict
+from quark.config import ConfigError, Step, from_dict
 from quark.io import atomic_open, atomic_write_json
 from quark.retrieval.chunk import chunk_text
 from quark.retrieval.embed import content_hash
+from quark.rundir import RunDir
 from quark.search import Index
 
 SCHEMA = """
@@ -511,28 +512,21 @@ def run_embedder(run_dir, kind="model"):
     if kind == "minilm":
         from quark.retrieval.embed import SentenceTransformerEmbedder
         return SentenceTransformerEmbedder()
-    from quark.model.io import latest_model_dir
     from quark.retrieval.embed import QuarkEmbedder
-    model_dir = latest_model_dir(run_dir)
-    tok_path = Path(run_dir) / "tokenizer" / "tokenizer.json"
-    return QuarkEmbedder.from_dir(model_dir, tok_path if tok_path.exists() else None)
-
-
-def run_tokenizer(run_dir):
-    from tokenizers import Tokenizer
-    path = Path(run_dir) / "tokenizer" / "tokenizer.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: run the tokenizer step first")
-    return Tokenizer.from_file(str(path))
+    run_dir = RunDir.of(run_dir)
+    model_dir = run_dir.model("latest")
+    return QuarkEmbedder.from_dir(model_dir, run_dir.tokenizer_path(model_dir))
 
 
 def open_run_store(run_dir, autosave=True):
     """The store of run_dir/index/, opened with the settings the index step built it with."""
-    path = Path(run_dir) / "index" / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: run the index step first (`quark run --only index`)")
+    run_dir = RunDir.of(run_dir)
+    path = run_dir.input("index", "config.json")
     c = from_dict(IndexConfig, json.loads(path.read_text()), str(path))
-    return Store(Path(run_dir) / "index", run_embedder(run_dir, c.embedder), run_tokenizer(run_dir),
+    for name in ("store.sqlite", "dense.json"):   # what the index step wrote: a rerun of it changes these
+        if run_dir.has("index", name):
+            run_dir.input("index", name)
+    return Store(run_dir.root / "index", run_embedder(run_dir, c.embedder), run_dir.tokenizer(),
                  c.chunk_tokens, c.chunk_overlap, c.max_chunks_per_doc, c.index_kind, autosave=autosave)
 
 
@@ -558,11 +552,9 @@ def run_step(run_dir, cfg):
 
     from quark.retrieval.embed import CachedEmbedder
     c = validate_config(cfg)
-    run_dir = Path(run_dir)
-    src = run_dir / "dedup" / "docs.jsonl"
-    if not src.exists():
-        raise FileNotFoundError(f"{src} is missing: run the dedup step first")
-    out = run_dir / "index"
+    run_dir = RunDir.of(run_dir)
+    src = run_dir.input("dedup", "docs.jsonl")
+    out = run_dir.output("index")
     t0 = time.time()
     embedder = CachedEmbedder(run_embedder(run_dir, c.embedder), out / "embed_cache.sqlite")
     built = Store.saved_settings(out)
@@ -572,7 +564,7 @@ def run_step(run_dir, cfg):
                   *out.glob("dense-*")]:
             _remove(p)   # another model or chunking: start over (the embedding cache stays valid)
     docs = _select_docs(src, c.max_docs, c.seed)
-    store = Store(out, embedder, run_tokenizer(run_dir), c.chunk_tokens, c.chunk_overlap, c.max_chunks_per_doc,
+    store = Store(out, embedder, run_dir.tokenizer(), c.chunk_tokens, c.chunk_overlap, c.max_chunks_per_doc,
                   c.index_kind, autosave=False)
     totals = {"added": 0, "updated": 0, "unchanged": 0, "chunks": 0}
     keep = {d["id"] for d in docs}
@@ -594,26 +586,19 @@ def run_step(run_dir, cfg):
     return stats
 
 
-# ------------------------------------------------------------------------------ CLI `quark index`
+STEP = Step(name="index", config=IndexConfig, run=run_step, check=validate_config)
+
+
+# ------------------------------------------------------------------------------ tool `quark search`
 def configure_parser(parser):
-    parser.add_argument("run_dir", help="run directory (reads dedup/docs.jsonl, writes index/)")
-    parser.add_argument("--query", default=None, help="search the built index instead of building it")
+    parser.add_argument("query", help="what to search for")
+    parser.add_argument("--run-dir", default="runs/default", help="run directory with index/ (default: runs/default)")
     parser.add_argument("-k", type=int, default=5, help="results to show")
     parser.add_argument("--mode", choices=("hybrid", "bm25", "dense"), default="hybrid")
     parser.add_argument("--filter", default=None, help='metadata filter as JSON, e.g. \'{"source": "pydoc"}\'')
-    parser.add_argument("--max-docs", type=int, default=None, help="documents to index (0 = all)")
-    parser.add_argument("--embedder", choices=("model", "minilm"), default=None)
 
 
 def run_cli(args):
-    if args.query is None:
-        cfg = {k: v for k, v in {"max_docs": args.max_docs, "embedder": args.embedder}.items() if v is not None}
-        try:
-            print(json.dumps(run_step(Path(args.run_dir), cfg), indent=1))
-        except (ConfigError, FileNotFoundError, ValueError) as e:
-            print(f"error: {e}")
-            return 2
-        return 0
     try:
         filt = json.loads(args.filter) if args.filter else None
         store = open_run_store(args.run_dir)

@@ -2,7 +2,7 @@
 on stderr; `--draft` decodes speculatively with a smaller model that shares the tokenizer."""
 import sys
 
-from quark.chat import encode_chat
+from quark.chat import chat_format
 from quark.infer.sampling import SamplingParams
 
 
@@ -40,11 +40,12 @@ def run_cli(args):
         print(f"error: {e}", file=sys.stderr)
         return 2
     text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    chat = chat_format(tok, model_dir)   # the checkpoint's own template and eos ids, else Quark's
     if args.chat:
-        ids, _ = encode_chat(tok, [{"role": "user", "content": text}], add_generation_prompt=True)
+        ids, _ = chat.encode([{"role": "user", "content": text}], add_generation_prompt=True)
     else:
         ids = tok.encode(text, add_special_tokens=False).ids
-    stop_ids = [i for i in (tok.token_to_id("<|end|>"), tok.token_to_id("<|eos|>")) if i is not None]
+    stop_ids = chat.stop_ids
 
     def show(delta):
         sys.stdout.write(delta)
@@ -59,7 +60,7 @@ def run_cli(args):
             n, secs = len(res.output_ids), res.seconds
             extra = f", {res.acceptance_rate:.0%} of draft tokens accepted, {res.target_passes} target passes"
         else:
-            engine = Engine(model, tok, max_batch=1, cache_dtype=args.cache_dtype)
+            engine = Engine(model, tok, max_batch=1, cache_dtype=args.cache_dtype, stop_ids=stop_ids)
             req = engine.generate(ids, params, on_event=lambda kind, v: show(v) if kind == "token" else None)
             engine.shutdown()
             n, secs = len(req.output_ids), req.t_done - req.t_submit

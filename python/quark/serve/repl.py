@@ -2,7 +2,7 @@
 directory), streaming each reply. /reset starts over, an empty line or EOF quits."""
 import sys
 
-from quark.chat import encode_chat
+from quark.chat import chat_format
 from quark.serve.generate import add_sampling_args, sampling_params
 
 
@@ -21,7 +21,8 @@ def run_cli(args):
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    engine = Engine(model, tok, max_batch=1, cache_dtype=args.cache_dtype).start()
+    chat = chat_format(tok, model_dir)   # the checkpoint's own template and eos ids, else Quark's
+    engine = Engine(model, tok, max_batch=1, cache_dtype=args.cache_dtype, stop_ids=chat.stop_ids).start()
     opening = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(opening)
     print(f"chatting with {model_dir} (/reset to start over, empty line to quit)", file=sys.stderr)
@@ -35,7 +36,7 @@ def run_cli(args):
                 messages = list(opening)
                 continue
             messages.append({"role": "user", "content": line.rstrip("\n")})
-            ids, _ = encode_chat(tok, messages, add_generation_prompt=True)
+            ids, _ = chat.encode(messages, add_generation_prompt=True)
             room = engine.max_seq_len - len(ids)
             if room < 1:
                 print("[the conversation fills the model's context: /reset to start over]", file=sys.stderr)

@@ -4,23 +4,37 @@ Routes: GET /v1/models; POST /v1/completions and /v1/chat/completions (`stream: 
 server-sent events, `data: {chunk}` lines ending with `data: [DONE]`); GET /health; GET /metrics
 (Prometheus text); GET / (chat page), /runs (training metrics page), /api/runs[/NAME].
 Errors use OpenAI's body {"error": {"message", "type", "param", "code"}}: 400 bad input, 401 bad API
-key, 404 unknown model, 429 queue full, 503 shutting down. uvicorn's graceful shutdown stops accepting
-connections and lets open requests (streams included) finish before the engine drains and stops.
+key, 404 unknown model or route, 413 body too large, 415 not JSON, 429 queue full, 503 shutting down.
+uvicorn's graceful shutdown stops accepting connections and lets open requests (streams included)
+finish before the engine drains and stops.
+
+Hostile input: bodies are capped (max_body_bytes) and must be `application/json` (a cross-origin page
+can POST text/plain without a preflight, never JSON); the Host header must name an allowed host
+(default: the loopback names, so a DNS-rebound page cannot read a key-less local server); the API key,
+when set, guards every route but /health and the static UI shell, which holds no data; prompts are
+tokenized off the event loop (tokenizers' encode_batch releases the GIL), so one huge prompt never
+stalls other streams; a non-streaming request is cancelled when its client disconnects; metric labels
+are route templates, never raw paths.
 """
 import asyncio
 import contextlib
 import json
 import math
 import secrets
+import sys
 import threading
 import time
 from pathlib import Path
 
-from quark.chat import encode_chat, validate_messages
+from quark.chat import QuarkChat, chat_format, validate_messages
 from quark.infer.engine import QueueFull, ShuttingDown
 from quark.infer.sampling import SamplingParams
 
 STATIC = Path(__file__).parent / "static"
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+MAX_BODY_BYTES = 1 << 20
+MAX_MESSAGES = 512
+PUBLIC_ROUTES = ("/health", "/", "/runs", "/static/{name}")   # the UI shell loads before the user enters a key
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -64,7 +78,7 @@ class Metrics:
             for name, rows in by_name.items():
                 lines += [f"# HELP {name} {self.help[name][0]}", f"# TYPE {name} counter"]
                 for labels, v in rows:
-                    lab = ",".join(f'{k}="{val}"' for k, val in labels)
+                    lab = ",".join(f'{k}="{_escape_label(val)}"' for k, val in labels)
                     lines.append(f"{name}{{{lab}}} {v}" if lab else f"{name} {v}")
             for name, (counts, total, n) in sorted(self.hists.items()):
                 lines += [f"# HELP {name} {self.help[name][0]}", f"# TYPE {name} histogram"]
@@ -73,6 +87,53 @@ class Metrics:
         for name, (help_, v) in gauges.items():
             lines += [f"# HELP {name} {help_}", f"# TYPE {name} gauge", f"{name} {v}"]
         return "\n".join(lines) + "\n"
+
+
+def _escape_label(value):
+    """Prometheus label value escaping: backslash, double quote and newline."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _host_name(header):
+    """'example.com:8000' / '[::1]:8000' / '127.0.0.1' -> the host name, lower case, without port."""
+    if header.startswith("["):
+        return header[1:header.find("]")].lower() if "]" in header else ""
+    return header.rsplit(":", 1)[0].lower() if header.count(":") == 1 else header.lower()
+
+
+def _route(request):
+    """The matched route's template ('/api/runs/{name}'), never the raw path: bounded metric labels."""
+    route = request.scope.get("route")
+    return getattr(route, "path", "unmatched")
+
+
+def _encode(tokenizer, text):
+    # encode_batch releases the GIL (encode does not), so other requests run while a long prompt encodes
+    return tokenizer.encode_batch([text], add_special_tokens=False)[0].ids
+
+
+def _is_loopback(host):
+    import ipaddress
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host.lower() == "localhost"
+
+
+def _is_unicode(text):
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+async def _cancel_on_disconnect(request, req):
+    """Cancel req when the client goes away (the body is already read, so the next message is the
+    disconnect); cancelled itself when the answer is ready."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    req.cancel()
 
 
 def _find_runs(root):
@@ -109,11 +170,15 @@ def _read_run(run_dir, max_points=2000):
     return out
 
 
-def create_app(engine, tokenizer, model_name="quark", api_key=None, safety=None, runs_dir=None):
-    """The FastAPI app. safety: a quark.align.safety.SafetyFilter (check_input / check_output return a
-    Decision: allow, refuse or redact, with the text to use), or None to serve unfiltered."""
-    from fastapi import FastAPI, Request
+def create_app(engine, tokenizer, model_name="quark", api_key=None, safety=None, runs_dir=None,
+               allowed_hosts=LOOPBACK_HOSTS, max_body_bytes=MAX_BODY_BYTES, max_messages=MAX_MESSAGES, chat=None):
+    """The FastAPI app. safety: a quark.safety.SafetyFilter (check_messages / check_output return a
+    Decision: allow, refuse or redact, with the text to use), or None to serve unfiltered.
+    allowed_hosts: host names the Host header may carry (None: any, for a public bind behind a proxy).
+    chat: the model's chat format (quark.chat.chat_format), Quark's template by default."""
+    from fastapi import Depends, FastAPI, Request
     from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+    from starlette.exceptions import HTTPException
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -122,7 +187,22 @@ def create_app(engine, tokenizer, model_name="quark", api_key=None, safety=None,
         # uvicorn runs this after open connections have closed: drain whatever is still queued
         await asyncio.to_thread(engine.shutdown, True, 60)
 
-    app = FastAPI(title="Quark", docs_url=None, redoc_url=None, lifespan=lifespan)
+    chat = chat or QuarkChat(tokenizer)
+    hosts = None if allowed_hosts is None else {h.lower().strip("[]") for h in allowed_hosts}
+
+    def guard(request: Request):
+        """Every route: the Host check, then the API key (except on the public routes)."""
+        if hosts is not None and _host_name(request.headers.get("host", "")) not in hosts:
+            raise APIError(400, f"Host {request.headers.get('host', '')!r} is not served here (allowed: "
+                           f"{', '.join(sorted(hosts))}); start the server with --allowed-host", code="invalid_host")
+        if api_key is None or _route(request) in PUBLIC_ROUTES:
+            return
+        got = request.headers.get("authorization", "")
+        if not secrets.compare_digest(got.encode(), f"Bearer {api_key}".encode()):
+            raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
+                           "authentication_error", code="invalid_api_key")
+
+    app = FastAPI(title="Quark", docs_url=None, redoc_url=None, lifespan=lifespan, dependencies=[Depends(guard)])
     metrics = Metrics()
     app.state.engine, app.state.metrics = engine, metrics
     ctx = engine.max_seq_len
@@ -130,22 +210,32 @@ def create_app(engine, tokenizer, model_name="quark", api_key=None, safety=None,
     @app.exception_handler(APIError)
     async def _api_error(request, exc):
         metrics.inc("quark_requests_total", help_="HTTP requests by route and status",
-                    route=request.url.path, status=str(exc.status))
+                    route=_route(request), status=str(exc.status))
         return JSONResponse(exc.body(), status_code=exc.status)
 
-    def check_key(request):
-        if api_key is None:
-            return
-        got = request.headers.get("authorization", "")
-        if not secrets.compare_digest(got.encode(), f"Bearer {api_key}".encode()):
-            raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
-                           "authentication_error", code="invalid_api_key")
+    @app.exception_handler(HTTPException)
+    async def _http_error(request, exc):   # unknown route or method, in OpenAI's error shape
+        return await _api_error(request, APIError(exc.status_code, str(exc.detail)))
 
     async def read_body(request):
-        raw = await request.body()
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media != "application/json":
+            raise APIError(415, f"Content-Type must be application/json, got {media or 'none'!r}",
+                           code="unsupported_media_type")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > max_body_bytes:
+            raise APIError(413, f"request body of {declared} bytes exceeds the limit of {max_body_bytes}",
+                           code="body_too_large")
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > max_body_bytes:
+                raise APIError(413, f"request body exceeds the limit of {max_body_bytes} bytes", code="body_too_large")
         try:
             body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except RecursionError:
+            raise APIError(400, "request body is nested too deeply", code="invalid_json") from None
+        except ValueError as e:   # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
             raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
         if not isinstance(body, dict):
             raise APIError(400, "request body must be a JSON object", code="invalid_json")
@@ -177,23 +267,29 @@ def create_app(engine, tokenizer, model_name="quark", api_key=None, safety=None,
         except ValueError as e:
             raise APIError(400, str(e), param=str(e).split()[0]) from None
 
-    def screen(text, where):
-        """None when allowed (or no filter), else the text to answer instead (a refusal or a redaction)."""
+    def screen(prompt, where):
+        """None when allowed (or no filter), else the text to answer instead: a refusal of the prompt
+        (every user and system message: a list of chat messages, or one text) or a refused/redacted output."""
         if safety is None:
             return None
-        decision = safety.check_input(text) if where == "input" else safety.check_output(text)
+        if where == "input":
+            messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+            decision = safety.check_messages(messages)
+        else:
+            decision = safety.check_output(prompt)
         if decision.action != "allow":
             metrics.inc("quark_safety_interventions_total", help_="prompts or outputs refused or redacted",
                         where=where, action=decision.action)
             return decision.text
         return None
 
-    async def run(prompt_ids, params, stream, make_chunk, make_final, prompt_text, route):
+    async def run(prompt_ids, params, stream, make_chunk, make_final, prompt, request):
         """Submit to the engine; answer a JSON body or an SSE stream built by make_chunk/make_final."""
+        route = _route(request)
         def record_refusal():
             metrics.inc("quark_requests_total", help_="HTTP requests by route and status", route=route, status="200")
 
-        refusal = screen(prompt_text, "input")
+        refusal = screen(prompt, "input")
         if refusal is not None:   # answered like a model refusal, without generating
             record_refusal()
             if not stream:
@@ -233,12 +329,16 @@ def create_app(engine, tokenizer, model_name="quark", api_key=None, safety=None,
 
         if not stream:
             text, finish = [], None
-            while finish is None:
-                kind, value = await events.get()
-                if kind == "token":
-                    text.append(value)
-                else:
-                    finish = value
+            watcher = asyncio.create_task(_cancel_on_disconnect(request, req))
+            try:
+                while finish is None:
+                    kind, value = await events.get()
+                    if kind == "token":
+                        text.append(value)
+                    else:
+                        finish = value
+            finally:
+                watcher.cancel()
             text = "".join(text)
             if finish.startswith("error"):
                 record(req, "500")
@@ -281,14 +381,15 @@ def create_app(engine, tokenizer, model_name="quark", api_key=None, safety=None,
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        check_key(request)
         body = await read_body(request)
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
         if not isinstance(prompt, str) or not prompt:
             raise APIError(400, "prompt must be a non-empty string", param="prompt")
-        ids = tokenizer.encode(prompt, add_special_tokens=False).ids
+        if not _is_unicode(prompt):
+            raise APIError(400, "prompt is not valid Unicode (it holds a lone surrogate)", param="prompt")
+        ids = await asyncio.to_thread(_encode, tokenizer, prompt)
         if not ids:
             raise APIError(400, "prompt encodes to no tokens", param="prompt")
         params = params_from(body, len(ids), 16)
@@ -303,16 +404,18 @@ def create_app(engine, tokenizer, model_name="quark", api_key=None, safety=None,
         def final(text, finish, usage):
             return chunk(text, finish) | {"usage": usage}
 
-        return await run(ids, params, body.get("stream", False), chunk, final, prompt, "/v1/completions")
+        return await run(ids, params, body.get("stream", False), chunk, final, prompt, request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        check_key(request)
         body = await read_body(request)
         messages = body.get("messages")
+        if isinstance(messages, list) and len(messages) > max_messages:
+            raise APIError(400, f"messages holds {len(messages)} messages; at most {max_messages} are allowed",
+                           param="messages")
         try:
             validate_messages(messages)
-            ids, _ = encode_chat(tokenizer, messages, add_generation_prompt=True)
+            ids, _ = await asyncio.to_thread(chat.encode, messages, True)
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
         params = params_from(body, len(ids), 256)
@@ -328,12 +431,10 @@ def create_app(engine, tokenizer, model_name="quark", api_key=None, safety=None,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                  "logprobs": None, "finish_reason": finish}], "usage": usage}
 
-        last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
-        return await run(ids, params, body.get("stream", False), chunk, final, last_user, "/v1/chat/completions")
+        return await run(ids, params, body.get("stream", False), chunk, final, messages, request)
 
     @app.get("/v1/models")
-    async def models(request: Request):
-        check_key(request)
+    async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "quark",
                                             "context_length": ctx}]}
 
@@ -397,8 +498,13 @@ def configure_parser(p):
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (KV cache slots)")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot before 429")
     p.add_argument("--cache-dtype", default="fp32", choices=["fp32", "bf16", "int8"])
-    p.add_argument("--safety", action="store_true", help="screen prompts and outputs with quark.align.safety")
+    p.add_argument("--safety", nargs="?", const="auto", default=None, metavar="FILE",
+                   help="screen prompts and outputs with a safety filter the run trained (FILE: its safety.json; "
+                        "default: RUN/redteam/safety.json)")
     p.add_argument("--runs-dir", default=None, help="runs shown on /runs (default: the served run directory)")
+    p.add_argument("--allowed-host", action="append", default=None, metavar="NAME",
+                   help="a host name clients may send in the Host header (repeatable; default: the loopback "
+                        "names when --host is loopback, else any host)")
 
 
 def run_cli(args):
@@ -408,12 +514,23 @@ def run_cli(args):
     model, tokenizer, model_dir, run_dir = load_for_serving(args.path)
     safety = None
     if args.safety:
-        from quark.align.safety import SafetyFilter
-        safety = SafetyFilter.from_config()
-    engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue, cache_dtype=args.cache_dtype)
+        from quark.safety import SafetyFilter
+        if args.safety == "auto" and run_dir is None:
+            print(f"error: --safety: {args.path} is a model directory; name the filter file "
+                  "(--safety RUN/redteam/safety.json)", file=sys.stderr)
+            return 2
+        try:
+            safety = SafetyFilter.load(run_dir / "redteam" / "safety.json" if args.safety == "auto" else args.safety)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"error: --safety: {e}", file=sys.stderr)
+            return 2
+    chat = chat_format(tokenizer, model_dir)   # the checkpoint's own template and eos ids, else Quark's
+    engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue, cache_dtype=args.cache_dtype,
+                    stop_ids=chat.stop_ids)
     name = args.model_name or (run_dir or model_dir).name
+    hosts = args.allowed_host or (LOOPBACK_HOSTS if _is_loopback(args.host) else None)
     app = create_app(engine, tokenizer, name, api_key=args.api_key or os.environ.get("QUARK_API_KEY"),
-                     safety=safety, runs_dir=args.runs_dir or run_dir)
+                     safety=safety, runs_dir=args.runs_dir or run_dir, allowed_hosts=hosts, chat=chat)
     print(f"serving {model_dir} as {name!r} on http://{args.host}:{args.port} (chat UI at /, runs at /runs)")
     serve(app, args.host, args.port)
     return 0

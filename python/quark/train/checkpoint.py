@@ -28,7 +28,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from quark.io import atomic_write_json
+from quark.io import atomic_write_json, fsync_dir
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
@@ -56,14 +56,6 @@ def _sha256(path):
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _save_tensors(path, tensors):
@@ -135,11 +127,11 @@ def save_checkpoint(root, step, model_state, optim_state, meta, keep_last=2, ran
         groups = [{k: v for k, v in g.items()} for g in optim_state["param_groups"]]
         atomic_write_json(tmp / "state.json", {**meta, "step": step, "n_files": n_files, "world_size": world_size,
                                                "sharded": sorted(sharded), "param_groups": groups, "files": files})
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():   # a rerun that reached the same step again: replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         for old in list_checkpoints(root)[max(keep_last, 1):]:
             shutil.rmtree(old, ignore_errors=True)
         for stale in root.glob(".tmp-step_*"):

@@ -1,7 +1,7 @@
 """torch.distributed for the trainer: process-group setup (gloo on CPU, NCCL on CUDA), DDP and FSDP2
 (fully_shard) wrapping, full/sharded state dicts, small collectives, and a local launcher.
 
-Run under torchrun (`torchrun --nproc_per_node 2 -m quark.train.trainer RUN_DIR --strategy fsdp`),
+Run under torchrun (`torchrun --nproc_per_node 2 -m quark.cli pretrain --run-dir R --strategy fsdp`),
 which sets RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT, or with spawn(), which does the same for
 N processes on this machine (what `quark pretrain --nproc N` and the tests use).
 """

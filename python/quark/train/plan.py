@@ -4,21 +4,20 @@ attention), memory for weights / gradients / AdamW / activations, the Chinchilla
 probe on this machine. An architecture selector picks depth / width / heads to fit a parameter,
 memory or time budget.
 
-Pipeline step `plan` (and `quark plan [RECIPE|RUN_DIR]`): writes run_dir/plan/plan.json (the chosen
+Pipeline step `plan` (`quark plan --run-dir R`; `quark run RECIPE --plan` previews a recipe's plan): writes run_dir/plan/plan.json (the chosen
 GPTConfig under "model", which `pretrain` uses when its model is "plan", plus the estimates and the
 runner-up candidates) and a readable run_dir/plan/plan.md.
 """
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 
 import torch
 
-from quark.config import ConfigError, from_dict
+from quark.config import ConfigError, Step, from_dict
 from quark.io import atomic_write_json, atomic_write_text
 from quark.model import GPT, GPTConfig, preset
+from quark.rundir import RunDir
 from quark.train.precision import resolve_precision
 
 TOKENS_PER_PARAM = 20          # Chinchilla-optimal tokens per parameter
@@ -127,6 +126,7 @@ class PlanConfig:
     max_memory_gb: float = 0.0
     time_budget_s: float = 0.0     # with tokens (0: Chinchilla-optimal per candidate)
     tokens: int = 0                # training tokens to plan for; 0: one epoch of pack/train.bin
+    vocab_size: int = 0            # 0: the run's pack/meta.json
     seq_len: int = 128
     batch_size: int = 16
     precision: str = "auto"       # as pretrain: auto = bfloat16 where bf16 matmuls are native
@@ -200,83 +200,40 @@ def render(plan):
     return "\n".join(lines)
 
 
-def _train_tokens(run_dir):
-    meta = Path(run_dir) / "pack" / "meta.json"
-    if not meta.exists():
-        raise FileNotFoundError(f"{meta} is missing: run the pack step first (or set plan.tokens)")
-    data = json.loads(meta.read_text())
-    return int(data["vocab_size"]), int(data.get("train_tokens", 0))
+def _vocab_and_tokens(run_dir, c: PlanConfig):
+    """(vocab size, training tokens): the settings, else the run's pack (Chinchilla-optimal tokens for the
+    target size when there is no pack yet)."""
+    if c.vocab_size and c.tokens:
+        return c.vocab_size, c.tokens
+    try:
+        pack = RunDir.of(run_dir).pack()
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e} (or set plan.vocab_size and plan.tokens)") from None
+    return c.vocab_size or pack.vocab_size, c.tokens or int(pack.meta.get("train_tokens", 0))
 
 
 def run_step(run_dir, cfg):
     c = validate_config(cfg)
-    vocab_size, train_tokens = _train_tokens(run_dir)
-    plan = make_plan(c, vocab_size, c.tokens or train_tokens)
-    out = Path(run_dir) / "plan"
+    vocab_size, tokens = _vocab_and_tokens(run_dir, c)
+    plan = make_plan(c, vocab_size, tokens)
+    out = RunDir.of(run_dir).output("plan")
     atomic_write_json(out / "plan.json", plan)
     atomic_write_text(out / "plan.md", "# Pretraining plan\n\n```\n" + render(plan) + "\n```\n")
+    print(render(plan))
     e = plan["estimate"]
     return {"params": e["params"], "tokens": e["tokens"], "train_flops": e["train_flops"],
             "est_seconds": e.get("est_seconds"), "model": {k: plan["model"][k] for k in ("n_layer", "d_model", "n_head")}}
 
 
-def configure_parser(parser):
-    parser.add_argument("recipe", nargs="?", default=None,
-                        help="plan a recipe's pretraining: its plan settings and tokenizer vocab size; tokens from "
-                             "its run directory's pack when present, else Chinchilla-optimal")
-    parser.add_argument("--budget", choices=["tiny", "default", "large"], default=None, help="the recipe's budget")
-    parser.add_argument("--run-dir", default=None, help="read vocab size and tokens from RUN_DIR/pack/meta.json "
-                                                        "and write RUN_DIR/plan/plan.json")
-    parser.add_argument("--model", default="auto", help="preset to report on, or 'auto' (default)")
-    parser.add_argument("--params", type=float, default=None, help="parameter budget for auto, e.g. 3e6")
-    parser.add_argument("--memory-gb", type=float, default=0.0, help="memory budget for auto")
-    parser.add_argument("--time-s", type=float, default=0.0, help="time budget for auto (probed on this machine)")
-    parser.add_argument("--tokens", type=float, default=0, help="training tokens (default: pack's train tokens)")
-    parser.add_argument("--vocab-size", type=int, default=None, help="vocabulary size without a run dir")
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--precision", choices=["auto", *BYTES], default="auto")
-    parser.add_argument("--no-probe", action="store_true", help="skip the throughput probe")
-
-
-def plan_recipe(path, budget=None):
-    """-> the rendered plan of a recipe (see configure_parser)."""
-    from quark.pipeline import load_recipe, step_config
-    recipe = load_recipe(path, budget)
-    cfg = step_config(recipe, "plan")
-    run_dir = Path(recipe["run_dir"])
-    if (run_dir / "pack" / "meta.json").exists():
-        run_step(run_dir, cfg)
-        return render(json.loads((run_dir / "plan" / "plan.json").read_text()))
+def preview(run_dir, cfg, vocab_size):
+    """The rendered plan of a recipe before its run exists: vocab and tokens from the run's pack when
+    present, else vocab_size and Chinchilla-optimal tokens for the target size (`quark run --plan`)."""
     c = validate_config(cfg)
-    vocab = step_config(recipe, "tokenizer").get("vocab_size", 4096)
-    tokens = c.tokens or TOKENS_PER_PARAM * (c.target_params or 2_000_000)
-    return render(make_plan(c, vocab, tokens))
-
-
-def run_cli(args):
-    if args.recipe:
-        try:
-            print(plan_recipe(args.recipe, args.budget))
-        except (ConfigError, ValueError, FileNotFoundError) as e:
-            print(f"error: {e}")
-            return 2
-        return 0
-    cfg = {"model": args.model, "max_memory_gb": args.memory_gb, "time_budget_s": args.time_s,
-           "tokens": int(args.tokens), "seq_len": args.seq_len, "batch_size": args.batch_size,
-           "precision": args.precision, "probe": not args.no_probe}
-    if args.params is not None:
-        cfg["target_params"] = int(args.params)
     try:
-        c = validate_config(cfg)
-        if args.run_dir:
-            print(json.dumps(run_step(Path(args.run_dir), cfg), indent=1))
-            print(render(json.loads((Path(args.run_dir) / "plan" / "plan.json").read_text())))
-            return 0
-        if not args.vocab_size or not c.tokens:
-            raise ConfigError("without --run-dir, give --vocab-size and --tokens")
-        print(render(make_plan(c, args.vocab_size, c.tokens)))
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}")
-        return 2
-    return 0
+        vocab_size, tokens = _vocab_and_tokens(run_dir, c)
+    except FileNotFoundError:
+        vocab_size, tokens = c.vocab_size or vocab_size, c.tokens or TOKENS_PER_PARAM * (c.target_params or 2_000_000)
+    return render(make_plan(c, vocab_size, tokens))
+
+
+STEP = Step(name="plan", config=PlanConfig, run=run_step, check=validate_config)

@@ -15,16 +15,17 @@ from pathlib import Path
 import torch
 
 from quark.chat import special_ids
-from quark.config import ConfigError
+from quark.config import ConfigError, Step, from_dict
 from quark.infer.measure import held_out
 from quark.io import atomic_write_json, read_jsonl
 from quark.model.io import load_model, save_model
-from quark.tune import common
+from quark.rundir import RunDir
+from quark.train.loop import LoopSettings, clear_checkpoints, seeded_batches, train_loop
 
 
 @dataclass
 class DomainConfig:
-    init: str = "auto"                    # model dir, or "auto": run_dir/pretrain/final
+    init: str = "auto"                    # model dir, a model step, or "auto": the latest model before domain (pretrain)
     domain: str = "scrape"                # JSONL file or directory of *.jsonl with "text" (relative to run_dir or absolute)
     general: str = "clean/docs.jsonl"
     replay: float = 0.25                  # fraction of training rows drawn from the general corpus
@@ -37,6 +38,7 @@ class DomainConfig:
     max_tokens: int = 1_000_000           # per corpus
     eval_windows: int = 16
     ckpt_every: int = 50
+    seed: int = 0
 
     def __post_init__(self):
         if not 0.0 <= self.replay < 1.0:
@@ -46,7 +48,7 @@ class DomainConfig:
 
 
 def validate_config(cfg):
-    common.settings(DomainConfig, cfg, "domain")
+    return from_dict(DomainConfig, cfg, "domain")
 
 
 def tokenize_corpus(path, tokenizer, max_tokens):
@@ -94,29 +96,29 @@ def adapt(model, domain, general, s: DomainConfig, seq_len, seed=0, ckpt_dir=Non
             ys.append(tokens[i + 1: i + 1 + seq_len])
             n_replay += from_general
         return model(torch.stack(xs), torch.stack(ys))[1], {"replay_rows": n_replay}
-    loop = common.LoopSettings(steps=s.steps, lr=s.lr, warmup=s.warmup, ckpt_every=s.ckpt_every)
-    return common.train_loop(model, loss_fn, loop, seed=seed, ckpt_dir=ckpt_dir, desc="domain")
+    loop = LoopSettings(steps=s.steps, lr=s.lr, min_lr=0.1 * s.lr, warmup=s.warmup, ckpt_every=s.ckpt_every)
+    return train_loop(model, seeded_batches(loss_fn, seed), loop, ckpt_root=ckpt_dir, keep_history=True, desc="domain")[0]
 
 
-def run_step(run_dir: Path, cfg: dict) -> dict:
-    s, seed = common.settings(DomainConfig, cfg, "domain")
-    run_dir = Path(run_dir)
+def run_step(run_dir, cfg: dict) -> dict:
+    s = from_dict(DomainConfig, cfg, "domain")
+    seed = s.seed
+    run_dir = RunDir.of(run_dir)
     torch.manual_seed(seed)
-    init = common.resolve_model_dir(run_dir, s.init, ("pretrain",))
-    tok_path = common.find_tokenizer(run_dir, init)
-    tok = common.load_tokenizer(tok_path)
+    init = run_dir.model(s.init, before="domain")
+    tok_path = run_dir.tokenizer_path(init)
+    tok = run_dir.tokenizer(init, chat=True)
     model = load_model(init)
     seq_len = s.seq_len or model.config.max_seq_len
-    resolve = lambda p: Path(p) if Path(p).is_absolute() else run_dir / p   # noqa: E731
-    dom_train, dom_val = split_stream(tokenize_corpus(resolve(s.domain), tok, s.max_tokens), s.val_fraction, seq_len)
-    gen_train, gen_val = split_stream(tokenize_corpus(resolve(s.general), tok, s.max_tokens), s.val_fraction, seq_len)
+    dom_train, dom_val = split_stream(tokenize_corpus(run_dir.path(s.domain), tok, s.max_tokens), s.val_fraction, seq_len)
+    gen_train, gen_val = split_stream(tokenize_corpus(run_dir.path(s.general), tok, s.max_tokens), s.val_fraction, seq_len)
     t0 = time.time()
     before = {"domain": stream_loss(model, dom_val, seq_len, s.eval_windows), "general": stream_loss(model, gen_val, seq_len, s.eval_windows)}
-    out = run_dir / "domain"
+    out = run_dir.output("domain")
     history = adapt(model, dom_train, gen_train, s, seq_len, seed, ckpt_dir=out / "ckpt")
     after = {"domain": stream_loss(model, dom_val, seq_len, s.eval_windows), "general": stream_loss(model, gen_val, seq_len, s.eval_windows)}
     save_model(model, out / "final", tokenizer_path=tok_path, metadata={"step": "domain", "base": str(init)})
-    common.clear_checkpoint(out / "ckpt")
+    clear_checkpoints(out / "ckpt")
     stats = {"init": str(init), "domain_tokens": len(dom_train), "general_tokens": len(gen_train),
              "domain_loss_before": round(before["domain"], 4), "domain_loss_after": round(after["domain"], 4),
              "general_loss_before": round(before["general"], 4), "general_loss_after": round(after["general"], 4),
@@ -125,10 +127,4 @@ def run_step(run_dir: Path, cfg: dict) -> dict:
     return stats
 
 
-def configure_parser(parser):
-    common.add_common_args(parser)
-
-
-def run_cli(args):
-    import sys
-    return common.run_step_cli(sys.modules[__name__], args)
+STEP = Step(name="domain", config=DomainConfig, run=run_step, check=validate_config)

@@ -4,8 +4,8 @@ Corpus pairs (deterministic, no model needed):
 - code (run_dir/scrape/files-*.jsonl, Python files parsed with ast):
   function signature -> its docstring, docstring -> the function's code, module/class -> its docstring;
 - docs (run_dir/clean/docs.jsonl): section title -> the paragraph under it, page title -> its first paragraph;
-- safety: harmful requests (the red-team suite's *training* intents) -> the refusal template, so SFT
-  teaches refusals without seeing the intents the red-team evaluation uses.
+- safety: harmful requests (the *build* intent families of quark.safety_data) -> the refusal template,
+  so SFT teaches refusals without seeing the families the red-team evaluation uses.
 Self-instruct (Wang et al. 2022, "Self-Instruct"): a teacher model is shown a few sampled instructions,
 writes a new one and answers it; kept only if well-formed and not too similar (word-set Jaccard) to
 any instruction already in the pool.
@@ -25,10 +25,12 @@ from pathlib import Path
 import torch
 
 from quark.chat import encode_chat, special_ids
-from quark.config import ConfigError
+from quark.config import ConfigError, Step, from_dict
+from quark.infer.engine import Engine
+from quark.infer.sampling import SamplingParams
 from quark.io import atomic_open, atomic_write_json, read_jsonl
+from quark.rundir import RunDir
 from quark.safety_data import REFUSAL, harmful_requests
-from quark.tune import common
 
 SYSTEM = "You are Quark, a concise assistant for Python and its documentation."
 DOC_PROMPTS = ("Write the docstring for this Python function:\n{sig}", "What does `{sig}` do?",
@@ -48,8 +50,9 @@ class InstructConfig:
     system_prompt: bool = False       # prepend the SYSTEM message to every record
     safety_examples: int = 40         # harmful request -> refusal records (0: none; at most 10% of the data)
     self_instruct: int = 0            # new instructions to generate with the teacher model (0: off)
-    teacher: str = "auto"             # model dir, or "auto": the latest model of the run
+    teacher: str = "auto"             # model dir, a model step, or "auto": the latest model of the run
     max_files: int = 0                # code files to read (0: all)
+    seed: int = 0
 
     def __post_init__(self):
         if not 0.0 < self.val_fraction < 0.5:
@@ -59,7 +62,7 @@ class InstructConfig:
 
 
 def validate_config(cfg):
-    common.settings(InstructConfig, cfg, "instruct")
+    return from_dict(InstructConfig, cfg, "instruct")
 
 
 def chat(prompt, response):
@@ -131,7 +134,7 @@ def doc_pairs(text, title, rng, max_chars=600):
 
 
 def safety_pairs(n, rng):
-    reqs = harmful_requests("train")
+    reqs = harmful_requests("build")
     return [chat(r["prompt"], REFUSAL) for r in rng.sample(reqs, min(n, len(reqs)))]
 
 
@@ -178,13 +181,13 @@ def self_instruct(model, tokenizer, pool, n, rng, max_new_tokens=48, max_similar
     known = [norm(x) for x in seeds]
     out, stats = [], {"attempts": 0, "empty": 0, "similar": 0, "kept": 0}
 
+    engine = Engine(model, max_batch=1, stop_ids=stops)
+
     def complete(messages, limit):
         ids, _ = encode_chat(tokenizer, messages, add_generation_prompt=True)
         ids = ids[-(model.config.max_seq_len - limit):]
-        gen = model.generate(torch.tensor([ids]), limit, temperature=0.8, top_k=40,
-                             generator=torch.Generator().manual_seed(rng.randrange(2**31)))[0, len(ids):].tolist()
-        cut = next((i for i, t in enumerate(gen) if t in stops), len(gen))
-        return tokenizer.decode(gen[:cut]).strip()
+        params = SamplingParams(max_tokens=limit, temperature=0.8, top_k=40, seed=rng.randrange(2**31))
+        return tokenizer.decode(engine.run([ids], params)[0].output_ids).strip()
 
     for _ in range(n * attempts_per_item):
         if len(out) >= n or not seeds:
@@ -211,9 +214,9 @@ def self_instruct(model, tokenizer, pool, n, rng, max_new_tokens=48, max_similar
 
 
 def corpus_records(run_dir, s: InstructConfig, rng):
-    run_dir = Path(run_dir)
+    run_dir = RunDir.of(run_dir)
     code, docs, files = [], [], 0
-    paths = sorted((run_dir / "scrape").glob("files-*.jsonl"))
+    paths = run_dir.shards("scrape", "files")
     for path in paths:
         for n, rec in read_jsonl(path):
             if not isinstance(rec, dict) or "text" not in rec or "path" not in rec:
@@ -226,15 +229,15 @@ def corpus_records(run_dir, s: InstructConfig, rng):
                 break
         if s.max_files and files >= s.max_files:
             break
-    clean = run_dir / "clean" / "docs.jsonl"
-    if clean.exists():
+    if run_dir.has("clean", "docs.jsonl"):
+        clean = run_dir.input("clean", "docs.jsonl")
         for n, rec in read_jsonl(clean):
             if not isinstance(rec, dict) or "text" not in rec:
                 raise ValueError(f"{clean}:{n}: expected field 'text'")
             meta = rec.get("meta") or {}
             docs += doc_pairs(rec["text"], meta.get("title") if isinstance(meta, dict) else None, rng, s.max_response_chars)
-    if not paths and not clean.exists():
-        raise FileNotFoundError(f"{run_dir} has neither scrape/files-*.jsonl nor clean/docs.jsonl; run the data steps first")
+    if not paths and not run_dir.has("clean", "docs.jsonl"):
+        raise FileNotFoundError(f"{run_dir.root} has neither scrape/files-*.jsonl nor clean/docs.jsonl; run the data steps first")
     return code, docs, files
 
 
@@ -245,15 +248,13 @@ def write_jsonl(path, records):
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
-def run_step(run_dir: Path, cfg: dict) -> dict:
-    s, seed = common.settings(InstructConfig, cfg, "instruct")
-    run_dir = Path(run_dir)
+def run_step(run_dir, cfg: dict) -> dict:
+    s = from_dict(InstructConfig, cfg, "instruct")
+    seed = s.seed
+    run_dir = RunDir.of(run_dir)
     rng = random.Random(seed)
     code, docs, files = corpus_records(run_dir, s, rng)
-    tok = None
-    tok_path = run_dir / "tokenizer" / "tokenizer.json"
-    if tok_path.exists():
-        tok = common.load_tokenizer(tok_path)
+    tok = run_dir.tokenizer(chat=True) if run_dir.has("tokenizer", "tokenizer.json") else None
     max_tokens = s.max_tokens or 256
     pool = dedup([r for r in code + docs if keep(r, s, tok, max_tokens)])
     rng.shuffle(pool)
@@ -263,8 +264,8 @@ def run_step(run_dir: Path, cfg: dict) -> dict:
     gen_stats = {}
     if s.self_instruct:
         from quark.model.io import load_model
-        teacher = common.resolve_model_dir(run_dir, s.teacher, ())
-        tok = tok or common.load_tokenizer(common.find_tokenizer(run_dir, teacher))
+        teacher = run_dir.model(s.teacher)
+        tok = tok or run_dir.tokenizer(teacher, chat=True)
         new, gen_stats = self_instruct(load_model(teacher), tok, pool, s.self_instruct, rng)
         pool += dedup([r for r in new if keep(r, s, tok, max_tokens)])
     records = pool + safety
@@ -275,7 +276,7 @@ def run_step(run_dir: Path, cfg: dict) -> dict:
     val, train = records[:n_val], records[n_val:]
     if len(train) < 2:
         raise ValueError(f"only {len(records)} instruction pairs survived filtering; the corpus is too small")
-    out = run_dir / "instruct"
+    out = run_dir.output("instruct")
     write_jsonl(out / "train.jsonl", train)
     write_jsonl(out / "val.jsonl", val)
     stats = {"python_files": files, "code_pairs": len(code), "doc_pairs": len(docs), "safety_pairs": len(safety),
@@ -284,10 +285,4 @@ def run_step(run_dir: Path, cfg: dict) -> dict:
     return stats
 
 
-def configure_parser(parser):
-    common.add_common_args(parser)
-
-
-def run_cli(args):
-    import sys
-    return common.run_step_cli(sys.modules[__name__], args)
+STEP = Step(name="instruct", config=InstructConfig, run=run_step, check=validate_config)

@@ -1,7 +1,8 @@
 """Supervised fine-tuning on chat records: full fine-tuning or LoRA.
 
-Records are JSONL lines {"messages": [{"role", "content"}, ...]} rendered with the chat template of
-quark.chat; the loss covers assistant tokens only (encode_chat's mask). Examples are packed greedily
+Records are JSONL lines {"messages": [{"role", "content"}, ...]} rendered with the model's chat template
+(RunDir.chat: a Hugging Face checkpoint's own, else Quark's of quark.chat); the loss covers assistant
+tokens only (the template's mask). Examples are packed greedily
 (first fit, longest first) into rows of max_seq_len tokens so little compute goes to padding; as in
 most packed-SFT trainers, a packed example may attend to the ones before it in its row (each starts
 with <|bos|>), which is harmless at these lengths and avoids a document mask in the attention kernel.
@@ -16,20 +17,21 @@ from typing import Literal
 
 import torch
 
-from quark.chat import check_chat_record, encode_chat, special_ids
-from quark.config import ConfigError
+from quark.chat import QuarkChat, check_chat_record
+from quark.config import ConfigError, Step, from_dict
 from quark.infer.measure import held_out
 from quark.io import atomic_write_json, read_jsonl
 from quark.model.io import load_model, save_model
 from quark.model.lora import LoRAConfig, apply_lora, save_adapter, strip_lora
-from quark.tune import common
+from quark.rundir import RunDir
+from quark.train.loop import LoopSettings, clear_checkpoints, seeded_batches, train_loop
 
 IGNORE = -100
 
 
 @dataclass
 class SFTConfig:
-    init: str = "auto"                 # model directory, or "auto": run_dir/pretrain/final
+    init: str = "auto"                 # model dir, a model step, or "auto": the latest model before sft
     data: str = "instruct"             # directory with train.jsonl and val.jsonl (relative to run_dir or absolute)
     method: Literal["full", "lora"] = "full"
     lora_rank: int = 8
@@ -47,6 +49,7 @@ class SFTConfig:
     overlong: Literal["error", "drop"] = "error"
     max_examples: int = 0              # 0: all
     ckpt_every: int = 50
+    seed: int = 0
 
     def __post_init__(self):
         for k in ("steps", "batch_size"):
@@ -65,11 +68,13 @@ class SFTConfig:
 
 
 def validate_config(cfg):
-    common.settings(SFTConfig, cfg, "sft")
+    return from_dict(SFTConfig, cfg, "sft")
 
 
-def load_chat_jsonl(path, tokenizer, max_len, overlong="error", limit=0):
-    """-> (examples [(ids, mask)], dropped). Bad lines raise ValueError naming path:line."""
+def load_chat_jsonl(path, tokenizer, max_len, overlong="error", limit=0, chat=None):
+    """-> (examples [(ids, mask)], dropped), rendered by `chat` (quark.chat.chat_format; Quark's
+    template by default). Bad lines raise ValueError naming path:line."""
+    chat = chat or QuarkChat(tokenizer)
     examples, dropped = [], 0
     path = Path(path)
     if not path.exists():
@@ -77,7 +82,7 @@ def load_chat_jsonl(path, tokenizer, max_len, overlong="error", limit=0):
     for n, rec in read_jsonl(path):
         where = f"{path}:{n}"
         check_chat_record(rec, where)
-        ids, mask = encode_chat(tokenizer, rec["messages"])
+        ids, mask = chat.encode(rec["messages"])
         if len(ids) > max_len:
             if overlong == "error":
                 raise ValueError(f"{where}: example is {len(ids)} tokens, longer than max_len {max_len}; "
@@ -145,34 +150,36 @@ def finetune(model, X, Y, cfg: SFTConfig, seed=0, ckpt_dir=None, desc="sft"):
         x, y = trim(X[idx], Y[idx])
         _, loss = model(x, y, ignore_index=IGNORE)
         return loss, {}
-    loop = common.LoopSettings(steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, weight_decay=cfg.weight_decay,
-                               grad_clip=cfg.grad_clip, ckpt_every=cfg.ckpt_every)
-    return common.train_loop(model, loss_fn, loop, seed=seed, ckpt_dir=ckpt_dir, desc=desc)
+    s = LoopSettings(steps=cfg.steps, lr=cfg.lr, min_lr=0.1 * cfg.lr, warmup=cfg.warmup, weight_decay=cfg.weight_decay,
+                     grad_clip=cfg.grad_clip, ckpt_every=cfg.ckpt_every)
+    return train_loop(model, seeded_batches(loss_fn, seed), s, ckpt_root=ckpt_dir, keep_history=True, desc=desc)[0]
 
 
 def trainable_parameter_names(model):
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
-def run_step(run_dir: Path, cfg: dict) -> dict:
-    s, seed = common.settings(SFTConfig, cfg, "sft")
-    run_dir = Path(run_dir)
+def run_step(run_dir, cfg: dict) -> dict:
+    s = from_dict(SFTConfig, cfg, "sft")
+    seed = s.seed
+    run_dir = RunDir.of(run_dir)
     torch.manual_seed(seed)
-    init = common.resolve_model_dir(run_dir, s.init, ("pretrain",))
-    tok_path = common.find_tokenizer(run_dir, init)
-    tok = common.load_tokenizer(tok_path)
+    init = run_dir.model(s.init, before="sft")
+    tok_path = run_dir.tokenizer_path(init)
+    chat = run_dir.chat(init)
+    tok = chat.tokenizer
     model = load_model(init)
     max_len = s.max_len or model.config.max_seq_len
     if max_len > model.config.max_seq_len + 1:
         raise ConfigError(f"sft.max_len {max_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
-    data = Path(s.data) if Path(s.data).is_absolute() else run_dir / s.data
-    train, dropped = load_chat_jsonl(data / "train.jsonl", tok, max_len, s.overlong, s.max_examples)
-    val, _ = load_chat_jsonl(data / "val.jsonl", tok, max_len, "drop")
-    pad = special_ids(tok)["<|pad|>"]
+    data = run_dir.path(s.data)
+    train, dropped = load_chat_jsonl(data / "train.jsonl", tok, max_len, s.overlong, s.max_examples, chat=chat)
+    val, _ = load_chat_jsonl(data / "val.jsonl", tok, max_len, "drop", chat=chat)
+    pad = chat.pad_id
     seq = model.config.max_seq_len
     X, Y = pack_examples(train, seq, pad, s.packing)
     Xv, Yv = pack_examples(val, seq, pad, s.packing)
-    out = run_dir / "sft"
+    out = run_dir.output("sft")
     t0 = time.time()
     val_before = evaluate_loss(model, Xv, Yv)
     if s.method == "lora":
@@ -184,7 +191,7 @@ def run_step(run_dir: Path, cfg: dict) -> dict:
         save_adapter(model, out / "adapter", metadata={"base": str(init)})
         strip_lora(model)
     save_model(model, out / "final", tokenizer_path=tok_path, metadata={"step": "sft", "base": str(init), "method": s.method})
-    common.clear_checkpoint(out / "ckpt")
+    clear_checkpoints(out / "ckpt")
     stats = {"init": str(init), "method": s.method, "train_examples": len(train), "dropped_overlong": dropped,
              "val_examples": len(val), "train_rows": len(X), "assistant_tokens": int((Y != IGNORE).sum()),
              "packing_efficiency": round(float((X != pad).float().mean()), 3), "trainable_params": n_train,
@@ -194,10 +201,4 @@ def run_step(run_dir: Path, cfg: dict) -> dict:
     return stats
 
 
-def configure_parser(parser):
-    common.add_common_args(parser)
-
-
-def run_cli(args):
-    import sys
-    return common.run_step_cli(sys.modules[__name__], args)
+STEP = Step(name="sft", config=SFTConfig, run=run_step, check=validate_config)

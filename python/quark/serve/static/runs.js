@@ -33,8 +33,12 @@ function chart(title, points) {
   return box;
 }
 
+// the API key the chat page stored, when the server requires one
+const key = localStorage.getItem("quark_api_key");
+const auth = key ? { headers: { Authorization: "Bearer " + key } } : {};
+
 async function show(name) {
-  const r = await fetch("/api/runs/" + encodeURIComponent(name));
+  const r = await fetch("/api/runs/" + encodeURIComponent(name), auth);
   const data = await r.json();
   $("charts").textContent = "";
   let n = 0;
@@ -47,7 +51,9 @@ async function show(name) {
 }
 
 async function init() {
-  const runs = (await (await fetch("/api/runs")).json()).runs;
+  const r = await fetch("/api/runs", auth);
+  if (r.status === 401) { $("status").textContent = "this server needs an API key: enter it on the chat page"; return; }
+  const runs = (await r.json()).runs;
   if (!runs.length) { $("status").textContent = "no runs with metrics.jsonl found"; return; }
   for (const name of runs) $("run").add(new Option(name, name));
   $("run").onchange = () => show($("run").value);

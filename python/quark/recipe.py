@@ -1,0 +1,107 @@
+"""Recipes (YAML): which steps `quark run` runs, with what settings, at what budget.
+
+    name, run_dir, seed, budget (tiny|default|large), steps: {step: {settings..., budgets: {tiny: {...}}}}
+
+STEPS is the one list of the life-cycle steps, in run order: name -> (module, one-line help). Each
+module declares `STEP = quark.config.Step(...)` (its settings dataclass and run function); the modules
+are imported only when a step runs, so `quark --help` imports no torch. A step marked optional runs in
+`quark run` only when the recipe names it. A step's settings are checked by its own dataclass.
+"""
+import copy
+import importlib
+from pathlib import Path
+
+import yaml
+
+from quark.config import ConfigError
+
+STEPS = {
+    # name: (module, one-line help, optional)
+    "crawl": ("quark.data.crawl", "crawl web pages into run_dir/crawl (default: the local pydoc server)", False),
+    "scrape": ("quark.data.repos", "collect code files from git repositories / directories into run_dir/scrape", False),
+    "clean": ("quark.data.clean", "quality filters (Gopher, C4, FineWeb, code) and PII scrubbing -> run_dir/clean", False),
+    "dedup": ("quark.data.dedup", "exact and MinHash-LSH near-duplicate removal -> run_dir/dedup", False),
+    "tokenizer": ("quark.data.tokenizer", "train a byte-level BPE tokenizer -> run_dir/tokenizer/tokenizer.json", False),
+    "pack": ("quark.data.pack", "tokenize into memory-mapped train/val token files -> run_dir/pack", False),
+    "plan": ("quark.train.plan", "scope pretraining: params, FLOPs, memory, tokens, time; pick an architecture", False),
+    "pretrain": ("quark.train.trainer", "pretrain a model on the run's packed tokens (resumable, DDP/FSDP2)", False),
+    "domain": ("quark.tune.domain", "continued pretraining on a domain corpus with general-corpus replay", True),
+    "instruct": ("quark.tune.instruct", "build instruction/response chat data from the run's corpus (+ self-instruct)", False),
+    "sft": ("quark.tune.sft", "supervised fine-tuning on chat data: full or LoRA, assistant-only loss, packing", False),
+    "reward": ("quark.align.reward", "train a reward model (Bradley-Terry) on preference pairs", False),
+    "dpo": ("quark.align.dpo", "preference optimisation: DPO, IPO or SimPO against a frozen reference", False),
+    "rl": ("quark.align.rl", "online RL with GRPO: a reward model or a rule reward, KL to the reference", True),
+    "redteam": ("quark.align.redteam", "attack suite against a model + safety filter: success rate before/after alignment", False),
+    "index": ("quark.retrieval.store", "build the run's hybrid index (SQLite FTS5 + vectors) -> run_dir/index", False),
+    "rag": ("quark.retrieval.rag", "evaluate RAG on questions generated from the index: recall, MRR, cited answers", False),
+    "quantize": ("quark.optimize.quantize", "quantize a model (int8 / int4 / w8a8; rtn, awq, gptq) and measure each variant", False),
+    "distill": ("quark.optimize.distill", "train a smaller student from a teacher's logits (+ a no-teacher control run)", False),
+    "eval": ("quark.eval.harness", "evaluate a model: perplexity, tasks, code pass@k, and the regression gate", False),
+    "promote": ("quark.improve.registry", "register the run's models and promote the evaluated one through the gate", False),
+    "report": ("quark.eval.report", "write report.html (tables and plots) for the run", False),
+}
+STEP_NAMES = list(STEPS)
+BUDGETS = ("tiny", "default", "large")
+TOP_LEVEL_KEYS = ("name", "run_dir", "seed", "budget", "steps")
+
+
+def load_step(name):
+    """The Step object that module STEPS[name] declares."""
+    step = importlib.import_module(STEPS[name][0]).STEP
+    assert step.name == name, f"{STEPS[name][0]}.STEP is named {step.name!r}, listed as {name!r}"
+    return step
+
+
+def default_recipe_path():
+    source = Path(__file__).resolve().parents[2] / "recipes" / "default.yaml"  # source checkout / editable
+    return source if source.exists() else Path(__file__).parent / "recipes" / "default.yaml"  # wheel
+
+
+def load_recipe(path=None, budget=None, run_dir=None):
+    path = Path(path) if path else default_recipe_path()
+    if not path.exists():
+        raise ConfigError(f"recipe {path} does not exist")
+    try:
+        recipe = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe {path} is not valid YAML: {e}") from None
+    if not isinstance(recipe, dict):
+        raise ConfigError(f"recipe {path}: expected a mapping at the top level")
+    for key in recipe:
+        if key not in TOP_LEVEL_KEYS:
+            raise ConfigError(f"recipe {path}: unknown key {key!r}; allowed keys: {', '.join(TOP_LEVEL_KEYS)}")
+    recipe.setdefault("name", path.stem)
+    recipe.setdefault("seed", 0)
+    recipe.setdefault("steps", {})
+    if budget:
+        recipe["budget"] = budget
+    recipe.setdefault("budget", "default")
+    if recipe["budget"] not in BUDGETS:
+        raise ConfigError(f"recipe {path}: budget must be one of {list(BUDGETS)}, got {recipe['budget']!r}")
+    if not isinstance(recipe["seed"], int):
+        raise ConfigError(f"recipe {path}: seed must be an integer, got {recipe['seed']!r}")
+    if not isinstance(recipe["steps"], dict):
+        raise ConfigError(f"recipe {path}: steps must be a mapping of step name to settings")
+    for name in recipe["steps"]:
+        if name not in STEPS:
+            raise ConfigError(f"recipe {path}: unknown step {name!r}; allowed steps: {', '.join(STEP_NAMES)}")
+    recipe["run_dir"] = str(run_dir or recipe.get("run_dir") or f"runs/{recipe['name']}")
+    return recipe
+
+
+def recipe_steps(recipe):
+    """The steps `quark run` runs for this recipe, in order: every step but the optional ones it does not name."""
+    return [name for name, (_, _, optional) in STEPS.items() if not optional or name in recipe["steps"]]
+
+
+def step_config(recipe, name):
+    """The settings of one step with its budget overrides applied (the seed is added by the pipeline)."""
+    cfg = copy.deepcopy(recipe["steps"].get(name) or {})
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"steps.{name}: expected a mapping of settings, got {cfg!r}")
+    budgets = cfg.pop("budgets", {}) or {}
+    for b in budgets:
+        if b not in BUDGETS:
+            raise ConfigError(f"steps.{name}.budgets: unknown budget {b!r}; allowed: {list(BUDGETS)}")
+    cfg.update(budgets.get(recipe["budget"], {}) or {})
+    return cfg

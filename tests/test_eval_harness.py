@@ -1,0 +1,86 @@
+"""The eval step on a real run directory: a model trained for a few seconds on a structured corpus
+must beat chance on the held-out continuation task by a stated margin (and the untrained one must
+not), and every held-out window and document comes back as a per-item result for the gate."""
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from quark.eval.harness import EvalConfig, evaluate, resolve_tasks
+from quark.model import GPT, GPTConfig
+from quark.model.io import save_model
+from tests.conftest import make_tokenizer
+from tests.tiny_lm import one_thread  # noqa: F401 (one_thread is a fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SENTENCES = ["def add(a, b):\n    return a + b\n", "The quick brown fox jumps over the lazy dog.",
+             "Python is a programming language that lets you work quickly.", "import os\nprint(os.path.join('a', 'b'))\n",
+             "Lists keep their items in order; sets do not.", "A dictionary maps keys to values."]
+
+
+def corpus(n, seed):
+    rng = random.Random(seed)
+    return " ".join(rng.choice(SENTENCES) for _ in range(n))   # sentences in random order
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """run_dir/pack/val.bin from held-out text, and two models: trained on other text, and untrained."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("eval_run")
+    tok = make_tokenizer(corpus=SENTENCES * 20)
+    train = torch.tensor(tok.encode(corpus(600, 0)).ids)
+    val = np.array(tok.encode(corpus(1000, 1)).ids, dtype=np.uint16)
+    (root / "pack").mkdir()
+    val.tofile(root / "pack" / "val.bin")
+    (root / "pack" / "meta.json").write_text(json.dumps({"dtype": "uint16", "vocab_size": tok.get_vocab_size()}))
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=tok.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=1, d_model=64, max_seq_len=96)
+    dirs = {}
+    for name, steps in (("untrained", 0), ("trained", 80)):
+        model = GPT(cfg)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(steps):
+            starts = torch.randint(0, len(train) - 65, (16,), generator=gen)
+            x = torch.stack([train[s: s + 65] for s in starts])
+            logits, _ = model(x[:, :-1])
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        dirs[name] = root / name
+        save_model(model, dirs[name])
+        tok.save(str(dirs[name] / "tokenizer.json"))
+    return root, dirs, tok.get_vocab_size()
+
+
+def test_trained_model_beats_chance_on_held_out_continuations(run):
+    root, dirs, vocab = run
+    cfg = EvalConfig(tasks=[], heldout_mc=40, max_tokens=20000)
+    trained, items = evaluate(dirs["trained"], cfg, root, log=lambda *a: None)
+    untrained, _ = evaluate(dirs["untrained"], cfg, root, log=lambda *a: None)
+    assert trained["heldout_mc/n"] == 40 and trained["heldout_mc/chance"] == 0.25
+    # 40 four-way questions: a guesser scores >= 0.45 with probability < 1% (binomial tail)
+    assert trained["heldout_mc/acc"] >= 0.6
+    assert untrained["heldout_mc/acc"] <= 0.45
+    assert trained["heldout/loss"] < math.log(vocab) - 1.0 < untrained["heldout/loss"] + 1.0
+    windows, n_tokens = items["heldout"], trained["heldout/tokens"]        # one item per 96-token window
+    assert len(windows) == math.ceil(n_tokens / 96) and len({w["id"] for w in windows}) == len(windows)
+    counts = [96] * (len(windows) - 1) + [n_tokens - 96 * (len(windows) - 1)]
+    assert sum(w["loss"] * c for w, c in zip(windows, counts)) == pytest.approx(trained["heldout/loss"] * n_tokens, rel=1e-4)
+    assert len(items["heldout_mc"]) == 40 and np.mean([i["acc"] for i in items["heldout_mc"]]) == trained["heldout_mc/acc"]
+
+
+def test_resolve_tasks_names_public_benchmarks(tmp_path):
+    (tmp_path / "test.jsonl").write_text(json.dumps({"question": "1 + 1?", "answer": "1 + 1 = 2\n#### 2"}) + "\n")
+    ((spec, docs),) = resolve_tasks([f"gsm8k={tmp_path / 'test.jsonl'}"])
+    assert spec.task == "gsm8k" and docs[0]["target"] == "2"
+    assert [s.task for s, _ in resolve_tasks(["python_syntax"], limit=3)] == ["python_syntax"]
+    assert len(resolve_tasks(["python_syntax"], limit=3)[0][1]) == 3
+    with pytest.raises(ValueError, match="NAME=PATH of a public benchmark"):
+        resolve_tasks(["squad=/x"])
