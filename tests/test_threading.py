@@ -56,7 +56,7 @@ def test_stalled_worker_share_is_taken_over(threads):
 def test_exception_in_a_chunk_is_raised_and_pool_stays_usable(threads):
     threads(3)
     for throw_at in (0, 517, 9_999):
-        with pytest.raises(RuntimeError, match=f"item {throw_at} failed"):
+        with pytest.raises(ValueError, match=f"item {throw_at} failed"):
             _C._parallel_for_probe(10_000, 1, throw_at=throw_at)
     runs, chunks, _ = _C._parallel_for_probe(10_000, 1)
     check_cover(10_000, runs, chunks)
@@ -105,6 +105,13 @@ def test_forked_child_starts_its_own_workers(threads):
     with multiprocessing.get_context("fork").Pool(1) as p:
         ok, slots = p.apply(_probe_in_child, (3,))
     assert ok and 1 <= slots <= 3
+
+
+def test_probe_bounds_its_arguments():
+    with pytest.raises(ValueError, match="at most 2"):
+        _C._parallel_for_probe(2 ** 40)
+    with pytest.raises(ValueError, match="stall_ms"):
+        _C._parallel_for_probe(10, stall_ms=5000)
 
 
 def test_thread_count_bounds(threads):

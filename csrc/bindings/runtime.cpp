@@ -47,10 +47,13 @@ void bind_runtime(nb::module_& m) {
     set_num_threads(n);
   }, nb::arg("n"));
   // Test hook of the thread pool (tests/test_threading.py): parallel_for over n items in chunks of at
-  // least `grain`. Item throw_at throws; each chunk runs a nested parallel_for over `inner` items; the
-  // first chunk a worker takes sleeps stall_ms. Returns the runs of each item, the chunks as
-  // (begin, end, thread slot), and whether every nested call ran inline as one call over [0, inner).
+  // least `grain`. Item throw_at throws (ValueError); each chunk runs a nested parallel_for over `inner`
+  // items; the first chunk a worker takes sleeps stall_ms. Returns the runs of each item, the chunks
+  // as (begin, end, thread slot), and whether every nested call ran inline as one call over [0, inner).
   m.def("_parallel_for_probe", [](int64_t n, int64_t grain, int64_t throw_at, int64_t inner, int stall_ms) {
+    constexpr int64_t kMaxItems = 1 << 24;
+    check(n <= kMaxItems && inner <= kMaxItems, "n and inner must be at most 2^24");
+    check(stall_ms >= 0 && stall_ms <= 1000, "stall_ms must be between 0 and 1000, got " + std::to_string(stall_ms));
     std::vector<std::atomic<int>> runs(std::max<int64_t>(n, 0));
     std::vector<std::tuple<int64_t, int64_t, int>> chunks;
     std::mutex mu;
@@ -61,7 +64,7 @@ void bind_runtime(nb::module_& m) {
         if (detail::thread_slot() != 0 && stall_ms > 0 && !stalled.exchange(true))
           std::this_thread::sleep_for(std::chrono::milliseconds(stall_ms));
         for (int64_t i = begin; i < end; ++i) {
-          if (i == throw_at) throw std::runtime_error("item " + std::to_string(i) + " failed");
+          if (i == throw_at) throw std::invalid_argument("item " + std::to_string(i) + " failed");
           runs[i].fetch_add(1);
         }
         if (inner > 0) {

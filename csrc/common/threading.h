@@ -15,10 +15,11 @@
 // not depend on it, which every caller keeps (no reduction crosses items).
 //
 // Workers spin briefly after a job (a decode step issues kernels tens of microseconds apart) and then
-// sleep on a condition variable. A parallel_for inside a chunk, or while another thread's
-// parallel_for holds the workers, runs inline in the calling thread as fn(0, n). The first exception
-// a chunk throws is rethrown by parallel_for once every claimed chunk is done; chunks claimed after it
-// are skipped. After fork() the child starts with no workers and makes new ones on first use.
+// sleep on a condition variable. A parallel_for called from a chunk the workers share, or while
+// another thread's parallel_for holds the workers, runs inline in the calling thread as fn(0, n).
+// The first exception a chunk throws is rethrown by parallel_for once every claimed chunk is done;
+// chunks claimed after it are skipped. After fork() the child starts with no workers and makes new
+// ones on first use.
 #pragma once
 #include <array>
 #include <cstdint>
