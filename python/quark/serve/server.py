@@ -17,11 +17,13 @@ stalls other streams; a non-streaming request is cancelled when its client disco
 are route templates, never raw paths.
 """
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import json
 import math
 import secrets
+import struct
 import sys
 import threading
 import time
@@ -550,7 +552,10 @@ def create_app(engine, tokenizer, model_name="quark", api_key=None, safety=None,
             for token, (lp, top) in entries:
                 out["tokens"].append(piece(token))
                 out["token_logprobs"].append(lp)
-                out["top_logprobs"].append(None if top is None else {piece(t): v for t, v in top})
+                alts = None if top is None else {}
+                for t, v in top or ():   # most likely first: ids that decode alike keep the best log-prob
+                    alts.setdefault(piece(t), v)
+                out["top_logprobs"].append(alts)
                 out["text_offset"].append(offset)
                 offset += len(out["tokens"][-1])
             return out
@@ -755,8 +760,9 @@ def create_app(engine, tokenizer, model_name="quark", api_key=None, safety=None,
         if not isinstance(inputs, list) or not inputs or len(inputs) > MAX_EMBED_INPUTS:
             raise APIError(400, f"input must be a string, token ids, or a list of at most {MAX_EMBED_INPUTS} of those",
                            param="input")
-        if body.get("encoding_format", "float") not in ("float", None):
-            raise APIError(400, "encoding_format must be 'float'", param="encoding_format")
+        fmt = body.get("encoding_format") or "float"
+        if fmt not in ("float", "base64"):
+            raise APIError(400, "encoding_format must be 'float' or 'base64'", param="encoding_format")
         ids = []
         for j, x in enumerate(inputs):
             if isinstance(x, str) and x and _is_unicode(x):
@@ -770,7 +776,8 @@ def create_app(engine, tokenizer, model_name="quark", api_key=None, safety=None,
         vectors = await asyncio.to_thread(embed, engine.runner.model, ids)
         used = sum(len(x) for x in ids)
         return {"object": "list", "model": model_name, "usage": {"prompt_tokens": used, "total_tokens": used},
-                "data": [{"object": "embedding", "index": j, "embedding": v} for j, v in enumerate(vectors)]}
+                "data": [{"object": "embedding", "index": j, "embedding": v if fmt == "float" else   # little-endian float32
+                          base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode()} for j, v in enumerate(vectors)]}
 
     @app.get("/v1/models")
     async def models():
