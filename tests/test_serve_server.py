@@ -752,3 +752,14 @@ def test_failing_requests_do_not_disturb_others(server, model, tok):
     for kind, body in results:
         text = body["choices"][0]["message"]["content"]
         assert text == want if kind == "plain" else json.loads(text)["color"] in ("red", "green", "blue")
+
+
+def test_retrieval_embeds_through_the_server(server, model, tok):
+    """quark.retrieval's OpenAIEmbedder pointed at /v1 gives the vectors QuarkEmbedder computes in process."""
+    import numpy as np
+
+    from quark.retrieval.embed import OpenAIEmbedder, QuarkEmbedder
+    texts = ["a fox", "", "Hello world, this is Quark"]
+    remote = OpenAIEmbedder(server.url + "/v1")
+    assert remote.model == "tiny" and remote.dim == model.config.d_model
+    assert np.allclose(remote.embed(texts), QuarkEmbedder(model, tok).embed(texts), atol=1e-5)

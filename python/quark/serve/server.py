@@ -1,8 +1,13 @@
 """OpenAI-compatible HTTP server over the engine (FastAPI + uvicorn), the web UI, and `quark serve`.
 
 Routes: GET /v1/models; POST /v1/completions and /v1/chat/completions (`stream: true` answers
-server-sent events, `data: {chunk}` lines ending with `data: [DONE]`); GET /health; GET /metrics
-(Prometheus text); GET / (chat page), /runs (training metrics page), /api/runs[/NAME].
+server-sent events, `data: {chunk}` lines ending with `data: [DONE]`), POST /v1/embeddings; GET /health;
+GET /metrics (Prometheus text); GET / (chat page), /runs (training metrics page), /api/runs[/NAME].
+OpenAI fields served: n (choice i samples with seed + i), logprobs/top_logprobs (the model's own
+log-softmax), stop, seed, stream_options.include_usage, completions' token-id prompts, prompt lists and
+echo; response_format json_object / json_schema and tool_choice "required" / a named function are
+enforced by constrained decoding (quark.infer.constrain); tools render through the chat template and
+tool_choice "auto" reads calls back from the output in quark.chat's <tool_call> syntax.
 Errors use OpenAI's body {"error": {"message", "type", "param", "code"}}: 400 bad input, 401 bad API
 key, 404 unknown model or route, 413 body too large, 415 not JSON, 429 queue full, 503 shutting down.
 uvicorn's graceful shutdown stops accepting connections and lets open requests (streams included)
