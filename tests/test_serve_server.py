@@ -763,3 +763,61 @@ def test_retrieval_embeds_through_the_server(server, model, tok):
     remote = OpenAIEmbedder(server.url + "/v1")
     assert remote.model == "tiny" and remote.dim == model.config.d_model
     assert np.allclose(remote.embed(texts), QuarkEmbedder(model, tok).embed(texts), atol=1e-5)
+
+
+def test_auto_tool_choice_reads_calls_a_trained_model_emits(tok):
+    """A tiny model trained on one tool-call conversation (Quark's template) emits the call by itself:
+    tool_choice auto turns it into tool_calls, whole and streamed, with no grammar involved."""
+    import torch
+
+    from quark.chat import QuarkChat
+    tools = TOOLS[1:]
+    call = {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 3, "b": 4}'}}
+    convo = MSG + [{"role": "assistant", "content": None, "tool_calls": [call]}]
+    ids, mask = QuarkChat(tok).encode(convo, False, tools)
+    model = make_model(tok.get_vocab_size(), max_seq_len=640).train()
+    x, y = torch.tensor([ids[:-1]]), torch.tensor([[t if m else -100 for t, m in zip(ids[1:], mask[1:])]])
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(300):
+        _, loss = model(x, y)
+        if loss.item() < 0.01:
+            break
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with ServerThread(create_app(Engine(model, tok, max_batch=2), tok, "tiny")) as s:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
+        kw = dict(model="tiny", messages=MSG, tools=tools, max_tokens=100, temperature=0)
+        r = client.chat.completions.create(**kw).choices[0]
+        assert r.finish_reason == "tool_calls" and r.message.content is None
+        assert [(c.function.name, json.loads(c.function.arguments)) for c in r.message.tool_calls] == [("add", {"a": 3, "b": 4})]
+        deltas = [d for ch in client.chat.completions.create(**kw, stream=True) for d in ch.choices[0].delta.tool_calls or []]
+        assert "".join(d.function.arguments or "" for d in deltas) == r.message.tool_calls[0].function.arguments
+        assert deltas[0].function.name == "add"
+        none = client.chat.completions.create(**kw, tool_choice="none").choices[0]
+        assert none.message.tool_calls is None and none.message.content.startswith("<tool_call>")
+
+
+def test_hf_template_renders_tools_natively(tmp_path):
+    """A checkpoint's template that supports tools gets them through its `tools` variable, as transformers renders."""
+    transformers = pytest.importorskip("transformers")
+    from quark.chat import chat_format
+    from quark.infer.engine import load_for_serving
+    from tests.hf_helpers import make_hf_model
+    make_hf_model(tmp_path, "qwen2", max_position_embeddings=512)
+    model, tok, model_dir, _ = load_for_serving(tmp_path)
+    chat = chat_format(tok, model_dir)
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"x": {"enum": [1, 2]}},
+                                                                            "required": ["x"], "additionalProperties": False}}}]
+    messages = [{"role": "user", "content": "The quick brown fox"}]
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    want = hf_tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    with ServerThread(create_app(Engine(model, tok, max_batch=2, stop_ids=chat.stop_ids), tok, "hf", chat=chat)) as s:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
+        r = client.chat.completions.create(model="hf", messages=messages, tools=tools, max_tokens=4, temperature=0)
+        assert r.usage.prompt_tokens == len(want)
+        forced = client.chat.completions.create(model="hf", messages=messages, tools=tools, tool_choice="required",
+                                                max_tokens=200, temperature=1.0, seed=0).choices[0]
+        assert forced.finish_reason == "tool_calls"
+        assert all(json.loads(c.function.arguments)["x"] in (1, 2) for c in forced.message.tool_calls)

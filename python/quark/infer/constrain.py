@@ -13,7 +13,6 @@ grammar needs. JSON is generated compact (no free whitespace): a model cannot pa
 import functools
 import json
 
-
 COMPACT = {"whitespace_flexible": False}
 
 
