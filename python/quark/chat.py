@@ -129,6 +129,9 @@ def check_chat_record(rec, where):
         validate_messages(rec["messages"], where="messages")
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
+    tools = rec.get("tools")
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise ValueError(f"{where}: 'tools' must be a list of OpenAI tool objects")
     if not any(m["role"] == "assistant" for m in rec["messages"]):
         raise ValueError(f"{where}: no assistant message, so nothing to learn")
 
