@@ -530,6 +530,10 @@ def test_chat_logprobs_match_the_models_log_softmax(client, model, tok):
         top = lp[t].topk(3)
         assert [a.logprob for a in c.top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-4)
         assert [a.token for a in c.top_logprobs] == [tok.decode([i], skip_special_tokens=False) for i in top.indices.tolist()]
+    chunks = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=6, temperature=0, logprobs=True,
+                                            top_logprobs=3, stream=True)
+    streamed = [c for ch in chunks if ch.choices and ch.choices[0].logprobs for c in ch.choices[0].logprobs.content]
+    assert [(c.token, c.logprob) for c in streamed] == [(c.token, c.logprob) for c in content]
 
 
 def test_completions_token_prompt_echo_and_logprobs(client, model, tok):

@@ -254,14 +254,16 @@ class Request:
                 self._on_event = None
                 self.cancelled = True
 
-    def _accept(self, token):
-        """Record a sampled token; returns True when the request is finished."""
+    def _accept(self, token, logprob=None):
+        """Record a sampled token (and its logprobs entry); returns True when the request is finished."""
         if self.t_first is None:
             self.t_first = time.perf_counter()
         if token in self.stop_ids:
             self.stop_token = token
             return self._finish("stop")
-        self.output_ids.append(token)
+        self.output_ids.append(token)   # before logprobs: a reader on another thread never sees more entries than ids
+        if logprob is not None:
+            self.logprobs.append(logprob)
         if self.history is not None:
             self.history = torch.cat([self.history, torch.tensor([token])])
         if self.detok is not None:
@@ -467,10 +469,9 @@ class Engine:
             if token is None:
                 allowed = logits if req.processor is None else req.processor(req.output_ids, logits)
                 token = sample(allowed, req.params, req.history, req.generator)
-            if req.logprobs is not None and token not in req.stop_ids:
-                req.logprobs.append(token_logprobs(logits, token, req.params.logprobs))
+            entry = token_logprobs(logits, token, req.params.logprobs) if req.logprobs is not None else None
             self.tokens_generated += 1
-            return req._accept(token)
+            return req._accept(token, entry)
         except Exception as e:
             if req.finish_reason is None:
                 req._finish(f"error: {e}")

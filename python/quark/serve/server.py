@@ -192,12 +192,13 @@ def _is_unicode(text):
         return False
 
 
-async def _cancel_on_disconnect(request, req):
-    """Cancel req when the client goes away (the body is already read, so the next message is the
-    disconnect); cancelled itself when the answer is ready."""
+async def _cancel_on_disconnect(request, reqs):
+    """Cancel every request of reqs when the client goes away (the body is already read, so the next
+    message is the disconnect); cancelled itself when the answer is ready."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
-    req.cancel()
+    for req in reqs:
+        req.cancel()
 
 
 def _find_runs(root):
@@ -404,7 +405,7 @@ def create_app(engine, tokenizer, model_name="quark", api_key=None, safety=None,
 
         if not stream:
             texts, finishes = [[] for _ in reqs], [None] * len(reqs)
-            watchers = [asyncio.create_task(_cancel_on_disconnect(request, req)) for req in reqs[:1]]
+            watcher = asyncio.create_task(_cancel_on_disconnect(request, reqs))
             try:
                 while None in finishes:
                     i, kind, value = await events.get()
@@ -413,11 +414,7 @@ def create_app(engine, tokenizer, model_name="quark", api_key=None, safety=None,
                     else:
                         finishes[i] = value
             finally:
-                for w in watchers:
-                    w.cancel()
-                if any(f == "cancelled" for f in finishes):   # the client went away: free every choice's slot
-                    for r in reqs:
-                        r.cancel()
+                watcher.cancel()
             failed = next((f for f in finishes if f.startswith("error")), None)
             if failed:
                 record("500")
@@ -444,9 +441,9 @@ def create_app(engine, tokenizer, model_name="quark", api_key=None, safety=None,
                     if i not in open_:
                         continue
                     new_lp = None
-                    if req.logprobs is not None:   # the tokens generated since this choice's last chunk
-                        end = len(req.logprobs)
-                        new_lp, lp_sent[i] = req.logprobs[lp_sent[i]:end], end
+                    if req.logprobs is not None:   # (token, entry) for the tokens since this choice's last chunk
+                        start, end = lp_sent[i], len(req.logprobs)
+                        new_lp, lp_sent[i] = list(zip(req.output_ids[start:end], req.logprobs[start:end])), end
                     if kind == "token":
                         sent[i].append(value)
                         if screen("".join(sent[i]), "output") is not None:   # sent text cannot be taken back
@@ -565,16 +562,12 @@ def create_app(engine, tokenizer, model_name="quark", api_key=None, safety=None,
                 offset += len(out["tokens"][-1])
             return out
 
-        def generated(req, entries):
-            start = len(req.logprobs) - len(entries)
-            return list(zip(req.output_ids[start:start + len(entries)], entries))
-
         def chunk(i, text, finish, req, lp):
             if i is None:   # the usage chunk
                 return {"id": cid, "object": "text_completion", "created": created, "model": model_name, "choices": []}
             if text is None:
                 return None
-            logprobs = None if lp is None else logprobs_of(req, generated(req, lp), 0)
+            logprobs = None if lp is None else logprobs_of(req, lp, 0)
             return {"id": cid, "object": "text_completion", "created": created, "model": model_name,
                     "choices": [{"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
 
@@ -583,7 +576,7 @@ def create_app(engine, tokenizer, model_name="quark", api_key=None, safety=None,
             for i, (text, finish, req) in enumerate(outputs):
                 logprobs = None
                 if req is not None and req.logprobs is not None:
-                    entries = generated(req, req.logprobs)
+                    entries = list(zip(req.output_ids, req.logprobs))
                     if echo:   # the first prompt token has no log-prob: nothing predicts it
                         entries = ([(req.prompt_ids[0], (None, None))] +
                                    list(zip(req.prompt_ids[1:], req.prompt_logprobs)) + entries)
@@ -734,8 +727,7 @@ def create_app(engine, tokenizer, model_name="quark", api_key=None, safety=None,
                     return [head | {"choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}]},
                             head | {"choices": [{"index": i, "delta": {"tool_calls": args}, "logprobs": None,
                                                  "finish_reason": finish}]}]
-            logprobs = None if lp is None else {"content": chat_logprobs(
-                list(zip(req.output_ids[len(req.logprobs) - len(lp):], lp)))}
+            logprobs = None if lp is None else {"content": chat_logprobs(lp)}
             return head | {"choices": [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
 
         def final(outputs, usage):
