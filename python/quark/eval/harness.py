@@ -120,12 +120,13 @@ def heldout_window_items(lm, tokens):
     return items
 
 
-def load_heldout_tokens(run_dir, max_tokens):
-    """The first max_tokens of the run's pack/val.bin, or None when the run has no pack."""
+def load_heldout_tokens(run_dir, model_dir, max_tokens):
+    """The first max_tokens of the run's held-out split (pack/val.bin) in model_dir's own tokens
+    (RunDir.tokens), or None when the run has no pack."""
     run_dir = RunDir.of(run_dir)
     if not run_dir.has("pack", "meta.json"):
         return None
-    return np.asarray(run_dir.pack().tokens("val")[:max_tokens], dtype=np.int64)
+    return run_dir.tokens("val", model_dir, max_tokens)
 
 
 def evaluate(model_dir, cfg: EvalConfig, run_dir=None, telemetry=None, log=print):
@@ -134,7 +135,7 @@ def evaluate(model_dir, cfg: EvalConfig, run_dir=None, telemetry=None, log=print
     telemetry = telemetry or Telemetry()
     lm = LanguageModel.from_dir(model_dir, run_dir)
     metrics, items = {}, {}
-    tokens = load_heldout_tokens(run_dir, cfg.max_tokens) if run_dir else None
+    tokens = load_heldout_tokens(run_dir, model_dir, cfg.max_tokens) if run_dir else None
     if tokens is not None and len(tokens) > 1:
         with telemetry.timer("perplexity"):
             ppl = evaluate_tokens(lm, tokens)
