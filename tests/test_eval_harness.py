@@ -84,3 +84,23 @@ def test_resolve_tasks_names_public_benchmarks(tmp_path):
     assert len(resolve_tasks(["python_syntax"], limit=3)[0][1]) == 3
     with pytest.raises(ValueError, match="NAME=PATH of a public benchmark"):
         resolve_tasks(["squad=/x"])
+
+
+def test_an_hf_model_is_scored_on_the_runs_text_in_its_own_tokens(tmp_path):
+    """An HF checkpoint with its own vocabulary, evaluated in a run packed with Quark's tokenizer: the
+    held-out loss is transformers' loss on the held-out documents encoded by the checkpoint's tokenizer."""
+    import torch.nn.functional as F
+    import transformers
+
+    from quark.rundir import RunDir
+    from tests.hf_helpers import make_hf_model, make_packed_run
+    run, _ = make_packed_run(tmp_path)
+    hf = make_hf_model(tmp_path / "hf", max_position_embeddings=256)
+    metrics, items = evaluate(tmp_path / "hf", EvalConfig(max_tokens=200, heldout_mc=0, tasks=[]), run, log=lambda *a: None)
+    ids = torch.from_numpy(RunDir(run).tokens("val", tmp_path / "hf", 200))[None]           # (1, 200)
+    assert ids.max() < 320 and ids.shape[1] == 200
+    text = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf").decode(ids[0])
+    assert text.startswith(RunDir(run).tokenizer().decode(RunDir(run).tokens("val", None, 20).tolist()))  # the same text
+    with torch.no_grad():
+        expect = F.cross_entropy(hf(ids).logits[0, :-1], ids[0, 1:]).item()
+    assert metrics["heldout/loss"] == pytest.approx(expect, rel=1e-4) and metrics["heldout/tokens"] == 199

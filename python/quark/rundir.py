@@ -191,7 +191,8 @@ class RunDir:
         import numpy as np
         pack = self.pack()
         packed = pack.tokens(split)
-        if model_dir is None or self._same_tokenizer(model_dir):
+        if model_dir is None or not self.has("tokenizer", "tokenizer.json") and self.base_model() is None \
+                or self.same_tokenizer(model_dir):   # (without the run's tokenizer the pack cannot be decoded)
             return np.asarray(packed[:max_tokens], dtype=np.int64)
         starts = np.fromfile(self._read(pack.dir / f"{split}.idx"), dtype=np.uint64).astype(np.int64)
         ends = np.append(starts[1:], len(packed))
@@ -206,9 +207,10 @@ class RunDir:
         ids = [i for enc in chat.tokenizer.encode_batch(texts, add_special_tokens=False) for i in enc.ids + [chat.eos_id]]
         return np.asarray(ids[:max_tokens], dtype=np.int64)
 
-    def _same_tokenizer(self, model_dir):
-        mine, run = self.tokenizer_path(model_dir), self.tokenizer_path()
-        return mine.resolve() == run.resolve() or sha256_file(mine) == sha256_file(run)
+    def same_tokenizer(self, model_dir, other=None):
+        """Whether model_dir reads the same tokenizer as `other` (a model directory; None: the run)."""
+        mine, theirs = self.tokenizer_path(model_dir), self.tokenizer_path(other)
+        return mine.resolve() == theirs.resolve() or sha256_file(mine) == sha256_file(theirs)
 
     # -- models
     def base_model(self):
