@@ -302,11 +302,10 @@ class RunDir:
     def manifest_path(self, step):
         return self.root / step / MANIFEST
 
-    def write_manifest(self, step, config, stats=None):
+    def write_manifest(self, step, config):
         """Record what step ran with: its settings and a content fingerprint of every file it read.
         Written atomically after the step's own outputs, so a manifest means a finished step."""
-        manifest = {"step": step, "config": config, "inputs": fingerprints(self.reads, self.root / step),
-                    "stats": stats}
+        manifest = {"step": step, "config": config, "inputs": fingerprints(self.reads, self.root / step)}
         atomic_write_json(self.manifest_path(step), manifest)
         return manifest
 

@@ -48,7 +48,7 @@ def validate_config(cfg):
 
 
 def model_version(model_dir):
-    """Content hash of the weights: the identity under which metrics and baselines are stored."""
+    """Content hash of the weights: the identity under which results are stored and registered."""
     h = hashlib.sha256()
     with open(Path(model_dir) / "model.safetensors", "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -109,11 +109,12 @@ def score_heldout_mc(lm, docs):
     return {"acc": float(np.mean([i["acc"] for i in items])), "n": len(docs), "chance": 0.25}, items
 
 
-def heldout_window_items(lm, tokens):
-    """Per-window mean loss of the held-out tokens, each window named by a hash of its tokens (so two
-    models pair up only where they saw the same tokens: same tokenizer, same split)."""
+def heldout_window_items(tokens, windows):
+    """Per-window mean loss of the held-out tokens (windows: lm.window_nll(tokens)), each window named
+    by a hash of its tokens (so two models pair up only where they saw the same tokens: same tokenizer,
+    same split)."""
     items, start = [], 0
-    for nll, count in lm.window_nll(tokens):
+    for nll, count in windows:
         window = np.ascontiguousarray(tokens[start: start + count + 1], dtype=np.int64)
         items.append({"id": hashlib.sha256(window.tobytes()).hexdigest()[:16], "loss": nll / count})
         start += count
@@ -138,8 +139,9 @@ def evaluate(model_dir, cfg: EvalConfig, run_dir=None, telemetry=None, log=print
     tokens = load_heldout_tokens(run_dir, model_dir, cfg.max_tokens) if run_dir else None
     if tokens is not None and len(tokens) > 1:
         with telemetry.timer("perplexity"):
-            ppl = evaluate_tokens(lm, tokens)
-            items["heldout"] = heldout_window_items(lm, tokens)
+            windows = lm.window_nll(tokens)
+            ppl = evaluate_tokens(lm, tokens, windows=windows)
+            items["heldout"] = heldout_window_items(tokens, windows)
         metrics |= {f"heldout/{k}": v for k, v in ppl.items()}
         log(f"  held-out: loss {ppl['loss']:.3f}  ppl {ppl['perplexity']:.2f}  bits/byte {ppl['bits_per_byte']:.3f}")
         with telemetry.timer("heldout_mc"):
