@@ -89,7 +89,7 @@ class RunDir:
             raise FileNotFoundError(f"{path} is not a directory (expected a run directory or a model directory)")
         if (path / "config.json").exists():
             run = cls(path.parent.parent)
-            return (run if run.has("tokenizer", "tokenizer.json") else None), path
+            return (run if run.has("tokenizer", "tokenizer.json") or run.base_model() is not None else None), path
         run = cls(path)
         return run, run.model("latest")
 
