@@ -204,7 +204,8 @@ class RunDir:
         chat = self.chat(model_dir)
         if chat.eos_id is None:
             raise ValueError(f"the tokenizer of {model_dir} has no eos token to separate documents")
-        ids = [i for enc in chat.tokenizer.encode_batch(texts, add_special_tokens=False) for i in enc.ids + [chat.eos_id]]
+        encoded = chat.tokenizer.encode_batch(texts, add_special_tokens=False)
+        ids = [i for enc in encoded for i in enc.ids + [chat.eos_id]]
         return np.asarray(ids[:max_tokens], dtype=np.int64)
 
     def same_tokenizer(self, model_dir, other=None):

@@ -138,7 +138,8 @@ def grpo(policy, chat, prompts, reward_fn, s: RLConfig, seed=0, log=None):
         for prompt in rng.sample(prompts, min(s.prompts_per_step, len(prompts))):
             ids, _ = chat.encode(prompt, add_generation_prompt=True)
             ids = ids[-(policy.config.max_seq_len - s.max_new_tokens):]
-            seqs, mask, term, lens = sample_group(policy, ids, s.group_size, s.max_new_tokens, s.temperature, chat.stop_ids, gen)
+            seqs, mask, term, lens = sample_group(policy, ids, s.group_size, s.max_new_tokens, s.temperature,
+                                                  chat.stop_ids, gen)
             texts = [chat.tokenizer.decode(row[len(ids): len(ids) + int(n)].tolist()) for row, n in zip(seqs, lens)]
             r = torch.tensor([reward_fn(prompt, t, bool(k)) for t, k in zip(texts, term)])
             adv = (r - r.mean()) / (r.std() + 1e-4)

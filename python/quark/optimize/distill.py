@@ -201,8 +201,6 @@ def pick_teacher(run_dir, choice, data, val):
 def teacher_data(run_dir, teacher_dir, out):
     """The run's packed text as the teacher reads it: the pack itself when the teacher uses the run's
     tokenizer, else its documents in the teacher's tokens (RunDir.tokens), written once to out/tokens/."""
-    import numpy as np
-
     from quark.io import atomic_write_bytes, atomic_write_json
     from quark.train.trainer import DataSpec, data_spec
     run_dir = RunDir.of(run_dir)

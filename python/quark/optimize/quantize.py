@@ -13,7 +13,6 @@ QuantizedTensor for that layer (for example after scaling or error-correcting it
 import json
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import torch
 import torch.nn as nn
 

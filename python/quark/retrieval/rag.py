@@ -299,7 +299,8 @@ def run_cli(args):
         run_dir = RunDir(args.run_dir)
         model_dir = run_dir.model("latest") if not args.extractive or args.rerank else None
         model = load_model(model_dir) if model_dir else None
-        gen = ExtractiveGenerator() if args.extractive else ModelGenerator(model, run_dir.chat(model_dir), args.max_new_tokens)
+        gen = ExtractiveGenerator() if args.extractive else \
+            ModelGenerator(model, run_dir.chat(model_dir), args.max_new_tokens)
         rr = LikelihoodReranker(model, run_dir.chat(model_dir).tokenizer) if args.rerank else None
         a = RAG(store, gen, rr, k=args.k).answer(args.question, json.loads(args.filter) if args.filter else None)
     except (FileNotFoundError, ValueError, ConfigError) as e:
