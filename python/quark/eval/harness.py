@@ -49,10 +49,12 @@ def validate_config(cfg):
 
 def model_version(model_dir):
     """Content hash of the weights: the identity under which results are stored and registered."""
+    from quark.model.io import weight_files
     h = hashlib.sha256()
-    with open(Path(model_dir) / "model.safetensors", "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    for path in weight_files(model_dir):   # one file, or an HF checkpoint's shards
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()[:12]
 
 

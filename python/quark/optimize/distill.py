@@ -255,7 +255,7 @@ def train_student(cfg: GPTConfig, data, c: DistillConfig, alpha, teacher=None, c
 
 
 def distill(run_dir, c: DistillConfig):
-    from quark.model.io import load_model, save_model
+    from quark.model.io import load_model, save_model, weight_files
     from quark.train.trainer import data_spec
     run_dir = RunDir.of(run_dir)
     data = data_spec(run_dir)
@@ -276,7 +276,7 @@ def distill(run_dir, c: DistillConfig):
         c = replace(c, student_init=str(student_dir))
     if c.seq_len > min(teacher.config.max_seq_len, scfg.max_seq_len):
         raise ConfigError(f"distill.seq_len {c.seq_len} exceeds the models' max_seq_len")
-    key = {"teacher": str(teacher_dir), "teacher_mtime": (teacher_dir / "model.safetensors").stat().st_mtime,
+    key = {"teacher": str(teacher_dir), "teacher_mtime": max(p.stat().st_mtime for p in weight_files(teacher_dir)),
            **asdict(c)}
     report_path = out / "report.json"
     if report_path.exists():

@@ -201,7 +201,7 @@ def _evaluate(model, tokens, c, reference=None, scored=None):
 def run_step(run_dir, cfg):
     from tqdm import tqdm
 
-    from quark.model.io import load_model
+    from quark.model.io import load_model, weight_files
     c = validate_config(cfg)
     torch.manual_seed(c.seed)
     run_dir = RunDir.of(run_dir)
@@ -214,7 +214,7 @@ def run_step(run_dir, cfg):
         return heldout[str(where)].mean()
     src, candidates = run_dir.choose_model(c.model, held_out_loss=held_out_loss)
     tokens = load_val_tokens(run_dir, src)   # the source model's own tokens: its variants share its tokenizer
-    source = {"model_dir": str(src), "mtime": (src / "model.safetensors").stat().st_mtime,
+    source = {"model_dir": str(src), "mtime": max(p.stat().st_mtime for p in weight_files(src)),
               "eval_tokens": c.eval_tokens}
     out = run_dir.output("quantize")
     stats = {"source": str(src), "candidates": candidates}
