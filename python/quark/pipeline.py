@@ -96,6 +96,9 @@ def run_cli(args):
     print(f"recipe {recipe['name']} (budget {recipe['budget']}) -> {recipe['run_dir']}")
     for i, name in enumerate(recipe_steps(recipe), 1):
         print(f"  {i:2d}. {name:<10} {STEPS[name][0]}")
+    if args.plan and recipe.get("base_model"):
+        print(f"starts from the base model {recipe['base_model']}: no pretraining to plan")
+        return 0
     if args.plan:
         try:
             print(preview_plan(recipe))
