@@ -69,15 +69,6 @@ def test_num_threads_env_and_setter():
         quark.set_num_threads(0)
 
 
-@pytest.mark.parametrize("n", [0, -1, 1025, 2**31 - 1])
-def test_set_num_threads_refuses_counts_outside_1_to_1024(n):
-    # Regression (fuzz): 2^31 - 1 was accepted and libgomp aborted the process in the next kernel.
-    before = _C.num_threads()
-    with pytest.raises(ValueError, match=r"thread count in \[1, 1024\]"):
-        _C.set_num_threads(n)
-    assert _C.num_threads() == before
-
-
 def test_bad_num_threads_env_is_a_clear_error():
     full = dict(os.environ, QUARK_NUM_THREADS="many")
     r = subprocess.run([sys.executable, "-c", "import quark"], capture_output=True, text=True, env=full, timeout=120)

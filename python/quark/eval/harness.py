@@ -48,11 +48,13 @@ def validate_config(cfg):
 
 
 def model_version(model_dir):
-    """Content hash of the weights: the identity under which metrics and baselines are stored."""
+    """Content hash of the weights: the identity under which results are stored and registered."""
+    from quark.model.io import weight_files
     h = hashlib.sha256()
-    with open(Path(model_dir) / "model.safetensors", "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    for path in weight_files(model_dir):   # one file, or an HF checkpoint's shards
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()[:12]
 
 
@@ -109,23 +111,25 @@ def score_heldout_mc(lm, docs):
     return {"acc": float(np.mean([i["acc"] for i in items])), "n": len(docs), "chance": 0.25}, items
 
 
-def heldout_window_items(lm, tokens):
-    """Per-window mean loss of the held-out tokens, each window named by a hash of its tokens (so two
-    models pair up only where they saw the same tokens: same tokenizer, same split)."""
+def heldout_window_items(tokens, windows):
+    """Per-window mean loss of the held-out tokens (windows: lm.window_nll(tokens)), each window named
+    by a hash of its tokens (so two models pair up only where they saw the same tokens: same tokenizer,
+    same split)."""
     items, start = [], 0
-    for nll, count in lm.window_nll(tokens):
+    for nll, count in windows:
         window = np.ascontiguousarray(tokens[start: start + count + 1], dtype=np.int64)
         items.append({"id": hashlib.sha256(window.tobytes()).hexdigest()[:16], "loss": nll / count})
         start += count
     return items
 
 
-def load_heldout_tokens(run_dir, max_tokens):
-    """The first max_tokens of the run's pack/val.bin, or None when the run has no pack."""
+def load_heldout_tokens(run_dir, model_dir, max_tokens):
+    """The first max_tokens of the run's held-out split (pack/val.bin) in model_dir's own tokens
+    (RunDir.tokens), or None when the run has no pack."""
     run_dir = RunDir.of(run_dir)
     if not run_dir.has("pack", "meta.json"):
         return None
-    return np.asarray(run_dir.pack().tokens("val")[:max_tokens], dtype=np.int64)
+    return run_dir.tokens("val", model_dir, max_tokens)
 
 
 def evaluate(model_dir, cfg: EvalConfig, run_dir=None, telemetry=None, log=print):
@@ -134,11 +138,12 @@ def evaluate(model_dir, cfg: EvalConfig, run_dir=None, telemetry=None, log=print
     telemetry = telemetry or Telemetry()
     lm = LanguageModel.from_dir(model_dir, run_dir)
     metrics, items = {}, {}
-    tokens = load_heldout_tokens(run_dir, cfg.max_tokens) if run_dir else None
+    tokens = load_heldout_tokens(run_dir, model_dir, cfg.max_tokens) if run_dir else None
     if tokens is not None and len(tokens) > 1:
         with telemetry.timer("perplexity"):
-            ppl = evaluate_tokens(lm, tokens)
-            items["heldout"] = heldout_window_items(lm, tokens)
+            windows = lm.window_nll(tokens)
+            ppl = evaluate_tokens(lm, tokens, windows=windows)
+            items["heldout"] = heldout_window_items(tokens, windows)
         metrics |= {f"heldout/{k}": v for k, v in ppl.items()}
         log(f"  held-out: loss {ppl['loss']:.3f}  ppl {ppl['perplexity']:.2f}  bits/byte {ppl['bits_per_byte']:.3f}")
         with telemetry.timer("heldout_mc"):

@@ -180,8 +180,7 @@ def build_report(run_dir):
         png = plot_series(name, rows)
         if png:
             plots.append(f"<h3>{html.escape(name)}</h3><img src='data:image/png;base64,{png}'>")
-    lat = run_dir.root / "eval" / "telemetry.jsonl"
-    if lat.exists() and (png := plot_latencies(lat)):
+    if run_dir.has("eval", "telemetry.jsonl") and (png := plot_latencies(run_dir.input("eval", "telemetry.jsonl"))):
         plots.append(f"<h3>latencies</h3><img src='data:image/png;base64,{png}'>")
     if plots:
         parts.append("<h2>Curves</h2>" + "".join(plots))

@@ -1,9 +1,11 @@
 """Tools a model can call: a registry with JSON-schema arguments, the tool-call format of the chat
 template, argument validation, and an HTTP API connector with an allow-list, timeouts and size caps.
 
-Tool-call format (inside an assistant message; the chat template has no tool-call token of its own):
-    assistant: {"tool": "weather", "arguments": {"city": "Oslo"}}
-and the observation comes back as a `tool` message:
+Tool-call format: the chat template's (quark.chat: the syntax `quark serve` parses into OpenAI tool_calls
+and SFT trains on), inside an assistant message:
+    assistant: <tool_call>{"name": "weather", "arguments": {"city": "Oslo"}}</tool_call>
+(a bare {"tool": NAME, "arguments": {...}} object, the earlier format, is still read), and the
+observation comes back as a `tool` message:
     tool:      {"tool": "weather", "result": {...}}      or      {"tool": "weather", "error": "..."}
 Arguments are checked against the tool's JSON schema (Draft 2020-12, the `jsonschema` package) before
 the tool runs, so a tool body never sees malformed input; every failure becomes an error observation
@@ -19,6 +21,8 @@ from dataclasses import dataclass, field
 
 import jsonschema
 
+from quark.chat import format_tool_call, parse_tool_calls
+
 
 class ToolError(Exception):
     pass
@@ -30,7 +34,7 @@ class ToolCall:
     arguments: dict
 
     def to_text(self):
-        return json.dumps({"tool": self.tool, "arguments": self.arguments})
+        return format_tool_call(self.tool, self.arguments)
 
 
 @dataclass
@@ -50,8 +54,11 @@ class ToolResult:
 
 
 def parse_tool_call(text):
-    """The tool call in an assistant message -> ToolCall, or None when the message is a plain answer.
-    A JSON object with "tool" (string) and "arguments" (object) anywhere in the text counts."""
+    """The (first) tool call in an assistant message -> ToolCall, or None when the message is a plain
+    answer: a <tool_call> block, else a JSON object with "tool" (string) and "arguments" anywhere in the text."""
+    calls = parse_tool_calls(text)[1]
+    if calls:
+        return ToolCall(*calls[0])
     decoder = json.JSONDecoder()
     i = text.find("{")
     while i != -1:
@@ -110,8 +117,9 @@ class ToolRegistry:
 
     def system_prompt(self, names=None):
         """Tool descriptions and the call format, for the system message."""
-        lines = ["You can call tools. To call one, reply with only a JSON object "
-                 '{"tool": NAME, "arguments": {...}}; the result comes back in a tool message.', "Tools:"]
+        lines = ["You can call tools. To call one, reply with only "
+                 '<tool_call>{"name": NAME, "arguments": {...}}</tool_call>; the result comes back in a tool message.',
+                 "Tools:"]
         lines += [json.dumps(s) for s in self.specs(names)]
         return "\n".join(lines)
 
@@ -165,6 +173,25 @@ def _allow_entry(entry):
     return ("http", "https"), p.hostname.lower(), p.port
 
 
+class AllowList:
+    """The origins a client may reach, matched on scheme, host and port: "scheme://host[:port]" names
+    one origin; "host:port" both schemes on that port; a bare "host" only the default ports (80, 443)."""
+
+    def __init__(self, entries):
+        self.entries = [_allow_entry(e) for e in entries]
+
+    def match(self, url):
+        """-> the entry (schemes, host, port) that admits url, or None."""
+        try:
+            scheme, host, port = _origin(url)
+        except ValueError:   # a port out of range
+            return None
+        for schemes, h, p in self.entries:
+            if scheme in schemes and host == h and port == (p or DEFAULT_PORTS[scheme]):
+                return schemes, h, p
+        return None
+
+
 class HTTPAPI:
     """Call an HTTP JSON API as a tool. `path` may hold {placeholders} filled from the arguments
     (percent-encoded, "/" and "." included, so a value stays one path segment); the other arguments
@@ -182,21 +209,9 @@ class HTTPAPI:
         if parts.scheme not in DEFAULT_PORTS or not parts.hostname:
             raise ValueError(f"base_url must be an http(s) URL with a host, got {base_url!r}")
         self.base_url, self.path, self.method = base_url.rstrip("/"), path, method.upper()
-        scheme, host, port = _origin(base_url)
-        self.allow = ([_allow_entry(e) for e in allow_hosts] if allow_hosts is not None else [((scheme,), host, port)])
+        self.allow = AllowList(allow_hosts if allow_hosts is not None else [base_url])
         self.timeout, self.max_bytes, self.max_redirects = timeout, max_bytes, max_redirects
         self.headers = dict(headers or {})
-
-    def _allowed(self, url):
-        """-> the matching allow entry, or None."""
-        try:
-            scheme, host, port = _origin(url)
-        except ValueError:   # a port out of range
-            return None
-        for schemes, h, p in self.allow:
-            if scheme in schemes and host == h and port == (p or DEFAULT_PORTS[scheme]):
-                return schemes, h, p
-        return None
 
     def url_for(self, arguments):
         args = dict(arguments)
@@ -219,7 +234,7 @@ class HTTPAPI:
         base = _origin(self.base_url)
         deadline = time.monotonic() + self.timeout
         for _ in range(self.max_redirects + 1):
-            entry = self._allowed(url)
+            entry = self.allow.match(url)
             if entry is None:
                 raise ToolError(f"origin of {url!r} is not in the allow-list")
             headers = {"Accept": "application/json"}

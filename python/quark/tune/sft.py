@@ -82,7 +82,7 @@ def load_chat_jsonl(path, tokenizer, max_len, overlong="error", limit=0, chat=No
     for n, rec in read_jsonl(path):
         where = f"{path}:{n}"
         check_chat_record(rec, where)
-        ids, mask = chat.encode(rec["messages"])
+        ids, mask = chat.encode(rec["messages"], tools=rec.get("tools"))   # tool calls train in the template's syntax
         if len(ids) > max_len:
             if overlong == "error":
                 raise ValueError(f"{where}: example is {len(ids)} tokens, longer than max_len {max_len}; "
@@ -153,10 +153,6 @@ def finetune(model, X, Y, cfg: SFTConfig, seed=0, ckpt_dir=None, desc="sft"):
     s = LoopSettings(steps=cfg.steps, lr=cfg.lr, min_lr=0.1 * cfg.lr, warmup=cfg.warmup, weight_decay=cfg.weight_decay,
                      grad_clip=cfg.grad_clip, ckpt_every=cfg.ckpt_every)
     return train_loop(model, seeded_batches(loss_fn, seed), s, ckpt_root=ckpt_dir, keep_history=True, desc=desc)[0]
-
-
-def trainable_parameter_names(model):
-    return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
 def run_step(run_dir, cfg: dict) -> dict:
