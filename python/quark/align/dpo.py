@@ -10,7 +10,8 @@ and the fraction of pairs with a positive margin, on training batches and on hel
 and after training (the held-out log-prob margin pi_c - pi_r is comparable across the three losses).
 
 Step `dpo`: run_dir/sft/final (else pretrain/final) + pairs built from run_dir/instruct, safety pairs
-and an optional pairs JSONL (the feedback loop's) -> run_dir/dpo/final and metrics.json.
+an optional pairs JSONL and the users' feedback (the `feedback` setting names the database quark serve
+writes; quark.feedback turns its ratings and corrections into pairs) -> run_dir/dpo/final and metrics.json.
 """
 import random
 import time
@@ -93,6 +94,8 @@ class DPOConfig:
     gamma: float = 0.5               # SimPO target margin
     data: str = "instruct"
     pairs: str = ""                  # optional extra preference pairs JSONL (relative to run_dir or absolute)
+    feedback: str = ""               # optional feedback DB (quark serve's RUN/feedback/feedback.sqlite): its pairs join training
+    feedback_margin: float = 1.0     # rated responses pair when their mean ratings differ by this much (thumbs: 1)
     max_pairs: int = 300
     mismatch: float = 0.5
     safety_pairs: int = 60           # harmful request -> refusal (and benign -> answer) pairs

@@ -108,7 +108,9 @@ def train_reward(rm, train, pad, s, seed=0, ckpt_dir=None):
 class RewardConfig:
     init: str = "auto"               # backbone model dir, or "auto": sft/final, else pretrain/final
     data: str = "instruct"           # chat records to build pairs from (train.jsonl -> training, val.jsonl -> held out)
-    pairs: str = ""                  # optional extra preference pairs JSONL (e.g. from the feedback loop)
+    pairs: str = ""                  # optional extra preference pairs JSONL (e.g. exported from the feedback DB)
+    feedback: str = ""               # optional feedback DB (quark serve's RUN/feedback/feedback.sqlite): its pairs join training
+    feedback_margin: float = 1.0     # rated responses pair when their mean ratings differ by this much (thumbs: 1)
     max_pairs: int = 400
     mismatch: float = 0.5            # fraction of built pairs whose rejected answer belongs to another prompt
     safety_pairs: int = 40
@@ -154,6 +156,17 @@ def build_datasets(run_dir, s, tok, max_len, rng):
         more, d2 = P.load_pairs(run_dir.path(s.pairs), tok, max_len, s.overlong)
         enc_train += more
         dropped += d2
+    if s.feedback:
+        from quark.feedback import FeedbackStore
+        path = run_dir.path(s.feedback)
+        if not path.is_file():
+            raise ValueError(f"feedback: {path} does not exist (quark serve RUN writes RUN/feedback/feedback.sqlite)")
+        store = FeedbackStore(path)
+        users = store.preference_pairs(s.feedback_margin)
+        store.close()
+        more, d3 = P.encode_pairs(tok, list(enumerate(users, 1)), max_len, str(path), s.overlong)
+        enc_train += more
+        dropped += d3
     enc_val, _ = P.encode_pairs(tok, list(enumerate(val, 1)), max_len, "held-out pairs", "drop")
     if len(enc_train) < 2 or not enc_val:
         raise ValueError(f"too few preference pairs ({len(enc_train)} train, {len(enc_val)} held out); "

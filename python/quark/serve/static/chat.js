@@ -1,4 +1,5 @@
-// Chat page: keeps the conversation client-side, streams replies from /v1/chat/completions (SSE).
+// Chat page: keeps the conversation client-side, streams replies from /v1/chat/completions (SSE);
+// thumbs up/down under a finished reply post the rating to /v1/feedback.
 const $ = (id) => document.getElementById(id);
 const history = [];
 let model = null;
@@ -26,12 +27,34 @@ async function loadModel() {
   if (r.ok) { model = (await r.json()).data[0].id; $("model").textContent = model; }
 }
 
+function thumbs(out, prompt, reply, responseId) {
+  const bar = document.createElement("div");
+  bar.className = "feedback";
+  for (const [rating, label] of [["up", "\u{1F44D}"], ["down", "\u{1F44E}"]]) {
+    const b = document.createElement("button");
+    b.className = "thumb " + rating;
+    b.textContent = label;
+    b.title = "rate this reply " + rating;
+    b.onclick = async () => {
+      const r = await fetch("/v1/feedback", {
+        method: "POST", headers: headers(),
+        body: JSON.stringify({ messages: prompt, response: reply, rating, response_id: responseId }),
+      });
+      bar.textContent = r.ok ? "thanks (" + rating + ")" : "feedback failed: " + (await r.json()).error.message;
+      bar.dataset.sent = r.ok ? rating : "error";
+    };
+    bar.appendChild(b);
+  }
+  out.after(bar);
+}
+
 async function send(text) {
   history.push({ role: "user", content: text });
   bubble("user", text);
   const out = bubble("assistant", "");
   $("send").disabled = true;
-  let reply = "";
+  let reply = "", responseId = null;
+  const prompt = history.slice();
   try {
     if (!model) await loadModel();
     const r = await fetch("/v1/chat/completions", {
@@ -54,12 +77,14 @@ async function send(text) {
         if (data === "[DONE]") continue;
         const msg = JSON.parse(data);
         if (msg.error) throw new Error(msg.error.message);
+        responseId = msg.id;
         reply += msg.choices[0].delta.content || "";
         out.textContent = reply;
       }
     }
     history.push({ role: "assistant", content: reply });
     out.dataset.done = "1";
+    if (reply.trim()) thumbs(out, prompt, reply, responseId);
   } catch (e) {
     history.pop();
     out.remove();
