@@ -50,8 +50,9 @@ def test_preference_optimisation_raises_heldout_margin(tok, kind, beta, lr):
 def test_dpo_step_with_lora(tmp_path):
     run, _ = make_run(tmp_path)
     instruct.run_step(run, {"seed": 0})
-    stats = dpo.run_step(run, {"seed": 0, "steps": 6, "lr": 1e-3, "lora_rank": 4})
+    stats = dpo.run_step(run, {"seed": 0, "steps": 6, "lr": 1e-3, "lora_rank": 4, "max_pairs": 24, "max_new_tokens": 8})
     assert stats["init"].endswith("pretrain/final")   # no SFT model in this run: falls back
+    assert stats["train_pairs"] >= 20   # on-policy: each task's reference over the untrained model's own mistake
     assert stats["heldout_after"]["reward_margin"] > stats["heldout_before"]["reward_margin"]
     assert (run / "dpo" / "final" / "model.safetensors").exists() and not (run / "dpo" / "ckpt").exists()
     from quark.config import ConfigError
@@ -59,6 +60,8 @@ def test_dpo_step_with_lora(tmp_path):
         dpo.validate_config({"beta": 0})
     with pytest.raises(ConfigError, match="loss"):
         dpo.validate_config({"loss": "kto"})
+    with pytest.raises(ConfigError, match="samples"):
+        dpo.validate_config({"samples": 1})
 
 
 def test_dpo_on_an_hf_checkpoint_with_its_own_template(tmp_path):
@@ -124,11 +127,11 @@ def test_dpo_learns_from_feedback_collected_by_the_server(tmp_path):
             total += float(lc - lr)
         return total / len(pairs)
 
-    base = dpo.run_step(run, {"seed": 0, "steps": 12, "lr": 1e-3, "max_pairs": 8, "safety_pairs": 0})
+    base = dpo.run_step(run, {"seed": 0, "steps": 12, "lr": 1e-3, "max_pairs": 8, "safety_pairs": 0, "negatives": "instruct"})
     with torch.no_grad():
         without = margin(load_model(run / "dpo" / "final"))
     with_feedback = dpo.run_step(run, {"seed": 0, "steps": 12, "lr": 1e-3, "max_pairs": 8, "safety_pairs": 0,
-                                       "feedback": "feedback/feedback.sqlite"})
+                                       "negatives": "instruct", "feedback": "feedback/feedback.sqlite"})
     assert with_feedback["train_pairs"] == base["train_pairs"] + len(questions)
     with torch.no_grad():
         before, after = margin(model), margin(load_model(run / "dpo" / "final"))

@@ -135,15 +135,19 @@ def validate_config(cfg):
     return from_dict(RewardConfig, cfg, "reward")
 
 
-def build_datasets(run_dir, s, tok, max_len, rng):
-    """Train and held-out encoded pairs from the instruction data (+ extra pairs + safety pairs)."""
+def build_datasets(run_dir, s, tok, max_len, rng, built=None):
+    """Train and held-out encoded pairs: `built` (train, held-out pair lists, e.g. on-policy pairs) or pairs
+    from the instruction data, + extra pairs, users' feedback and safety pairs."""
     run_dir = RunDir.of(run_dir)
     data = run_dir.path(s.data)
     train_recs = P.load_chat_records(data / "train.jsonl")
     val_recs = P.load_chat_records(data / "val.jsonl")
     rng.shuffle(train_recs)
-    train = P.pairs_from_chat(train_recs[: s.max_pairs], rng, s.mismatch)
-    val = P.pairs_from_chat(val_recs, rng, s.mismatch)
+    if built is None:
+        train = P.pairs_from_chat(train_recs[: s.max_pairs], rng, s.mismatch)
+        val = P.pairs_from_chat(val_recs, rng, s.mismatch)
+    else:
+        train, val = list(built[0]), list(built[1])
     if s.safety_pairs:
         # at most a quarter of the pairs; half as many benign "answer over refusal" pairs as refusal ones
         n = min(s.safety_pairs, len(train) // 4)

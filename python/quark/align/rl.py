@@ -176,19 +176,6 @@ def grpo(policy, tokenizer, prompts, reward_fn, s: RLConfig, seed=0, log=None):
     return history
 
 
-def load_verifiable(run_dir, spec, split):
-    """The tasks of `spec` (comma-separated families, or a tasks JSONL whose held-out split is NAME.heldout.jsonl)."""
-    from quark.align import verifiable as V
-    if all(f.strip() in V.FAMILIES for f in spec.split(",")):
-        return V.make_tasks([f.strip() for f in spec.split(",")], split)
-    path = run_dir.path(spec)
-    if split == "heldout":
-        path = path.with_name(path.name.removesuffix(".jsonl") + ".heldout.jsonl")
-    if not path.is_file():
-        raise ConfigError(f"rl.tasks: {spec!r} names neither task families {list(V.FAMILIES)} nor a file ({path} is missing)")
-    return V.load_tasks(path)
-
-
 def paired_difference(new, old):
     """Per-item scores of two models on the same items -> mean difference and its standard error."""
     d = [a - b for a, b in zip(new, old)]
@@ -222,14 +209,14 @@ def run_step(run_dir, cfg: dict) -> dict:
     heldout = None
     if s.reward == "verify":
         from quark.align import verifiable as V
-        tasks = load_verifiable(run_dir, s.tasks, "train")
+        tasks = V.tasks_for(s.tasks, "train", run_dir.path)
         by_prompt = {json.dumps(t["messages"]): t for t in tasks}
         prompts = [t["messages"] for t in random.Random(seed).sample(tasks, min(s.max_prompts, len(tasks)))]
 
         def reward_fn(prompt, text, terminated):
             return V.verify(by_prompt[json.dumps(prompt)], text)
         if s.heldout_tasks:
-            heldout = load_verifiable(run_dir, s.tasks, "heldout")
+            heldout = V.tasks_for(s.tasks, "heldout", run_dir.path)
             heldout = random.Random(seed + 1).sample(heldout, min(s.heldout_tasks, len(heldout)))
             before = V.solved(policy, tok, heldout, s.max_new_tokens)
     elif s.reward == "model":

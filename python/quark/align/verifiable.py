@@ -15,6 +15,7 @@ records; `reference_records` turns tasks into chat records for SFT.
 """
 import json
 import re
+from pathlib import Path
 
 from quark.io import read_jsonl
 
@@ -88,6 +89,19 @@ def load_tasks(path):
 def write_tasks(path, tasks):
     from quark.io import atomic_write_text
     atomic_write_text(path, "".join(json.dumps(t, ensure_ascii=False) + "\n" for t in tasks))
+
+
+def tasks_for(spec, split, path_of=Path):
+    """The tasks a step's setting names: comma-separated families, or a tasks JSONL whose held-out split
+    lies beside it as NAME.heldout.jsonl (path_of resolves the setting, e.g. RunDir.path)."""
+    if all(f.strip() in FAMILIES for f in spec.split(",")):
+        return make_tasks([f.strip() for f in spec.split(",")], split)
+    path = Path(path_of(spec))
+    if split == "heldout":
+        path = path.with_name(path.name.removesuffix(".jsonl") + ".heldout.jsonl")
+    if not path.is_file():
+        raise ValueError(f"tasks: {spec!r} names neither task families {list(FAMILIES)} nor a file ({path} is missing)")
+    return load_tasks(path)
 
 
 def reference_records(tasks):
