@@ -6,6 +6,8 @@ import json
 import pytest
 import torch
 
+from quark.infer.engine import Engine
+from quark.infer.sampling import SamplingParams
 from quark.model import GPT, preset
 from quark.model.hf import export_hf, export_peft, load_hf
 from quark.model.io import load_model, save_model
@@ -58,10 +60,12 @@ def test_greedy_32_tokens_equal_transformers(case):
     name, hf, d = case
     model = load_hf(d)
     prompt = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(1))
-    ours = model.generate(prompt, 32)
+    (req,) = Engine(model, None, max_batch=1, stop_ids=()).run(
+        [prompt[0].tolist()], SamplingParams(max_tokens=32, temperature=0.0))
+    ours = prompt[0].tolist() + req.output_ids
     theirs = hf.generate(prompt, max_new_tokens=32, min_new_tokens=32, do_sample=False, eos_token_id=None,
                          pad_token_id=0)
-    assert ours.tolist() == theirs.tolist()
+    assert ours == theirs[0].tolist()
 
 
 def test_options_matter(tmp_path):

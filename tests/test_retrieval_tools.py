@@ -98,7 +98,8 @@ def test_tool_call_format_roundtrip_and_parse():
     assert parse_tool_call('{"answer": 1}') is None
     text = render([{"role": "user", "content": "weather?"}, {"role": "assistant", "content": call.to_text()},
                    {"role": "tool", "content": '{"tool": "weather", "result": "rain"}'}])
-    assert '<|assistant|>{"tool": "weather"' in text and "<|tool|>" in text
+    assert '<|assistant|><tool_call>{"name": "weather"' in text and "<|tool|>" in text
+    assert parse_tool_call(call.to_text() + ' <tool_call>{"name": "x", "arguments": {}}</tool_call>') == call   # the first
 
 
 def test_registry_validates_arguments():
@@ -119,7 +120,7 @@ def test_registry_validates_arguments():
     assert reg.call(ToolCall("boom", {})).error.startswith("ZeroDivisionError")
     msg = reg.call(ToolCall("add", {"a": 1, "b": 1})).to_message()
     assert msg == {"role": "tool", "content": '{"tool": "add", "result": 2}'}
-    assert '"name": "add"' in reg.system_prompt() and '{"tool": NAME' in reg.system_prompt()
+    assert '"name": "add"' in reg.system_prompt() and '<tool_call>{"name": NAME' in reg.system_prompt()
     with pytest.raises(ValueError, match="invalid JSON schema"):
         reg.register("x", "bad", {"type": "object", "properties": {"a": {"type": "nonsense"}}}, print)
     with pytest.raises(ValueError, match="already registered"):

@@ -130,7 +130,7 @@ def test_32_concurrent_clients(server, model, tok):
     ("/v1/completions", {"prompt": "hi", "max_tokens": 10_000}, 400, "max_tokens", "context_length_exceeded"),
     ("/v1/completions", {"prompt": "hi", "temperature": -1}, 400, "temperature", None),
     ("/v1/completions", {"prompt": "hi", "top_p": "high"}, 400, "top_p", None),
-    ("/v1/completions", {"prompt": "hi", "n": 3}, 400, "n", None),
+    ("/v1/completions", {"prompt": "hi", "n": 99}, 400, "n", None),
     ("/v1/completions", {"prompt": "hi", "stream": "yes"}, 400, "stream", None),
     ("/v1/chat/completions", {"messages": []}, 400, "messages", None),
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages", None),
@@ -505,6 +505,326 @@ def test_fuzz_json_requests(fuzz_server, path, data):
 def test_fuzz_malformed_requests(fuzz_server, path, raw, ctype):
     _, c = fuzz_server
     check_response(c.post(path, content=raw, headers={"Content-Type": ctype} if ctype else {}))
+
+
+# ---- the OpenAI API surface: logprobs, n, stream usage, completions, embeddings, structured output, tools ----
+
+def log_softmax_of(model, ids):
+    """The model's own next-token log-probs after each prefix of ids, by a plain full forward -> (T, V)."""
+    import torch
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([ids]))
+    return torch.log_softmax(logits[0].float(), -1)
+
+
+def test_chat_logprobs_match_the_models_log_softmax(client, model, tok):
+    r = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=6, temperature=0, logprobs=True,
+                                       top_logprobs=3)
+    prompt, _ = encode_chat(tok, MSG, True)
+    out = expected_chat(model, tok, MSG, 6).output_ids
+    lp = log_softmax_of(model, prompt + out)[len(prompt) - 1:]                   # row t predicts out[t]
+    content = r.choices[0].logprobs.content
+    assert [c.token for c in content] == [tok.decode([t], skip_special_tokens=False) for t in out]
+    for t, c in enumerate(content):
+        assert abs(c.logprob - float(lp[t, out[t]])) < 1e-4
+        top = lp[t].topk(3)
+        assert [a.logprob for a in c.top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-4)
+        assert [a.token for a in c.top_logprobs] == [tok.decode([i], skip_special_tokens=False) for i in top.indices.tolist()]
+    chunks = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=6, temperature=0, logprobs=True,
+                                            top_logprobs=3, stream=True)
+    streamed = [c for ch in chunks if ch.choices and ch.choices[0].logprobs for c in ch.choices[0].logprobs.content]
+    assert [(c.token, c.logprob) for c in streamed] == [(c.token, c.logprob) for c in content]
+
+
+def test_completions_token_prompt_echo_and_logprobs(client, model, tok):
+    ids = tok.encode("The quick brown", add_special_tokens=False).ids
+    r = client.completions.create(model="tiny", prompt=ids, max_tokens=5, temperature=0, echo=True, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(ids) + 5 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    gen = Engine(model, tok, max_batch=1).run([ids], SamplingParams(max_tokens=5, temperature=0))[0].output_ids
+    full = ids + gen
+    ref = log_softmax_of(model, full)
+    for t in range(1, len(full)):
+        assert abs(lp.token_logprobs[t] - float(ref[t - 1, full[t]])) < 1e-4
+        # keyed by token text, where two ids may decode alike: the best alternative is the model's top one
+        assert max(lp.top_logprobs[t].values()) == pytest.approx(float(ref[t - 1].max()), abs=1e-4)
+    assert r.choices[0].text == tok.decode(ids) + tok.decode(gen)
+    assert "".join(lp.tokens) == r.choices[0].text   # text_offset/tokens cover the whole echoed text
+    two = client.completions.create(model="tiny", prompt=["The quick", ids], max_tokens=3, temperature=0)
+    assert [c.index for c in two.choices] == [0, 1]
+    assert two.choices[1].text == tok.decode(gen[:3])
+
+
+def test_n_choices_seed_and_stream_usage(client, model, tok):
+    kw = dict(model="tiny", messages=MSG, max_tokens=8, temperature=1.0, seed=7, n=3)
+    a, b = client.chat.completions.create(**kw), client.chat.completions.create(**kw)
+    texts = [c.message.content for c in a.choices]
+    assert [c.index for c in a.choices] == [0, 1, 2] and texts == [c.message.content for c in b.choices]
+    assert len(set(texts)) > 1   # seed + i per choice: the choices differ
+    assert a.usage.completion_tokens == 24 and a.usage.prompt_tokens == len(encode_chat(tok, MSG, True)[0])
+    chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    streamed = ["".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
+                for i in range(3)]
+    assert streamed == texts
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 24
+    assert all(c.usage is None for c in chunks[:-1])
+    greedy = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=8, temperature=0, n=2)
+    assert [c.message.content for c in greedy.choices] == [expected_chat(model, tok, MSG, 8).text] * 2
+
+
+def test_embeddings_are_the_models_mean_pooled_states(client, model, tok):
+    import numpy as np
+
+    from quark.retrieval.embed import QuarkEmbedder
+    texts = ["The quick brown fox", "Hello world"]
+    r = client.embeddings.create(model="tiny", input=texts)
+    got = np.array([d.embedding for d in r.data])
+    assert np.allclose(got, QuarkEmbedder(model, tok).embed(texts), atol=1e-5)
+    assert r.usage.prompt_tokens == sum(len(tok.encode(t, add_special_tokens=False).ids) for t in texts)
+
+
+SCHEMAS = [
+    {"type": "object", "properties": {"name": {"type": "string", "maxLength": 6},
+                                      "age": {"type": "integer", "minimum": 0, "maximum": 150}},
+     "required": ["name", "age"], "additionalProperties": False},
+    {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]}, "ok": {"type": "boolean"}},
+     "required": ["color", "ok"], "additionalProperties": False},
+    {"type": "object", "properties": {"tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "minItems": 1,
+                                               "maxItems": 3}},
+     "required": ["tags"], "additionalProperties": False},
+    {"type": "object", "properties": {"user": {"type": "object", "properties": {
+        "id": {"type": "integer", "minimum": 1, "maximum": 99},
+        "roles": {"type": "array", "items": {"enum": ["admin", "dev"]}, "maxItems": 2}},
+        "required": ["id", "roles"], "additionalProperties": False}, "active": {"type": "boolean"}},
+     "required": ["user", "active"], "additionalProperties": False},
+]
+
+
+@pytest.mark.parametrize("schema", SCHEMAS)
+def test_json_schema_output_always_validates(client, schema):
+    """A random model's output, sampled: only constrained decoding can make it valid every time."""
+    import jsonschema
+    fmt = {"type": "json_schema", "json_schema": {"name": "out", "schema": schema}}
+    r = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=120, temperature=1.0, seed=3, n=3,
+                                       response_format=fmt)
+    for c in r.choices:
+        assert c.finish_reason == "stop"
+        jsonschema.validate(json.loads(c.message.content), schema)
+    free = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=30, temperature=1.0, seed=3)
+    with pytest.raises((ValueError, jsonschema.ValidationError)):   # unconstrained, the same model is not valid
+        jsonschema.validate(json.loads(free.choices[0].message.content), schema)
+    chunks = list(client.chat.completions.create(model="tiny", messages=MSG, max_tokens=120, temperature=1.0, seed=3,
+                                                 response_format=fmt, stream=True))
+    jsonschema.validate(json.loads("".join(c.choices[0].delta.content or "" for c in chunks)), schema)
+
+
+def test_json_object_mode(client):
+    r = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=200, temperature=0,
+                                       response_format={"type": "json_object"})
+    assert r.choices[0].finish_reason == "stop" and isinstance(json.loads(r.choices[0].message.content), dict)
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": {
+             "type": "object", "properties": {"city": {"enum": ["Paris", "Tokyo"]}, "unit": {"enum": ["C", "F"]}},
+             "required": ["city", "unit"], "additionalProperties": False}}},
+         {"type": "function", "function": {"name": "add", "parameters": {
+             "type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9},
+                                              "b": {"type": "integer", "minimum": 0, "maximum": 9}},
+             "required": ["a", "b"], "additionalProperties": False}}}]
+SCHEMA_OF = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+
+
+@pytest.fixture(scope="module")
+def long_model(tok):
+    return make_model(tok.get_vocab_size(), max_seq_len=2048)   # the tool list alone is ~700 tokens here
+
+
+@pytest.fixture(scope="module")
+def tool_client(tok, long_model):
+    with ServerThread(create_app(Engine(long_model, tok, max_batch=8), tok, "tiny")) as s:
+        yield openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
+
+
+def check_calls(calls):
+    import jsonschema
+    for c in calls:
+        assert c.type == "function" and c.id.startswith("call_")
+        jsonschema.validate(json.loads(c.function.arguments), SCHEMA_OF[c.function.name])
+
+
+def test_tool_choice_required_named_and_parallel(tool_client):
+    r = tool_client.chat.completions.create(model="tiny", messages=MSG, tools=TOOLS, tool_choice="required", max_tokens=500,
+                                       temperature=1.0, seed=11, n=4)
+    counts = []
+    for c in r.choices:
+        assert c.finish_reason == "tool_calls" and c.message.tool_calls and not c.message.content
+        check_calls(c.message.tool_calls)
+        counts.append(len(c.message.tool_calls))
+    assert max(counts) > 1   # parallel calls happen
+    one = tool_client.chat.completions.create(model="tiny", messages=MSG, tools=TOOLS, tool_choice="required", max_tokens=500,
+                                         temperature=1.0, seed=11, n=4, parallel_tool_calls=False)
+    assert all(len(c.message.tool_calls) == 1 for c in one.choices)
+    named = tool_client.chat.completions.create(model="tiny", messages=MSG, tools=TOOLS, max_tokens=500, temperature=1.0,
+                                           tool_choice={"type": "function", "function": {"name": "add"}}, seed=2, n=3)
+    for c in named.choices:
+        assert [t.function.name for t in c.message.tool_calls] == ["add"]
+        check_calls(c.message.tool_calls)
+
+
+def test_tool_calls_stream_as_deltas(tool_client):
+    kw = dict(model="tiny", messages=MSG, tools=TOOLS, tool_choice="required", max_tokens=500, temperature=1.0, seed=11)
+    full = tool_client.chat.completions.create(**kw).choices[0]
+    calls, finish = {}, None
+    for ch in tool_client.chat.completions.create(**kw, stream=True):
+        for d in ch.choices[0].delta.tool_calls or []:
+            call = calls.setdefault(d.index, {"name": "", "arguments": ""})
+            call["name"] += d.function.name or ""
+            call["arguments"] += d.function.arguments or ""
+        finish = ch.choices[0].finish_reason or finish
+    assert finish == "tool_calls"
+    assert [calls[i] for i in sorted(calls)] == [{"name": c.function.name, "arguments": c.function.arguments}
+                                                 for c in full.message.tool_calls]
+
+
+def test_tool_messages_render_and_auto_or_none_leave_plain_text_alone(tool_client, model, tok):
+    from quark.chat import QuarkChat
+    history = MSG + [{"role": "assistant", "content": None, "tool_calls": [
+                         {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}]},
+                     {"role": "tool", "tool_call_id": "call_1", "content": "3"}]
+    r = tool_client.chat.completions.create(model="tiny", messages=history, tools=TOOLS, max_tokens=6, temperature=0)
+    ids, _ = QuarkChat(tok).encode(history, True, TOOLS)
+    assert r.usage.prompt_tokens == len(ids)
+    assert '<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>' in tok.decode(ids, skip_special_tokens=False)
+    # a random model emits no call: auto answers its text as content, like none
+    for choice in ("auto", "none"):
+        c = tool_client.chat.completions.create(model="tiny", messages=history, tools=TOOLS, tool_choice=choice,
+                                           max_tokens=6, temperature=0).choices[0]
+        assert c.message.tool_calls is None and c.message.content == r.choices[0].message.content
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "frob"}}}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {"a": {"type": "integer", "minimum": 5, "maximum": 1}}, "required": ["a"]}}}},
+     "response_format"),
+    ({"response_format": {"type": "yaml"}}, "response_format"),
+    ({"response_format": {"type": "json_schema"}}, "response_format"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "frob"}}}]}, "tools"),
+    ({"tools": TOOLS + TOOLS[:1]}, "tools"),
+    ({"logprobs": True, "top_logprobs": 99}, "top_logprobs"),
+    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"logprobs": "yes"}, "logprobs"),
+    ({"n": 0}, "n"),
+    ({"stream_options": {"include_usage": True}}, "stream_options"),
+    ({"messages": MSG + [{"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": {"name": "add", "arguments": "{not json"}}]}]}, "messages"),
+])
+def test_bad_api_fields_name_the_field(server, body, param):
+    r = httpx.post(server.url + "/v1/chat/completions", json={"messages": MSG, "max_tokens": 4} | body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
+def test_failing_requests_do_not_disturb_others(server, model, tok):
+    """Bad schemas and unsatisfiable grammars arrive while good requests (plain, constrained) run:
+    every good one still matches its own reference."""
+    bad = {"messages": MSG, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "frob"}}}}
+    good = {"messages": MSG, "max_tokens": 10, "temperature": 0}
+    schema = {"type": "json_schema", "json_schema": {"name": "c", "schema": SCHEMAS[1]}}
+    want = expected_chat(model, tok, MSG, 10).text
+    results, errors = [], []
+
+    def one(i):
+        with httpx.Client(timeout=120) as h:
+            if i % 3 == 0:
+                errors.append(h.post(server.url + "/v1/chat/completions", json=bad).status_code)
+            elif i % 3 == 1:
+                results.append(("plain", h.post(server.url + "/v1/chat/completions", json=good).json()))
+            else:
+                results.append(("json", h.post(server.url + "/v1/chat/completions",
+                                               json=good | {"max_tokens": 60, "response_format": schema}).json()))
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert errors == [400] * 4 and len(results) == 8
+    for kind, body in results:
+        text = body["choices"][0]["message"]["content"]
+        assert text == want if kind == "plain" else json.loads(text)["color"] in ("red", "green", "blue")
+
+
+def test_retrieval_embeds_through_the_server(server, model, tok):
+    """quark.retrieval's OpenAIEmbedder pointed at /v1 gives the vectors QuarkEmbedder computes in process."""
+    import numpy as np
+
+    from quark.retrieval.embed import OpenAIEmbedder, QuarkEmbedder
+    texts = ["a fox", "", "Hello world, this is Quark"]
+    remote = OpenAIEmbedder(server.url + "/v1")
+    assert remote.model == "tiny" and remote.dim == model.config.d_model
+    assert np.allclose(remote.embed(texts), QuarkEmbedder(model, tok).embed(texts), atol=1e-5)
+
+
+def test_auto_tool_choice_reads_calls_a_trained_model_emits(tok):
+    """A tiny model trained on one tool-call conversation (Quark's template) emits the call by itself:
+    tool_choice auto turns it into tool_calls, whole and streamed, with no grammar involved."""
+    import torch
+
+    from quark.chat import QuarkChat
+    tools = TOOLS[1:]
+    call = {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 3, "b": 4}'}}
+    convo = MSG + [{"role": "assistant", "content": None, "tool_calls": [call]}]
+    ids, mask = QuarkChat(tok).encode(convo, False, tools)
+    model = make_model(tok.get_vocab_size(), max_seq_len=640).train()
+    x, y = torch.tensor([ids[:-1]]), torch.tensor([[t if m else -100 for t, m in zip(ids[1:], mask[1:])]])
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(300):
+        _, loss = model(x, y)
+        if loss.item() < 0.01:
+            break
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with ServerThread(create_app(Engine(model, tok, max_batch=2), tok, "tiny")) as s:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
+        kw = dict(model="tiny", messages=MSG, tools=tools, max_tokens=100, temperature=0)
+        r = client.chat.completions.create(**kw).choices[0]
+        assert r.finish_reason == "tool_calls" and r.message.content is None
+        assert [(c.function.name, json.loads(c.function.arguments)) for c in r.message.tool_calls] == [("add", {"a": 3, "b": 4})]
+        deltas = [d for ch in client.chat.completions.create(**kw, stream=True) for d in ch.choices[0].delta.tool_calls or []]
+        assert "".join(d.function.arguments or "" for d in deltas) == r.message.tool_calls[0].function.arguments
+        assert deltas[0].function.name == "add"
+        none = client.chat.completions.create(**kw, tool_choice="none").choices[0]
+        assert none.message.tool_calls is None and none.message.content.startswith("<tool_call>")
+
+
+def test_hf_template_renders_tools_natively(tmp_path):
+    """A checkpoint's template that supports tools gets them through its `tools` variable, as transformers renders."""
+    transformers = pytest.importorskip("transformers")
+    from quark.chat import chat_format
+    from quark.infer.engine import load_for_serving
+    from tests.hf_helpers import make_hf_model
+    make_hf_model(tmp_path, "qwen2", max_position_embeddings=512)
+    model, tok, model_dir, _ = load_for_serving(tmp_path)
+    chat = chat_format(tok, model_dir)
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"x": {"enum": [1, 2]}},
+                                                                            "required": ["x"], "additionalProperties": False}}}]
+    messages = [{"role": "user", "content": "The quick brown fox"}]
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    want = hf_tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    with ServerThread(create_app(Engine(model, tok, max_batch=2, stop_ids=chat.stop_ids), tok, "hf", chat=chat)) as s:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
+        r = client.chat.completions.create(model="hf", messages=messages, tools=tools, max_tokens=4, temperature=0)
+        assert r.usage.prompt_tokens == len(want)
+        forced = client.chat.completions.create(model="hf", messages=messages, tools=tools, tool_choice="required",
+                                                max_tokens=200, temperature=1.0, seed=0).choices[0]
+        assert forced.finish_reason == "tool_calls"
+        assert all(json.loads(c.function.arguments)["x"] in (1, 2) for c in forced.message.tool_calls)
 
 
 def test_feedback_is_stored_behind_the_api_key(tok, model, tmp_path):

@@ -55,14 +55,22 @@ def test_dedup_on_prompt_and_response():
 
 def test_step_writes_valid_chat_jsonl(tmp_path):
     run, tok = make_run(tmp_path, with_model=False)
-    stats = instruct.run_step(run, {"seed": 0, "system_prompt": True})
+    stats = instruct.run_step(run, {"seed": 0, "system_prompt": True, "max_tokens": 1024})   # room for a tool list
     assert stats["code_pairs"] > 5 and stats["doc_pairs"] >= 3 and stats["train"] > stats["val"] >= 1
     lines = (run / "instruct" / "train.jsonl").read_text().splitlines()
     for n, line in enumerate(lines, 1):
         check_chat_record(json.loads(line), f"train.jsonl:{n}")
         assert json.loads(line)["messages"][0]["role"] == "system"
     assert stats["safety_pairs"] <= (stats["train"] + stats["val"]) // 10 + 1
-    again = instruct.run_step(run, {"seed": 0, "system_prompt": True})
+    # tool-use records: a search_docs call then the answer; SFT reads them with the calls in the template syntax
+    tool_recs = [json.loads(line) for line in lines if '"tool_calls"' in line]
+    assert 1 <= stats["tool_records"] <= (stats["train"] + stats["val"]) // 10 + 1 and tool_recs
+    assert all(r["tools"][0]["function"]["name"] == "search_docs" and r["messages"][-2]["role"] == "tool" for r in tool_recs)
+    from quark.tune.sft import load_chat_jsonl
+    examples, _ = load_chat_jsonl(run / "instruct" / "train.jsonl", tok, 100_000)
+    assert sum('<tool_call>{"name": "search_docs"' in tok.decode([t for t, m in zip(ids, mask) if m])
+               for ids, mask in examples) == len(tool_recs)
+    again = instruct.run_step(run, {"seed": 0, "system_prompt": True, "max_tokens": 1024})
     assert again["train"] == stats["train"] and (run / "instruct" / "train.jsonl").read_text().splitlines() == lines
 
 

@@ -38,6 +38,26 @@ def test_loss_positions_are_exactly_the_assistant_tokens(tmp_path, tok):
     assert len(pack_examples(examples, 64, 0, True)[0]) < len(examples)   # packing shares rows
 
 
+def test_tool_call_records_learn_the_call_not_the_result(tmp_path, tok):
+    """OpenAI-style records (tools, assistant tool_calls, tool results) train in the chat template's
+    <tool_call> syntax, which `quark serve` parses back into tool_calls."""
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    rec = {"tools": tools, "messages": [
+        {"role": "user", "content": "add 3 and 4"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a": 3, "b": 4}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "7"},
+        {"role": "assistant", "content": "it is 7"}]}
+    (ids, mask), = load_chat_jsonl(write_jsonl(tmp_path / "d.jsonl", [rec]), tok, 1024)[0]
+    learned = tok.decode([t for t, m in zip(ids, mask) if m], skip_special_tokens=True)
+    assert learned == '<tool_call>{"name": "add", "arguments": {"a": 3, "b": 4}}</tool_call>it is 7'
+    assert '<tools>' in tok.decode(ids) and '<tools>' not in learned   # the tool list: system message, not learned
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(rec | {"tools": "add"}) + "\n")
+    with pytest.raises(ValueError, match="bad.jsonl:1: 'tools' must be a list"):
+        load_chat_jsonl(path, tok, 1024)
+
+
 @pytest.mark.parametrize("line,match", [
     ('{"text": "no messages"}', "missing field 'messages'"),
     ('{"messages": [{"role": "robot", "content": "x"}]}', "role must be one of"),

@@ -58,7 +58,7 @@ struct DecodeArgs {
   void* out;            // (B, Hq, D)
 };
 
-// Dispatch on current_isa(); OpenMP inside.
+// Dispatch on current_isa(); threads from the pool (common/threading.h).
 void attention_forward(const AttentionFwdArgs& a);
 void attention_backward(const AttentionBwdArgs& a);
 void decode_attention(const DecodeArgs& a);

@@ -371,10 +371,11 @@ struct AmxForward {
   void run() {
     const int64_t nkb = Skp / BN;
     const float smul = a.scale * kLog2e;
-#pragma omp parallel
-    {
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t t = 0; t < nbk * nkb; ++t) pack_kv(t / nkb, (t % nkb) * BN);
+    parallel_for(nbk * nkb, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) pack_kv(t / nkb, (t % nkb) * BN);
+    });
+    // Descending query blocks: under a causal mask the last ones cost most; start them first.
+    parallel_for(a.B * a.Hq * nqb, 1, [&](int64_t t0, int64_t t1) {
       AmxTiles tiles;
       Scratch w;
       w.qt_hi = alloc_array<uint32_t>(Dr / 2 * BM);
@@ -385,9 +386,7 @@ struct AmxForward {
       }
       w.s = alloc_floats(BN * BM);
       w.o = alloc_floats(Dr * BM);
-      // Descending query blocks: under a causal mask the last ones cost most; start them first.
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t t = 0; t < a.B * a.Hq * nqb; ++t) {
+      for (int64_t t = t0; t < t1; ++t) {
         const int64_t bh = t / nqb, i0 = (nqb - 1 - t % nqb) * BM, mb = std::min(BM, a.Sq - i0);
         const int64_t bk = (bh / a.Hq) * a.Hkv + (bh % a.Hq) / group;
         const int64_t base = bk * Skp * Dr;
@@ -412,7 +411,7 @@ struct AmxForward {
         }
         store(w, bh, i0, mb);
       }
-    }
+    });
   }
 };
 

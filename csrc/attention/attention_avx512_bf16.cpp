@@ -104,10 +104,8 @@ void attention_forward_bf16_avx512_bf16(const AttentionFwdArgs& a) {
   // Packed K (per kv head: nkb blocks of (D2, BN) words) and V (per kv head: (Skp / 2, Dp) words).
   std::unique_ptr<uint32_t[]> kw(new uint32_t[std::max<int64_t>(nbk * Skp * D2, 1)]);
   std::unique_ptr<uint32_t[]> vw(new uint32_t[std::max<int64_t>(nbk * Skp / 2 * Dp, 1)]);
-#pragma omp parallel
-  {
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t bk = 0; bk < nbk; ++bk) {
+  parallel_for(nbk, 1, [&](int64_t bk0, int64_t bk1) {
+    for (int64_t bk = bk0; bk < bk1; ++bk) {
       const uint16_t* kh = k + bk * a.Sk * D;
       const uint16_t* vh = v + bk * a.Sk * D;
       uint32_t* kd = kw.get() + bk * Skp * D2;
@@ -125,12 +123,13 @@ void attention_forward_bf16_avx512_bf16(const AttentionFwdArgs& a) {
           vd[jp * Dp + d] = pair(lo, hi);
         }
     }
+  });
+  parallel_for(a.B * a.Hq * nqb, 1, [&](int64_t t0, int64_t t1) {
     std::unique_ptr<uint32_t[]> qw(new uint32_t[BM * D2]), pw(new uint32_t[BM * BN / 2]);
     Buffer s = alloc_floats(BM * BN), o = alloc_floats(BM * Dp);
     float m[BM], l[BM], alpha[BM];
     const float smul = a.scale * kLog2e;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t t = 0; t < a.B * a.Hq * nqb; ++t) {
+    for (int64_t t = t0; t < t1; ++t) {
       const int64_t bh = t / nqb, ib = nqb - 1 - t % nqb;
       const int64_t bk = (bh / a.Hq) * a.Hkv + (bh % a.Hq) / group;
       const int64_t i0 = ib * BM, mb = std::min(BM, a.Sq - i0);
@@ -156,7 +155,7 @@ void attention_forward_bf16_avx512_bf16(const AttentionFwdArgs& a) {
       }
       Blk::store_rows(a, o.get(), Dp, bh, i0, mb, m, l);
     }
-  }
+  });
 }
 
 }  // namespace quark

@@ -20,8 +20,8 @@
 // (max, sum, accumulator), and a final pass merges the splits (flash-decoding), so a batch of one
 // still spreads over every thread. bf16 and int8 caches are widened to fp32 in registers.
 //
-// Every OpenMP loop is scheduled dynamically, packing included: on a shared, oversubscribed machine a
-// descheduled thread must not hold a static share of the work while the others wait at the barrier.
+// Every loop runs on the thread pool (threading.h), packing included: on a shared, oversubscribed
+// machine a descheduled thread must not hold a share of the work while the others wait for it.
 //
 // Everything here is in an anonymous namespace: each ISA translation unit compiles its own copy.
 #pragma once
@@ -250,21 +250,20 @@ struct Blocked {
     const int64_t nbk = a.B * a.Hkv;
     float* kt = static_cast<float*>(thread_scratch(sizeof(float) * nbk * Skp * (D + Dp)));
     float* vp = kt + nbk * Skp * D;
-#pragma omp parallel
-    {
+    parallel_for(nbk, 1, [&](int64_t bk0, int64_t bk1) {
       Buffer tmp = alloc_floats(D);
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t bk = 0; bk < nbk; ++bk) {
+      for (int64_t bk = bk0; bk < bk1; ++bk) {
         pack_kt(a.k, a.dtype, bk * a.Sk * D, a.Sk, D, kt + bk * Skp * D, tmp.get());
         pack_rows(a.v, a.dtype, bk * a.Sk * D, a.Sk, D, Dp, Skp, vp + bk * Skp * Dp);
       }
+    });
+    // Tasks in descending query-block order: under a causal mask the last blocks cost most, and
+    // starting them first balances the dynamic schedule.
+    parallel_for(a.B * a.Hq * nqb, 1, [&](int64_t t0, int64_t t1) {
       Buffer qb = alloc_floats(BM * D), s = alloc_floats(BM * BN), o = alloc_floats(BM * Dp);
       float m[BM], l[BM], alpha[BM];
       const float qmul = a.scale * kLog2e;
-      // Tasks in descending query-block order: under a causal mask the last blocks cost most, and
-      // starting them first balances the dynamic schedule.
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t t = 0; t < a.B * a.Hq * nqb; ++t) {
+      for (int64_t t = t0; t < t1; ++t) {
         const int64_t bh = t / nqb, ib = nqb - 1 - t % nqb;
         const int64_t bk = (bh / a.Hq) * a.Hkv + (bh % a.Hq) / group;
         const int64_t i0 = ib * BM, mb = std::min(BM, a.Sq - i0);
@@ -281,7 +280,7 @@ struct Blocked {
         }
         store_rows(a, o.get(), Dp, bh, i0, mb, m, l);
       }
-    }
+    });
   }
 
   // One key block of the online softmax on the (mb, BN) score tile s (base-2 logits after the factor
@@ -314,7 +313,9 @@ struct Blocked {
         V::store(row + c, p);
         sum = V::add(sum, p);
       }
-      l[r] = l[r] * alpha[r] + V::hsum(sum);
+      // One rounding, as the compiler's FMA contraction always made this sum; explicit, so it does not
+      // depend on how the loop body is inlined.
+      l[r] = std::fma(l[r], alpha[r], V::hsum(sum));
       m[r] = m_new;
     }
   }
@@ -334,13 +335,11 @@ struct Blocked {
     const int64_t D = a.D, Dp = round_up(D, W), group = a.Hq / a.Hkv;
     const int64_t nkb = (a.Sk + BN - 1) / BN, Skp = nkb * BN;
     const float c2 = a.scale * kLog2e;
-#pragma omp parallel
-    {
+    parallel_for(a.B * a.Hkv, 1, [&](int64_t bk0, int64_t bk1) {
       Buffer tmp = alloc_floats(D);
       Buffer p = alloc_floats(BM * BN), ds = alloc_floats(BM * BN);
       Buffer dkb = alloc_floats(BN * Dp), dvb = alloc_floats(BN * Dp);
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t bk = 0; bk < a.B * a.Hkv; ++bk) {
+      for (int64_t bk = bk0; bk < bk1; ++bk) {
         const int64_t kv_off = bk * a.Sk * D;
         Buffer kt = alloc_floats(Skp * D), vt = alloc_floats(Skp * D), kp = alloc_floats(Skp * Dp);
         pack_kt(a.k, a.dtype, kv_off, a.Sk, D, kt.get(), tmp.get());
@@ -401,7 +400,7 @@ struct Blocked {
         for (int64_t r = 0; r < rows; ++r)
           std::memcpy(a.dq + (h0 * a.Sq + r) * D, dq.get() + r * Dp, sizeof(float) * D);
       }
-    }
+    });
   }
 
   // ---------------------------------------------------------------- decode
@@ -434,12 +433,15 @@ struct Blocked {
     const DecodeSplit split(a, Dp);
     const int64_t G = split.G;
     const float qmul = a.scale * kLog2e;
-#pragma omp parallel
-    {
-      Buffer q = alloc_floats(G * Dp), acc = alloc_floats(G * Dp);
+    struct Scratch {
+      Buffer q, acc;
+    };
+    PerThread scratch([&] { return Scratch{alloc_floats(G * Dp), alloc_floats(G * Dp)}; });
+    parallel_for(split.tasks(), 1, [&](int64_t t0, int64_t t1) {
+      Buffer& q = scratch.local().q;
+      Buffer& acc = scratch.local().acc;
       alignas(64) float s[KC];
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t t = 0; t < split.tasks(); ++t) {
+      for (int64_t t = t0; t < t1; ++t) {
         int64_t bk, j_begin, j_end;
         split.range(a, t, &bk, &j_begin, &j_end);
         const int64_t b = bk / a.Hkv, tok0 = bk * a.Smax;  // cache row of position 0 for this (batch, kv head)
@@ -499,7 +501,7 @@ struct Blocked {
               sum = V::add(sum, pv);
             }
             st[Dp] = mx;
-            st[Dp + 1] = st[Dp + 1] * alpha + V::hsum(sum);
+            st[Dp + 1] = std::fma(st[Dp + 1], alpha, V::hsum(sum));   // one rounding, as in online_softmax
             if (a.v_scale)
               for (int64_t jj = 0; jj < nk; ++jj) s[jj] *= a.v_scale[tok0 + jc + jj];
             // acc = alpha * acc + P . V, up to 8 accumulator vectors of the row in registers at once.
@@ -524,11 +526,12 @@ struct Blocked {
         }
         for (int64_t g = 0; g < G; ++g) split.finish(a, t, g, acc.get() + g * Dp);
       }
-      // Merge the splits of every (batch, query head); acc is free again and holds the merged row.
-      if (split.nsplit > 1) {
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t bh = 0; bh < a.B * a.Hq; ++bh) split.merge(a, bh, acc.get());
-      }
+    });
+    // Merge the splits of every (batch, query head); acc is free again and holds the merged row.
+    if (split.nsplit > 1) {
+      parallel_for(a.B * a.Hq, 1, [&](int64_t bh0, int64_t bh1) {
+        for (int64_t bh = bh0; bh < bh1; ++bh) split.merge(a, bh, scratch.local().acc.get());
+      });
     }
   }
 

@@ -340,13 +340,17 @@ void decode_with(const DecodeArgs& a) {
   constexpr int64_t Dc = Cache::kCols;
   const DecodeSplit split(a, Dc);
   const int64_t G = split.G;
-#pragma omp parallel
-  {
-    Cache cache(a);
-    Buffer qf = alloc_floats(Dc, true), acc = alloc_floats(G * Dc);
+  struct Scratch {
+    Cache cache;
+    Buffer qf, acc;
+  };
+  PerThread scratch([&] { return Scratch{Cache(a), alloc_floats(Dc, true), alloc_floats(G * Dc)}; });
+  parallel_for(split.tasks(), 1, [&](int64_t t0, int64_t t1) {
+    Scratch& w = scratch.local();
+    Cache& cache = w.cache;
+    Buffer &qf = w.qf, &acc = w.acc;
     alignas(64) float s[KC];
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t t = 0; t < split.tasks(); ++t) {
+    for (int64_t t = t0; t < t1; ++t) {
       int64_t bk, j_begin, j_end;
       split.range(a, t, &bk, &j_begin, &j_end);
       cache.tok0 = bk * a.Smax;
@@ -384,10 +388,11 @@ void decode_with(const DecodeArgs& a) {
       }
       for (int64_t g = 0; g < G; ++g) split.finish(a, t, g, acc.get() + g * Dc);
     }
-    if (split.nsplit > 1) {
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t bh = 0; bh < a.B * a.Hq; ++bh) split.merge(a, bh, acc.get());
-    }
+  });
+  if (split.nsplit > 1) {
+    parallel_for(a.B * a.Hq, 1, [&](int64_t bh0, int64_t bh1) {
+      for (int64_t bh = bh0; bh < bh1; ++bh) split.merge(a, bh, scratch.local().acc.get());
+    });
   }
 }
 

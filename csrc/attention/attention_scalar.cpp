@@ -7,53 +7,49 @@
 #include <vector>
 
 #include "attention/attention_common.h"
+#include "common/threading.h"
 
 namespace quark {
 
 void attention_forward_scalar(const AttentionFwdArgs& a) {
   const int64_t D = a.D, group = a.Hq / a.Hkv;
-#pragma omp parallel
-  {
+  parallel_for(a.B * a.Hq * a.Sq, 4, [&](int64_t it0, int64_t it1) {
     std::vector<float> qr(D), kr(D), vr(D), acc(D), p(std::max<int64_t>(a.Sk, 1));
-#pragma omp for schedule(dynamic, 4) collapse(2)
-    for (int64_t bh = 0; bh < a.B * a.Hq; ++bh) {
-      for (int64_t i = 0; i < a.Sq; ++i) {
-        const int64_t b = bh / a.Hq, hkv = (bh % a.Hq) / group;
-        const int64_t kv_base = (b * a.Hkv + hkv) * a.Sk * D, row = bh * a.Sq + i;
-        const int64_t nk = visible_keys(i, a.Sq, a.Sk, a.causal);
-        load_row(a.q, a.dtype, row * D, D, qr.data(), a.scale);
-        float m = -std::numeric_limits<float>::infinity();
-        for (int64_t j = 0; j < nk; ++j) {
-          load_row(a.k, a.dtype, kv_base + j * D, D, kr.data());
-          float s = 0.f;
-          for (int64_t d = 0; d < D; ++d) s += qr[d] * kr[d];
-          p[j] = s;
-          m = std::max(m, s);
-        }
-        float l = 0.f;
-        std::fill(acc.begin(), acc.end(), 0.f);
-        for (int64_t j = 0; j < nk; ++j) {
-          const float e = std::exp(p[j] - m);
-          l += e;
-          load_row(a.v, a.dtype, kv_base + j * D, D, vr.data());
-          for (int64_t d = 0; d < D; ++d) acc[d] += e * vr[d];
-        }
-        store_row(a.out, a.dtype, row * D, D, acc.data(), l > 0.f ? 1.f / l : 0.f);
-        if (a.lse) a.lse[row] = nk > 0 ? m + std::log(l) : -std::numeric_limits<float>::infinity();
+    for (int64_t it = it0; it < it1; ++it) {
+      const int64_t bh = it / a.Sq, i = it % a.Sq;
+      const int64_t b = bh / a.Hq, hkv = (bh % a.Hq) / group;
+      const int64_t kv_base = (b * a.Hkv + hkv) * a.Sk * D, row = bh * a.Sq + i;
+      const int64_t nk = visible_keys(i, a.Sq, a.Sk, a.causal);
+      load_row(a.q, a.dtype, row * D, D, qr.data(), a.scale);
+      float m = -std::numeric_limits<float>::infinity();
+      for (int64_t j = 0; j < nk; ++j) {
+        load_row(a.k, a.dtype, kv_base + j * D, D, kr.data());
+        float s = 0.f;
+        for (int64_t d = 0; d < D; ++d) s += qr[d] * kr[d];
+        p[j] = s;
+        m = std::max(m, s);
       }
+      float l = 0.f;
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t j = 0; j < nk; ++j) {
+        const float e = std::exp(p[j] - m);
+        l += e;
+        load_row(a.v, a.dtype, kv_base + j * D, D, vr.data());
+        for (int64_t d = 0; d < D; ++d) acc[d] += e * vr[d];
+      }
+      store_row(a.out, a.dtype, row * D, D, acc.data(), l > 0.f ? 1.f / l : 0.f);
+      if (a.lse) a.lse[row] = nk > 0 ? m + std::log(l) : -std::numeric_limits<float>::infinity();
     }
-  }
+  });
 }
 
 // One task per (batch, kv head): it owns dk/dv of that head and dq of the query heads reading it,
 // so no two threads ever write the same gradient.
 void attention_backward_scalar(const AttentionBwdArgs& a) {
   const int64_t D = a.D, group = a.Hq / a.Hkv;
-#pragma omp parallel
-  {
+  parallel_for(a.B * a.Hkv, 1, [&](int64_t bk0, int64_t bk1) {
     std::vector<float> qr(D), dor(D), orow(D), kr(D), vr(D), dqr(D);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t bk = 0; bk < a.B * a.Hkv; ++bk) {
+    for (int64_t bk = bk0; bk < bk1; ++bk) {
       const int64_t kv_base = bk * a.Sk * D;
       std::fill(a.dk + kv_base, a.dk + kv_base + a.Sk * D, 0.f);
       std::fill(a.dv + kv_base, a.dv + kv_base + a.Sk * D, 0.f);
@@ -86,16 +82,19 @@ void attention_backward_scalar(const AttentionBwdArgs& a) {
         }
       }
     }
-  }
+  });
 }
 
 void decode_attention_scalar(const DecodeArgs& a) {
   const int64_t D = a.D, group = a.Hq / a.Hkv;
-#pragma omp parallel
-  {
-    std::vector<float> qr(D), kr(D), vr(D), acc(D), p(std::max<int64_t>(a.Smax, 1));
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t bh = 0; bh < a.B * a.Hq; ++bh) {
+  struct Scratch {
+    std::vector<float> qr, kr, vr, acc, p;
+  };
+  PerThread scratch([&] { return Scratch{std::vector<float>(D), std::vector<float>(D), std::vector<float>(D),
+                                          std::vector<float>(D), std::vector<float>(std::max<int64_t>(a.Smax, 1))}; });
+  parallel_for(a.B * a.Hq, 1, [&](int64_t bh0, int64_t bh1) {
+    auto& [qr, kr, vr, acc, p] = scratch.local();
+    for (int64_t bh = bh0; bh < bh1; ++bh) {
       const int64_t b = bh / a.Hq, hkv = (bh % a.Hq) / group, n = a.lengths[b];
       const int64_t tok = (b * a.Hkv + hkv) * a.Smax;  // first cache position of this head
       load_row(a.q, a.q_dtype, bh * D, D, qr.data(), a.scale);
@@ -117,7 +116,7 @@ void decode_attention_scalar(const DecodeArgs& a) {
       }
       store_row(a.out, a.q_dtype, bh * D, D, acc.data(), l > 0.f ? 1.f / l : 0.f);
     }
-  }
+  });
 }
 
 }  // namespace quark

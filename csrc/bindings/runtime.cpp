@@ -1,7 +1,15 @@
 // Runtime facts for quark.info(): CPU features, ISA level, per-family paths, threads.
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
+
+#include <atomic>
+#include <chrono>
+#include <mutex>
+#include <stdexcept>
+#include <thread>
+#include <tuple>
 
 #include "bindings/common.h"
 #include "common/dispatch.h"
@@ -34,7 +42,48 @@ void bind_runtime(nb::module_& m) {
     return d;
   }, "The ISA path each kernel family runs now");
   m.def("num_threads", &num_threads);
-  m.def("set_num_threads", &set_num_threads, nb::arg("n"));
+  m.def("set_num_threads", [](int n) {
+    check(n >= 1 && n <= kMaxThreads, "n must be between 1 and " + std::to_string(kMaxThreads) + ", got " + std::to_string(n));
+    set_num_threads(n);
+  }, nb::arg("n"));
+  // Test hook of the thread pool (tests/test_threading.py): parallel_for over n items in chunks of at
+  // least `grain`. Item throw_at throws (ValueError); each chunk runs a nested parallel_for over `inner`
+  // items; the first chunk a worker takes sleeps stall_ms. Returns the runs of each item, the chunks
+  // as (begin, end, thread slot), and whether every nested call ran inline as one call over [0, inner).
+  m.def("_parallel_for_probe", [](int64_t n, int64_t grain, int64_t throw_at, int64_t inner, int stall_ms) {
+    constexpr int64_t kMaxItems = 1 << 24;
+    check(n <= kMaxItems && inner <= kMaxItems, "n and inner must be at most 2^24");
+    check(stall_ms >= 0 && stall_ms <= 1000, "stall_ms must be between 0 and 1000, got " + std::to_string(stall_ms));
+    std::vector<std::atomic<int>> runs(std::max<int64_t>(n, 0));
+    std::vector<std::tuple<int64_t, int64_t, int>> chunks;
+    std::mutex mu;
+    std::atomic<bool> stalled{false}, nested_inline{true};
+    {
+      nb::gil_scoped_release release;
+      parallel_for(n, grain, [&](int64_t begin, int64_t end) {
+        if (detail::thread_slot() != 0 && stall_ms > 0 && !stalled.exchange(true))
+          std::this_thread::sleep_for(std::chrono::milliseconds(stall_ms));
+        for (int64_t i = begin; i < end; ++i) {
+          if (i == throw_at) throw std::invalid_argument("item " + std::to_string(i) + " failed");
+          runs[i].fetch_add(1);
+        }
+        if (inner > 0) {
+          const std::thread::id self = std::this_thread::get_id();
+          int calls = 0;
+          parallel_for(inner, 1, [&](int64_t b, int64_t e) {
+            ++calls;
+            if (std::this_thread::get_id() != self || b != 0 || e != inner) nested_inline = false;
+          });
+          if (calls != 1) nested_inline = false;
+        }
+        std::lock_guard<std::mutex> lock(mu);
+        chunks.emplace_back(begin, end, detail::thread_slot());
+      });
+    }
+    std::vector<int> counts(runs.size());
+    for (size_t i = 0; i < runs.size(); ++i) counts[i] = runs[i].load();
+    return std::make_tuple(counts, chunks, nested_inline.load());
+  }, nb::arg("n"), nb::arg("grain") = 1, nb::arg("throw_at") = -1, nb::arg("inner") = 0, nb::arg("stall_ms") = 0);
   m.def("has_cuda", [] {
 #ifdef QUARK_WITH_CUDA
     return true;

@@ -21,7 +21,7 @@ struct GemvF32Args {
 
 constexpr int64_t kGemvF32Rows = 8;
 
-void gemv_f32(const GemvF32Args& a);   // dispatches on current_isa(); OpenMP inside
+void gemv_f32(const GemvF32Args& a);   // dispatches on current_isa(); threads: threading.h
 
 void gemv_f32_scalar(const GemvF32Args& a);
 void gemv_f32_avx2(const GemvF32Args& a);     // M <= kGemvF32Rows

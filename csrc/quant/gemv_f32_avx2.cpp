@@ -2,6 +2,7 @@
 // (R x M <= 12 accumulators; x is read from L1 inside the FMAs); the last K % 8 columns are summed in scalar.
 #include <immintrin.h>
 
+#include "common/threading.h"
 #include "quant/gemv_f32.h"
 
 namespace quark {
@@ -45,11 +46,12 @@ template <int M>
 void gemv(const GemvF32Args& a) {
   constexpr int R = M == 1 ? 8 : M == 2 ? 4 : M <= 4 ? 3 : 1;
   const int64_t full = a.n / R, tasks = full + a.n % R;
-#pragma omp parallel for schedule(static)
-  for (int64_t t = 0; t < tasks; ++t) {
-    if (t < full) rows<M, R>(a, t * R);
-    else rows<M, 1>(a, full * R + (t - full));
-  }
+  parallel_for(tasks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      if (t < full) rows<M, R>(a, t * R);
+      else rows<M, 1>(a, full * R + (t - full));
+    }
+  });
 }
 
 }  // namespace

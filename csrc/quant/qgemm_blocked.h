@@ -15,6 +15,7 @@
 #include <cstring>
 
 #include "common/bf16.h"
+#include "common/threading.h"
 #include "quant/qlinear.h"
 
 namespace quark {
@@ -61,47 +62,44 @@ static void run_qgemm(const QLinearArgs& a) {
   constexpr int MR = Kernel::MR, NR = Kernel::NR;
   const int64_t M = a.m, N = a.w.n, K = a.w.k;
   const int64_t nblocks = (N + kNBlock - 1) / kNBlock, nchunks = (M + kMChunk - 1) / kMChunk;
-#pragma omp parallel
-  {
+  parallel_for(nblocks * nchunks, 1, [&](int64_t it0, int64_t it1) {
     PanelBuffer panels(static_cast<size_t>(kKBlock) * kNBlock);
     alignas(64) float acc[MR * NR];
-#pragma omp for schedule(dynamic, 1) collapse(2)
-    for (int64_t b = 0; b < nblocks; ++b) {
-      for (int64_t c = 0; c < nchunks; ++c) {
-        const int64_t n0 = b * kNBlock, nb = std::min(kNBlock, N - n0);
-        const int64_t m0 = c * kMChunk, m1 = std::min(M, m0 + kMChunk);
-        for (int64_t i = m0; i < m1; ++i) {
-          float* o = a.out + i * N + n0;
-          if (a.bias) std::memcpy(o, a.bias + n0, nb * sizeof(float));
-          else std::memset(o, 0, nb * sizeof(float));
-        }
-        const int64_t npanels = (nb + NR - 1) / NR;
-        for (int64_t k0 = 0; k0 < K; k0 += kKBlock) {
-          const int64_t kc = std::min(kKBlock, K - k0);
-          for (int64_t p = 0; p < npanels; ++p) {
-            float* panel = panels.p + p * kKBlock * NR;
-            for (int j = 0; j < NR; ++j) {
-              const int64_t n = n0 + p * NR + j;
-              if (p * NR + j < nb) dequant_row(a.w, n, k0, kc, panel + j, NR);
-              else for (int64_t k = 0; k < kc; ++k) panel[k * NR + j] = 0.f;
-            }
+    for (int64_t it = it0; it < it1; ++it) {
+      const int64_t b = it / nchunks, c = it % nchunks;
+      const int64_t n0 = b * kNBlock, nb = std::min(kNBlock, N - n0);
+      const int64_t m0 = c * kMChunk, m1 = std::min(M, m0 + kMChunk);
+      for (int64_t i = m0; i < m1; ++i) {
+        float* o = a.out + i * N + n0;
+        if (a.bias) std::memcpy(o, a.bias + n0, nb * sizeof(float));
+        else std::memset(o, 0, nb * sizeof(float));
+      }
+      const int64_t npanels = (nb + NR - 1) / NR;
+      for (int64_t k0 = 0; k0 < K; k0 += kKBlock) {
+        const int64_t kc = std::min(kKBlock, K - k0);
+        for (int64_t p = 0; p < npanels; ++p) {
+          float* panel = panels.p + p * kKBlock * NR;
+          for (int j = 0; j < NR; ++j) {
+            const int64_t n = n0 + p * NR + j;
+            if (p * NR + j < nb) dequant_row(a.w, n, k0, kc, panel + j, NR);
+            else for (int64_t k = 0; k < kc; ++k) panel[k * NR + j] = 0.f;
           }
-          for (int64_t p = 0; p < npanels; ++p) {
-            const float* panel = panels.p + p * kKBlock * NR;
-            const int cols = static_cast<int>(std::min<int64_t>(NR, nb - p * NR));
-            for (int64_t i = m0; i < m1; i += MR) {
-              const int rows = static_cast<int>(std::min<int64_t>(MR, m1 - i));
-              Kernel::dispatch_rows(rows, a.x + i * K + k0, K, kc, panel, acc);
-              for (int r = 0; r < rows; ++r) {
-                float* o = a.out + (i + r) * N + n0 + p * NR;
-                for (int j = 0; j < cols; ++j) o[j] += acc[r * NR + j];
-              }
+        }
+        for (int64_t p = 0; p < npanels; ++p) {
+          const float* panel = panels.p + p * kKBlock * NR;
+          const int cols = static_cast<int>(std::min<int64_t>(NR, nb - p * NR));
+          for (int64_t i = m0; i < m1; i += MR) {
+            const int rows = static_cast<int>(std::min<int64_t>(MR, m1 - i));
+            Kernel::dispatch_rows(rows, a.x + i * K + k0, K, kc, panel, acc);
+            for (int r = 0; r < rows; ++r) {
+              float* o = a.out + (i + r) * N + n0 + p * NR;
+              for (int j = 0; j < cols; ++j) o[j] += acc[r * NR + j];
             }
           }
         }
       }
     }
-  }
+  });
 }
 
 }  // namespace

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "common/threading.h"
 #include "quant/qlinear.h"
 
 namespace quark {
@@ -38,11 +39,11 @@ inline void prefetch_ahead(const uint8_t* row, int64_t pos, int64_t row_bytes, i
 // 128 KiB halves the speed at K = 11008 (fewer, longer blocks).
 constexpr int64_t kStreamBytes = 64 << 10;
 
-// Threads over N in blocks of R P rows. A guided schedule hands out long contiguous runs of blocks first
-// and short ones at the end, so a thread that lost time (another job on its core) does not leave the
-// other waiting at the barrier: measured 5-15% faster than one static slab per thread at M = 1, quiet.
-// P is capped to leave at least 32 blocks, enough for that schedule to split. Below kParallelBytes of
-// weights one thread finishes before a parallel region would start.
+// Threads over N in blocks of R P rows, handed out as runs of consecutive blocks (threading.h), so a
+// thread that lost time (another job on its core) leaves its unclaimed blocks to the others: an
+// OpenMP guided schedule, which did the same, measured 5-15% faster than one static slab per thread at
+// M = 1, quiet. P is capped to leave at least 32 blocks, enough to split. Below kParallelBytes of
+// weights one thread finishes before the workers would start.
 constexpr int64_t kParallelBytes = 1 << 17;
 
 // rows(n0, stride, wrap): R rows n0 + r stride; a prefetch that runs past the end of a row continues
@@ -53,14 +54,17 @@ void over_rows(const QLinearArgs& a, int64_t row_bytes, Rows rows, Tail tail_row
   const int64_t N = a.w.n;
   const int64_t P = std::max<int64_t>(1, std::min(kStreamBytes / row_bytes, N / (32 * R)));
   const int64_t block = R * P, full = N / block, tasks = full + N % block;
-#pragma omp parallel for schedule(guided, 4) if (N * row_bytes > kParallelBytes)
-  for (int64_t t = 0; t < tasks; ++t) {
-    if (t < full) {
-      for (int64_t p = 0; p < P; ++p) rows(t * block + p, P, p + 1 < P ? 1 : block - P + 1);
-    } else {
-      tail_row(full * block + (t - full));
+  auto range = [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      if (t < full) {
+        for (int64_t p = 0; p < P; ++p) rows(t * block + p, P, p + 1 < P ? 1 : block - P + 1);
+      } else {
+        tail_row(full * block + (t - full));
+      }
     }
-  }
+  };
+  if (N * row_bytes > kParallelBytes) parallel_for(tasks, 1, range);
+  else range(0, tasks);
 }
 
 // int4: a row is read in 64-byte chunks of 128 weights (four blocks of 32, layout in qlinear.h). Taken

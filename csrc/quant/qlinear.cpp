@@ -11,6 +11,7 @@
 
 #include "common/bf16.h"
 #include "common/dispatch.h"
+#include "common/threading.h"
 
 #if QUARK_X86
 #include <immintrin.h>
@@ -20,6 +21,17 @@ namespace quark {
 
 static FamilyRegistration reg("quant", Isa::amx);
 
+// f(i) for i < n, on the pool when `parallel` (in chunks of at least `grain`), else in this thread:
+// decode-sized M stays serial, where starting the workers costs more than the work.
+template <class F>
+static void for_each(int64_t n, int64_t grain, bool parallel, F f) {
+  auto range = [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) f(i);
+  };
+  if (parallel) parallel_for(n, grain, range);
+  else range(0, n);
+}
+
 // Runs `run` on fp32 I/O: bf16 x16 widened into a buffer, out16 rounded from one.
 template <class Run>
 static void with_f32_io(const QLinearArgs& a, Run run) {
@@ -28,15 +40,13 @@ static void with_f32_io(const QLinearArgs& a, Run run) {
   std::vector<float> xf(a.x16 ? M * K : 0), of(a.out16 ? M * N : 0);
   QLinearArgs f = a;
   if (a.x16) {
-#pragma omp parallel for schedule(static) if (M > kGemvMaxRows)
-    for (int64_t i = 0; i < M * K; ++i) xf[i] = bf16_to_f32(a.x16[i]);
+    for_each(M * K, 4096, M > kGemvMaxRows, [&](int64_t i) { xf[i] = bf16_to_f32(a.x16[i]); });
     f.x = xf.data(), f.x16 = nullptr;
   }
   if (a.out16) f.out = of.data(), f.out16 = nullptr;
   run(f);
   if (a.out16) {
-#pragma omp parallel for schedule(static) if (M > kGemvMaxRows)
-    for (int64_t i = 0; i < M * N; ++i) a.out16[i] = f32_to_bf16(of[i]);
+    for_each(M * N, 4096, M > kGemvMaxRows, [&](int64_t i) { a.out16[i] = f32_to_bf16(of[i]); });
   }
 }
 
@@ -88,9 +98,7 @@ static void w8a8(const QLinearArgs& a) {
   // the same rounding, elsewhere). A row with a NaN gets a NaN scale, so every output of the row is
   // NaN, as in a float linear (int8 has no NaN to carry it; cvtss2si would make it INT_MIN, which
   // casts to 0).
-  // Decode-sized M stays serial: a parallel region (fork + barrier) costs more than the work there.
-#pragma omp parallel for schedule(static) if (M > kGemvMaxRows)
-  for (int64_t m = 0; m < M; ++m) {
+  for_each(M, 1, M > kGemvMaxRows, [&](int64_t m) {
     const float* x = a.x + m * K;
     float amax = 0.f;
     for (int64_t k = 0; k < K; ++k) {
@@ -119,7 +127,7 @@ static void w8a8(const QLinearArgs& a) {
       if (wide) xq16[m * kp + k] = q;
     }
     if (nan) sx[m] = std::numeric_limits<float>::quiet_NaN();
-  }
+  });
   std::unique_ptr<int32_t[]> dots(new int32_t[M * N]);   // every entry is written by the kernel
   W8A8Args w{xq.data(), xq16.data(), M, kp, a.w, dots.get()};
 #if QUARK_X86
@@ -133,14 +141,13 @@ static void w8a8(const QLinearArgs& a) {
 #else
   w8a8_dots_scalar(w);
 #endif
-#pragma omp parallel for schedule(static) if (M > kGemvMaxRows)
-  for (int64_t m = 0; m < M; ++m) {
+  for_each(M, 1, M > kGemvMaxRows, [&](int64_t m) {
     for (int64_t n = 0; n < N; ++n) {
       // dots first: sx * sw of a tiny row is denormal and would keep only a few digits
       const float y = static_cast<float>(dots[m * N + n]) * sx[m] * a.w.scales[n];
       a.out[m * N + n] = a.bias ? y + a.bias[n] : y;
     }
-  }
+  });
 }
 
 void qlinear_w8a8(const QLinearArgs& a) { with_f32_io(a, w8a8); }

@@ -66,7 +66,7 @@ struct W8A8Args {
 
 constexpr int64_t kGemvMaxRows = 4;   // rows per GEMV pass; W8A8 above this takes its GEMMs
 
-void qlinear_f32(const QLinearArgs& a);    // dispatches on M and current_isa(); OpenMP inside
+void qlinear_f32(const QLinearArgs& a);    // dispatches on M and current_isa(); threads: common/threading.h
 void qlinear_w8a8(const QLinearArgs& a);   // a.w.scheme must be int8
                                            // both take fp32 or bf16 I/O (x or x16, out or out16)
 

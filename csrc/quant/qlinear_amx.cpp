@@ -23,7 +23,7 @@
 // Blocking: tokens in chunks of 256, whose activations are packed once (all of K). A task is 256
 // weight rows: per k block it unpacks the rows' weight panel (<= 512 KiB, L2) and sweeps the chunk's
 // activations for that k block (<= 512 KiB) over it, so the weights stream from DRAM exactly once.
-// Threads take tasks (OpenMP over N).
+// Threads take tasks (the pool of common/threading.h, over N).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "common/bf16.h"
+#include "common/threading.h"
 #include "quant/qlinear.h"
 
 namespace quark {
@@ -392,21 +393,19 @@ struct TileGemm {
     const int64_t mtiles_max = (std::min(M, kMChunk) + 16 * grid.tb - 1) / (16 * grid.tb) * grid.tb;
     static thread_local std::vector<uint8_t> bbuf;
     uint8_t* bpanel = scratch(bbuf, static_cast<size_t>(ksteps) * parts * mtiles_max * kTileBytes);
-#pragma omp parallel
-    {
-      static thread_local std::vector<uint8_t> abuf, sbuf, accbuf;
-      uint8_t* apanel = scratch(abuf, static_cast<size_t>(spb) * (kTaskRows / 16) * kTileBytes);
-      float* spanel = reinterpret_cast<float*>(scratch(sbuf, spb * kTaskRows * sizeof(float)));
-      Acc* acc = reinterpret_cast<Acc*>(scratch(accbuf, kTaskRows * mtiles_max * 16 * sizeof(Acc)));
-      alignas(64) Acc cbuf[4 * 256];
-      configure_tiles();
-      for (int64_t c0 = 0; c0 < M; c0 += kMChunk) {
-        const int64_t rows = std::min(kMChunk, M - c0);
-        const int64_t ttiles = (rows + 16 * grid.tb - 1) / (16 * grid.tb) * grid.tb;
-        const BLayout bl{ksteps, spb, parts, ttiles, grid.tb};
-        pack_b(c0, rows, bl, bpanel);   // an omp for inside: ends with a barrier
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t t = 0; t < ntasks; ++t) {
+    for (int64_t c0 = 0; c0 < M; c0 += kMChunk) {
+      const int64_t rows = std::min(kMChunk, M - c0);
+      const int64_t ttiles = (rows + 16 * grid.tb - 1) / (16 * grid.tb) * grid.tb;
+      const BLayout bl{ksteps, spb, parts, ttiles, grid.tb};
+      pack_b(c0, rows, bl, bpanel);   // a parallel_for inside
+      parallel_for(ntasks, 1, [&](int64_t t0, int64_t t1) {
+        static thread_local std::vector<uint8_t> abuf, sbuf, accbuf;
+        uint8_t* apanel = scratch(abuf, static_cast<size_t>(spb) * (kTaskRows / 16) * kTileBytes);
+        float* spanel = reinterpret_cast<float*>(scratch(sbuf, spb * kTaskRows * sizeof(float)));
+        Acc* acc = reinterpret_cast<Acc*>(scratch(accbuf, kTaskRows * mtiles_max * 16 * sizeof(Acc)));
+        alignas(64) Acc cbuf[4 * 256];
+        configure_tiles();
+        for (int64_t t = t0; t < t1; ++t) {
           const int64_t n0 = t * kTaskRows, nb = std::min(kTaskRows, N - n0);
           const int64_t rtiles = (nb + 16 * grid.rb - 1) / (16 * grid.rb) * grid.rb;
           for (int64_t kb = 0; kb < nkb; ++kb) {
@@ -420,8 +419,8 @@ struct TileGemm {
           transpose_out(grid, acc, ttiles, rows, nb,
                         [&](int64_t m, int64_t n, __mmask16 mk, __m512i v) { write(c0 + m, n0 + n, mk, v); });
         }
-      }
-      _tile_release();
+        _tile_release();
+      });
     }
   }
 };
@@ -604,9 +603,9 @@ void qgemm_f32_amx(const QLinearArgs& a) {
   const TileGemm<Bf16Kind> gemm{kind, a.w.n, K, ksteps, parts};
   // B tile (step s, part p, token tile mt): row r, dword j = (x_p[m, 32 s + 2 r], x_p[m, 32 s + 2 r + 1]).
   auto pack_b = [&](int64_t m0, int64_t rows, const BLayout& bl, uint8_t* dst) {
-#pragma omp for schedule(static) collapse(2)
-    for (int64_t s = 0; s < ksteps; ++s)
-      for (int64_t mt = 0; mt < bl.mtiles; ++mt) {
+    parallel_for(ksteps * bl.mtiles, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t s = i / bl.mtiles, mt = i % bl.mtiles;
         __m512i r[3][16];
         for (int j = 0; j < 16; ++j) {
           const int64_t m = mt * 16 + j, k = s * 32;
@@ -627,6 +626,7 @@ void qgemm_f32_amx(const QLinearArgs& a) {
           for (int j = 0; j < 16; ++j) _mm512_store_si512(t + 64 * j, r[p][j]);
         }
       }
+    });
   };
   const int64_t N = a.w.n;
   gemm.run(a.m, pack_b, [&](int64_t m, int64_t n, __mmask16 mk, __m512i v) {
@@ -642,9 +642,9 @@ void w8a8_dots_amx(const W8A8Args& a) {
   const TileGemm<Int8Kind> gemm{kind, a.w.n, a.w.k, a.kp / 64, 1};
   // B tile (step s, token tile mt): row r, dword j = xq[m, 64 s + 4 r .. 64 s + 4 r + 4].
   auto pack_b = [&](int64_t m0, int64_t rows, const BLayout& bl, uint8_t* dst) {
-#pragma omp for schedule(static) collapse(2)
-    for (int64_t s = 0; s < bl.ksteps; ++s)
-      for (int64_t mt = 0; mt < bl.mtiles; ++mt) {
+    parallel_for(bl.ksteps * bl.mtiles, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t s = i / bl.mtiles, mt = i % bl.mtiles;
         __m512i r[16];
         for (int j = 0; j < 16; ++j) {
           const int64_t m = mt * 16 + j;
@@ -654,6 +654,7 @@ void w8a8_dots_amx(const W8A8Args& a) {
         uint8_t* t = dst + bl.tile(s, 0, mt) * kTileBytes;
         for (int j = 0; j < 16; ++j) _mm512_store_si512(t + 64 * j, r[j]);
       }
+    });
   };
   const int64_t N = a.w.n;
   gemm.run(a.m, pack_b, [&](int64_t m, int64_t n, __mmask16 mk, __m512i v) {

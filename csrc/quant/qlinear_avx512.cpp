@@ -9,6 +9,7 @@
 
 #include "common/bf16.h"
 #include "common/gemm_f32_avx512.h"
+#include "common/threading.h"
 #include "quant/qgemm_blocked.h"
 #include "quant/qgemv.h"
 #include "quant/qlinear.h"
@@ -189,11 +190,12 @@ void qgemm_f32_avx512(const QLinearArgs& a) { run_qgemm<GemmTileAvx512>(a); }
 void w8a8_dots_avx512(const W8A8Args& a) {
   constexpr int R = 4;
   const int64_t N = a.w.n, full = N / R, tasks = full + N % R;
-#pragma omp parallel for schedule(static)
-  for (int64_t t = 0; t < tasks; ++t) {
-    if (t < full) w8a8_block<R>(a, t * R);
-    else w8a8_block<1>(a, full * R + (t - full));
-  }
+  parallel_for(tasks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      if (t < full) w8a8_block<R>(a, t * R);
+      else w8a8_block<1>(a, full * R + (t - full));
+    }
+  });
 }
 
 }  // namespace quark

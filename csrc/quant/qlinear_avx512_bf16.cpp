@@ -16,6 +16,7 @@
 #include <cstring>
 #include <vector>
 
+#include "common/threading.h"
 #include "quant/qlinear.h"
 
 namespace quark {
@@ -93,24 +94,21 @@ void w8a8_dots_avx512_bf16(const W8A8Args& a) {
   std::vector<uint8_t> xu(M * kp);
   for (int64_t i = 0; i < M * kp; ++i) xu[i] = static_cast<uint8_t>(a.xq[i] + 128);
   const int64_t npanels = (N + NR - 1) / NR, nchunks = (M + kMChunk - 1) / kMChunk;
-#pragma omp parallel
-  {
+  parallel_for(npanels * nchunks, 1, [&](int64_t it0, int64_t it1) {
     int8_t* panel = static_cast<int8_t*>(std::aligned_alloc(64, kp * NR));
     alignas(64) int32_t colsum[NR];
-#pragma omp for schedule(dynamic, 1) collapse(2)
-    for (int64_t p = 0; p < npanels; ++p) {
-      for (int64_t c = 0; c < nchunks; ++c) {
-        const int64_t n0 = p * NR, m0 = c * kMChunk, m1 = std::min(M, m0 + kMChunk);
-        const int cols = static_cast<int>(std::min<int64_t>(NR, N - n0));
-        pack_panel(a.w, n0, kp, panel, colsum);
-        for (int64_t i = m0; i < m1; i += MR) {
-          const int rows = static_cast<int>(std::min<int64_t>(MR, m1 - i));
-          vnni_rows(rows, xu.data() + i * kp, kp, kp / 4, panel, colsum, a.dots + i * N + n0, N, cols);
-        }
+    for (int64_t it = it0; it < it1; ++it) {
+      const int64_t p = it / nchunks, c = it % nchunks;
+      const int64_t n0 = p * NR, m0 = c * kMChunk, m1 = std::min(M, m0 + kMChunk);
+      const int cols = static_cast<int>(std::min<int64_t>(NR, N - n0));
+      pack_panel(a.w, n0, kp, panel, colsum);
+      for (int64_t i = m0; i < m1; i += MR) {
+        const int rows = static_cast<int>(std::min<int64_t>(MR, m1 - i));
+        vnni_rows(rows, xu.data() + i * kp, kp, kp / 4, panel, colsum, a.dots + i * N + n0, N, cols);
       }
     }
     std::free(panel);
-  }
+  });
 }
 
 }  // namespace quark

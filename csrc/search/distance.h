@@ -22,7 +22,7 @@ struct DistanceArgs {
   int64_t ldo;
 };
 
-void pairwise_distance(const DistanceArgs& a);  // dispatches on current_isa(); OpenMP inside
+void pairwise_distance(const DistanceArgs& a);  // dispatches on current_isa(); threads: common/threading.h
 
 void pairwise_distance_scalar(const DistanceArgs& a);
 void pairwise_distance_avx2(const DistanceArgs& a);

@@ -15,6 +15,7 @@
 #include <cstring>
 #include <vector>
 
+#include "common/threading.h"
 #include "search/distance.h"
 
 namespace quark {
@@ -87,30 +88,27 @@ static void run_blocked(const DistanceArgs& a) {
   }
   const int64_t nblocks = (a.nb + kBaseBlock - 1) / kBaseBlock;
   const int64_t nchunks = (a.nq + kQueryChunk - 1) / kQueryChunk;
-#pragma omp parallel
-  {
+  parallel_for(nblocks * nchunks, 1, [&](int64_t it0, int64_t it1) {
     AlignedBuffer panels(static_cast<size_t>(kBaseBlock) * d);
     alignas(64) float ysq[kBaseBlock];
     alignas(64) float acc[MR * NR];
-#pragma omp for schedule(dynamic, 1) collapse(2)
-    for (int64_t b = 0; b < nblocks; ++b) {
-      for (int64_t c = 0; c < nchunks; ++c) {
-        const int64_t j_begin = b * kBaseBlock, nvec = std::min(kBaseBlock, a.nb - j_begin);
-        pack_block<NR>(a.y + j_begin * d, nvec, d, panels.p, ysq);
-        if (a.y_sqnorms) std::memcpy(ysq, a.y_sqnorms + j_begin, nvec * sizeof(float));
-        const int64_t i_end = std::min(a.nq, (c + 1) * kQueryChunk);
-        for (int64_t p = 0; p * NR < nvec; ++p) {
-          const float* panel = panels.p + p * d * NR;
-          const int cols = static_cast<int>(std::min<int64_t>(NR, nvec - p * NR));
-          for (int64_t i = c * kQueryChunk; i < i_end; i += MR) {
-            const int rows = static_cast<int>(std::min<int64_t>(MR, i_end - i));
-            Kernel::dispatch_rows(rows, a.x + i * d, d, d, panel, acc);
-            epilogue<NR>(a, i, rows, j_begin + p * NR, cols, acc, xsq.data(), ysq + p * NR);
-          }
+    for (int64_t it = it0; it < it1; ++it) {
+      const int64_t b = it / nchunks, c = it % nchunks;
+      const int64_t j_begin = b * kBaseBlock, nvec = std::min(kBaseBlock, a.nb - j_begin);
+      pack_block<NR>(a.y + j_begin * d, nvec, d, panels.p, ysq);
+      if (a.y_sqnorms) std::memcpy(ysq, a.y_sqnorms + j_begin, nvec * sizeof(float));
+      const int64_t i_end = std::min(a.nq, (c + 1) * kQueryChunk);
+      for (int64_t p = 0; p * NR < nvec; ++p) {
+        const float* panel = panels.p + p * d * NR;
+        const int cols = static_cast<int>(std::min<int64_t>(NR, nvec - p * NR));
+        for (int64_t i = c * kQueryChunk; i < i_end; i += MR) {
+          const int rows = static_cast<int>(std::min<int64_t>(MR, i_end - i));
+          Kernel::dispatch_rows(rows, a.x + i * d, d, d, panel, acc);
+          epilogue<NR>(a, i, rows, j_begin + p * NR, cols, acc, xsq.data(), ysq + p * NR);
         }
       }
     }
-  }
+  });
 }
 
 }  // namespace

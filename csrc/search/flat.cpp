@@ -4,8 +4,8 @@
 // Work items are (query tile, stripe of row blocks): the rows are cut into enough stripes that
 // every thread gets several items (dynamic scheduling then absorbs a thread slowed by other load),
 // and the per-stripe top-k lists are merged at the end. Each item calls pairwise_distance from
-// inside the parallel region, where OpenMP runs it on the calling thread only (nested regions are
-// inactive).
+// inside a chunk of the pool, where it runs on the calling thread (threading.h: nested calls run
+// inline).
 #include <algorithm>
 #include <cmath>
 
@@ -47,56 +47,56 @@ void VectorIndex::search_flat(const float* q, int64_t nq, int64_t k, const uint8
   std::vector<Cand> part(static_cast<size_t>(stripes * nq * k), Cand{INFINITY, 0xffffffffu});
   std::vector<int32_t> filled(static_cast<size_t>(stripes * nq), 0);
 
-#pragma omp parallel num_threads(tiles * stripes > 1 ? threads : 1)
-  {
+  parallel_for(tiles * stripes, 1, [&](int64_t it0, int64_t it1) {
     std::vector<float> buf(static_cast<size_t>(kTile * kBlock));
-#pragma omp for collapse(2) schedule(dynamic, 1)
-    for (int64_t t = 0; t < tiles; ++t) {
-      for (int64_t s = 0; s < stripes; ++s) {
-        const int64_t i0 = t * kTile, m = std::min(kTile, nq - i0);
-        for (int64_t b = s * blocks / stripes; b < (s + 1) * blocks / stripes; ++b) {
-          const int64_t j0 = b * kBlock, nb = std::min(kBlock, n - j0);
-          pairwise_distance(DistanceArgs{q + i0 * d, m, vectors_.row(j0), nb, d, inner_, nullptr, buf.data(), kBlock});
-          for (int64_t r = 0; r < m; ++r) {
-            Cand* h = &part[static_cast<size_t>((s * nq + i0 + r) * k)];
-            int32_t& hs = filled[static_cast<size_t>(s * nq + i0 + r)];
-            const float* row = buf.data() + r * kBlock;
-            float thr = hs < k ? INFINITY : h[0].d;
-            for (int64_t j = 0; j < nb; ++j) {
-              if (!(row[j] < thr)) continue;
-              const uint32_t id = static_cast<uint32_t>(j0 + j);
-              if ((allow && (id >= allow_len || !allow[id])) || (has_deleted && is_deleted(id))) continue;
-              if (hs < k) {
-                h[hs++] = {row[j], id};
-                std::push_heap(h, h + hs, nearer);
-              } else {
-                std::pop_heap(h, h + k, nearer);
-                h[k - 1] = {row[j], id};
-                std::push_heap(h, h + k, nearer);
-              }
-              thr = hs < k ? INFINITY : h[0].d;
+    for (int64_t it = it0; it < it1; ++it) {
+      const int64_t t = it / stripes, s = it % stripes;
+      const int64_t i0 = t * kTile, m = std::min(kTile, nq - i0);
+      for (int64_t b = s * blocks / stripes; b < (s + 1) * blocks / stripes; ++b) {
+        const int64_t j0 = b * kBlock, nb = std::min(kBlock, n - j0);
+        pairwise_distance(DistanceArgs{q + i0 * d, m, vectors_.row(j0), nb, d, inner_, nullptr, buf.data(), kBlock});
+        for (int64_t r = 0; r < m; ++r) {
+          Cand* h = &part[static_cast<size_t>((s * nq + i0 + r) * k)];
+          int32_t& hs = filled[static_cast<size_t>(s * nq + i0 + r)];
+          const float* row = buf.data() + r * kBlock;
+          float thr = hs < k ? INFINITY : h[0].d;
+          for (int64_t j = 0; j < nb; ++j) {
+            if (!(row[j] < thr)) continue;
+            const uint32_t id = static_cast<uint32_t>(j0 + j);
+            if ((allow && (id >= allow_len || !allow[id])) || (has_deleted && is_deleted(id))) continue;
+            if (hs < k) {
+              h[hs++] = {row[j], id};
+              std::push_heap(h, h + hs, nearer);
+            } else {
+              std::pop_heap(h, h + k, nearer);
+              h[k - 1] = {row[j], id};
+              std::push_heap(h, h + k, nearer);
             }
+            thr = hs < k ? INFINITY : h[0].d;
           }
         }
       }
     }
-  }
+  });
 
-#pragma omp parallel for num_threads(nq > 64 ? threads : 1) schedule(static)
-  for (int64_t i = 0; i < nq; ++i) {
-    std::vector<Cand> all;
-    all.reserve(static_cast<size_t>(stripes * k));
-    for (int64_t s = 0; s < stripes; ++s) {
-      const Cand* h = &part[static_cast<size_t>((s * nq + i) * k)];
-      all.insert(all.end(), h, h + filled[static_cast<size_t>(s * nq + i)]);
+  auto merge = [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      std::vector<Cand> all;
+      all.reserve(static_cast<size_t>(stripes * k));
+      for (int64_t s = 0; s < stripes; ++s) {
+        const Cand* h = &part[static_cast<size_t>((s * nq + i) * k)];
+        all.insert(all.end(), h, h + filled[static_cast<size_t>(s * nq + i)]);
+      }
+      const size_t kk = std::min<size_t>(k, all.size());
+      std::partial_sort(all.begin(), all.begin() + kk, all.end(), nearer);
+      for (size_t j = 0; j < kk; ++j) {
+        dist[i * k_out + j] = cosine ? 1.f + all[j].d : all[j].d;
+        ids[i * k_out + j] = *ids_.row(all[j].id);
+      }
     }
-    const size_t kk = std::min<size_t>(k, all.size());
-    std::partial_sort(all.begin(), all.begin() + kk, all.end(), nearer);
-    for (size_t j = 0; j < kk; ++j) {
-      dist[i * k_out + j] = cosine ? 1.f + all[j].d : all[j].d;
-      ids[i * k_out + j] = *ids_.row(all[j].id);
-    }
-  }
+  };
+  if (nq > 64) parallel_for(nq, 1, merge);
+  else merge(0, nq);
 }
 
 }  // namespace quark

@@ -279,14 +279,12 @@ void VectorIndex::search_hnsw(const float* q, int64_t nq, int64_t k, int ef, int
   std::exception_ptr error;  // a failed row read: rethrown once the threads are done
   std::mutex error_mu;
 
-#pragma omp parallel num_threads(nq > 1 ? num_threads() : 1)
-  {
+  parallel_for(nq, 4, [&](int64_t i0, int64_t i1) {
     VisitedList* vis = acquire_visited();
     std::vector<float> qn(d), qc(d), buf(256);
     std::vector<Cand> top, cand;
     std::vector<uint32_t> rows;
-#pragma omp for schedule(dynamic, 4)
-    for (int64_t i = 0; i < nq; ++i) {
+    for (int64_t i = i0; i < i1; ++i) {
       try {
         const float* qi = q + i * d;
         if (cosine) qi = stored_form(qi, qn.data());
@@ -339,7 +337,7 @@ void VectorIndex::search_hnsw(const float* q, int64_t nq, int64_t k, int ef, int
       }
     }
     release_visited(vis);
-  }
+  });
   if (error) std::rethrow_exception(error);
 }
 

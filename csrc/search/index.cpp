@@ -246,16 +246,16 @@ void VectorIndex::add(const float* x, int64_t n, const int64_t* ids, int64_t* id
       release_visited(vis);
       start = 1;
     }
-#pragma omp parallel num_threads(n - start > 64 ? num_threads() : 1)
-    {
+    auto run = [&](int64_t i0, int64_t i1) {
       VisitedList* vis = acquire_visited();
       InsertScratch scratch;
       std::vector<float> tmp(d);
-#pragma omp for schedule(dynamic, 8)
-      for (int64_t i = start; i < n; ++i)
+      for (int64_t i = start + i0; i < start + i1; ++i)
         insert(static_cast<uint32_t>(n0 + i), row_of_batch(i, tmp.data()), fn, *vis, scratch);
       release_visited(vis);
-    }
+    };
+    if (n - start > 64) parallel_for(n - start, 8, run);
+    else run(0, n - start);
   }
   slots_.store(n0 + n, std::memory_order_release);
   {

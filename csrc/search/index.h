@@ -15,7 +15,7 @@
 //   metric:     l2 (squared), ip (-dot), cosine (rows and queries normalised, then 1 - dot).
 //
 // Concurrency (searches from many threads while one thread adds):
-//   - add() calls are serialised by add_mu_; inside one call OpenMP threads insert in parallel.
+//   - add() calls are serialised by add_mu_; inside one call the pool's threads insert in parallel.
 //   - Capacity grows (arrays reallocated) only under an exclusive grow_mu_; searches and inserts
 //     hold it shared, so no reader ever sees a freed array.
 //   - A row's vector, code, id and level are written before the row is linked into the graph, and

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "common/dispatch.h"
+#include "common/threading.h"
 
 namespace quark {
 
@@ -138,11 +139,9 @@ void minhash(const MinhashArgs& a) {
     pa[i] = splitmix64(state) | 1;  // odd: multiplication by a_i is a bijection mod 2^64
     pb[i] = splitmix64(state);
   }
-#pragma omp parallel
-  {
+  parallel_for(a.n, 16, [&](int64_t d0, int64_t d1) {
     std::vector<uint64_t> scratch, shingles, sig(padded);
-#pragma omp for schedule(dynamic, 16)
-    for (int64_t d = 0; d < a.n; ++d) {
+    for (int64_t d = d0; d < d1; ++d) {
       const auto* s = reinterpret_cast<const unsigned char*>(a.texts[d]);
       if (a.unit == ShingleUnit::word) word_shingles(s, a.lengths[d], a.ngram, mul, scratch, shingles);
       else char_shingles(s, a.lengths[d], a.ngram, scratch, shingles);
@@ -151,7 +150,7 @@ void minhash(const MinhashArgs& a) {
       uint64_t* o = a.out + d * a.num_perm;
       for (int i = 0; i < a.num_perm; ++i) o[i] = sig[i];
     }
-  }
+  });
 }
 
 }  // namespace quark

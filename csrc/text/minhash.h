@@ -37,7 +37,7 @@ struct MinhashArgs {
   uint64_t* out;              // (n, num_perm) row-major
 };
 
-void minhash(const MinhashArgs& a);  // OpenMP over documents; SIMD path chosen once per call
+void minhash(const MinhashArgs& a);  // threads over documents; SIMD path chosen once per call
 
 // Per-ISA inner loop: sig[i] = min(sig[i], min_s a[i] * s + b[i]) for i < num_perm_padded
 // (a multiple of kPermBlock), over the m shingle hashes.

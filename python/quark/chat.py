@@ -5,16 +5,34 @@
 A generation prompt ends with <|assistant|>; generation stops at <|end|> or <|eos|>. Message
 contents are encoded separately from the role markers, and any special-token text inside a content
 is neutralised, so a user cannot forge a role boundary.
+
+Tools (OpenAI's schema) render as text in this template, in the syntax Hermes/Qwen templates use:
+the tool list goes into the system message (one JSON per line inside <tools>...</tools>), an assistant
+call is `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` after its content, and a result is a
+"tool" message. parse_tool_calls reads calls back out of generated text (also for HF templates that
+use this syntax).
 """
+import json
+import re
+
 SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>", "<|end|>"]
 ROLES = ("system", "user", "assistant", "tool")
 STOP_TOKENS = ("<|end|>", "<|eos|>")
 
 
 def validate_messages(messages, where="messages"):
+    """Each message: a role and a string content; an assistant message may instead (or also) carry
+    OpenAI tool_calls [{"id", "type": "function", "function": {"name", "arguments": JSON text}}]."""
     if not isinstance(messages, list) or not messages:
         raise ValueError(f"{where}: expected a non-empty list of messages")
     for i, m in enumerate(messages):
+        calls = m.get("tool_calls") if isinstance(m, dict) else None
+        if calls is not None:
+            _validate_tool_calls(calls, f"{where}[{i}].tool_calls")
+            if m.get("role") != "assistant":
+                raise ValueError(f"{where}[{i}]: only assistant messages carry tool_calls")
+            if m.get("content") is None:
+                continue
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise ValueError(f"{where}[{i}]: each message needs 'role' and 'content'")
         if m["role"] not in ROLES:
@@ -25,6 +43,67 @@ def validate_messages(messages, where="messages"):
             m["content"].encode("utf-8")
         except UnicodeEncodeError:
             raise ValueError(f"{where}[{i}]: content is not valid Unicode (it holds a lone surrogate)") from None
+
+
+def _validate_tool_calls(calls, where):
+    if not isinstance(calls, list) or not calls:
+        raise ValueError(f"{where}: expected a non-empty list")
+    for j, c in enumerate(calls):
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not isinstance(fn.get("arguments"), str):
+            raise ValueError(f"{where}[{j}]: expected {{'type': 'function', 'function': {{'name': str, 'arguments': str}}}}")
+        try:
+            args = json.loads(fn["arguments"])
+        except ValueError:
+            raise ValueError(f"{where}[{j}].function.arguments: not valid JSON") from None
+        if not isinstance(args, dict):
+            raise ValueError(f"{where}[{j}].function.arguments: must encode a JSON object")
+
+
+def format_tool_call(name, arguments):
+    """One call in the template's syntax; arguments: a dict."""
+    return f"<tool_call>{json.dumps({'name': name, 'arguments': arguments}, ensure_ascii=False)}</tool_call>"
+
+
+_TOOL_CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.S)
+
+
+def parse_tool_calls(text):
+    """Generated text -> (content or None, [(name, arguments dict)]): every well-formed
+    <tool_call>{"name", "arguments"}</tool_call> block is a call and is cut from the content."""
+    calls, kept, end = [], [], 0
+    for m in _TOOL_CALL.finditer(text):
+        try:
+            call = json.loads(m.group(1))
+        except ValueError:
+            continue
+        if isinstance(call, dict) and isinstance(call.get("name"), str) and isinstance(call.get("arguments", {}), dict):
+            calls.append((call["name"], call.get("arguments", {})))
+            kept.append(text[end:m.start()])
+            end = m.end()
+    content = ("".join(kept) + text[end:]).strip() if calls else text
+    return (content or None), calls
+
+
+def with_tools(messages, tools=None):
+    """Messages with tools and tool calls written as text (this template's syntax, above): the tool list
+    joins the system message (one is added if there is none), calls follow their message's content."""
+    out = []
+    for m in messages:
+        if m.get("tool_calls"):
+            calls = "".join(format_tool_call(c["function"]["name"], json.loads(c["function"]["arguments"]))
+                            for c in m["tool_calls"])
+            m = {"role": m["role"], "content": (m.get("content") or "") + calls}
+        out.append(m)
+    if tools:
+        listing = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
+        text = ("You can call these functions. To call one, answer with <tool_call>{\"name\": NAME, \"arguments\": "
+                f"{{...}}}}</tool_call> (one block per call); results come back as tool messages.\n<tools>\n{listing}\n</tools>")
+        if out and out[0]["role"] == "system":
+            out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + text}
+        else:
+            out.insert(0, {"role": "system", "content": text})
+    return out
 
 
 def neutralize(text):
@@ -50,6 +129,9 @@ def check_chat_record(rec, where):
         validate_messages(rec["messages"], where="messages")
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
+    tools = rec.get("tools")
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise ValueError(f"{where}: 'tools' must be a list of OpenAI tool objects")
     if not any(m["role"] == "assistant" for m in rec["messages"]):
         raise ValueError(f"{where}: no assistant message, so nothing to learn")
 
@@ -58,6 +140,7 @@ def encode_chat(tokenizer, messages, add_generation_prompt=False):
     """-> (ids, mask): token ids of the rendered conversation (a tokenizers.Tokenizer) and a 0/1 mask
     that is 1 exactly on assistant content tokens and their closing <|end|> (the SFT loss positions)."""
     validate_messages(messages)
+    messages = with_tools(messages)
     sp = special_ids(tokenizer)
     ids, mask = [sp["<|bos|>"]], [0]
     # one encode_batch: it releases the GIL (encode does not), so a server stays responsive meanwhile
@@ -75,6 +158,7 @@ def encode_chat(tokenizer, messages, add_generation_prompt=False):
 def render(messages, add_generation_prompt=False):
     """The template as text (for display and logs)."""
     validate_messages(messages)
+    messages = with_tools(messages)
     text = "<|bos|>" + "".join(f"<|{m['role']}|>{neutralize(m['content'])}<|end|>" for m in messages)
     return text + ("<|assistant|>" if add_generation_prompt else "")
 
@@ -101,8 +185,8 @@ _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
 
 def _normalize(messages):
-    """Drop None-valued keys and alias a message's reasoning under the names templates read, as
-    transformers' apply_chat_template does before rendering."""
+    """Drop None-valued keys, parse tool-call arguments (OpenAI sends JSON text) and alias a message's
+    reasoning under the names templates read, as transformers' apply_chat_template does before rendering."""
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages: expected a non-empty list of messages")
     out = []
@@ -110,6 +194,10 @@ def _normalize(messages):
         if not isinstance(m, dict) or "role" not in m:
             raise ValueError(f"messages[{i}]: each message needs a 'role'")
         m = _plain({k: v for k, v in m.items() if v is not None})
+        if isinstance(m.get("tool_calls"), list):   # templates read arguments as a mapping (tojson, items())
+            m["tool_calls"] = [c if not isinstance(c.get("function", {}).get("arguments"), str) else
+                               {**c, "function": {**c["function"], "arguments": json.loads(c["function"]["arguments"])}}
+                               for c in m["tool_calls"]]
         reasoning = next((m[k] for k in _REASONING_FIELDS if m.get(k) is not None), None)
         if reasoning is not None:
             m = {"thinking": reasoning, **m, "reasoning_content": reasoning}
@@ -231,14 +319,12 @@ class QuarkChat:
         self.pad_id = tokenizer.token_to_id("<|pad|>") if tokenizer is not None else None
 
     def render(self, messages, add_generation_prompt=False, tools=None):
-        if tools:
-            raise ValueError("Quark's chat template has no tool definitions; describe the tools in a system message")
-        return render(messages, add_generation_prompt)
+        validate_messages(messages)
+        return render(with_tools(messages, tools), add_generation_prompt)
 
     def encode(self, messages, add_generation_prompt=False, tools=None):
-        if tools:
-            raise ValueError("Quark's chat template has no tool definitions; describe the tools in a system message")
-        return encode_chat(self.tokenizer, messages, add_generation_prompt)
+        validate_messages(messages)
+        return encode_chat(self.tokenizer, with_tools(messages, tools), add_generation_prompt)
 
 
 def chat_format(tokenizer, model_dir=None):

@@ -4,12 +4,14 @@
 // Build: cmake -S . -B build/cpp -DQUARK_PYTHON=OFF && cmake --build build/cpp -j2
 // Exit status: the number of failed checks (0: all passed).
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <limits>
 #include <random>
+#include <stdexcept>
 #include <set>
 #include <string>
 #include <vector>
@@ -17,6 +19,7 @@
 #include "attention/attention.h"
 #include "common/bf16.h"
 #include "common/dispatch.h"
+#include "common/threading.h"
 #include "quant/gemv_f32.h"
 #include "quant/qlinear.h"
 #include "search/distance.h"
@@ -434,6 +437,39 @@ static void test_index() {
   check(self == n, "hnsw finds every stored row itself: " + std::to_string(self) + " of " + std::to_string(n));
 }
 
+// The kernels' thread pool (the Python side, tests/test_threading.py, covers more): every item once
+// at odd sizes and thread counts, nested calls inline, a chunk's exception rethrown.
+static void test_thread_pool() {
+  for (int threads : {1, 2, 3}) {
+    set_num_threads(threads);
+    for (int64_t n : {0, 1, 2, 7, 1000, 100003}) {
+      std::vector<std::atomic<int>> runs(n);
+      std::atomic<bool> nested_inline{true};
+      parallel_for(n, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) runs[i].fetch_add(1);
+        int calls = 0;
+        parallel_for(10, 1, [&](int64_t b, int64_t e) { calls += b == 0 && e == 10; });
+        if (calls != 1 && n > 1) nested_inline = false;   // n = 1 runs inline, not on the pool
+      });
+      bool once = true;
+      for (auto& r : runs) once &= r.load() == 1;
+      const std::string where = " (n " + std::to_string(n) + ", threads " + std::to_string(threads) + ")";
+      check(once, "parallel_for runs every item exactly once" + where);
+      check(nested_inline, "a nested parallel_for runs inline" + where);
+    }
+    bool thrown = false;
+    try {
+      parallel_for(5000, 1, [&](int64_t begin, int64_t end) {
+        if (begin <= 4321 && 4321 < end) throw std::runtime_error("item 4321");
+      });
+    } catch (const std::runtime_error& e) {
+      thrown = std::string(e.what()) == "item 4321";
+    }
+    check(thrown, "a chunk's exception reaches the caller (threads " + std::to_string(threads) + ")");
+  }
+  set_num_threads(2);
+}
+
 int main() {
   set_isa(Isa::scalar);
   test_dispatch();
@@ -445,6 +481,7 @@ int main() {
   test_decode_attention();
   test_minhash();
   test_index();
+  test_thread_pool();
   std::printf("%s: scalar kernels (%s build): %d failed checks\n", failures ? "FAIL" : "OK",
 #if QUARK_X86
               "x86-64",

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from quark import ops
-from quark.infer.sampling import Detokenizer, SamplingParams, sample
+from quark.infer.sampling import Detokenizer, SamplingParams, sample, token_logprobs
 from quark.model.gpt import window_attention
 
 # int8: symmetric per (token, head) with float32 scales (quark.ops.quantize_kv), a quarter of fp32's bytes
@@ -216,11 +216,19 @@ class Runner:
 
 class Request:
     """One generation: its prompt, parameters, progress, timings and an event callback.
-    Events: ("token", text_delta) as text becomes safe to send, then ("done", finish_reason)."""
+    Events: ("token", text_delta) as text becomes safe to send, then ("done", finish_reason).
+    processor: None, or a callable (output_ids, logits (V,)) -> logits (V,) applied before sampling
+    (constrained decoding: quark.infer.constrain.Constraint). With params.logprobs, `logprobs` holds one
+    (log p, [(id, log p)] top alternatives) per output token, from the model's own log-softmax (before
+    any processor or sampling setting); with params.prompt_logprobs, `prompt_logprobs` holds one per
+    prompt token after the first."""
     _ids = itertools.count()
 
-    def __init__(self, prompt_ids, params, tokenizer, stop_ids, on_event=None):
+    def __init__(self, prompt_ids, params, tokenizer, stop_ids, on_event=None, processor=None):
         self.id = next(self._ids)
+        self.processor = processor
+        self.logprobs = [] if params.logprobs is not None else None
+        self.prompt_logprobs = None
         self.prompt_ids = list(prompt_ids)
         self.params = params
         self.stop_ids = stop_ids
@@ -246,14 +254,16 @@ class Request:
                 self._on_event = None
                 self.cancelled = True
 
-    def _accept(self, token):
-        """Record a sampled token; returns True when the request is finished."""
+    def _accept(self, token, logprob=None):
+        """Record a sampled token (and its logprobs entry); returns True when the request is finished."""
         if self.t_first is None:
             self.t_first = time.perf_counter()
         if token in self.stop_ids:
             self.stop_token = token
             return self._finish("stop")
-        self.output_ids.append(token)
+        self.output_ids.append(token)   # before logprobs: a reader on another thread never sees more entries than ids
+        if logprob is not None:
+            self.logprobs.append(logprob)
         if self.history is not None:
             self.history = torch.cat([self.history, torch.tensor([token])])
         if self.detok is not None:
@@ -317,7 +327,7 @@ class Engine:
         self.tokens_generated = 0
 
     # ---- client side (any thread) ----
-    def _request(self, prompt_ids, params, on_event=None):
+    def _request(self, prompt_ids, params, on_event=None, processor=None):
         params = params or SamplingParams()
         if not prompt_ids:
             raise ValueError("prompt is empty: it must hold at least one token")
@@ -327,10 +337,10 @@ class Engine:
         vocab = self.runner.cfg.vocab_size
         if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
             raise ValueError(f"prompt token ids must lie in [0, {vocab})")
-        return Request(prompt_ids, params, self.tokenizer, self.stop_ids, on_event)
+        return Request(prompt_ids, params, self.tokenizer, self.stop_ids, on_event, processor)
 
-    def submit(self, prompt_ids, params=None, on_event=None):
-        req = self._request(prompt_ids, params, on_event)
+    def submit(self, prompt_ids, params=None, on_event=None, processor=None):
+        req = self._request(prompt_ids, params, on_event, processor)
         with self.cond:
             if not self.accepting:
                 raise ShuttingDown("the engine is shutting down")
@@ -420,7 +430,12 @@ class Engine:
             slot = len(self.active)
             self.runner.lens[slot] = 0
             try:
-                logits = self.runner.extend(slot, req.prompt_ids)
+                logits = self.runner.extend(slot, req.prompt_ids, all_logits=req.params.prompt_logprobs)
+                if req.params.prompt_logprobs:   # (T, V): position t predicts prompt token t + 1
+                    k = req.params.logprobs or 0
+                    req.prompt_logprobs = [token_logprobs(logits[t], req.prompt_ids[t + 1], k)
+                                           for t in range(len(req.prompt_ids) - 1)]
+                    logits = logits[-1]
             except Exception as e:   # this prompt alone fails; the slot stays free
                 self.runner.lens[slot] = 0
                 req._finish(f"error: {e}")
@@ -433,7 +448,8 @@ class Engine:
         tokens = [r.output_ids[-1] if r.output_ids else r.prompt_ids[-1] for r in self.active]
         logits = self.runner.decode(tokens)                     # (n, V)
         self.steps += 1
-        greedy = [j for j, r in enumerate(self.active) if r.params.greedy and not r.params.penalized]
+        greedy = [j for j, r in enumerate(self.active)
+                  if r.params.greedy and not r.params.penalized and r.processor is None]
         argmax = logits[greedy].argmax(-1).tolist() if greedy else []
         picks = dict(zip(greedy, argmax))
         finished = []
@@ -451,9 +467,11 @@ class Engine:
         A failure here is this request's alone: it finishes with an error, the batch goes on."""
         try:
             if token is None:
-                token = sample(logits, req.params, req.history, req.generator)
+                allowed = logits if req.processor is None else req.processor(req.output_ids, logits)
+                token = sample(allowed, req.params, req.history, req.generator)
+            entry = token_logprobs(logits, token, req.params.logprobs) if req.logprobs is not None else None
             self.tokens_generated += 1
-            return req._accept(token)
+            return req._accept(token, entry)
         except Exception as e:
             if req.finish_reason is None:
                 req._finish(f"error: {e}")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 MAX_STOP_CHARS = 256   # the detokenizer rescans a stop string's length of tail per token
+MAX_LOGPROBS = 20     # alternatives per token, as OpenAI's top_logprobs
 MIN_SCALE = 1e-3   # smallest temperature / repetition penalty: logits of ~1e3 still divide to finite float32
 
 @dataclass
@@ -25,6 +26,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0    # OpenAI: subtract per occurrence
     stop: list = field(default_factory=list)   # stop strings (not included in the output)
     seed: int | None = None
+    logprobs: int | None = None       # None: off; k: each output token's log-prob and its k most likely alternatives
+    prompt_logprobs: bool = False     # also the prompt tokens' log-probs (completions' echo)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -55,6 +58,9 @@ class SamplingParams:
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
                                       or not -2 ** 63 <= self.seed < 2 ** 63):
             bad("seed", "must be a 64-bit signed integer")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            bad("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}]")
 
     @property
     def greedy(self):
@@ -118,6 +124,13 @@ def probs(logits, params, history=None):
         drop = (cum - torch.softmax(sorted_logits, -1)) >= params.top_p
         logits = logits.scatter(0, order[drop], float("-inf"))
     return torch.softmax(logits, -1)
+
+
+def token_logprobs(logits, token, k):
+    """The model's own log-softmax of logits (V,) -> (log p(token), [(id, log p)] for the k most likely ids)."""
+    lp = torch.log_softmax(_finite(logits), -1)
+    top = torch.topk(lp, k) if k else None
+    return float(lp[token]), ([] if top is None else list(zip(top.indices.tolist(), top.values.tolist())))
 
 
 def sample(logits, params, history=None, generator=None):

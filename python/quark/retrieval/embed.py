@@ -184,3 +184,38 @@ class CachedEmbedder:
 
     def close(self):
         self.db.close()
+
+
+class OpenAIEmbedder:
+    """Embeddings from an OpenAI-compatible server's /v1/embeddings (`quark serve` pools the served model
+    as QuarkEmbedder does), so an index can use a model served elsewhere. Rows are L2-normalised here."""
+
+    def __init__(self, base_url, model=None, api_key=None, batch_size=64, timeout=120):
+        import httpx
+        self.url = base_url.rstrip("/")
+        headers = {"Authorization": f"Bearer {api_key or os.environ.get('QUARK_API_KEY', 'none')}"}
+        self.http = httpx.Client(headers=headers, timeout=timeout)
+        self.model = model or self._get("/models")["data"][0]["id"]
+        self.batch_size = batch_size
+        self.dim = len(self._post(["dim"])[0])
+        self.name = f"openai:{self.url}:{self.model}"
+
+    def _get(self, path):
+        r = self.http.get(self.url + path)
+        r.raise_for_status()
+        return r.json()
+
+    def _post(self, texts):
+        r = self.http.post(self.url + "/embeddings", json={"model": self.model, "input": texts, "encoding_format": "float"})
+        if r.status_code != 200:
+            raise RuntimeError(f"{self.url}/embeddings answered {r.status_code}: {r.text[:300]}")
+        return [d["embedding"] for d in sorted(r.json()["data"], key=lambda d: d["index"])]
+
+    def embed(self, texts):
+        texts = list(texts)
+        out = np.zeros((len(texts), self.dim), np.float32)
+        rows = [i for i, t in enumerate(texts) if t]   # an empty text stays all-zero
+        for b in range(0, len(rows), self.batch_size):
+            batch = rows[b:b + self.batch_size]
+            out[batch] = np.array(self._post([texts[i] for i in batch]), np.float32)
+        return _normalize(out)

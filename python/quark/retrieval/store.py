@@ -487,7 +487,8 @@ class IndexConfig:
     max_chunks_per_doc: int = 8      # long documents keep their first chunks
     chunk_tokens: int = 128
     chunk_overlap: int = 32
-    embedder: str = "model"          # "model": the run's latest model; "minilm": all-MiniLM-L6-v2 if installed
+    embedder: str = "model"          # "model": the run's latest model; "minilm": all-MiniLM-L6-v2 if installed;
+                                     # an http(s) URL: an OpenAI-compatible server's /v1 (e.g. `quark serve`)
     index_kind: str = "hnsw"         # quark.search.Index kind: "hnsw" or "flat"
     batch_docs: int = 64             # documents per SQLite transaction
     seed: int = 0
@@ -495,8 +496,8 @@ class IndexConfig:
 
 def validate_config(cfg):
     c = from_dict(IndexConfig, cfg, "index")
-    if c.embedder not in ("model", "minilm"):
-        raise ConfigError(f"index.embedder: must be 'model' or 'minilm', got {c.embedder!r}")
+    if c.embedder not in ("model", "minilm") and not c.embedder.startswith(("http://", "https://")):
+        raise ConfigError(f"index.embedder: must be 'model', 'minilm' or an http(s) URL, got {c.embedder!r}")
     if c.index_kind not in ("hnsw", "flat"):
         raise ConfigError(f"index.index_kind: must be 'hnsw' or 'flat', got {c.index_kind!r}")
     if c.chunk_tokens < 8 or not 0 <= c.chunk_overlap < c.chunk_tokens:
@@ -508,7 +509,11 @@ def validate_config(cfg):
 
 
 def run_embedder(run_dir, kind="model"):
-    """The embedder a run's retrieval uses: its latest model (with the run's tokenizer), or MiniLM."""
+    """The embedder a run's retrieval uses: its latest model (with the run's tokenizer), MiniLM, or an
+    OpenAI-compatible embeddings server at a URL."""
+    if kind.startswith(("http://", "https://")):
+        from quark.retrieval.embed import OpenAIEmbedder
+        return OpenAIEmbedder(kind)
     if kind == "minilm":
         from quark.retrieval.embed import SentenceTransformerEmbedder
         return SentenceTransformerEmbedder()

@@ -1,9 +1,11 @@
 """Tools a model can call: a registry with JSON-schema arguments, the tool-call format of the chat
 template, argument validation, and an HTTP API connector with an allow-list, timeouts and size caps.
 
-Tool-call format (inside an assistant message; the chat template has no tool-call token of its own):
-    assistant: {"tool": "weather", "arguments": {"city": "Oslo"}}
-and the observation comes back as a `tool` message:
+Tool-call format: the chat template's (quark.chat: the syntax `quark serve` parses into OpenAI tool_calls
+and SFT trains on), inside an assistant message:
+    assistant: <tool_call>{"name": "weather", "arguments": {"city": "Oslo"}}</tool_call>
+(a bare {"tool": NAME, "arguments": {...}} object, the earlier format, is still read), and the
+observation comes back as a `tool` message:
     tool:      {"tool": "weather", "result": {...}}      or      {"tool": "weather", "error": "..."}
 Arguments are checked against the tool's JSON schema (Draft 2020-12, the `jsonschema` package) before
 the tool runs, so a tool body never sees malformed input; every failure becomes an error observation
@@ -19,6 +21,8 @@ from dataclasses import dataclass, field
 
 import jsonschema
 
+from quark.chat import format_tool_call, parse_tool_calls
+
 
 class ToolError(Exception):
     pass
@@ -30,7 +34,7 @@ class ToolCall:
     arguments: dict
 
     def to_text(self):
-        return json.dumps({"tool": self.tool, "arguments": self.arguments})
+        return format_tool_call(self.tool, self.arguments)
 
 
 @dataclass
@@ -50,8 +54,11 @@ class ToolResult:
 
 
 def parse_tool_call(text):
-    """The tool call in an assistant message -> ToolCall, or None when the message is a plain answer.
-    A JSON object with "tool" (string) and "arguments" (object) anywhere in the text counts."""
+    """The (first) tool call in an assistant message -> ToolCall, or None when the message is a plain
+    answer: a <tool_call> block, else a JSON object with "tool" (string) and "arguments" anywhere in the text."""
+    calls = parse_tool_calls(text)[1]
+    if calls:
+        return ToolCall(*calls[0])
     decoder = json.JSONDecoder()
     i = text.find("{")
     while i != -1:
@@ -110,8 +117,9 @@ class ToolRegistry:
 
     def system_prompt(self, names=None):
         """Tool descriptions and the call format, for the system message."""
-        lines = ["You can call tools. To call one, reply with only a JSON object "
-                 '{"tool": NAME, "arguments": {...}}; the result comes back in a tool message.', "Tools:"]
+        lines = ["You can call tools. To call one, reply with only "
+                 '<tool_call>{"name": NAME, "arguments": {...}}</tool_call>; the result comes back in a tool message.',
+                 "Tools:"]
         lines += [json.dumps(s) for s in self.specs(names)]
         return "\n".join(lines)
 

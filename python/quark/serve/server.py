@@ -1,9 +1,14 @@
 """OpenAI-compatible HTTP server over the engine (FastAPI + uvicorn), the web UI, and `quark serve`.
 
 Routes: GET /v1/models; POST /v1/completions and /v1/chat/completions (`stream: true` answers
-server-sent events, `data: {chunk}` lines ending with `data: [DONE]`); POST /v1/feedback (a rating of
-a response, stored in the run's feedback database, quark.feedback); GET /health; GET /metrics
-(Prometheus text); GET / (chat page), /runs (training metrics page), /api/runs[/NAME].
+server-sent events, `data: {chunk}` lines ending with `data: [DONE]`), POST /v1/embeddings; POST /v1/feedback (a
+rating of a response, stored in the run's feedback database, quark.feedback); GET /health;
+GET /metrics (Prometheus text); GET / (chat page), /runs (training metrics page), /api/runs[/NAME].
+OpenAI fields served: n (choice i samples with seed + i), logprobs/top_logprobs (the model's own
+log-softmax), stop, seed, stream_options.include_usage, completions' token-id prompts, prompt lists and
+echo; response_format json_object / json_schema and tool_choice "required" / a named function are
+enforced by constrained decoding (quark.infer.constrain); tools render through the chat template and
+tool_choice "auto" reads calls back from the output in quark.chat's <tool_call> syntax.
 Errors use OpenAI's body {"error": {"message", "type", "param", "code"}}: 400 bad input, 401 bad API
 key, 404 unknown model or route, 413 body too large, 415 not JSON, 429 queue full, 503 shutting down.
 uvicorn's graceful shutdown stops accepting connections and lets open requests (streams included)
@@ -18,23 +23,35 @@ stalls other streams; a non-streaming request is cancelled when its client disco
 are route templates, never raw paths.
 """
 import asyncio
+import base64
 import contextlib
+import dataclasses
 import json
 import math
 import secrets
+import struct
 import sys
 import threading
 import time
 from pathlib import Path
 
-from quark.chat import QuarkChat, chat_format, validate_messages
+import torch
+
+from quark.chat import QuarkChat, chat_format, parse_tool_calls, validate_messages
+from quark.infer.constrain import Constraint, json_schema_grammar, tool_call_grammar
 from quark.infer.engine import QueueFull, ShuttingDown
-from quark.infer.sampling import SamplingParams
+from quark.infer.sampling import MAX_LOGPROBS, SamplingParams
 
 STATIC = Path(__file__).parent / "static"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 MAX_BODY_BYTES = 1 << 20
 MAX_MESSAGES = 512
+MAX_N = 8                # choices per prompt (n)
+MAX_CHOICES = 16         # choices per request (prompts x n)
+MAX_TOOLS = 128
+MAX_TOOL_CALLS = 4       # parallel calls one forced answer may hold
+MAX_EMBED_INPUTS = 256
+TOOL_OPEN = "<tool_call>"
 PUBLIC_ROUTES = ("/health", "/", "/runs", "/static/{name}")   # the UI shell loads before the user enters a key
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -113,6 +130,53 @@ def _encode(tokenizer, text):
     return tokenizer.encode_batch([text], add_special_tokens=False)[0].ids
 
 
+def _sse(chunks):
+    """One server-sent event per chunk (a dict, or a list of them)."""
+    return "".join(f"data: {json.dumps(c)}\n\n" for c in (chunks if isinstance(chunks, list) else [chunks]))
+
+
+def _is_token_id(x):
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+class ToolStream:
+    """Splits a streamed answer into content and tool calls (quark.chat's <tool_call> syntax): content is
+    sent up to the first call (holding back a tail that may start one), each call once it closes."""
+
+    def __init__(self):
+        self.text, self.sent, self.sent_calls = "", 0, 0
+
+    def feed(self, delta, done=False):
+        """-> (content to send now, [(name, arguments)] calls completed since the last feed)."""
+        self.text += delta
+        at = self.text.find(TOOL_OPEN)
+        if at >= 0:
+            safe = at
+        elif done:
+            safe = len(self.text)
+        else:
+            safe = len(self.text) - next((n for n in range(len(TOOL_OPEN) - 1, 0, -1)
+                                          if self.text.endswith(TOOL_OPEN[:n])), 0)
+        content = self.text[self.sent:safe] if safe > self.sent else ""
+        self.sent = max(self.sent, safe)
+        calls = parse_tool_calls(self.text[at:])[1] if at >= 0 else []
+        new, self.sent_calls = calls[self.sent_calls:], len(calls)
+        if done and at >= 0 and not calls:   # an unfinished call: its text is content after all
+            content, self.sent = content + self.text[self.sent:], len(self.text)
+        return content, new
+
+
+@torch.no_grad()
+def embed(model, ids):
+    """Token id lists -> unit vectors: the served model's last hidden state mean-pooled over the tokens
+    (quark.retrieval's QuarkEmbedder pools the same way, so a retrieval index can use this server)."""
+    out = []
+    for x in ids:
+        h = model.hidden_states(torch.tensor([x])).float()[0].mean(0)                 # (d,)
+        out.append((h / h.norm().clamp_min(1e-12)).tolist())
+    return out
+
+
 def _is_loopback(host):
     import ipaddress
     try:
@@ -129,12 +193,13 @@ def _is_unicode(text):
         return False
 
 
-async def _cancel_on_disconnect(request, req):
-    """Cancel req when the client goes away (the body is already read, so the next message is the
-    disconnect); cancelled itself when the answer is ready."""
+async def _cancel_on_disconnect(request, reqs):
+    """Cancel every request of reqs when the client goes away (the body is already read, so the next
+    message is the disconnect); cancelled itself when the answer is ready."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
-    req.cancel()
+    for req in reqs:
+        req.cancel()
 
 
 def _find_runs(root):
@@ -209,6 +274,8 @@ def create_app(engine, tokenizer, model_name="quark", api_key=None, safety=None,
     metrics = Metrics()
     app.state.engine, app.state.metrics = engine, metrics
     ctx = engine.max_seq_len
+    vocab = engine.runner.cfg.vocab_size
+    eos_id = min(engine.stop_ids, default=None)   # ends constrained output (any stop id ends a request)
 
     @app.exception_handler(APIError)
     async def _api_error(request, exc):
@@ -246,13 +313,11 @@ def create_app(engine, tokenizer, model_name="quark", api_key=None, safety=None,
         if model != model_name:
             raise APIError(404, f"model {model!r} does not exist; this server serves {model_name!r}",
                            param="model", code="model_not_found")
-        if body.get("n", 1) != 1:
-            raise APIError(400, "n must be 1", param="n")
         if not isinstance(body.get("stream", False), bool):
             raise APIError(400, "stream must be a boolean", param="stream")
         return body
 
-    def params_from(body, prompt_len, default_max):
+    def params_from(body, prompt_len, default_max, logprobs=None, prompt_logprobs=False):
         room = ctx - prompt_len
         if room < 1:
             raise APIError(400, f"the prompt is {prompt_len} tokens; this model's context is {ctx} tokens",
@@ -266,7 +331,7 @@ def create_app(engine, tokenizer, model_name="quark", api_key=None, safety=None,
         fields = {k: body[k] for k in ("temperature", "top_p", "top_k", "repetition_penalty", "presence_penalty",
                                        "frequency_penalty", "stop", "seed") if body.get(k) is not None}
         try:
-            return SamplingParams(max_tokens=max_tokens, **fields)
+            return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs, **fields)
         except ValueError as e:
             raise APIError(400, str(e), param=str(e).split()[0]) from None
 
@@ -286,128 +351,331 @@ def create_app(engine, tokenizer, model_name="quark", api_key=None, safety=None,
             return decision.text
         return None
 
-    async def run(prompt_ids, params, stream, make_chunk, make_final, prompt, request):
-        """Submit to the engine; answer a JSON body or an SSE stream built by make_chunk/make_final."""
+    async def run(choices, stream, make_chunk, make_final, prompt, request, include_usage=False):
+        """Submit every choice (prompt_ids, params, processor) to the engine; answer one JSON body or one
+        SSE stream built by make_chunk(index, text, finish, req, logprobs) / make_final(outputs, usage).
+        The choices of a request run side by side in the batch; a failure in one fails the request only."""
         route = _route(request)
+        prompt_tokens = sum(len(ids) for ids in {tuple(c[0]) for c in choices})
         def record_refusal():
             metrics.inc("quark_requests_total", help_="HTTP requests by route and status", route=route, status="200")
 
         refusal = screen(prompt, "input")
         if refusal is not None:   # answered like a model refusal, without generating
             record_refusal()
+            zero = {"prompt_tokens": prompt_tokens, "completion_tokens": 0, "total_tokens": prompt_tokens}
             if not stream:
-                return JSONResponse(make_final(refusal, "content_filter", {"prompt_tokens": len(prompt_ids),
-                                    "completion_tokens": 0, "total_tokens": len(prompt_ids)}))
+                return JSONResponse(make_final([(refusal, "content_filter", None)] * len(choices), zero))
 
             async def refuse():
-                head = make_chunk(None, None)
-                if head:
-                    yield f"data: {json.dumps(head)}\n\n"
-                yield f"data: {json.dumps(make_chunk(refusal, 'content_filter'))}\n\n"
+                for i in range(len(choices)):
+                    head = make_chunk(i, None, None, None, None)
+                    if head:
+                        yield f"data: {json.dumps(head)}\n\n"
+                    yield _sse(make_chunk(i, refusal, 'content_filter', None, None))
+                if include_usage:
+                    yield f"data: {json.dumps(make_chunk(None, None, None, None, None) | {'usage': zero})}\n\n"
                 yield "data: [DONE]\n\n"
             return StreamingResponse(refuse(), media_type="text/event-stream")
         loop = asyncio.get_running_loop()
         events = asyncio.Queue()
+        reqs = []
         try:
-            req = engine.submit(prompt_ids, params,
-                                on_event=lambda kind, value: loop.call_soon_threadsafe(events.put_nowait, (kind, value)))
-        except QueueFull as e:
-            raise APIError(429, str(e), "rate_limit_error", code="queue_full") from None
-        except ShuttingDown as e:
-            raise APIError(503, str(e), "server_error", code="shutting_down") from None
-        except ValueError as e:
+            for i, (ids, params, processor) in enumerate(choices):
+                reqs.append(engine.submit(ids, params, processor=processor, on_event=lambda kind, value, i=i:
+                                          loop.call_soon_threadsafe(events.put_nowait, (i, kind, value))))
+        except (QueueFull, ShuttingDown, ValueError) as e:
+            for r in reqs:   # all choices or none
+                r.cancel()
+            if isinstance(e, QueueFull):
+                raise APIError(429, str(e), "rate_limit_error", code="queue_full") from None
+            if isinstance(e, ShuttingDown):
+                raise APIError(503, str(e), "server_error", code="shutting_down") from None
             raise APIError(400, str(e), param="prompt", code="context_length_exceeded") from None
-        metrics.inc("quark_prompt_tokens_total", len(prompt_ids), help_="prompt tokens processed")
+        metrics.inc("quark_prompt_tokens_total", prompt_tokens, help_="prompt tokens processed")
 
-        def record(req, status):
+        def record(status):
             metrics.inc("quark_requests_total", help_="HTTP requests by route and status", route=route, status=status)
-            metrics.inc("quark_completion_tokens_total", len(req.output_ids), help_="tokens generated")
-            if req.ttft is not None:
-                metrics.observe("quark_time_to_first_token_seconds", req.ttft, "time from submit to first token")
-            metrics.observe("quark_request_latency_seconds", time.perf_counter() - req.t_submit, "request latency")
+            for req in reqs:
+                metrics.inc("quark_completion_tokens_total", len(req.output_ids), help_="tokens generated")
+                if req.ttft is not None:
+                    metrics.observe("quark_time_to_first_token_seconds", req.ttft, "time from submit to first token")
+            metrics.observe("quark_request_latency_seconds", time.perf_counter() - reqs[0].t_submit, "request latency")
 
         def usage():
-            n = len(req.output_ids)
-            return {"prompt_tokens": len(prompt_ids), "completion_tokens": n, "total_tokens": len(prompt_ids) + n}
+            n = sum(len(r.output_ids) for r in reqs)
+            return {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
 
         if not stream:
-            text, finish = [], None
-            watcher = asyncio.create_task(_cancel_on_disconnect(request, req))
+            texts, finishes = [[] for _ in reqs], [None] * len(reqs)
+            watcher = asyncio.create_task(_cancel_on_disconnect(request, reqs))
             try:
-                while finish is None:
-                    kind, value = await events.get()
+                while None in finishes:
+                    i, kind, value = await events.get()
                     if kind == "token":
-                        text.append(value)
+                        texts[i].append(value)
                     else:
-                        finish = value
+                        finishes[i] = value
             finally:
                 watcher.cancel()
-            text = "".join(text)
-            if finish.startswith("error"):
-                record(req, "500")
-                raise APIError(500, f"generation failed ({finish})", "server_error")
-            screened = screen(text, "output")
-            if screened is not None:
-                text, finish = screened, "content_filter"
-            record(req, "200")
-            return JSONResponse(make_final(text, finish, usage()))
+            failed = next((f for f in finishes if f.startswith("error")), None)
+            if failed:
+                record("500")
+                raise APIError(500, f"generation failed ({failed})", "server_error")
+            outputs = []
+            for text, finish, req in zip(texts, finishes, reqs):
+                text = "".join(text)
+                screened = screen(text, "output")
+                outputs.append((screened, "content_filter", req) if screened is not None else (text, finish, req))
+            record("200")
+            return JSONResponse(make_final(outputs, usage()))
 
         async def sse():
-            sent = []
+            sent, lp_sent, open_ = [[] for _ in reqs], [0] * len(reqs), set(range(len(reqs)))
+            failed = False
             try:
-                head = make_chunk(None, None)   # chat streams open with the assistant role
-                if head:
-                    yield f"data: {json.dumps(head)}\n\n"
-                while True:
-                    kind, value = await events.get()
+                for i in range(len(reqs)):   # chat streams open with the assistant role
+                    head = make_chunk(i, None, None, reqs[i], None)
+                    if head:
+                        yield f"data: {json.dumps(head)}\n\n"
+                while open_:
+                    i, kind, value = await events.get()
+                    req = reqs[i]
+                    if i not in open_:
+                        continue
+                    new_lp = None
+                    if req.logprobs is not None:   # (token, entry) for the tokens since this choice's last chunk
+                        start, end = lp_sent[i], len(req.logprobs)
+                        new_lp, lp_sent[i] = list(zip(req.output_ids[start:end], req.logprobs[start:end])), end
                     if kind == "token":
-                        sent.append(value)
-                        if screen("".join(sent), "output") is not None:   # sent text cannot be taken back: stop here
+                        sent[i].append(value)
+                        if screen("".join(sent[i]), "output") is not None:   # sent text cannot be taken back
                             req.cancel()
-                            yield f"data: {json.dumps(make_chunk('', 'content_filter'))}\n\n"
-                            break
-                        yield f"data: {json.dumps(make_chunk(value, None))}\n\n"
+                            open_.discard(i)
+                            yield _sse(make_chunk(i, '', 'content_filter', req, None))
+                            continue
+                        yield _sse(make_chunk(i, value, None, req, new_lp))
                     else:
+                        open_.discard(i)
                         if value.startswith("error"):
+                            failed = True
+                            for r in reqs:
+                                r.cancel()
                             yield f"data: {json.dumps(APIError(500, value, 'server_error').body())}\n\n"
-                        else:
-                            yield f"data: {json.dumps(make_chunk('', value) | {'usage': usage()})}\n\n"
-                        break
+                            break
+                        yield _sse(make_chunk(i, '', value, req, new_lp))
+                if include_usage and not failed:
+                    yield f"data: {json.dumps(make_chunk(None, None, None, None, None) | {'usage': usage()})}\n\n"
                 yield "data: [DONE]\n\n"
-                record(req, "200")
+                record("500" if failed else "200")
             finally:
-                if not req.done.is_set():   # client went away: free the slot
-                    req.cancel()
+                for r in reqs:
+                    if not r.done.is_set():   # client went away: free the slots
+                        r.cancel()
 
         return StreamingResponse(sse(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
+    def count(body, name, default, low, high):
+        value = body.get(name, default)
+        if value is None:
+            return default
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise APIError(400, f"{name} must be an integer in [{low}, {high}], got {value!r}", param=name)
+        return value
+
+    def flag(body, name):
+        value = body.get(name, False)
+        if value is None:
+            return False
+        if not isinstance(value, bool):
+            raise APIError(400, f"{name} must be a boolean, got {value!r}", param=name)
+        return value
+
+    def stream_usage(body):
+        opts = body.get("stream_options")
+        if opts is None:
+            return False
+        if not isinstance(opts, dict) or not isinstance(opts.get("include_usage", False), bool):
+            raise APIError(400, "stream_options must be {'include_usage': bool}", param="stream_options")
+        if not body.get("stream", False):
+            raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
+        return opts.get("include_usage", False)
+
+    def seeded(params, n):
+        """n copies of params; with a seed, choice i uses seed + i (reproducible, and the choices differ)."""
+        if params.seed is None:
+            return [params] * n
+        return [dataclasses.replace(params, seed=(params.seed + i + 2 ** 63) % 2 ** 64 - 2 ** 63) for i in range(n)]
+
+    def piece(token_id):
+        return tokenizer.decode([token_id], skip_special_tokens=False)
+
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await read_body(request)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not isinstance(prompt, str) or not prompt:
-            raise APIError(400, "prompt must be a non-empty string", param="prompt")
-        if not _is_unicode(prompt):
-            raise APIError(400, "prompt is not valid Unicode (it holds a lone surrogate)", param="prompt")
-        ids = await asyncio.to_thread(_encode, tokenizer, prompt)
-        if not ids:
-            raise APIError(400, "prompt encodes to no tokens", param="prompt")
-        params = params_from(body, len(ids), 16)
+        prompts = body.get("prompt")
+        # one prompt (a string or token ids) or a list of them
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and all(_is_token_id(t) for t in prompts)):
+            prompts = [prompts]
+        if not isinstance(prompts, list) or not prompts or len(prompts) > MAX_CHOICES:
+            raise APIError(400, f"prompt must be a non-empty string, a list of token ids, or a list of at most "
+                           f"{MAX_CHOICES} of those", param="prompt")
+        n = count(body, "n", 1, 1, MAX_N)
+        if len(prompts) * n > MAX_CHOICES:
+            raise APIError(400, f"{len(prompts)} prompts x n={n} exceeds {MAX_CHOICES} choices per request", param="n")
+        k = count(body, "logprobs", None, 0, MAX_LOGPROBS)
+        echo = flag(body, "echo")
+        include_usage = stream_usage(body)
+        encoded = []
+        for p in prompts:
+            if isinstance(p, str):
+                if not p:
+                    raise APIError(400, "prompt must be a non-empty string", param="prompt")
+                if not _is_unicode(p):
+                    raise APIError(400, "prompt is not valid Unicode (it holds a lone surrogate)", param="prompt")
+                ids = await asyncio.to_thread(_encode, tokenizer, p)
+                if not ids:
+                    raise APIError(400, "prompt encodes to no tokens", param="prompt")
+            elif isinstance(p, list) and p and all(_is_token_id(t) for t in p):
+                vocab = engine.runner.cfg.vocab_size
+                if not all(0 <= t < vocab for t in p):
+                    raise APIError(400, f"prompt token ids must lie in [0, {vocab})", param="prompt")
+                ids, p = p, tokenizer.decode(p, skip_special_tokens=False)
+            else:
+                raise APIError(400, "prompt must be a non-empty string or a non-empty list of token ids", param="prompt")
+            encoded.append((ids, p))
+        params = [params_from(body, len(ids), 16, logprobs=k, prompt_logprobs=echo and k is not None)
+                  for ids, _ in encoded]
+        choices = [(ids, sp, None) for (ids, _), base in zip(encoded, params) for sp in seeded(base, n)]
+        texts = [p for _, p in encoded for _ in range(n)]
         cid, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
 
-        def chunk(text, finish):
+        def logprobs_of(req, entries, offset):
+            """OpenAI's completions logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
+            out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+            for token, (lp, top) in entries:
+                out["tokens"].append(piece(token))
+                out["token_logprobs"].append(lp)
+                alts = None if top is None else {}
+                for t, v in top or ():   # most likely first: ids that decode alike keep the best log-prob
+                    alts.setdefault(piece(t), v)
+                out["top_logprobs"].append(alts)
+                out["text_offset"].append(offset)
+                offset += len(out["tokens"][-1])
+            return out
+
+        def chunk(i, text, finish, req, lp):
+            if i is None:   # the usage chunk
+                return {"id": cid, "object": "text_completion", "created": created, "model": model_name, "choices": []}
             if text is None:
                 return None
+            logprobs = None if lp is None else logprobs_of(req, lp, 0)
             return {"id": cid, "object": "text_completion", "created": created, "model": model_name,
-                    "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+                    "choices": [{"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
 
-        def final(text, finish, usage):
-            return chunk(text, finish) | {"usage": usage}
+        def final(outputs, usage):
+            out = []
+            for i, (text, finish, req) in enumerate(outputs):
+                logprobs = None
+                if req is not None and req.logprobs is not None:
+                    entries = list(zip(req.output_ids, req.logprobs))
+                    if echo:   # the first prompt token has no log-prob: nothing predicts it
+                        entries = ([(req.prompt_ids[0], (None, None))] +
+                                   list(zip(req.prompt_ids[1:], req.prompt_logprobs)) + entries)
+                    logprobs = logprobs_of(req, entries, 0)
+                out.append({"index": i, "text": (texts[i] if echo else "") + text, "logprobs": logprobs,
+                            "finish_reason": finish})
+            return {"id": cid, "object": "text_completion", "created": created, "model": model_name,
+                    "choices": out, "usage": usage}
 
-        return await run(ids, params, body.get("stream", False), chunk, final, prompt, request)
+        if echo and body.get("stream", False):
+            raise APIError(400, "echo is not supported with stream: true", param="echo")
+        return await run(choices, body.get("stream", False), chunk, final, prompts[0] if len(prompts) == 1 and
+                         isinstance(prompts[0], str) else "\n".join(p for _, p in encoded), request, include_usage)
+
+    def tools_of(body):
+        """-> (tools as [{"name", "description", "parameters"}] or None, OpenAI's tool list as given)."""
+        tools = body.get("tools")
+        if tools is None or tools == []:
+            return None, None
+        if not isinstance(tools, list) or len(tools) > MAX_TOOLS:
+            raise APIError(400, f"tools must be a list of at most {MAX_TOOLS} tools", param="tools")
+        out = []
+        for j, t in enumerate(tools):
+            fn = t.get("function") if isinstance(t, dict) and t.get("type") == "function" else None
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+                raise APIError(400, f"tools[{j}] must be {{'type': 'function', 'function': {{'name': str, ...}}}}",
+                               param="tools")
+            if not isinstance(fn.get("parameters", {}), dict):
+                raise APIError(400, f"tools[{j}].function.parameters must be a JSON schema object", param="tools")
+            out.append({"name": fn["name"], "parameters": fn.get("parameters") or {"type": "object"}})
+        if len({t["name"] for t in out}) != len(out):
+            raise APIError(400, "tools: function names must be unique", param="tools")
+        return out, tools
+
+    def constraint_for(body, tools):
+        """-> (a factory of one Constraint per choice or None, parse tool calls?) from tool_choice and
+        response_format; a bad schema or choice is a 400 naming its field."""
+        choice = body.get("tool_choice", "auto" if tools else "none")
+        fmt = body.get("response_format")
+        grammar, field = None, None
+        if tools is None and choice not in ("none", None):
+            raise APIError(400, "tool_choice needs tools", param="tool_choice")
+        if choice == "required" or isinstance(choice, dict):
+            if isinstance(choice, dict):
+                name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+                named = [t for t in tools if t["name"] == name]
+                if not named:
+                    raise APIError(400, f"tool_choice names no tool among tools ({', '.join(t['name'] for t in tools)})",
+                                   param="tool_choice")
+                grammar, field = tool_call_grammar(named, 1), "tool_choice"
+            else:
+                parallel = body.get("parallel_tool_calls", True) is not False
+                grammar, field = tool_call_grammar(tools, MAX_TOOL_CALLS if parallel else 1), "tool_choice"
+        elif choice not in ("auto", "none"):
+            raise APIError(400, "tool_choice must be 'none', 'auto', 'required' or "
+                           "{'type': 'function', 'function': {'name': ...}}", param="tool_choice")
+        elif tools is not None:   # checks every tool's parameter schema compiles
+            try:
+                Constraint(tokenizer, tool_call_grammar(tools, 1), eos_id, vocab)
+            except ValueError as e:
+                raise APIError(400, f"tools: {e}", param="tools") from None
+        if fmt is not None:
+            kind = fmt.get("type") if isinstance(fmt, dict) else None
+            schema = None
+            if kind == "json_object":
+                schema = {"type": "object"}
+            elif kind == "json_schema":
+                spec = fmt.get("json_schema")
+                schema = spec.get("schema") if isinstance(spec, dict) else None
+                if not isinstance(schema, dict):
+                    raise APIError(400, "response_format.json_schema.schema must be a JSON schema object",
+                                   param="response_format")
+            elif kind != "text":
+                raise APIError(400, "response_format.type must be 'text', 'json_object' or 'json_schema'",
+                               param="response_format")
+            if schema is not None:
+                if grammar is not None:
+                    raise APIError(400, "response_format cannot be combined with a forced tool_choice",
+                                   param="response_format")
+                grammar, field = json_schema_grammar(schema), "response_format"
+        if grammar is None:
+            return None, choice == "auto"
+        if eos_id is None:
+            raise APIError(400, "this model has no end-of-sequence token to end constrained output", param=field)
+        try:
+            Constraint(tokenizer, grammar, eos_id, vocab)
+        except ValueError as e:
+            raise APIError(400, f"{field}: {e}", param=field) from None
+        return (lambda: Constraint(tokenizer, grammar, eos_id, vocab)), field == "tool_choice"
+
+    def chat_logprobs(entries):
+        """OpenAI's chat logprobs content: [{token, logprob, bytes, top_logprobs: [...]}]."""
+        def one(t, lp):
+            s = piece(t)
+            return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
+        return [one(t, lp) | {"top_logprobs": [one(a, v) for a, v in top]} for t, (lp, top) in entries]
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -416,25 +684,100 @@ def create_app(engine, tokenizer, model_name="quark", api_key=None, safety=None,
         if isinstance(messages, list) and len(messages) > max_messages:
             raise APIError(400, f"messages holds {len(messages)} messages; at most {max_messages} are allowed",
                            param="messages")
+        n = count(body, "n", 1, 1, MAX_N)
+        want_lp = flag(body, "logprobs")
+        k = count(body, "top_logprobs", 0, 0, MAX_LOGPROBS)
+        if "top_logprobs" in body and body["top_logprobs"] is not None and not want_lp:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        include_usage = stream_usage(body)
+        tools, raw_tools = tools_of(body)
+        make_constraint, parse_calls = await asyncio.to_thread(constraint_for, body, tools)
         try:
             validate_messages(messages)
-            ids, _ = await asyncio.to_thread(chat.encode, messages, True)
+            ids, _ = await asyncio.to_thread(chat.encode, messages, True, raw_tools)
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
-        params = params_from(body, len(ids), 256)
+        base = params_from(body, len(ids), 256, logprobs=k if want_lp else None)
+        choices = [(ids, sp, make_constraint() if make_constraint else None) for sp in seeded(base, n)]
         cid, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
+        streams = [ToolStream() if parse_calls else None for _ in choices]
 
-        def chunk(text, finish):
-            delta = {"role": "assistant", "content": ""} if text is None else ({"content": text} if text else {})
-            return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+        def calls_json(calls, first=0):
+            return [{"index": first + j, "id": f"call_{secrets.token_hex(12)}", "type": "function",
+                     "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)}}
+                    for j, (name, args) in enumerate(calls)]
 
-        def final(text, finish, usage):
+        def chunk(i, text, finish, req, lp):
+            head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_name}
+            if i is None:   # the usage chunk
+                return head | {"choices": []}
+            if text is None:
+                delta = {"role": "assistant", "content": ""}
+            elif streams[i] is None:
+                delta = {"content": text} if text else {}
+            else:   # content up to the first call; each call as it closes: its id and name, then its arguments
+                shown, calls = streams[i].feed(text, done=finish is not None)
+                delta = {"content": shown} if shown else {}
+                first = streams[i].sent_calls - len(calls)
+                if calls:
+                    delta["tool_calls"] = [c | {"function": {"name": c["function"]["name"], "arguments": ""}}
+                                           for c in calls_json(calls, first)]
+                    args = [{"index": first + j, "function": {"arguments": json.dumps(a, ensure_ascii=False)}}
+                            for j, (_, a) in enumerate(calls)]
+                if finish is not None and streams[i].sent_calls and finish == "stop":
+                    finish = "tool_calls"
+                if calls:
+                    return [head | {"choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}]},
+                            head | {"choices": [{"index": i, "delta": {"tool_calls": args}, "logprobs": None,
+                                                 "finish_reason": finish}]}]
+            logprobs = None if lp is None else {"content": chat_logprobs(lp)}
+            return head | {"choices": [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
+
+        def final(outputs, usage):
+            out = []
+            for i, (text, finish, req) in enumerate(outputs):
+                message = {"role": "assistant", "content": text}
+                if parse_calls and finish != "content_filter":
+                    content, calls = parse_tool_calls(text)
+                    if calls:
+                        message = {"role": "assistant", "content": content, "tool_calls": calls_json(calls)}
+                        finish = "tool_calls" if finish == "stop" else finish
+                logprobs = None
+                if req is not None and req.logprobs is not None:
+                    logprobs = {"content": chat_logprobs(list(zip(req.output_ids, req.logprobs)))}
+                out.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": finish})
             return {"id": cid, "object": "chat.completion", "created": created, "model": model_name,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                 "logprobs": None, "finish_reason": finish}], "usage": usage}
+                    "choices": out, "usage": usage}
 
-        return await run(ids, params, body.get("stream", False), chunk, final, messages, request)
+        return await run(choices, body.get("stream", False), chunk, final, messages, request, include_usage)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request):
+        body = await read_body(request)
+        inputs = body.get("input")
+        if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and all(_is_token_id(t) for t in inputs)):
+            inputs = [inputs]
+        if not isinstance(inputs, list) or not inputs or len(inputs) > MAX_EMBED_INPUTS:
+            raise APIError(400, f"input must be a string, token ids, or a list of at most {MAX_EMBED_INPUTS} of those",
+                           param="input")
+        fmt = body.get("encoding_format") or "float"
+        if fmt not in ("float", "base64"):
+            raise APIError(400, "encoding_format must be 'float' or 'base64'", param="encoding_format")
+        ids = []
+        for j, x in enumerate(inputs):
+            if isinstance(x, str) and x and _is_unicode(x):
+                x = await asyncio.to_thread(_encode, tokenizer, x)
+            if not (isinstance(x, list) and x and all(_is_token_id(t) and 0 <= t < vocab for t in x)):
+                raise APIError(400, f"input[{j}] must be a non-empty string or token ids in [0, {vocab})", param="input")
+            if len(x) > ctx:
+                raise APIError(400, f"input[{j}] is {len(x)} tokens; this model's context is {ctx}", param="input",
+                               code="context_length_exceeded")
+            ids.append(x)
+        vectors = await asyncio.to_thread(embed, engine.runner.model, ids)
+        used = sum(len(x) for x in ids)
+        return {"object": "list", "model": model_name, "usage": {"prompt_tokens": used, "total_tokens": used},
+                "data": [{"object": "embedding", "index": j, "embedding": v if fmt == "float" else   # little-endian float32
+                          base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode()} for j, v in enumerate(vectors)]}
 
     @app.post("/v1/feedback")
     async def post_feedback(request: Request):

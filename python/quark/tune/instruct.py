@@ -5,7 +5,10 @@ Corpus pairs (deterministic, no model needed):
   function signature -> its docstring, docstring -> the function's code, module/class -> its docstring;
 - docs (run_dir/clean/docs.jsonl): section title -> the paragraph under it, page title -> its first paragraph;
 - safety: harmful requests (the *build* intent families of quark.safety_data) -> the refusal template,
-  so SFT teaches refusals without seeing the families the red-team evaluation uses.
+  so SFT teaches refusals without seeing the families the red-team evaluation uses;
+- tool use: a docs question -> a search_docs call (OpenAI tool_calls; the chat template renders it as
+  <tool_call>...</tool_call>, the syntax `quark serve` parses) -> the passage as the tool result -> the
+  answer, so the run's own model learns to emit calls.
 Self-instruct (Wang et al. 2022, "Self-Instruct"): a teacher model is shown a few sampled instructions,
 writes a new one and answers it; kept only if well-formed and not too similar (word-set Jaccard) to
 any instruction already in the pool.
@@ -17,6 +20,7 @@ Step `instruct` -> run_dir/instruct/{train,val}.jsonl (chat records) and stats.j
 import ast
 import hashlib
 import inspect
+import json
 import random
 import re
 from dataclasses import asdict, dataclass
@@ -24,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from quark.chat import encode_chat, special_ids
+from quark.chat import QuarkChat, encode_chat, special_ids
 from quark.config import ConfigError, Step, from_dict
 from quark.infer.engine import Engine
 from quark.infer.sampling import SamplingParams
@@ -49,6 +53,7 @@ class InstructConfig:
     max_tokens: int = 0               # token budget per example under the run tokenizer; 0: 256
     system_prompt: bool = False       # prepend the SYSTEM message to every record
     safety_examples: int = 40         # harmful request -> refusal records (0: none; at most 10% of the data)
+    tool_examples: int = 40           # docs question -> search_docs call -> answer records (0: none; at most 10%)
     self_instruct: int = 0            # new instructions to generate with the teacher model (0: off)
     teacher: str = "auto"             # model dir, a model step, or "auto": the latest model of the run
     max_files: int = 0                # code files to read (0: all)
@@ -133,6 +138,25 @@ def doc_pairs(text, title, rng, max_chars=600):
     return out
 
 
+SEARCH_TOOL = {"type": "function", "function": {
+    "name": "search_docs", "description": "Search the documentation; returns the best matching passage.",
+    "parameters": {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}}}
+
+
+def tool_records(pairs, n, rng):
+    """Question/answer pairs -> tool-use records: the question, a search_docs call, the passage as the
+    tool's result, and the answer drawn from it."""
+    out = []
+    for r in rng.sample(pairs, min(n, len(pairs))):
+        question, answer = r["messages"][-2]["content"], r["messages"][-1]["content"]
+        call = {"id": "call_0", "type": "function",
+                "function": {"name": "search_docs", "arguments": json.dumps({"query": question})}}
+        out.append({"tools": [SEARCH_TOOL], "messages": [
+            {"role": "user", "content": question}, {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call_0", "content": answer}, {"role": "assistant", "content": answer}]})
+    return out
+
+
 def safety_pairs(n, rng):
     reqs = harmful_requests("build")
     return [chat(r["prompt"], REFUSAL) for r in rng.sample(reqs, min(n, len(reqs)))]
@@ -161,7 +185,7 @@ def keep(rec, s: InstructConfig, tokenizer=None, max_tokens=256):
         return False
     if sum(c.isprintable() or c in "\n\t" for c in resp) < 0.98 * len(resp):
         return False
-    if tokenizer is not None and len(encode_chat(tokenizer, rec["messages"])[0]) > max_tokens:
+    if tokenizer is not None and len(QuarkChat(tokenizer).encode(rec["messages"], tools=rec.get("tools"))[0]) > max_tokens:
         return False
     return True
 
@@ -260,7 +284,11 @@ def run_step(run_dir, cfg: dict) -> dict:
     rng.shuffle(pool)
     # at most 10% refusals, so a small corpus does not teach the model to refuse everything
     safety = safety_pairs(min(s.safety_examples, len(pool) // 10), rng) if s.safety_examples else []
-    pool = pool[: max(0, s.max_examples - len(safety))]
+    # tool use over the docs pairs: added after dedup (a record repeats its pair's answer), at most 10%
+    doc_ids = {id(r) for r in docs}
+    tools = [r for r in tool_records([r for r in pool if id(r) in doc_ids], min(s.tool_examples, len(pool) // 10), rng)
+             if keep(r, s, tok, max_tokens)] if s.tool_examples else []
+    pool = pool[: max(0, s.max_examples - len(safety) - len(tools))]
     gen_stats = {}
     if s.self_instruct:
         from quark.model.io import load_model
@@ -268,9 +296,9 @@ def run_step(run_dir, cfg: dict) -> dict:
         tok = tok or run_dir.tokenizer(teacher, chat=True)
         new, gen_stats = self_instruct(load_model(teacher), tok, pool, s.self_instruct, rng)
         pool += dedup([r for r in new if keep(r, s, tok, max_tokens)])
-    records = pool + safety
+    records = pool + safety + tools
     if s.system_prompt:
-        records = [{"messages": [{"role": "system", "content": SYSTEM}] + r["messages"]} for r in records]
+        records = [r | {"messages": [{"role": "system", "content": SYSTEM}] + r["messages"]} for r in records]
     rng.shuffle(records)
     n_val = max(1, int(len(records) * s.val_fraction))
     val, train = records[:n_val], records[n_val:]
@@ -280,6 +308,7 @@ def run_step(run_dir, cfg: dict) -> dict:
     write_jsonl(out / "train.jsonl", train)
     write_jsonl(out / "val.jsonl", val)
     stats = {"python_files": files, "code_pairs": len(code), "doc_pairs": len(docs), "safety_pairs": len(safety),
+             "tool_records": len(tools),
              "self_instruct": gen_stats, "train": len(train), "val": len(val), "settings": asdict(s)}
     atomic_write_json(out / "stats.json", stats)
     return stats

@@ -82,7 +82,7 @@ def load_chat_jsonl(path, tokenizer, max_len, overlong="error", limit=0, chat=No
     for n, rec in read_jsonl(path):
         where = f"{path}:{n}"
         check_chat_record(rec, where)
-        ids, mask = chat.encode(rec["messages"])
+        ids, mask = chat.encode(rec["messages"], tools=rec.get("tools"))   # tool calls train in the template's syntax
         if len(ids) > max_len:
             if overlong == "error":
                 raise ValueError(f"{where}: example is {len(ids)} tokens, longer than max_len {max_len}; "
