@@ -69,3 +69,15 @@ def make_hf_model(directory, kind="llama", seed=0, dtype=torch.float32, tokenize
     if tokenizer:
         make_hf_tokenizer(directory)
     return model
+
+
+def make_packed_run(tmp_path):
+    """A run with Quark's own tokenizer and its pack (dedup/docs.jsonl of code and documentation, 20%
+    held out): the text an HF model with another vocabulary is scored on."""
+    from quark.data import pack
+    from tests.tiny_lm import DOC, code_corpus, make_run, write_jsonl
+    run, tok = make_run(tmp_path, with_model=False)
+    docs = [{"id": f"c{i}", "text": c["text"]} for i, c in enumerate(code_corpus())] + [{"id": "d", "text": DOC}]
+    write_jsonl(run / "dedup" / "docs.jsonl", docs)
+    pack.run_step(run, {"val_fraction": 0.2})
+    return run, docs

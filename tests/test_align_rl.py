@@ -3,8 +3,12 @@ import torch
 
 from quark.align import rl
 from quark.align.rl import RLConfig, grpo, grpo_loss, rule_reward
+from quark.chat import QuarkChat, TemplateChat
 from quark.config import ConfigError
+from quark.model.io import load_model
+from quark.rundir import RunDir
 from quark.tune import instruct
+from tests.hf_helpers import make_hf_model
 from tests.tiny_lm import make_run, one_thread, tiny_model, tiny_tokenizer  # noqa: F401 (one_thread is a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -16,7 +20,7 @@ def test_grpo_raises_a_rule_reward_and_tracks_kl():
     tok = tiny_tokenizer()
     model = tiny_model(tok.get_vocab_size())
     s = RLConfig(steps=30, lr=3e-3, group_size=8, prompts_per_step=2, max_new_tokens=10, kl_beta=0.01)
-    h = grpo(model, tok, PROMPTS, rule_reward("keyword:the"), s, seed=0)
+    h = grpo(model, QuarkChat(tok), PROMPTS, rule_reward("keyword:the"), s, seed=0)
     first = sum(x["reward_mean"] for x in h[:5]) / 5
     last = sum(x["reward_mean"] for x in h[-5:]) / 5
     assert last > first + 0.5
@@ -113,7 +117,28 @@ def test_grpo_on_verifiable_tasks_beats_the_sft_model_on_held_out_tasks():
     sft_scores = V.solved(model, tok, held, max_new_tokens=6)
     by_prompt = {t["messages"][-1]["content"]: t for t in train}
     s = RLConfig(steps=60, lr=1e-3, group_size=16, prompts_per_step=4, max_new_tokens=4, kl_beta=0.0, temperature=0.8)
-    grpo(model, tok, [t["messages"] for t in train], lambda p, text, term: V.verify(by_prompt[p[-1]["content"]], text),
+    grpo(model, QuarkChat(tok), [t["messages"] for t in train], lambda p, text, term: V.verify(by_prompt[p[-1]["content"]], text),
          s, seed=0)
     h = rl.paired_difference(V.solved(model, tok, held, max_new_tokens=6), sft_scores)
     assert h["n"] == 225 and h["diff"] > 2 * h["se"], h
+
+
+def test_rl_step_on_a_hugging_face_directory(tmp_path):
+    """The policy samples and learns in the checkpoint's own chat format (its template, its eos ids as
+    stops), though the run's tokenizer is another; rl/final keeps the checkpoint's chat files."""
+    run, _ = make_run(tmp_path, with_model=False)
+    instruct.run_step(run, {"seed": 0})
+    hf = make_hf_model(tmp_path / "hf", max_position_embeddings=128)
+    stats = rl.run_step(run, {"seed": 0, "init": str(tmp_path / "hf"), "steps": 2, "group_size": 2,
+                              "prompts_per_step": 1, "max_new_tokens": 6, "lr": 1e-3})
+    assert stats["init"] == str(tmp_path / "hf")
+    chat = RunDir(run).chat(run / "rl" / "final")
+    assert isinstance(chat, TemplateChat) and chat.stop_ids == {0, 2}
+    policy, seen = load_model(tmp_path / "hf"), []
+
+    def reward(prompt, text, terminated):   # the answer's length: differs within a group, so the policy moves
+        seen.append(text)
+        return float(len(text))
+    grpo(policy, chat, PROMPTS, reward, RLConfig(steps=2, group_size=4, prompts_per_step=1, max_new_tokens=6, lr=1e-3))
+    assert len(seen) == 8
+    assert not torch.equal(policy.blocks[0].attn.wq.weight, hf.model.layers[0].self_attn.q_proj.weight)

@@ -84,3 +84,39 @@ def test_resolve_tasks_names_public_benchmarks(tmp_path):
     assert len(resolve_tasks(["python_syntax"], limit=3)[0][1]) == 3
     with pytest.raises(ValueError, match="NAME=PATH of a public benchmark"):
         resolve_tasks(["squad=/x"])
+
+
+def test_an_hf_model_is_scored_on_the_runs_text_in_its_own_tokens(tmp_path):
+    """An HF checkpoint with its own vocabulary, evaluated in a run packed with Quark's tokenizer: the
+    held-out loss is transformers' loss on the held-out documents encoded by the checkpoint's tokenizer."""
+    import torch.nn.functional as F
+    import transformers
+
+    from quark.rundir import RunDir
+    from tests.hf_helpers import make_hf_model, make_packed_run
+    run, _ = make_packed_run(tmp_path)
+    hf = make_hf_model(tmp_path / "hf", max_position_embeddings=256)
+    metrics, items = evaluate(tmp_path / "hf", EvalConfig(max_tokens=200, heldout_mc=0, tasks=[]), run, log=lambda *a: None)
+    ids = torch.from_numpy(RunDir(run).tokens("val", tmp_path / "hf", 200))[None]           # (1, 200)
+    assert ids.max() < 320 and ids.shape[1] == 200
+    text = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf").decode(ids[0])
+    assert text.startswith(RunDir(run).tokenizer().decode(RunDir(run).tokens("val", None, 20).tolist()))  # the same text
+    with torch.no_grad():
+        expect = F.cross_entropy(hf(ids).logits[0, :-1], ids[0, 1:]).item()
+    assert metrics["heldout/loss"] == pytest.approx(expect, rel=1e-4) and metrics["heldout/tokens"] == 199
+
+
+def test_eval_step_on_a_sharded_hf_checkpoint(tmp_path):
+    """The results' version is the content hash of every shard."""
+    from quark.eval.harness import run_step
+    from tests.hf_helpers import make_hf_model, make_packed_run
+    run, _ = make_packed_run(tmp_path)
+    hf = make_hf_model(tmp_path / "one", max_position_embeddings=128)
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        if (tmp_path / "one" / name).exists():
+            (tmp_path / "sharded" / name).write_bytes((tmp_path / "one" / name).read_bytes())
+    cfg = {"model": str(tmp_path / "sharded"), "max_tokens": 100, "heldout_mc": 0, "tasks": []}
+    sharded = run_step(run, cfg)
+    one = run_step(run, {**cfg, "model": str(tmp_path / "one")})
+    assert sharded["version"] != one["version"] and sharded["heldout/loss"] == pytest.approx(one["heldout/loss"], rel=1e-5)

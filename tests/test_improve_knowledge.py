@@ -24,6 +24,11 @@ class Site(BaseHTTPRequestHandler):
             self.end_headers()
             return
         etag, body, ctype = PAGES[self.path]
+        if ctype == "redirect":
+            self.send_response(302)
+            self.send_header("Location", body)
+            self.end_headers()
+            return
         if etag and self.headers.get("If-None-Match") == etag:
             HITS["not_modified"] += 1
             self.send_response(304)
@@ -101,7 +106,7 @@ def test_refresh_by_etag_updates_only_changed_pages(site, store):
 
 
 def test_errors_and_allow_list(site, store):
-    kr = KnowledgeRefresher(store, allow_hosts=["127.0.0.1"], timeout=2)
+    kr = KnowledgeRefresher(store, allow_hosts=["127.0.0.1:9"], timeout=2)
     with pytest.raises(ValueError, match="allow-list"):
         KnowledgeRefresher(store, allow_hosts=["example.org"]).add_url(site + "/sqlite")
     with pytest.raises(ValueError, match="http"):
@@ -109,6 +114,51 @@ def test_errors_and_allow_list(site, store):
     kr.add_url("http://127.0.0.1:9/closed", doc_id="closed")        # nothing listens on port 9
     out = kr.refresh()
     assert out["n_errors"] == 1 and "failed" in out["errors"][0]["error"]
+
+
+class Other(BaseHTTPRequestHandler):
+    """A second server on another port of the same host: the allow-list must keep it unreached."""
+    hits = 0
+
+    def log_message(self, *a):
+        pass
+
+    def do_GET(self):
+        Other.hits += 1
+        data = b"internal admin page"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def test_allow_list_matches_the_port_for_requests_and_redirects(site, store):
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Other)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    other = f"http://127.0.0.1:{srv.server_address[1]}"
+    Other.hits = 0
+    try:
+        PAGES["/escape"] = (None, other + "/admin", "redirect")
+        with pytest.raises(ValueError, match="allow-list"):       # a bare host admits the default ports only
+            KnowledgeRefresher(store, allow_hosts=["127.0.0.1"]).add_url(site + "/hnsw")
+        kr = KnowledgeRefresher(store, allow_hosts=[site.split("//")[1]])
+        with pytest.raises(ValueError, match="allow-list"):       # same host, another port
+            kr.add_url(other + "/admin")
+        with pytest.raises(ValueError, match="allow-list"):       # same host and port, another scheme
+            KnowledgeRefresher(store, allow_hosts=["https" + site[4:]]).add_url(site + "/hnsw")
+        kr.add_url(site + "/escape", doc_id="escape")
+        kr.add_url(site + "/hnsw", doc_id="hnsw")
+        out = kr.refresh()
+        assert out["added"] == ["hnsw"] and [e["doc_id"] for e in out["errors"]] == ["escape"]
+        assert "outside the allow-list" in out["errors"][0]["error"]
+        assert Other.hits == 0 and store.get_document("escape") is None   # refused before the request was sent
+        assert KnowledgeRefresher(store, allow_hosts=["127.0.0.1"]).refresh(["hnsw"])["n_errors"] == 1
+        assert KnowledgeRefresher(store, allow_hosts=[site.split("//")[1], other]).refresh()["added"] == ["escape"]
+        assert Other.hits == 1 and "internal admin page" in " ".join(store.get_document("escape")["chunks"])
+    finally:
+        srv.shutdown()
+        srv.server_close()
 
 
 def test_files_and_docs_rescan(tmp_path, store):

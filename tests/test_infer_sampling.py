@@ -115,3 +115,21 @@ def test_detokenizer_stop_string_cut_and_hold_back(tok):
             break
     assert d.stopped and "".join(deltas) == "Hello world, "
     assert not any("this" in x for x in deltas)   # never sent, then retracted
+
+
+def test_detokenizer_holds_back_a_character_split_across_byte_tokens():
+    """A byte-level BPE trained on ASCII only: every byte of a multi-byte character is its own token, so
+    each character arrives in 2-4 pieces; only whole characters are sent, and the text equals decode."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["plain ascii text, nothing more"] * 10, trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    text = "ascii é 東京 🙂 end"
+    ids = tok.encode(text).ids
+    assert len(ids) > len(text) and sum(tok.decode([i]) == "\ufffd" for i in ids) >= 9   # split characters
+    d = Detokenizer(tok)
+    deltas = [d.add(i) for i in ids]
+    assert all("\ufffd" not in x for x in deltas) and "".join(deltas) + d.flush() == tok.decode(ids) == text
+    assert deltas[ids.index(tok.encode("🙂").ids[0]):][:4] == ["", "", "", "🙂"]   # held until its 4th byte

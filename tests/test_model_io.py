@@ -91,3 +91,15 @@ def test_save_keeps_the_directory_tokenizer_and_drops_stale_files(tmp_path):
         save_model(_model("A"), d, tokenizer_path=tmp_path / "missing.json")
     assert _which(d, {"A": _model("A")}) == "A"   # a failed save leaves the old directory
     assert os.listdir(tmp_path) == ["m"]           # and no temporary one
+
+
+def test_weight_files_cover_hf_shards(tmp_path):
+    from quark.model.io import weight_files
+    from tests.hf_helpers import make_hf_model
+    model = make_hf_model(tmp_path / "one", tokenizer=False)
+    assert weight_files(tmp_path / "one") == [tmp_path / "one" / "model.safetensors"]
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    shards = weight_files(tmp_path / "sharded")
+    assert len(shards) > 1 and all(p.name.startswith("model-") for p in shards)
+    with pytest.raises(FileNotFoundError, match="no \\*.safetensors"):
+        weight_files(tmp_path)

@@ -135,3 +135,32 @@ def test_errors_and_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "student" in out and "baseline" not in out
     assert json.loads((run / "distill" / "report.json").read_text())["settings"]["steps"] == 4
+
+
+def test_distill_from_an_hf_teacher_into_an_hf_student(tmp_path):
+    """An HF teacher in a run packed with Quark's tokenizer: both models learn on the run's text in the
+    teacher's tokens; the student starts from a smaller checkpoint with the same tokenizer and keeps the
+    chat files; a student with another vocabulary is refused by name."""
+    from quark.chat import TemplateChat
+    from quark.rundir import RunDir
+    from tests.hf_helpers import make_hf_model, make_packed_run
+    run, _ = make_packed_run(tmp_path)
+    make_hf_model(tmp_path / "teacher", max_position_embeddings=64)
+    small = make_hf_model(tmp_path / "student", seed=1, max_position_embeddings=64, num_hidden_layers=1)
+    cfg = {"seed": 0, "teacher": str(tmp_path / "teacher"), "student_init": str(tmp_path / "student"), "steps": 4,
+           "batch_size": 2, "seq_len": 32, "eval_batches": 1, "warmup_steps": 0, "baseline": False}
+    stats = run_step(run, cfg)
+    tokens = np.fromfile(run / "distill" / "tokens" / "train.bin", dtype=np.uint16)
+    np.testing.assert_array_equal(tokens, RunDir(run).tokens("train", tmp_path / "teacher"))
+    student = load_model(run / "distill" / "student")
+    assert student.config.n_layer == 1 and student.config.vocab_size == 320
+    assert stats["teacher"]["params"] > stats["student"]["params"]
+    assert not torch.equal(student.blocks[0].attn.wq.weight, small.model.layers[0].self_attn.q_proj.weight)  # trained
+    assert isinstance(RunDir(run).chat(run / "distill" / "student"), TemplateChat)
+    run_step(run, {**cfg, "lr": 0.0, "min_lr": 0.0})     # no update: the student is the checkpoint it started from
+    torch.testing.assert_close(load_model(run / "distill" / "student").blocks[0].attn.wq.weight,
+                               small.model.layers[0].self_attn.q_proj.weight)
+    save_model(GPT(preset("nano", vocab_size=600, max_seq_len=64)), tmp_path / "other",
+               tokenizer_path=run / "tokenizer" / "tokenizer.json")
+    with pytest.raises(ConfigError, match="student_init: .*other does not share the tokenizer"):
+        run_step(run, {**cfg, "student_init": str(tmp_path / "other")})

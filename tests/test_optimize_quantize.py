@@ -168,3 +168,21 @@ def test_cli(tmp_path, capsys):
     assert json.loads((run / "quantize" / "int4-gptq" / "quant.json").read_text())["calibration"]["sequences"] == 4
     assert cli_main(["quantize", "--run-dir", str(run), "--methods", "smoothquant"]) == 2
     assert "quantize.methods" in capsys.readouterr().out
+
+
+def test_step_quantizes_an_hf_model_on_text_in_its_own_tokens(tmp_path):
+    """An HF checkpoint named in a run packed with another tokenizer: calibration (GPTQ) and held-out
+    windows are the run's text in the checkpoint's own tokens; the variants keep its chat files."""
+    from quark.chat import TemplateChat
+    from quark.rundir import RunDir
+    from tests.hf_helpers import make_hf_model, make_packed_run
+    run, _ = make_packed_run(tmp_path)
+    make_hf_model(tmp_path / "hf", max_position_embeddings=128)
+    stats = run_step(run, {"seed": 0, "model": str(tmp_path / "hf"), "schemes": ["int4"], "methods": ["rtn", "gptq"],
+                           "eval_tokens": 128, "decode_tokens": 2, "decode_repeats": 1, "calib_sequences": 4,
+                           "calib_seq_len": 32})
+    assert stats["source"] == str(tmp_path / "hf")
+    for name in ("int4", "int4-gptq"):
+        assert 1 < stats[name]["perplexity"] < 2 * 320 and stats[name]["bytes_after"] < stats[name]["bytes_before"]
+        assert isinstance(RunDir(run).chat(run / "quantize" / name), TemplateChat)
+    assert abs(stats["int4"]["perplexity_delta"]) < 0.1 * stats["float"]["perplexity"]

@@ -12,6 +12,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from tests.retrieval_helpers import tiny_model, tiny_tokenizer
 
+from quark.chat import QuarkChat
 from quark.orchestrate.agent import Agent, Coordinator, LeaseLost, TaskBoard
 from quark.retrieval.rag import ModelGenerator
 from quark.retrieval.tools import ToolCall, ToolRegistry, register_http_api
@@ -192,6 +193,17 @@ def test_coordinator_planner_workers_summary(tmp_path, api):
 
 def test_model_policy_runs_within_limits():
     tok = tiny_tokenizer()
-    gen = ModelGenerator(tiny_model(tok.get_vocab_size()), tok, max_new_tokens=8)
+    gen = ModelGenerator(tiny_model(tok.get_vocab_size()), QuarkChat(tok), max_new_tokens=8)
     run = Agent("lm", gen, max_steps=2).run("hello")
     assert run.steps >= 1 and (run.answer is not None or "limit" in run.error)
+
+
+def test_agent_cli_runs_an_hf_model_as_the_policy(tmp_path):
+    """`quark agent DIR TASK` on a Hugging Face checkpoint: the policy speaks its chat template."""
+    from tests.hf_helpers import make_hf_model
+    make_hf_model(tmp_path / "hf", max_position_embeddings=256)
+    r = subprocess.run([sys.executable, "-m", "quark.cli", "agent", str(tmp_path / "hf"), "say hello", "--max-steps", "1",
+                        "--max-new-tokens", "4"], capture_output=True, text=True, timeout=300)
+    assert r.returncode in (0, 1), r.stdout[-2000:] + r.stderr[-2000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["steps"] == 1 and (result["answer"] is not None or "limit" in result["error"])

@@ -30,7 +30,7 @@ def test_budget_overrides_apply(tmp_path):
 
 
 @pytest.mark.parametrize("text,message", [
-    ("nmae: x\n", "unknown key 'nmae'; allowed keys: name, run_dir, seed, budget, steps"),
+    ("nmae: x\n", "unknown key 'nmae'; allowed keys: name, run_dir, seed, budget, base_model, steps"),
     ("steps:\n  pretrian: {}\n", "unknown step 'pretrian'; allowed steps: crawl"),
     ("budget: huge\n", "budget must be one of ['tiny', 'default', 'large']"),
     ("seed: abc\n", "seed must be an integer"),

@@ -1,8 +1,9 @@
 import json
 
 import pytest
-from tests.retrieval_helpers import CORPUS, tiny_model, tiny_run_dir, tiny_tokenizer
+from tests.retrieval_helpers import CORPUS, stdlib_docs, tiny_model, tiny_run_dir, tiny_tokenizer
 
+from quark.chat import QuarkChat
 from quark.config import ConfigError
 from quark.retrieval import rag, store
 from quark.retrieval.embed import QuarkEmbedder
@@ -50,7 +51,7 @@ def test_model_generation_and_reranking_run_end_to_end(st, tok, model):
     assert sorted(h.chunk_id for h in reranked) == sorted(h.chunk_id for h in hits)
     s = rr.scores("graph index", hits)
     assert all(x < 0 for x in s)      # mean log-probabilities
-    a = RAG(st, ModelGenerator(model, tok, max_new_tokens=8), rr, k=2, candidates=5).answer("What is HNSW?")
+    a = RAG(st, ModelGenerator(model, QuarkChat(tok), max_new_tokens=8), rr, k=2, candidates=5).answer("What is HNSW?")
     assert isinstance(a.text, str) and len(a.sources) == 2 and a.seconds > 0
     assert all(1 <= n <= 2 for n in a.citations)
 
@@ -74,3 +75,32 @@ def test_index_and_rag_steps(tmp_path):
         rag.validate_config({"k": 5, "candidates": 2})
     with pytest.raises(ConfigError, match="index.embedder"):
         store.validate_config({"embedder": "bert"})
+
+
+def test_index_and_rag_on_a_base_run_of_an_hf_model(tmp_path):
+    """A run that starts from an HF checkpoint: the index embeds with its hidden states and its own
+    tokenizer (mean of transformers' last hidden state), and RAG answers in its chat format."""
+    import numpy as np
+    import torch
+    import transformers
+
+    from quark.io import atomic_write_json
+    from quark.rundir import RunDir
+    from tests.hf_helpers import make_hf_model
+    run = tmp_path / "run"
+    (run / "dedup").mkdir(parents=True)
+    (run / "dedup" / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in stdlib_docs(12)))
+    hf = make_hf_model(tmp_path / "hf", max_position_embeddings=256)
+    atomic_write_json(RunDir(run).state_path, {"steps": {}, "recipe": {"base_model": str(tmp_path / "hf")}})
+    stats = store.run_step(run, {"max_docs": 12, "max_chunks_per_doc": 2, "chunk_tokens": 64, "chunk_overlap": 8})
+    assert stats["docs"] == 12 and stats["consistent"]
+    st = store.open_run_store(run)
+    text = "Return a list of the words in the string."
+    ids = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")(text, add_special_tokens=False, return_tensors="pt")
+    with torch.no_grad():
+        h = hf.model(**ids).last_hidden_state[0].mean(0).numpy()
+    np.testing.assert_allclose(st.embedder.embed([text])[0], h / np.linalg.norm(h), rtol=1e-4, atol=1e-5)
+    st.close()
+    out = rag.run_step(run, {"n_questions": 2, "n_generate": 2, "k": 2, "max_new_tokens": 6, "seed": 0})
+    assert out["n_questions"] == 2
+    assert len((run / "rag" / "answers.jsonl").read_text().splitlines()) == 2

@@ -122,3 +122,44 @@ def test_a_folder_read_is_fingerprinted_file_by_file(tmp_path):
     assert set(inputs) == {"sft/final/model.safetensors", "sft/final/config.json"}
     save_model(tiny_model(97, seed=5), d)                             # sft reran with another result
     assert RunDir(run.root).up_to_date("dpo", {}) == (False, "sft/final/model.safetensors changed")
+
+
+def test_tokens_in_a_models_own_vocabulary(tmp_path):
+    """The pack's held-out documents, decoded with the run's tokenizer and encoded with an HF model's
+    own (its eos after each): the same ids transformers' tokenizer gives the documents' text."""
+    import numpy as np
+    import transformers
+
+    from quark.data.pack import is_val
+    from tests.hf_helpers import make_hf_model, make_packed_run
+    run, docs = make_packed_run(tmp_path)
+    hf = tmp_path / "hf"
+    make_hf_model(hf)
+    rd = RunDir(run)
+    assert rd.same_tokenizer(run / "tokenizer") is True and rd.same_tokenizer(hf) is False
+    np.testing.assert_array_equal(rd.tokens("val"), rd.pack().tokens("val"))     # the run's own: the pack
+    tok = transformers.AutoTokenizer.from_pretrained(hf)
+    val = [d["text"] for d in docs if is_val(d["id"], 0, 0.2)] or [docs[-1]["text"]]
+    expect = [i for text in val for i in tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
+    assert tok.eos_token_id == 2 and max(expect) < 320
+    assert rd.tokens("val", hf).tolist() == expect
+    assert rd.tokens("val", hf, max_tokens=50).tolist() == expect[:50]
+
+
+def test_a_base_model_is_the_runs_latest_model_and_tokenizer(tmp_path):
+    from quark.io import atomic_write_json
+    from tests.hf_helpers import make_hf_model
+    base = tmp_path / "base"
+    make_hf_model(base)
+    run = RunDir(tmp_path / "run")
+    with pytest.raises(FileNotFoundError, match="base_model"):
+        run.model("latest")
+    atomic_write_json(run.state_path, {"steps": {}, "recipe": {"base_model": str(base)}})
+    assert run.model("latest") == run.model("base") == run.model("auto", before="sft") == base
+    assert run.tokenizer_path() == base / "tokenizer.json" and run.chat().stop_ids == {0, 2}
+    sft = model_in(run.root, "sft")
+    assert run.model("latest") == sft and run.model("latest", before="sft") == base
+    assert run.trained_models() == [("base", base), ("sft", sft)]
+    base.rename(tmp_path / "moved")
+    with pytest.raises(FileNotFoundError, match="base_model .* is not a model directory"):
+        run.model("latest")

@@ -81,3 +81,49 @@ def test_generate_on_hf_directories_matches_transformers(tmp_path, capsys):
         req = Engine(model, tok, max_batch=1, stop_ids=chat.stop_ids).generate(
             ids, SamplingParams(max_tokens=32, temperature=0))
         assert req.output_ids == theirs.tolist() and len(req.output_ids) == 32, name
+
+
+def test_chat_repl_many_turns_in_a_small_context(tmp_path, capsys, monkeypatch):
+    """Before, a 64-token context allowed one exchange, then the chat asked for /reset (and a default
+    max_tokens of 256 never fit). Now each reply gets what fits and the oldest turns are dropped."""
+    mdir, _, _ = make_model_dir(tmp_path / "m", max_seq_len=64)
+    turns = [f"Hello world number {i}, tell me more" for i in range(8)]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(turns) + "\n\n"))
+    assert main(["chat", str(mdir), "--system", "Be brief.", "--temperature", "0", "--seed", "1"]) == 0
+    out = capsys.readouterr()
+    assert out.out.count("assistant> ") == len(turns) and "[" not in out.err.split("\n", 1)[1]
+
+
+def test_chat_fit_keeps_the_system_message_and_the_newest_turn(tmp_path):
+    from quark.chat import chat_format
+    from quark.serve.repl import fit
+    mdir, _, tok = make_model_dir(tmp_path / "m")
+    chat = chat_format(tok, mdir)
+    msgs = [{"role": "system", "content": "Be brief."}]
+    for i in range(6):
+        msgs += [{"role": "user", "content": f"question {i} about the quick brown fox"},
+                 {"role": "assistant", "content": f"answer {i} about the lazy dog"}]
+    msgs.append({"role": "user", "content": "the newest question"})
+    full, _ = chat.encode(msgs, add_generation_prompt=True)
+    ids, kept = fit(chat, msgs, ctx=len(full))
+    assert kept[0] == msgs[0] and kept[-1] == msgs[-1] and len(kept) < len(msgs)
+    assert kept[1:] == msgs[len(msgs) - len(kept) + 1:]          # the newest turns, in order
+    assert len(full) - len(ids) >= len(full) // 4 and ids == chat.encode(kept, add_generation_prompt=True)[0]
+    assert fit(chat, msgs, ctx=10 * len(full))[1] == msgs        # what fits is left alone
+
+
+def test_generate_stats_line_on_its_own_line_and_help_shows_defaults(tmp_path):
+    """Before, with stdout and stderr in one pipe the stats line came out glued to the text."""
+    import os
+    import subprocess
+    mdir, _, _ = make_model_dir(tmp_path / "m")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    env.pop("PYTHONUNBUFFERED", None)   # a user's shell: stdout into a pipe is block-buffered
+    cmd = [sys.executable, "-m", "quark.cli", "generate", str(mdir), "--prompt", "The quick", "--max-tokens", "6",
+           "--temperature", "0"]
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, check=True).stdout
+    assert out.splitlines()[-1].startswith("[") and "6 generated" in out.splitlines()[-1]
+    for name in ("generate", "chat"):
+        help_ = subprocess.run([sys.executable, "-m", "quark.cli", name, "--help"], capture_output=True, text=True,
+                               env=env, check=True).stdout
+        assert "(default: 0.8)" in " ".join(help_.split())

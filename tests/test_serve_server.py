@@ -861,3 +861,29 @@ def test_feedback_is_stored_behind_the_api_key(tok, model, tmp_path):
     with ServerThread(create_app(engine, tok, "tiny")) as s:   # no store: the route says so
         r = httpx.post(s.url + "/v1/feedback", json=good)
         assert r.status_code == 404 and "--feedback" in r.json()["error"]["message"]
+
+
+def test_chat_without_max_tokens_gets_what_fits_and_an_overfull_conversation_is_named(client, tok, model):
+    """The chat page's protocol: it leaves max_tokens unset (the server fills in what the context leaves)
+    and, on context_length_exceeded for its messages, drops its oldest turn and sends again."""
+    ctx = model.config.max_seq_len
+    turns = []
+    while True:   # a conversation whose prompt leaves fewer tokens than the server's default of 256
+        turn = [{"role": "user", "content": f"question {len(turns)} about the quick brown fox"},
+                {"role": "assistant", "content": f"answer {len(turns)} about the lazy dog"}]
+        ids, _ = encode_chat(tok, turns + turn + MSG, add_generation_prompt=True)
+        if len(ids) >= ctx - 4:
+            break
+        turns += turn
+    messages = turns + MSG
+    prompt, _ = encode_chat(tok, messages, add_generation_prompt=True)
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, temperature=0, stream=True,
+                                                 stream_options={"include_usage": True}))
+    usage = chunks[-1].usage
+    assert usage.prompt_tokens == len(prompt) and 1 <= usage.completion_tokens <= ctx - len(prompt)
+    assert chunks[-2].choices[0].finish_reason in ("stop", "length")
+    with pytest.raises(openai.BadRequestError) as e:    # one more turn does not fit at all
+        client.chat.completions.create(model="tiny", messages=turns + turn + turn + MSG)
+    assert e.value.code == "context_length_exceeded" and e.value.param == "messages"
+    r = client.chat.completions.create(model="tiny", messages=turns[4:] + turn + turn + MSG, temperature=0)
+    assert r.usage.prompt_tokens + r.usage.completion_tokens <= ctx   # the oldest turns dropped: it fits again

@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from quark.chat import check_chat_record
+from quark.chat import QuarkChat, check_chat_record
 from quark.tune import instruct
 from quark.tune.instruct import InstructConfig, code_pairs, dedup, doc_pairs, self_instruct
 from tests.tiny_lm import DOC, chat_record, make_run, one_thread, tiny_model, write_jsonl  # noqa: F401 (one_thread is a fixture)
@@ -87,7 +87,7 @@ def test_self_instruct_generates_new_filtered_instructions(tmp_path):
     run, tok = make_run(tmp_path, with_model=False)
     pool = [chat_record(f"Explain item number {i} of the list.", "It is an item.") for i in range(5)]
     model = tiny_model(tok.get_vocab_size(), max_seq_len=256)
-    recs, stats = self_instruct(model, tok, pool, 3, random.Random(0), max_new_tokens=16)
+    recs, stats = self_instruct(model, QuarkChat(tok), pool, 3, random.Random(0), max_new_tokens=16)
     assert stats["attempts"] >= 1 and stats["kept"] == len(recs) <= 3
     assert stats["attempts"] == stats["kept"] + stats["empty"] + stats["similar"]
     seeds = {p["messages"][0]["content"] for p in pool}

@@ -277,6 +277,11 @@ class TemplateChat:
         eos = self.special_tokens.get("eos_token")
         ids = list(eos_ids) or ([tokenizer.token_to_id(eos)] if eos and tokenizer is not None else [])
         self.stop_ids = frozenset(i for i in ids if i is not None)
+        # the end-of-document token (packing text for this model): the tokenizer's eos, else a stop id
+        eos_id = tokenizer.token_to_id(eos) if eos and tokenizer is not None else None
+        self.eos_id = eos_id if eos_id is not None else min(self.stop_ids, default=None)
+        bos = self.special_tokens.get("bos_token")
+        self.bos_id = tokenizer.token_to_id(bos) if bos and tokenizer is not None else None
         pad = self.special_tokens.get("pad_token")   # padding is never a target: any id would do
         self.pad_id = (tokenizer.token_to_id(pad) if pad and tokenizer is not None else None) or min(self.stop_ids, default=0)
 
@@ -316,6 +321,8 @@ class QuarkChat:
         self.tokenizer = tokenizer
         ids = [tokenizer.token_to_id(t) for t in STOP_TOKENS] if tokenizer is not None else []
         self.stop_ids = frozenset(i for i in ids if i is not None)
+        self.eos_id = tokenizer.token_to_id("<|eos|>") if tokenizer is not None else None
+        self.bos_id = tokenizer.token_to_id("<|bos|>") if tokenizer is not None else None
         self.pad_id = tokenizer.token_to_id("<|pad|>") if tokenizer is not None else None
 
     def render(self, messages, add_generation_prompt=False, tools=None):

@@ -41,6 +41,7 @@ def run(recipe, only=None, force=False, log=print):
     run_dir.root.mkdir(parents=True, exist_ok=True)
     state = run_dir.state()
     state["recipe"] = recipe
+    atomic_write_json(run_dir.state_path, state)    # before any step: RunDir reads the recipe's base_model here
     names = [n for n in STEP_NAMES if n in recipe_steps(recipe) or only and n in only]
     for name in names:
         if only and name not in only:
@@ -77,6 +78,8 @@ def configure_parser(parser):
     parser.add_argument("--budget", choices=BUDGETS, default=None,
                         help="scale every step: tiny (CI, minutes), default, large (a bigger model and corpus)")
     parser.add_argument("--run-dir", default=None, help="override the recipe's run directory")
+    parser.add_argument("--base-model", default=None, metavar="DIR",
+                        help="start from this model directory (Hugging Face or Quark) instead of pretraining")
     parser.add_argument("--only", nargs="*", default=None, choices=STEP_NAMES, metavar="STEP",
                         help="run only these steps (their inputs must exist)")
     parser.add_argument("--force", action="store_true", help="rerun steps even when up to date")
@@ -85,7 +88,7 @@ def configure_parser(parser):
 
 def run_cli(args):
     try:
-        recipe = load_recipe(args.recipe, args.budget, args.run_dir)
+        recipe = load_recipe(args.recipe, args.budget, args.run_dir, args.base_model)
         validate(recipe)
     except ConfigError as e:
         print(f"error: {e}")
@@ -93,6 +96,9 @@ def run_cli(args):
     print(f"recipe {recipe['name']} (budget {recipe['budget']}) -> {recipe['run_dir']}")
     for i, name in enumerate(recipe_steps(recipe), 1):
         print(f"  {i:2d}. {name:<10} {STEPS[name][0]}")
+    if args.plan and recipe.get("base_model"):
+        print(f"starts from the base model {recipe['base_model']}: no pretraining to plan")
+        return 0
     if args.plan:
         try:
             print(preview_plan(recipe))

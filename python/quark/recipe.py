@@ -1,6 +1,12 @@
 """Recipes (YAML): which steps `quark run` runs, with what settings, at what budget.
 
-    name, run_dir, seed, budget (tiny|default|large), steps: {step: {settings..., budgets: {tiny: {...}}}}
+    name, run_dir, seed, budget (tiny|default|large), base_model (optional), steps: {step: {settings...,
+    budgets: {tiny: {...}}}}
+
+base_model: a model directory (Hugging Face or Quark) the run starts from instead of pretraining. The
+run records it (pipeline.json) and quark.rundir.RunDir resolves it: its model("latest") is the base
+until a step trains another, and the run's tokenizer is the base model's. Such a recipe runs only the
+steps it names (the data and pretraining steps it leaves out are not needed).
 
 STEPS is the one list of the life-cycle steps, in run order: name -> (module, one-line help). Each
 module declares `STEP = quark.config.Step(...)` (its settings dataclass and run function); the modules
@@ -42,7 +48,7 @@ STEPS = {
 }
 STEP_NAMES = list(STEPS)
 BUDGETS = ("tiny", "default", "large")
-TOP_LEVEL_KEYS = ("name", "run_dir", "seed", "budget", "steps")
+TOP_LEVEL_KEYS = ("name", "run_dir", "seed", "budget", "base_model", "steps")
 
 
 def load_step(name):
@@ -57,7 +63,7 @@ def default_recipe_path():
     return source if source.exists() else Path(__file__).parent / "recipes" / "default.yaml"  # wheel
 
 
-def load_recipe(path=None, budget=None, run_dir=None):
+def load_recipe(path=None, budget=None, run_dir=None, base_model=None):
     path = Path(path) if path else default_recipe_path()
     if not path.exists():
         raise ConfigError(f"recipe {path} does not exist")
@@ -86,11 +92,29 @@ def load_recipe(path=None, budget=None, run_dir=None):
         if name not in STEPS:
             raise ConfigError(f"recipe {path}: unknown step {name!r}; allowed steps: {', '.join(STEP_NAMES)}")
     recipe["run_dir"] = str(run_dir or recipe.get("run_dir") or f"runs/{recipe['name']}")
+    if base_model:
+        recipe["base_model"] = base_model
+    if "base_model" in recipe:
+        recipe["base_model"] = _base_model(path, recipe["base_model"])
     return recipe
 
 
+def _base_model(path, base):
+    """The recipe's base_model as an absolute directory (relative to the working directory)."""
+    from quark.rundir import is_model_dir
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"recipe {path}: base_model must be a model directory path, got {base!r}")
+    base = Path(base).expanduser().resolve()
+    if not is_model_dir(base):
+        raise ConfigError(f"recipe {path}: base_model {base} is not a model directory (config.json and weights)")
+    return str(base)
+
+
 def recipe_steps(recipe):
-    """The steps `quark run` runs for this recipe, in order: every step but the optional ones it does not name."""
+    """The steps `quark run` runs for this recipe, in order: every step but the optional ones it does not
+    name; a recipe with a base_model runs only the steps it names."""
+    if recipe.get("base_model"):
+        return [name for name in STEPS if name in recipe["steps"]]
     return [name for name, (_, _, optional) in STEPS.items() if not optional or name in recipe["steps"]]
 
 

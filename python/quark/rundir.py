@@ -4,6 +4,9 @@ A run directory holds one folder per step (run_dir/<step>/), written only by tha
 module asks RunDir for what it reads: the tokenizer, the packed tokens (pack/meta.json is parsed
 here), another step's files, and models: `model(which)` with which = "latest" | "best" | a step name |
 a model directory, resolved through LINEAGE, the one table of the steps that write a model.
+A run may start from a base model instead of pretraining (the recipe's base_model, recorded in
+pipeline.json): it is model("base"), "latest" until a step trains another, and its tokenizer is the
+run's. `tokens(split, model_dir)` gives the packed text in the tokens of whichever model reads it.
 
 RunDir also remembers every file it handed out (`reads`): the pipeline stores their content
 fingerprints in the step's manifest, so a step is redone when what it read changed (resume by
@@ -86,7 +89,7 @@ class RunDir:
             raise FileNotFoundError(f"{path} is not a directory (expected a run directory or a model directory)")
         if (path / "config.json").exists():
             run = cls(path.parent.parent)
-            return (run if run.has("tokenizer", "tokenizer.json") else None), path
+            return (run if run.has("tokenizer", "tokenizer.json") or run.base_model() is not None else None), path
         run = cls(path)
         return run, run.model("latest")
 
@@ -134,9 +137,15 @@ class RunDir:
 
     # -- tokenizer and tokens
     def tokenizer_path(self, model_dir=None):
-        """The tokenizer saved beside model_dir, else the run's tokenizer step output."""
+        """The tokenizer saved beside model_dir, else the run's: the base model's when the run starts from
+        one, else the tokenizer step output."""
         if model_dir is not None and (Path(model_dir) / "tokenizer.json").exists():
             return self._read(Path(model_dir) / "tokenizer.json")
+        base = self.base_model()
+        if base is not None:
+            if not (base / "tokenizer.json").exists():
+                raise FileNotFoundError(f"base model {base} has no tokenizer.json")
+            return self._read(base / "tokenizer.json")
         path = self.root / "tokenizer" / "tokenizer.json"
         if not path.exists():
             beside = f" beside {model_dir} or" if model_dir is not None else ""
@@ -174,7 +183,44 @@ class RunDir:
                 self._read(self._pack.bin(split))
         return self._pack
 
+    def tokens(self, split, model_dir=None, max_tokens=None):
+        """The split's packed text (its first max_tokens) as int64 tokens of model_dir's tokenizer: the
+        pack itself when the model reads the run's tokenizer; else (e.g. an HF model with its own
+        vocabulary) the pack's documents decoded with the run's tokenizer and encoded with the model's,
+        each followed by the model's eos, so every model is scored on the same text."""
+        import numpy as np
+        pack = self.pack()
+        packed = pack.tokens(split)
+        if model_dir is None or not self.has("tokenizer", "tokenizer.json") and self.base_model() is None \
+                or self.same_tokenizer(model_dir):   # (without the run's tokenizer the pack cannot be decoded)
+            return np.asarray(packed[:max_tokens], dtype=np.int64)
+        starts = np.fromfile(self._read(pack.dir / f"{split}.idx"), dtype=np.uint64).astype(np.int64)
+        ends = np.append(starts[1:], len(packed))
+        if max_tokens is not None:   # whole documents covering max_tokens packed tokens (about as many re-encoded)
+            keep = int(np.searchsorted(starts, max_tokens, side="left"))
+            starts, ends = starts[:max(keep, 1)], ends[:max(keep, 1)]
+        docs = [packed[a:b - 1].tolist() for a, b in zip(starts, ends)]     # each without its trailing eos
+        texts = self.tokenizer().decode_batch(docs, skip_special_tokens=False)
+        chat = self.chat(model_dir)
+        if chat.eos_id is None:
+            raise ValueError(f"the tokenizer of {model_dir} has no eos token to separate documents")
+        encoded = chat.tokenizer.encode_batch(texts, add_special_tokens=False)
+        ids = [i for enc in encoded for i in enc.ids + [chat.eos_id]]
+        return np.asarray(ids[:max_tokens], dtype=np.int64)
+
+    def same_tokenizer(self, model_dir, other=None):
+        """Whether model_dir reads the same tokenizer as `other` (a model directory; None: the run)."""
+        mine, theirs = self.tokenizer_path(model_dir), self.tokenizer_path(other)
+        return mine.resolve() == theirs.resolve() or sha256_file(mine) == sha256_file(theirs)
+
     # -- models
+    def base_model(self):
+        """The model directory the run starts from instead of pretraining (the recipe's base_model), or None."""
+        base = self.state().get("recipe", {}).get("base_model")
+        if base and not is_model_dir(base):
+            raise FileNotFoundError(f"the run's base_model {base} is not a model directory (moved or deleted?)")
+        return Path(base) if base else None
+
     def step_model(self, step):
         """The model directory step wrote, or None."""
         for step_name, names, _ in LINEAGE:
@@ -184,8 +230,9 @@ class RunDir:
 
     def trained_models(self, before=None):
         """[(step, directory)] of the trained models present, in life-cycle order (only the steps
-        before step `before` when given)."""
-        out = []
+        before step `before` when given); a run's base model comes first, as "base"."""
+        base = self.base_model()
+        out = [("base", base)] if base is not None else []
         for step, _, trained in LINEAGE:
             if step == before:
                 break
@@ -200,17 +247,19 @@ class RunDir:
 
     def choose_model(self, which="latest", before=None, held_out_loss=None):
         """(model directory, {candidate: held-out loss}) for which =
-        "latest": the last trained model of LINEAGE (the most aligned), before step `before` if given;
+        "latest": the last trained model of LINEAGE (the most aligned), before step `before` if given,
+                else the run's base model;
         "best": of those, the lowest held_out_loss(model, directory) (alignment trades held-out
                 perplexity for behaviour, so the steps that judge a model by perplexity ask for this);
-        a step name of LINEAGE; or a model directory (absolute, or relative to the run directory)."""
+        "base": the run's base model; a step name of LINEAGE; or a model directory (absolute, or
+        relative to the run directory)."""
         if which in ("latest", "best", "auto"):
             found = self.trained_models(before)
             if not found:
                 steps = LINEAGE_STEPS[:LINEAGE_STEPS.index(before)] if before in LINEAGE_STEPS else LINEAGE_STEPS
                 looked = ", ".join(f"{s}/{names[0]}" for s, names, trained in LINEAGE if trained and s in steps)
                 raise FileNotFoundError(f"{self.root} holds no trained model (looked for {looked}); run the earlier "
-                                        "steps first or name a model directory")
+                                        "steps first, name a model directory, or start the recipe from a base_model")
             if which != "best":
                 return self._read(found[-1][1]), {}
             if held_out_loss is None:
@@ -221,6 +270,11 @@ class RunDir:
             for _, d in found:
                 self._read(d)
             return best, losses
+        if which == "base":
+            base = self.base_model()
+            if base is None:
+                raise FileNotFoundError(f"{self.root} has no base model: its recipe names no base_model")
+            return self._read(base), {}
         if which in LINEAGE_STEPS:
             d = self.step_model(which)
             if d is None:

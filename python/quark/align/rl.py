@@ -29,7 +29,6 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from quark.chat import encode_chat, special_ids
 from quark.config import ConfigError, Step, from_dict
 from quark.infer.engine import Engine
 from quark.infer.sampling import SamplingParams
@@ -132,13 +131,13 @@ class RLConfig:
             rule_reward(self.reward)
 
 
-def grpo(policy, tokenizer, prompts, reward_fn, s: RLConfig, seed=0, log=None):
-    """Train `policy` in place on prompts (lists of messages). Returns the history of per-step metrics."""
+def grpo(policy, chat, prompts, reward_fn, s: RLConfig, seed=0, log=None):
+    """Train `policy` in place on prompts (lists of messages), rendered in its chat format (quark.chat:
+    Quark's, or an HF checkpoint's own template, whose eos ids end a completion). Returns the history
+    of per-step metrics."""
     ref = copy.deepcopy(policy).eval()
     for p in ref.parameters():
         p.requires_grad_(False)
-    sp = special_ids(tokenizer)
-    stops = {sp["<|end|>"], sp["<|eos|>"]}
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=s.lr, betas=(0.9, 0.95), weight_decay=0.0)
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -146,10 +145,11 @@ def grpo(policy, tokenizer, prompts, reward_fn, s: RLConfig, seed=0, log=None):
     for step in range(s.steps):
         batch = []
         for prompt in rng.sample(prompts, min(s.prompts_per_step, len(prompts))):
-            ids, _ = encode_chat(tokenizer, prompt, add_generation_prompt=True)
+            ids, _ = chat.encode(prompt, add_generation_prompt=True)
             ids = ids[-(policy.config.max_seq_len - s.max_new_tokens):]
-            seqs, mask, term, lens = sample_group(policy, ids, s.group_size, s.max_new_tokens, s.temperature, stops, gen)
-            texts = [tokenizer.decode(row[len(ids): len(ids) + int(n)].tolist()) for row, n in zip(seqs, lens)]
+            seqs, mask, term, lens = sample_group(policy, ids, s.group_size, s.max_new_tokens, s.temperature,
+                                                  chat.stop_ids, gen)
+            texts = [chat.tokenizer.decode(row[len(ids): len(ids) + int(n)].tolist()) for row, n in zip(seqs, lens)]
             r = torch.tensor([reward_fn(prompt, t, bool(k)) for t, k in zip(texts, term)])
             adv = (r - r.mean()) / (r.std() + 1e-4)
             with torch.no_grad():
@@ -204,7 +204,7 @@ def run_step(run_dir, cfg: dict) -> dict:
     torch.manual_seed(seed)
     init = run_dir.model(s.init, before="rl")
     tok_path = run_dir.tokenizer_path(init)
-    tok = run_dir.tokenizer(init, chat=True)
+    chat = run_dir.chat(init)   # the model's chat format: Quark's, or an HF checkpoint's own template
     policy = load_model(init)
     heldout = None
     if s.reward == "verify":
@@ -218,19 +218,19 @@ def run_step(run_dir, cfg: dict) -> dict:
         if s.heldout_tasks:
             heldout = V.tasks_for(s.tasks, "heldout", run_dir.path)
             heldout = random.Random(seed + 1).sample(heldout, min(s.heldout_tasks, len(heldout)))
-            before = V.solved(policy, tok, heldout, s.max_new_tokens)
+            before = V.solved(policy, chat, heldout, s.max_new_tokens)
     elif s.reward == "model":
         from quark.align.reward import load_reward_model
         rm = load_reward_model(run_dir.path(s.reward_model))
 
         def reward_fn(prompt, text, terminated):
-            return rm.score(tok, prompt, text)
+            return rm.score(chat, prompt, text)
         prompts = load_prompts(run_dir.path(s.prompts), s.max_prompts)
     else:
         reward_fn = rule_reward(s.reward)
         prompts = load_prompts(run_dir.path(s.prompts), s.max_prompts)
     t0 = time.time()
-    history = grpo(policy, tok, prompts, reward_fn, s, seed)
+    history = grpo(policy, chat, prompts, reward_fn, s, seed)
     out = run_dir.output("rl")
     save_model(policy, out / "final", tokenizer_path=tok_path, metadata={"step": "rl", "reward": s.reward, "base": str(init)})
     first, last = history[: max(1, len(history) // 4)], history[-max(1, len(history) // 4):]
@@ -239,7 +239,7 @@ def run_step(run_dir, cfg: dict) -> dict:
              "reward_last_quarter": round(statistics.mean(h["reward_mean"] for h in last), 4),
              "kl_last": history[-1]["kl"], "seconds": round(time.time() - t0, 1), "settings": asdict(s)}
     if heldout:   # held-out verifiable accuracy, the starting model vs the trained one on the same items
-        stats["heldout_tasks"] = paired_difference(V.solved(policy, tok, heldout, s.max_new_tokens), before)
+        stats["heldout_tasks"] = paired_difference(V.solved(policy, chat, heldout, s.max_new_tokens), before)
     atomic_write_json(out / "metrics.json", {**stats, "history": history})
     return stats
 

@@ -109,13 +109,14 @@ def reference_records(tasks):
     return [{"messages": t["messages"] + [{"role": "assistant", "content": t["answer"]}]} for t in tasks]
 
 
-def solved(model, tokenizer, tasks, max_new_tokens=24, stop_ids=None):
-    """Greedy answers of `model` through the engine, verified -> one 0/1 score per task (the paired items)."""
-    from quark.chat import encode_chat, special_ids
+def solved(model, chat, tasks, max_new_tokens=24):
+    """Greedy answers of `model` through the engine, verified -> one 0/1 score per task (the paired items).
+    chat: the model's chat format (quark.chat), or a tokenizer with Quark's chat tokens."""
+    from quark.chat import QuarkChat, TemplateChat
     from quark.infer.engine import Engine
     from quark.infer.sampling import SamplingParams
-    sp = special_ids(tokenizer)
-    engine = Engine(model, max_batch=16, stop_ids=stop_ids or {sp["<|end|>"], sp["<|eos|>"]}, fuse=False)
-    prompts = [encode_chat(tokenizer, t["messages"], add_generation_prompt=True)[0] for t in tasks]
+    chat = chat if isinstance(chat, (QuarkChat, TemplateChat)) else QuarkChat(chat)
+    engine = Engine(model, max_batch=16, stop_ids=chat.stop_ids, fuse=False)
+    prompts = [chat.encode(t["messages"], add_generation_prompt=True)[0] for t in tasks]
     reqs = engine.run(prompts, SamplingParams(max_tokens=max_new_tokens, temperature=0))
-    return [verify(t, tokenizer.decode(r.output_ids)) for t, r in zip(tasks, reqs)]
+    return [verify(t, chat.tokenizer.decode(r.output_ids)) for t, r in zip(tasks, reqs)]

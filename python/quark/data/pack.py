@@ -21,7 +21,6 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from quark.config import ConfigError, Step, from_dict
@@ -77,10 +76,11 @@ def run_step(run_dir, cfg):
     run_dir = RunDir.of(run_dir)
     src = run_dir.input("dedup", "docs.jsonl")
     tok_path = run_dir.tokenizer_path()
-    tok = Tokenizer.from_file(str(tok_path))
-    eos, bos = tok.token_to_id("<|eos|>"), tok.token_to_id("<|bos|>")
-    if eos is None or bos is None:
-        raise ValueError("tokenizer lacks <|eos|>/<|bos|>: retrain it with the tokenizer step")
+    chat = run_dir.chat()   # the run's tokenizer: the tokenizer step's, or a base model's with its own eos
+    tok = chat.tokenizer
+    eos, bos = chat.eos_id, chat.bos_id
+    if eos is None:
+        raise ValueError(f"tokenizer {tok_path} has no end-of-document token (<|eos|>, or an eos_token beside it)")
     vocab = tok.get_vocab_size()
     dtype = np.uint16 if vocab <= 1 << 16 else np.uint32
     out = run_dir.output("pack")

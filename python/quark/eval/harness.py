@@ -49,10 +49,12 @@ def validate_config(cfg):
 
 def model_version(model_dir):
     """Content hash of the weights: the identity under which results are stored and registered."""
+    from quark.model.io import weight_files
     h = hashlib.sha256()
-    with open(Path(model_dir) / "model.safetensors", "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    for path in weight_files(model_dir):   # one file, or an HF checkpoint's shards
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()[:12]
 
 
@@ -121,12 +123,13 @@ def heldout_window_items(tokens, windows):
     return items
 
 
-def load_heldout_tokens(run_dir, max_tokens):
-    """The first max_tokens of the run's pack/val.bin, or None when the run has no pack."""
+def load_heldout_tokens(run_dir, model_dir, max_tokens):
+    """The first max_tokens of the run's held-out split (pack/val.bin) in model_dir's own tokens
+    (RunDir.tokens), or None when the run has no pack."""
     run_dir = RunDir.of(run_dir)
     if not run_dir.has("pack", "meta.json"):
         return None
-    return np.asarray(run_dir.pack().tokens("val")[:max_tokens], dtype=np.int64)
+    return run_dir.tokens("val", model_dir, max_tokens)
 
 
 def evaluate(model_dir, cfg: EvalConfig, run_dir=None, telemetry=None, log=print):
@@ -135,7 +138,7 @@ def evaluate(model_dir, cfg: EvalConfig, run_dir=None, telemetry=None, log=print
     telemetry = telemetry or Telemetry()
     lm = LanguageModel.from_dir(model_dir, run_dir)
     metrics, items = {}, {}
-    tokens = load_heldout_tokens(run_dir, cfg.max_tokens) if run_dir else None
+    tokens = load_heldout_tokens(run_dir, model_dir, cfg.max_tokens) if run_dir else None
     if tokens is not None and len(tokens) > 1:
         with telemetry.timer("perplexity"):
             windows = lm.window_nll(tokens)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from quark.io import read_jsonl
 from quark.retrieval.embed import content_hash
+from quark.retrieval.tools import AllowList
 
 SOURCES = """
 CREATE TABLE IF NOT EXISTS sources (
@@ -66,11 +67,28 @@ def html_to_text(html):
     return "\n".join(line for line in lines if line), (p.title or "").strip() or None
 
 
+class _AllowedRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only to an allowed origin, checked before the new request is sent."""
+
+    def __init__(self, allow):
+        self.allow = allow
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if self.allow is not None and self.allow.match(newurl) is None:
+            fp.close()
+            raise RefreshError(f"{req.full_url} redirected to {newurl}, outside the allow-list")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
 class KnowledgeRefresher:
+    """allow_hosts: the origins URLs (and their redirects) may reach, as quark.retrieval.tools.AllowList
+    reads them ("scheme://host[:port]", "host:port", or "host" for the default ports only); None: any."""
+
     def __init__(self, store, timeout=10.0, max_bytes=5 << 20, allow_hosts=None):
         self.store = store
         self.timeout, self.max_bytes = timeout, max_bytes
-        self.allow_hosts = set(allow_hosts) if allow_hosts is not None else None
+        self.allow = AllowList(allow_hosts) if allow_hosts is not None else None
+        self.opener = urllib.request.build_opener(_AllowedRedirects(self.allow))
         with store.lock:
             store.db.executescript(SOURCES)
 
@@ -79,8 +97,8 @@ class KnowledgeRefresher:
         p = urllib.parse.urlsplit(url)
         if p.scheme not in ("http", "https") or not p.hostname:
             raise ValueError(f"not an http(s) URL: {url!r}")
-        if self.allow_hosts is not None and p.netloc not in self.allow_hosts and p.hostname not in self.allow_hosts:
-            raise ValueError(f"host of {url!r} is not in the allow-list {sorted(self.allow_hosts)}")
+        if self.allow is not None and self.allow.match(url) is None:
+            raise ValueError(f"origin of {url!r} is not in the allow-list")
         return self._add(doc_id or url, url, "url", meta)
 
     def add_path(self, path, doc_id=None, meta=None):
@@ -154,12 +172,11 @@ class KnowledgeRefresher:
             headers["If-None-Match"] = src["etag"]
         if src["last_modified"]:
             headers["If-Modified-Since"] = src["last_modified"]
+        if self.allow is not None and self.allow.match(src["location"]) is None:   # registered under another list
+            raise RefreshError(f"origin of {src['location']} is not in the allow-list")
         req = urllib.request.Request(src["location"], headers=headers)
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                final = urllib.parse.urlsplit(resp.geturl())
-                if self.allow_hosts is not None and final.netloc not in self.allow_hosts and final.hostname not in self.allow_hosts:
-                    raise RefreshError(f"{src['location']} redirected to {resp.geturl()}, outside the allow-list")
+            with self.opener.open(req, timeout=self.timeout) as resp:
                 body = resp.read(self.max_bytes + 1)
                 if len(body) > self.max_bytes:
                     raise RefreshError(f"{src['location']} is larger than {self.max_bytes} bytes")

@@ -90,10 +90,6 @@ class Registry:
                 db.execute("INSERT INTO events (version, event, at) VALUES (?, 'registered', ?)", (version, time.time()))
         return self.get(version)
 
-    def set_metrics(self, version, metrics):
-        self._require(version)
-        self.db.execute("UPDATE models SET metrics = ? WHERE version = ?", (json.dumps(metrics), version))
-
     def _row(self, row):
         return None if row is None else dict(row) | {"metrics": json.loads(row["metrics"]), "items": json.loads(row["items"])}
 

@@ -5,7 +5,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
 
-from quark.config import from_dict
+from quark.config import ConfigError, from_dict
 
 # Required keys of each rope scaling type, beside rope_type (and rope_theta, which GPTConfig holds).
 ROPE_SCALING_KEYS = {"linear": ("factor",), "dynamic": ("factor", "original_max_position_embeddings"),
@@ -98,9 +98,14 @@ PRESETS = {
 
 
 def preset(name, **overrides):
-    if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; available: {', '.join(PRESETS)}")
+    check_preset(name)
     return replace(PRESETS[name], **overrides)
+
+
+def check_preset(name, key=None):
+    """An unknown preset name -> ConfigError, prefixed with the config key that named it."""
+    if name not in PRESETS:
+        raise ConfigError(f"{key + ': ' if key else ''}unknown model preset {name!r}; available: {', '.join(PRESETS)}")
 
 
 # ---- a Hugging Face config.json (quark.model.hf) -> GPTConfig -------------------------------------

@@ -1,13 +1,12 @@
 """Llama-style decoder: RMSNorm, rotary position embeddings, grouped-query attention, SwiGLU MLP,
-optional tied embeddings, and a KV cache for incremental forwards (generation is quark.infer's engine).
+optional tied embeddings. Generation, with its KV cache, is quark.infer's engine.
 The options of the Hugging Face Llama family (GPTConfig: biases, Qwen3's q/k norms, Mistral's sliding
 window, rope scaling) follow transformers' definitions, so a checkpoint loaded by quark.model.hf gives
 transformers' logits.
 
 References: nanoGPT / gpt-fast model.py; Llama (Touvron et al. 2023); RoFormer (Su et al. 2021);
 GQA (Ainslie et al. 2023); SwiGLU (Shazeer 2020).
-Attention runs through quark.ops.attention (C++ on CPU, Triton on CUDA, SDPA elsewhere), and decode
-steps through quark.ops.decode_attention over the cache.
+Attention runs through quark.ops.attention (C++ on CPU, Triton on CUDA, SDPA elsewhere).
 """
 import math
 
@@ -68,30 +67,6 @@ def apply_rope(x, cos, sin):
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
-class KVCache:
-    """Preallocated per-layer caches (B, Hkv, Smax, D) and per-sequence lengths (B,)."""
-
-    def __init__(self, config: GPTConfig, batch_size, max_seq_len=None, dtype=torch.float32, device=None):
-        self.max_seq_len = max_seq_len or config.max_seq_len
-        shape = (batch_size, config.n_kv_head, self.max_seq_len, config.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
-        self.seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
-
-    def append(self, layer, k, v):
-        """k/v (B, Hkv, T, D) at positions seqlens[b] .. seqlens[b]+T (same T for every sequence)."""
-        T = k.shape[2]
-        if int(self.seqlens.max()) + T > self.max_seq_len:
-            raise ValueError(f"KV cache full: {int(self.seqlens.max())} + {T} > max_seq_len {self.max_seq_len}")
-        for b in range(k.shape[0]):
-            s = int(self.seqlens[b])
-            self.k[layer][b, :, s:s + T] = k[b]
-            self.v[layer][b, :, s:s + T] = v[b]
-
-    def advance(self, n):
-        self.seqlens += n
-
-
 def window_attention(q, k, v, lengths, window):
     """Causal attention that sees only the last `window` keys up to each query (transformers' sliding
     window: key j is visible from query i when i - window < j <= i). q (B, H, T, D) holds the last T of
@@ -116,7 +91,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
         self.dropout = cfg.dropout
 
-    def forward(self, x, cos, sin, cache=None, layer=0):
+    def forward(self, x, cos, sin):
         B, T, _ = x.shape
         H, Hkv, D, W = self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim, self.cfg.sliding_window
         q = self.wq(x).view(B, T, H, D)
@@ -126,24 +101,10 @@ class Attention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)          # (B, H, T, D), (B, Hkv, T, D)
         v = self.wv(x).view(B, T, Hkv, D).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is None:
-            if W and T > W:
-                y = window_attention(q, k, v, torch.full((B,), T), W)
-            else:
-                y = ops.attention(q.contiguous(), k.contiguous(), v.contiguous(), causal=True)
+        if W and T > W:
+            y = window_attention(q, k, v, torch.full((B,), T), W)
         else:
-            cache.append(layer, k, v)
-            lengths = cache.seqlens + T
-            if W and int(lengths.max()) > W:
-                S = int(lengths.max())
-                y = window_attention(q, cache.k[layer][:, :, :S], cache.v[layer][:, :, :S], lengths, W)
-            elif T == 1:
-                lens = cache.seqlens + 1
-                y = ops.decode_attention(q[:, :, 0].contiguous(), cache.k[layer], cache.v[layer], lens)[:, :, None]
-            else:  # prefill into a cache: all sequences share the same start position; causal
-                s0 = int(cache.seqlens[0])   # masking aligns the last query with the last key
-                kk, vv = cache.k[layer][:, :, : s0 + T], cache.v[layer][:, :, : s0 + T]
-                y = ops.attention(q.contiguous(), kk.contiguous(), vv.contiguous(), causal=True)
+            y = ops.attention(q.contiguous(), k.contiguous(), v.contiguous(), causal=True)
         y = y.transpose(1, 2).reshape(B, T, H * D)
         return F.dropout(self.wo(y), self.dropout, self.training)
 
@@ -167,8 +128,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cache=None, layer=0):
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer)
+    def forward(self, x, cos, sin):
+        x = x + self.attn(self.attn_norm(x), cos, sin)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -218,26 +179,20 @@ class GPT(nn.Module):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, mean=0.0, std=self.config.init_std)
 
-    def hidden_states(self, idx, cache=None):
+    def hidden_states(self, idx):
         """idx (B, T) int64 -> final normed hidden states (B, T, d_model)."""
-        B, T = idx.shape
-        if cache is None:
-            if T > self.config.max_seq_len:
-                raise ValueError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
-            cos, sin = self.rope(torch.arange(T, device=idx.device))                            # (T, D/2)
-        else:
-            pos = cache.seqlens.long()[:, None] + torch.arange(T, device=idx.device)[None, :]   # (B, T)
-            cos, sin = (c[:, None] for c in self.rope(pos))                                     # (B, 1, T, D/2)
+        T = idx.shape[1]
+        if T > self.config.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
+        cos, sin = self.rope(torch.arange(T, device=idx.device))                                # (T, D/2)
         x = self.tok_emb(idx)
-        for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, cache, i)
-        if cache is not None:
-            cache.advance(T)
+        for block in self.blocks:
+            x = block(x, cos, sin)
         return self.norm(x)
 
-    def forward(self, idx, targets=None, cache=None, ignore_index=-100):
+    def forward(self, idx, targets=None, ignore_index=-100):
         """idx (B, T) -> logits (B, T, V); with targets (B, T) also the mean cross-entropy loss."""
-        logits = self.lm_head(self.hidden_states(idx, cache))
+        logits = self.lm_head(self.hidden_states(idx))
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index)

@@ -17,6 +17,15 @@ from quark.model.hf import copy_tokenizer_files, is_hf_dir, load_hf
 from quark.model.quantized import load_quantized_model
 from quark.model.shard import load_state
 
+def weight_files(directory):
+    """The safetensors files holding a model directory's weights: model.safetensors, or an HF
+    checkpoint's shards (what a content hash or a modification time of the weights covers)."""
+    files = sorted(Path(directory).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{directory} holds no *.safetensors weights")
+    return files
+
+
 def save_model(model: GPT, directory, tokenizer_path=None, metadata=None):
     """Write the model directory as a whole (quark.io.atomic_dir): weights, config and tokenizer
     of one save, never the weights of a new model beside the config of an old one. Without

@@ -274,14 +274,6 @@ def shard_state(state, rank, world_size):
     return out
 
 
-def tp_from_model(model, rank, world_size):
-    """A TPGPT holding this rank's slices of a full GPT (every rank passes the same model)."""
-    tp = TPGPT(model.config, rank, world_size)
-    state = shard_state(model.state_dict(), rank, world_size)
-    tp.load_state_dict({k: v for k, v in state.items() if k in tp.state_dict()})
-    return tp.eval()
-
-
 # ---- sharded checkpoints -------------------------------------------------------------------------
 
 def _file_name(i, n):

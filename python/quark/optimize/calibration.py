@@ -7,12 +7,13 @@ import torch
 from quark.rundir import RunDir
 
 
-def load_calibration(run_dir, n_sequences=128, seq_len=128, seed=0):
-    """(n_sequences, seq_len) int64 windows drawn at random from the run's packed training tokens.
-    The training split, never val.bin: the held-out perplexity must not see calibration text."""
-    tokens = RunDir.of(run_dir).pack().tokens("train")
+def load_calibration(run_dir, n_sequences=128, seq_len=128, seed=0, model_dir=None):
+    """(n_sequences, seq_len) int64 windows drawn at random from the run's packed training tokens, in
+    model_dir's own tokens (RunDir.tokens). The training split, never val.bin: the held-out perplexity
+    must not see calibration text."""
+    tokens = RunDir.of(run_dir).tokens("train", model_dir)
     if len(tokens) < seq_len + 1:
-        raise ValueError(f"{tokens.filename} holds {len(tokens)} tokens; calibration needs at least seq_len={seq_len}")
+        raise ValueError(f"the run's pack/train.bin holds {len(tokens)} tokens; calibration needs at least seq_len={seq_len}")
     rng = np.random.default_rng(seed)
     starts = rng.integers(0, len(tokens) - seq_len, size=n_sequences)
     return torch.from_numpy(np.stack([np.asarray(tokens[s:s + seq_len], dtype=np.int64) for s in starts]))

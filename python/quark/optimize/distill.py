@@ -16,7 +16,10 @@ weights, and follow the same schedule, so they see exactly the same tokens.
 
 Pipeline step `distill` / `quark distill --run-dir R`: the teacher is, unless a directory is given, the
 run's trained model (pretrain, sft or dpo) with the lowest held-out loss: the teacher's job here is
-to model pack/ text, which the alignment steps trade away for chat behaviour. Writes
+to model pack/ text, which the alignment steps trade away for chat behaviour. A teacher with its own
+tokenizer (an HF checkpoint) learns and teaches on the same text in its tokens (RunDir.tokens, written
+to run_dir/distill/tokens/), and the student shares its vocabulary: a fresh copy of its architecture
+with fewer layers, or a given model directory (student_init, e.g. a smaller checkpoint). Writes
 run_dir/distill/{student,baseline}/ (model directories that `quark serve` loads) and report.json,
 with the student's perplexity change against the baseline and its noise (+- 2 standard errors of
 the paired per-batch difference on the same held-out batches).
@@ -25,7 +28,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -37,7 +40,8 @@ from quark.data.loader import TokenLoader, eval_batches
 from quark.infer.measure import held_out, paired_delta
 from quark.io import atomic_write_json
 from quark.model import GPT, GPTConfig
-from quark.rundir import RunDir
+from quark.model.config import load_config
+from quark.rundir import RunDir, sha256_file
 from quark.train.loop import LoopSettings, train_loop
 
 
@@ -46,6 +50,8 @@ class DistillConfig:
     teacher: str = "best"          # a model directory or model step; "best": the run's trained model with the
                                    # lowest held-out loss; "latest": the run's most aligned model
     student: dict = field(default_factory=dict)   # GPTConfig fields replacing the teacher's; {}: half the layers
+    student_init: str = ""         # a model directory (Quark or HF) the student and the control start from instead
+                                   # (its vocabulary must be the teacher's); "": fresh, from `student`
     steps: int = 200
     batch_size: int = 16
     seq_len: int = 128
@@ -192,10 +198,39 @@ def pick_teacher(run_dir, choice, data, val):
     return RunDir.of(run_dir).choose_model(choice, held_out_loss=held_out_loss)
 
 
-def train_student(cfg: GPTConfig, data, c: DistillConfig, alpha, teacher=None, cache=None, desc="student"):
-    """Train a fresh student (init seed c.seed) for c.steps; returns (model, stats)."""
+def teacher_data(run_dir, teacher_dir, out):
+    """The run's packed text as the teacher reads it: the pack itself when the teacher uses the run's
+    tokenizer, else its documents in the teacher's tokens (RunDir.tokens), written once to out/tokens/."""
+    from quark.io import atomic_write_bytes, atomic_write_json
+    from quark.train.trainer import DataSpec, data_spec
+    run_dir = RunDir.of(run_dir)
+    if run_dir.same_tokenizer(teacher_dir):
+        return data_spec(run_dir)
+    tok_path = run_dir.tokenizer_path(teacher_dir)
+    vocab = run_dir.chat(teacher_dir).tokenizer.get_vocab_size()
+    dtype = "uint16" if vocab <= 1 << 16 else "uint32"
+    d = out / "tokens"
+    pack = run_dir.pack()
+    key = {"teacher_tokenizer": sha256_file(tok_path),
+           "pack": [[p.stat().st_size, p.stat().st_mtime_ns] for p in (pack.bin("train"), pack.bin("val"))]}
+    if not (d / "meta.json").exists() or json.loads((d / "meta.json").read_text()).get("key") != key:
+        for split in ("train", "val"):
+            atomic_write_bytes(d / f"{split}.bin", run_dir.tokens(split, teacher_dir).astype(dtype).tobytes())
+        atomic_write_json(d / "meta.json", {"key": key, "dtype": dtype, "vocab_size": vocab})
+    return DataSpec(str(d / "train.bin"), str(d / "val.bin"), dtype, vocab, str(tok_path))
+
+
+def new_student(cfg: GPTConfig, c: DistillConfig):
+    """The student (or control) before training: c.student_init's weights, else fresh (init seed c.seed)."""
+    from quark.model.io import load_model
     torch.manual_seed(c.seed)
-    model = GPT(cfg)
+    return load_model(c.student_init, dtype=torch.float32).train() if c.student_init else GPT(cfg)
+
+
+def train_student(cfg: GPTConfig, data, c: DistillConfig, alpha, teacher=None, cache=None, desc="student"):
+    """Train a student (new_student) for c.steps; returns (model, stats)."""
+    model = new_student(cfg, c)
+    cfg = model.config
     loader = _loader(data, c)
 
     def micro_loss(step, micro):
@@ -220,19 +255,28 @@ def train_student(cfg: GPTConfig, data, c: DistillConfig, alpha, teacher=None, c
 
 
 def distill(run_dir, c: DistillConfig):
-    from quark.model.io import load_model, save_model
+    from quark.model.io import load_model, save_model, weight_files
     from quark.train.trainer import data_spec
     run_dir = RunDir.of(run_dir)
     data = data_spec(run_dir)
     val = eval_batches(data.val_bin, data.dtype, c.batch_size, c.seq_len, c.eval_batches)
     teacher_dir, candidates = pick_teacher(run_dir, c.teacher, data, val)
-    teacher = load_model(teacher_dir)
+    out = run_dir.output("distill")
+    data = teacher_data(run_dir, teacher_dir, out)
+    val = eval_batches(data.val_bin, data.dtype, c.batch_size, c.seq_len, c.eval_batches)
+    teacher = load_model(teacher_dir, dtype=torch.float32)
     _check_vocab(teacher, data, teacher_dir)
     scfg = student_config(teacher.config, c.student)
+    if c.student_init:
+        student_dir = run_dir.model(c.student_init)
+        scfg = load_config(student_dir)
+        if scfg.vocab_size != teacher.config.vocab_size or not run_dir.same_tokenizer(student_dir, teacher_dir):
+            raise ConfigError(f"distill.student_init: {student_dir} does not share the tokenizer of the teacher "
+                              f"{teacher_dir} (vocab_size {scfg.vocab_size} vs {teacher.config.vocab_size})")
+        c = replace(c, student_init=str(student_dir))
     if c.seq_len > min(teacher.config.max_seq_len, scfg.max_seq_len):
         raise ConfigError(f"distill.seq_len {c.seq_len} exceeds the models' max_seq_len")
-    out = run_dir.output("distill")
-    key = {"teacher": str(teacher_dir), "teacher_mtime": (teacher_dir / "model.safetensors").stat().st_mtime,
+    key = {"teacher": str(teacher_dir), "teacher_mtime": max(p.stat().st_mtime for p in weight_files(teacher_dir)),
            **asdict(c)}
     report_path = out / "report.json"
     if report_path.exists():

@@ -13,7 +13,6 @@ QuantizedTensor for that layer (for example after scaling or error-correcting it
 import json
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import torch
 import torch.nn as nn
 
@@ -109,12 +108,12 @@ def quantize_calibrated(model, method, calib, group_size=128, skip=("lm_head",),
 
 # ---- held-out tokens the step scores ---------------------------------------------------------------
 
-def load_val_tokens(run_dir):
-    """The run's held-out tokens (pack/val.bin) as a flat int64 tensor."""
-    tokens = RunDir.of(run_dir).pack().tokens("val")
+def load_val_tokens(run_dir, model_dir=None):
+    """The run's held-out tokens (pack/val.bin) in model_dir's own tokens (RunDir.tokens), a flat int64 tensor."""
+    tokens = RunDir.of(run_dir).tokens("val", model_dir)
     if len(tokens) < 2:
-        raise ValueError(f"{tokens.filename} holds {len(tokens)} tokens; need at least 2 to evaluate")
-    return torch.from_numpy(np.asarray(tokens, dtype=np.int64))
+        raise ValueError(f"the run's pack/val.bin holds {len(tokens)} tokens; need at least 2 to evaluate")
+    return torch.from_numpy(tokens)
 
 
 # ---- pipeline step --------------------------------------------------------------------------------
@@ -202,19 +201,20 @@ def _evaluate(model, tokens, c, reference=None, scored=None):
 def run_step(run_dir, cfg):
     from tqdm import tqdm
 
-    from quark.model.io import load_model
+    from quark.model.io import load_model, weight_files
     c = validate_config(cfg)
     torch.manual_seed(c.seed)
     run_dir = RunDir.of(run_dir)
-    tokens = load_val_tokens(run_dir)
     heldout = {}   # "best" measures every candidate's window losses: the float baseline reuses its own
 
     def held_out_loss(model, where):
-        batches = window_batches(tokens, model.config.max_seq_len, c.eval_tokens, vocab_size=model.config.vocab_size)
+        batches = window_batches(load_val_tokens(run_dir, where), model.config.max_seq_len, c.eval_tokens,
+                                 vocab_size=model.config.vocab_size)
         heldout[str(where)] = held_out(model, batches)
         return heldout[str(where)].mean()
     src, candidates = run_dir.choose_model(c.model, held_out_loss=held_out_loss)
-    source = {"model_dir": str(src), "mtime": (src / "model.safetensors").stat().st_mtime,
+    tokens = load_val_tokens(run_dir, src)   # the source model's own tokens: its variants share its tokenizer
+    source = {"model_dir": str(src), "mtime": max(p.stat().st_mtime for p in weight_files(src)),
               "eval_tokens": c.eval_tokens}
     out = run_dir.output("quantize")
     stats = {"source": str(src), "candidates": candidates}
@@ -242,7 +242,7 @@ def run_step(run_dir, cfg):
             else:
                 if calib is None:
                     calib = load_calibration(run_dir, c.calib_sequences,
-                                             min(c.calib_seq_len, model.config.max_seq_len), c.seed)
+                                             min(c.calib_seq_len, model.config.max_seq_len), c.seed, src)
                 report = quantize_calibrated(model, method, calib, c.group_size, act_order=c.act_order, damp=c.damp,
                                              calib_info={"source": "pack/train.bin", "seed": c.seed})
             save_quantized_model(model, d, report, src / "tokenizer.json")

@@ -281,7 +281,8 @@ class Coordinator:
 
 # ------------------------------------------------------------------------------ CLI `quark agent`
 def configure_parser(parser):
-    parser.add_argument("run_dir", help="run directory (its chat model is the policy; index/ gives a search tool)")
+    parser.add_argument("run_dir", help="run directory (its chat model is the policy; index/ gives a search tool), "
+                                        "or a model directory (Quark or Hugging Face)")
     parser.add_argument("task", help="what the agent should do")
     parser.add_argument("--api", action="append", default=[], metavar="NAME=URL",
                         help="expose an HTTP JSON API as a tool (GET, query-string arguments; host allow-listed)")
@@ -291,18 +292,18 @@ def configure_parser(parser):
 
 
 def run_cli(args):
-    from quark.model.io import load_model
+    from quark.chat import chat_format
+    from quark.infer.engine import load_for_serving
     from quark.retrieval.rag import ModelGenerator
     from quark.retrieval.tools import register_http_api
     from quark.rundir import RunDir
     try:
-        run_dir = RunDir(args.run_dir)
+        model, tokenizer, model_dir, run_root = load_for_serving(args.run_dir)
+        run_dir = RunDir(run_root) if run_root is not None else None
         reg = ToolRegistry()
-        tokenizer = None
-        if run_dir.has("index", "config.json"):
+        if run_dir is not None and run_dir.has("index", "config.json"):
             from quark.retrieval.store import open_run_store
-            store = open_run_store(args.run_dir)
-            tokenizer = store.tokenizer
+            store = open_run_store(run_dir)
             reg.register("search", "search the run's document index; returns the top passages",
                          {"type": "object", "properties": {"query": {"type": "string", "minLength": 1},
                                                            "k": {"type": "integer", "minimum": 1, "maximum": 10}},
@@ -313,8 +314,8 @@ def run_cli(args):
             if not url:
                 raise ValueError(f"--api {spec!r}: expected NAME=URL")
             register_http_api(reg, name, f"HTTP API at {url}", {"type": "object"}, url)
-        model_dir = run_dir.model("latest")
-        policy = ModelGenerator(load_model(model_dir), tokenizer or run_dir.tokenizer(model_dir), args.max_new_tokens)
+        # the policy's own chat format: Quark's template, or an HF checkpoint's (its eos ids stop a turn)
+        policy = ModelGenerator(model, chat_format(tokenizer, model_dir), args.max_new_tokens)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}")
         return 2

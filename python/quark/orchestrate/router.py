@@ -127,8 +127,9 @@ def run_routes(run_dir, max_new_tokens=64):
     from quark.retrieval.store import open_run_store
     from quark.rundir import RunDir
     store = open_run_store(run_dir)
-    model = load_model(RunDir.of(run_dir).model("latest"))
-    chat = ModelGenerator(model, store.tokenizer, max_new_tokens)
+    run_dir = RunDir.of(run_dir)
+    model_dir = run_dir.model("latest")
+    chat = ModelGenerator(load_model(model_dir), run_dir.chat(model_dir), max_new_tokens)
     rag = RAG(store, ExtractiveGenerator(), k=4)
     return [Route("rag", lambda t: rag.answer(t).text, ["question", "search"], cost=1.0, latency_ms=50.0, quality=1.0),
             Route("chat", lambda t: chat([{"role": "user", "content": t}]), ["*"], cost=5.0, latency_ms=2000.0),

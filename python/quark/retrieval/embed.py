@@ -62,7 +62,8 @@ class QuarkEmbedder:
         tokenizer_path = Path(tokenizer_path or model_dir / "tokenizer.json")
         if not tokenizer_path.exists():
             raise FileNotFoundError(f"no tokenizer for {model_dir}: {tokenizer_path} is missing")
-        name = f"quark:{_file_fingerprint(model_dir / 'model.safetensors')}:{_file_fingerprint(tokenizer_path)}"
+        weights = ":".join(_file_fingerprint(p) for p in sorted(model_dir.glob("*.safetensors")))  # one file, or HF shards
+        name = f"quark:{weights}:{_file_fingerprint(tokenizer_path)}"
         return cls(load_model(model_dir), Tokenizer.from_file(str(tokenizer_path)), name=name, **kw)
 
     @torch.no_grad()

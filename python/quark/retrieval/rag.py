@@ -23,7 +23,6 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from quark.chat import encode_chat, special_ids
 from quark.config import ConfigError, Step, from_dict
 from quark.infer.engine import Engine
 from quark.infer.sampling import SamplingParams
@@ -73,17 +72,17 @@ def build_messages(question, hits, max_chars_per_source=600):
 
 
 class ModelGenerator:
-    """Chat generation through the engine, greedy (or sampled), stopping at <|end|> / <|eos|>."""
+    """Chat generation through the engine, greedy (or sampled), in the model's chat format (quark.chat,
+    RunDir.chat(model_dir): Quark's template, or an HF checkpoint's own) and stopping at its stop ids."""
 
-    def __init__(self, model, tokenizer, max_new_tokens=64, temperature=0.0, seed=0):
-        self.model, self.tokenizer = model.eval(), tokenizer
+    def __init__(self, model, chat, max_new_tokens=64, temperature=0.0, seed=0):
+        self.model, self.chat, self.tokenizer = model.eval(), chat, chat.tokenizer
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
         self.rng = random.Random(seed)   # one seed per answer: a sequence of answers is reproducible
-        sp = special_ids(tokenizer)
-        self.engine = Engine(model, max_batch=1, stop_ids=[sp["<|end|>"], sp["<|eos|>"]])
+        self.engine = Engine(model, max_batch=1, stop_ids=chat.stop_ids)
 
     def __call__(self, messages):
-        ids, _ = encode_chat(self.tokenizer, messages, add_generation_prompt=True)
+        ids, _ = self.chat.encode(messages, add_generation_prompt=True)
         room = self.model.config.max_seq_len - self.max_new_tokens
         if len(ids) > room:   # keep the start (system, first sources) and the end (the question)
             ids = ids[: room // 2] + ids[len(ids) - (room - room // 2):]
@@ -258,14 +257,14 @@ def run_step(run_dir, cfg):
         raise ValueError(f"{run_dir.root / 'index'} holds no chunk long enough to make a question; index more documents")
     atomic_write_text(out / "qa.jsonl", "".join(json.dumps(q) + "\n" for q in qa))
     metrics = {"n_questions": len(qa), "retrieval": retrieval_metrics(store, qa, ks=(1, c.k, 2 * c.k))}
-    tokenizer = store.tokenizer
-    model = load_model(run_dir.model("latest"))
-    reranker = LikelihoodReranker(model, tokenizer) if c.rerank else None
+    model_dir = run_dir.model("latest")
+    model, chat = load_model(model_dir), run_dir.chat(model_dir)   # the model's own tokenizer and chat format
+    reranker = LikelihoodReranker(model, chat.tokenizer) if c.rerank else None
     extractive = RAG(store, ExtractiveGenerator(), reranker, c.k, c.candidates)
     vecs = store.embedder.embed([q["question"] for q in qa])
     metrics["extractive"], _ = answer_metrics(extractive, qa, vecs)
     if c.n_generate:
-        generated = RAG(store, ModelGenerator(model, tokenizer, c.max_new_tokens, seed=c.seed), reranker, c.k, c.candidates)
+        generated = RAG(store, ModelGenerator(model, chat, c.max_new_tokens, seed=c.seed), reranker, c.k, c.candidates)
         metrics["model"], rows = answer_metrics(generated, qa[: c.n_generate], vecs)
         atomic_write_text(out / "answers.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     metrics["settings"] = asdict(c)
@@ -297,9 +296,12 @@ def run_cli(args):
     from quark.retrieval.store import open_run_store
     try:
         store = open_run_store(args.run_dir)
-        model = load_model(RunDir(args.run_dir).model("latest")) if not args.extractive or args.rerank else None
-        gen = ExtractiveGenerator() if args.extractive else ModelGenerator(model, store.tokenizer, args.max_new_tokens)
-        rr = LikelihoodReranker(model, store.tokenizer) if args.rerank else None
+        run_dir = RunDir(args.run_dir)
+        model_dir = run_dir.model("latest") if not args.extractive or args.rerank else None
+        model = load_model(model_dir) if model_dir else None
+        gen = ExtractiveGenerator() if args.extractive else \
+            ModelGenerator(model, run_dir.chat(model_dir), args.max_new_tokens)
+        rr = LikelihoodReranker(model, run_dir.chat(model_dir).tokenizer) if args.rerank else None
         a = RAG(store, gen, rr, k=args.k).answer(args.question, json.loads(args.filter) if args.filter else None)
     except (FileNotFoundError, ValueError, ConfigError) as e:
         print(f"error: {e}")

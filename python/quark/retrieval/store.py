@@ -487,8 +487,10 @@ class IndexConfig:
     max_chunks_per_doc: int = 8      # long documents keep their first chunks
     chunk_tokens: int = 128
     chunk_overlap: int = 32
-    embedder: str = "model"          # "model": the run's latest model; "minilm": all-MiniLM-L6-v2 if installed;
+    embedder: str = "model"          # "model": mean hidden states of `model`; "minilm": all-MiniLM-L6-v2 if installed;
                                      # an http(s) URL: an OpenAI-compatible server's /v1 (e.g. `quark serve`)
+    model: str = "latest"            # the embedding model: "latest", a model step, or a model directory (Quark or
+                                     # Hugging Face; it embeds with its own tokenizer)
     index_kind: str = "hnsw"         # quark.search.Index kind: "hnsw" or "flat"
     batch_docs: int = 64             # documents per SQLite transaction
     seed: int = 0
@@ -508,9 +510,9 @@ def validate_config(cfg):
     return c
 
 
-def run_embedder(run_dir, kind="model"):
-    """The embedder a run's retrieval uses: its latest model (with the run's tokenizer), MiniLM, or an
-    OpenAI-compatible embeddings server at a URL."""
+def run_embedder(run_dir, kind="model", model="latest"):
+    """The embedder a run's retrieval uses: a model of the run (RunDir.model(model), with its own
+    tokenizer), MiniLM, or an OpenAI-compatible embeddings server at a URL."""
     if kind.startswith(("http://", "https://")):
         from quark.retrieval.embed import OpenAIEmbedder
         return OpenAIEmbedder(kind)
@@ -519,7 +521,7 @@ def run_embedder(run_dir, kind="model"):
         return SentenceTransformerEmbedder()
     from quark.retrieval.embed import QuarkEmbedder
     run_dir = RunDir.of(run_dir)
-    model_dir = run_dir.model("latest")
+    model_dir = run_dir.model(model)
     return QuarkEmbedder.from_dir(model_dir, run_dir.tokenizer_path(model_dir))
 
 
@@ -531,7 +533,7 @@ def open_run_store(run_dir, autosave=True):
     for name in ("store.sqlite", "dense.json"):   # what the index step wrote: a rerun of it changes these
         if run_dir.has("index", name):
             run_dir.input("index", name)
-    return Store(run_dir.root / "index", run_embedder(run_dir, c.embedder), run_dir.tokenizer(),
+    return Store(run_dir.root / "index", run_embedder(run_dir, c.embedder, c.model), run_dir.tokenizer(),
                  c.chunk_tokens, c.chunk_overlap, c.max_chunks_per_doc, c.index_kind, autosave=autosave)
 
 
@@ -561,7 +563,7 @@ def run_step(run_dir, cfg):
     src = run_dir.input("dedup", "docs.jsonl")
     out = run_dir.output("index")
     t0 = time.time()
-    embedder = CachedEmbedder(run_embedder(run_dir, c.embedder), out / "embed_cache.sqlite")
+    embedder = CachedEmbedder(run_embedder(run_dir, c.embedder, c.model), out / "embed_cache.sqlite")
     built = Store.saved_settings(out)
     want_chunking = [c.chunk_tokens, c.chunk_overlap, c.max_chunks_per_doc]
     if built and (built.get("embedder") != embedder.name or built.get("chunking") != want_chunking):

@@ -173,6 +173,25 @@ def _allow_entry(entry):
     return ("http", "https"), p.hostname.lower(), p.port
 
 
+class AllowList:
+    """The origins a client may reach, matched on scheme, host and port: "scheme://host[:port]" names
+    one origin; "host:port" both schemes on that port; a bare "host" only the default ports (80, 443)."""
+
+    def __init__(self, entries):
+        self.entries = [_allow_entry(e) for e in entries]
+
+    def match(self, url):
+        """-> the entry (schemes, host, port) that admits url, or None."""
+        try:
+            scheme, host, port = _origin(url)
+        except ValueError:   # a port out of range
+            return None
+        for schemes, h, p in self.entries:
+            if scheme in schemes and host == h and port == (p or DEFAULT_PORTS[scheme]):
+                return schemes, h, p
+        return None
+
+
 class HTTPAPI:
     """Call an HTTP JSON API as a tool. `path` may hold {placeholders} filled from the arguments
     (percent-encoded, "/" and "." included, so a value stays one path segment); the other arguments
@@ -190,21 +209,9 @@ class HTTPAPI:
         if parts.scheme not in DEFAULT_PORTS or not parts.hostname:
             raise ValueError(f"base_url must be an http(s) URL with a host, got {base_url!r}")
         self.base_url, self.path, self.method = base_url.rstrip("/"), path, method.upper()
-        scheme, host, port = _origin(base_url)
-        self.allow = ([_allow_entry(e) for e in allow_hosts] if allow_hosts is not None else [((scheme,), host, port)])
+        self.allow = AllowList(allow_hosts if allow_hosts is not None else [base_url])
         self.timeout, self.max_bytes, self.max_redirects = timeout, max_bytes, max_redirects
         self.headers = dict(headers or {})
-
-    def _allowed(self, url):
-        """-> the matching allow entry, or None."""
-        try:
-            scheme, host, port = _origin(url)
-        except ValueError:   # a port out of range
-            return None
-        for schemes, h, p in self.allow:
-            if scheme in schemes and host == h and port == (p or DEFAULT_PORTS[scheme]):
-                return schemes, h, p
-        return None
 
     def url_for(self, arguments):
         args = dict(arguments)
@@ -227,7 +234,7 @@ class HTTPAPI:
         base = _origin(self.base_url)
         deadline = time.monotonic() + self.timeout
         for _ in range(self.max_redirects + 1):
-            entry = self._allowed(url)
+            entry = self.allow.match(url)
             if entry is None:
                 raise ToolError(f"origin of {url!r} is not in the allow-list")
             headers = {"Accept": "application/json"}

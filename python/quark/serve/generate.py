@@ -1,25 +1,27 @@
 """`quark generate`: one completion from a run or model directory, streamed to stdout, with timings
 on stderr; `--draft` decodes speculatively with a smaller model that shares the tokenizer."""
+import argparse
 import sys
 
 from quark.chat import chat_format
 from quark.infer.sampling import SamplingParams
 
 
-def add_sampling_args(p):
-    p.add_argument("--max-tokens", type=int, default=64)
+def add_sampling_args(p, max_tokens=64, max_tokens_help="most tokens to generate"):
+    p.formatter_class = argparse.ArgumentDefaultsHelpFormatter   # --help shows each default
+    p.add_argument("--max-tokens", type=int, default=max_tokens, help=max_tokens_help)
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="sample within this probability mass")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeated tokens")
     p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--cache-dtype", default="fp32", choices=["fp32", "bf16", "int8"])
+    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    p.add_argument("--cache-dtype", default="fp32", choices=["fp32", "bf16", "int8"], help="KV cache dtype")
 
 
-def sampling_params(args):
-    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                          repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed)
+def sampling_params(args, max_tokens=None):
+    return SamplingParams(max_tokens=args.max_tokens if max_tokens is None else max_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed)
 
 
 def configure_parser(p):
@@ -68,7 +70,7 @@ def run_cli(args):
     except ValueError as e:
         print(f"\nerror: {e}", file=sys.stderr)
         return 2
-    print()
+    print(flush=True)   # the text's newline goes out before the stats line, also when both streams share a pipe
     print(f"[{model_dir}: {len(ids)} prompt tokens, {n} generated in {secs:.2f} s "
           f"({n / max(secs, 1e-9):.1f} tok/s){extra}]", file=sys.stderr)
     return 0

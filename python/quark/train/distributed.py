@@ -12,8 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
 STRATEGIES = ("none", "ddp", "fsdp")
@@ -93,10 +92,6 @@ def model_state(model):
     if unwrap(model).config.tie_embeddings:
         state.pop("lm_head.weight", None)
     return state
-
-
-def optimizer_state(model, optimizer):
-    return get_optimizer_state_dict(model, optimizer)
 
 
 def load_full_state(model, optimizer, model_sd, optim_sd):

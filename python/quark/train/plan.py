@@ -17,6 +17,7 @@ import torch
 from quark.config import ConfigError, Step, from_dict
 from quark.io import atomic_write_json, atomic_write_text
 from quark.model import GPT, GPTConfig, preset
+from quark.model.config import check_preset
 from quark.rundir import RunDir
 from quark.train.precision import resolve_precision
 
@@ -144,10 +145,7 @@ class PlanConfig:
 def validate_config(cfg):
     c = from_dict(PlanConfig, cfg, "plan")
     if c.model != "auto":
-        try:
-            preset(c.model)
-        except ValueError as e:
-            raise ConfigError(f"plan.model: {e}") from None
+        check_preset(c.model, "plan.model")
     return c
 
 

@@ -28,6 +28,7 @@ from quark.data.loader import TokenLoader, eval_batches
 from quark.infer.measure import held_out
 from quark.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from quark.model import GPT, GPTConfig, preset
+from quark.model.config import check_preset
 from quark.model.io import save_model
 from quark.rundir import RunDir
 from quark.train import checkpoint as ckpt
@@ -88,10 +89,7 @@ class DataSpec:
 def validate_config(cfg):
     c = from_dict(PretrainConfig, cfg, "pretrain")
     if c.model != "plan":
-        try:
-            preset(c.model)
-        except ValueError as e:
-            raise ConfigError(f"pretrain.model: {e}") from None
+        check_preset(c.model, "pretrain.model")
     try:
         GPTConfig.from_dict(c.model_overrides, "pretrain.model_overrides")
     except ValueError as e:

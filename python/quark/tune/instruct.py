@@ -12,7 +12,8 @@ Corpus pairs (deterministic, no model needed):
 Self-instruct (Wang et al. 2022, "Self-Instruct"): a teacher model is shown a few sampled instructions,
 writes a new one and answers it; kept only if well-formed and not too similar (word-set Jaccard) to
 any instruction already in the pool.
-All pairs are filtered (length bounds, token budget under the run's tokenizer) and deduplicated
+All pairs are filtered (length bounds, token budget under the run's tokenizer and chat format, a base
+model's own when the run starts from one) and deduplicated
 (normalised prompt, normalised response), then split into train/val by a seeded shuffle.
 
 Step `instruct` -> run_dir/instruct/{train,val}.jsonl (chat records) and stats.json.
@@ -28,7 +29,6 @@ from pathlib import Path
 
 import torch
 
-from quark.chat import QuarkChat, encode_chat, special_ids
 from quark.config import ConfigError, Step, from_dict
 from quark.infer.engine import Engine
 from quark.infer.sampling import SamplingParams
@@ -50,7 +50,7 @@ class InstructConfig:
     min_response_chars: int = 20
     max_response_chars: int = 600
     max_code_chars: int = 500         # docstring -> code pairs only for functions up to this size
-    max_tokens: int = 0               # token budget per example under the run tokenizer; 0: 256
+    max_tokens: int = 0               # token budget per example under the run's chat format; 0: 256
     system_prompt: bool = False       # prepend the SYSTEM message to every record
     safety_examples: int = 40         # harmful request -> refusal records (0: none; at most 10% of the data)
     tool_examples: int = 40           # docs question -> search_docs call -> answer records (0: none; at most 10%)
@@ -179,14 +179,18 @@ def dedup(records):
     return out
 
 
-def keep(rec, s: InstructConfig, tokenizer=None, max_tokens=256):
+def keep(rec, s: InstructConfig, fmt=None, max_tokens=256):
     resp = rec["messages"][-1]["content"]
     if not (s.min_response_chars <= len(resp) <= max(s.max_response_chars, s.max_code_chars)):
         return False
     if sum(c.isprintable() or c in "\n\t" for c in resp) < 0.98 * len(resp):
         return False
-    if tokenizer is not None and len(QuarkChat(tokenizer).encode(rec["messages"], tools=rec.get("tools"))[0]) > max_tokens:
-        return False
+    if fmt is not None:
+        try:
+            ids, _ = fmt.encode(rec["messages"], tools=rec.get("tools"))
+        except ValueError:   # a checkpoint's own template may refuse a record (e.g. tool turns it has no syntax for)
+            return False
+        return len(ids) <= max_tokens
     return True
 
 
@@ -196,22 +200,21 @@ def jaccard(a, b):
 
 
 @torch.no_grad()
-def self_instruct(model, tokenizer, pool, n, rng, max_new_tokens=48, max_similarity=0.7, attempts_per_item=3):
-    """Generate up to n new (instruction, response) records with `model` as the teacher.
+def self_instruct(model, fmt, pool, n, rng, max_new_tokens=48, max_similarity=0.7, attempts_per_item=3):
+    """Generate up to n new (instruction, response) records with `model` as the teacher, prompted in its
+    chat format (quark.chat: Quark's, or an HF checkpoint's own template and eos ids).
     Returns (records, stats) where stats counts the attempts and why candidates were rejected."""
-    sp = special_ids(tokenizer)
-    stops = {sp["<|end|>"], sp["<|eos|>"]}
     seeds = [r["messages"][-2]["content"] for r in pool]
     known = [norm(x) for x in seeds]
     out, stats = [], {"attempts": 0, "empty": 0, "similar": 0, "kept": 0}
 
-    engine = Engine(model, max_batch=1, stop_ids=stops)
+    engine = Engine(model, max_batch=1, stop_ids=fmt.stop_ids)
 
     def complete(messages, limit):
-        ids, _ = encode_chat(tokenizer, messages, add_generation_prompt=True)
+        ids, _ = fmt.encode(messages, add_generation_prompt=True)
         ids = ids[-(model.config.max_seq_len - limit):]
         params = SamplingParams(max_tokens=limit, temperature=0.8, top_k=40, seed=rng.randrange(2**31))
-        return tokenizer.decode(engine.run([ids], params)[0].output_ids).strip()
+        return fmt.tokenizer.decode(engine.run([ids], params)[0].output_ids).strip()
 
     for _ in range(n * attempts_per_item):
         if len(out) >= n or not seeds:
@@ -278,24 +281,24 @@ def run_step(run_dir, cfg: dict) -> dict:
     run_dir = RunDir.of(run_dir)
     rng = random.Random(seed)
     code, docs, files = corpus_records(run_dir, s, rng)
-    tok = run_dir.tokenizer(chat=True) if run_dir.has("tokenizer", "tokenizer.json") else None
+    fmt = run_dir.chat() if run_dir.has("tokenizer", "tokenizer.json") or run_dir.base_model() else None
     max_tokens = s.max_tokens or 256
-    pool = dedup([r for r in code + docs if keep(r, s, tok, max_tokens)])
+    pool = dedup([r for r in code + docs if keep(r, s, fmt, max_tokens)])
     rng.shuffle(pool)
     # at most 10% refusals, so a small corpus does not teach the model to refuse everything
     safety = safety_pairs(min(s.safety_examples, len(pool) // 10), rng) if s.safety_examples else []
     # tool use over the docs pairs: added after dedup (a record repeats its pair's answer), at most 10%
     doc_ids = {id(r) for r in docs}
     tools = [r for r in tool_records([r for r in pool if id(r) in doc_ids], min(s.tool_examples, len(pool) // 10), rng)
-             if keep(r, s, tok, max_tokens)] if s.tool_examples else []
+             if keep(r, s, fmt, max_tokens)] if s.tool_examples else []
     pool = pool[: max(0, s.max_examples - len(safety) - len(tools))]
     gen_stats = {}
     if s.self_instruct:
         from quark.model.io import load_model
         teacher = run_dir.model(s.teacher)
-        tok = tok or run_dir.tokenizer(teacher, chat=True)
-        new, gen_stats = self_instruct(load_model(teacher), tok, pool, s.self_instruct, rng)
-        pool += dedup([r for r in new if keep(r, s, tok, max_tokens)])
+        teacher_chat = run_dir.chat(teacher)
+        new, gen_stats = self_instruct(load_model(teacher), teacher_chat, pool, s.self_instruct, rng)
+        pool += dedup([r for r in new if keep(r, s, fmt or teacher_chat, max_tokens)])
     records = pool + safety + tools
     if s.system_prompt:
         records = [r | {"messages": [{"role": "system", "content": SYSTEM}] + r["messages"]} for r in records]

@@ -155,10 +155,6 @@ def finetune(model, X, Y, cfg: SFTConfig, seed=0, ckpt_dir=None, desc="sft"):
     return train_loop(model, seeded_batches(loss_fn, seed), s, ckpt_root=ckpt_dir, keep_history=True, desc=desc)[0]
 
 
-def trainable_parameter_names(model):
-    return [n for n, p in model.named_parameters() if p.requires_grad]
-
-
 def run_step(run_dir, cfg: dict) -> dict:
     s = from_dict(SFTConfig, cfg, "sft")
     seed = s.seed

@@ -7,13 +7,10 @@ math. On the GPU the branch folds away at compile time and tl.dot runs on bf16/f
 """
 import os
 
-import torch
 import triton
 import triton.language as tl
 
 INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
-
-TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
 @triton.jit

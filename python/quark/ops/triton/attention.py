@@ -25,6 +25,19 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _key_blocks(start_m, off, Sk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key range of the query rows start_m .. start_m + BLOCK_M (row i sees keys <= i + off when causal)
+    -> (full_end, hi): blocks below full_end are seen whole by every row (no mask), blocks up to hi in part."""
+    if CAUSAL:
+        full_end = tl.minimum(tl.maximum(start_m + off + 1, 0), Sk) // BLOCK_N * BLOCK_N
+        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + off, 0), Sk)
+    else:
+        full_end = Sk // BLOCK_N * BLOCK_N
+        hi = Sk
+    return full_end, hi
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, O, LSE,
                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
                 H, G, Sq, Sk, qk_scale,
@@ -47,12 +60,7 @@ def _fwd_kernel(Q, K, V, O, LSE,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     off = Sk - Sq
-    if CAUSAL:
-        full_end = tl.minimum(tl.maximum(start_m + off + 1, 0), Sk) // BLOCK_N * BLOCK_N
-        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + off, 0), Sk)
-    else:
-        full_end = Sk // BLOCK_N * BLOCK_N
-        hi = Sk
+    full_end, hi = _key_blocks(start_m, off, Sk, CAUSAL, BLOCK_M, BLOCK_N)
     # Stage 1: blocks every row of the tile sees entirely -> no mask.
     for start_n in range(0, full_end, BLOCK_N):
         cols = start_n + offs_n
@@ -199,12 +207,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
     v_base = V + b * svb + hk * svh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     off = Sk - Sq
-    if CAUSAL:
-        full_end = tl.minimum(tl.maximum(start_m + off + 1, 0), Sk) // BLOCK_N * BLOCK_N
-        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + off, 0), Sk)
-    else:
-        full_end = Sk // BLOCK_N * BLOCK_N
-        hi = Sk
+    full_end, hi = _key_blocks(start_m, off, Sk, CAUSAL, BLOCK_M, BLOCK_N)
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + offs_n
         kmask = cols < Sk

@@ -1,8 +1,12 @@
 // Chat page: keeps the conversation client-side, streams replies from /v1/chat/completions (SSE);
 // thumbs up/down under a finished reply post the rating to /v1/feedback.
+// Out of the box the page never fails on its own defaults: max_tokens is left to the server (which
+// fills in what the context leaves) unless set, and only the newest turns that fit are sent (below).
 const $ = (id) => document.getElementById(id);
 const history = [];
 let model = null;
+let contextLength = null;   // from /v1/models
+let tokensPerByte = 1;      // measured from each reply's usage; 1 (a byte-level tokenizer's bound) at first
 
 $("api_key").value = localStorage.getItem("quark_api_key") || "";
 $("api_key").onchange = () => localStorage.setItem("quark_api_key", $("api_key").value);
@@ -24,7 +28,20 @@ function bubble(role, text) {
 
 async function loadModel() {
   const r = await fetch("/v1/models", { headers: headers() });
-  if (r.ok) { model = (await r.json()).data[0].id; $("model").textContent = model; }
+  if (r.ok) {
+    const m = (await r.json()).data[0];
+    model = m.id; contextLength = m.context_length; $("model").textContent = model;
+  }
+}
+
+// The messages to send: the newest turns whose estimated tokens fill at most 3/4 of the context (the rest is
+// for the reply), less `extra` more of the oldest turns after the server answered context_length_exceeded.
+const bytesOf = (msgs) => msgs.reduce((n, m) => n + new TextEncoder().encode(m.content).length + 8, 0);
+function fitted(extra) {
+  let start = 0;   // history alternates user, assistant, ... and ends with the new user message
+  while (contextLength && start < history.length - 1 &&
+         bytesOf(history.slice(start)) * tokensPerByte > contextLength * 3 / 4) start += 2;
+  return history.slice(Math.min(start + 2 * extra, history.length - 1));
 }
 
 function thumbs(out, prompt, reply, responseId) {
@@ -54,15 +71,21 @@ async function send(text) {
   const out = bubble("assistant", "");
   $("send").disabled = true;
   let reply = "", responseId = null;
-  const prompt = history.slice();
   try {
     if (!model) await loadModel();
-    const r = await fetch("/v1/chat/completions", {
-      method: "POST", headers: headers(),
-      body: JSON.stringify({ model, messages: history, stream: true,
-        temperature: Number($("temperature").value), max_tokens: Number($("max_tokens").value) }),
-    });
-    if (!r.ok) throw new Error((await r.json()).error.message);
+    let r, sent;
+    for (let extra = 0; ; extra++) {
+      sent = fitted(extra);
+      const max = Number($("max_tokens").value);   // empty: the server's default, clamped to what fits
+      r = await fetch("/v1/chat/completions", {
+        method: "POST", headers: headers(),
+        body: JSON.stringify({ model, messages: sent, stream: true, stream_options: { include_usage: true },
+          temperature: Number($("temperature").value), ...(max > 0 ? { max_tokens: max } : {}) }),
+      });
+      if (r.ok) break;
+      const err = (await r.json()).error;
+      if (err.code !== "context_length_exceeded" || sent.length === 1) throw new Error(err.message);
+    }
     const reader = r.body.getReader();
     const decoder = new TextDecoder();
     let buf = "";
@@ -77,6 +100,8 @@ async function send(text) {
         if (data === "[DONE]") continue;
         const msg = JSON.parse(data);
         if (msg.error) throw new Error(msg.error.message);
+        if (msg.usage) tokensPerByte = msg.usage.prompt_tokens / bytesOf(sent);
+        if (!msg.choices.length) continue;   // the usage chunk
         responseId = msg.id;
         reply += msg.choices[0].delta.content || "";
         out.textContent = reply;
@@ -84,7 +109,7 @@ async function send(text) {
     }
     history.push({ role: "assistant", content: reply });
     out.dataset.done = "1";
-    if (reply.trim()) thumbs(out, prompt, reply, responseId);
+    if (reply.trim()) thumbs(out, sent, reply, responseId);   // rated with the turns the model saw
   } catch (e) {
     history.pop();
     out.remove();
