@@ -50,8 +50,9 @@ def test_preference_optimisation_raises_heldout_margin(tok, kind, beta, lr):
 def test_dpo_step_with_lora(tmp_path):
     run, _ = make_run(tmp_path)
     instruct.run_step(run, {"seed": 0})
-    stats = dpo.run_step(run, {"seed": 0, "steps": 6, "lr": 1e-3, "lora_rank": 4})
+    stats = dpo.run_step(run, {"seed": 0, "steps": 6, "lr": 1e-3, "lora_rank": 4, "max_pairs": 24, "max_new_tokens": 8})
     assert stats["init"].endswith("pretrain/final")   # no SFT model in this run: falls back
+    assert stats["train_pairs"] >= 20   # on-policy: each task's reference over the untrained model's own mistake
     assert stats["heldout_after"]["reward_margin"] > stats["heldout_before"]["reward_margin"]
     assert (run / "dpo" / "final" / "model.safetensors").exists() and not (run / "dpo" / "ckpt").exists()
     from quark.config import ConfigError
@@ -59,6 +60,8 @@ def test_dpo_step_with_lora(tmp_path):
         dpo.validate_config({"beta": 0})
     with pytest.raises(ConfigError, match="loss"):
         dpo.validate_config({"loss": "kto"})
+    with pytest.raises(ConfigError, match="samples"):
+        dpo.validate_config({"samples": 1})
 
 
 def test_dpo_on_an_hf_checkpoint_with_its_own_template(tmp_path):
@@ -82,3 +85,56 @@ def test_dpo_on_an_hf_checkpoint_with_its_own_template(tmp_path):
     before = heldout_metrics(model, val, ref_val, pad, 0.1)
     optimize(model, train, ref, counts, pad, DPOConfig(steps=10, batch_size=8, lr=2e-3))
     assert heldout_metrics(model, val, ref_val, pad, 0.1)["logp_margin"] > before["logp_margin"] + 1.0
+
+
+def test_dpo_learns_from_feedback_collected_by_the_server(tmp_path):
+    """Thumbs-down replies with corrections posted to a real server become pairs that quark dpo trains on:
+    the trained model prefers the users' corrections over the replies they corrected, far more than the
+    same run without the feedback does."""
+    import httpx
+
+    from quark.align.pairs import encode_answer, sequence_logps
+    from quark.feedback import FeedbackStore
+    from quark.infer.engine import Engine
+    from quark.model.io import load_model
+    from quark.serve.server import create_app
+    from tests.serve_helpers import ServerThread
+
+    run, tok = make_run(tmp_path)
+    instruct.run_step(run, {"seed": 0})
+    model = load_model(run / "pretrain" / "final")
+    store = FeedbackStore(run / "feedback" / "feedback.sqlite")
+    questions = [f"What does {w} return?" for w in ("len", "sorted", "max", "min", "sum", "abs", "str", "int")]
+    with ServerThread(create_app(Engine(model, tok, max_batch=2), tok, "tiny", feedback=store)) as s:
+        for q in questions:
+            messages = [{"role": "user", "content": q}]
+            reply = httpx.post(s.url + "/v1/chat/completions", timeout=60,
+                               json={"messages": messages, "max_tokens": 8, "temperature": 0}).json()
+            text = reply["choices"][0]["message"]["content"]
+            r = httpx.post(s.url + "/v1/feedback", json={"messages": messages, "response": text or "?", "rating": "down",
+                                                         "correction": "It returns a value.", "response_id": reply["id"]})
+            assert r.status_code == 200
+    pairs = store.preference_pairs()
+    assert len(pairs) == len(questions)
+
+    def margin(m):   # mean log-prob of the correction minus that of the corrected reply
+        total = 0.0
+        for p in pairs:
+            c = encode_answer(tok, p["prompt"], p["chosen"])
+            r = encode_answer(tok, p["prompt"], p["rejected"])
+            lc, _ = sequence_logps(m, torch.tensor([c[0]]), torch.tensor([c[1]], dtype=torch.float32))
+            lr, _ = sequence_logps(m, torch.tensor([r[0]]), torch.tensor([r[1]], dtype=torch.float32))
+            total += float(lc - lr)
+        return total / len(pairs)
+
+    base = dpo.run_step(run, {"seed": 0, "steps": 12, "lr": 1e-3, "max_pairs": 8, "safety_pairs": 0, "negatives": "instruct"})
+    with torch.no_grad():
+        without = margin(load_model(run / "dpo" / "final"))
+    with_feedback = dpo.run_step(run, {"seed": 0, "steps": 12, "lr": 1e-3, "max_pairs": 8, "safety_pairs": 0,
+                                       "negatives": "instruct", "feedback": "feedback/feedback.sqlite"})
+    assert with_feedback["train_pairs"] == base["train_pairs"] + len(questions)
+    with torch.no_grad():
+        before, after = margin(model), margin(load_model(run / "dpo" / "final"))
+    assert after > max(before, without) + 5.0   # nats: the same DPO run without the feedback moves it far less
+    with pytest.raises(ValueError, match="does not exist"):
+        dpo.run_step(run, {"steps": 1, "feedback": "feedback/missing.sqlite"})

@@ -52,3 +52,20 @@ def test_history_curves_quantization_and_redteam_sections(tmp_path):
     page = build_report(run)
     assert page.count("data:image/png;base64,") == 3          # pretrain, sft curves + red-team chart
     assert "<h2>Quantization</h2>" in page and "10.5" in page and "<h2>Red-team</h2>" in page
+
+
+def test_rl_reward_curve_and_heldout_paired_difference(tmp_path):
+    run = make_run(tmp_path)
+    (run / "rl").mkdir()
+    (run / "rl" / "metrics.json").write_text(json.dumps({"history": [{"step": i, "reward_mean": i / 10, "kl": 0.0}
+                                                                     for i in range(8)]}))
+    state = json.loads((run / "pipeline.json").read_text())
+    state["steps"]["rl"] = {"status": "done", "seconds": 1, "stats": {
+        "heldout_tasks": {"n": 200, "init": 0.15, "rl": 0.25, "diff": 0.1, "se": 0.02, "better": True}}}
+    (run / "pipeline.json").write_text(json.dumps(state))
+    page = build_report(run)
+    assert page.count("data:image/png;base64,") == 2   # pretrain curves + the GRPO reward curve
+    assert "<h2>RL on verifiable tasks</h2>" in page and "+0.100 &plusmn; 0.040" in page and "'ok'>better" in page
+    state["steps"]["rl"]["stats"]["heldout_tasks"] |= {"diff": 0.03, "se": 0.02}
+    (run / "pipeline.json").write_text(json.dumps(state))
+    assert "not better" in build_report(run)

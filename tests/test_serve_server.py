@@ -827,6 +827,42 @@ def test_hf_template_renders_tools_natively(tmp_path):
         assert all(json.loads(c.function.arguments)["x"] in (1, 2) for c in forced.message.tool_calls)
 
 
+def test_feedback_is_stored_behind_the_api_key(tok, model, tmp_path):
+    from quark.feedback import FeedbackStore
+    store = FeedbackStore(tmp_path / "run" / "feedback" / "feedback.sqlite")
+    engine = Engine(model, tok, max_batch=2)
+    with ServerThread(create_app(engine, tok, "tiny", api_key="k", feedback=store)) as s:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="k", max_retries=0)
+        reply = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=6, temperature=0)
+        good = {"messages": MSG, "response": reply.choices[0].message.content or "x", "rating": "down",
+                "correction": "Hello! How can I help?", "response_id": reply.id}
+        key = {"Authorization": "Bearer k"}
+        assert httpx.post(s.url + "/v1/feedback", json=good).status_code == 401
+        r = httpx.post(s.url + "/v1/feedback", json=good, headers=key)
+        assert r.status_code == 200 and r.json() == {"id": 1, "object": "feedback"}
+        up = httpx.post(s.url + "/v1/feedback", headers=key,
+                        json={"messages": MSG, "response": "Hi there.", "rating": "up", "request_id": "r-2"})
+        assert up.status_code == 200
+        bad = [({**good, "rating": "meh"}, "rating"), ({**good, "stars": 5}, "stars"),
+               ({**good, "messages": [{"role": "robot", "content": "x"}]}, None), ({**good, "response": ""}, None),
+               ({**good, "response_id": "x" * 129}, "response_id"), ({**good, "correction": 3}, "correction"),
+               ({**good, "messages": MSG * 600}, "messages")]
+        for body, param in bad:
+            r = httpx.post(s.url + "/v1/feedback", json=body, headers=key)
+            assert r.status_code == 400, body
+            assert param is None or r.json()["error"]["param"] == param
+        assert httpx.post(s.url + "/v1/feedback", content=b"rating=up", headers=key).status_code == 415
+        assert 'quark_feedback_total{rating="down"} 1' in httpx.get(s.url + "/metrics", headers=key).text
+    rows = FeedbackStore(tmp_path / "run" / "feedback" / "feedback.sqlite").rows()   # persisted, read by a new connection
+    assert [(r["rating"], r["correction"], r["response_id"], r["request_id"]) for r in rows] == [
+        (0.0, "Hello! How can I help?", reply.id, None), (1.0, None, None, "r-2")]
+    assert rows[0]["prompt"] == MSG and rows[0]["model"] == "tiny"
+    engine = Engine(model, tok, max_batch=1)
+    with ServerThread(create_app(engine, tok, "tiny")) as s:   # no store: the route says so
+        r = httpx.post(s.url + "/v1/feedback", json=good)
+        assert r.status_code == 404 and "--feedback" in r.json()["error"]["message"]
+
+
 def test_chat_without_max_tokens_gets_what_fits_and_an_overfull_conversation_is_named(client, tok, model):
     """The chat page's protocol: it leaves max_tokens unset (the server fills in what the context leaves)
     and, on context_length_exceeded for its messages, drops its oldest turn and sends again."""

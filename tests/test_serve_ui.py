@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 
 from quark.chat import encode_chat
+from quark.feedback import FeedbackStore
 from quark.infer.engine import Engine
 from quark.infer.sampling import SamplingParams
 from quark.serve.server import create_app
@@ -109,7 +110,8 @@ def test_chat_and_runs_pages_in_chromium(tmp_path):
     assert want
 
     engine = Engine(model, tok, max_batch=4)
-    with ServerThread(create_app(engine, tok, "tiny", runs_dir=tmp_path / "runs")) as server:
+    store = FeedbackStore(tmp_path / "feedback.sqlite")
+    with ServerThread(create_app(engine, tok, "tiny", runs_dir=tmp_path / "runs", feedback=store)) as server:
         async def drive():
             browser = Browser(tmp_path / "profile")
             try:
@@ -127,6 +129,8 @@ def test_chat_and_runs_pages_in_chromium(tmp_path):
                 reply = await browser.wait_for(
                     "(() => { const m = document.querySelector('.msg.assistant[data-done=\"1\"]'); return m && m.textContent; })()")
                 assert await browser.eval("document.querySelector('.msg.user').textContent") == "Hello from Chromium"
+                await browser.eval("document.querySelector('.feedback .thumb.down').click()")
+                assert await browser.wait_for("document.querySelector('.feedback').dataset.sent") == "down"
                 png = await browser.screenshot(tmp_path / "chat.png")
                 width, height = png_size(png)
                 assert width == 1100 and height > 400 and len(png) > 5000
@@ -142,4 +146,7 @@ def test_chat_and_runs_pages_in_chromium(tmp_path):
 
         reply, n_charts, status = asyncio.run(drive())
     assert reply == want            # the streamed reply equals the engine's own greedy output
+    [row] = store.rows()            # the thumbs-down landed in the database with the conversation it rates
+    assert row["prompt"] == messages and row["response"] == want and row["rating"] == 0.0
+    assert row["response_id"].startswith("chatcmpl-") and row["model"] == "tiny"
     assert n_charts == 2 and status == "exp1: 2 metrics"

@@ -9,9 +9,14 @@ policy / reference. Logged: implicit rewards beta * (pi - ref) for chosen and re
 and the fraction of pairs with a positive margin, on training batches and on held-out pairs before
 and after training (the held-out log-prob margin pi_c - pi_r is comparable across the three losses).
 
-Step `dpo`: run_dir/sft/final (else pretrain/final) + pairs built from run_dir/instruct, safety pairs
-and an optional pairs JSONL (the feedback loop's) -> run_dir/dpo/final and metrics.json.
+Step `dpo`: run_dir/sft/final (else pretrain/final) + on-policy pairs (`negatives: policy`, the default:
+k samples per prompt from the starting policy and the reference answer, best over worst as the verifier of
+the verifiable tasks judges, or the reward model run_dir/reward/final with `judge: model`; pairs from the held-out tasks are the
+held-out set) or pairs built from run_dir/instruct (`negatives: instruct`), safety pairs,
+an optional pairs JSONL and the users' feedback (the `feedback` setting names the database quark serve
+writes; quark.feedback turns its ratings and corrections into pairs) -> run_dir/dpo/final and metrics.json.
 """
+import json
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -92,7 +97,15 @@ class DPOConfig:
     beta: float = 0.1                # SimPO usually wants ~2
     gamma: float = 0.5               # SimPO target margin
     data: str = "instruct"
+    negatives: Literal["policy", "instruct"] = "policy"   # own samples ranked, or mismatched/corrupted references
+    judge: Literal["verify", "model"] = "verify"          # policy: the verifiable tasks' checks, or reward/final
+    tasks: str = "add,format,code"   # judge verify: task families or a tasks JSONL (quark.align.verifiable)
+    reward_model: str = "reward/final"
+    samples: int = 4                 # policy: completions sampled per prompt
+    max_new_tokens: int = 32
     pairs: str = ""                  # optional extra preference pairs JSONL (relative to run_dir or absolute)
+    feedback: str = ""               # optional feedback DB (quark serve's RUN/feedback/feedback.sqlite): its pairs join training
+    feedback_margin: float = 1.0     # rated responses pair when their mean ratings differ by this much (thumbs: 1)
     max_pairs: int = 300
     mismatch: float = 0.5
     safety_pairs: int = 60           # harmful request -> refusal (and benign -> answer) pairs
@@ -112,6 +125,36 @@ class DPOConfig:
             raise ConfigError(f"dpo.beta: must be > 0, got {self.beta}")
         if self.steps < 1 or self.batch_size < 1:
             raise ConfigError("dpo.steps and dpo.batch_size must be >= 1")
+        if self.samples < 2:
+            raise ConfigError(f"dpo.samples: must be >= 2 (pairs need a best and a worst sample), got {self.samples}")
+
+
+def policy_pairs(run_dir, s, model, tok, rng):
+    """On-policy pairs (train, held out) from the starting policy's own samples, ranked by the judge."""
+    if s.judge == "verify":
+        from quark.align import verifiable as V
+        def sets(split):
+            tasks = V.tasks_for(s.tasks, split, run_dir.path)
+            return rng.sample(tasks, min(s.max_pairs, len(tasks)))
+        by_prompt = {}
+        train_tasks, val_tasks = sets("train"), sets("heldout")
+        for t in train_tasks + val_tasks:
+            by_prompt[json.dumps(t["messages"])] = t
+        def score(prompt, text):
+            return V.verify(by_prompt[json.dumps(prompt)], text)
+        prompts = [[t["messages"] for t in ts] for ts in (train_tasks, val_tasks)]
+        refs = [[t["answer"] for t in ts] for ts in (train_tasks, val_tasks)]
+    else:
+        from quark.align.reward import load_reward_model
+        rm = load_reward_model(run_dir.path(s.reward_model))
+        def score(prompt, text):
+            return rm.score(tok, prompt, text)
+        data = run_dir.path(s.data)
+        recs = [P.load_chat_records(data / f"{split}.jsonl", s.max_pairs) for split in ("train", "val")]
+        prompts = [[r["messages"][:-1] for r in rs] for rs in recs]
+        refs = [[r["messages"][-1]["content"] for r in rs] for rs in recs]
+    return tuple(P.on_policy_pairs(model, tok, ps, score, s.samples, s.max_new_tokens, seed=s.seed + i, references=rf)
+                 for i, (ps, rf) in enumerate(zip(prompts, refs)))
 
 
 def validate_config(cfg):
@@ -129,7 +172,8 @@ def run_step(run_dir, cfg: dict) -> dict:
     tok = run_dir.chat(init)   # the model's chat format: Quark's, or an HF checkpoint's own template
     model = load_model(init)
     max_len = s.max_len or model.config.max_seq_len
-    train, val, dropped = build_datasets(run_dir, s, tok, max_len, random.Random(seed + 1))
+    built = policy_pairs(run_dir, s, model, tok, random.Random(seed)) if s.negatives == "policy" else None
+    train, val, dropped = build_datasets(run_dir, s, tok, max_len, random.Random(seed + 1), built)
     pad = P.pad_id(tok)
     t0 = time.time()
     ref_train, counts = reference_logps(model, train, pad)   # the policy starts as the reference

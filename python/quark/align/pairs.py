@@ -5,11 +5,14 @@
 their validation (errors name path:line), their encoding with the chat template (the response mask
 covers exactly the final assistant answer and its end-of-turn marker; `tokenizer` is a tokenizers
 Tokenizer for Quark's template, or a model's chat format from RunDir.chat, e.g. a Hugging Face
-checkpoint's own template), padding into batches, and building pairs
-from instruction data when no human preferences exist: chosen = the reference answer; rejected = a
-mismatched answer (another prompt's), a corrupted one (words shuffled or cut short), or, for the
-safety pairs, the refusal/compliance pair (harmful request: refusal chosen; benign request: the answer
-chosen over an unwarranted refusal).
+checkpoint's own template), padding into batches, and building pairs when no human preferences exist:
+  - on-policy (on_policy_pairs): k completions per prompt sampled from the model being trained, scored
+    by a program (a verifiable task's check) or by the reward model; chosen = the best, rejected = the
+    worst, when their scores differ;
+  - from instruction data (pairs_from_chat): chosen = the reference answer; rejected = a mismatched
+    answer (another prompt's) or a corrupted one (words shuffled or cut short);
+  - safety pairs: harmful request: refusal chosen; benign request: the answer chosen over an
+    unwarranted refusal.
 """
 import torch
 import torch.nn.functional as F
@@ -97,6 +100,32 @@ def sequence_logps(model, ids, mask):
     tok = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)                    # (B, T-1)
     m = mask[:, 1:]
     return (tok * m).sum(-1), m.sum(-1)
+
+
+@torch.no_grad()
+def on_policy_pairs(model, tokenizer, prompts, score, k=4, max_new_tokens=32, temperature=1.0, seed=0,
+                    references=None):
+    """prompts (lists of messages), score(prompt, text) -> float -> pairs of the model's own samples:
+    the best-scored candidate over the worst one, for each prompt whose candidates do not all tie. The
+    candidates are k samples and, when given, the prompt's reference answer (scored like the samples),
+    so a prompt the model never solves still yields its reference over the model's own mistake (SPIN,
+    Chen et al. 2024) and one it sometimes solves yields its own correct sample over its own wrong one."""
+    from quark.infer.engine import Engine
+    from quark.infer.sampling import SamplingParams
+    chat = _chat(tokenizer)
+    engine = Engine(model, max_batch=16, stop_ids=chat.stop_ids, fuse=False)
+    ids = [chat.encode(p, add_generation_prompt=True)[0] for p in prompts]
+    params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, seed=seed * 1_000_003 + i)
+              for i in range(len(prompts) * k)]
+    reqs = engine.run([x for x in ids for _ in range(k)], params)
+    out = []
+    for i, prompt in enumerate(prompts):
+        texts = [chat.tokenizer.decode(r.output_ids).strip() for r in reqs[i * k:(i + 1) * k]]
+        texts += [references[i]] if references is not None else []
+        ranked = sorted(((score(prompt, t), t) for t in texts if t), key=lambda st: -st[0])
+        if len(ranked) >= 2 and ranked[0][0] > ranked[-1][0]:
+            out.append({"prompt": prompt, "chosen": ranked[0][1], "rejected": ranked[-1][1]})
+    return out
 
 
 def corrupt(text, rng):

@@ -108,7 +108,9 @@ def train_reward(rm, train, pad, s, seed=0, ckpt_dir=None):
 class RewardConfig:
     init: str = "auto"               # backbone model dir, or "auto": sft/final, else pretrain/final
     data: str = "instruct"           # chat records to build pairs from (train.jsonl -> training, val.jsonl -> held out)
-    pairs: str = ""                  # optional extra preference pairs JSONL (e.g. from the feedback loop)
+    pairs: str = ""                  # optional extra preference pairs JSONL (e.g. exported from the feedback DB)
+    feedback: str = ""               # optional feedback DB (quark serve's RUN/feedback/feedback.sqlite): its pairs join training
+    feedback_margin: float = 1.0     # rated responses pair when their mean ratings differ by this much (thumbs: 1)
     max_pairs: int = 400
     mismatch: float = 0.5            # fraction of built pairs whose rejected answer belongs to another prompt
     safety_pairs: int = 40
@@ -133,15 +135,19 @@ def validate_config(cfg):
     return from_dict(RewardConfig, cfg, "reward")
 
 
-def build_datasets(run_dir, s, tok, max_len, rng):
-    """Train and held-out encoded pairs from the instruction data (+ extra pairs + safety pairs)."""
+def build_datasets(run_dir, s, tok, max_len, rng, built=None):
+    """Train and held-out encoded pairs: `built` (train, held-out pair lists, e.g. on-policy pairs) or pairs
+    from the instruction data, + extra pairs, users' feedback and safety pairs."""
     run_dir = RunDir.of(run_dir)
     data = run_dir.path(s.data)
     train_recs = P.load_chat_records(data / "train.jsonl")
     val_recs = P.load_chat_records(data / "val.jsonl")
     rng.shuffle(train_recs)
-    train = P.pairs_from_chat(train_recs[: s.max_pairs], rng, s.mismatch)
-    val = P.pairs_from_chat(val_recs, rng, s.mismatch)
+    if built is None:
+        train = P.pairs_from_chat(train_recs[: s.max_pairs], rng, s.mismatch)
+        val = P.pairs_from_chat(val_recs, rng, s.mismatch)
+    else:
+        train, val = list(built[0]), list(built[1])
     if s.safety_pairs:
         # at most a quarter of the pairs; half as many benign "answer over refusal" pairs as refusal ones
         n = min(s.safety_pairs, len(train) // 4)
@@ -154,6 +160,17 @@ def build_datasets(run_dir, s, tok, max_len, rng):
         more, d2 = P.load_pairs(run_dir.path(s.pairs), tok, max_len, s.overlong)
         enc_train += more
         dropped += d2
+    if s.feedback:
+        from quark.feedback import FeedbackStore
+        path = run_dir.path(s.feedback)
+        if not path.is_file():
+            raise ValueError(f"feedback: {path} does not exist (quark serve RUN writes RUN/feedback/feedback.sqlite)")
+        store = FeedbackStore(path)
+        users = store.preference_pairs(s.feedback_margin)
+        store.close()
+        more, d3 = P.encode_pairs(tok, list(enumerate(users, 1)), max_len, str(path), s.overlong)
+        enc_train += more
+        dropped += d3
     enc_val, _ = P.encode_pairs(tok, list(enumerate(val, 1)), max_len, "held-out pairs", "drop")
     if len(enc_train) < 2 or not enc_val:
         raise ValueError(f"too few preference pairs ({len(enc_train)} train, {len(enc_val)} held out); "

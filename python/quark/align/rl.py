@@ -10,10 +10,16 @@ reward as every completion token's advantage; no value network.
 pi_old is the policy that sampled the group; `inner_epochs` > 1 reuses a group for several updates,
 where the clip matters. The reference is the frozen starting policy.
 
-Rule rewards (name -> f(prompt messages, completion text, terminated) -> float): "terminates"
-(ends with a stop token), "brevity" (short, terminated answers), "refusal" (refuse the harmful
-requests of the build families in quark.safety_data, answer everything else), "keyword:WORD" (mentions WORD).
+Rewards (f(prompt messages, completion text, terminated) -> float):
+  - "verify" (default): verifiable tasks (quark.align.verifiable: exact arithmetic, output format, code run
+    against unit tests in the sandbox); a program checks each completion, 1 when it solves its task. The
+    step then scores the starting and the trained model greedily on the held-out tasks (disjoint from
+    training by construction) and reports the paired difference with its standard error.
+  - "model": the reward model run_dir/reward/final.
+  - rules: "terminates" (ends with a stop token), "brevity" (short, terminated answers), "refusal" (refuse
+    the harmful requests of the build families in quark.safety_data, answer everything else), "keyword:WORD".
 """
+import json
 import copy
 import random
 import statistics
@@ -50,7 +56,8 @@ def rule_reward(name):
         word = name.split(":", 1)[1].lower()
         return lambda prompt, text, terminated: float(text.lower().count(word))
     if name not in RULES:
-        raise ConfigError(f"rl.reward: unknown rule {name!r}; use 'model', one of {sorted(RULES)}, or 'keyword:WORD'")
+        raise ConfigError(f"rl.reward: unknown rule {name!r}; use 'verify', 'model', one of {sorted(RULES)}, "
+                          "or 'keyword:WORD'")
     return RULES[name]
 
 
@@ -97,9 +104,11 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, clip_eps, kl_beta):
 @dataclass
 class RLConfig:
     init: str = "auto"               # policy model dir, or "auto": dpo/final, else sft/final, else pretrain/final
-    reward: str = "terminates"       # "model" (run_dir/reward/final) or a rule name (see RULES) or "keyword:WORD"
+    reward: str = "verify"           # "verify" (verifiable tasks), "model" (run_dir/reward/final), a rule (RULES), "keyword:WORD"
     reward_model: str = "reward/final"
-    prompts: str = "instruct/train.jsonl"   # chat records; the messages before the last assistant turn are the prompt
+    tasks: str = "add,format,code"   # verify: task families (quark.align.verifiable), or a tasks JSONL (with TASKS.heldout.jsonl beside it)
+    heldout_tasks: int = 200         # verify: held-out tasks scored for the starting and the trained model (0: none)
+    prompts: str = "instruct/train.jsonl"   # other rewards: chat records; the messages before the last assistant turn
     max_prompts: int = 64
     steps: int = 20
     prompts_per_step: int = 2
@@ -118,7 +127,7 @@ class RLConfig:
             raise ConfigError(f"rl.group_size: must be >= 2 (advantages are relative within a group), got {self.group_size}")
         if self.steps < 1 or self.prompts_per_step < 1 or self.inner_epochs < 1:
             raise ConfigError("rl.steps, rl.prompts_per_step and rl.inner_epochs must be >= 1")
-        if self.reward != "model":
+        if self.reward not in ("model", "verify"):
             rule_reward(self.reward)
 
 
@@ -167,6 +176,15 @@ def grpo(policy, chat, prompts, reward_fn, s: RLConfig, seed=0, log=None):
     return history
 
 
+def paired_difference(new, old):
+    """Per-item scores of two models on the same items -> mean difference and its standard error."""
+    d = [a - b for a, b in zip(new, old)]
+    mean = statistics.mean(d)
+    se = statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else float("inf")
+    return {"n": len(d), "init": round(statistics.mean(old), 4), "rl": round(statistics.mean(new), 4),
+            "diff": round(mean, 4), "se": round(se, 4), "better": mean > 2 * se}
+
+
 def load_prompts(path, limit):
     from quark.align.pairs import load_chat_records
     recs = load_chat_records(path, limit)
@@ -188,15 +206,29 @@ def run_step(run_dir, cfg: dict) -> dict:
     tok_path = run_dir.tokenizer_path(init)
     chat = run_dir.chat(init)   # the model's chat format: Quark's, or an HF checkpoint's own template
     policy = load_model(init)
-    if s.reward == "model":
+    heldout = None
+    if s.reward == "verify":
+        from quark.align import verifiable as V
+        tasks = V.tasks_for(s.tasks, "train", run_dir.path)
+        by_prompt = {json.dumps(t["messages"]): t for t in tasks}
+        prompts = [t["messages"] for t in random.Random(seed).sample(tasks, min(s.max_prompts, len(tasks)))]
+
+        def reward_fn(prompt, text, terminated):
+            return V.verify(by_prompt[json.dumps(prompt)], text)
+        if s.heldout_tasks:
+            heldout = V.tasks_for(s.tasks, "heldout", run_dir.path)
+            heldout = random.Random(seed + 1).sample(heldout, min(s.heldout_tasks, len(heldout)))
+            before = V.solved(policy, chat, heldout, s.max_new_tokens)
+    elif s.reward == "model":
         from quark.align.reward import load_reward_model
         rm = load_reward_model(run_dir.path(s.reward_model))
 
         def reward_fn(prompt, text, terminated):
             return rm.score(chat, prompt, text)
+        prompts = load_prompts(run_dir.path(s.prompts), s.max_prompts)
     else:
         reward_fn = rule_reward(s.reward)
-    prompts = load_prompts(run_dir.path(s.prompts), s.max_prompts)
+        prompts = load_prompts(run_dir.path(s.prompts), s.max_prompts)
     t0 = time.time()
     history = grpo(policy, chat, prompts, reward_fn, s, seed)
     out = run_dir.output("rl")
@@ -206,6 +238,8 @@ def run_step(run_dir, cfg: dict) -> dict:
              "reward_first_quarter": round(statistics.mean(h["reward_mean"] for h in first), 4),
              "reward_last_quarter": round(statistics.mean(h["reward_mean"] for h in last), 4),
              "kl_last": history[-1]["kl"], "seconds": round(time.time() - t0, 1), "settings": asdict(s)}
+    if heldout:   # held-out verifiable accuracy, the starting model vs the trained one on the same items
+        stats["heldout_tasks"] = paired_difference(V.solved(policy, chat, heldout, s.max_new_tokens), before)
     atomic_write_json(out / "metrics.json", {**stats, "history": history})
     return stats
 

@@ -16,7 +16,7 @@ order (e.g. MMLU's data/test/*.csv, or a Hugging Face snapshot's *.parquet shard
 - mbpp: text, code, test_list, test_setup_code (mbpp.jsonl); or prompt, code, test_list,
   test_imports (sanitized-mbpp.json)
 Prompts follow lm-evaluation-harness's task definitions (zero-shot), so numbers are comparable to its
-`--num_fewshot 0` runs. HumanEval and MBPP completions run in the sandbox (quark.eval.sandbox).
+`--num_fewshot 0` runs. HumanEval and MBPP completions run in the sandbox (quark.sandbox).
 """
 import csv
 import gzip

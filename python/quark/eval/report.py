@@ -20,7 +20,7 @@ from quark.io import atomic_write_text  # noqa: E402
 from quark.rundir import RunDir  # noqa: E402
 
 SERIES_KEYS = ("loss", "train_loss", "val_loss", "lr", "tokens_per_s", "mfu", "grad_norm", "accuracy",
-               "reward_margin", "reward_accuracy", "kl", "reward")
+               "reward_margin", "reward_accuracy", "kl", "reward", "reward_mean")
 
 
 def _png(fig):
@@ -109,6 +109,18 @@ def redteam_section(stats):
     return [f"<h2>Red-team</h2><img src='data:image/png;base64,{_png(fig)}'>"]
 
 
+def rl_section(stats):
+    """Held-out verifiable tasks: the starting (SFT) model's accuracy, the RL model's, and their paired
+    difference with +-2 standard errors (the GRPO reward curve is plotted with the other curves)."""
+    h = stats.get("heldout_tasks")
+    if not isinstance(h, dict) or not all(isinstance(h.get(k), (int, float)) for k in ("init", "rl", "diff", "se", "n")):
+        return []
+    verdict = "<span class='ok'>better</span>" if h["diff"] > 2 * h["se"] else "<span class='bad'>not better</span>"
+    return [f"<h2>RL on verifiable tasks</h2><p>held-out tasks (disjoint from training by construction), {h['n']} "
+            f"items, greedy: starting model {h['init']:.3f}, RL model {h['rl']:.3f}; paired difference "
+            f"<b>{h['diff']:+.3f} &plusmn; {2 * h['se']:.3f}</b> (2 SE): {verdict}</p>"]
+
+
 def flatten(d, prefix=""):
     out = {}
     for k, v in d.items():
@@ -170,6 +182,7 @@ def build_report(run_dir):
         if tel:
             parts.append("<h3>Telemetry</h3>" + table(sorted(tel.items()), ["metric", "value"]))
     parts += quantization_section(run_dir) + redteam_section(steps.get("redteam", {}).get("stats") or {})
+    parts += rl_section(steps.get("rl", {}).get("stats") or {})
     plots = []
     series = [(p.parent.name, read_metrics_jsonl(p)) for p in sorted(run_dir.root.glob("*/metrics.jsonl"))]
     for p in sorted(run_dir.root.glob("*/metrics.json")):       # steps that keep their curve in "history"

@@ -33,7 +33,7 @@ import numpy as np
 import yaml
 
 from quark.config import ConfigError, from_dict
-from quark.eval.sandbox import run_program
+from quark.sandbox import run_program
 
 BUILTIN_DIR = Path(__file__).parent / "tasks"
 _env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)

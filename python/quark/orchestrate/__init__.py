@@ -1,1 +1,1 @@
-"""Orchestration: intent classifier, router, agents with a shared task board, feedback loop."""
+"""Orchestration: intent classifier, router, agents with a shared task board."""

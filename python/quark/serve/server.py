@@ -1,7 +1,8 @@
 """OpenAI-compatible HTTP server over the engine (FastAPI + uvicorn), the web UI, and `quark serve`.
 
 Routes: GET /v1/models; POST /v1/completions and /v1/chat/completions (`stream: true` answers
-server-sent events, `data: {chunk}` lines ending with `data: [DONE]`), POST /v1/embeddings; GET /health;
+server-sent events, `data: {chunk}` lines ending with `data: [DONE]`), POST /v1/embeddings; POST /v1/feedback (a
+rating of a response, stored in the run's feedback database, quark.feedback); GET /health;
 GET /metrics (Prometheus text); GET / (chat page), /runs (training metrics page), /api/runs[/NAME].
 OpenAI fields served: n (choice i samples with seed + i), logprobs/top_logprobs (the model's own
 log-softmax), stop, seed, stream_options.include_usage, completions' token-id prompts, prompt lists and
@@ -236,11 +237,13 @@ def _read_run(run_dir, max_points=2000):
 
 
 def create_app(engine, tokenizer, model_name="quark", api_key=None, safety=None, runs_dir=None,
-               allowed_hosts=LOOPBACK_HOSTS, max_body_bytes=MAX_BODY_BYTES, max_messages=MAX_MESSAGES, chat=None):
+               allowed_hosts=LOOPBACK_HOSTS, max_body_bytes=MAX_BODY_BYTES, max_messages=MAX_MESSAGES, chat=None,
+               feedback=None):
     """The FastAPI app. safety: a quark.safety.SafetyFilter (check_messages / check_output return a
     Decision: allow, refuse or redact, with the text to use), or None to serve unfiltered.
     allowed_hosts: host names the Host header may carry (None: any, for a public bind behind a proxy).
-    chat: the model's chat format (quark.chat.chat_format), Quark's template by default."""
+    chat: the model's chat format (quark.chat.chat_format), Quark's template by default.
+    feedback: a quark.feedback.FeedbackStore that POST /v1/feedback writes to, or None (the route answers 404)."""
     from fastapi import Depends, FastAPI, Request
     from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
     from starlette.exceptions import HTTPException
@@ -776,6 +779,38 @@ def create_app(engine, tokenizer, model_name="quark", api_key=None, safety=None,
                 "data": [{"object": "embedding", "index": j, "embedding": v if fmt == "float" else   # little-endian float32
                           base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode()} for j, v in enumerate(vectors)]}
 
+    @app.post("/v1/feedback")
+    async def post_feedback(request: Request):
+        """{"messages": [...], "response": str, "rating": "up"|"down", "correction"?: str, "response_id"?: str,
+        "request_id"?: str} -> {"id": row, "object": "feedback"}."""
+        if feedback is None:
+            raise APIError(404, "this server collects no feedback (quark serve RUN stores it under the run, "
+                           "or pass --feedback DB)", code="not_found")
+        body = await read_body(request)
+        unknown = set(body) - {"model", "messages", "response", "rating", "correction", "response_id", "request_id"}
+        if unknown:
+            raise APIError(400, f"unknown feedback fields: {', '.join(sorted(unknown))}", param=sorted(unknown)[0])
+        messages = body.get("messages")
+        if isinstance(messages, list) and len(messages) > max_messages:
+            raise APIError(400, f"messages holds {len(messages)} messages; at most {max_messages} are allowed",
+                           param="messages")
+        if body.get("rating") not in ("up", "down"):
+            raise APIError(400, f"rating must be 'up' or 'down', got {body.get('rating')!r}", param="rating")
+        for key in ("response", "correction", "response_id", "request_id"):
+            value = body.get(key)
+            if value is not None and (not isinstance(value, str) or not _is_unicode(value)
+                                      or (key.endswith("_id") and len(value) > 128)):
+                raise APIError(400, f"{key} must be a string{' of at most 128 characters' if key.endswith('_id') else ''}",
+                               param=key)
+        try:
+            validate_messages(messages)
+            row = await asyncio.to_thread(feedback.record, messages, body.get("response"), body["rating"], model_name,
+                                          None, body.get("correction"), body.get("request_id"), body.get("response_id"))
+        except ValueError as e:
+            raise APIError(400, str(e), param=str(e).split()[0]) from None
+        metrics.inc("quark_feedback_total", help_="ratings received", rating=body["rating"])
+        return {"id": row, "object": "feedback"}
+
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "quark",
@@ -848,6 +883,9 @@ def configure_parser(p):
     p.add_argument("--allowed-host", action="append", default=None, metavar="NAME",
                    help="a host name clients may send in the Host header (repeatable; default: the loopback "
                         "names when --host is loopback, else any host)")
+    p.add_argument("--feedback", default=None, metavar="DB",
+                   help="SQLite file that POST /v1/feedback writes (default: RUN/feedback/feedback.sqlite when "
+                        "serving a run; 'off' collects none)")
 
 
 def run_cli(args):
@@ -867,13 +905,18 @@ def run_cli(args):
         except (FileNotFoundError, ValueError) as e:
             print(f"error: --safety: {e}", file=sys.stderr)
             return 2
+    feedback = None
+    if args.feedback != "off" and (args.feedback or run_dir is not None):
+        from quark.feedback import FeedbackStore
+        feedback = FeedbackStore(args.feedback or run_dir / "feedback" / "feedback.sqlite")
     chat = chat_format(tokenizer, model_dir)   # the checkpoint's own template and eos ids, else Quark's
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue, cache_dtype=args.cache_dtype,
                     stop_ids=chat.stop_ids)
     name = args.model_name or (run_dir or model_dir).name
     hosts = args.allowed_host or (LOOPBACK_HOSTS if _is_loopback(args.host) else None)
     app = create_app(engine, tokenizer, name, api_key=args.api_key or os.environ.get("QUARK_API_KEY"),
-                     safety=safety, runs_dir=args.runs_dir or run_dir, allowed_hosts=hosts, chat=chat)
+                     safety=safety, runs_dir=args.runs_dir or run_dir, allowed_hosts=hosts, chat=chat,
+                     feedback=feedback)
     print(f"serving {model_dir} as {name!r} on http://{args.host}:{args.port} (chat UI at /, runs at /runs)")
     serve(app, args.host, args.port)
     return 0

@@ -1,4 +1,5 @@
-// Chat page: keeps the conversation client-side, streams replies from /v1/chat/completions (SSE).
+// Chat page: keeps the conversation client-side, streams replies from /v1/chat/completions (SSE);
+// thumbs up/down under a finished reply post the rating to /v1/feedback.
 // Out of the box the page never fails on its own defaults: max_tokens is left to the server (which
 // fills in what the context leaves) unless set, and only the newest turns that fit are sent (below).
 const $ = (id) => document.getElementById(id);
@@ -43,12 +44,33 @@ function fitted(extra) {
   return history.slice(Math.min(start + 2 * extra, history.length - 1));
 }
 
+function thumbs(out, prompt, reply, responseId) {
+  const bar = document.createElement("div");
+  bar.className = "feedback";
+  for (const [rating, label] of [["up", "\u{1F44D}"], ["down", "\u{1F44E}"]]) {
+    const b = document.createElement("button");
+    b.className = "thumb " + rating;
+    b.textContent = label;
+    b.title = "rate this reply " + rating;
+    b.onclick = async () => {
+      const r = await fetch("/v1/feedback", {
+        method: "POST", headers: headers(),
+        body: JSON.stringify({ messages: prompt, response: reply, rating, response_id: responseId }),
+      });
+      bar.textContent = r.ok ? "thanks (" + rating + ")" : "feedback failed: " + (await r.json()).error.message;
+      bar.dataset.sent = r.ok ? rating : "error";
+    };
+    bar.appendChild(b);
+  }
+  out.after(bar);
+}
+
 async function send(text) {
   history.push({ role: "user", content: text });
   bubble("user", text);
   const out = bubble("assistant", "");
   $("send").disabled = true;
-  let reply = "";
+  let reply = "", responseId = null;
   try {
     if (!model) await loadModel();
     let r, sent;
@@ -80,12 +102,14 @@ async function send(text) {
         if (msg.error) throw new Error(msg.error.message);
         if (msg.usage) tokensPerByte = msg.usage.prompt_tokens / bytesOf(sent);
         if (!msg.choices.length) continue;   // the usage chunk
+        responseId = msg.id;
         reply += msg.choices[0].delta.content || "";
         out.textContent = reply;
       }
     }
     history.push({ role: "assistant", content: reply });
     out.dataset.done = "1";
+    if (reply.trim()) thumbs(out, sent, reply, responseId);   // rated with the turns the model saw
   } catch (e) {
     history.pop();
     out.remove();

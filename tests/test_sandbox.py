@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from quark.eval.sandbox import MAX_PROCESSES, OUTPUT_CAP, isolation, run_program
+from quark.sandbox import MAX_PROCESSES, OUTPUT_CAP, isolation, run_program
 
 
 def run_bounded(limit, *args, **kwargs):
@@ -112,7 +112,7 @@ def test_stderr_flood_is_read_bounded(tmp_path):
     """300 MB on stderr: the caller's memory stays bounded (before, communicate() read all of it)."""
     script = textwrap.dedent("""\
         import resource, sys
-        from quark.eval.sandbox import run_program
+        from quark.sandbox import run_program
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         r = run_program("import sys\\nfor _ in range(300):\\n    sys.stderr.write('x' * (1 << 20))\\n", "", timeout=20)
         grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before

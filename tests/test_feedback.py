@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from quark.orchestrate.feedback import FeedbackStore
+from quark.feedback import FeedbackStore
 
 
 def test_ratings_become_preference_pairs(tmp_path):
@@ -40,3 +40,17 @@ def test_bad_feedback_is_refused(tmp_path):
         fb.record("q", "", 1)
     with pytest.raises(ValueError, match="role"):
         fb.record([{"role": "robot", "content": "x"}], "a", 1)
+
+
+def test_thumbs_and_corrections_become_pairs(tmp_path):
+    fb = FeedbackStore(tmp_path / "f.sqlite")
+    q = [{"role": "user", "content": "2+2?"}]
+    fb.record(q, "5", "down", correction="4", response_id="chatcmpl-1")   # the user's own answer beats the reply
+    fb.record(q, "four", "up")                                             # a thumbs-up alternative beats it too
+    fb.record([{"role": "user", "content": "hi"}], "hello", "up", correction="hello")   # no-op correction: no pair
+    pairs = [(p["chosen"], p["rejected"]) for p in fb.preference_pairs()]
+    assert pairs == [("4", "5"), ("four", "5")]
+    with pytest.raises(ValueError, match="correction"):
+        fb.record(q, "5", "down", correction=" ")
+    with pytest.raises(ValueError, match="rating"):
+        fb.record(q, "5", "meh")
