@@ -1,6 +1,7 @@
 """Crash-safe file writes: temp file in the same directory, fsync, rename, fsync the directory.
 A reader sees the old file or the new one, never a torn one. atomic_dir does the same for a whole
 directory (a model: weights, config and tokenizer belong together)."""
+import hashlib
 import json
 import os
 import re
@@ -93,3 +94,12 @@ def read_jsonl(path):
                 yield n, json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+
+
+def sha256_file(path):
+    """Hex SHA-256 of a file's content, read in 4 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()

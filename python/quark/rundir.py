@@ -12,13 +12,12 @@ RunDir also remembers every file it handed out (`reads`): the pipeline stores th
 fingerprints in the step's manifest, so a step is redone when what it read changed (resume by
 content, not by configuration alone). Loading a model directory's format stays in quark.model.io.
 """
-import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from quark.io import atomic_write_json
+from quark.io import atomic_write_json, sha256_file
 
 # Steps that write a model directory, in life-cycle order: (step, model folders under run_dir/<step>/
 # tried in order, trained). "latest" is the last trained one present; distill and quantize make smaller
@@ -332,14 +331,6 @@ class RunDir:
             if st.st_size != old["size"] or sha256_file(p) != old["sha256"]:
                 return False, f"{name} changed"
         return True, ""
-
-
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _files(path, exclude):

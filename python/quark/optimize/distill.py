@@ -38,10 +38,10 @@ from tqdm import tqdm
 from quark.config import ConfigError, Step, from_dict
 from quark.data.loader import TokenLoader, eval_batches
 from quark.infer.measure import held_out, paired_delta
-from quark.io import atomic_write_json
+from quark.io import atomic_write_json, sha256_file
 from quark.model import GPT, GPTConfig
 from quark.model.config import load_config
-from quark.rundir import RunDir, sha256_file
+from quark.rundir import RunDir
 from quark.train.loop import LoopSettings, train_loop
 
 

@@ -17,7 +17,6 @@ cleaned; a checkpoint damaged later (truncated, bit-flipped, missing file) fails
 load_latest() says why and falls back to the previous one. keep_last prunes older ones.
 """
 import base64
-import hashlib
 import json
 import os
 import re
@@ -28,7 +27,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from quark.io import atomic_write_json, fsync_dir
+from quark.io import atomic_write_json, fsync_dir, sha256_file
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
@@ -48,14 +47,6 @@ def list_checkpoints(root):
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found, reverse=True)]
-
-
-def _sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _save_tensors(path, tensors):
@@ -123,7 +114,7 @@ def save_checkpoint(root, step, model_state, optim_state, meta, keep_last=2, ran
     barrier()
 
     if rank == 0:
-        files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in sorted(tmp.glob("*.safetensors"))}
+        files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(tmp.glob("*.safetensors"))}
         groups = [{k: v for k, v in g.items()} for g in optim_state["param_groups"]]
         atomic_write_json(tmp / "state.json", {**meta, "step": step, "n_files": n_files, "world_size": world_size,
                                                "sharded": sorted(sharded), "param_groups": groups, "files": files})
@@ -160,7 +151,7 @@ def verify_checkpoint(directory):
         if path.stat().st_size != info["bytes"]:
             raise CheckpointError(f"checkpoint {directory}: {name} is truncated "
                                   f"({path.stat().st_size} bytes, expected {info['bytes']})")
-        if _sha256(path) != info["sha256"]:
+        if sha256_file(path) != info["sha256"]:
             raise CheckpointError(f"checkpoint {directory}: {name} is corrupted (SHA-256 mismatch)")
     return state
 
