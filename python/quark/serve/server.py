@@ -139,6 +139,15 @@ def _is_token_id(x):
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _one_or_many(value, cap, param, message):
+    """One item (a string or a list of token ids) or a list of up to cap of them -> a list of items."""
+    if isinstance(value, str) or (isinstance(value, list) and value and all(_is_token_id(t) for t in value)):
+        value = [value]
+    if not isinstance(value, list) or not value or len(value) > cap:
+        raise APIError(400, message, param=param)
+    return value
+
+
 class ToolStream:
     """Splits a streamed answer into content and tool calls (quark.chat's <tool_call> syntax): content is
     sent up to the first call (holding back a tail that may start one), each call once it closes."""
@@ -514,13 +523,8 @@ def create_app(engine, tokenizer, model_name="quark", api_key=None, safety=None,
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await read_body(request)
-        prompts = body.get("prompt")
-        # one prompt (a string or token ids) or a list of them
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and all(_is_token_id(t) for t in prompts)):
-            prompts = [prompts]
-        if not isinstance(prompts, list) or not prompts or len(prompts) > MAX_CHOICES:
-            raise APIError(400, f"prompt must be a non-empty string, a list of token ids, or a list of at most "
-                           f"{MAX_CHOICES} of those", param="prompt")
+        prompts = _one_or_many(body.get("prompt"), MAX_CHOICES, "prompt", "prompt must be a non-empty string, a "
+                               f"list of token ids, or a list of at most {MAX_CHOICES} of those")
         n = count(body, "n", 1, 1, MAX_N)
         if len(prompts) * n > MAX_CHOICES:
             raise APIError(400, f"{len(prompts)} prompts x n={n} exceeds {MAX_CHOICES} choices per request", param="n")
@@ -754,12 +758,8 @@ def create_app(engine, tokenizer, model_name="quark", api_key=None, safety=None,
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):
         body = await read_body(request)
-        inputs = body.get("input")
-        if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and all(_is_token_id(t) for t in inputs)):
-            inputs = [inputs]
-        if not isinstance(inputs, list) or not inputs or len(inputs) > MAX_EMBED_INPUTS:
-            raise APIError(400, f"input must be a string, token ids, or a list of at most {MAX_EMBED_INPUTS} of those",
-                           param="input")
+        inputs = _one_or_many(body.get("input"), MAX_EMBED_INPUTS, "input",
+                              f"input must be a string, token ids, or a list of at most {MAX_EMBED_INPUTS} of those")
         fmt = body.get("encoding_format") or "float"
         if fmt not in ("float", "base64"):
             raise APIError(400, "encoding_format must be 'float' or 'base64'", param="encoding_format")
