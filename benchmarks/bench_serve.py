@@ -1,6 +1,7 @@
 """Serving: decode tokens/s at batch 1 for the same random model in plain torch eager fp32 (nn.Linear,
 SDPA, a torch.cat KV cache: the straightforward generate loop) vs the Quark engine's runner in fp32,
-int8 and int4 weights; aggregate tokens/s of 16 concurrent requests vs one stream; time to first token.
+int8 and int4 weights; aggregate tokens/s of 16 concurrent requests vs one stream; time to first token;
+and the share of a batch-1 decode step spent outside the kernels (runner overhead, see outside_kernels).
 
 The model is sized so its weights far exceed the caches (default d_model 1024, 8 layers, vocab 32000:
 ~120M parameters, ~490 MB in fp32), as in real decoding, which streams every weight once per token.
@@ -15,8 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from benchmarks.harness import Result, interleaved, summarize
-from quark import ops
 from quark.model import GPT, GPTConfig
+from quark.nn.quant_linear import QuantLinear
 from quark.infer.engine import Engine, Runner
 from quark.infer.sampling import SamplingParams
 
@@ -29,17 +30,6 @@ def make_config(quick):
     return GPTConfig(vocab_size=32000, n_layer=8, n_head=16, n_kv_head=4, d_model=1024, max_seq_len=512)
 
 
-class QLinear(nn.Module):
-    """nn.Linear's call contract over quark.ops.qlinear weights (int8 per channel, int4 per group of 32)."""
-
-    def __init__(self, linear, scheme):
-        super().__init__()
-        self.qt = ops.quantize(linear.weight.detach().float().contiguous(), scheme)
-
-    def forward(self, x):
-        return ops.qlinear(x, self.qt)
-
-
 def quantized_copy(cfg, state, scheme):
     """The same model with every projection and the output head in `scheme` (embeddings stay fp32)."""
     model = GPT(cfg)
@@ -49,8 +39,8 @@ def quantized_copy(cfg, state, scheme):
     for blk in model.blocks:
         for parent, names in ((blk.attn, ("wq", "wk", "wv", "wo")), (blk.mlp, ("w1", "w2", "w3"))):
             for n in names:
-                setattr(parent, n, QLinear(getattr(parent, n), scheme))
-    model.lm_head = QLinear(model.lm_head, scheme)
+                setattr(parent, n, QuantLinear.from_linear(getattr(parent, n), scheme))
+    model.lm_head = QuantLinear.from_linear(model.lm_head, scheme)
     return model.eval()
 
 
@@ -58,8 +48,8 @@ def weight_bytes(model):
     """Bytes of weights one decode step reads (projections + output head + one embedding row)."""
     total = 0
     for m in model.modules():
-        if isinstance(m, QLinear):
-            total += m.qt.nbytes
+        if isinstance(m, QuantLinear):
+            total += m.qweight.nbytes
         elif isinstance(m, nn.Linear):
             total += m.weight.numel() * m.weight.element_size()
     return total + model.config.d_model * 4
@@ -159,9 +149,67 @@ def compare(quick=False):
         rows += summarize(AREA, f"decode batch 1, {n_tokens} tokens, d{cfg.d_model} L{cfg.n_layer}", {name: ts},
                           work=wb * n_tokens, unit="GB/s",
                           extra={"tokens_per_s": round(tok_s, 2), "weight_MB": round(wb / 1e6, 1)})
+    rows += outside_kernels(models, prompt, n_tokens)
     rows += batching(base, cfg, quick)
     for r in rows:   # the table shows GB/s; tokens/s and TTFT are what serving cares about
         print(f"  {r.case:<44} {r.provider:<20} " + "  ".join(f"{k} {v}" for k, v in r.extra.items()))
+    return rows
+
+
+class KernelClock:
+    """Stands in for quark._C inside quark.ops and sums the wall time spent in the calls that do a decode
+    step's arithmetic: the projections and the head (qlinear, gemv_f32) and attention over the cache.
+    Everything else in the step counts as outside: Python, torch ops, allocation, the small C++ glue ops
+    (rmsnorm, rope_store, silu_mul) and this clock's own wrapping (~0.3 us a call), so the share is an
+    upper bound of the runner's overhead."""
+    KERNELS = ("qlinear", "gemv_f32", "decode_attention")
+
+    def __init__(self, module):
+        self.module, self.seconds = module, 0.0
+
+    def __getattr__(self, name):
+        fn = getattr(self.module, name)
+        if name not in self.KERNELS:
+            return fn
+
+        def timed(*args):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                self.seconds += time.perf_counter() - t0
+        return timed
+
+
+def outside_kernels(models, prompt, n_tokens, repeats=5):
+    """Share of a batch-1 decode step (Runner.decode + argmax) outside the kernels, per model: 1 - kernel
+    time / wall time over n_tokens steps, median of repeats."""
+    import sys
+    from quark import _C
+    mods = [sys.modules[m] for m in ("quark.ops.quant", "quark.ops.linear", "quark.ops.attention")]
+    clock = KernelClock(_C)
+    rows = []
+    for m in mods:
+        m._C = clock
+    try:
+        for name, model in models.items():
+            decode = quark_decoder(model, prompt)
+            decode(2)
+            walls, shares = [], []
+            for _ in range(repeats):
+                clock.seconds = 0.0
+                t0 = time.perf_counter()
+                decode(n_tokens)
+                wall = time.perf_counter() - t0
+                walls.append(wall / n_tokens)
+                shares.append(1 - clock.seconds / wall)
+            step, share = statistics.median(walls), statistics.median(shares)
+            rows.append(Result(AREA, "batch-1 decode step, share outside kernels", name, step, min(walls), max(walls),
+                               extra={"outside_kernels_pct": round(100 * share, 1),
+                                      "outside_ms": round(1e3 * step * share, 3)}))
+    finally:
+        for m in mods:
+            m._C = _C
     return rows
 
 

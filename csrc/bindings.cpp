@@ -24,6 +24,7 @@ NB_MODULE(_C, m) {
   quark::py::bind_text(m);
   quark::py::bind_quant(m);
   quark::py::bind_search(m);
+  quark::py::bind_layer(m);
 #ifdef QUARK_WITH_CUDA
   quark::py::bind_cuda(m);
 #endif

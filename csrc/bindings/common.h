@@ -34,6 +34,7 @@ void bind_attention(nb::module_& m);
 void bind_text(nb::module_& m);
 void bind_quant(nb::module_& m);
 void bind_search(nb::module_& m);
+void bind_layer(nb::module_& m);
 #ifdef QUARK_WITH_CUDA
 void bind_cuda(nb::module_& m);
 #endif

@@ -5,7 +5,8 @@
   advances every active slot by one token through quark.ops.decode_attention over ragged lengths.
   Active slots are kept as a prefix 0..n-1 (a finished slot takes over the last active one), so a
   step attends over cache[:n] without any gather. The q/k/v and gate/up projections are fused into
-  one matmul each when they are plain nn.Linear (one weight pass instead of three / two). Plain fp32
+  one matmul each when they are plain nn.Linear or QuantLinear of one scheme (one weight pass and
+  one call instead of three / two). A decode step's small ops are quark.ops.layer's C++ calls. Plain fp32
   projections and the output head run through quark.ops.linear: at decode's few rows (<= 16 slots)
   a streaming GEMV near the machine's read bandwidth (torch's sgemv reaches about half); prefill and
   other dtypes fall through to F.linear.
@@ -28,7 +29,10 @@ import torch.nn.functional as F
 
 from quark import ops
 from quark.infer.sampling import Detokenizer, SamplingParams, sample, token_logprobs
-from quark.model.gpt import window_attention
+from quark.model.gpt import RMSNorm, window_attention
+from quark.nn.quant_linear import QuantLinear
+from quark.ops import layer
+from quark.ops.quant import QuantizedTensor
 
 # int8: symmetric per (token, head) with float32 scales (quark.ops.quantize_kv), a quarter of fp32's bytes
 CACHE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
@@ -50,24 +54,64 @@ def _rope(x, cos, sin):
 
 
 def _linear(module, x):
-    """module(x) for any projection; plain nn.Linear goes through quark.ops.linear (see above)."""
+    """module(x) for any projection; plain nn.Linear goes through quark.ops.linear (see above), and
+    QuantLinear straight to quark.ops.qlinear (nn.Module's call costs microseconds a layer)."""
     if type(module) is nn.Linear:
         return ops.linear(x, module.weight, module.bias)
+    if type(module) is QuantLinear:
+        return ops.qlinear(x, module.qweight, module.bias)
     return module(x)
 
 
+def _fused_linear(fused, x):
+    """x @ a weight _fuse made: an fp32 tensor, or (QuantizedTensor, bias or None)."""
+    if isinstance(fused, torch.Tensor):
+        return ops.linear(x, fused)
+    return ops.qlinear(x, *fused)
+
+
 def _fuse(linears):
-    """One weight for several bias-free nn.Linear on the same input, or None if any is something
-    else (QuantLinear, LoRA...). The originals become views of it, so no memory is duplicated."""
-    if not all(type(m) is nn.Linear and m.bias is None for m in linears):
+    """One weight for several projections on the same input, or None: bias-free nn.Linear into one
+    tensor, QuantLinear of one scheme and group size into one (QuantizedTensor, bias) (rows of packed
+    weights are independent, so they stack). Anything else (LoRA...) stays apart. The originals
+    become views of the fused tensors, so no memory is duplicated."""
+    kinds = {type(m) for m in linears}
+    if kinds == {nn.Linear} and all(m.bias is None for m in linears):
+        fused = torch.cat([m.weight.detach() for m in linears], 0)
+        start = 0
+        for m in linears:
+            n = m.weight.shape[0]
+            m.weight = nn.Parameter(fused[start:start + n], requires_grad=False)
+            start += n
+        return fused
+    if (kinds != {QuantLinear} or len({(m.scheme, m.group_size, m.in_features) for m in linears}) != 1
+            or len({m.bias is None for m in linears}) != 1):
         return None
-    fused = torch.cat([m.weight.detach() for m in linears], 0)
+    first = linears[0].qweight
+    names = list(first.tensors())
+    cat = {name: torch.cat([m.qweight.tensors()[name] for m in linears], 0) for name in names}
+    bias = None if linears[0].bias is None else torch.cat([m.bias for m in linears])
+    qt = QuantizedTensor(first.scheme, (sum(m.out_features for m in linears), first.shape[1]), cat["data"],
+                         cat["scales"], cat.get("zeros"), first.group_size)
     start = 0
     for m in linears:
-        n = m.weight.shape[0]
-        m.weight = nn.Parameter(fused[start:start + n], requires_grad=False)
-        start += n
-    return fused
+        rows = slice(start, start + m.out_features)
+        for name in names:
+            setattr(m, name, cat[name][rows])
+        if bias is not None:
+            m.bias = bias[rows]
+        start += m.out_features
+    return qt, bias
+
+
+def _norm(module, x, residual):
+    """x += residual (in place, when given), then module(x): a block's residual add and pre-norm,
+    RMSNorm in one C++ call."""
+    if type(module) is RMSNorm:
+        return layer.rmsnorm(x, module.weight, module.eps, residual)
+    if residual is not None:
+        x.add_(residual)
+    return module(x)
 
 
 class Runner:
@@ -96,12 +140,15 @@ class Runner:
             self.qkv = [_fuse([b.attn.wq, b.attn.wk, b.attn.wv]) if fuse else None for b in model.blocks]
             self.gate_up = [_fuse([b.mlp.w1, b.mlp.w3]) if fuse else None for b in model.blocks]
 
-    def _project_qkv(self, i, h):
-        a = self.model.blocks[i].attn
+    def _qkv(self, i, h):
+        """h (T, d) -> (T, (H + 2 Hkv) D): each row's q, k and v side by side."""
         if self.qkv[i] is not None:
-            return ops.linear(h, self.qkv[i]).split(
-                [self.cfg.n_head * self.cfg.head_dim] + [self.cfg.n_kv_head * self.cfg.head_dim] * 2, -1)
-        return _linear(a.wq, h), _linear(a.wk, h), _linear(a.wv, h)
+            return _fused_linear(self.qkv[i], h)
+        a = self.model.blocks[i].attn
+        return torch.cat([_linear(a.wq, h), _linear(a.wk, h), _linear(a.wv, h)], -1)
+
+    def _project_qkv(self, i, h):
+        return self._qkv(i, h).split([self.cfg.n_head * self.cfg.head_dim] + [self.cfg.n_kv_head * self.cfg.head_dim] * 2, -1)
 
     def _qk(self, i, q, k, cos, sin):
         """q (T, H, D), k (T, Hkv, D) -> normed (Qwen3) and rotated."""
@@ -110,12 +157,16 @@ class Runner:
             q, k = a.q_norm(q), a.k_norm(k)
         return _rope(q, cos, sin), _rope(k, cos, sin)
 
-    def _mlp(self, i, h):
-        m = self.model.blocks[i].mlp
+    def _gate_up(self, i, h):
+        """h (T, d) -> (T, 2F): each row's gate and up projections side by side."""
         if self.gate_up[i] is not None:
-            g, u = ops.linear(h, self.gate_up[i]).chunk(2, -1)
-            return _linear(m.w2, F.silu(g) * u)
-        return _linear(m.w2, F.silu(_linear(m.w1, h)) * _linear(m.w3, h))
+            return _fused_linear(self.gate_up[i], h)
+        m = self.model.blocks[i].mlp
+        return torch.cat([_linear(m.w1, h), _linear(m.w3, h)], -1)
+
+    def _mlp(self, i, h):
+        g, u = self._gate_up(i, h).chunk(2, -1)
+        return _linear(self.model.blocks[i].mlp.w2, F.silu(g) * u)
 
     @torch.no_grad()
     def extend(self, slot, ids, all_logits=False):
@@ -152,34 +203,42 @@ class Runner:
 
     @torch.no_grad()
     def decode(self, tokens):
-        """One token for each of the active slots 0..n-1: tokens (n,) -> logits (n, V)."""
+        """One token for each of the active slots 0..n-1: tokens (n,) -> logits (n, V). At a few rows the
+        GEMVs are the arithmetic and everything around them is overhead, so the rest of a layer is three
+        C++ calls (quark.ops.layer): residual add + RMSNorm, rope + cache store, SwiGLU."""
         H, Hkv, D, W = self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim, self.cfg.sliding_window
         n = len(tokens)
-        pos = self.lens[:n].clone()                                                          # (n,)
+        pos = self.lens[:n]                                                                  # (n,), a view
         if int(pos.max()) >= self.max_seq_len:
             raise ValueError(f"KV cache full ({self.max_seq_len} positions)")
-        rows = torch.arange(n)
-        cos, sin = (c[:, None].to(self.dtype) for c in self.model.rope(pos))
-        x = self.model.tok_emb(torch.as_tensor(tokens, dtype=torch.long))                   # (n, d)
-        seqlens = (pos + 1).to(torch.int32)
+        cos, sin = (c.float() for c in self.model.rope(pos))                                 # (n, D/2)
+        x = self.model.tok_emb(torch.as_tensor(tokens, dtype=torch.long))                   # (n, d), the residual
+        seqlens = pos + 1
         windowed = W and int(seqlens.max()) > W
+        # the rotated q in the dtype attention reads: the cache's, or the model's for int8 and window paths
+        q_dtype = self.dtype if self.quantized or windowed else self.cache_dtype
+        y = None                                                                             # x's pending update
         for i, blk in enumerate(self.model.blocks):
-            q, k, v = self._project_qkv(i, blk.attn_norm(x))
-            q, k = self._qk(i, q.view(n, H, D), k.view(n, Hkv, D), cos, sin)                 # (n, H|Hkv, D)
-            self._store(i, rows, pos, k, v.view(n, Hkv, D))                                  # (n, Hkv, D)
+            qkv = self._qkv(i, _norm(blk.attn_norm, x, y))                                   # (n, (H + 2 Hkv) D)
+            if self.cfg.qk_norm:   # Qwen3: per-head norms of q and k, in place, before the rotation
+                q, k = qkv[:, :H * D].view(n, H, D), qkv[:, H * D:(H + Hkv) * D].view(n, Hkv, D)
+                q.copy_(blk.attn.q_norm(q))
+                k.copy_(blk.attn.k_norm(k))
+            q = torch.empty((n, H, D), dtype=q_dtype)
+            scales = (self.k_scale[i], self.v_scale[i]) if self.quantized else ()
+            layer.rope_store(qkv, cos, sin, pos, q, self.k[i], self.v[i], *scales)
             if windowed:   # past Mistral's window: attend to each slot's last W positions only
-                S = int(seqlens.max())
-                kk, vv = self._load(i, slice(0, n), S)
+                kk, vv = self._load(i, slice(0, n), int(seqlens.max()))
                 y = window_attention(q[:, :, None], kk, vv, seqlens, W)[:, :, 0]
             elif self.quantized:
-                y = ops.decode_attention(q.contiguous(), self.k[i][:n], self.v[i][:n], seqlens,
+                y = ops.decode_attention(q, self.k[i][:n], self.v[i][:n], seqlens,
                                          k_scale=self.k_scale[i][:n], v_scale=self.v_scale[i][:n])
             else:
-                y = ops.decode_attention(q.to(self.cache_dtype).contiguous(), self.k[i][:n], self.v[i][:n], seqlens)
-            x = x + _linear(blk.attn.wo, y.to(self.dtype).reshape(n, H * D))
-            x = x + self._mlp(i, blk.mlp_norm(x))
+                y = ops.decode_attention(q, self.k[i][:n], self.v[i][:n], seqlens)
+            y = _linear(blk.attn.wo, y.to(self.dtype).view(n, H * D))
+            y = _linear(blk.mlp.w2, layer.silu_mul(self._gate_up(i, _norm(blk.mlp_norm, x, y))))
         self.lens[:n] += 1
-        return _linear(self.model.lm_head, self.model.norm(x)).float()
+        return _linear(self.model.lm_head, _norm(self.model.norm, x, y)).float()
 
     def _store(self, i, slot, pos, k, v):
         """Write k/v rows into layer i at [slot, :, pos] (slot/pos: ints, a slice, or index tensors)."""

@@ -125,6 +125,18 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None, k_scale=Non
 
     Caches are float32, bfloat16, or int8 with k_scale / v_scale (B, Hkv, Smax) float32 from quantize_kv.
     """
+    # Fast path, a decode step's case (once per layer per token): CPU tensors and int64 lengths go
+    # straight to the binding, whose checks (shapes, dtypes, layout, lengths within the cache) cover the
+    # ones below; whatever it refuses takes the checked path, which raises the error naming the argument.
+    if (type(q) is torch.Tensor and q.device.type == "cpu" and type(cache_seqlens) is torch.Tensor
+            and cache_seqlens.dtype is torch.int64 and q.ndim == 3):
+        try:
+            out = torch.empty_like(q)
+            _C.decode_attention(q, k_cache, v_cache, k_scale, v_scale, cache_seqlens, out,
+                                q.shape[2] ** -0.5 if scale is None else float(scale))
+            return out
+        except (TypeError, ValueError):
+            pass
     _check_tensor("q", q, 3)
     _check_tensor("k_cache", k_cache, 4)
     _check_tensor("v_cache", v_cache, 4)
