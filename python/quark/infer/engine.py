@@ -267,6 +267,8 @@ class Request:
         self.text = ""
         self.finish_reason = None
         self.stop_token = None     # the stop token id that ended it (not in output_ids)
+        self.slot = None           # its KV slot in the engine while admitted
+        self.cached_tokens = None  # prompt tokens reused from the prefix cache (None until its prefill starts)
         self.cancelled = False
         self.generator = params.generator()
         self.history = torch.tensor(self.prompt_ids, dtype=torch.long) if params.penalized else None
@@ -490,23 +492,26 @@ class Engine:
             self._release(j)
 
     def _admit(self, req):
-        """Give a newcomer a free slot, filled with the longest cached prefix of its prompt (at least one
-        prompt token is left to compute, so its logits exist; prompt_logprobs need every position's logits,
-        so those requests compute the whole prompt)."""
+        """Give a newcomer a free slot; it prefills from the next _prefill on."""
         if req.cancelled:
             req._finish("cancelled")
             return
         taken = {r.slot for r in self.prefilling}
         req.slot = next(s for s in range(len(self.active), self.max_batch) if s not in taken)
         self.runner.lens[req.slot] = 0
-        req.cached_tokens = 0
         if req.params.prompt_logprobs:
             req.prompt_logprobs = []
-        elif self.prefix_cache is not None:
+        self.prefilling.append(req)
+
+    def _reuse_prefix(self, req):
+        """Fill a request's slot with the longest cached prefix of its prompt, just before its first chunk (so
+        it finds what the prompts prefilled before it left there). At least one prompt token is left to
+        compute, so its logits exist; prompt_logprobs need every position's logits: those compute it all."""
+        req.cached_tokens = 0
+        if self.prefix_cache is not None and not req.params.prompt_logprobs:
             req.cached_tokens, kv = self.prefix_cache.lookup(req.prompt_ids, len(req.prompt_ids) - 1)
             if kv is not None:
                 self.runner.write_kv(req.slot, kv)
-        self.prefilling.append(req)
 
     def _prefill(self):
         """Prefill the admitted prompts in admission order, at most prefill_chunk tokens in all; a prompt that
@@ -518,9 +523,11 @@ class Engine:
             if req.cancelled:
                 self._drop(req, "cancelled")
                 continue
-            P, done = len(req.prompt_ids), int(self.runner.lens[req.slot])
-            end = min(P, done + budget)
             try:
+                if req.cached_tokens is None:
+                    self._reuse_prefix(req)
+                P, done = len(req.prompt_ids), int(self.runner.lens[req.slot])
+                end = min(P, done + budget)
                 logits = self.runner.extend(req.slot, req.prompt_ids[done:end], all_logits=req.params.prompt_logprobs)
                 if req.params.prompt_logprobs:   # (T, V): position t predicts prompt token t + 1
                     k = req.params.logprobs or 0
