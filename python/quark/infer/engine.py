@@ -133,11 +133,10 @@ class Runner:
         pos = torch.arange(p0, p0 + T)
         cos, sin = (c[:, None].to(self.dtype) for c in self.model.rope(pos))
         x = self.model.tok_emb(torch.as_tensor(ids, dtype=torch.long))                      # (T, d)
-        mask = None
-        if p0 or (W and p0 + T > W):   # queries at p0.. see keys 0..p0+t (bottom-right aligned causal mask)
+        mask = None                    # ops.attention's causal mask is bottom-right aligned: queries at p0.. see keys 0..p0+t
+        if W and p0 + T > W:           # ... and a sliding window only the last W of them
             mask = torch.ones(T, p0 + T, dtype=torch.bool).tril(diagonal=p0)
-            if W:                      # ... and only the last W of them
-                mask &= ~torch.ones(T, p0 + T, dtype=torch.bool).tril(diagonal=p0 - W)
+            mask &= ~torch.ones(T, p0 + T, dtype=torch.bool).tril(diagonal=p0 - W)
         for i, blk in enumerate(self.model.blocks):
             q, k, v = self._project_qkv(i, blk.attn_norm(x))
             q, k = self._qk(i, q.view(T, H, D), k.view(T, Hkv, D), cos, sin)                 # (T, H|Hkv, D)
@@ -274,6 +273,7 @@ class Request:
         self.history = torch.tensor(self.prompt_ids, dtype=torch.long) if params.penalized else None
         self.t_submit = time.perf_counter()
         self.t_first = None
+        self.t_tokens = []         # when each token was sampled (inter-token latency, stalls)
         self.t_done = None
         self.done = threading.Event()
         self._on_event = on_event
@@ -288,8 +288,9 @@ class Request:
 
     def _accept(self, token, logprob=None):
         """Record a sampled token (and its logprobs entry); returns True when the request is finished."""
+        self.t_tokens.append(time.perf_counter())
         if self.t_first is None:
-            self.t_first = time.perf_counter()
+            self.t_first = self.t_tokens[0]
         if token in self.stop_ids:
             self.stop_token = token
             return self._finish("stop")
