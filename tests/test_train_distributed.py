@@ -2,7 +2,6 @@
 training with the same global batch, and checkpoints reload across world sizes in both directions.
 Each test spawns the 2 processes once (starting them is most of the time on a busy machine)."""
 import json
-import os
 import subprocess
 import sys
 
@@ -80,8 +79,8 @@ def test_torchrun_bf16_matches_single_process(tmp_path, reference_bf16, strategy
     run = make_run_dir(tmp_path / "run")
     flags = [a for k, v in {**BASE, "batch_size": 2, "precision": "bfloat16", "strategy": strategy}.items()
              for a in (f"--{k.replace('_', '-')}", str(v))]
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    done = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "quark.cli", "pretrain",
+    torchrun = [sys.executable, "-m", "torch.distributed.run"]   # what the `torchrun` script runs, in this venv
+    done = subprocess.run([*torchrun, "--standalone", "--nproc_per_node", "2", "-m", "quark.cli", "pretrain",
                            "--run-dir", str(run), *flags], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     stats = json.loads((run / "pretrain" / "stats.json").read_text())
