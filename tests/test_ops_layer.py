@@ -31,8 +31,15 @@ def test_rmsnorm_with_residual_matches_the_module(dtype):
     else:   # one bf16 step at most where the fp32 sums' order tips a rounding
         assert (got.float() - want.float()).abs().max() <= 2 ** -7 * want.float().abs().max()
         assert (got == want).float().mean() > 0.97
-    with pytest.raises(ValueError, match="weight"):
+    # the kernels get bare addresses, so every check is in quark.ops.layer
+    with pytest.raises(ValueError, match="weight must have shape"):
         layer.rmsnorm(x, norm.weight.detach()[:95], 1e-5)
+    with pytest.raises(ValueError, match="x must be a contiguous"):
+        layer.rmsnorm(torch.randn(96, 3).to(dtype).t(), norm.weight.detach(), 1e-5)
+    with pytest.raises(ValueError, match="residual must have x's dtype"):
+        layer.rmsnorm(x, norm.weight.detach(), 1e-5, residual=r.to(torch.bfloat16 if dtype == torch.float32 else torch.float32))
+    with pytest.raises(TypeError, match="residual must be a torch tensor"):
+        layer.rmsnorm(x, norm.weight.detach(), 1e-5, residual=r.tolist())
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -66,6 +73,8 @@ def test_rope_store_rotates_and_writes_each_slot_at_its_position(dtype, cache_dt
     assert not kc.float().abs().sum((1, 3))[~written].any()   # nothing else in the cache was touched
     with pytest.raises(ValueError, match="pos outside"):
         layer.rope_store(qkv, cos, sin, torch.tensor([4, 0, Smax]), q_out, kc, vc, *scales)
+    with pytest.raises(ValueError, match="qkv must have shape"):
+        layer.rope_store(qkv[:, :-1].contiguous(), cos, sin, pos, q_out, kc, vc, *scales)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -78,5 +87,5 @@ def test_silu_mul_matches_torch(dtype):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
     else:
         assert (got.float() - want.float()).abs().max() <= 2 ** -7 * want.float().abs().max()
-    with pytest.raises(ValueError, match="gu must be"):
+    with pytest.raises(ValueError, match="out must have shape"):
         layer.silu_mul(gu, torch.empty(2, 31, dtype=dtype))

@@ -59,7 +59,7 @@ void rmsnorm(const void* residual, void* x, const void* weight, void* out, DType
 
 void rope_store(const RopeStoreArgs& a) {
   const int64_t D = a.D, h = D / 2, width = (a.H + 2 * a.Hkv) * D;
-  float row[1024];   // one rotated head (D <= 1024, checked by the binding)
+  float row[1024];   // one rotated head (D <= 1024, checked by quark.ops.layer)
   for (int64_t b = 0; b < a.n; ++b) {
     const int64_t base = b * width;
     const float* c = a.cos + b * h;

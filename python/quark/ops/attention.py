@@ -12,6 +12,7 @@ that sees no key gets zeros (no NaN), and so does a cache row of length 0.
 """
 import torch
 import torch.nn.functional as F
+from torch.utils.dlpack import to_dlpack
 
 from quark import _C
 from quark.ops import reference
@@ -128,14 +129,18 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None, k_scale=Non
     # Fast path, a decode step's case (once per layer per token): CPU tensors and int64 lengths go
     # straight to the binding, whose checks (shapes, dtypes, layout, lengths within the cache) cover the
     # ones below; whatever it refuses takes the checked path, which raises the error naming the argument.
-    if (type(q) is torch.Tensor and q.device.type == "cpu" and type(cache_seqlens) is torch.Tensor
-            and cache_seqlens.dtype is torch.int64 and q.ndim == 3):
+    # The tensors go as DLPack capsules (see quark.ops.quant._run_kernel: ~10 us of Python saved per
+    # tensor), which drop a negative-view bit, so such views take the checked path.
+    tensors = (q, k_cache, v_cache, cache_seqlens) + ((k_scale, v_scale) if k_scale is not None else ())
+    if (all(type(t) is torch.Tensor and t.is_cpu and not t.is_neg() for t in tensors)
+            and cache_seqlens.dtype is torch.int64 and q.ndim == 3 and (k_scale is None) == (v_scale is None)):
         try:
             out = torch.empty_like(q)
-            _C.decode_attention(q, k_cache, v_cache, k_scale, v_scale, cache_seqlens, out,
-                                q.shape[2] ** -0.5 if scale is None else float(scale))
+            scales = (None, None) if k_scale is None else (to_dlpack(k_scale), to_dlpack(v_scale))
+            _C.decode_attention(to_dlpack(q), to_dlpack(k_cache), to_dlpack(v_cache), *scales, to_dlpack(cache_seqlens),
+                                to_dlpack(out), q.shape[2] ** -0.5 if scale is None else float(scale))
             return out
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RuntimeError):   # RuntimeError: to_dlpack of a non-strided tensor
             pass
     _check_tensor("q", q, 3)
     _check_tensor("k_cache", k_cache, 4)
