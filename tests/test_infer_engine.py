@@ -311,16 +311,18 @@ def test_runner_kv_copy_and_swap(model, cache_dtype):
 SYSTEM = list(range(40, 77))   # 37 tokens: two 16-token blocks and a partial one
 
 
-@pytest.mark.parametrize("cache_dtype,window", [("fp32", 0), ("bf16", 0), ("int8", 0), ("fp32", 12)])
-def test_prefix_cache_outputs_equal_uncached(tok, cache_dtype, window):
-    """Concurrent requests sharing a system prompt (more than the slots): greedy outputs equal the engine without a cache, token for token, for every cache dtype and a sliding
-    window model; hits are counted."""
+@pytest.mark.parametrize("cache_dtype,window,chunk", [("fp32", 0, None), ("fp32", 0, 8), ("bf16", 0, 8), ("int8", 0, 8),
+                                                      ("fp32", 12, 8), ("int8", 12, None)])
+def test_prefix_cache_outputs_equal_uncached(tok, cache_dtype, window, chunk):
+    """Concurrent requests sharing a system prompt (more than the slots): greedy outputs equal the engine without
+    a cache, token for token, for every cache dtype, a sliding window model, whole and chunked prefill (chunks
+    of several prompts and the running streams' tokens in one forward); hits are counted."""
     m = make_model(tok.get_vocab_size(), seed=2, sliding_window=window)
     prompts = [SYSTEM + [100 + i] * (1 + 5 * i) for i in range(6)] + [SYSTEM[:32] + [9]]   # last: 32 cached of 33
     params = SamplingParams(max_tokens=8, temperature=0)
     outputs = {}
     for mb in (0, 1):
-        eng = Engine(m, None, max_batch=2, cache_dtype=cache_dtype, prefix_cache_mb=mb, prefill_chunk=None).start()
+        eng = Engine(m, None, max_batch=3, cache_dtype=cache_dtype, prefix_cache_mb=mb, prefill_chunk=chunk).start()
         with eng.cond:
             reqs = [eng.submit(p, params) for p in prompts]
         for r in reqs:
@@ -329,7 +331,7 @@ def test_prefix_cache_outputs_equal_uncached(tok, cache_dtype, window):
         outputs[mb] = [r.output_ids for r in reqs]
         cached = [r.cached_tokens for r in reqs]
     assert outputs[1] == outputs[0]
-    # the second, admitted with the first, looks up when its prefill starts: after the first stored its blocks
+    # the others, admitted with the first, start their prefill once the first stored its blocks
     assert cached == [0] + [32] * 6 and eng.prefix_cache.hit_tokens == 32 * 6
     if cache_dtype == "fp32":
         assert outputs[1] == [greedy_reference(m, p, 8) for p in prompts]
