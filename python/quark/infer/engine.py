@@ -384,15 +384,16 @@ class Engine:
 
     def __init__(self, model, tokenizer=None, max_batch=8, max_queue=64, max_seq_len=None, cache_dtype="fp32",
                  stop_tokens=("<|end|>", "<|eos|>"), stop_ids=None, fuse=True, prefix_cache_mb=256,
-                 prefill_chunk=256):
+                 prefill_chunk=512):
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch}, {max_queue}")
         if prefix_cache_mb < 0 or (prefill_chunk is not None and prefill_chunk < 1):
             raise ValueError(f"prefix_cache_mb must be >= 0 and prefill_chunk None or >= 1, got {prefix_cache_mb}, "
                              f"{prefill_chunk}")
         self.runner = Runner(model, max_batch, max_seq_len, cache_dtype, fuse)
-        # 0 MB turns the prefix cache off; prefill_chunk=None prefills every admitted prompt whole before
-        # the next decode step (the running streams wait for all of them)
+        # 0 MB turns the prefix cache off; prefill_chunk=None prefills every admitted prompt whole and alone
+        # before the next decode step (the running streams wait for all of them). Smaller chunks bound the
+        # streams' stalls tighter but split prompts into more, less efficient forwards.
         self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb else None
         self.prefill_chunk = prefill_chunk
         self.tokenizer = tokenizer
