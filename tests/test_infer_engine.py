@@ -395,3 +395,21 @@ def test_chunked_prefill_lets_running_streams_decode(model, chunk):
         assert progress <= 1
     assert newcomer.output_ids == greedy_reference(model, long_prompt, 4)
     assert stream.output_ids == greedy_reference(model, [5, 6, 7], 40)
+
+
+@pytest.mark.parametrize("cache_dtype", ["fp32", "int8"])
+def test_prefix_cache_keeps_replies_for_the_next_turn(tok, cache_dtype):
+    """A conversation's next turn resends the reply: the blocks of the finished sequence (prompt and the reply
+    tokens fed back) are cached, and the next turn's output equals the engine without a cache."""
+    m = make_model(tok.get_vocab_size(), seed=4)
+    turn1, params = list(range(30, 70)), SamplingParams(max_tokens=20, temperature=0)
+    outputs = {}
+    for mb in (0, 1):
+        eng = Engine(m, None, max_batch=2, cache_dtype=cache_dtype, prefix_cache_mb=mb)
+        reply = eng.run([turn1], params)[0].output_ids
+        second = eng.run([turn1 + reply + [5, 6, 7]], params)[0]
+        outputs[mb] = (reply, second.output_ids)
+    assert outputs[1] == outputs[0]
+    assert second.cached_tokens == (len(turn1) + len(reply) - 1) // 16 * 16 == 48   # the last reply token was never fed
+    if cache_dtype == "fp32":
+        assert second.output_ids == greedy_reference(m, turn1 + reply + [5, 6, 7], 20)

@@ -667,7 +667,12 @@ class Engine:
             return True
 
     def _release(self, slot):
-        """Free a slot; the last active request moves into it so active slots stay a prefix."""
+        """Free a slot; the last active request moves into it so active slots stay a prefix. The prefix cache
+        keeps the finished sequence's blocks, reply included: a conversation's next turn resends it."""
+        if self.prefix_cache is not None:
+            req, n = self.active[slot], int(self.runner.lens[slot])
+            self.prefix_cache.insert((req.prompt_ids + req.output_ids)[:n],   # the tokens fed so far
+                                     lambda a, b: self.runner.read_kv(slot, a, b))
         last = len(self.active) - 1
         if slot != last:
             self.runner.move(last, slot)
