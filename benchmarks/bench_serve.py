@@ -1,6 +1,10 @@
 """Serving: decode tokens/s at batch 1 for the same random model in plain torch eager fp32 (nn.Linear,
 SDPA, a torch.cat KV cache: the straightforward generate loop) vs the Quark engine's runner in fp32,
 int8 and int4 weights; aggregate tokens/s of 16 concurrent requests vs one stream; time to first token.
+Then the engine's scheduling: 16 closed-loop clients with prompts of 64-1024 tokens, the engine before
+(no prefix cache, whole prompts before each decode step) vs after (prefix cache, chunked prefill) in the
+same run (TTFT p50/p99, aggregate tokens/s, stalls of running streams), and TTFT on a prefix-cache hit
+vs miss of a shared 1,000-token system prompt. Each prints its target and whether it is met.
 
 The model is sized so its weights far exceed the caches (default d_model 1024, 8 layers, vocab 32000:
 ~120M parameters, ~490 MB in fp32), as in real decoding, which streams every weight once per token.

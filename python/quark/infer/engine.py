@@ -13,9 +13,9 @@
   QueueFull beyond it, so overload is answered, not absorbed), join the running batch as slots free
   up (continuous batching: Orca, Yu et al. 2022; vLLM), and stream text deltas through a callback.
   A newcomer's slot starts with the longest cached prefix of its prompt (quark.infer.prefix_cache), and
-  the rest is prefilled at most prefill_chunk tokens per step, with a decode step of the running streams
-  between chunks (chunked prefill: Sarathi, Agrawal et al. 2023), so a long prompt never stalls them for
-  longer than one chunk.
+  the rest is prefilled at most prefill_chunk tokens per step; each step is one Runner.forward over the
+  running streams' next tokens and the prompt chunks (chunked prefill with decodes riding on the chunk:
+  Sarathi-Serve, Agrawal et al. 2024), so a long prompt never stalls the streams for longer than one chunk.
 Any module with the nn.Linear call contract works as a projection, so QuantLinear models run as is.
 The options of Hugging Face checkpoints (quark.model.hf) run as quark.model.gpt runs them: biases in
 the projections, q/k norms before the rotation, rope scaling through model.rope, and a sliding window
