@@ -291,21 +291,23 @@ def test_run_batches_on_the_callers_thread(tok):
 
 @pytest.mark.parametrize("window", [0, 6])
 def test_runner_forward_batches_segments(tok, window):
-    """One forward over running streams' next tokens (slots 0, 1) and two prompt chunks (slots 2, 3) equals
-    the model's own forward of each sequence, with a sliding window too."""
+    """One forward over running streams' next tokens (slots 0, 1), a one-token prompt (slot 4: single tokens
+    off the slots 0..n-1 prefix) and two prompt chunks (slots 2, 3) equals the model's own forward of each
+    sequence, with a sliding window too."""
     m = make_model(tok.get_vocab_size(), seed=5, sliding_window=window)
     ids = torch.randint(8, m.config.vocab_size, (1, 23), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ref = m(ids)[0][0]                                                                 # (23, V)
     seq = ids[0].tolist()
-    r = Runner(m, 4)
+    r = Runner(m, 5)
     r.extend(0, seq[:9])
     r.extend(1, seq[:14])
     r.extend(3, seq[:4])
-    out = r.forward([(0, [seq[9]]), (1, [seq[14]]), (2, seq[:11]), (3, seq[4:20])], [False, False, False, True])
-    for got, want in zip(out, [ref[9], ref[14], ref[10], ref[4:20]]):
+    out = r.forward([(0, [seq[9]]), (1, [seq[14]]), (2, seq[:11]), (3, seq[4:20]), (4, seq[:1])],
+                    [False, False, False, True, False])
+    for got, want in zip(out, [ref[9], ref[14], ref[10], ref[4:20], ref[0]]):
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
-    assert r.lens.tolist() == [10, 15, 11, 20]
+    assert r.lens.tolist() == [10, 15, 11, 20, 1]
 
 
 @pytest.mark.parametrize("cache_dtype", ["fp32", "bf16", "int8"])
