@@ -10,6 +10,7 @@ from quark import ops
 from quark.chat import encode_chat
 from quark.infer.engine import CACHE_DTYPES, Engine, QueueFull, Runner, ShuttingDown, load_for_serving
 from quark.infer.sampling import SamplingParams
+from quark.nn.patch import quantize_
 from tests.serve_helpers import make_model, make_model_dir, make_tokenizer, single_thread  # noqa: F401 (autouse fixture)
 
 
@@ -262,6 +263,37 @@ def test_quantized_projections_run_unfused(tok, scheme):
         r.done.wait(60)
     eng.shutdown()
     assert reqs[0].output_ids == greedy_reference(model, prompt, 8)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quant_linear_projections_are_fused_and_decode_as_the_model(tok, scheme):
+    """quark.nn.QuantLinear q/k/v and gate/up stack into one packed weight each (the layers become views
+    of it); prefill and ragged batched decode give the model's own logits."""
+    model = make_model(tok.get_vocab_size(), seed=4)
+    quantize_(model, scheme, group_size=32, skip=())
+    ids = torch.randint(8, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = model(ids)[0][0]                                           # (12, V), before any fusion
+    r = Runner(model, slots=2)
+    qt, bias = r.qkv[0]
+    assert qt.shape == (model.config.d_model + 2 * model.config.n_kv_head * model.config.head_dim, model.config.d_model)
+    assert model.blocks[0].attn.wk.data.data_ptr() > qt.data.data_ptr()   # a view into the fused weight
+    torch.testing.assert_close(r.extend(0, ids[0, :9].tolist(), all_logits=True), ref[:9], atol=2e-5, rtol=1e-4)
+    r.extend(1, ids[0, :5].tolist())
+    out = r.decode([int(ids[0, 9]), int(ids[0, 5])])
+    torch.testing.assert_close(out, ref[[9, 5]], atol=2e-5, rtol=1e-4)
+    with torch.no_grad():   # the model itself still runs on its (now view) buffers
+        torch.testing.assert_close(model(ids)[0][0], ref, atol=0, rtol=0)
+
+
+def test_bf16_model_decodes_as_its_own_forward(tok):
+    """A bf16 model: the decode step's C++ ops round after every op as torch's bf16 ops do."""
+    model = make_model(tok.get_vocab_size(), seed=6).to(torch.bfloat16)
+    prompt = [10, 11, 12, 13, 14]
+    eng = Engine(model, None, max_batch=2)
+    got = eng.run([prompt, prompt[:2]], SamplingParams(max_tokens=10, temperature=0))
+    assert got[0].output_ids == greedy_reference(model, prompt, 10)
+    assert got[1].output_ids == greedy_reference(model, prompt[:2], 10)
 
 
 def test_run_batches_on_the_callers_thread(tok):
