@@ -53,8 +53,10 @@ def build(version=VERSION, jobs=2):
     sdist = glob.glob(str(work / "sdist" / f"llama_cpp_python-{version}.tar.gz"))[0]
     subprocess.run(pip + ["wheel", "--no-deps", "-w", str(work / "wheel"), sdist], check=True, env=env)
     wheel = glob.glob(str(work / "wheel" / "llama_cpp_python-*.whl"))[0]
-    # --target unpacks the wheel beside nothing else: the venv others share stays as it was
-    subprocess.run(pip + ["install", "--no-deps", "--target", str(site_dir()), wheel], check=True)
+    # --target unpacks the wheel beside nothing else: the venv others share stays as it was. Of its
+    # dependencies only diskcache is missing there (numpy, jinja2, typing-extensions come with the venv,
+    # and a second numpy ahead of torch's on sys.path would break it).
+    subprocess.run(pip + ["install", "--no-deps", "--target", str(site_dir()), wheel, "diskcache"], check=True)
     return site_dir()
 
 
