@@ -1,7 +1,8 @@
 """Smoke test of an installed Quark (the wheel, in a fresh virtual environment with no compiler on
 PATH; .ci/wheel_check runs it): the package comes from site-packages with the version of its
 metadata, `quark info` runs, one call of every kernel family agrees with its oracle in
-quark.ops.reference on this CPU's dispatch path, and a quark.search.Index survives save and load.
+quark.ops.reference on this CPU's dispatch path, a quark.search.Index survives save and load, and
+`quark run finetune --plan` finds the shipped recipe (recipes/finetune.yaml, packaged as quark/recipes).
 Run it from outside the source tree: python scripts/smoke_wheel.py"""
 import importlib.metadata
 import json
@@ -96,8 +97,17 @@ def main():
         after = quark.search.Index.load(f"{tmp}/index.qidx").search(queries, k=4)
     if not all(np.array_equal(x, y) for x, y in zip(before, after)):
         sys.exit("FAIL hnsw Index answers differently after save/load")
+    # the shipped recipes by name, from a directory without recipes/: planned on a tiny base model
+    from quark.model import GPT, preset
+    from quark.model.io import save_model
+    with tempfile.TemporaryDirectory() as tmp:
+        save_model(GPT(preset("nano", vocab_size=256, n_layer=1, d_model=32, n_head=2, n_kv_head=1)), f"{tmp}/base")
+        r = subprocess.run(["quark", "run", "finetune", "--plan", "--base-model", f"{tmp}/base", "--run-dir",
+                            f"{tmp}/run"], capture_output=True, text=True, cwd=tmp)
+    if r.returncode != 0 or "recipe finetune" not in r.stdout or "sft" not in r.stdout:
+        sys.exit(f"FAIL quark run finetune --plan: {r.stdout[-500:]}{r.stderr[-500:]}")
     print("smoke test OK: attention, decode_attention, qlinear int4/int8/w8a8, linear, distance, minhash, "
-          "Index (flat exact; hnsw sq8 save/load)")
+          "Index (flat exact; hnsw sq8 save/load), quark run finetune --plan")
 
 
 if __name__ == "__main__":
