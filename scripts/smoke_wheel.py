@@ -21,7 +21,7 @@ import quark.ops
 import quark.search
 from quark.ops import reference as ref
 
-FAMILIES = {"attention", "distance", "gather_distance", "gemv_f32", "quant", "minhash"}
+FAMILIES = {"attention", "distance", "gather_distance", "gemv_bf16", "gemv_f32", "quant", "minhash"}
 
 
 def check(name, got, want, tol):
@@ -65,12 +65,14 @@ def main():
     qt, lens = torch.randn(2, 4, 32, generator=g), torch.tensor([9, 4])
     check("decode_attention", quark.ops.decode_attention(qt, kq, vq, lens, k_scale=ks, v_scale=vs),
           ref.decode_attention(qt.double(), kq, vq, lens, k_scale=ks, v_scale=vs), 1e-5)
-    # quant and gemv_f32: int4 / int8 / w8a8 linear layers and the fp32 GEMV
+    # quant, gemv_f32 and gemv_bf16: int4 / int8 / w8a8 linear layers and the fp32 and bf16 GEMVs
     x, w, b = torch.randn(3, 96, generator=g), torch.randn(40, 96, generator=g), torch.randn(40, generator=g)
     for scheme in ("int4", "int8", "w8a8"):
         qw = quark.ops.quantize(w, scheme)
         check(f"qlinear {scheme}", quark.ops.qlinear(x, qw, b), ref.qlinear(x.double(), qw, b.double()), 1e-5)
     check("linear", quark.ops.linear(x, w, b), ref.linear(x.double(), w.double(), b.double()), 1e-5)
+    xb, wb, bb = x.bfloat16(), w.bfloat16(), b.bfloat16()   # gemv_bf16: fp32 sums rounded once to bf16
+    check("linear bf16", quark.ops.linear(xb, wb, bb), ref.linear(xb.double(), wb.double(), bb.double()), 2e-2)
     # distance: every metric
     xs, ys = np.random.default_rng(0).standard_normal((2, 7, 33)).astype(np.float32)
     for metric in ("l2", "ip", "cosine"):
@@ -106,7 +108,7 @@ def main():
                             f"{tmp}/run"], capture_output=True, text=True, cwd=tmp)
     if r.returncode != 0 or "recipe finetune" not in r.stdout or "sft" not in r.stdout:
         sys.exit(f"FAIL quark run finetune --plan: {r.stdout[-500:]}{r.stderr[-500:]}")
-    print("smoke test OK: attention, decode_attention, qlinear int4/int8/w8a8, linear, distance, minhash, "
+    print("smoke test OK: attention, decode_attention, qlinear int4/int8/w8a8, linear fp32/bf16, distance, minhash, "
           "Index (flat exact; hnsw sq8 save/load), quark run finetune --plan")
 
 
