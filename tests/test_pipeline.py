@@ -36,6 +36,26 @@ def test_shipped_recipes_load_by_name_from_any_directory(tmp_path, monkeypatch):
         load_recipe("fintune.yaml")
 
 
+def test_installed_layout_finds_the_shipped_recipes(tmp_path):
+    """The wheel's layout (CMakeLists.txt installs recipes/*.yaml as quark/recipes; no checkout above the
+    package): `quark run finetune` still finds the recipe, from any working directory."""
+    import shutil
+    from pathlib import Path
+
+    import quark
+    from tests.tiny_lm import tiny_model
+    from quark.model.io import save_model
+    site = tmp_path / "site"
+    shutil.copytree(Path(quark.__file__).parent, site / "quark", ignore=shutil.ignore_patterns("__pycache__", "recipes"))
+    shutil.copytree(recipes_dir(), site / "quark" / "recipes", ignore=shutil.ignore_patterns("*.md"))
+    save_model(tiny_model(64), tmp_path / "base")
+    r = subprocess.run([sys.executable, "-m", "quark.cli", "run", "finetune", "--plan", "--base-model",
+                        str(tmp_path / "base"), "--run-dir", str(tmp_path / "run")], capture_output=True, text=True,
+                       timeout=120, cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(site)})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "recipe finetune" in r.stdout and "sft" in r.stdout and "no pretraining to plan" in r.stdout
+
+
 def test_budget_overrides_apply(tmp_path):
     p = write(tmp_path, "steps:\n  crawl:\n    max_pages: 100\n    budgets:\n      tiny: {max_pages: 5}\n")
     assert step_config(load_recipe(p, budget="tiny"), "crawl") == {"max_pages": 5}
