@@ -43,8 +43,8 @@ def test_installed_layout_finds_the_shipped_recipes(tmp_path):
     from pathlib import Path
 
     import quark
-    from tests.tiny_lm import tiny_model
     from quark.model.io import save_model
+    from tests.tiny_lm import tiny_model
     site = tmp_path / "site"
     shutil.copytree(Path(quark.__file__).parent, site / "quark", ignore=shutil.ignore_patterns("__pycache__", "recipes"))
     shutil.copytree(recipes_dir(), site / "quark" / "recipes", ignore=shutil.ignore_patterns("*.md"))
