@@ -13,6 +13,9 @@
   QueueFull beyond it, so overload is answered, not absorbed), join the running batch as slots free
   up (continuous batching: Orca, Yu et al. 2022; vLLM), and stream text deltas through a callback.
 Any module with the nn.Linear call contract works as a projection, so QuantLinear models run as is.
+LoRA adapters (quark.infer.lora) run unmerged beside the base: each slot names its adapter, and after
+every projection each adapter in the batch adds its low-rank delta to its own rows, so requests with
+different adapters, or none, share prefill code and every decode step.
 The options of Hugging Face checkpoints (quark.model.hf) run as quark.model.gpt runs them: biases in
 the projections, q/k norms before the rotation, rope scaling through model.rope, and a sliding window
 as a mask (prefill) or windowed attention (decode past the window).
@@ -27,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from quark import ops
+from quark.infer.lora import Adapter, add_deltas, row_groups
 from quark.infer.sampling import Detokenizer, SamplingParams, sample, token_logprobs
 from quark.model.gpt import window_attention
 
@@ -90,18 +94,24 @@ class Runner:
             self.k_scale = [torch.zeros(shape[:3]) for _ in range(cfg.n_layer)]                 # (slots, Hkv, Smax)
             self.v_scale = [torch.zeros(shape[:3]) for _ in range(cfg.n_layer)]
         self.lens = torch.zeros(slots, dtype=torch.long)
+        # the LoRA adapter (quark.infer.lora.Adapter) or None each slot's sequence runs with: set before its
+        # prefill, it moves with the sequence; rows of one batch may each run another (add_deltas)
+        self.slot_adapter = [None] * slots
         # fuse=False leaves the model's parameters alone (fusing replaces them by views of one tensor): for
         # a model that is still being trained between generations, such as the RL policy
         with torch.no_grad():
             self.qkv = [_fuse([b.attn.wq, b.attn.wk, b.attn.wv]) if fuse else None for b in model.blocks]
             self.gate_up = [_fuse([b.mlp.w1, b.mlp.w3]) if fuse else None for b in model.blocks]
 
-    def _project_qkv(self, i, h):
+    def _proj(self, i, module, target, h, lora):
+        return add_deltas(_linear(module, h), h, lora, i, (target,))
+
+    def _project_qkv(self, i, h, lora):
         a = self.model.blocks[i].attn
         if self.qkv[i] is not None:
-            return ops.linear(h, self.qkv[i]).split(
+            return add_deltas(ops.linear(h, self.qkv[i]), h, lora, i, ("wq", "wk", "wv")).split(
                 [self.cfg.n_head * self.cfg.head_dim] + [self.cfg.n_kv_head * self.cfg.head_dim] * 2, -1)
-        return _linear(a.wq, h), _linear(a.wk, h), _linear(a.wv, h)
+        return self._proj(i, a.wq, "wq", h, lora), self._proj(i, a.wk, "wk", h, lora), self._proj(i, a.wv, "wv", h, lora)
 
     def _qk(self, i, q, k, cos, sin):
         """q (T, H, D), k (T, Hkv, D) -> normed (Qwen3) and rotated."""
@@ -110,12 +120,13 @@ class Runner:
             q, k = a.q_norm(q), a.k_norm(k)
         return _rope(q, cos, sin), _rope(k, cos, sin)
 
-    def _mlp(self, i, h):
+    def _mlp(self, i, h, lora):
         m = self.model.blocks[i].mlp
         if self.gate_up[i] is not None:
-            g, u = ops.linear(h, self.gate_up[i]).chunk(2, -1)
-            return _linear(m.w2, F.silu(g) * u)
-        return _linear(m.w2, F.silu(_linear(m.w1, h)) * _linear(m.w3, h))
+            g, u = add_deltas(ops.linear(h, self.gate_up[i]), h, lora, i, ("w1", "w3")).chunk(2, -1)
+        else:
+            g, u = self._proj(i, m.w1, "w1", h, lora), self._proj(i, m.w3, "w3", h, lora)
+        return self._proj(i, m.w2, "w2", F.silu(g) * u, lora)
 
     @torch.no_grad()
     def extend(self, slot, ids, all_logits=False):
@@ -133,8 +144,10 @@ class Runner:
             mask = torch.ones(T, p0 + T, dtype=torch.bool).tril(diagonal=p0)
             if W:                      # ... and only the last W of them
                 mask &= ~torch.ones(T, p0 + T, dtype=torch.bool).tril(diagonal=p0 - W)
+        adapter = self.slot_adapter[slot]
+        lora = [] if adapter is None else [(adapter, slice(None))]   # every row is this slot's
         for i, blk in enumerate(self.model.blocks):
-            q, k, v = self._project_qkv(i, blk.attn_norm(x))
+            q, k, v = self._project_qkv(i, blk.attn_norm(x), lora)
             q, k = self._qk(i, q.view(T, H, D), k.view(T, Hkv, D), cos, sin)                 # (T, H|Hkv, D)
             self._store(i, slot, slice(p0, p0 + T), k.transpose(0, 1), v.view(T, Hkv, D).transpose(0, 1))
             kk, vv = self._load(i, slot, p0 + T)                                             # (1, Hkv, S, D)
@@ -143,8 +156,8 @@ class Runner:
                 y = ops.attention(qq.contiguous(), kk.contiguous(), vv.contiguous(), causal=True)
             else:
                 y = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, enable_gqa=H != Hkv)
-            x = x + _linear(blk.attn.wo, y[0].transpose(0, 1).reshape(T, H * D))
-            x = x + self._mlp(i, blk.mlp_norm(x))
+            x = x + self._proj(i, blk.attn.wo, "wo", y[0].transpose(0, 1).reshape(T, H * D), lora)
+            x = x + self._mlp(i, blk.mlp_norm(x), lora)
         self.lens[slot] = p0 + T
         h = self.model.norm(x if all_logits else x[-1:])
         logits = _linear(self.model.lm_head, h).float()
@@ -163,8 +176,9 @@ class Runner:
         x = self.model.tok_emb(torch.as_tensor(tokens, dtype=torch.long))                   # (n, d)
         seqlens = (pos + 1).to(torch.int32)
         windowed = W and int(seqlens.max()) > W
+        lora = row_groups(self.slot_adapter[:n])
         for i, blk in enumerate(self.model.blocks):
-            q, k, v = self._project_qkv(i, blk.attn_norm(x))
+            q, k, v = self._project_qkv(i, blk.attn_norm(x), lora)
             q, k = self._qk(i, q.view(n, H, D), k.view(n, Hkv, D), cos, sin)                 # (n, H|Hkv, D)
             self._store(i, rows, pos, k, v.view(n, Hkv, D))                                  # (n, Hkv, D)
             if windowed:   # past Mistral's window: attend to each slot's last W positions only
@@ -176,8 +190,8 @@ class Runner:
                                          k_scale=self.k_scale[i][:n], v_scale=self.v_scale[i][:n])
             else:
                 y = ops.decode_attention(q.to(self.cache_dtype).contiguous(), self.k[i][:n], self.v[i][:n], seqlens)
-            x = x + _linear(blk.attn.wo, y.to(self.dtype).reshape(n, H * D))
-            x = x + self._mlp(i, blk.mlp_norm(x))
+            x = x + self._proj(i, blk.attn.wo, "wo", y.to(self.dtype).reshape(n, H * D), lora)
+            x = x + self._mlp(i, blk.mlp_norm(x), lora)
         self.lens[:n] += 1
         return _linear(self.model.lm_head, self.model.norm(x)).float()
 
@@ -212,6 +226,7 @@ class Runner:
                 self.v_scale[i][dst, :, :n] = self.v_scale[i][src, :, :n]
         self.lens[dst] = n
         self.lens[src] = 0
+        self.slot_adapter[dst], self.slot_adapter[src] = self.slot_adapter[src], None
 
 
 class Request:
@@ -221,12 +236,14 @@ class Request:
     (constrained decoding: quark.infer.constrain.Constraint). With params.logprobs, `logprobs` holds one
     (log p, [(id, log p)] top alternatives) per output token, from the model's own log-softmax (before
     any processor or sampling setting); with params.prompt_logprobs, `prompt_logprobs` holds one per
-    prompt token after the first."""
+    prompt token after the first. adapter: the name of the LoRA adapter it runs with (Engine.adapters), or
+    None for the base model; KV computed for one adapter is never valid for another."""
     _ids = itertools.count()
 
-    def __init__(self, prompt_ids, params, tokenizer, stop_ids, on_event=None, processor=None):
+    def __init__(self, prompt_ids, params, tokenizer, stop_ids, on_event=None, processor=None, adapter=None):
         self.id = next(self._ids)
         self.processor = processor
+        self.adapter = adapter
         self.logprobs = [] if params.logprobs is not None else None
         self.prompt_logprobs = None
         self.prompt_ids = list(prompt_ids)
@@ -304,10 +321,13 @@ class Engine:
         req = engine.submit(ids, SamplingParams(max_tokens=32), on_event=print)
         req.done.wait(); print(req.text)
         engine.shutdown()
+
+    adapters: {name: LoRA adapter directory (Quark or PEFT)} loaded onto the model (quark.infer.lora); a
+    request names one (submit(..., adapter=name)) and runs in the same batch as every other.
     """
 
     def __init__(self, model, tokenizer=None, max_batch=8, max_queue=64, max_seq_len=None, cache_dtype="fp32",
-                 stop_tokens=("<|end|>", "<|eos|>"), stop_ids=None, fuse=True):
+                 stop_tokens=("<|end|>", "<|eos|>"), stop_ids=None, fuse=True, adapters=None):
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch}, {max_queue}")
         self.runner = Runner(model, max_batch, max_seq_len, cache_dtype, fuse)
@@ -325,10 +345,24 @@ class Engine:
         self.thread = None
         self.steps = 0             # decode steps run (for tests and metrics)
         self.tokens_generated = 0
+        self.adapters = {}
+        for name, directory in (adapters or {}).items():
+            self.add_adapter(name, directory)
+
+    def add_adapter(self, name, directory):
+        """Load the LoRA adapter in directory (checked against the model) under name -> the Adapter."""
+        if not isinstance(name, str) or not name or not all(c.isalnum() or c in "._-" for c in name):
+            raise ValueError(f"adapter name must be a non-empty string of letters, digits, '.', '_' or '-', got {name!r}")
+        if name in self.adapters:
+            raise ValueError(f"adapter {name!r} is already loaded")
+        self.adapters[name] = Adapter.load(directory, self.runner.model, name)
+        return self.adapters[name]
 
     # ---- client side (any thread) ----
-    def _request(self, prompt_ids, params, on_event=None, processor=None):
+    def _request(self, prompt_ids, params, on_event=None, processor=None, adapter=None):
         params = params or SamplingParams()
+        if adapter is not None and adapter not in self.adapters:
+            raise ValueError(f"adapter {adapter!r} is not loaded (loaded: {', '.join(sorted(self.adapters)) or 'none'})")
         if not prompt_ids:
             raise ValueError("prompt is empty: it must hold at least one token")
         if len(prompt_ids) + params.max_tokens > self.max_seq_len:
@@ -337,10 +371,10 @@ class Engine:
         vocab = self.runner.cfg.vocab_size
         if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
             raise ValueError(f"prompt token ids must lie in [0, {vocab})")
-        return Request(prompt_ids, params, self.tokenizer, self.stop_ids, on_event, processor)
+        return Request(prompt_ids, params, self.tokenizer, self.stop_ids, on_event, processor, adapter)
 
-    def submit(self, prompt_ids, params=None, on_event=None, processor=None):
-        req = self._request(prompt_ids, params, on_event, processor)
+    def submit(self, prompt_ids, params=None, on_event=None, processor=None, adapter=None):
+        req = self._request(prompt_ids, params, on_event, processor, adapter)
         with self.cond:
             if not self.accepting:
                 raise ShuttingDown("the engine is shutting down")
@@ -350,24 +384,28 @@ class Engine:
             self.cond.notify()
         return req
 
-    def generate(self, prompt_ids, params=None, on_event=None):
+    def generate(self, prompt_ids, params=None, on_event=None, adapter=None):
         """Submit and wait (starts the loop thread if needed) -> the finished Request."""
         if self.thread is None:
             self.start()
-        req = self.submit(prompt_ids, params, on_event)
+        req = self.submit(prompt_ids, params, on_event, adapter=adapter)
         req.done.wait()
         return req
 
-    def run(self, prompts, params=None):
+    def run(self, prompts, params=None, adapters=None):
         """Generate for every prompt on the caller's thread (no loop thread, no queue bound), max_batch at
         a time with continuous batching -> the finished Requests in prompt order. params: one
-        SamplingParams for all prompts, or a list with one per prompt (e.g. distinct seeds)."""
+        SamplingParams for all prompts, or a list with one per prompt (e.g. distinct seeds); adapters
+        likewise: one adapter name (or None) for all, or a list with one per prompt."""
         if self.thread is not None:
             raise RuntimeError("run() drives the engine itself; this engine already has its loop thread")
         per_prompt = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(per_prompt) != len(prompts):
             raise ValueError(f"got {len(per_prompt)} SamplingParams for {len(prompts)} prompts")
-        reqs = [self._request(p, sp) for p, sp in zip(prompts, per_prompt)]
+        names = adapters if isinstance(adapters, (list, tuple)) else [adapters] * len(prompts)
+        if len(names) != len(prompts):
+            raise ValueError(f"got {len(names)} adapters for {len(prompts)} prompts")
+        reqs = [self._request(p, sp, adapter=a) for p, sp, a in zip(prompts, per_prompt, names)]
         pending = deque(reqs)
         while pending or self.active:
             admitted = []
@@ -429,6 +467,7 @@ class Engine:
                 continue
             slot = len(self.active)
             self.runner.lens[slot] = 0
+            self.runner.slot_adapter[slot] = None if req.adapter is None else self.adapters[req.adapter]
             try:
                 logits = self.runner.extend(slot, req.prompt_ids, all_logits=req.params.prompt_logprobs)
                 if req.params.prompt_logprobs:   # (T, V): position t predicts prompt token t + 1

@@ -1,0 +1,135 @@
+"""Many LoRA adapters over one base model, batched together (Punica: Chen et al. 2023, "Punica: Multi-Tenant
+LoRA Serving"; S-LoRA: Sheng et al. 2023, "S-LoRA: Serving Thousands of Concurrent LoRA Adapters").
+
+The adapters are never merged into the base weights: every row of a batch runs the base projection
+together (fused, quantized, whatever the base is), then each adapter adds its low-rank delta
+(x A^T)(scale B)^T to its own rows, one group per adapter in the batch. So requests with different
+adapters, or none, share every prefill and decode step and never wait for each other, and an adapter
+costs its rank, not a copy of the weights. A group of projections the runner fuses into one matmul
+(q/k/v, gate/up) gets one delta too: the targets' A stacked, B block diagonal.
+
+An adapter is Quark's (quark.model.lora: adapter.safetensors, what `quark sft` with LoRA writes) or
+PEFT's (adapter_model.safetensors: peft's save_pretrained, `quark export --format peft`). Loading checks
+it against the base: every tensor must name a projection of the base and fit its shape at the declared
+rank, and the declared target modules must be the ones present; a mismatch names the tensor.
+"""
+from pathlib import Path
+
+import torch
+
+from quark.model.hf import read_peft
+from quark.model.lora import TARGETS, read_adapter
+
+
+class Adapter:
+    """One adapter ready to run beside its base: per (layer, target) A^T (in, r) and (scale B)^T (r, out)."""
+
+    def __init__(self, name, weights, widths):
+        self.name = name
+        self.weights = weights        # {(layer, target): (A^T (in, r), (scale B)^T (r, out))}
+        self.widths = widths          # {target: out_features of the base projection}
+        self._packed = {}
+
+    @classmethod
+    def load(cls, directory, model, name=None):
+        """Read a Quark or PEFT adapter directory and check it fits model (a GPT, plain or quantized)."""
+        directory = Path(directory)
+        if (directory / "adapter.safetensors").exists():
+            modules = _quark_modules(directory)
+        elif (directory / "adapter_model.safetensors").exists():
+            modules = read_peft(directory)
+        else:
+            raise FileNotFoundError(f"{directory} is not a LoRA adapter directory: it holds neither adapter.safetensors "
+                                    "(Quark) nor adapter_model.safetensors (PEFT)")
+        projections = {f"blocks.{i}.{part}.{t}": getattr(getattr(blk, part), t) for i, blk in enumerate(model.blocks)
+                       for part in ("attn", "mlp") for t in TARGETS
+                       if hasattr(getattr(blk, part), t)}
+        widths = {m.rsplit(".", 1)[1]: p.out_features for m, p in projections.items()}   # the same in every layer
+        dtype = model.tok_emb.weight.dtype
+        weights = {}
+        for module, (a, b, scale, (name_a, name_b)) in modules.items():
+            base = projections.get(module)
+            if base is None:
+                raise ValueError(f"{directory}: tensor {name_a} has no place in the base model "
+                                 f"({model.config.n_layer} layers)")
+            shape_a, shape_b = (a.shape[0], base.in_features), (base.out_features, a.shape[0])
+            for tensor_name, t, want in ((name_a, a, shape_a), (name_b, b, shape_b)):
+                if tuple(t.shape) != want:
+                    raise ValueError(f"{directory}: tensor {tensor_name} has shape {tuple(t.shape)}, the base model's "
+                                     f"{module} needs {want}")
+            _, i, _, target = module.split(".")
+            weights[int(i), target] = (a.to(dtype).t().contiguous(), (b.to(torch.float32) * scale).to(dtype).t().contiguous())
+        if not weights:
+            raise ValueError(f"{directory}: the adapter holds no LoRA tensors")
+        return cls(name or directory.name, weights, widths)
+
+    def packed(self, i, targets):
+        """-> (A^T (in, R), B^T (R, sum of the targets' out)) of layer i's targets as one projection, their
+        outputs side by side and B block diagonal; None when the adapter touches none of them."""
+        key = (i, targets)
+        if key not in self._packed:
+            present = [(t, self.weights[i, t]) for t in targets if (i, t) in self.weights]
+            if not present:
+                self._packed[key] = None
+            else:
+                at = torch.cat([a for _, (a, _) in present], 1)                               # (in, R)
+                bt = torch.zeros(at.shape[1], sum(self.widths[t] for t in targets), dtype=at.dtype)
+                r0 = 0
+                for t, (_, b) in present:
+                    c0 = sum(self.widths[u] for u in targets[:targets.index(t)])
+                    bt[r0:r0 + b.shape[0], c0:c0 + b.shape[1]] = b
+                    r0 += b.shape[0]
+                self._packed[key] = (at, bt)
+        return self._packed[key]
+
+
+def _quark_modules(directory):
+    """Quark's adapter directory -> read_peft's form: {module: (A, B, scale, (A's name, B's name))}."""
+    config, state = read_adapter(directory)
+    weights = Path(directory) / "adapter.safetensors"
+    pairs = {}
+    for name in state:
+        module, half = name.rsplit(".", 1)
+        if half not in ("lora_A", "lora_B"):
+            raise ValueError(f"{weights}: tensor {name} is not a lora_A or lora_B weight")
+        pairs.setdefault(module, {})[half] = name
+    out = {}
+    for module, names in sorted(pairs.items()):
+        if len(names) < 2:
+            (name,) = names.values()
+            raise ValueError(f"{weights}: tensor {name} has no {'lora_B' if name.endswith('A') else 'lora_A'} partner")
+        a, b = state[names["lora_A"]], state[names["lora_B"]]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != config.rank or b.shape[1] != config.rank:
+            raise ValueError(f"{weights}: tensors {names['lora_A']} {tuple(a.shape)} and {names['lora_B']} "
+                             f"{tuple(b.shape)} are not a rank-{config.rank} pair (adapter_config.json rank)")
+        out[module] = (a, b, config.alpha / config.rank, (names["lora_A"], names["lora_B"]))
+    found = {m.rsplit(".", 1)[1] for m in out}
+    if found != set(config.targets):
+        raise ValueError(f"{directory}/adapter_config.json: targets {sorted(config.targets)} but {weights.name} holds "
+                         f"adapters for {sorted(found)}")
+    return out
+
+
+def row_groups(adapters):
+    """The adapter of each batch row (an Adapter or None) -> [(adapter, rows)] for the rows that run one:
+    rows a slice when they are contiguous (no gather), else an index tensor."""
+    by = {}
+    for j, a in enumerate(adapters):
+        if a is not None:
+            by.setdefault(a, []).append(j)
+    return [(a, slice(rows[0], rows[-1] + 1) if rows[-1] - rows[0] + 1 == len(rows) else torch.tensor(rows))
+            for a, rows in by.items()]
+
+
+def add_deltas(y, x, groups, i, targets):
+    """y (rows, out) += each group's delta of x (rows, in) for layer i's targets, on its rows only -> y."""
+    for adapter, rows in groups:
+        ab = adapter.packed(i, targets)
+        if ab is None:
+            continue
+        d = x[rows] @ ab[0] @ ab[1]                                                            # (m, out)
+        if isinstance(rows, slice):
+            y[rows] += d
+        else:
+            y.index_add_(0, rows, d.to(y.dtype))
+    return y
