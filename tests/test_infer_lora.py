@@ -11,24 +11,11 @@ import torch.nn as nn
 from quark.infer.engine import Engine, Runner
 from quark.infer.lora import Adapter
 from quark.infer.sampling import SamplingParams
-from quark.model.lora import LoRAConfig, apply_lora, lora_modules, save_adapter, strip_lora
 from quark.nn.patch import quantize_
-from tests.serve_helpers import make_model, single_thread  # noqa: F401 (autouse fixture)
+from tests.serve_helpers import make_adapter, make_model, single_thread  # noqa: F401 (autouse fixture)
 
 V = 120
 ALL = ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]
-
-
-def make_adapter(base, directory, targets, seed, rank=4, alpha=8.0):
-    """Save a LoRA adapter of base with random (non-zero) B -> base with the adapter merged into its weights."""
-    m = copy.deepcopy(base)
-    apply_lora(m, LoRAConfig(rank=rank, alpha=alpha, targets=targets))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for mod in lora_modules(m).values():
-            mod.lora_B.copy_(torch.randn(mod.lora_B.shape, generator=g) * 0.3)
-    save_adapter(m, directory)
-    return strip_lora(m).eval()
 
 
 @pytest.fixture()
@@ -147,24 +134,14 @@ def test_quantized_base_adds_deltas_on_the_float_side(setup, scheme):
 def test_peft_adapters_match_peft(tmp_path):
     """Adapters trained by peft on a tiny HF Llama (one plain, one with rsLoRA and rank/alpha patterns),
     served on that base loaded through quark.model.hf: peft's own logits and greedy tokens."""
-    peft = pytest.importorskip("peft")
+    pytest.importorskip("peft")
     from quark.model.hf import load_hf
-    from tests.hf_helpers import make_hf_model
+    from tests.hf_helpers import make_hf_model, make_peft_adapter
     hf = make_hf_model(tmp_path / "base", "llama", tokenizer=False)
-    configs = {"plain": peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
-               "patterned": peft.LoraConfig(r=4, lora_alpha=6, use_rslora=True, rank_pattern={"o_proj": 2},
-                                            alpha_pattern={"gate_proj": 3}, target_modules=[
-                                                "q_proj", "k_proj", "o_proj", "gate_proj", "up_proj"])}
-    peft_models = {}
-    for k, (name, cfg) in enumerate(configs.items()):
-        pm = peft.get_peft_model(copy.deepcopy(hf), cfg)
-        g = torch.Generator().manual_seed(k)
-        with torch.no_grad():
-            for n, p in pm.named_parameters():
-                if "lora_B" in n:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-        pm.save_pretrained(tmp_path / name)
-        peft_models[name] = pm.eval()
+    configs = {"plain": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+               "patterned": dict(r=4, lora_alpha=6, use_rslora=True, rank_pattern={"o_proj": 2}, alpha_pattern={
+                   "gate_proj": 3}, target_modules=["q_proj", "k_proj", "o_proj", "gate_proj", "up_proj"])}
+    peft_models = {name: make_peft_adapter(hf, tmp_path / name, seed=k, **cfg) for k, (name, cfg) in enumerate(configs.items())}
     model = load_hf(tmp_path / "base")
     eng = Engine(model, None, max_batch=3, adapters={n: tmp_path / n for n in configs})
     prompts = [[5, 9, 40, 41, 7], [100, 3, 64, 9], [12, 13, 14, 15, 16, 17]]
