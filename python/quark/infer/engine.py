@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from quark import ops
-from quark.infer.lora import Adapter, add_deltas, row_groups
+from quark.infer.lora import Adapter, RowAdapters
 from quark.infer.sampling import Detokenizer, SamplingParams, sample, token_logprobs
 from quark.model.gpt import window_attention
 
@@ -58,6 +58,11 @@ def _linear(module, x):
     if type(module) is nn.Linear:
         return ops.linear(x, module.weight, module.bias)
     return module(x)
+
+
+def _delta(y, x, lora, i, targets):
+    """y, the projection of x over layer i's targets, plus the LoRA deltas of its rows (lora: RowAdapters or None)."""
+    return y if lora is None else lora.add(y, x, i, targets)
 
 
 def _fuse(linears):
@@ -95,8 +100,9 @@ class Runner:
             self.v_scale = [torch.zeros(shape[:3]) for _ in range(cfg.n_layer)]
         self.lens = torch.zeros(slots, dtype=torch.long)
         # the LoRA adapter (quark.infer.lora.Adapter) or None each slot's sequence runs with: set before its
-        # prefill, it moves with the sequence; rows of one batch may each run another (add_deltas)
+        # prefill, it moves with the sequence; rows of one batch may each run another (RowAdapters)
         self.slot_adapter = [None] * slots
+        self.lora_cache = {}       # RowAdapters' stacks of the adapters in the running batch
         # fuse=False leaves the model's parameters alone (fusing replaces them by views of one tensor): for
         # a model that is still being trained between generations, such as the RL policy
         with torch.no_grad():
@@ -104,12 +110,12 @@ class Runner:
             self.gate_up = [_fuse([b.mlp.w1, b.mlp.w3]) if fuse else None for b in model.blocks]
 
     def _proj(self, i, module, target, h, lora):
-        return add_deltas(_linear(module, h), h, lora, i, (target,))
+        return _delta(_linear(module, h), h, lora, i, (target,))
 
     def _project_qkv(self, i, h, lora):
         a = self.model.blocks[i].attn
         if self.qkv[i] is not None:
-            return add_deltas(ops.linear(h, self.qkv[i]), h, lora, i, ("wq", "wk", "wv")).split(
+            return _delta(ops.linear(h, self.qkv[i]), h, lora, i, ("wq", "wk", "wv")).split(
                 [self.cfg.n_head * self.cfg.head_dim] + [self.cfg.n_kv_head * self.cfg.head_dim] * 2, -1)
         return self._proj(i, a.wq, "wq", h, lora), self._proj(i, a.wk, "wk", h, lora), self._proj(i, a.wv, "wv", h, lora)
 
@@ -123,7 +129,7 @@ class Runner:
     def _mlp(self, i, h, lora):
         m = self.model.blocks[i].mlp
         if self.gate_up[i] is not None:
-            g, u = add_deltas(ops.linear(h, self.gate_up[i]), h, lora, i, ("w1", "w3")).chunk(2, -1)
+            g, u = _delta(ops.linear(h, self.gate_up[i]), h, lora, i, ("w1", "w3")).chunk(2, -1)
         else:
             g, u = self._proj(i, m.w1, "w1", h, lora), self._proj(i, m.w3, "w3", h, lora)
         return self._proj(i, m.w2, "w2", F.silu(g) * u, lora)
@@ -144,8 +150,7 @@ class Runner:
             mask = torch.ones(T, p0 + T, dtype=torch.bool).tril(diagonal=p0)
             if W:                      # ... and only the last W of them
                 mask &= ~torch.ones(T, p0 + T, dtype=torch.bool).tril(diagonal=p0 - W)
-        adapter = self.slot_adapter[slot]
-        lora = [] if adapter is None else [(adapter, slice(None))]   # every row is this slot's
+        lora = RowAdapters.of([self.slot_adapter[slot]] * T, self.lora_cache)
         for i, blk in enumerate(self.model.blocks):
             q, k, v = self._project_qkv(i, blk.attn_norm(x), lora)
             q, k = self._qk(i, q.view(T, H, D), k.view(T, Hkv, D), cos, sin)                 # (T, H|Hkv, D)
@@ -176,7 +181,7 @@ class Runner:
         x = self.model.tok_emb(torch.as_tensor(tokens, dtype=torch.long))                   # (n, d)
         seqlens = (pos + 1).to(torch.int32)
         windowed = W and int(seqlens.max()) > W
-        lora = row_groups(self.slot_adapter[:n])
+        lora = RowAdapters.of(self.slot_adapter[:n], self.lora_cache)
         for i, blk in enumerate(self.model.blocks):
             q, k, v = self._project_qkv(i, blk.attn_norm(x), lora)
             q, k = self._qk(i, q.view(n, H, D), k.view(n, Hkv, D), cos, sin)                 # (n, H|Hkv, D)

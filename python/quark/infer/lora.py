@@ -17,16 +17,17 @@ from pathlib import Path
 
 import torch
 
+from quark import ops
 from quark.model.hf import read_peft
 from quark.model.lora import TARGETS, read_adapter
 
 
 class Adapter:
-    """One adapter ready to run beside its base: per (layer, target) A^T (in, r) and (scale B)^T (r, out)."""
+    """One adapter ready to run beside its base: per (layer, target) A (r, in) and scale B (out, r)."""
 
     def __init__(self, name, weights, widths):
         self.name = name
-        self.weights = weights        # {(layer, target): (A^T (in, r), (scale B)^T (r, out))}
+        self.weights = weights        # {(layer, target): (A (r, in), scale B (out, r))}
         self.widths = widths          # {target: out_features of the base projection}
         self._packed = {}
 
@@ -58,13 +59,13 @@ class Adapter:
                     raise ValueError(f"{directory}: tensor {tensor_name} has shape {tuple(t.shape)}, the base model's "
                                      f"{module} needs {want}")
             _, i, _, target = module.split(".")
-            weights[int(i), target] = (a.to(dtype).t().contiguous(), (b.to(torch.float32) * scale).to(dtype).t().contiguous())
+            weights[int(i), target] = (a.to(dtype).contiguous(), (b.to(torch.float32) * scale).to(dtype).contiguous())
         if not weights:
             raise ValueError(f"{directory}: the adapter holds no LoRA tensors")
         return cls(name or directory.name, weights, widths)
 
     def packed(self, i, targets):
-        """-> (A^T (in, R), B^T (R, sum of the targets' out)) of layer i's targets as one projection, their
+        """-> (A (R, in), B (sum of the targets' out, R)) of layer i's targets as one projection, their
         outputs side by side and B block diagonal; None when the adapter touches none of them."""
         key = (i, targets)
         if key not in self._packed:
@@ -72,14 +73,14 @@ class Adapter:
             if not present:
                 self._packed[key] = None
             else:
-                at = torch.cat([a for _, (a, _) in present], 1)                               # (in, R)
-                bt = torch.zeros(at.shape[1], sum(self.widths[t] for t in targets), dtype=at.dtype)
+                a = torch.cat([a for _, (a, _) in present])                                   # (R, in)
+                b = torch.zeros(sum(self.widths[t] for t in targets), a.shape[0], dtype=a.dtype)   # (out, R)
                 r0 = 0
-                for t, (_, b) in present:
-                    c0 = sum(self.widths[u] for u in targets[:targets.index(t)])
-                    bt[r0:r0 + b.shape[0], c0:c0 + b.shape[1]] = b
-                    r0 += b.shape[0]
-                self._packed[key] = (at, bt)
+                for t, (_, bt) in present:
+                    o0 = sum(self.widths[u] for u in targets[:targets.index(t)])
+                    b[o0:o0 + bt.shape[0], r0:r0 + bt.shape[1]] = bt
+                    r0 += bt.shape[1]
+                self._packed[key] = (a, b)
         return self._packed[key]
 
 
@@ -110,26 +111,61 @@ def _quark_modules(directory):
     return out
 
 
-def row_groups(adapters):
-    """The adapter of each batch row (an Adapter or None) -> [(adapter, rows)] for the rows that run one:
-    rows a slice when they are contiguous (no gather), else an index tensor."""
-    by = {}
-    for j, a in enumerate(adapters):
-        if a is not None:
-            by.setdefault(a, []).append(j)
-    return [(a, slice(rows[0], rows[-1] + 1) if rows[-1] - rows[0] + 1 == len(rows) else torch.tensor(rows))
-            for a, rows in by.items()]
+class RowAdapters:
+    """The adapters the rows of one forward run, and the deltas they add to each projection.
 
+    One adapter for every row (a prefill, or a batch on one adapter): y += (x A^T) B^T. Several (or some
+    rows on none): every row goes through the stacked A of all of them, a mask keeps each row's own
+    adapter's columns, and the stacked B adds them back, so the whole batch takes four ops per projection
+    whatever the number of adapters, with no gather or scatter of rows; the rank is small, so computing
+    every adapter's x A^T for every row costs little. The stacks and masks of the running batch are kept in
+    the runner's cache across steps: they change only when a request joins or leaves."""
 
-def add_deltas(y, x, groups, i, targets):
-    """y (rows, out) += each group's delta of x (rows, in) for layer i's targets, on its rows only -> y."""
-    for adapter, rows in groups:
-        ab = adapter.packed(i, targets)
-        if ab is None:
-            continue
-        d = x[rows] @ ab[0] @ ab[1]                                                            # (m, out)
-        if isinstance(rows, slice):
-            y[rows] += d
-        else:
-            y.index_add_(0, rows, d.to(y.dtype))
-    return y
+    def __init__(self, adapters, distinct, cache):
+        self.adapters, self.distinct = tuple(adapters), distinct
+        self.single = distinct[0] if len(distinct) == 1 and None not in adapters else None
+        if self.single is None:
+            if cache.get("adapters") != distinct:
+                cache.update(adapters=distinct, stacks={})
+            if cache.get("rows") != self.adapters:
+                cache.update(rows=self.adapters, masks={})
+        self.cache = cache   # adapters, stacks {(layer, targets): (A (in, R), B (R, out), layout)}, rows, masks {layout: (rows, R)}
+
+    @classmethod
+    def of(cls, adapters, cache):
+        """adapters: the Adapter (or None) of each row -> RowAdapters, or None when no row runs one."""
+        distinct = tuple(dict.fromkeys(a for a in adapters if a is not None))
+        return cls(adapters, distinct, cache) if distinct else None
+
+    def add(self, y, x, i, targets):
+        """y (rows, out) += each row's adapter's delta of x (rows, in) for layer i's targets -> y."""
+        if self.single is not None:
+            ab = self.single.packed(i, targets)
+            if ab is not None:
+                y += ops.linear(ops.linear(x, ab[0]), ab[1])
+            return y
+        stack = self._stack(i, targets)
+        if stack is not None:
+            a, b, layout = stack
+            h = ops.linear(x, a)                                                               # (rows, R)
+            h *= self._mask(layout, h.dtype)
+            y += ops.linear(h, b)
+        return y
+
+    def _stack(self, i, targets):
+        stacks = self.cache["stacks"]
+        if (i, targets) not in stacks:
+            parts = [(g, adapter.packed(i, targets)) for g, adapter in enumerate(self.distinct)]
+            parts = [(g, ab) for g, ab in parts if ab is not None]
+            stacks[i, targets] = None if not parts else (
+                torch.cat([ab[0] for _, ab in parts]), torch.cat([ab[1] for _, ab in parts], 1),
+                tuple((g, ab[0].shape[0]) for g, ab in parts))    # which adapter owns each run of columns
+        return stacks[i, targets]
+
+    def _mask(self, layout, dtype):
+        masks = self.cache["masks"]
+        if layout not in masks:
+            owner = torch.tensor([-1 if a is None else self.distinct.index(a) for a in self.adapters])   # (rows,)
+            cols = torch.cat([torch.full((r,), g) for g, r in layout])                                   # (R,)
+            masks[layout] = (owner[:, None] == cols[None, :]).to(dtype)
+        return masks[layout]
