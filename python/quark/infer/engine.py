@@ -15,7 +15,7 @@
 Any module with the nn.Linear call contract works as a projection, so QuantLinear models run as is.
 LoRA adapters (quark.infer.lora) run unmerged beside the base: each slot names its adapter, and after
 every projection each adapter in the batch adds its low-rank delta to its own rows, so requests with
-different adapters, or none, share prefill code and every decode step.
+different adapters, or none, share every decode step.
 The options of Hugging Face checkpoints (quark.model.hf) run as quark.model.gpt runs them: biases in
 the projections, q/k norms before the rotation, rope scaling through model.rope, and a sliding window
 as a mask (prefill) or windowed attention (decode past the window).
@@ -61,7 +61,7 @@ def _linear(module, x):
 
 
 def _delta(y, x, lora, i, targets):
-    """y, the projection of x over layer i's targets, plus the LoRA deltas of its rows (lora: RowAdapters or None)."""
+    """y, the projection of x over layer i's targets, plus its rows' LoRA deltas (lora: RowAdapters or None)."""
     return y if lora is None else lora.add(y, x, i, targets)
 
 
@@ -117,7 +117,7 @@ class Runner:
         if self.qkv[i] is not None:
             return _delta(ops.linear(h, self.qkv[i]), h, lora, i, ("wq", "wk", "wv")).split(
                 [self.cfg.n_head * self.cfg.head_dim] + [self.cfg.n_kv_head * self.cfg.head_dim] * 2, -1)
-        return self._proj(i, a.wq, "wq", h, lora), self._proj(i, a.wk, "wk", h, lora), self._proj(i, a.wv, "wv", h, lora)
+        return tuple(self._proj(i, getattr(a, t), t, h, lora) for t in ("wq", "wk", "wv"))
 
     def _qk(self, i, q, k, cos, sin):
         """q (T, H, D), k (T, Hkv, D) -> normed (Qwen3) and rotated."""

@@ -3,10 +3,12 @@ LoRA Serving"; S-LoRA: Sheng et al. 2023, "S-LoRA: Serving Thousands of Concurre
 
 The adapters are never merged into the base weights: every row of a batch runs the base projection
 together (fused, quantized, whatever the base is), then each adapter adds its low-rank delta
-(x A^T)(scale B)^T to its own rows, one group per adapter in the batch. So requests with different
-adapters, or none, share every prefill and decode step and never wait for each other, and an adapter
-costs its rank, not a copy of the weights. A group of projections the runner fuses into one matmul
-(q/k/v, gate/up) gets one delta too: the targets' A stacked, B block diagonal.
+(x A^T)(scale B)^T to its own rows, on the float side (RowAdapters). So requests with different
+adapters, or none, share every decode step and never wait for each other, and an adapter costs its
+rank, not a copy of the weights. A group of projections the runner fuses into one matmul (q/k/v,
+gate/up) gets one delta too: the targets' A stacked, B block diagonal. The small matmuls go through
+quark.ops.linear like the base's, on Quark's thread pool: torch's own (MKL) matmuls and index_add_
+between them made the two pools fight for the cores, several times slower on a busy 2-core machine.
 
 An adapter is Quark's (quark.model.lora: adapter.safetensors, what `quark sft` with LoRA writes) or
 PEFT's (adapter_model.safetensors: peft's save_pretrained, `quark export --format peft`). Loading checks
@@ -129,7 +131,8 @@ class RowAdapters:
                 cache.update(adapters=distinct, stacks={})
             if cache.get("rows") != self.adapters:
                 cache.update(rows=self.adapters, masks={})
-        self.cache = cache   # adapters, stacks {(layer, targets): (A (in, R), B (R, out), layout)}, rows, masks {layout: (rows, R)}
+        # adapters; stacks {(layer, targets): (A (R, in), B (out, R), layout)}; rows; masks {layout: (rows, R)}
+        self.cache = cache
 
     @classmethod
     def of(cls, adapters, cache):

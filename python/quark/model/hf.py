@@ -7,7 +7,8 @@ shard by shard into a model built on the "meta" device, so the peak is about one
 stored dtype unless one is asked for. Anything Quark does not implement (a model_type, a config field
 with a non-default value, a tensor without a place) is an error that names it: nothing is ignored,
 except what transformers ignores too (a stored rotary inv_freq, the lm_head copy of tied embeddings).
-`chat_settings(directory)` reads the chat template, special tokens and eos ids the same way.
+`chat_settings(directory)` reads the chat template, special tokens and eos ids the same way, and
+`read_peft(directory)` a PEFT LoRA adapter's tensors under GPT names (quark.infer.lora serves them).
 
 Out: `export_hf(model, out_dir)` writes any GPT as a directory transformers loads with the same
 logits (llama, mistral, qwen2 or qwen3, whichever expresses its options), with the tokenizer files,
@@ -19,12 +20,13 @@ query head h reads KV head h // (n_head / n_kv_head), SwiGLU with gate = w1, up 
 So the mapping is a renaming of tensors, with no permutation.
 """
 import json
+import re
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save
+from safetensors.torch import load_file, save
 
 from quark.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from quark.model.config import GPTConfig, config_from_hf
@@ -384,9 +386,6 @@ def read_peft(directory):
     alpha_pattern as peft resolves them. A config option Quark does not run (DoRA, trained biases, saved
     modules), a target without a place in a GPT, a rank other than the config's, or a missing half of a
     pair is an error naming it."""
-    import re
-
-    from safetensors.torch import load_file
     directory = Path(directory)
     cfg_path, weights = directory / "adapter_config.json", directory / "adapter_model.safetensors"
     for p in (cfg_path, weights):
@@ -399,7 +398,8 @@ def read_peft(directory):
             raise ValueError(f"{cfg_path}: {key}={value!r} is not supported (Quark serves plain LoRA: {key}={plain!r})")
     targets = cfg.get("target_modules")
     if isinstance(targets, list):   # a string is a regular expression over module names, checked by the tensors
-        bad = [t for t in targets if t not in PEFT_TARGETS]
+        targets = {t.rsplit(".", 1)[-1] for t in targets}   # a name or a full module path
+        bad = sorted(t for t in targets if t not in PEFT_TARGETS)
         if bad:
             raise ValueError(f"{cfg_path}: target module {bad[0]!r} has no LoRA place in Quark (it runs LoRA on "
                              f"{', '.join(sorted(PEFT_TARGETS))})")
@@ -435,9 +435,9 @@ def read_peft(directory):
         lora_alpha = pattern(cfg.get("alpha_pattern"), hf_module, alpha)
         scale = lora_alpha / (rank ** 0.5 if cfg.get("use_rslora") else rank)
         out[module] = (a, b, scale, (name_a, name_b))
-    if isinstance(targets, list):
+    if isinstance(targets, set):   # modules excluded by name (exclude_modules) may be missing
         found = {LAYER_MODULES[m.split(".", 2)[2]].split(".")[1] for m in out}
-        if found != set(targets):
+        if not found <= targets or (found != targets and not cfg.get("exclude_modules")):
             raise ValueError(f"{cfg_path}: target_modules {sorted(targets)} but {weights.name} holds adapters for "
                              f"{sorted(found)}")
     return out
