@@ -5,8 +5,8 @@ The adapters are never merged into the base weights: every row of a batch runs t
 together (fused, quantized, whatever the base is), then each adapter adds its low-rank delta
 (x A^T)(scale B)^T to its own rows, on the float side (RowAdapters). So requests with different
 adapters, or none, share every decode step and never wait for each other, and an adapter costs its
-rank, not a copy of the weights. A group of projections the runner fuses into one matmul (q/k/v,
-gate/up) gets one delta too: the targets' A stacked, B block diagonal. The small matmuls go through
+rank, not a copy of the weights. A projection the runner fuses (q/k/v, gate/up) takes one x A^T for
+all its targets (Stack), then each target's B adds to its own columns. The small matmuls go through
 quark.ops.linear like the base's, on Quark's thread pool: torch's own (MKL) matmuls and index_add_
 between them made the two pools fight for the cores, several times slower on a busy 2-core machine.
 
@@ -31,7 +31,7 @@ class Adapter:
         self.name = name
         self.weights = weights        # {(layer, target): (A (r, in), scale B (out, r))}
         self.widths = widths          # {target: out_features of the base projection}
-        self._packed = {}
+        self._stacks = {}
 
     @classmethod
     def load(cls, directory, model, name=None):
@@ -66,24 +66,47 @@ class Adapter:
             raise ValueError(f"{directory}: the adapter holds no LoRA tensors")
         return cls(name or directory.name, weights, widths)
 
-    def packed(self, i, targets):
-        """-> (A (R, in), B (sum of the targets' out, R)) of layer i's targets as one projection, their
-        outputs side by side and B block diagonal; None when the adapter touches none of them."""
-        key = (i, targets)
-        if key not in self._packed:
-            present = [(t, self.weights[i, t]) for t in targets if (i, t) in self.weights]
-            if not present:
-                self._packed[key] = None
-            else:
-                a = torch.cat([a for _, (a, _) in present])                                   # (R, in)
-                b = torch.zeros(sum(self.widths[t] for t in targets), a.shape[0], dtype=a.dtype)   # (out, R)
-                r0 = 0
-                for t, (_, bt) in present:
-                    o0 = sum(self.widths[u] for u in targets[:targets.index(t)])
-                    b[o0:o0 + bt.shape[0], r0:r0 + bt.shape[1]] = bt
-                    r0 += bt.shape[1]
-                self._packed[key] = (a, b)
-        return self._packed[key]
+    def stack(self, i, targets):
+        """-> this adapter's Stack of layer i's targets, or None when it touches none of them."""
+        if (i, targets) not in self._stacks:
+            self._stacks[i, targets] = Stack.of([self], i, targets)
+        return self._stacks[i, targets]
+
+
+class Stack:
+    """The adapters of a batch over one projection (layer i's targets, their outputs side by side): every
+    adapter's A for every target stacked, so one matmul gives x A^T of all of them; then per target the
+    B of all adapters side by side, adding that target's deltas to its columns of the output."""
+
+    def __init__(self, a, owner, parts):
+        self.a = a                    # (R, in): the A of (target, adapter) pairs, target by target
+        self.owner = owner            # (R,) the index of the adapter each row of a belongs to
+        self.parts = parts            # [(first, last row of a, B (out_t, rows) of the target's adapters, out slice)]
+
+    @classmethod
+    def of(cls, adapters, i, targets):
+        """A Stack of adapters (a sequence of Adapter) over layer i's targets, or None when none touches them."""
+        a, owner, parts, r0, o0 = [], [], [], 0, 0
+        for t in targets:
+            present = [(g, ad.weights[i, t]) for g, ad in enumerate(adapters) if (i, t) in ad.weights]
+            width = adapters[0].widths[t]
+            if present:
+                r1 = r0 + sum(w[0].shape[0] for _, w in present)
+                a += [w[0] for _, w in present]
+                owner += [g for g, w in present for _ in range(w[0].shape[0])]
+                parts.append((r0, r1, torch.cat([w[1] for _, w in present], 1), slice(o0, o0 + width)))
+                r0 = r1
+            o0 += width
+        return cls(torch.cat(a), torch.tensor(owner), parts) if parts else None
+
+    def add(self, y, x, mask=None):
+        """y (rows, out) += the deltas of x (rows, in), each row's from the adapters mask (rows, R) keeps."""
+        h = ops.linear(x, self.a)                                                                 # (rows, R)
+        if mask is not None:
+            h *= mask
+        for r0, r1, b, cols in self.parts:
+            y[:, cols] += ops.linear(h[:, r0:r1], b)
+        return y
 
 
 def _quark_modules(directory):
@@ -116,12 +139,12 @@ def _quark_modules(directory):
 class RowAdapters:
     """The adapters the rows of one forward run, and the deltas they add to each projection.
 
-    One adapter for every row (a prefill, or a batch on one adapter): y += (x A^T) B^T. Several (or some
-    rows on none): every row goes through the stacked A of all of them, a mask keeps each row's own
-    adapter's columns, and the stacked B adds them back, so the whole batch takes four ops per projection
-    whatever the number of adapters, with no gather or scatter of rows; the rank is small, so computing
-    every adapter's x A^T for every row costs little. The stacks and masks of the running batch are kept in
-    the runner's cache across steps: they change only when a request joins or leaves."""
+    One adapter for every row (a prefill, or a batch on one adapter): its own Stack. Several, or some
+    rows on none: the Stack of all of them, with a mask that keeps each row's own adapter's part of
+    x A^T, so a whole batch takes the same few ops per projection whatever the number of adapters, with
+    no gather or scatter of rows; the rank is small, so computing every adapter's x A^T for every row
+    costs little. The stacks and masks of the running batch are kept in the runner's cache across steps:
+    they change only when a request joins or leaves."""
 
     def __init__(self, adapters, distinct, cache):
         self.adapters, self.distinct = tuple(adapters), distinct
@@ -131,8 +154,7 @@ class RowAdapters:
                 cache.update(adapters=distinct, stacks={})
             if cache.get("rows") != self.adapters:
                 cache.update(rows=self.adapters, masks={})
-        # adapters; stacks {(layer, targets): (A (R, in), B (out, R), layout)}; rows; masks {layout: (rows, R)}
-        self.cache = cache
+        self.cache = cache   # adapters, stacks {(layer, targets): Stack or None}, rows, masks {(layer, targets): mask}
 
     @classmethod
     def of(cls, adapters, cache):
@@ -143,32 +165,15 @@ class RowAdapters:
     def add(self, y, x, i, targets):
         """y (rows, out) += each row's adapter's delta of x (rows, in) for layer i's targets -> y."""
         if self.single is not None:
-            ab = self.single.packed(i, targets)
-            if ab is not None:
-                y += ops.linear(ops.linear(x, ab[0]), ab[1])
-            return y
-        stack = self._stack(i, targets)
-        if stack is not None:
-            a, b, layout = stack
-            h = ops.linear(x, a)                                                               # (rows, R)
-            h *= self._mask(layout, h.dtype)
-            y += ops.linear(h, b)
-        return y
-
-    def _stack(self, i, targets):
-        stacks = self.cache["stacks"]
+            stack = self.single.stack(i, targets)
+            return y if stack is None else stack.add(y, x)
+        stacks, masks = self.cache["stacks"], self.cache["masks"]
         if (i, targets) not in stacks:
-            parts = [(g, adapter.packed(i, targets)) for g, adapter in enumerate(self.distinct)]
-            parts = [(g, ab) for g, ab in parts if ab is not None]
-            stacks[i, targets] = None if not parts else (
-                torch.cat([ab[0] for _, ab in parts]), torch.cat([ab[1] for _, ab in parts], 1),
-                tuple((g, ab[0].shape[0]) for g, ab in parts))    # which adapter owns each run of columns
-        return stacks[i, targets]
-
-    def _mask(self, layout, dtype):
-        masks = self.cache["masks"]
-        if layout not in masks:
-            owner = torch.tensor([-1 if a is None else self.distinct.index(a) for a in self.adapters])   # (rows,)
-            cols = torch.cat([torch.full((r,), g) for g, r in layout])                                   # (R,)
-            masks[layout] = (owner[:, None] == cols[None, :]).to(dtype)
-        return masks[layout]
+            stacks[i, targets] = Stack.of(self.distinct, i, targets)
+        stack = stacks[i, targets]
+        if stack is None:
+            return y
+        if (i, targets) not in masks:
+            rows = torch.tensor([-1 if a is None else self.distinct.index(a) for a in self.adapters])   # (rows,)
+            masks[i, targets] = (rows[:, None] == stack.owner[None, :]).to(x.dtype)                     # (rows, R)
+        return stack.add(y, x, masks[i, targets])
