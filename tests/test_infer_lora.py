@@ -131,6 +131,21 @@ def test_quantized_base_adds_deltas_on_the_float_side(setup, scheme):
     check_mixed_batch(runner, refs, names, [list(range(30, 36)), list(range(60, 64)), list(range(70, 79))], steps=3)
 
 
+def test_bf16_base_runs_adapters_as_closely_as_the_merged_model_in_bf16(setup):
+    """A bf16 model: each row's logits are as close to its fp32 merged model as that merged model run in bf16."""
+    base, merged, dirs = setup
+    names, prompts = ["x", None, "y"], [list(range(10, 19)), list(range(20, 26)), list(range(30, 37))]
+    runner = Runner(copy.deepcopy(base).to(torch.bfloat16), slots=3)
+    runner.slot_adapter[:] = [None if n is None else Adapter.load(dirs[n], runner.model, n) for n in names]
+    for j, p in enumerate(prompts):
+        runner.extend(j, p[:-1])
+    got = runner.decode([p[-1] for p in prompts])                                          # (3, V)
+    for j, (name, p) in enumerate(zip(names, prompts)):
+        want = logits_of(merged[name], p)[-1]
+        torch_err = (logits_of(copy.deepcopy(merged[name]).to(torch.bfloat16), p)[-1].float() - want).abs().max()
+        assert (got[j] - want).abs().max() <= 3 * torch_err + 1e-3, name
+
+
 def test_peft_adapters_match_peft(tmp_path):
     """Adapters trained by peft on a tiny HF Llama (one plain, one with rsLoRA and rank/alpha patterns),
     served on that base loaded through quark.model.hf: peft's own logits and greedy tokens."""
