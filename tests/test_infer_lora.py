@@ -86,8 +86,8 @@ def test_engine_mixed_adapters_equal_merged_models_token_for_token(setup):
     assert [r.output_ids for r in reqs] == want
     assert [r.adapter for r in reqs] == names
     assert want[0] != greedy(base, prompts[0], 12) and want[2] != greedy(base, prompts[2], 12)
-    # and with ragged lengths through the loop thread
-    eng = Engine(base, None, max_batch=4, adapters=dirs).start()
+    # and with ragged lengths through the loop thread, prompts prefilled 3 tokens a step (slots swap)
+    eng = Engine(base, None, max_batch=4, adapters=dirs, prefill_chunk=3).start()
     reqs = [eng.submit(p, SamplingParams(max_tokens=n, temperature=0), adapter=a)
             for p, n, a in zip(prompts, lengths, names)]
     for r in reqs:
@@ -95,6 +95,18 @@ def test_engine_mixed_adapters_equal_merged_models_token_for_token(setup):
     eng.shutdown()
     assert [r.output_ids for r in reqs] == [w[:n] for w, n in zip(want, lengths)]
     assert eng.steps < sum(lengths)
+
+
+def test_prefix_cache_never_shares_kv_between_adapters(setup):
+    """One 40-token prompt on x, then none, then y, then x again: only the repeat on x reuses cached KV,
+    and every output is its own merged model's."""
+    base, merged, dirs = setup
+    eng = Engine(base, None, max_batch=2, adapters=dirs)
+    prompt = list(range(10, 50))
+    names = ["x", None, "y", "x"]
+    reqs = [eng.run([prompt], SamplingParams(max_tokens=6, temperature=0), adapters=a)[0] for a in names]
+    assert [r.cached_tokens for r in reqs] == [0, 0, 0, 32]
+    assert [r.output_ids for r in reqs] == [greedy(merged[a], prompt, 6) for a in names]
 
 
 class WithDelta(nn.Module):
