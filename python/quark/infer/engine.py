@@ -107,7 +107,7 @@ class Runner:
         # the LoRA adapter (quark.infer.lora.Adapter) or None each slot's sequence runs with: set before its
         # prefill, it moves with the sequence; rows of one batch may each run another (RowAdapters)
         self.slot_adapter = [None] * slots
-        self.lora_cache = {}       # RowAdapters' stacks of the adapters in the running batch
+        self.lora_cache = {}       # RowAdapters' stacks and masks of the running batch, kept across steps
         # fuse=False leaves the model's parameters alone (fusing replaces them by views of one tensor): for
         # a model that is still being trained between generations, such as the RL policy
         with torch.no_grad():
