@@ -908,8 +908,8 @@ def configure_parser(p):
                    help="prompt tokens prefilled between two decode steps of the running streams (0: whole prompts)")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                    help="serve a LoRA adapter of the model (repeatable): Quark's (RUN/sft/adapter, trained on the "
-                        "model served, e.g. RUN/pretrain/final) or a PEFT directory; clients pick it with model "
-                        "'MODEL:NAME', batched with every other request; the plain model name runs no adapter")
+                        "model served: sft's init, named 'base' in its metadata) or a PEFT directory; clients pick it "
+                        "with model 'MODEL:NAME', batched with every other request; the plain model name runs none")
     p.add_argument("--safety", nargs="?", const="auto", default=None, metavar="FILE",
                    help="screen prompts and outputs with a safety filter the run trained (FILE: its safety.json; "
                         "default: RUN/redteam/safety.json)")
