@@ -904,7 +904,7 @@ def configure_parser(p):
     p.add_argument("--prefix-cache-mb", type=float, default=256,
                    help="memory for the KV of prompt prefixes shared across requests, evicted least recently used "
                         "(0: no prefix cache)")
-    p.add_argument("--prefill-chunk", type=int, default=256,
+    p.add_argument("--prefill-chunk", type=int, default=512,
                    help="prompt tokens prefilled between two decode steps of the running streams (0: whole prompts)")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                    help="serve a LoRA adapter of the model (repeatable): Quark's (RUN/sft/adapter, trained on the "
