@@ -5,8 +5,8 @@ The adapters are never merged into the base weights: every row of a batch runs t
 together (fused, quantized, whatever the base is), then each adapter adds its low-rank delta
 (x A^T)(scale B)^T to its own rows, on the float side (RowAdapters). So requests with different
 adapters, or none, share every decode step and never wait for each other, and an adapter costs its
-rank, not a copy of the weights. A projection the runner fuses (q/k/v, gate/up) takes one x A^T for
-all its targets (Stack), then each target's B adds to its own columns. The small matmuls go through
+rank, not a copy of the weights. A projection the runner fuses (q/k/v, gate/up) takes one delta for
+all its targets (Stack: the targets' A stacked, B block-structured). The small matmuls go through
 quark.ops.linear like the base's, on Quark's thread pool: torch's own (MKL) matmuls and index_add_
 between them made the two pools fight for the cores, several times slower on a busy 2-core machine.
 
@@ -75,37 +75,41 @@ class Adapter:
 
 class Stack:
     """The adapters of a batch over one projection (layer i's targets, their outputs side by side): every
-    adapter's A for every target stacked, so one matmul gives x A^T of all of them; then per target the
-    B of all adapters side by side, adding that target's deltas to its columns of the output."""
+    adapter's A for every target stacked, so one matmul gives x A^T of all of them, and their B in one
+    block-structured matrix (each block at its target's output columns), so one more adds every delta.
+    The zero blocks cost a little bandwidth; one matmul with short rows costs far less than one per target."""
 
-    def __init__(self, a, owner, parts):
-        self.a = a                    # (R, in): the A of (target, adapter) pairs, target by target
-        self.owner = owner            # (R,) the index of the adapter each row of a belongs to
-        self.parts = parts            # [(first, last row of a, B (out_t, rows) of the target's adapters, out slice)]
+    def __init__(self, a, b, owner):
+        self.a = a                    # (R, in): the A of every (target, adapter), target by target
+        self.b = b                    # (out, R): each B at its target's rows and its A's columns, zero elsewhere
+        self.owner = owner            # (R,): the index of the adapter each row of a belongs to
 
     @classmethod
     def of(cls, adapters, i, targets):
         """A Stack of adapters (a sequence of Adapter) over layer i's targets, or None when none touches them."""
-        a, owner, parts, r0, o0 = [], [], [], 0, 0
+        blocks, owner, o0 = [], [], 0
         for t in targets:
-            present = [(g, ad.weights[i, t]) for g, ad in enumerate(adapters) if (i, t) in ad.weights]
-            width = adapters[0].widths[t]
-            if present:
-                r1 = r0 + sum(w[0].shape[0] for _, w in present)
-                a += [w[0] for _, w in present]
-                owner += [g for g, w in present for _ in range(w[0].shape[0])]
-                parts.append((r0, r1, torch.cat([w[1] for _, w in present], 1), slice(o0, o0 + width)))
-                r0 = r1
-            o0 += width
-        return cls(torch.cat(a), torch.tensor(owner), parts) if parts else None
+            for g, ad in enumerate(adapters):
+                if (i, t) in ad.weights:
+                    blocks.append((o0, ad.weights[i, t]))
+                    owner += [g] * ad.weights[i, t][0].shape[0]
+            o0 += adapters[0].widths[t]
+        if not blocks:
+            return None
+        a = torch.cat([w[0] for _, w in blocks])                                                  # (R, in)
+        b = torch.zeros(o0, a.shape[0], dtype=a.dtype)                                            # (out, R)
+        r0 = 0
+        for o, (_, bt) in blocks:
+            b[o:o + bt.shape[0], r0:r0 + bt.shape[1]] = bt
+            r0 += bt.shape[1]
+        return cls(a, b, torch.tensor(owner))
 
     def add(self, y, x, mask=None):
         """y (rows, out) += the deltas of x (rows, in), each row's from the adapters mask (rows, R) keeps."""
         h = ops.linear(x, self.a)                                                                 # (rows, R)
         if mask is not None:
             h *= mask
-        for r0, r1, b, cols in self.parts:
-            y[:, cols] += ops.linear(h[:, r0:r1], b)
+        y += ops.linear(h, self.b)
         return y
 
 
