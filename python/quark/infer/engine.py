@@ -18,6 +18,9 @@
   running streams' next tokens and the prompt chunks (chunked prefill with decodes riding on the chunk:
   Sarathi-Serve, Agrawal et al. 2024), so a long prompt never stalls the streams for longer than one chunk.
 Any module with the nn.Linear call contract works as a projection, so QuantLinear models run as is.
+LoRA adapters (quark.infer.lora) run unmerged beside the base: each slot names its adapter, and after
+every projection each adapter in the batch adds its low-rank delta to its own rows, so requests with
+different adapters, or none, share every decode step.
 The options of Hugging Face checkpoints (quark.model.hf) run as quark.model.gpt runs them: biases in
 the projections, q/k norms before the rotation, rope scaling through model.rope, and a sliding window
 as a mask (prefill) or windowed attention (decode past the window).
@@ -32,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from quark import ops
+from quark.infer.lora import Adapter, RowAdapters
 from quark.infer.prefix_cache import PrefixCache
 from quark.infer.sampling import Detokenizer, SamplingParams, sample, token_logprobs
 from quark.model.gpt import RMSNorm, window_attention
@@ -73,6 +77,11 @@ def _fused_linear(fused, x):
     if isinstance(fused, torch.Tensor):
         return ops.linear(x, fused)
     return ops.qlinear(x, *fused)
+
+
+def _delta(y, x, lora, i, targets):
+    """y, the projection of x over layer i's targets, plus its rows' LoRA deltas (lora: RowAdapters or None)."""
+    return y if lora is None else lora.add(y, x, i, targets)
 
 
 def _fuse(linears):
@@ -139,21 +148,29 @@ class Runner:
             self.k_scale = [torch.zeros(shape[:3]) for _ in range(cfg.n_layer)]                 # (slots, Hkv, Smax)
             self.v_scale = [torch.zeros(shape[:3]) for _ in range(cfg.n_layer)]
         self.lens = torch.zeros(slots, dtype=torch.long)
+        # the LoRA adapter (quark.infer.lora.Adapter) or None each slot's sequence runs with: set before its
+        # prefill, it moves with the sequence; rows of one batch may each run another (RowAdapters)
+        self.slot_adapter = [None] * slots
+        self.lora_cache = {}       # RowAdapters' stacks and masks of the running batch, kept across steps
         # fuse=False leaves the model's parameters alone (fusing replaces them by views of one tensor): for
         # a model that is still being trained between generations, such as the RL policy
         with torch.no_grad():
             self.qkv = [_fuse([b.attn.wq, b.attn.wk, b.attn.wv]) if fuse else None for b in model.blocks]
             self.gate_up = [_fuse([b.mlp.w1, b.mlp.w3]) if fuse else None for b in model.blocks]
 
-    def _qkv(self, i, h):
-        """h (T, d) -> (T, (H + 2 Hkv) D): each row's q, k and v side by side."""
-        if self.qkv[i] is not None:
-            return _fused_linear(self.qkv[i], h)
-        a = self.model.blocks[i].attn
-        return torch.cat([_linear(a.wq, h), _linear(a.wk, h), _linear(a.wv, h)], -1)
+    def _proj(self, i, module, target, h, lora):
+        return _delta(_linear(module, h), h, lora, i, (target,))
 
-    def _project_qkv(self, i, h):
-        return self._qkv(i, h).split([self.cfg.n_head * self.cfg.head_dim] + [self.cfg.n_kv_head * self.cfg.head_dim] * 2, -1)
+    def _qkv(self, i, h, lora):
+        """h (T, d) -> (T, (H + 2 Hkv) D): each row's q, k and v side by side (with its LoRA deltas)."""
+        if self.qkv[i] is not None:
+            return _delta(_fused_linear(self.qkv[i], h), h, lora, i, ("wq", "wk", "wv"))
+        a = self.model.blocks[i].attn
+        return torch.cat([self._proj(i, getattr(a, t), t, h, lora) for t in ("wq", "wk", "wv")], -1)
+
+    def _project_qkv(self, i, h, lora):
+        return self._qkv(i, h, lora).split(
+            [self.cfg.n_head * self.cfg.head_dim] + [self.cfg.n_kv_head * self.cfg.head_dim] * 2, -1)
 
     def _qk(self, i, q, k, cos, sin):
         """q (T, H, D), k (T, Hkv, D) -> normed (Qwen3) and rotated."""
@@ -162,16 +179,16 @@ class Runner:
             q, k = a.q_norm(q), a.k_norm(k)
         return _rope(q, cos, sin), _rope(k, cos, sin)
 
-    def _gate_up(self, i, h):
-        """h (T, d) -> (T, 2F): each row's gate and up projections side by side."""
+    def _gate_up(self, i, h, lora):
+        """h (T, d) -> (T, 2F): each row's gate and up projections side by side (with its LoRA deltas)."""
         if self.gate_up[i] is not None:
-            return _fused_linear(self.gate_up[i], h)
+            return _delta(_fused_linear(self.gate_up[i], h), h, lora, i, ("w1", "w3"))
         m = self.model.blocks[i].mlp
-        return torch.cat([_linear(m.w1, h), _linear(m.w3, h)], -1)
+        return torch.cat([self._proj(i, m.w1, "w1", h, lora), self._proj(i, m.w3, "w3", h, lora)], -1)
 
-    def _mlp(self, i, h):
-        g, u = self._gate_up(i, h).chunk(2, -1)
-        return _linear(self.model.blocks[i].mlp.w2, F.silu(g) * u)
+    def _mlp(self, i, h, lora):
+        g, u = self._gate_up(i, h, lora).chunk(2, -1)
+        return self._proj(i, self.model.blocks[i].mlp.w2, "w2", F.silu(g) * u, lora)
 
     def extend(self, slot, ids, all_logits=False):
         """Append ids (T,) to a slot's sequence (a prompt, or tokens to verify) -> logits (T, V) or (V,)
@@ -196,6 +213,7 @@ class Runner:
         pos = torch.cat([torch.arange(p0, p0 + T) for _, p0, T, _ in spans])
         cos, sin = (c[:, None].to(self.dtype) for c in self.model.rope(pos))
         x = self.model.tok_emb(torch.as_tensor([t for _, ids in segments for t in ids], dtype=torch.long))  # (N, d)
+        lora = RowAdapters.of([self.slot_adapter[slot] for slot, ids in segments for _ in ids], self.lora_cache)
         chunks = [sp for sp in spans if sp[2] > 1]
         masks = []   # ops.attention's causal mask is bottom-right aligned: queries at p0.. see keys 0..p0+t
         for _, p0, T, _ in chunks:
@@ -219,7 +237,7 @@ class Runner:
                 one_mask &= keys > one_pos[:, None] - W
             one_mask = one_mask[:, None, None]                                               # (n, 1, 1, S)
         for i, blk in enumerate(self.model.blocks):
-            q, k, v = self._project_qkv(i, blk.attn_norm(x))
+            q, k, v = self._project_qkv(i, blk.attn_norm(x), lora)
             q, k = self._qk(i, q.view(N, H, D), k.view(N, Hkv, D), cos, sin)                 # (N, H|Hkv, D)
             v = v.view(N, Hkv, D)
             y = torch.empty(N, H * D, dtype=q.dtype)
@@ -238,8 +256,8 @@ class Runner:
                 o = F.scaled_dot_product_attention(q[one_rows][:, :, None], kk, vv, attn_mask=one_mask,
                                                    enable_gqa=H != Hkv)                      # (n, H, 1, D)
                 y[one_rows] = o.reshape(len(ones), H * D)
-            x = x + _linear(blk.attn.wo, y)
-            x = x + self._mlp(i, blk.mlp_norm(x))
+            x = x + self._proj(i, blk.attn.wo, "wo", y, lora)
+            x = x + self._mlp(i, blk.mlp_norm(x), lora)
         for slot, p0, T, _ in spans:
             self.lens[slot] = p0 + T
         rows = [torch.arange(r, r + T) if full else torch.tensor([r + T - 1])
@@ -264,9 +282,10 @@ class Runner:
         windowed = W and int(seqlens.max()) > W
         # the rotated q in the dtype attention reads: the cache's, or the model's for int8 and window paths
         q_dtype = self.dtype if self.quantized or windowed else self.cache_dtype
+        lora = RowAdapters.of(self.slot_adapter[:n], self.lora_cache)
         y = None                                                                             # x's pending update
         for i, blk in enumerate(self.model.blocks):
-            qkv = self._qkv(i, _norm(blk.attn_norm, x, y))                                   # (n, (H + 2 Hkv) D)
+            qkv = self._qkv(i, _norm(blk.attn_norm, x, y), lora)                             # (n, (H + 2 Hkv) D)
             if self.cfg.qk_norm:   # Qwen3: per-head norms of q and k, in place, before the rotation
                 q, k = qkv[:, :H * D].view(n, H, D), qkv[:, H * D:(H + Hkv) * D].view(n, Hkv, D)
                 q.copy_(blk.attn.q_norm(q))
@@ -282,8 +301,8 @@ class Runner:
                                          k_scale=self.k_scale[i][:n], v_scale=self.v_scale[i][:n])
             else:
                 y = ops.decode_attention(q, self.k[i][:n], self.v[i][:n], seqlens)
-            y = _linear(blk.attn.wo, y.to(self.dtype).view(n, H * D))
-            y = _linear(blk.mlp.w2, layer.silu_mul(self._gate_up(i, _norm(blk.mlp_norm, x, y))))
+            y = self._proj(i, blk.attn.wo, "wo", y.to(self.dtype).view(n, H * D), lora)
+            y = self._proj(i, blk.mlp.w2, "w2", layer.silu_mul(self._gate_up(i, _norm(blk.mlp_norm, x, y), lora)), lora)
         self.lens[:n] += 1
         return _linear(self.model.lm_head, _norm(self.model.norm, x, y)).float()
 
@@ -318,6 +337,7 @@ class Runner:
                 self.v_scale[i][dst, :, :n] = self.v_scale[i][src, :, :n]
         self.lens[dst] = n
         self.lens[src] = 0
+        self.slot_adapter[dst], self.slot_adapter[src] = self.slot_adapter[src], None
 
     def _caches(self):
         return (self.k, self.v) + ((self.k_scale, self.v_scale) if self.quantized else ())
@@ -329,6 +349,7 @@ class Runner:
             for layer in cache:
                 layer[[a, b], :, :n] = layer[[b, a], :, :n]
         self.lens[[a, b]] = self.lens[[b, a]]
+        self.slot_adapter[a], self.slot_adapter[b] = self.slot_adapter[b], self.slot_adapter[a]
 
     def read_kv(self, slot, start, end):
         """A copy of a slot's cached positions [start, end) in the cache dtype -> tensors with the position on
@@ -352,12 +373,14 @@ class Request:
     (constrained decoding: quark.infer.constrain.Constraint). With params.logprobs, `logprobs` holds one
     (log p, [(id, log p)] top alternatives) per output token, from the model's own log-softmax (before
     any processor or sampling setting); with params.prompt_logprobs, `prompt_logprobs` holds one per
-    prompt token after the first."""
+    prompt token after the first. adapter: the name of the LoRA adapter it runs with (Engine.adapters), or
+    None for the base model; KV computed for one adapter is never valid for another."""
     _ids = itertools.count()
 
-    def __init__(self, prompt_ids, params, tokenizer, stop_ids, on_event=None, processor=None):
+    def __init__(self, prompt_ids, params, tokenizer, stop_ids, on_event=None, processor=None, adapter=None):
         self.id = next(self._ids)
         self.processor = processor
+        self.adapter = adapter
         self.logprobs = [] if params.logprobs is not None else None
         self.prompt_logprobs = None
         self.prompt_ids = list(prompt_ids)
@@ -439,11 +462,14 @@ class Engine:
         req = engine.submit(ids, SamplingParams(max_tokens=32), on_event=print)
         req.done.wait(); print(req.text)
         engine.shutdown()
+
+    adapters: {name: LoRA adapter directory (Quark or PEFT)} loaded onto the model (quark.infer.lora); a
+    request names one (submit(..., adapter=name)) and runs in the same batch as every other.
     """
 
     def __init__(self, model, tokenizer=None, max_batch=8, max_queue=64, max_seq_len=None, cache_dtype="fp32",
                  stop_tokens=("<|end|>", "<|eos|>"), stop_ids=None, fuse=True, prefix_cache_mb=256,
-                 prefill_chunk=512):
+                 prefill_chunk=512, adapters=None):
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch}, {max_queue}")
         if prefix_cache_mb < 0 or (prefill_chunk is not None and prefill_chunk < 1):
@@ -470,10 +496,24 @@ class Engine:
         self.thread = None
         self.steps = 0             # decode steps run (for tests and metrics)
         self.tokens_generated = 0
+        self.adapters = {}
+        for name, directory in (adapters or {}).items():
+            self.add_adapter(name, directory)
+
+    def add_adapter(self, name, directory):
+        """Load the LoRA adapter in directory (checked against the model) under name -> the Adapter."""
+        if not isinstance(name, str) or not name or not all(c.isalnum() or c in "._-" for c in name):
+            raise ValueError(f"adapter name must be a non-empty string of letters, digits, '.', '_' or '-', got {name!r}")
+        if name in self.adapters:
+            raise ValueError(f"adapter {name!r} is already loaded")
+        self.adapters[name] = Adapter.load(directory, self.runner.model, name)
+        return self.adapters[name]
 
     # ---- client side (any thread) ----
-    def _request(self, prompt_ids, params, on_event=None, processor=None):
+    def _request(self, prompt_ids, params, on_event=None, processor=None, adapter=None):
         params = params or SamplingParams()
+        if adapter is not None and adapter not in self.adapters:
+            raise ValueError(f"adapter {adapter!r} is not loaded (loaded: {', '.join(sorted(self.adapters)) or 'none'})")
         if not prompt_ids:
             raise ValueError("prompt is empty: it must hold at least one token")
         if len(prompt_ids) + params.max_tokens > self.max_seq_len:
@@ -482,10 +522,10 @@ class Engine:
         vocab = self.runner.cfg.vocab_size
         if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
             raise ValueError(f"prompt token ids must lie in [0, {vocab})")
-        return Request(prompt_ids, params, self.tokenizer, self.stop_ids, on_event, processor)
+        return Request(prompt_ids, params, self.tokenizer, self.stop_ids, on_event, processor, adapter)
 
-    def submit(self, prompt_ids, params=None, on_event=None, processor=None):
-        req = self._request(prompt_ids, params, on_event, processor)
+    def submit(self, prompt_ids, params=None, on_event=None, processor=None, adapter=None):
+        req = self._request(prompt_ids, params, on_event, processor, adapter)
         with self.cond:
             if not self.accepting:
                 raise ShuttingDown("the engine is shutting down")
@@ -495,24 +535,28 @@ class Engine:
             self.cond.notify()
         return req
 
-    def generate(self, prompt_ids, params=None, on_event=None):
+    def generate(self, prompt_ids, params=None, on_event=None, adapter=None):
         """Submit and wait (starts the loop thread if needed) -> the finished Request."""
         if self.thread is None:
             self.start()
-        req = self.submit(prompt_ids, params, on_event)
+        req = self.submit(prompt_ids, params, on_event, adapter=adapter)
         req.done.wait()
         return req
 
-    def run(self, prompts, params=None):
+    def run(self, prompts, params=None, adapters=None):
         """Generate for every prompt on the caller's thread (no loop thread, no queue bound), max_batch at
         a time with continuous batching -> the finished Requests in prompt order. params: one
-        SamplingParams for all prompts, or a list with one per prompt (e.g. distinct seeds)."""
+        SamplingParams for all prompts, or a list with one per prompt (e.g. distinct seeds); adapters
+        likewise: one adapter name (or None) for all, or a list with one per prompt."""
         if self.thread is not None:
             raise RuntimeError("run() drives the engine itself; this engine already has its loop thread")
         per_prompt = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(per_prompt) != len(prompts):
             raise ValueError(f"got {len(per_prompt)} SamplingParams for {len(prompts)} prompts")
-        reqs = [self._request(p, sp) for p, sp in zip(prompts, per_prompt)]
+        names = adapters if isinstance(adapters, (list, tuple)) else [adapters] * len(prompts)
+        if len(names) != len(prompts):
+            raise ValueError(f"got {len(names)} adapters for {len(prompts)} prompts")
+        reqs = [self._request(p, sp, adapter=a) for p, sp, a in zip(prompts, per_prompt, names)]
         pending = deque(reqs)
         while pending or self.active or self.prefilling:
             admitted = []
@@ -631,6 +675,7 @@ class Engine:
         taken = {r.slot for r in self.prefilling}
         req.slot = next(s for s in range(len(self.active), self.max_batch) if s not in taken)
         self.runner.lens[req.slot] = 0
+        self.runner.slot_adapter[req.slot] = None if req.adapter is None else self.adapters[req.adapter]
         if req.params.prompt_logprobs:
             req.prompt_logprobs = []
         self.prefilling.append(req)
@@ -641,7 +686,8 @@ class Engine:
         compute, so its logits exist; prompt_logprobs need every position's logits: those compute it all."""
         req.cached_tokens = 0
         if self.prefix_cache is not None and not req.params.prompt_logprobs:
-            req.cached_tokens, kv = self.prefix_cache.lookup(req.prompt_ids, len(req.prompt_ids) - 1)
+            req.cached_tokens, kv = self.prefix_cache.lookup(req.prompt_ids, len(req.prompt_ids) - 1,
+                                                             _cache_space(req))
             if kv is not None:
                 self.runner.write_kv(req.slot, kv)
 
@@ -658,7 +704,7 @@ class Engine:
             if req.cancelled:
                 self._drop(req, "cancelled")
                 continue
-            first = tuple(req.prompt_ids[:B]) if len(req.prompt_ids) > B > 0 else None
+            first = (_cache_space(req), tuple(req.prompt_ids[:B])) if len(req.prompt_ids) > B > 0 else None
             if req.cached_tokens is None:
                 if first is not None and first in firsts:
                     continue
@@ -687,7 +733,8 @@ class Engine:
             return
         self.prefilling.remove(req)
         if self.prefix_cache is not None:
-            self.prefix_cache.insert(req.prompt_ids, lambda a, b, s=req.slot: self.runner.read_kv(s, a, b))
+            self.prefix_cache.insert(req.prompt_ids, lambda a, b, s=req.slot: self.runner.read_kv(s, a, b),
+                                     _cache_space(req))
         self._join(req)
         if self._sample_and_accept(req, logits):
             self._release(len(self.active) - 1)
@@ -731,13 +778,18 @@ class Engine:
         if self.prefix_cache is not None:
             req, n = self.active[slot], int(self.runner.lens[slot])
             self.prefix_cache.insert((req.prompt_ids + req.output_ids)[:n],   # the tokens fed so far
-                                     lambda a, b: self.runner.read_kv(slot, a, b))
+                                     lambda a, b: self.runner.read_kv(slot, a, b), _cache_space(req))
         last = len(self.active) - 1
         if slot != last:
             self.runner.move(last, slot)
             self.active[slot] = self.active[last]
         self.runner.lens[last] = 0
         self.active.pop()
+
+
+def _cache_space(req):
+    """The prefix cache's key space of a request: KV computed with one LoRA adapter (or none) is not another's."""
+    return b"" if req.adapter is None else f"adapter:{req.adapter}".encode()
 
 
 def load_for_serving(path):
