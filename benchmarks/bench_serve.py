@@ -167,21 +167,22 @@ def compare(quick=False):
 
 
 class KernelClock:
-    """Stands in for quark._C inside quark.ops and sums the wall time spent in the calls that do a decode
-    step's arithmetic: the projections and the head (qlinear, gemv_f32) and attention over the cache.
+    """Stands in for quark._C inside quark.ops (and wraps quark.ops.linear's GEMVs) and sums the wall time
+    spent in the calls that do a decode step's arithmetic: the projections and the head (qlinear,
+    gemv_f32, gemv_bf16) and attention over the cache.
     Everything else in the step counts as outside: Python, torch ops, allocation, the small C++ glue ops
     (rmsnorm, rope_store, silu_mul) and this clock's own wrapping (~0.3 us a call), so the share is an
     upper bound of the runner's overhead."""
-    KERNELS = ("qlinear", "gemv_f32", "decode_attention")
+    KERNELS = ("qlinear", "gemv_f32", "gemv_bf16", "decode_attention")
 
     def __init__(self, module):
         self.module, self.seconds, self.cpu_seconds = module, 0.0, 0.0
 
     def __getattr__(self, name):
         fn = getattr(self.module, name)
-        if name not in self.KERNELS:
-            return fn
+        return self.wrap(fn) if name in self.KERNELS else fn
 
+    def wrap(self, fn):
         def timed(*args):
             t0, c0 = time.perf_counter(), time.thread_time()
             try:
@@ -205,6 +206,8 @@ def outside_kernels(models, prompt, n_tokens, repeats=5):
     rows = []
     for m in mods:
         m._C = clock
+    gemvs = dict(mods[1]._KERNELS)   # quark.ops.linear holds its GEMVs by dtype
+    mods[1]._KERNELS.update({dtype: clock.wrap(fn) for dtype, fn in gemvs.items()})
     try:
         for name, model in models.items():
             decode = quark_decoder(model, prompt)
@@ -228,6 +231,7 @@ def outside_kernels(models, prompt, n_tokens, repeats=5):
     finally:
         for m in mods:
             m._C = _C
+        mods[1]._KERNELS.update(gemvs)
     return rows
 
 

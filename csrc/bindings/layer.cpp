@@ -1,7 +1,7 @@
-// The per-token ops of a decode step (csrc/layer): rmsnorm, rope_store, silu_mul. Unlike the other
+// The per-token ops of a decode step (csrc/layer): rmsnorm and rope_store. Unlike the other
 // bindings these take the addresses of tensors (Tensor.data_ptr()) and their sizes, not arrays:
 // importing a torch tensor as an nb::ndarray goes through Tensor.__dlpack__, ~10 us of Python per
-// tensor, 10-100x the work of these ops, and a decode step calls them 4 times a layer. The caller,
+// tensor, 10-100x the work of these ops, and a decode step calls them 3 times a layer. The caller,
 // quark/ops/layer.py, checks devices, dtypes, contiguity, shapes and cache positions first; nothing
 // here can, so the functions are private (leading underscore). They keep the GIL: each runs for about
 // a microsecond, and handing the GIL to another thread could cost the engine a switch interval (5 ms).
@@ -31,10 +31,6 @@ void bind_layer(nb::module_& m) {
         rope_store(a);
       },
       "quark.ops.layer.rope_store on checked tensors' addresses; dtypes 0 float32, 1 bfloat16, 2 int8");
-  m.def(
-      "_silu_mul",
-      [](uintptr_t gu, uintptr_t out, int dtype, int64_t M, int64_t F) { silu_mul(at(gu), at(out), dt(dtype), M, F); },
-      "quark.ops.layer.silu_mul on checked tensors' addresses; dtype 0 float32, 1 bfloat16");
 }
 
 }  // namespace quark::py

@@ -88,12 +88,4 @@ void rope_store(const RopeStoreArgs& a) {
   }
 }
 
-void silu_mul(const void* gu, void* out, DType dt, int64_t M, int64_t F) {
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t j = 0; j < F; ++j) {
-      const float g = load(gu, dt, m * 2 * F + j), u = load(gu, dt, m * 2 * F + F + j);
-      store(out, dt, m * F + j, round_to(g / (1.f + std::exp(-g)), dt) * u);
-    }
-}
-
 }  // namespace quark

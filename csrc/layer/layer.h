@@ -1,5 +1,5 @@
 // The small per-token ops of a transformer decode step around its GEMVs and attention: RMSNorm (with
-// the residual add before it), rotary embedding + KV-cache store, and SwiGLU. Each is one pass over a
+// the residual add before it) and rotary embedding + KV-cache store. Each is one pass over a
 // few kilobytes, so what they save is the dozens of framework ops per layer they replace, each of which
 // runs cold after a GEMV has streamed megabytes through the caches. Arithmetic follows torch's op by op
 // (quark.model.gpt): bf16 rounds after every op as torch does, so results match it to the last bit but
@@ -31,8 +31,5 @@ struct RopeStoreArgs {
   float* v_scale;
 };
 void rope_store(const RopeStoreArgs& a);
-
-// gu (M, 2F) = [gate | up] -> out (M, F) = silu(gate) * up, in dt.
-void silu_mul(const void* gu, void* out, DType dt, int64_t M, int64_t F);
 
 }  // namespace quark

@@ -269,8 +269,8 @@ class Runner:
     @torch.no_grad()
     def decode(self, tokens):
         """One token for each of the active slots 0..n-1: tokens (n,) -> logits (n, V). At a few rows the
-        GEMVs are the arithmetic and everything around them is overhead, so the rest of a layer is three
-        C++ calls (quark.ops.layer): residual add + RMSNorm, rope + cache store, SwiGLU."""
+        GEMVs are the arithmetic and everything around them is overhead, so the rest of a layer is a few
+        calls: residual add + RMSNorm and rope + cache store in C++ (quark.ops.layer), SwiGLU in torch."""
         H, Hkv, D, W = self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim, self.cfg.sliding_window
         n = len(tokens)
         pos = self.lens[:n]                                                                  # (n,), a view
@@ -302,7 +302,7 @@ class Runner:
             else:
                 y = ops.decode_attention(q, self.k[i][:n], self.v[i][:n], seqlens)
             y = self._proj(i, blk.attn.wo, "wo", y.to(self.dtype).view(n, H * D), lora)
-            y = self._proj(i, blk.mlp.w2, "w2", layer.silu_mul(self._gate_up(i, _norm(blk.mlp_norm, x, y), lora)), lora)
+            y = self._mlp(i, _norm(blk.mlp_norm, x, y), lora)
         self.lens[:n] += 1
         return _linear(self.model.lm_head, _norm(self.model.norm, x, y)).float()
 

@@ -1,17 +1,16 @@
 """The small ops of a decode step around its GEMVs and attention, one C++ call each (csrc/layer):
-rmsnorm (with the residual add before it), rope_store (rotary embedding of q and k, and k/v written
-into a slot KV cache) and silu_mul (SwiGLU). Each replaces 5-15 torch ops, and at batch 1 those ops
+rmsnorm (with the residual add before it) and rope_store (rotary embedding of q and k, and k/v written
+into a slot KV cache). Each replaces 8-15 torch ops, and at batch 1 those ops
 are the step's overhead: every one runs cold, after a GEMV has streamed megabytes through the caches.
 The arithmetic is quark.model.gpt's, op by op: bf16 tensors round after every op as torch does.
 
 The kernels get the tensors' addresses (importing a tensor as an array costs ~10 us of Python, far more
 than these ops), so every check is here: CPU, float32 or bfloat16 (caches also int8), contiguous,
 shapes that agree, cache positions in range; a failure raises ValueError (TypeError for a non-tensor)
-naming the argument. rope_store is CPU only (the slot caches live there); rmsnorm and silu_mul run
-their torch forms on other devices.
+naming the argument. rope_store is CPU only (the slot caches live there); rmsnorm runs its torch form
+on other devices. (SwiGLU stays two torch ops: their vectorized exp beats a scalar one here.)
 """
 import torch
-import torch.nn.functional as F
 
 from quark import _C
 
@@ -86,20 +85,3 @@ def rope_store(qkv, cos, sin, pos, q_out, k_cache, v_cache, k_scale=None, v_scal
     _C._rope_store(qkv.data_ptr(), dt, cos.data_ptr(), sin.data_ptr(), pos.data_ptr(), n, H, Hkv, D, Smax,
                    q_out.data_ptr(), q_dt, k_cache.data_ptr(), v_cache.data_ptr(), cache_dt,
                    k_scale.data_ptr() if int8 else 0, v_scale.data_ptr() if int8 else 0)
-
-
-def silu_mul(gu, out=None):
-    """gu (M, 2F) = [gate | up] -> (M, F) = silu(gate) * up, in gu's dtype."""
-    if gu.ndim != 2 or gu.shape[1] % 2:
-        raise ValueError(f"gu must be (M, 2F), got shape {tuple(gu.shape)}")
-    M, F2 = gu.shape
-    if out is None:
-        out = torch.empty((M, F2 // 2), dtype=gu.dtype, device=gu.device)
-    if not gu.is_cpu:
-        g, u = gu.chunk(2, -1)
-        return out.copy_(F.silu(g) * u)
-    code = _check("gu", gu)
-    if _check("out", out, (M, F2 // 2)) != code:
-        raise ValueError(f"out must have gu's dtype {gu.dtype}, got {out.dtype}")
-    _C._silu_mul(gu.data_ptr(), out.data_ptr(), code, M, F2 // 2)
-    return out
