@@ -50,6 +50,27 @@ def test_runner_matches_model_forward(model):
     torch.testing.assert_close(r.decode([int(ids[0, 4])])[0], ref[4], atol=2e-5, rtol=1e-4)
 
 
+def test_extend_many_appends_to_every_slot_in_one_pass(model):
+    """Ragged feeds to three slots holding ragged prefixes (speculative verification) score every position
+    as the model's own forward does, and each slot's length grows by its feed."""
+    seqs = [torch.randint(8, model.config.vocab_size, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+            for n in (9, 14, 5)]
+    with torch.no_grad():
+        refs = [model(torch.tensor([s]))[0][0] for s in seqs]                                # (n, V) each
+    r = Runner(model, slots=3)
+    for slot, (s, cut) in enumerate(zip(seqs, (4, 13, 0))):
+        if cut:
+            r.extend(slot, s[:cut])
+    out = r.extend_many([0, 1, 2], [s[cut:] for s, cut in zip(seqs, (4, 13, 0))], all_logits=True)
+    for got, ref, cut in zip(out, refs, (4, 13, 0)):
+        torch.testing.assert_close(got, ref[cut:], atol=2e-5, rtol=1e-4)
+    assert r.lens.tolist() == [9, 14, 5]
+    r.lens[:] = torch.tensor([2, 3, 4])   # roll back (rejected proposals) and extend again, last positions only
+    last = r.extend_many([2, 0], [seqs[2][4:], seqs[0][2:6]])
+    torch.testing.assert_close(torch.cat(last), torch.stack([refs[2][4], refs[0][5]]), atol=2e-5, rtol=1e-4)
+    assert r.lens.tolist() == [6, 3, 5]
+
+
 @pytest.mark.parametrize("cache_dtype", ["bf16", "int8"])
 def test_low_precision_caches_are_close(model, cache_dtype):
     ids = list(range(10, 30))

@@ -27,11 +27,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from quark import ops
-from quark.infer.sampling import Detokenizer, SamplingParams, sample, token_logprobs
+from quark.infer.sampling import Detokenizer, SamplingParams, probs, sample, token_logprobs
+from quark.infer.speculative import DraftModel, PromptLookup, verify_token
 from quark.model.gpt import window_attention
 
 # int8: symmetric per (token, head) with float32 scales (quark.ops.quantize_kv), a quarter of fp32's bytes
 CACHE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
+SPEC_MAX_BATCH = 4   # speculate while at most this many requests run; beyond, batched decode is faster
 
 
 class QueueFull(RuntimeError):
@@ -119,36 +121,56 @@ class Runner:
 
     @torch.no_grad()
     def extend(self, slot, ids, all_logits=False):
-        """Append ids (T,) to a slot's sequence (a prompt, or tokens to verify) -> logits (T, V) or (V,)
-        for the last position. Queries attend causally to the slot's whole cache."""
+        """Append ids (T,) to a slot's sequence (a prompt) -> logits (T, V), or (V,) for the last position.
+        Queries attend causally to the slot's whole cache."""
+        logits = self.extend_many([slot], [ids], all_logits)[0]
+        return logits if all_logits else logits[0]
+
+    @torch.no_grad()
+    def extend_many(self, slots, feeds, all_logits=False):
+        """Append feeds[j] (T_j tokens) to slot slots[j]'s sequence, every slot in one pass over the weights
+        (speculative verification of all active slots) -> [logits (T_j, V), or (1, V) for the last position]."""
         H, Hkv, D, W = self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim, self.cfg.sliding_window
-        T, p0 = len(ids), int(self.lens[slot])
-        if p0 + T > self.max_seq_len:
-            raise ValueError(f"sequence of {p0 + T} tokens exceeds the cache ({self.max_seq_len})")
-        pos = torch.arange(p0, p0 + T)
+        p0s, Ts = [int(self.lens[s]) for s in slots], [len(f) for f in feeds]
+        for p0, T in zip(p0s, Ts):
+            if p0 + T > self.max_seq_len:
+                raise ValueError(f"sequence of {p0 + T} tokens exceeds the cache ({self.max_seq_len})")
+        ends = list(itertools.accumulate(Ts))                                               # row ends per slot
+        R = ends[-1]
+        pos = torch.cat([torch.arange(p0, p0 + T) for p0, T in zip(p0s, Ts)])               # (R,)
         cos, sin = (c[:, None].to(self.dtype) for c in self.model.rope(pos))
-        x = self.model.tok_emb(torch.as_tensor(ids, dtype=torch.long))                      # (T, d)
-        mask = None
-        if p0 or (W and p0 + T > W):   # queries at p0.. see keys 0..p0+t (bottom-right aligned causal mask)
-            mask = torch.ones(T, p0 + T, dtype=torch.bool).tril(diagonal=p0)
-            if W:                      # ... and only the last W of them
-                mask &= ~torch.ones(T, p0 + T, dtype=torch.bool).tril(diagonal=p0 - W)
+        x = self.model.tok_emb(torch.as_tensor([t for f in feeds for t in f], dtype=torch.long))  # (R, d)
+        masks = []
+        for p0, T in zip(p0s, Ts):   # queries at p0.. see keys 0..p0+t (bottom-right aligned causal mask)
+            mask = None
+            if p0 or (W and p0 + T > W):
+                mask = torch.ones(T, p0 + T, dtype=torch.bool).tril(diagonal=p0)
+                if W:                # ... and only the last W of them
+                    mask &= ~torch.ones(T, p0 + T, dtype=torch.bool).tril(diagonal=p0 - W)
+            masks.append(mask)
         for i, blk in enumerate(self.model.blocks):
             q, k, v = self._project_qkv(i, blk.attn_norm(x))
-            q, k = self._qk(i, q.view(T, H, D), k.view(T, Hkv, D), cos, sin)                 # (T, H|Hkv, D)
-            self._store(i, slot, slice(p0, p0 + T), k.transpose(0, 1), v.view(T, Hkv, D).transpose(0, 1))
-            kk, vv = self._load(i, slot, p0 + T)                                             # (1, Hkv, S, D)
-            qq = q.transpose(0, 1)[None]                                                     # (1, H, T, D)
-            if mask is None:
-                y = ops.attention(qq.contiguous(), kk.contiguous(), vv.contiguous(), causal=True)
-            else:
-                y = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, enable_gqa=H != Hkv)
-            x = x + _linear(blk.attn.wo, y[0].transpose(0, 1).reshape(T, H * D))
+            q, k = self._qk(i, q.view(R, H, D), k.view(R, Hkv, D), cos, sin)                 # (R, H|Hkv, D)
+            v = v.view(R, Hkv, D)
+            ys = []
+            for s, p0, T, end, mask in zip(slots, p0s, Ts, ends, masks):
+                rows = slice(end - T, end)
+                self._store(i, s, slice(p0, p0 + T), k[rows].transpose(0, 1), v[rows].transpose(0, 1))
+                kk, vv = self._load(i, s, p0 + T)                                            # (1, Hkv, S, D)
+                qq = q[rows].transpose(0, 1)[None]                                           # (1, H, T, D)
+                if mask is None:
+                    y = ops.attention(qq.contiguous(), kk.contiguous(), vv.contiguous(), causal=True)
+                else:
+                    y = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, enable_gqa=H != Hkv)
+                ys.append(y[0].transpose(0, 1).reshape(T, H * D))
+            x = x + _linear(blk.attn.wo, torch.cat(ys))
             x = x + self._mlp(i, blk.mlp_norm(x))
-        self.lens[slot] = p0 + T
-        h = self.model.norm(x if all_logits else x[-1:])
-        logits = _linear(self.model.lm_head, h).float()
-        return logits if all_logits else logits[0]
+        for s, p0, T in zip(slots, p0s, Ts):
+            self.lens[s] = p0 + T
+        if not all_logits:
+            x = x[[end - 1 for end in ends]]
+        logits = _linear(self.model.lm_head, self.model.norm(x)).float()
+        return list(logits.split(Ts if all_logits else 1))
 
     @torch.no_grad()
     def decode(self, tokens):
@@ -307,13 +329,17 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer=None, max_batch=8, max_queue=64, max_seq_len=None, cache_dtype="fp32",
-                 stop_tokens=("<|end|>", "<|eos|>"), stop_ids=None, fuse=True):
+                 stop_tokens=("<|end|>", "<|eos|>"), stop_ids=None, fuse=True, draft=None, prompt_lookup=False,
+                 spec_k=4, spec_max_batch=SPEC_MAX_BATCH):
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch}, {max_queue}")
         self.runner = Runner(model, max_batch, max_seq_len, cache_dtype, fuse)
         self.tokenizer = tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.max_seq_len = self.runner.max_seq_len
+        self.speculator = self._speculator(draft, prompt_lookup, spec_k, cache_dtype, fuse)
+        self.spec_max_batch = spec_max_batch
+        self.spec_proposed = self.spec_accepted = 0   # proposals verified / kept (speculative decoding)
         if stop_ids is None:   # by default the tokenizer's stop tokens (none without a tokenizer)
             stop_ids = [tokenizer.token_to_id(t) for t in stop_tokens] if tokenizer is not None else []
         self.stop_ids = frozenset(i for i in stop_ids if i is not None)
@@ -325,6 +351,25 @@ class Engine:
         self.thread = None
         self.steps = 0             # decode steps run (for tests and metrics)
         self.tokens_generated = 0
+
+    def _speculator(self, draft, prompt_lookup, k, cache_dtype, fuse):
+        """The proposer of speculative decoding (None: plain decoding)."""
+        if draft is None and not prompt_lookup:
+            return None
+        if draft is not None and prompt_lookup:
+            raise ValueError("draft and prompt_lookup exclude each other: speculate with one proposer")
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"spec_k (tokens proposed per round) must be an integer >= 1, got {k!r}")
+        if prompt_lookup:
+            return PromptLookup(k)
+        cfg = self.runner.cfg
+        if draft.config.vocab_size != cfg.vocab_size:
+            raise ValueError(f"the draft's vocab_size ({draft.config.vocab_size}) must equal the model's "
+                             f"({cfg.vocab_size}): a draft shares the model's tokenizer")
+        if draft.config.max_seq_len < self.max_seq_len:
+            raise ValueError(f"the draft's context ({draft.config.max_seq_len}) is shorter than the model's "
+                             f"({self.max_seq_len}): pass max_seq_len <= {draft.config.max_seq_len}")
+        return DraftModel(Runner(draft, self.max_batch, self.max_seq_len, cache_dtype, fuse), k)
 
     # ---- client side (any thread) ----
     def _request(self, prompt_ids, params, on_event=None, processor=None):
@@ -445,6 +490,8 @@ class Engine:
                 self._release(slot)
         if not self.active:
             return
+        if self.speculator is not None and len(self.active) <= self.spec_max_batch and self._speculate():
+            return
         tokens = [r.output_ids[-1] if r.output_ids else r.prompt_ids[-1] for r in self.active]
         logits = self.runner.decode(tokens)                     # (n, V)
         self.steps += 1
@@ -461,6 +508,53 @@ class Engine:
                 finished.append(j)
         for j in reversed(finished):
             self._release(j)
+
+    def _speculate(self):
+        """One speculative round for the active slots in place of a decode step: the speculator proposes
+        up to spec_k tokens per request, one target pass scores them all, and rejection sampling keeps a
+        prefix of them plus one token of the target's own -> False (nothing ran) when nothing was proposed.
+        Requests with a processor propose nothing (their grammar state cannot take back a token)."""
+        budgets = [0 if r.processor is not None else min(self.speculator.k, r.params.max_tokens - len(r.output_ids) - 1)
+                   for r in self.active]
+        proposals = self.speculator.propose(self.active, budgets)
+        if not any(tokens for tokens, _ in proposals):
+            return False
+        feeds = [[r.output_ids[-1] if r.output_ids else r.prompt_ids[-1]] + tokens
+                 for r, (tokens, _) in zip(self.active, proposals)]
+        rows = self.runner.extend_many(range(len(self.active)), feeds, all_logits=True)   # [(1 + k_j, V)]
+        self.steps += 1
+        finished = []
+        for j, (req, (tokens, q), logits) in enumerate(zip(self.active, proposals, rows)):
+            if req.cancelled:
+                req._finish("cancelled")
+            elif not self._verify(req, tokens, q, logits):
+                n = len(req.prompt_ids) + len(req.output_ids) - 1   # the caches keep all but the last token
+                self.runner.lens[j] = n
+                self.speculator.truncate(j, n)
+                continue
+            finished.append(j)
+        for j in reversed(finished):
+            self._release(j)
+        return True
+
+    def _verify(self, req, tokens, q, logits):
+        """Accept req's proposals while rejection sampling keeps them, then one more token: the
+        correction at the first rejection, or from the last row when all were kept -> True when done."""
+        try:
+            for i, t in enumerate(tokens):
+                p = probs(logits[i], req.params, req.history)
+                kept, token = verify_token(t, p, None if q is None else q[i], req.params.greedy, req.generator)
+                self.spec_proposed += 1
+                self.spec_accepted += kept
+                if self._sample_and_accept(req, logits[i], token):
+                    return True
+                if not kept:
+                    return False
+        except Exception as e:   # this request alone fails, as in _sample_and_accept
+            if req.finish_reason is None:
+                req._finish(f"error: {e}")
+            return True
+        return self._sample_and_accept(req, logits[len(tokens)])
 
     def _sample_and_accept(self, req, logits, token=None):
         """Sample (unless the batched argmax already picked token) and record -> True when req is done.

@@ -41,6 +41,7 @@ from quark.chat import QuarkChat, chat_format, parse_tool_calls, validate_messag
 from quark.infer.constrain import Constraint, json_schema_grammar, tool_call_grammar
 from quark.infer.engine import QueueFull, ShuttingDown
 from quark.infer.sampling import MAX_LOGPROBS, SamplingParams
+from quark.serve.generate import add_speculation_args, speculation
 
 STATIC = Path(__file__).parent / "static"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -827,7 +828,10 @@ def create_app(engine, tokenizer, model_name="quark", api_key=None, safety=None,
     async def prometheus():
         gauges = {"quark_queue_depth": ("requests waiting for a batch slot", engine.queue_depth),
                   "quark_active_requests": ("requests in the running batch", engine.num_active),
-                  "quark_engine_decode_steps": ("decode steps run by the engine", engine.steps)}
+                  "quark_engine_decode_steps": ("decode steps run by the engine", engine.steps),
+                  "quark_spec_proposed_tokens": ("tokens proposed by speculative decoding and verified",
+                                                 engine.spec_proposed),
+                  "quark_spec_accepted_tokens": ("proposed tokens the model kept", engine.spec_accepted)}
         return PlainTextResponse(metrics.render(gauges), media_type="text/plain; version=0.0.4")
 
     @app.get("/")
@@ -876,6 +880,7 @@ def configure_parser(p):
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (KV cache slots)")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot before 429")
     p.add_argument("--cache-dtype", default="fp32", choices=["fp32", "bf16", "int8"])
+    add_speculation_args(p)
     p.add_argument("--safety", nargs="?", const="auto", default=None, metavar="FILE",
                    help="screen prompts and outputs with a safety filter the run trained (FILE: its safety.json; "
                         "default: RUN/redteam/safety.json)")
@@ -910,8 +915,12 @@ def run_cli(args):
         from quark.feedback import FeedbackStore
         feedback = FeedbackStore(args.feedback or run_dir / "feedback" / "feedback.sqlite")
     chat = chat_format(tokenizer, model_dir)   # the checkpoint's own template and eos ids, else Quark's
-    engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue, cache_dtype=args.cache_dtype,
-                    stop_ids=chat.stop_ids)
+    try:
+        engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue, cache_dtype=args.cache_dtype,
+                        stop_ids=chat.stop_ids, **speculation(args))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     name = args.model_name or (run_dir or model_dir).name
     hosts = args.allowed_host or (LOOPBACK_HOSTS if _is_loopback(args.host) else None)
     app = create_app(engine, tokenizer, name, api_key=args.api_key or os.environ.get("QUARK_API_KEY"),
