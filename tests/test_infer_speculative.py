@@ -10,7 +10,7 @@ from quark.infer.engine import Engine
 from quark.infer.sampling import SamplingParams, probs
 from quark.infer.speculative import lookup, verify_token
 from quark.model import GPT, GPTConfig
-from tests.serve_helpers import make_model, make_tokenizer, single_thread  # noqa: F401 (autouse fixture)
+from tests.serve_helpers import make_model, make_tokenizer, perturbed, single_thread  # noqa: F401 (autouse fixture)
 
 V = 400
 PROMPTS = [[12, 40, 7, 99, 250], [5, 6, 7, 8, 5, 6, 7, 8, 5, 6], [100, 101, 102], [30] * 4, list(range(9, 1, -1)),
@@ -53,16 +53,6 @@ def test_speculating_every_slot_at_once(target):
     want, _ = outputs(target, max_batch=4)
     got, eng = outputs(target, max_batch=4, draft=make_model(V, seed=0, n_layer=1), spec_max_batch=4)
     assert got == want and eng.spec_accepted > 0
-
-
-@torch.no_grad()
-def perturbed(model, scale=0.05):
-    """A copy with noise on every weight: a draft that mostly agrees with the model."""
-    draft = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(0)
-    for w in draft.parameters():
-        w += scale * torch.randn(w.shape, generator=g) * w.std()
-    return draft
 
 
 def markov(seed, n_layer=0):
