@@ -12,6 +12,10 @@
 - Engine: one background thread owns the model. Requests wait in a bounded queue (submit raises
   QueueFull beyond it, so overload is answered, not absorbed), join the running batch as slots free
   up (continuous batching: Orca, Yu et al. 2022; vLLM), and stream text deltas through a callback.
+  With a draft model or prompt lookup (quark.infer.speculative), while at most spec_max_batch requests
+  run, a step is a speculative round instead: proposals for every active slot are verified in one
+  target pass (Runner.extend_many) and rejection sampling keeps the target's distribution. Beyond that,
+  plain batched decode already reads each weight once for many tokens, and a round would not pay.
 Any module with the nn.Linear call contract works as a projection, so QuantLinear models run as is.
 The options of Hugging Face checkpoints (quark.model.hf) run as quark.model.gpt runs them: biases in
 the projections, q/k norms before the rotation, rope scaling through model.rope, and a sliding window
@@ -326,6 +330,9 @@ class Engine:
         req = engine.submit(ids, SamplingParams(max_tokens=32), on_event=print)
         req.done.wait(); print(req.text)
         engine.shutdown()
+
+    Speculative decoding: draft=a model sharing the tokenizer, or prompt_lookup=True; spec_k tokens
+    proposed per round. Requests with a processor (constrained decoding) take part without proposals.
     """
 
     def __init__(self, model, tokenizer=None, max_batch=8, max_queue=64, max_seq_len=None, cache_dtype="fp32",

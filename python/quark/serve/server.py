@@ -9,6 +9,8 @@ log-softmax), stop, seed, stream_options.include_usage, completions' token-id pr
 echo; response_format json_object / json_schema and tool_choice "required" / a named function are
 enforced by constrained decoding (quark.infer.constrain); tools render through the chat template and
 tool_choice "auto" reads calls back from the output in quark.chat's <tool_call> syntax.
+`quark serve --draft DIR` or `--prompt-lookup` decodes speculatively (quark.infer.speculative; the same
+greedy text and sampling distribution, fewer passes over the model's weights at small batches).
 Errors use OpenAI's body {"error": {"message", "type", "param", "code"}}: 400 bad input, 401 bad API
 key, 404 unknown model or route, 413 body too large, 415 not JSON, 429 queue full, 503 shutting down.
 uvicorn's graceful shutdown stops accepting connections and lets open requests (streams included)
