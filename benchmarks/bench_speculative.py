@@ -51,10 +51,10 @@ class PairSpec:
 
 
 def pair_spec(quick):
-    if quick:
-        return PairSpec(target=dict(n_layer=4, n_head=6, n_kv_head=2, d_model=384),
-                        draft=dict(n_layer=1, n_head=2, n_kv_head=1, d_model=128), target_steps=60, draft_steps=60,
-                        batch=4, corpus_chars=1_000_000)
+    if quick:   # a smoke run of the machinery: too small and short-trained for the speedup to mean much
+        return PairSpec(target=dict(n_layer=3, n_head=4, n_kv_head=2, d_model=256),
+                        draft=dict(n_layer=1, n_head=2, n_kv_head=1, d_model=96), target_steps=120, draft_steps=80,
+                        seq_len=64, corpus_chars=1_000_000, vocab=2048)
     return PairSpec(target=dict(n_layer=8, n_head=8, n_kv_head=2, d_model=512),
                     draft=dict(n_layer=2, n_head=3, n_kv_head=1, d_model=192), target_steps=300, draft_steps=300)
 

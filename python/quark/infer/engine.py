@@ -12,6 +12,10 @@
 - Engine: one background thread owns the model. Requests wait in a bounded queue (submit raises
   QueueFull beyond it, so overload is answered, not absorbed), join the running batch as slots free
   up (continuous batching: Orca, Yu et al. 2022; vLLM), and stream text deltas through a callback.
+  A newcomer's slot starts with the longest cached prefix of its prompt (quark.infer.prefix_cache), and
+  the rest is prefilled at most prefill_chunk tokens per step, with a decode step of the running streams
+  between chunks (chunked prefill: Sarathi, Agrawal et al. 2023), so a long prompt never stalls them for
+  longer than one chunk.
   With a draft model or prompt lookup (quark.infer.speculative), while at most spec_max_batch requests
   run, a step is a speculative round instead: proposals for every active slot are verified in one
   target pass (Runner.extend_many) and rejection sampling keeps the target's distribution. Beyond that,
@@ -31,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from quark import ops
+from quark.infer.prefix_cache import PrefixCache
 from quark.infer.sampling import Detokenizer, SamplingParams, probs, sample, token_logprobs
 from quark.infer.speculative import DraftModel, PromptLookup, verify_token
 from quark.model.gpt import window_attention
@@ -144,13 +149,12 @@ class Runner:
         pos = torch.cat([torch.arange(p0, p0 + T) for p0, T in zip(p0s, Ts)])               # (R,)
         cos, sin = (c[:, None].to(self.dtype) for c in self.model.rope(pos))
         x = self.model.tok_emb(torch.as_tensor([t for f in feeds for t in f], dtype=torch.long))  # (R, d)
-        masks = []
-        for p0, T in zip(p0s, Ts):   # queries at p0.. see keys 0..p0+t (bottom-right aligned causal mask)
+        masks = []                     # ops.attention's causal mask is bottom-right aligned: queries at p0.. see keys 0..p0+t
+        for p0, T in zip(p0s, Ts):     # ... and a sliding window only the last W of them
             mask = None
-            if p0 or (W and p0 + T > W):
+            if W and p0 + T > W:
                 mask = torch.ones(T, p0 + T, dtype=torch.bool).tril(diagonal=p0)
-                if W:                # ... and only the last W of them
-                    mask &= ~torch.ones(T, p0 + T, dtype=torch.bool).tril(diagonal=p0 - W)
+                mask &= ~torch.ones(T, p0 + T, dtype=torch.bool).tril(diagonal=p0 - W)
             masks.append(mask)
         for i, blk in enumerate(self.model.blocks):
             q, k, v = self._project_qkv(i, blk.attn_norm(x))
@@ -239,6 +243,31 @@ class Runner:
         self.lens[dst] = n
         self.lens[src] = 0
 
+    def _caches(self):
+        return (self.k, self.v) + ((self.k_scale, self.v_scale) if self.quantized else ())
+
+    def swap(self, a, b):
+        """Slots a and b exchange their sequences."""
+        n = int(self.lens[[a, b]].max())
+        for cache in self._caches():
+            for layer in cache:
+                layer[[a, b], :, :n] = layer[[b, a], :, :n]
+        self.lens[[a, b]] = self.lens[[b, a]]
+
+    def read_kv(self, slot, start, end):
+        """A copy of a slot's cached positions [start, end) in the cache dtype -> tensors with the position on
+        dim 0: k and v (n, L, Hkv, D), and for int8 their scales (n, L, Hkv)."""
+        return tuple(torch.stack([layer[slot, :, start:end] for layer in cache]).movedim(2, 0).contiguous()
+                     for cache in self._caches())
+
+    def write_kv(self, slot, kv):
+        """Fill a slot with the positions 0..n-1 that read_kv returned (its sequence becomes those n)."""
+        n = len(kv[0])
+        for cache, t in zip(self._caches(), kv):
+            for i, layer in enumerate(cache):
+                layer[slot, :, :n] = t[:, i].transpose(0, 1)
+        self.lens[slot] = n
+
 
 class Request:
     """One generation: its prompt, parameters, progress, timings and an event callback.
@@ -263,11 +292,14 @@ class Request:
         self.text = ""
         self.finish_reason = None
         self.stop_token = None     # the stop token id that ended it (not in output_ids)
+        self.slot = None           # its KV slot in the engine while admitted
+        self.cached_tokens = None  # prompt tokens reused from the prefix cache (None until its prefill starts)
         self.cancelled = False
         self.generator = params.generator()
         self.history = torch.tensor(self.prompt_ids, dtype=torch.long) if params.penalized else None
         self.t_submit = time.perf_counter()
         self.t_first = None
+        self.t_tokens = []         # when each token was sampled (inter-token latency, stalls)
         self.t_done = None
         self.done = threading.Event()
         self._on_event = on_event
@@ -282,8 +314,9 @@ class Request:
 
     def _accept(self, token, logprob=None):
         """Record a sampled token (and its logprobs entry); returns True when the request is finished."""
+        self.t_tokens.append(time.perf_counter())
         if self.t_first is None:
-            self.t_first = time.perf_counter()
+            self.t_first = self.t_tokens[0]
         if token in self.stop_ids:
             self.stop_token = token
             return self._finish("stop")
@@ -336,11 +369,18 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer=None, max_batch=8, max_queue=64, max_seq_len=None, cache_dtype="fp32",
-                 stop_tokens=("<|end|>", "<|eos|>"), stop_ids=None, fuse=True, draft=None, prompt_lookup=False,
-                 spec_k=4, spec_max_batch=SPEC_MAX_BATCH):
+                 stop_tokens=("<|end|>", "<|eos|>"), stop_ids=None, fuse=True, prefix_cache_mb=256,
+                 prefill_chunk=256, draft=None, prompt_lookup=False, spec_k=4, spec_max_batch=SPEC_MAX_BATCH):
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch}, {max_queue}")
+        if prefix_cache_mb < 0 or (prefill_chunk is not None and prefill_chunk < 1):
+            raise ValueError(f"prefix_cache_mb must be >= 0 and prefill_chunk None or >= 1, got {prefix_cache_mb}, "
+                             f"{prefill_chunk}")
         self.runner = Runner(model, max_batch, max_seq_len, cache_dtype, fuse)
+        # 0 MB turns the prefix cache off; prefill_chunk=None prefills every admitted prompt whole before
+        # the next decode step (the running streams wait for all of them)
+        self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb else None
+        self.prefill_chunk = prefill_chunk
         self.tokenizer = tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.max_seq_len = self.runner.max_seq_len
@@ -351,7 +391,8 @@ class Engine:
             stop_ids = [tokenizer.token_to_id(t) for t in stop_tokens] if tokenizer is not None else []
         self.stop_ids = frozenset(i for i in stop_ids if i is not None)
         self.waiting = deque()
-        self.active = []           # requests; active[j] owns slot j
+        self.active = []           # decoding requests; active[j] owns slot j
+        self.prefilling = []       # admitted requests still prefilling, in admission order, each in a slot >= len(active)
         self.cond = threading.Condition()
         self.accepting = True
         self.stopping = False
@@ -396,7 +437,7 @@ class Engine:
         with self.cond:
             if not self.accepting:
                 raise ShuttingDown("the engine is shutting down")
-            if len(self.waiting) >= self.max_queue + max(0, self.max_batch - len(self.active)):
+            if len(self.waiting) >= self.max_queue + self._free_slots():
                 raise QueueFull(f"too many requests waiting ({len(self.waiting)}); retry later")
             self.waiting.append(req)
             self.cond.notify()
@@ -421,9 +462,9 @@ class Engine:
             raise ValueError(f"got {len(per_prompt)} SamplingParams for {len(prompts)} prompts")
         reqs = [self._request(p, sp) for p, sp in zip(prompts, per_prompt)]
         pending = deque(reqs)
-        while pending or self.active:
+        while pending or self.active or self.prefilling:
             admitted = []
-            while pending and len(self.active) + len(admitted) < self.max_batch:
+            while pending and len(admitted) < self._free_slots():
                 admitted.append(pending.popleft())
             self._step(admitted)
         return reqs
@@ -434,7 +475,10 @@ class Engine:
 
     @property
     def num_active(self):
-        return len(self.active)
+        return len(self.active) + len(self.prefilling)
+
+    def _free_slots(self):
+        return self.max_batch - len(self.active) - len(self.prefilling)
 
     def start(self):
         if self.thread is None:
@@ -447,7 +491,7 @@ class Engine:
         with self.cond:
             self.accepting = False
             if not drain:
-                for r in list(self.waiting) + self.active:
+                for r in list(self.waiting) + self.active + self.prefilling:
                     r.cancel()
             self.stopping = True
             self.cond.notify()
@@ -458,43 +502,28 @@ class Engine:
     def _loop(self):
         while True:
             with self.cond:
-                while not self.waiting and not self.active and not self.stopping:
+                while not self.waiting and not self.active and not self.prefilling and not self.stopping:
                     self.cond.wait()
-                if self.stopping and not self.waiting and not self.active:
+                if self.stopping and not self.waiting and not self.active and not self.prefilling:
                     return
                 admitted = []
-                while self.waiting and len(self.active) + len(admitted) < self.max_batch:
+                while self.waiting and len(admitted) < self._free_slots():
                     admitted.append(self.waiting.popleft())
             try:
                 self._step(admitted)
             except Exception as e:   # the batch's forward failed: fail every request in flight, never hang them
-                for r in self.active + admitted:
+                for r in self.active + self.prefilling + admitted:
                     if r.finish_reason is None:
                         r._finish(f"error: {e}")
-                self.active = []
+                self.active, self.prefilling = [], []
                 self.runner.lens.zero_()
 
     def _step(self, admitted):
-        for req in admitted:   # prefill each newcomer into the next free slot, sample its first token
-            if req.cancelled:
-                req._finish("cancelled")
-                continue
-            slot = len(self.active)
-            self.runner.lens[slot] = 0
-            try:
-                logits = self.runner.extend(slot, req.prompt_ids, all_logits=req.params.prompt_logprobs)
-                if req.params.prompt_logprobs:   # (T, V): position t predicts prompt token t + 1
-                    k = req.params.logprobs or 0
-                    req.prompt_logprobs = [token_logprobs(logits[t], req.prompt_ids[t + 1], k)
-                                           for t in range(len(req.prompt_ids) - 1)]
-                    logits = logits[-1]
-            except Exception as e:   # this prompt alone fails; the slot stays free
-                self.runner.lens[slot] = 0
-                req._finish(f"error: {e}")
-                continue
-            self.active.append(req)
-            if self._sample_and_accept(req, logits):
-                self._release(slot)
+        """Admit newcomers, prefill up to prefill_chunk prompt tokens, then one decode step of every running
+        stream: a long prompt stalls the running streams for one chunk at a time, not for its whole prefill."""
+        for req in admitted:
+            self._admit(req)
+        self._prefill()
         if not self.active:
             return
         if self.speculator is not None and len(self.active) <= self.spec_max_batch and self._speculate():
@@ -515,6 +544,80 @@ class Engine:
                 finished.append(j)
         for j in reversed(finished):
             self._release(j)
+
+    def _admit(self, req):
+        """Give a newcomer a free slot; it prefills from the next _prefill on."""
+        if req.cancelled:
+            req._finish("cancelled")
+            return
+        taken = {r.slot for r in self.prefilling}
+        req.slot = next(s for s in range(len(self.active), self.max_batch) if s not in taken)
+        self.runner.lens[req.slot] = 0
+        if req.params.prompt_logprobs:
+            req.prompt_logprobs = []
+        self.prefilling.append(req)
+
+    def _reuse_prefix(self, req):
+        """Fill a request's slot with the longest cached prefix of its prompt, just before its first chunk (so
+        it finds what the prompts prefilled before it left there). At least one prompt token is left to
+        compute, so its logits exist; prompt_logprobs need every position's logits: those compute it all."""
+        req.cached_tokens = 0
+        if self.prefix_cache is not None and not req.params.prompt_logprobs:
+            req.cached_tokens, kv = self.prefix_cache.lookup(req.prompt_ids, len(req.prompt_ids) - 1)
+            if kv is not None:
+                self.runner.write_kv(req.slot, kv)
+
+    def _prefill(self):
+        """Prefill the admitted prompts in admission order, at most prefill_chunk tokens in all; a prompt that
+        completes keeps its KV blocks in the prefix cache, samples its first token and joins the decoding."""
+        budget = self.prefill_chunk or float("inf")
+        for req in list(self.prefilling):
+            if budget <= 0:
+                break
+            if req.cancelled:
+                self._drop(req, "cancelled")
+                continue
+            try:
+                if req.cached_tokens is None:
+                    self._reuse_prefix(req)
+                P, done = len(req.prompt_ids), int(self.runner.lens[req.slot])
+                end = min(P, done + budget)
+                logits = self.runner.extend(req.slot, req.prompt_ids[done:end], all_logits=req.params.prompt_logprobs)
+                if req.params.prompt_logprobs:   # (T, V): position t predicts prompt token t + 1
+                    k = req.params.logprobs or 0
+                    req.prompt_logprobs += [token_logprobs(logits[t - done], req.prompt_ids[t + 1], k)
+                                            for t in range(done, min(end, P - 1))]
+                    logits = logits[-1]
+            except Exception as e:   # this prompt alone fails; its slot is freed
+                self._drop(req, f"error: {e}")
+                continue
+            budget -= end - done
+            if end < P:
+                continue
+            self.prefilling.remove(req)
+            if self.prefix_cache is not None:
+                self.prefix_cache.insert(req.prompt_ids, lambda a, b, s=req.slot: self.runner.read_kv(s, a, b))
+            self._join(req)
+            if self._sample_and_accept(req, logits):
+                self._release(len(self.active) - 1)
+
+    def _drop(self, req, reason):
+        self.prefilling.remove(req)
+        self.runner.lens[req.slot] = 0
+        req._finish(reason)
+
+    def _join(self, req):
+        """A prefilled request moves to slot len(active) (swapping with a prefilling one there) and decodes."""
+        n = len(self.active)
+        if req.slot != n:
+            other = next((r for r in self.prefilling if r.slot == n), None)
+            if other is None:
+                self.runner.move(req.slot, n)
+            else:
+                self.runner.swap(req.slot, n)
+                other.slot = req.slot
+            req.slot = n
+        self.active.append(req)
 
     def _speculate(self):
         """One speculative round for the active slots in place of a decode step: the speculator proposes
