@@ -10,6 +10,9 @@ decode step streams tens of MB of weights (bandwidth-bound, not Python-bound); t
 smaller. Training is the slow part, so the pair is cached under $QUARK_BENCH_CACHE (default
 ~/.cache/quark/bench), keyed by its settings; reruns only time.
 
+QUARK_BENCH_RUN=RUN times a run's own pair instead: the teacher its distill step used (distill/report.json)
+and the student it wrote (distill/student).
+
 Cases: greedy and sampled (T=0.8) continuation of a code prompt with the draft; prompt lookup on a
 code-editing prompt (a function, then the instruction to repeat it with one change, then its first
 lines: the answer largely repeats the prompt).
@@ -99,6 +102,15 @@ def train(model, tokens, spec, steps, teacher=None, lr=2e-3):
     return model.eval()
 
 
+def run_pair(run):
+    """A run's distill teacher and student -> (target, draft, tokenizer)."""
+    from tokenizers import Tokenizer
+    run = Path(run)
+    teacher = json.loads((run / "distill" / "report.json").read_text())["teacher"]["dir"]
+    student = run / "distill" / "student"
+    return load_model(teacher), load_model(student), Tokenizer.from_file(str(student / "tokenizer.json"))
+
+
 def build_pair(spec):
     """-> (target, draft, tokenizer), trained now or read from the cache."""
     key = hashlib.sha256(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:12]
@@ -146,7 +158,8 @@ def params_count(model):
 def compare(quick=False):
     torch.manual_seed(0)
     spec = pair_spec(quick)
-    target, draft, tok = build_pair(spec)
+    run = os.environ.get("QUARK_BENCH_RUN")
+    target, draft, tok = run_pair(run) if run else build_pair(spec)
     n_tokens, repeats = (48, 3) if quick else (128, 5)
     print(f"  target {params_count(target) / 1e6:.1f}M parameters, draft {params_count(draft) / 1e6:.1f}M")
     engines = {"plain": Engine(target, tok, max_batch=1, stop_ids=[]),   # stop_ids=[]: every run makes n_tokens
@@ -158,6 +171,10 @@ def compare(quick=False):
             ("code, T=0.8", CODE_PROMPT, 0.8, ("plain", "quark draft k=4")),
             ("code edit, greedy", EDIT_PROMPT, 0.0, ("plain", "quark prompt lookup"))):
         ids = tok.encode(prompt).ids
+        n_new = min(n_tokens, target.config.max_seq_len - len(ids))
+        if n_new < 8:
+            print(f"  {case}: skipped, the prompt fills the model's context ({target.config.max_seq_len})")
+            continue
         outputs, stats = {}, {n: [0, 0] for n in names}
 
         def runner(name):
@@ -165,7 +182,7 @@ def compare(quick=False):
 
             def go():
                 p0, a0 = eng.spec_proposed, eng.spec_accepted
-                req = eng.run([ids], SamplingParams(max_tokens=n_tokens, temperature=temperature, seed=0))[0]
+                req = eng.run([ids], SamplingParams(max_tokens=n_new, temperature=temperature, seed=0))[0]
                 outputs[name] = req.output_ids
                 stats[name][0] += eng.spec_proposed - p0
                 stats[name][1] += eng.spec_accepted - a0
@@ -178,13 +195,13 @@ def compare(quick=False):
         for name in names:
             med = statistics.median(times[name])
             proposed, accepted = stats[name]
-            extra = {"tokens_per_s": round(n_tokens / med, 1), "speedup": round(base / med, 2)}
+            extra = {"tokens_per_s": round(n_new / med, 1), "speedup": round(base / med, 2)}
             if name != "plain":
                 extra["acceptance"] = round(accepted / max(proposed, 1), 3)
             q = sorted(times[name])
-            rows.append(Result(AREA, f"batch 1, {n_tokens} tokens, {case}", name if name != "plain" else "plain decode",
+            rows.append(Result(AREA, f"batch 1, {n_new} tokens, {case}", name if name != "plain" else "plain decode",
                                med, q[len(q) // 10], q[(9 * len(q)) // 10], extra=extra))
-    print(f"  the target's answer to the edit prompt: {tok.decode(outputs['plain'])[:160]!r}")
+    print(f"  the target's last answer: {tok.decode(outputs['plain'])[:160]!r}")
     for r in rows:
         print(f"  {r.case:<40} {r.provider:<16} " + "  ".join(f"{k} {v}" for k, v in r.extra.items()))
     return rows
