@@ -1,6 +1,10 @@
 """Serving: decode tokens/s at batch 1 for the same random model in plain torch eager fp32 (nn.Linear,
 SDPA, a torch.cat KV cache: the straightforward generate loop) vs the Quark engine's runner in fp32,
 int8 and int4 weights; aggregate tokens/s of 16 concurrent requests vs one stream; time to first token.
+Then the engine's scheduling: 16 closed-loop clients with prompts of 64-1024 tokens, the engine before
+(no prefix cache, whole prompts before each decode step) vs after (prefix cache, chunked prefill) in the
+same run (TTFT p50/p99, aggregate tokens/s, stalls of running streams), and TTFT on a prefix-cache hit
+vs miss of a shared 1,000-token system prompt. Each prints its target and whether it is met.
 
 The model is sized so its weights far exceed the caches (default d_model 1024, 8 layers, vocab 32000:
 ~120M parameters, ~490 MB in fp32), as in real decoding, which streams every weight once per token.
@@ -19,6 +23,7 @@ from benchmarks.harness import Result, interleaved, summarize
 from quark import ops
 from quark.model import GPT, GPTConfig
 from quark.infer.engine import Engine, Runner
+from quark.infer.lora import Adapter
 from quark.infer.sampling import SamplingParams
 
 AREA = "serve"
@@ -164,6 +169,7 @@ def compare(quick=False):
     rows += batching(base, cfg, quick)
     rows += load(base, cfg, quick)
     rows += prefix_hit(base, cfg, quick)
+    rows += multi_lora(quick, base)
     for r in rows:   # the table shows GB/s; tokens/s and TTFT are what serving cares about
         print(f"  {r.case:<44} {r.provider:<20} " + "  ".join(f"{k} {v}" for k, v in r.extra.items()))
     return rows
@@ -200,25 +206,44 @@ AFTER = dict()   # the engine's defaults
 
 def load(model, cfg, quick):
     """16 closed-loop clients (each sends its next request when the previous one finished, as chat users and
-    agents do), prompts of 64-1024 random tokens, the engine as before vs after in the same run, rounds
-    interleaved (order alternating). Random prompts share no prefix: this measures scheduling, not the prefix
-    cache. Also the running streams' stalls: the longest gaps between two tokens of one stream."""
-    n_clients, per_client, n_tokens, rounds = (16, 2, 16, 1) if quick else (16, 2, 32, 2)
+    agents do), the engine as before vs after in the same run, rounds interleaved (order alternating), two
+    workloads with prompts of 64-1024 tokens:
+    - independent: every prompt 64-1024 fresh random tokens (no shared prefix: scheduling alone);
+    - conversations: each client's next prompt is its previous prompt + the reply + a new user turn, as a
+      stateless chat API resends the history (first turn 64-448 tokens, later turns 32-224 more).
+    Also the running streams' stalls: the longest gaps between two tokens of one stream."""
+    rows = []
+    for workload in ("independent", "conversations"):
+        rows += closed_loop(model, cfg, quick, workload)
+    return rows
+
+
+def closed_loop(model, cfg, quick, workload):
+    n_clients, per_client, n_tokens, rounds = (16, 2, 16, 1) if quick else (16, 3, 32, 2)
     gen = torch.Generator().manual_seed(1)
-    lengths = torch.randint(64, 1025, (n_clients, per_client), generator=gen).tolist()
-    prompts = [[torch.randint(0, cfg.vocab_size, (n,), generator=gen).tolist() for n in row] for row in lengths]
+
+    def tokens(lo, hi):
+        return torch.randint(0, cfg.vocab_size, (int(torch.randint(lo, hi + 1, (), generator=gen)),), generator=gen).tolist()
+
+    if workload == "independent":
+        turns = [[tokens(64, 1024) for _ in range(per_client)] for _ in range(n_clients)]
+    else:   # at most 448 + 2 * (32 + 224) = 960 prompt tokens by the third turn
+        turns = [[tokens(64, 448)] + [tokens(32, 224) for _ in range(per_client - 1)] for _ in range(n_clients)]
     params = SamplingParams(max_tokens=n_tokens, temperature=0)
     runs = {"before": BEFORE, "after": AFTER}
     reqs, walls = ({name: [] for name in runs} for _ in range(2))
     for i in range(rounds):
         for name in (list(runs) if i % 2 == 0 else list(runs)[::-1]):
             eng = Engine(model, None, max_batch=n_clients, **runs[name]).start()
-            eng.generate(prompts[0][0][:64], SamplingParams(max_tokens=2, temperature=0))   # warm-up
+            eng.generate(tokens(64, 64), SamplingParams(max_tokens=2, temperature=0))   # warm-up
             done = [[] for _ in range(n_clients)]
 
             def client(c):
-                for p in prompts[c]:
-                    done[c].append(eng.generate(p, params))
+                history = []
+                for turn in turns[c]:
+                    done[c].append(eng.generate(history + turn, params))
+                    if workload == "conversations":
+                        history = done[c][-1].prompt_ids + done[c][-1].output_ids
 
             threads = [threading.Thread(target=client, args=(c,)) for c in range(n_clients)]
             t0 = time.perf_counter()
@@ -229,7 +254,7 @@ def load(model, cfg, quick):
             walls[name].append(time.perf_counter() - t0)
             eng.shutdown()
             reqs[name] += [r for row in done for r in row]
-    # scheduling never changes what a request generates
+    # scheduling and the prefix cache never change what a request generates
     assert [r.output_ids for r in reqs["after"]] == [r.output_ids for r in reqs["before"]]
 
     def pct(xs, q):
@@ -237,21 +262,24 @@ def load(model, cfg, quick):
         return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
 
     rows = []
+    lengths = [len(r.prompt_ids) for r in reqs["after"]]
     for name in runs:
         ttft = [r.ttft for r in reqs[name]]
         gaps = [b - a for r in reqs[name] for a, b in zip(r.t_tokens, r.t_tokens[1:])]
-        tokens = sum(len(r.output_ids) for r in reqs[name])
-        rows.append(Result(AREA, f"{n_clients} closed-loop clients x {per_client}, prompts 64-1024, {n_tokens} tokens",
+        tokens_out = sum(len(r.output_ids) for r in reqs[name])
+        rows.append(Result(AREA, f"{n_clients} closed-loop clients x {per_client}, {workload} prompts "
+                                 f"{min(lengths)}-{max(lengths)}, {n_tokens} tokens",
                            f"engine {name}", pct(ttft, 0.5), pct(ttft, 0.1), pct(ttft, 0.9),
                            extra={"ttft_p50_ms": round(1e3 * pct(ttft, 0.5), 1), "ttft_p99_ms": round(1e3 * pct(ttft, 0.99), 1),
-                                  "tokens_per_s": round(tokens / sum(walls[name]), 2),
+                                  "tokens_per_s": round(tokens_out / sum(walls[name]), 2),
                                   "stall_p99_ms": round(1e3 * pct(gaps, 0.99), 1)}))
     before, after = rows
     ratio = after.extra["ttft_p99_ms"] / before.extra["ttft_p99_ms"]
     agg = after.extra["tokens_per_s"] / before.extra["tokens_per_s"]
     met = ratio <= 0.5 and agg >= 1.0
-    print(f"  load: TTFT p99 after/before {ratio:.2f}x (target <= 0.5x), aggregate tokens/s after/before {agg:.2f}x "
-          f"(target >= 1.0x): {'met' if met else 'not met'}; stall p99 after/before "
+    print(f"  {workload}: TTFT p99 after/before {ratio:.2f}x (target <= 0.5x), aggregate tokens/s after/before "
+          f"{agg:.2f}x (target >= 1.0x): {'met' if met else 'not met'}; TTFT p50 "
+          f"{after.extra['ttft_p50_ms'] / before.extra['ttft_p50_ms']:.2f}x, stall p99 "
           f"{after.extra['stall_p99_ms'] / before.extra['stall_p99_ms']:.2f}x")
     after.extra |= {"ttft_p99_vs_before": round(ratio, 3), "tokens_per_s_vs_before": round(agg, 3), "target_met": met}
     return rows
@@ -283,6 +311,43 @@ def prefix_hit(model, cfg, quick):
     for r in rows:
         r.extra = {"ttft_ms": round(1e3 * r.median_s, 1)}
     rows[1].extra |= {"speedup_vs_miss": round(speedup, 2), "target_met": met}
+    return rows
+
+
+def multi_lora(quick=False, model=None):
+    """Decode tokens/s of a batch of 8 whose rows run 4 LoRA adapters (rank 16 on every projection, rows
+    interleaved a b c d a b c d, as requests arrive) vs the same batch running none: the
+    cost of adding the deltas unmerged (quark.infer.lora)."""
+    torch.manual_seed(0)
+    cfg = make_config(quick)
+    model = model or GPT(cfg).eval()
+    n_tokens, repeats, rank = (16, 5, 16) if quick else (32, 5, 16)
+    widths = {t: getattr(part, t).out_features for part in (model.blocks[0].attn, model.blocks[0].mlp)
+              for t in ("wq", "wk", "wv", "wo", "w1", "w2", "w3") if hasattr(part, t)}
+    ins = {t: cfg.d_model if t != "w2" else cfg.ffn_hidden for t in widths}
+    adapters = [Adapter(f"a{k}", {(i, t): (torch.randn(rank, ins[t]) * 0.05, torch.randn(widths[t], rank) * 0.05)
+                                  for i in range(cfg.n_layer) for t in widths}, widths) for k in range(4)]
+    runner = Runner(model, 8)
+    prompts = [torch.randint(0, cfg.vocab_size, (24 + j,)).tolist() for j in range(8)]
+    for j, p in enumerate(prompts):
+        runner.extend(j, p)
+    start = runner.lens.clone()
+
+    def decode(slot_adapters):
+        def go():
+            runner.slot_adapter[:] = slot_adapters
+            runner.lens.copy_(start)
+            tokens = [p[-1] for p in prompts]
+            for _ in range(n_tokens):
+                tokens = runner.decode(tokens).argmax(-1).tolist()
+        return go
+    providers = {"quark no adapter": decode([None] * 8), "quark 4 adapters": decode(adapters * 2)}
+    times = interleaved(providers, repeats=repeats, warmup=1)
+    rows = summarize(AREA, f"decode batch 8, LoRA r{rank} on all projections", times,
+                     extra={"d_model": cfg.d_model, "layers": cfg.n_layer})
+    for r in rows:
+        r.extra["tokens_per_s"] = round(8 * n_tokens / r.median_s, 1)
+        print(f"  {r.case:<44} {r.provider:<20} tokens_per_s {r.extra['tokens_per_s']}")
     return rows
 
 

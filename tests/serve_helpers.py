@@ -1,5 +1,5 @@
 """Shared fixtures of the serve tests: a tiny byte-level BPE tokenizer with the chat special tokens,
-a tiny random GPT saved as a model directory, and a real uvicorn server on a free 127.0.0.1 port."""
+a tiny random GPT saved as a model directory, LoRA adapters of it, and a real uvicorn server on a free 127.0.0.1 port."""
 import contextlib
 import copy
 import os
@@ -16,6 +16,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from quark.chat import SPECIAL_TOKENS
 from quark.model import GPT, GPTConfig
 from quark.model.io import save_model
+from quark.model.lora import LoRAConfig, apply_lora, lora_modules, save_adapter, strip_lora
 
 CORPUS = ["The quick brown fox jumps over the lazy dog.", "Hello world, this is Quark serving text.",
           "def add(a, b):\n    return a + b\n", "Numbers 0123456789 and symbols !?.,;:()[]{}",
@@ -60,6 +61,18 @@ def make_model_dir(directory, seed=0, **overrides):
     model = make_model(tok.get_vocab_size(), seed, **overrides)
     save_model(model, directory)
     return directory, model, tok
+
+
+def make_adapter(base, directory, targets, seed, rank=4, alpha=8.0):
+    """Save a LoRA adapter of base with random (non-zero) B -> a copy of base with it merged into the weights."""
+    m = copy.deepcopy(base)
+    apply_lora(m, LoRAConfig(rank=rank, alpha=alpha, targets=targets))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in lora_modules(m).values():
+            mod.lora_B.copy_(torch.randn(mod.lora_B.shape, generator=g) * 0.3)
+    save_adapter(m, directory)
+    return strip_lora(m).eval()
 
 
 @pytest.fixture(scope="module", autouse=True)

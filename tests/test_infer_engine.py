@@ -51,24 +51,25 @@ def test_runner_matches_model_forward(model):
     torch.testing.assert_close(r.decode([int(ids[0, 4])])[0], ref[4], atol=2e-5, rtol=1e-4)
 
 
-def test_extend_many_appends_to_every_slot_in_one_pass(model):
-    """Ragged feeds to three slots holding ragged prefixes (speculative verification) score every position
-    as the model's own forward does, and each slot's length grows by its feed."""
+def test_forward_verifies_ragged_proposals_and_rolls_back(model):
+    """Speculative verification: ragged feeds to three slots holding ragged prefixes score every position
+    as the model's own forward does; lowering lens (rejected proposals) and extending again is exact."""
     seqs = [torch.randint(8, model.config.vocab_size, (n,), generator=torch.Generator().manual_seed(n)).tolist()
             for n in (9, 14, 5)]
     with torch.no_grad():
         refs = [model(torch.tensor([s]))[0][0] for s in seqs]                                # (n, V) each
     r = Runner(model, slots=3)
-    for slot, (s, cut) in enumerate(zip(seqs, (4, 13, 0))):
+    cuts = (4, 13, 0)
+    for slot, (s, cut) in enumerate(zip(seqs, cuts)):
         if cut:
             r.extend(slot, s[:cut])
-    out = r.extend_many([0, 1, 2], [s[cut:] for s, cut in zip(seqs, (4, 13, 0))], all_logits=True)
-    for got, ref, cut in zip(out, refs, (4, 13, 0)):
+    out = r.forward([(j, s[cut:]) for j, (s, cut) in enumerate(zip(seqs, cuts))], [True] * 3)
+    for got, ref, cut in zip(out, refs, cuts):
         torch.testing.assert_close(got, ref[cut:], atol=2e-5, rtol=1e-4)
     assert r.lens.tolist() == [9, 14, 5]
-    r.lens[:] = torch.tensor([2, 3, 4])   # roll back (rejected proposals) and extend again, last positions only
-    last = r.extend_many([2, 0], [seqs[2][4:], seqs[0][2:6]])
-    torch.testing.assert_close(torch.cat(last), torch.stack([refs[2][4], refs[0][5]]), atol=2e-5, rtol=1e-4)
+    r.lens[:] = torch.tensor([2, 3, 4])
+    last = r.forward([(2, seqs[2][4:]), (0, seqs[0][2:6])])
+    torch.testing.assert_close(torch.stack(last), torch.stack([refs[2][4], refs[0][5]]), atol=2e-5, rtol=1e-4)
     assert r.lens.tolist() == [6, 3, 5]
 
 
@@ -310,6 +311,27 @@ def test_run_batches_on_the_callers_thread(tok):
     eng.shutdown()
 
 
+@pytest.mark.parametrize("window", [0, 6])
+def test_runner_forward_batches_segments(tok, window):
+    """One forward over running streams' next tokens (slots 0, 1), a one-token prompt (slot 4: single tokens
+    off the slots 0..n-1 prefix) and two prompt chunks (slots 2, 3) equals the model's own forward of each
+    sequence, with a sliding window too."""
+    m = make_model(tok.get_vocab_size(), seed=5, sliding_window=window)
+    ids = torch.randint(8, m.config.vocab_size, (1, 23), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = m(ids)[0][0]                                                                 # (23, V)
+    seq = ids[0].tolist()
+    r = Runner(m, 5)
+    r.extend(0, seq[:9])
+    r.extend(1, seq[:14])
+    r.extend(3, seq[:4])
+    out = r.forward([(0, [seq[9]]), (1, [seq[14]]), (2, seq[:11]), (3, seq[4:20]), (4, seq[:1])],
+                    [False, False, False, True, False])
+    for got, want in zip(out, [ref[9], ref[14], ref[10], ref[4:20], ref[0]]):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    assert r.lens.tolist() == [10, 15, 11, 20, 1]
+
+
 @pytest.mark.parametrize("cache_dtype", ["fp32", "bf16", "int8"])
 def test_runner_kv_copy_and_swap(model, cache_dtype):
     """read_kv/write_kv carry a slot's sequence (int8 scales included) and swap exchanges two slots: decoding
@@ -332,16 +354,18 @@ def test_runner_kv_copy_and_swap(model, cache_dtype):
 SYSTEM = list(range(40, 77))   # 37 tokens: two 16-token blocks and a partial one
 
 
-@pytest.mark.parametrize("cache_dtype,window", [("fp32", 0), ("bf16", 0), ("int8", 0), ("fp32", 12)])
-def test_prefix_cache_outputs_equal_uncached(tok, cache_dtype, window):
-    """Concurrent requests sharing a system prompt (more than the slots): greedy outputs equal the engine without a cache, token for token, for every cache dtype and a sliding
-    window model; hits are counted."""
+@pytest.mark.parametrize("cache_dtype,window,chunk", [("fp32", 0, None), ("fp32", 0, 8), ("bf16", 0, 8), ("int8", 0, 8),
+                                                      ("fp32", 12, 8), ("int8", 12, None)])
+def test_prefix_cache_outputs_equal_uncached(tok, cache_dtype, window, chunk):
+    """Concurrent requests sharing a system prompt (more than the slots): greedy outputs equal the engine without
+    a cache, token for token, for every cache dtype, a sliding window model, whole and chunked prefill (chunks
+    of several prompts and the running streams' tokens in one forward); hits are counted."""
     m = make_model(tok.get_vocab_size(), seed=2, sliding_window=window)
     prompts = [SYSTEM + [100 + i] * (1 + 5 * i) for i in range(6)] + [SYSTEM[:32] + [9]]   # last: 32 cached of 33
     params = SamplingParams(max_tokens=8, temperature=0)
     outputs = {}
     for mb in (0, 1):
-        eng = Engine(m, None, max_batch=2, cache_dtype=cache_dtype, prefix_cache_mb=mb, prefill_chunk=None).start()
+        eng = Engine(m, None, max_batch=3, cache_dtype=cache_dtype, prefix_cache_mb=mb, prefill_chunk=chunk).start()
         with eng.cond:
             reqs = [eng.submit(p, params) for p in prompts]
         for r in reqs:
@@ -350,7 +374,7 @@ def test_prefix_cache_outputs_equal_uncached(tok, cache_dtype, window):
         outputs[mb] = [r.output_ids for r in reqs]
         cached = [r.cached_tokens for r in reqs]
     assert outputs[1] == outputs[0]
-    # the second, admitted with the first, looks up when its prefill starts: after the first stored its blocks
+    # the others, admitted with the first, start their prefill once the first stored its blocks
     assert cached == [0] + [32] * 6 and eng.prefix_cache.hit_tokens == 32 * 6
     if cache_dtype == "fp32":
         assert outputs[1] == [greedy_reference(m, p, 8) for p in prompts]
@@ -414,3 +438,21 @@ def test_chunked_prefill_lets_running_streams_decode(model, chunk):
         assert progress <= 1
     assert newcomer.output_ids == greedy_reference(model, long_prompt, 4)
     assert stream.output_ids == greedy_reference(model, [5, 6, 7], 40)
+
+
+@pytest.mark.parametrize("cache_dtype", ["fp32", "int8"])
+def test_prefix_cache_keeps_replies_for_the_next_turn(tok, cache_dtype):
+    """A conversation's next turn resends the reply: the blocks of the finished sequence (prompt and the reply
+    tokens fed back) are cached, and the next turn's output equals the engine without a cache."""
+    m = make_model(tok.get_vocab_size(), seed=4)
+    turn1, params = list(range(30, 70)), SamplingParams(max_tokens=20, temperature=0)
+    outputs = {}
+    for mb in (0, 1):
+        eng = Engine(m, None, max_batch=2, cache_dtype=cache_dtype, prefix_cache_mb=mb)
+        reply = eng.run([turn1], params)[0].output_ids
+        second = eng.run([turn1 + reply + [5, 6, 7]], params)[0]
+        outputs[mb] = (reply, second.output_ids)
+    assert outputs[1] == outputs[0]
+    assert second.cached_tokens == (len(turn1) + len(reply) - 1) // 16 * 16 == 48   # the last reply token was never fed
+    if cache_dtype == "fp32":
+        assert second.output_ids == greedy_reference(m, turn1 + reply + [5, 6, 7], 20)

@@ -48,6 +48,21 @@ def test_greedy_batch_equals_target_alone(target, proposer, k):
         assert eng.spec_accepted < eng.spec_proposed   # the rejection path ran
 
 
+def test_prefix_cache_keeps_only_verified_positions(target):
+    """A finished request's cached positions go to the prefix cache (never those of rejected proposals): a
+    next turn that resends the reply reuses them and decodes as the model alone does."""
+    eng = Engine(target, None, max_batch=3, draft=make_model(V, seed=5), spec_k=4)
+    B = eng.prefix_cache.block_size   # replies end on a block boundary, so their last position is cached
+    lengths = [B * (2 + len(p) // B) - len(p) for p in PROMPTS]
+    first = [r.output_ids for r in eng.run(PROMPTS, [SamplingParams(max_tokens=n, temperature=0) for n in lengths])]
+    assert eng.spec_accepted < eng.spec_proposed
+    turns = [p + out + [21, 22] for p, out in zip(PROMPTS, first)]
+    want, _ = outputs(target, turns, LENGTHS, max_batch=3, prefix_cache_mb=0)
+    reqs = eng.run(turns, [SamplingParams(max_tokens=n, temperature=0) for n in LENGTHS])
+    assert eng.prefix_cache.hit_tokens > 0
+    assert [r.output_ids for r in reqs] == want
+
+
 def test_speculating_every_slot_at_once(target):
     """All slots verified in one target pass (spec_max_batch = max_batch), one pass per round."""
     want, _ = outputs(target, max_batch=4)
@@ -104,7 +119,7 @@ def test_sampling_follows_the_target_distribution(proposer, params):
         logits = target(torch.arange(8)[None])[0][0]                                    # (8, 8): row a scores a's successor
     want = torch.stack([probs(row, sp, torch.arange(8) if sp.penalized else None) for row in logits])
     spec = {"prompt_lookup": True} if proposer == "prompt-lookup" else {"draft": draft_of(target)}
-    eng = Engine(target, None, max_batch=4, spec_k=3, **spec)
+    eng = Engine(target, None, max_batch=4, spec_k=3, prefix_cache_mb=0, **spec)   # no layers: no KV to cache
     reqs = eng.run([prompt] * 4, [SamplingParams(max_tokens=600, seed=s, **params) for s in range(4)])
     counts = torch.zeros(8, 8)
     for r in reqs:
