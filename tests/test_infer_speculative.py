@@ -155,9 +155,10 @@ def test_verify_token_keeps_the_target_distribution():
 def test_lookup_proposes_the_latest_longest_match():
     seq = [1, 2, 3, 9, 9, 5, 2, 3, 7, 8, 0, 2, 3]
     assert lookup(seq, 2) == [7, 8]            # "2 3" last seen before 7 8 (the latest match, not the first)
-    assert lookup(seq, 10) == [7, 8, 0, 2, 3]  # up to the end of the sequence
+    assert lookup(seq, 7) == [7, 8, 0, 2, 3, 7, 8]   # past the end the copy repeats the pattern
+    assert lookup([5, 9, 9, 9], 4) == [9, 9, 9, 9]    # a run, matched one token back, continues
     assert lookup([5, 2, 3, 4, 6, 1, 2, 3, 7, 5, 2, 3], 2) == [4, 6]   # the 3-gram "5 2 3" before the later "2 3"
-    assert lookup([4, 5, 6, 4, 5, 9, 5], 3) == [9, 5]      # no earlier "9 5": the 1-gram "5", seen last before 9
+    assert lookup([4, 5, 6, 4, 5, 9, 5], 3) == [9, 5, 9]   # no earlier "9 5": the 1-gram "5", seen last before 9
     assert lookup([4, 5, 6, 4, 5, 9, 5, 6], 2) == [4, 5]   # the 2-gram "5 6" before the 1-gram "6"
     assert lookup([1, 2, 3], 4) == [] and lookup([7], 4) == []
 

@@ -107,13 +107,18 @@ class PromptLookup:
 
 
 def lookup(seq, k, ngram_max=NGRAM_MAX, ngram_min=NGRAM_MIN):
-    """The up to k tokens that followed the latest earlier occurrence of seq's last n-gram, for the
-    longest n in [ngram_min, ngram_max] that occurs earlier; [] when none does."""
+    """The k tokens that followed the latest earlier occurrence of seq's last n-gram, for the longest n in
+    [ngram_min, ngram_max] that occurs earlier; [] when none does. The copy runs on past the end of seq
+    into its own output (as LZ77's overlapping copies), so a repeating pattern proposes k tokens, not the
+    one or two between its latest occurrence and the end."""
     s = np.asarray(seq)
     for n in range(min(ngram_max, len(s) - 1), ngram_min - 1, -1):
         windows = np.lib.stride_tricks.sliding_window_view(s[:-1], n)   # starts whose n-gram ends before the last token
         hits = np.flatnonzero((windows == s[-n:]).all(1))
         if hits.size:
             start = int(hits[-1]) + n
-            return s[start:start + k].tolist()
+            out = s[start:start + k].tolist()
+            while len(out) < k:
+                out.append(out[start + len(out) - len(s)] if start + len(out) >= len(s) else int(s[start + len(out)]))
+            return out
     return []
