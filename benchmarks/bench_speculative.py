@@ -23,7 +23,6 @@ import math
 import os
 import statistics
 import sysconfig
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
