@@ -1,7 +1,11 @@
 """Shared fixtures of the serve tests: a tiny byte-level BPE tokenizer with the chat special tokens,
 a tiny random GPT saved as a model directory, LoRA adapters of it, and a real uvicorn server on a free 127.0.0.1 port."""
+import contextlib
 import copy
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -38,6 +42,16 @@ def make_model(vocab_size, seed=0, **overrides):
     with torch.no_grad():   # special tokens (ids 0..7) get zero logits, so random text is mostly visible text
         model.tok_emb.weight[:len(SPECIAL_TOKENS)] = 0
     return model
+
+
+@torch.no_grad()
+def perturbed(model, scale=0.05):
+    """A copy with noise on every weight: a draft model that mostly agrees with the model."""
+    draft = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(0)
+    for w in draft.parameters():
+        w += scale * torch.randn(w.shape, generator=g) * w.std()
+    return draft
 
 
 def make_model_dir(directory, seed=0, **overrides):
@@ -103,3 +117,32 @@ class ServerThread:
     def __exit__(self, *exc):
         self.server.should_exit = True
         self.thread.join(30)
+
+
+@contextlib.contextmanager
+def serve_process(*args):
+    """`quark serve ARGS` as a real process on a free 127.0.0.1 port -> its base URL once /health answers."""
+    import httpx
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "quark.cli", "serve", *map(str, args), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.time() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"server did not start: {proc.stdout.read().decode() if proc.poll() is not None else ''}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

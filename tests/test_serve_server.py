@@ -17,7 +17,9 @@ from quark.chat import encode_chat
 from quark.infer.engine import Engine
 from quark.infer.sampling import SamplingParams
 from quark.serve.server import create_app
-from tests.serve_helpers import ServerThread, free_port, make_model, make_model_dir, make_tokenizer, single_thread  # noqa: F401
+from quark.model.io import save_model
+from tests.serve_helpers import (ServerThread, free_port, make_model, make_model_dir, make_tokenizer, perturbed,  # noqa: F401
+                                  serve_process, single_thread)
 
 MSG = [{"role": "user", "content": "Hello world"}]
 
@@ -908,6 +910,41 @@ def test_chat_without_max_tokens_gets_what_fits_and_an_overfull_conversation_is_
     assert e.value.code == "context_length_exceeded" and e.value.param == "messages"
     r = client.chat.completions.create(model="tiny", messages=turns[4:] + turn + turn + MSG, temperature=0)
     assert r.usage.prompt_tokens + r.usage.completion_tokens <= ctx   # the oldest turns dropped: it fits again
+
+
+@pytest.mark.parametrize("spec", ["--draft", "--prompt-lookup"])
+def test_speculative_server_answers_the_models_greedy_text(tmp_path, spec):
+    """`quark serve --draft DIR` / `--prompt-lookup` as a real process, read with the openai client:
+    the same greedy text (chat, and a streamed completion) as the model alone, with proposals kept."""
+    mdir, model, tok = make_model_dir(tmp_path / "model", seed=2)   # its greedy text repeats: prompt lookup has hits
+    save_model(perturbed(model), tmp_path / "draft")
+    prompt = "The quick brown fox jumps over the lazy dog. The quick"
+    want_chat = expected_chat(model, tok, MSG, 40).text
+    eng = Engine(model, tok, max_batch=1)
+    want_text = eng.generate(tok.encode(prompt).ids, SamplingParams(max_tokens=40, temperature=0)).text
+    eng.shutdown()
+    args = [mdir, "--max-batch", "2"] + (["--draft", tmp_path / "draft", "--draft-k", "3"] if spec == "--draft" else [spec])
+    with serve_process(*args) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        chat = client.chat.completions.create(model="model", messages=MSG, max_tokens=40, temperature=0)
+        assert chat.choices[0].message.content == want_chat
+        stream = client.completions.create(model="model", prompt=prompt, max_tokens=40, temperature=0, stream=True)
+        assert "".join(c.choices[0].text for c in stream) == want_text
+        metrics = httpx.get(url + "/metrics").text
+    accepted = next(float(line.split()[1]) for line in metrics.splitlines() if line.startswith("quark_spec_accepted_tokens "))
+    assert accepted > 0
+
+
+def test_serve_speculation_flags_name_what_is_wrong(tmp_path, capsys):
+    from quark.cli import main
+    mdir, _, _ = make_model_dir(tmp_path / "model")
+    assert main(["serve", str(mdir), "--draft", str(tmp_path / "nope")]) == 2
+    assert "config.json is missing" in capsys.readouterr().err
+    assert main(["serve", str(mdir), "--draft", str(mdir), "--prompt-lookup"]) == 2
+    assert "exclude each other" in capsys.readouterr().err
+    make_model_dir(tmp_path / "short", max_seq_len=64)
+    assert main(["serve", str(mdir), "--draft", str(tmp_path / "short")]) == 2
+    assert "draft's context" in capsys.readouterr().err
 
 
 def test_lora_adapters_by_name_through_quark_serve(tmp_path):

@@ -17,6 +17,10 @@
   the rest is prefilled at most prefill_chunk tokens per step; each step is one Runner.forward over the
   running streams' next tokens and the prompt chunks (chunked prefill with decodes riding on the chunk:
   Sarathi-Serve, Agrawal et al. 2024), so a long prompt never stalls the streams for longer than one chunk.
+  With a draft model or prompt lookup (quark.infer.speculative), while at most spec_max_batch requests
+  run and no prompt is prefilling, a step is a speculative round instead: proposals for every active
+  slot are verified in one Runner.forward and rejection sampling keeps the target's distribution. Beyond
+  that, plain batched decode already reads each weight once for many tokens, and a round would not pay.
 Any module with the nn.Linear call contract works as a projection, so QuantLinear models run as is.
 LoRA adapters (quark.infer.lora) run unmerged beside the base: each slot names its adapter, and after
 every projection each adapter in the batch adds its low-rank delta to its own rows, so requests with
@@ -37,7 +41,8 @@ import torch.nn.functional as F
 from quark import ops
 from quark.infer.lora import Adapter, RowAdapters
 from quark.infer.prefix_cache import PrefixCache
-from quark.infer.sampling import Detokenizer, SamplingParams, sample, token_logprobs
+from quark.infer.sampling import Detokenizer, SamplingParams, probs, sample, token_logprobs
+from quark.infer.speculative import DraftModel, PromptLookup, verify_token
 from quark.model.gpt import RMSNorm, window_attention
 from quark.nn.quant_linear import QuantLinear
 from quark.ops import layer
@@ -45,6 +50,7 @@ from quark.ops.quant import QuantizedTensor
 
 # int8: symmetric per (token, head) with float32 scales (quark.ops.quantize_kv), a quarter of fp32's bytes
 CACHE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
+SPEC_MAX_BATCH = 4   # speculate while at most this many requests run; beyond, batched decode is faster
 
 
 class QueueFull(RuntimeError):
@@ -465,11 +471,15 @@ class Engine:
 
     adapters: {name: LoRA adapter directory (Quark or PEFT)} loaded onto the model (quark.infer.lora); a
     request names one (submit(..., adapter=name)) and runs in the same batch as every other.
+
+    Speculative decoding: draft=a model sharing the tokenizer, or prompt_lookup=True; spec_k tokens
+    proposed per round. Requests with a processor (constrained decoding) take part without proposals.
     """
 
     def __init__(self, model, tokenizer=None, max_batch=8, max_queue=64, max_seq_len=None, cache_dtype="fp32",
                  stop_tokens=("<|end|>", "<|eos|>"), stop_ids=None, fuse=True, prefix_cache_mb=256,
-                 prefill_chunk=512, adapters=None):
+                 prefill_chunk=512, adapters=None, draft=None, prompt_lookup=False, spec_k=4,
+                 spec_max_batch=SPEC_MAX_BATCH):
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch}, {max_queue}")
         if prefix_cache_mb < 0 or (prefill_chunk is not None and prefill_chunk < 1):
@@ -484,6 +494,9 @@ class Engine:
         self.tokenizer = tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.max_seq_len = self.runner.max_seq_len
+        self.speculator = self._speculator(draft, prompt_lookup, spec_k, cache_dtype, fuse)
+        self.spec_max_batch = spec_max_batch
+        self.spec_proposed = self.spec_accepted = 0   # proposals verified / kept (speculative decoding)
         if stop_ids is None:   # by default the tokenizer's stop tokens (none without a tokenizer)
             stop_ids = [tokenizer.token_to_id(t) for t in stop_tokens] if tokenizer is not None else []
         self.stop_ids = frozenset(i for i in stop_ids if i is not None)
@@ -508,6 +521,25 @@ class Engine:
             raise ValueError(f"adapter {name!r} is already loaded")
         self.adapters[name] = Adapter.load(directory, self.runner.model, name)
         return self.adapters[name]
+
+    def _speculator(self, draft, prompt_lookup, k, cache_dtype, fuse):
+        """The proposer of speculative decoding (None: plain decoding)."""
+        if draft is None and not prompt_lookup:
+            return None
+        if draft is not None and prompt_lookup:
+            raise ValueError("draft and prompt_lookup exclude each other: speculate with one proposer")
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"spec_k (tokens proposed per round) must be an integer >= 1, got {k!r}")
+        if prompt_lookup:
+            return PromptLookup(k)
+        cfg = self.runner.cfg
+        if draft.config.vocab_size != cfg.vocab_size:
+            raise ValueError(f"the draft's vocab_size ({draft.config.vocab_size}) must equal the model's "
+                             f"({cfg.vocab_size}): a draft shares the model's tokenizer")
+        if draft.config.max_seq_len < self.max_seq_len:
+            raise ValueError(f"the draft's context ({draft.config.max_seq_len}) is shorter than the model's "
+                             f"({self.max_seq_len}): pass max_seq_len <= {draft.config.max_seq_len}")
+        return DraftModel(Runner(draft, self.max_batch, self.max_seq_len, cache_dtype, fuse), k)
 
     # ---- client side (any thread) ----
     def _request(self, prompt_ids, params, on_event=None, processor=None, adapter=None):
@@ -630,12 +662,12 @@ class Engine:
                     self._drop(req, f"error: {e}")
                     continue
                 self._prefilled(req, start, end, logits)
-            if self.active:
+            if self.active and not self._speculate():
                 self._decoded(self.runner.decode(self._next_tokens()))
             return
         plan = self._plan(self.prefill_chunk)
         if not plan:
-            if self.active:
+            if self.active and not self._speculate():
                 self._decoded(self.runner.decode(self._next_tokens()))
             return
         n = len(self.active)
@@ -756,6 +788,59 @@ class Engine:
                 other.slot = req.slot
             req.slot = n
         self.active.append(req)
+
+    def _speculate(self):
+        """One speculative round for the active slots in place of a decode step: the speculator proposes
+        up to spec_k tokens per request, one target pass scores them all, and rejection sampling keeps a
+        prefix of them plus one token of the target's own -> False (nothing ran) without a speculator, with
+        more than spec_max_batch streams, or when nothing was proposed. Requests with a processor propose
+        nothing (their grammar state cannot take back a token)."""
+        if self.speculator is None or len(self.active) > self.spec_max_batch:
+            return False
+        budgets = [0 if r.processor is not None else min(self.speculator.k, r.params.max_tokens - len(r.output_ids) - 1)
+                   for r in self.active]
+        proposals = self.speculator.propose(self.active, budgets)
+        if not any(tokens for tokens, _ in proposals):
+            return False
+        feeds = [(j, [t] + tokens) for j, (t, (tokens, _)) in enumerate(zip(self._next_tokens(), proposals))]
+        rows = self.runner.forward(feeds, [True] * len(feeds))                            # [(1 + k_j, V)]
+        self.steps += 1
+        finished = []
+        for j, (req, (tokens, q), logits) in enumerate(zip(self.active, proposals, rows)):
+            if req.cancelled:
+                req._finish("cancelled")
+                done = True
+            else:
+                done = self._verify(req, tokens, q, logits)
+            # the caches keep all but the last token: past it lie rejected proposals (also for a finished
+            # request, whose cached positions the prefix cache takes over)
+            n = len(req.prompt_ids) + len(req.output_ids) - 1
+            self.runner.lens[j] = n
+            self.speculator.truncate(j, n)
+            if done:
+                finished.append(j)
+        for j in reversed(finished):
+            self._release(j)
+        return True
+
+    def _verify(self, req, tokens, q, logits):
+        """Accept req's proposals while rejection sampling keeps them, then one more token: the
+        correction at the first rejection, or from the last row when all were kept -> True when done."""
+        try:
+            for i, t in enumerate(tokens):
+                p = probs(logits[i], req.params, req.history)
+                kept, token = verify_token(t, p, None if q is None else q[i], req.params.greedy, req.generator)
+                self.spec_proposed += 1
+                self.spec_accepted += kept
+                if self._sample_and_accept(req, logits[i], token):
+                    return True
+                if not kept:
+                    return False
+        except Exception as e:   # this request alone fails, as in _sample_and_accept
+            if req.finish_reason is None:
+                req._finish(f"error: {e}")
+            return True
+        return self._sample_and_accept(req, logits[len(tokens)])
 
     def _sample_and_accept(self, req, logits, token=None):
         """Sample (unless the batched argmax already picked token) and record -> True when req is done.

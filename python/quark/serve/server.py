@@ -10,6 +10,8 @@ log-softmax), stop, seed, stream_options.include_usage, completions' token-id pr
 echo; response_format json_object / json_schema and tool_choice "required" / a named function are
 enforced by constrained decoding (quark.infer.constrain); tools render through the chat template and
 tool_choice "auto" reads calls back from the output in quark.chat's <tool_call> syntax.
+`quark serve --draft DIR` or `--prompt-lookup` decodes speculatively (quark.infer.speculative; the same
+greedy text and sampling distribution, fewer passes over the model's weights at small batches).
 Errors use OpenAI's body {"error": {"message", "type", "param", "code"}}: 400 bad input, 401 bad API
 key, 404 unknown model or route, 413 body too large, 415 not JSON, 429 queue full, 503 shutting down.
 uvicorn's graceful shutdown stops accepting connections and lets open requests (streams included)
@@ -42,6 +44,7 @@ from quark.chat import QuarkChat, chat_format, parse_tool_calls, validate_messag
 from quark.infer.constrain import Constraint, json_schema_grammar, tool_call_grammar
 from quark.infer.engine import QueueFull, ShuttingDown
 from quark.infer.sampling import MAX_LOGPROBS, SamplingParams
+from quark.serve.generate import add_speculation_args, speculation
 
 STATIC = Path(__file__).parent / "static"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -847,7 +850,10 @@ def create_app(engine, tokenizer, model_name="quark", api_key=None, safety=None,
     async def prometheus():
         gauges = {"quark_queue_depth": ("requests waiting for a batch slot", engine.queue_depth),
                   "quark_active_requests": ("requests in the running batch", engine.num_active),
-                  "quark_engine_decode_steps": ("decode steps run by the engine", engine.steps)}
+                  "quark_engine_decode_steps": ("decode steps run by the engine", engine.steps),
+                  "quark_spec_proposed_tokens": ("tokens proposed by speculative decoding and verified",
+                                                 engine.spec_proposed),
+                  "quark_spec_accepted_tokens": ("proposed tokens the model kept", engine.spec_accepted)}
         if engine.prefix_cache is not None:
             cache = engine.prefix_cache
             gauges |= {"quark_prefix_cache_query_tokens": ("prompt tokens looked up in the prefix cache", cache.query_tokens),
@@ -910,6 +916,7 @@ def configure_parser(p):
                    help="serve a LoRA adapter of the model (repeatable): Quark's (RUN/sft/adapter, trained on the "
                         "model served: sft's init, named 'base' in its metadata) or a PEFT directory; clients pick it "
                         "with model 'MODEL:NAME', batched with every other request; the plain model name runs none")
+    add_speculation_args(p)
     p.add_argument("--safety", nargs="?", const="auto", default=None, metavar="FILE",
                    help="screen prompts and outputs with a safety filter the run trained (FILE: its safety.json; "
                         "default: RUN/redteam/safety.json)")
@@ -957,9 +964,9 @@ def run_cli(args):
     try:
         engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
                         cache_dtype=args.cache_dtype, stop_ids=chat.stop_ids, prefix_cache_mb=args.prefix_cache_mb,
-                        prefill_chunk=args.prefill_chunk or None, adapters=adapters)
+                        prefill_chunk=args.prefill_chunk or None, adapters=adapters, **speculation(args))
     except (FileNotFoundError, ValueError) as e:
-        print(f"error: --adapter: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     name = args.model_name or (run_dir or model_dir).name
     hosts = args.allowed_host or (LOOPBACK_HOSTS if _is_loopback(args.host) else None)
