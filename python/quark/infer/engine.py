@@ -45,7 +45,7 @@ from quark.infer.sampling import Detokenizer, SamplingParams, probs, sample, tok
 from quark.infer.speculative import DraftModel, PromptLookup, verify_token
 from quark.model.gpt import RMSNorm, window_attention
 from quark.nn.quant_linear import QuantLinear
-from quark.ops import layer
+from quark.ops.layer import rmsnorm, rope_store
 from quark.ops.quant import QuantizedTensor
 
 # int8: symmetric per (token, head) with float32 scales (quark.ops.quantize_kv), a quarter of fp32's bytes
@@ -128,7 +128,7 @@ def _norm(module, x, residual):
     """x += residual (in place, when given), then module(x): a block's residual add and pre-norm,
     RMSNorm in one C++ call."""
     if type(module) is RMSNorm:
-        return layer.rmsnorm(x, module.weight, module.eps, residual)
+        return rmsnorm(x, module.weight, module.eps, residual)
     if residual is not None:
         x.add_(residual)
     return module(x)
@@ -298,7 +298,7 @@ class Runner:
                 k.copy_(blk.attn.k_norm(k))
             q = torch.empty((n, H, D), dtype=q_dtype)
             scales = (self.k_scale[i], self.v_scale[i]) if self.quantized else ()
-            layer.rope_store(qkv, cos, sin, pos, q, self.k[i], self.v[i], *scales)
+            rope_store(qkv, cos, sin, pos, q, self.k[i], self.v[i], *scales)
             if windowed:   # past Mistral's window: attend to each slot's last W positions only
                 kk, vv = self._load(i, slice(0, n), int(seqlens.max()))
                 y = window_attention(q[:, :, None], kk, vv, seqlens, W)[:, :, 0]
