@@ -110,7 +110,7 @@ def sft_on(model, tok, records, steps, lr=3e-3, batch=16, seed=0):
 def test_grpo_on_verifiable_tasks_beats_the_sft_model_on_held_out_tasks():
     """GRPO with the verifier's reward on the format task's training numbers makes the model answer more
     held-out numbers (never seen in training) exactly: paired difference over the same 225 items > 2 SE."""
-    from quark.align import verifiable as V
+    from quark import verifiable as V
     train, held = V.make_tasks(["format"], "train"), V.make_tasks(["format"], "heldout")
     tok = tiny_tokenizer(extra=["Reply with only the number, nothing else."] * 20)   # numbers stay digit tokens
     model = sft_on(tiny_model(tok.get_vocab_size()), tok, V.reference_records(train), steps=350)

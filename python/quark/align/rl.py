@@ -11,7 +11,7 @@ pi_old is the policy that sampled the group; `inner_epochs` > 1 reuses a group f
 where the clip matters. The reference is the frozen starting policy.
 
 Rewards (f(prompt messages, completion text, terminated) -> float):
-  - "verify" (default): verifiable tasks (quark.align.verifiable: exact arithmetic, output format, code run
+  - "verify" (default): verifiable tasks (quark.verifiable: exact arithmetic, output format, code run
     against unit tests in the sandbox); a program checks each completion, 1 when it solves its task. The
     step then scores the starting and the trained model greedily on the held-out tasks (disjoint from
     training by construction) and reports the paired difference with its standard error.
@@ -106,7 +106,7 @@ class RLConfig:
     init: str = "auto"               # policy model dir, or "auto": dpo/final, else sft/final, else pretrain/final
     reward: str = "verify"           # "verify" (verifiable tasks), "model" (run_dir/reward/final), a rule (RULES), "keyword:WORD"
     reward_model: str = "reward/final"
-    tasks: str = "add,format,code"   # verify: task families (quark.align.verifiable), or a tasks JSONL (with TASKS.heldout.jsonl beside it)
+    tasks: str = "add,format,code"   # verify: task families (quark.verifiable), or a tasks JSONL (with TASKS.heldout.jsonl beside it)
     heldout_tasks: int = 200         # verify: held-out tasks scored for the starting and the trained model (0: none)
     prompts: str = "instruct/train.jsonl"   # other rewards: chat records; the messages before the last assistant turn
     max_prompts: int = 64
@@ -208,7 +208,7 @@ def run_step(run_dir, cfg: dict) -> dict:
     policy = load_model(init)
     heldout = None
     if s.reward == "verify":
-        from quark.align import verifiable as V
+        from quark import verifiable as V
         tasks = V.tasks_for(s.tasks, "train", run_dir.path)
         by_prompt = {json.dumps(t["messages"]): t for t in tasks}
         prompts = [t["messages"] for t in random.Random(seed).sample(tasks, min(s.max_prompts, len(tasks)))]
