@@ -78,7 +78,8 @@ def test_rl_step(tmp_path):
     stats = rl.run_step(run, {"seed": 0, "steps": 2, "group_size": 2, "prompts_per_step": 2, "max_new_tokens": 6,
                               "tasks": "add,code", "heldout_tasks": 12})
     h = stats["heldout_tasks"]
-    assert stats["reward"] == "verify" and h["n"] == 12 and h["init"] == 0.0 and h["diff"] == h["rl"] - h["init"]
+    assert stats["reward"] == "verify" and h["n"] == 12 and h["baseline"] == 0.0 and h["diff"] == h["rl"] - h["baseline"]
+    assert h["baseline_model"] == stats["init"]
     with pytest.raises(ValueError, match="names neither task families"):
         rl.run_step(run, {"steps": 1, "tasks": "poetry"})
 

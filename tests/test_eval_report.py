@@ -79,11 +79,13 @@ def test_rl_reward_curve_and_heldout_paired_difference(tmp_path):
                                                                      for i in range(8)]}))
     state = json.loads((run / "pipeline.json").read_text())
     state["steps"]["rl"] = {"status": "done", "seconds": 1, "stats": {
-        "heldout_tasks": {"n": 200, "init": 0.15, "rl": 0.25, "diff": 0.1, "se": 0.02, "better": True}}}
+        "heldout_tasks": {"n": 200, "baseline": 0.15, "rl": 0.25, "diff": 0.1, "se": 0.02, "better": True,
+                          "baseline_model": "/r/sft/final"}}}
     (run / "pipeline.json").write_text(json.dumps(state))
     page = build_report(run)
     assert page.count("data:image/png;base64,") == 2   # pretrain curves + the GRPO reward curve
     assert "<h2>RL on verifiable tasks</h2>" in page and "+0.100 &plusmn; 0.040" in page and "'ok'>better" in page
+    assert "sft model 0.150, RL model 0.250" in page
     state["steps"]["rl"]["stats"]["heldout_tasks"] |= {"diff": 0.03, "se": 0.02}
     (run / "pipeline.json").write_text(json.dumps(state))
     assert "not better" in build_report(run)

@@ -128,14 +128,15 @@ def redteam_section(stats):
 
 
 def rl_section(stats):
-    """Held-out verifiable tasks: the starting (SFT) model's accuracy, the RL model's, and their paired
+    """Held-out verifiable tasks: the baseline (SFT) model's accuracy, the RL model's, and their paired
     difference with +-2 standard errors (the GRPO reward curve is plotted with the other curves)."""
     h = stats.get("heldout_tasks")
-    if not isinstance(h, dict) or not all(isinstance(h.get(k), (int, float)) for k in ("init", "rl", "diff", "se", "n")):
+    if not isinstance(h, dict) or not all(isinstance(h.get(k), (int, float)) for k in ("baseline", "rl", "diff", "se", "n")):
         return []
     verdict = "<span class='ok'>better</span>" if h["diff"] > 2 * h["se"] else "<span class='bad'>not better</span>"
+    base = html.escape(Path(str(h.get("baseline_model", "baseline"))).parent.name or "baseline")
     return [f"<h2>RL on verifiable tasks</h2><p>held-out tasks (disjoint from training by construction), {h['n']} "
-            f"items, greedy: starting model {h['init']:.3f}, RL model {h['rl']:.3f}; paired difference "
+            f"items, greedy: {base} model {h['baseline']:.3f}, RL model {h['rl']:.3f}; paired difference "
             f"<b>{h['diff']:+.3f} &plusmn; {2 * h['se']:.3f}</b> (2 SE): {verdict}</p>"]
 
 
