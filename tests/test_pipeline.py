@@ -67,9 +67,10 @@ def test_plan_lists_every_step(tmp_path):
 
 
 def test_optional_steps_run_only_when_the_recipe_names_them(tmp_path):
-    assert "rl" not in recipe_steps(load_recipe()) and "domain" not in recipe_steps(load_recipe())
+    assert "domain" not in recipe_steps(load_recipe()) and "rl" in recipe_steps(load_recipe())   # the default names rl
+    assert "rl" not in recipe_steps(load_recipe(write(tmp_path, "steps:\n  sft: {steps: 2}\n")))
     assert "rl" in recipe_steps(load_recipe(write(tmp_path, "steps:\n  rl: {steps: 2}\n")))
-    assert [n for n in STEP_NAMES if not STEPS[n][2]] == recipe_steps(load_recipe())
+    assert [n for n in STEP_NAMES if not STEPS[n][2] or n == "rl"] == recipe_steps(load_recipe())
 
 
 def test_budget_large_changes_the_model_and_the_data():
