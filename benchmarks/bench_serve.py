@@ -1,6 +1,10 @@
 """Serving: decode tokens/s at batch 1 for the same random model in plain torch eager fp32 (nn.Linear,
 SDPA, a torch.cat KV cache: the straightforward generate loop) vs the Quark engine's runner in fp32,
 int8 and int4 weights; aggregate tokens/s of 16 concurrent requests vs one stream; time to first token.
+Then the engine's scheduling: 16 closed-loop clients with prompts of 64-1024 tokens, the engine before
+(no prefix cache, whole prompts before each decode step) vs after (prefix cache, chunked prefill) in the
+same run (TTFT p50/p99, aggregate tokens/s, stalls of running streams), and TTFT on a prefix-cache hit
+vs miss of a shared 1,000-token system prompt. Each prints its target and whether it is met.
 
 The model is sized so its weights far exceed the caches (default d_model 1024, 8 layers, vocab 32000:
 ~120M parameters, ~490 MB in fp32), as in real decoding, which streams every weight once per token.
@@ -8,6 +12,7 @@ Rates are printed as effective weight bandwidth (GB/s = weight bytes read per to
 Random weights are fine: speed does not depend on them.
 """
 import statistics
+import threading
 import time
 
 import torch
@@ -25,8 +30,9 @@ AREA = "serve"
 
 def make_config(quick):
     if quick:
-        return GPTConfig(vocab_size=8192, n_layer=4, n_head=8, n_kv_head=2, d_model=512, max_seq_len=256)
-    return GPTConfig(vocab_size=32000, n_layer=8, n_head=16, n_kv_head=4, d_model=1024, max_seq_len=512)
+        return GPTConfig(vocab_size=8192, n_layer=4, n_head=8, n_kv_head=2, d_model=512, max_seq_len=1088)
+    # 1088: the load test's longest prompt (1024) plus its generated tokens
+    return GPTConfig(vocab_size=32000, n_layer=8, n_head=16, n_kv_head=4, d_model=1024, max_seq_len=1088)
 
 
 class QLinear(nn.Module):
@@ -160,6 +166,8 @@ def compare(quick=False):
                           work=wb * n_tokens, unit="GB/s",
                           extra={"tokens_per_s": round(tok_s, 2), "weight_MB": round(wb / 1e6, 1)})
     rows += batching(base, cfg, quick)
+    rows += load(base, cfg, quick)
+    rows += prefix_hit(base, cfg, quick)
     for r in rows:   # the table shows GB/s; tokens/s and TTFT are what serving cares about
         print(f"  {r.case:<44} {r.provider:<20} " + "  ".join(f"{k} {v}" for k, v in r.extra.items()))
     return rows
@@ -185,6 +193,122 @@ def batching(model, cfg, quick):
         rows.append(Result(AREA, f"engine fp32, {n_tokens} tokens/request", f"quark {label}", wall, wall, wall,
                            extra={"tokens_per_s": round(tokens / wall, 2), "ttft_median_ms": round(1e3 * ttft[len(ttft) // 2], 1),
                                   "ttft_max_ms": round(1e3 * ttft[-1], 1)}))
+    return rows
+
+
+# the engine as it was before prefix caching and chunked prefill: every admitted prompt prefilled whole, in
+# admission order, before the next decode step
+BEFORE = dict(prefix_cache_mb=0, prefill_chunk=None)
+AFTER = dict()   # the engine's defaults
+
+
+def load(model, cfg, quick):
+    """16 closed-loop clients (each sends its next request when the previous one finished, as chat users and
+    agents do), the engine as before vs after in the same run, rounds interleaved (order alternating), two
+    workloads with prompts of 64-1024 tokens:
+    - independent: every prompt 64-1024 fresh random tokens (no shared prefix: scheduling alone);
+    - conversations: each client's next prompt is its previous prompt + the reply + a new user turn, as a
+      stateless chat API resends the history (first turn 64-448 tokens, later turns 32-224 more).
+    Also the running streams' stalls: the longest gaps between two tokens of one stream."""
+    rows = []
+    for workload in ("independent", "conversations"):
+        rows += closed_loop(model, cfg, quick, workload)
+    return rows
+
+
+def closed_loop(model, cfg, quick, workload):
+    n_clients, per_client, n_tokens, rounds = (16, 2, 16, 1) if quick else (16, 3, 32, 2)
+    gen = torch.Generator().manual_seed(1)
+
+    def tokens(lo, hi):
+        return torch.randint(0, cfg.vocab_size, (int(torch.randint(lo, hi + 1, (), generator=gen)),), generator=gen).tolist()
+
+    if workload == "independent":
+        turns = [[tokens(64, 1024) for _ in range(per_client)] for _ in range(n_clients)]
+    else:   # at most 448 + 2 * (32 + 224) = 960 prompt tokens by the third turn
+        turns = [[tokens(64, 448)] + [tokens(32, 224) for _ in range(per_client - 1)] for _ in range(n_clients)]
+    params = SamplingParams(max_tokens=n_tokens, temperature=0)
+    runs = {"before": BEFORE, "after": AFTER}
+    reqs, walls = ({name: [] for name in runs} for _ in range(2))
+    for i in range(rounds):
+        for name in (list(runs) if i % 2 == 0 else list(runs)[::-1]):
+            eng = Engine(model, None, max_batch=n_clients, **runs[name]).start()
+            eng.generate(tokens(64, 64), SamplingParams(max_tokens=2, temperature=0))   # warm-up
+            done = [[] for _ in range(n_clients)]
+
+            def client(c):
+                history = []
+                for turn in turns[c]:
+                    done[c].append(eng.generate(history + turn, params))
+                    if workload == "conversations":
+                        history = done[c][-1].prompt_ids + done[c][-1].output_ids
+
+            threads = [threading.Thread(target=client, args=(c,)) for c in range(n_clients)]
+            t0 = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            walls[name].append(time.perf_counter() - t0)
+            eng.shutdown()
+            reqs[name] += [r for row in done for r in row]
+    # scheduling and the prefix cache never change what a request generates
+    assert [r.output_ids for r in reqs["after"]] == [r.output_ids for r in reqs["before"]]
+
+    def pct(xs, q):
+        xs = sorted(xs)
+        return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
+
+    rows = []
+    lengths = [len(r.prompt_ids) for r in reqs["after"]]
+    for name in runs:
+        ttft = [r.ttft for r in reqs[name]]
+        gaps = [b - a for r in reqs[name] for a, b in zip(r.t_tokens, r.t_tokens[1:])]
+        tokens_out = sum(len(r.output_ids) for r in reqs[name])
+        rows.append(Result(AREA, f"{n_clients} closed-loop clients x {per_client}, {workload} prompts "
+                                 f"{min(lengths)}-{max(lengths)}, {n_tokens} tokens",
+                           f"engine {name}", pct(ttft, 0.5), pct(ttft, 0.1), pct(ttft, 0.9),
+                           extra={"ttft_p50_ms": round(1e3 * pct(ttft, 0.5), 1), "ttft_p99_ms": round(1e3 * pct(ttft, 0.99), 1),
+                                  "tokens_per_s": round(tokens_out / sum(walls[name]), 2),
+                                  "stall_p99_ms": round(1e3 * pct(gaps, 0.99), 1)}))
+    before, after = rows
+    ratio = after.extra["ttft_p99_ms"] / before.extra["ttft_p99_ms"]
+    agg = after.extra["tokens_per_s"] / before.extra["tokens_per_s"]
+    met = ratio <= 0.5 and agg >= 1.0
+    print(f"  {workload}: TTFT p99 after/before {ratio:.2f}x (target <= 0.5x), aggregate tokens/s after/before "
+          f"{agg:.2f}x (target >= 1.0x): {'met' if met else 'not met'}; TTFT p50 "
+          f"{after.extra['ttft_p50_ms'] / before.extra['ttft_p50_ms']:.2f}x, stall p99 "
+          f"{after.extra['stall_p99_ms'] / before.extra['stall_p99_ms']:.2f}x")
+    after.extra |= {"ttft_p99_vs_before": round(ratio, 3), "tokens_per_s_vs_before": round(agg, 3), "target_met": met}
+    return rows
+
+
+def prefix_hit(model, cfg, quick):
+    """TTFT of one request whose 1,000-token system prompt is in the prefix cache vs one whose is not
+    (a fresh system prompt each time), same user turn length, interleaved."""
+    n_system, n_user, repeats = 1000, 24, (3 if quick else 5)
+    gen = torch.Generator().manual_seed(2)
+
+    def tokens(n):
+        return torch.randint(0, cfg.vocab_size, (n,), generator=gen).tolist()
+
+    system = tokens(n_system)
+    eng = Engine(model, None, max_batch=1)
+    params = SamplingParams(max_tokens=1, temperature=0)
+    eng.run([system + tokens(n_user)], params)   # caches the shared system prompt (and warms up)
+    times = {"miss": [], "hit": []}
+    for _ in range(repeats):
+        for name in times:
+            req = eng.run([(system if name == "hit" else tokens(n_system)) + tokens(n_user)], params)[0]
+            assert req.cached_tokens == (n_system // 16 * 16 if name == "hit" else 0)
+            times[name].append(req.ttft)
+    rows = summarize(AREA, f"TTFT, {n_system}-token system prompt + {n_user}", {f"prefix cache {k}": v for k, v in times.items()})
+    speedup = statistics.median(times["miss"]) / statistics.median(times["hit"])
+    met = speedup >= 5
+    print(f"  prefix cache: TTFT hit {speedup:.1f}x faster than miss (target >= 5x): {'met' if met else 'not met'}")
+    for r in rows:
+        r.extra = {"ttft_ms": round(1e3 * r.median_s, 1)}
+    rows[1].extra |= {"speedup_vs_miss": round(speedup, 2), "target_met": met}
     return rows
 
 

@@ -1,6 +1,7 @@
 """Engine: the slot runner against the model's own forward, continuous batching against one-at-a-time
 greedy generation, stop tokens, limits, the bounded queue, cancellation and shutdown."""
 import threading
+import time
 
 import pytest
 import torch
@@ -286,3 +287,150 @@ def test_run_batches_on_the_callers_thread(tok):
     with pytest.raises(RuntimeError, match="loop thread"):
         eng.run(prompts)
     eng.shutdown()
+
+
+@pytest.mark.parametrize("window", [0, 6])
+def test_runner_forward_batches_segments(tok, window):
+    """One forward over running streams' next tokens (slots 0, 1), a one-token prompt (slot 4: single tokens
+    off the slots 0..n-1 prefix) and two prompt chunks (slots 2, 3) equals the model's own forward of each
+    sequence, with a sliding window too."""
+    m = make_model(tok.get_vocab_size(), seed=5, sliding_window=window)
+    ids = torch.randint(8, m.config.vocab_size, (1, 23), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = m(ids)[0][0]                                                                 # (23, V)
+    seq = ids[0].tolist()
+    r = Runner(m, 5)
+    r.extend(0, seq[:9])
+    r.extend(1, seq[:14])
+    r.extend(3, seq[:4])
+    out = r.forward([(0, [seq[9]]), (1, [seq[14]]), (2, seq[:11]), (3, seq[4:20]), (4, seq[:1])],
+                    [False, False, False, True, False])
+    for got, want in zip(out, [ref[9], ref[14], ref[10], ref[4:20], ref[0]]):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    assert r.lens.tolist() == [10, 15, 11, 20, 1]
+
+
+@pytest.mark.parametrize("cache_dtype", ["fp32", "bf16", "int8"])
+def test_runner_kv_copy_and_swap(model, cache_dtype):
+    """read_kv/write_kv carry a slot's sequence (int8 scales included) and swap exchanges two slots: decoding
+    after either equals decoding the original."""
+    ids = list(range(10, 30))
+    r = Runner(model, 3, cache_dtype=cache_dtype)
+    r.extend(0, ids)
+    r.extend(1, ids[:5])
+    want = r.decode([7, 8])                                                  # slots 0, 1 advance one token
+    r.lens[:2] = torch.tensor([20, 5])
+    r.write_kv(2, r.read_kv(0, 0, 20))
+    assert int(r.lens[2]) == 20
+    r.swap(0, 1)                                                             # slot 0 now holds 5 tokens
+    assert r.lens.tolist() == [5, 20, 20]
+    torch.testing.assert_close(r.decode([8, 7]), want.flip(0), atol=0, rtol=0)
+    r.move(2, 0)
+    torch.testing.assert_close(r.decode([7])[0], want[0], atol=0, rtol=0)
+
+
+SYSTEM = list(range(40, 77))   # 37 tokens: two 16-token blocks and a partial one
+
+
+@pytest.mark.parametrize("cache_dtype,window,chunk", [("fp32", 0, None), ("fp32", 0, 8), ("bf16", 0, 8), ("int8", 0, 8),
+                                                      ("fp32", 12, 8), ("int8", 12, None)])
+def test_prefix_cache_outputs_equal_uncached(tok, cache_dtype, window, chunk):
+    """Concurrent requests sharing a system prompt (more than the slots): greedy outputs equal the engine without
+    a cache, token for token, for every cache dtype, a sliding window model, whole and chunked prefill (chunks
+    of several prompts and the running streams' tokens in one forward); hits are counted."""
+    m = make_model(tok.get_vocab_size(), seed=2, sliding_window=window)
+    prompts = [SYSTEM + [100 + i] * (1 + 5 * i) for i in range(6)] + [SYSTEM[:32] + [9]]   # last: 32 cached of 33
+    params = SamplingParams(max_tokens=8, temperature=0)
+    outputs = {}
+    for mb in (0, 1):
+        eng = Engine(m, None, max_batch=3, cache_dtype=cache_dtype, prefix_cache_mb=mb, prefill_chunk=chunk).start()
+        with eng.cond:
+            reqs = [eng.submit(p, params) for p in prompts]
+        for r in reqs:
+            assert r.done.wait(60)
+        eng.shutdown()
+        outputs[mb] = [r.output_ids for r in reqs]
+        cached = [r.cached_tokens for r in reqs]
+    assert outputs[1] == outputs[0]
+    # the others, admitted with the first, start their prefill once the first stored its blocks
+    assert cached == [0] + [32] * 6 and eng.prefix_cache.hit_tokens == 32 * 6
+    if cache_dtype == "fp32":
+        assert outputs[1] == [greedy_reference(m, p, 8) for p in prompts]
+
+
+def test_prefix_cache_eviction_under_a_tiny_budget(model):
+    """A budget of two blocks: alternating prompts keep evicting each other; every output stays the model's own."""
+    kv_block = 2 * model.config.n_layer * model.config.n_kv_head * model.config.head_dim * 4 * 16   # fp32 bytes
+    eng = Engine(model, None, max_batch=1, prefix_cache_mb=2.5 * kv_block / 2**20)
+    a, b = list(range(20, 70)), list(range(120, 170))
+    params = SamplingParams(max_tokens=5, temperature=0)
+    prompts = [a, a + [3], b, a, b[:40]]
+    reqs = eng.run(prompts, params)
+    assert [r.output_ids for r in reqs] == [greedy_reference(model, p, 5) for p in prompts]
+    cache = eng.prefix_cache
+    assert len(cache) == 2 and cache.nbytes == 2 * kv_block
+    # a's first two blocks (its leaf evicted) serve a + [3]; b evicts them, a evicts b's
+    assert [r.cached_tokens for r in reqs] == [0, 32, 0, 0, 0]
+
+
+def test_prompt_logprobs_bypass_the_prefix_cache(model):
+    """prompt_logprobs need every position's logits: such a request computes its whole prompt (in chunks)
+    even when its prefix is cached, and equals the model's own log-softmax."""
+    ids = list(range(30, 80))
+    eng = Engine(model, None, max_batch=1, prefill_chunk=7)
+    eng.run([ids], SamplingParams(max_tokens=2, temperature=0))                     # caches 3 blocks of ids
+    r = eng.run([ids], SamplingParams(max_tokens=2, temperature=0, logprobs=1, prompt_logprobs=True))[0]
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([ids]))[0][0], -1)                    # (T, V)
+    assert r.cached_tokens == 0 and len(r.prompt_logprobs) == len(ids) - 1
+    assert [e[0] for e in r.prompt_logprobs] == pytest.approx([float(lp[t - 1, ids[t]]) for t in range(1, len(ids))],
+                                                              abs=1e-4)
+    assert r.output_ids == greedy_reference(model, ids, 2)
+
+
+@pytest.mark.parametrize("chunk", [16, None])
+def test_chunked_prefill_lets_running_streams_decode(model, chunk):
+    """A running stream keeps emitting tokens while a long prompt is prefilled chunk by chunk (one decode
+    step between chunks); unchunked, it waits for the whole prompt. Outputs are the same either way."""
+    eng = Engine(model, None, max_batch=2, prefix_cache_mb=0, prefill_chunk=chunk)
+    long_prompt = list(range(10, 210))                                               # 200 tokens: 13 chunks of 16
+    seen = {}
+    stream = eng.submit([5, 6, 7], SamplingParams(max_tokens=40, temperature=0))
+
+    def first_token(output_ids, logits):   # runs as the newcomer's first token is sampled
+        seen.setdefault("first", len(stream.output_ids))
+        return logits
+
+    eng.start()
+    while len(stream.output_ids) < 3:
+        time.sleep(0.001)
+    with eng.cond:   # admitted at the next step; the stream's progress counts from here
+        seen["admitted"] = len(stream.output_ids)
+        newcomer = eng.submit(long_prompt, SamplingParams(max_tokens=4, temperature=0), processor=first_token)
+    assert newcomer.done.wait(60) and stream.done.wait(60)
+    eng.shutdown()
+    progress = seen["first"] - seen["admitted"]
+    if chunk:
+        assert progress >= 200 // 16 - 1
+    else:
+        assert progress <= 1
+    assert newcomer.output_ids == greedy_reference(model, long_prompt, 4)
+    assert stream.output_ids == greedy_reference(model, [5, 6, 7], 40)
+
+
+@pytest.mark.parametrize("cache_dtype", ["fp32", "int8"])
+def test_prefix_cache_keeps_replies_for_the_next_turn(tok, cache_dtype):
+    """A conversation's next turn resends the reply: the blocks of the finished sequence (prompt and the reply
+    tokens fed back) are cached, and the next turn's output equals the engine without a cache."""
+    m = make_model(tok.get_vocab_size(), seed=4)
+    turn1, params = list(range(30, 70)), SamplingParams(max_tokens=20, temperature=0)
+    outputs = {}
+    for mb in (0, 1):
+        eng = Engine(m, None, max_batch=2, cache_dtype=cache_dtype, prefix_cache_mb=mb)
+        reply = eng.run([turn1], params)[0].output_ids
+        second = eng.run([turn1 + reply + [5, 6, 7]], params)[0]
+        outputs[mb] = (reply, second.output_ids)
+    assert outputs[1] == outputs[0]
+    assert second.cached_tokens == (len(turn1) + len(reply) - 1) // 16 * 16 == 48   # the last reply token was never fed
+    if cache_dtype == "fp32":
+        assert second.output_ids == greedy_reference(m, turn1 + reply + [5, 6, 7], 20)

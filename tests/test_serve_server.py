@@ -68,6 +68,25 @@ def test_chat_completion(client, model, tok):
     assert r.usage.completion_tokens == 12 and r.usage.prompt_tokens == len(encode_chat(tok, MSG, True)[0])
 
 
+def test_prefix_cache_hits_are_reported(client, server):
+    """The same long system prompt twice: the second reuses its cached blocks (usage.prompt_tokens_details and
+    /metrics say so) and answers the same."""
+    messages = [{"role": "system", "content": "You are a terse assistant for the Quark project. " * 4}] + MSG
+
+    def hits():
+        line = next(s for s in httpx.get(server.url + "/metrics").text.splitlines()
+                    if s.startswith("quark_prefix_cache_hit_tokens "))
+        return int(line.split()[1])
+
+    before = hits()
+    first, second = (client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0)
+                     for _ in range(2))
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached >= 32 and cached % 16 == 0 and cached < second.usage.prompt_tokens
+    assert hits() - before == cached
+    assert second.choices[0].message.content == first.choices[0].message.content
+
+
 def test_completion_and_stream_agree(client):
     full = client.completions.create(model="tiny", prompt="The quick", max_tokens=15, temperature=0)
     chunks = list(client.completions.create(model="tiny", prompt="The quick", max_tokens=15, temperature=0, stream=True))
@@ -247,7 +266,8 @@ def test_graceful_shutdown_finishes_open_streams(tmp_path):
     mdir, _, _ = make_model_dir(tmp_path / "model")
     port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "quark.cli", "serve", str(mdir), "--port", str(port), "--max-batch", "2"],
+    proc = subprocess.Popen([sys.executable, "-m", "quark.cli", "serve", str(mdir), "--port", str(port), "--max-batch", "2",
+                             "--prefix-cache-mb", "1", "--prefill-chunk", "4"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -260,6 +280,7 @@ def test_graceful_shutdown_finishes_open_streams(tmp_path):
                 pass
             assert time.time() < deadline and proc.poll() is None, "server did not start"
             time.sleep(0.2)
+        assert "quark_prefix_cache_hit_tokens 0" in httpx.get(url + "/metrics").text   # the engine options were taken
         got = []
         with httpx.stream("POST", url + "/v1/completions", timeout=120,
                           json={"prompt": "Hello", "max_tokens": 120, "temperature": 0, "stream": True}) as r:

@@ -2,6 +2,8 @@
 training with the same global batch, and checkpoints reload across world sizes in both directions.
 Each test spawns the 2 processes once (starting them is most of the time on a busy machine)."""
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -60,3 +62,27 @@ def test_ddp_matches_single_and_resumes_in_one_process(tmp_path, reference):
     stats = pretrain(run, SINGLE)
     assert stats["resumed_from"] == 3 and stats["world_size"] == 1
     assert _max_diff(reference, run) < 2e-5
+
+
+@pytest.fixture(scope="module")
+def reference_bf16(tmp_path_factory):
+    run = make_run_dir(tmp_path_factory.mktemp("single_bf16") / "run")
+    pretrain(run, PretrainConfig(**{**BASE, "precision": "bfloat16"}, batch_size=4))
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_torchrun_bf16_matches_single_process(tmp_path, reference_bf16, strategy):
+    """The real `torchrun` command launches `quark pretrain` on 2 gloo processes, bf16 (FSDP2 with its
+    bf16 mixed-precision policy): the loss curve is the single-process bf16 one."""
+    run = make_run_dir(tmp_path / "run")
+    flags = [a for k, v in {**BASE, "batch_size": 2, "precision": "bfloat16", "strategy": strategy}.items()
+             for a in (f"--{k.replace('_', '-')}", str(v))]
+    torchrun = [sys.executable, "-m", "torch.distributed.run"]   # what the `torchrun` script runs, in this venv
+    done = subprocess.run([*torchrun, "--standalone", "--nproc_per_node", "2", "-m", "quark.cli", "pretrain",
+                           "--run-dir", str(run), *flags], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    stats = json.loads((run / "pretrain" / "stats.json").read_text())
+    assert (stats["world_size"], stats["strategy"], stats["precision"]) == (2, strategy, "bfloat16")
+    assert _max_diff(reference_bf16, run) < 2e-3   # bf16 rounding in different batch splits, not another curve

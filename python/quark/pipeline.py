@@ -62,7 +62,45 @@ def run(recipe, only=None, force=False, log=print):
         atomic_write_json(run_dir.state_path, state)
         log(f"[{name}] done in {time.time() - t0:.1f}s")
     atomic_write_json(run_dir.state_path, state)
+    log("\n".join(summary(run_dir.root, state["steps"])))
     return True
+
+
+def summary(root, steps):
+    """The lines `quark run` ends with: the key metrics of the steps that ran, where the report is, and
+    what to try next. A step absent from the recipe is absent here."""
+    st = {name: s.get("stats") or {} for name, s in steps.items()}
+    seconds = sum(s.get("seconds", 0) for s in steps.values())
+    lines = [f"\nrun {root}: {len(steps)} steps, {seconds / 60:.1f} min in all"]
+
+    def add(step, text):
+        lines.append(f"  {step:<9} {text}")
+
+    if (p := st.get("pretrain")) and p.get("val_loss") is not None:
+        add("pretrain", f"{p['params'] / 1e6:.2f}M parameters, {p['tokens']:,} tokens, "
+                        f"validation loss {p['val_loss']:.3f} nats/token")
+    if (s := st.get("sft")) and "val_loss_after" in s:
+        add("sft", f"validation loss {s['val_loss_before']:.3f} -> {s['val_loss_after']:.3f} on held-out answers")
+    if (d := st.get("dpo")) and "heldout_after" in d:
+        before, after = d["heldout_before"]["reward_accuracy"], d["heldout_after"]["reward_accuracy"]
+        add("dpo", f"held-out preference accuracy {before:.0%} -> {after:.0%}")
+    if (r := st.get("rl")) and (h := r.get("heldout_tasks")):
+        add("rl", f"held-out verifiable tasks solved {h['init']:.0%} -> {h['rl']:.0%} "
+                  f"(paired difference {h['diff']:+.3f} +- {2 * h['se']:.3f})")
+    if (e := st.get("eval")) and "heldout/bits_per_byte" in e:
+        gate = {True: "passed", False: "failed"}.get(e.get("gate_passed"), "not run")
+        add("eval", f"held-out {e['heldout/bits_per_byte']:.3f} bits/byte, regression gate {gate}")
+    for scheme, q in (st.get("quantize") or {}).items():
+        if isinstance(q, dict) and "perplexity_delta" in q:
+            add("quantize", f"{scheme}: {q['ratio']:.1f}x smaller, perplexity {q['perplexity_delta']:+.2f}, "
+                            f"decode {q['speedup']:.2f}x the float model")
+    if report := st.get("report", {}).get("report"):
+        lines.append(f"\nreport: {report}")
+    if "pretrain" in steps or "sft" in steps:
+        lines += ["next:", f"  quark chat {root}                  talk to the run's latest model",
+                  f"  quark serve {root}                 OpenAI-compatible API + web chat on http://127.0.0.1:8000",
+                  f"  quark generate {root} --prompt 'def read_file(path):'"]
+    return lines
 
 
 def preview_plan(recipe):

@@ -12,6 +12,10 @@
 - Engine: one background thread owns the model. Requests wait in a bounded queue (submit raises
   QueueFull beyond it, so overload is answered, not absorbed), join the running batch as slots free
   up (continuous batching: Orca, Yu et al. 2022; vLLM), and stream text deltas through a callback.
+  A newcomer's slot starts with the longest cached prefix of its prompt (quark.infer.prefix_cache), and
+  the rest is prefilled at most prefill_chunk tokens per step; each step is one Runner.forward over the
+  running streams' next tokens and the prompt chunks (chunked prefill with decodes riding on the chunk:
+  Sarathi-Serve, Agrawal et al. 2024), so a long prompt never stalls the streams for longer than one chunk.
 Any module with the nn.Linear call contract works as a projection, so QuantLinear models run as is.
 The options of Hugging Face checkpoints (quark.model.hf) run as quark.model.gpt runs them: biases in
 the projections, q/k norms before the rotation, rope scaling through model.rope, and a sliding window
@@ -27,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from quark import ops
+from quark.infer.prefix_cache import PrefixCache
 from quark.infer.sampling import Detokenizer, SamplingParams, sample, token_logprobs
 from quark.model.gpt import window_attention
 
@@ -117,38 +122,80 @@ class Runner:
             return _linear(m.w2, F.silu(g) * u)
         return _linear(m.w2, F.silu(_linear(m.w1, h)) * _linear(m.w3, h))
 
-    @torch.no_grad()
     def extend(self, slot, ids, all_logits=False):
         """Append ids (T,) to a slot's sequence (a prompt, or tokens to verify) -> logits (T, V) or (V,)
         for the last position. Queries attend causally to the slot's whole cache."""
+        return self.forward([(slot, ids)], [all_logits])[0]
+
+    @torch.no_grad()
+    def forward(self, segments, all_logits=None):
+        """Append several slots' tokens in one pass: segments [(slot, ids)], a slot at most once -> per segment
+        logits (T, V) where all_logits[s] is true, else (V,) of its last position. The projections and the MLP
+        run once over all rows (one weight pass for prompt chunks of several requests and for the running
+        streams' next tokens); attention runs per segment over its slot's cache."""
         H, Hkv, D, W = self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim, self.cfg.sliding_window
-        T, p0 = len(ids), int(self.lens[slot])
-        if p0 + T > self.max_seq_len:
-            raise ValueError(f"sequence of {p0 + T} tokens exceeds the cache ({self.max_seq_len})")
-        pos = torch.arange(p0, p0 + T)
+        all_logits = all_logits or [False] * len(segments)
+        spans = []                                                                           # (slot, p0, T, row offset)
+        for slot, ids in segments:
+            p0 = int(self.lens[slot])
+            if p0 + len(ids) > self.max_seq_len:
+                raise ValueError(f"sequence of {p0 + len(ids)} tokens exceeds the cache ({self.max_seq_len})")
+            spans.append((slot, p0, len(ids), spans[-1][3] + spans[-1][2] if spans else 0))
+        N = sum(T for _, _, T, _ in spans)
+        pos = torch.cat([torch.arange(p0, p0 + T) for _, p0, T, _ in spans])
         cos, sin = (c[:, None].to(self.dtype) for c in self.model.rope(pos))
-        x = self.model.tok_emb(torch.as_tensor(ids, dtype=torch.long))                      # (T, d)
-        mask = None
-        if p0 or (W and p0 + T > W):   # queries at p0.. see keys 0..p0+t (bottom-right aligned causal mask)
-            mask = torch.ones(T, p0 + T, dtype=torch.bool).tril(diagonal=p0)
-            if W:                      # ... and only the last W of them
+        x = self.model.tok_emb(torch.as_tensor([t for _, ids in segments for t in ids], dtype=torch.long))  # (N, d)
+        chunks = [sp for sp in spans if sp[2] > 1]
+        masks = []   # ops.attention's causal mask is bottom-right aligned: queries at p0.. see keys 0..p0+t
+        for _, p0, T, _ in chunks:
+            mask = None
+            if W and p0 + T > W:   # ... and a sliding window only the last W of them
+                mask = torch.ones(T, p0 + T, dtype=torch.bool).tril(diagonal=p0)
                 mask &= ~torch.ones(T, p0 + T, dtype=torch.bool).tril(diagonal=p0 - W)
+            masks.append(mask)
+        # single new tokens (the running streams' next ones) attend together: one call over their slots with
+        # a mask for their ragged lengths (and windows)
+        ones = [sp for sp in spans if sp[2] == 1]
+        if ones:
+            one_slots, one_rows = torch.tensor([sp[0] for sp in ones]), torch.tensor([sp[3] for sp in ones])
+            # the engine's running streams hold slots 0..n-1: a slice of the cache reads them without a copy
+            one_load = slice(0, len(ones)) if one_slots.tolist() == list(range(len(ones))) else one_slots
+            one_pos = torch.tensor([sp[1] for sp in ones])
+            S = int(one_pos.max()) + 1
+            keys = torch.arange(S)
+            one_mask = keys <= one_pos[:, None]                                              # (n, S)
+            if W:
+                one_mask &= keys > one_pos[:, None] - W
+            one_mask = one_mask[:, None, None]                                               # (n, 1, 1, S)
         for i, blk in enumerate(self.model.blocks):
             q, k, v = self._project_qkv(i, blk.attn_norm(x))
-            q, k = self._qk(i, q.view(T, H, D), k.view(T, Hkv, D), cos, sin)                 # (T, H|Hkv, D)
-            self._store(i, slot, slice(p0, p0 + T), k.transpose(0, 1), v.view(T, Hkv, D).transpose(0, 1))
-            kk, vv = self._load(i, slot, p0 + T)                                             # (1, Hkv, S, D)
-            qq = q.transpose(0, 1)[None]                                                     # (1, H, T, D)
-            if mask is None:
-                y = ops.attention(qq.contiguous(), kk.contiguous(), vv.contiguous(), causal=True)
-            else:
-                y = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, enable_gqa=H != Hkv)
-            x = x + _linear(blk.attn.wo, y[0].transpose(0, 1).reshape(T, H * D))
+            q, k = self._qk(i, q.view(N, H, D), k.view(N, Hkv, D), cos, sin)                 # (N, H|Hkv, D)
+            v = v.view(N, Hkv, D)
+            y = torch.empty(N, H * D, dtype=q.dtype)
+            for (slot, p0, T, r), mask in zip(chunks, masks):
+                self._store(i, slot, slice(p0, p0 + T), k[r:r + T].transpose(0, 1), v[r:r + T].transpose(0, 1))
+                kk, vv = self._load(i, slot, p0 + T)                                         # (1, Hkv, S, D)
+                qq = q[r:r + T].transpose(0, 1)[None]                                        # (1, H, T, D)
+                if mask is None:
+                    o = ops.attention(qq.contiguous(), kk.contiguous(), vv.contiguous(), causal=True)
+                else:
+                    o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, enable_gqa=H != Hkv)
+                y[r:r + T] = o[0].transpose(0, 1).reshape(T, H * D)
+            if ones:
+                self._store(i, one_slots, one_pos, k[one_rows], v[one_rows])                 # (n, Hkv, D)
+                kk, vv = self._load(i, one_load, S)                                          # (n, Hkv, S, D)
+                o = F.scaled_dot_product_attention(q[one_rows][:, :, None], kk, vv, attn_mask=one_mask,
+                                                   enable_gqa=H != Hkv)                      # (n, H, 1, D)
+                y[one_rows] = o.reshape(len(ones), H * D)
+            x = x + _linear(blk.attn.wo, y)
             x = x + self._mlp(i, blk.mlp_norm(x))
-        self.lens[slot] = p0 + T
-        h = self.model.norm(x if all_logits else x[-1:])
-        logits = _linear(self.model.lm_head, h).float()
-        return logits if all_logits else logits[0]
+        for slot, p0, T, _ in spans:
+            self.lens[slot] = p0 + T
+        rows = [torch.arange(r, r + T) if full else torch.tensor([r + T - 1])
+                for (_, _, T, r), full in zip(spans, all_logits)]
+        logits = _linear(self.model.lm_head, self.model.norm(x[torch.cat(rows)])).float()
+        out = list(logits.split([len(r) for r in rows]))
+        return [o if full else o[0] for o, full in zip(out, all_logits)]
 
     @torch.no_grad()
     def decode(self, tokens):
@@ -192,9 +239,9 @@ class Runner:
             self.v[i][slot, :, pos] = v.to(self.cache_dtype)
 
     def _load(self, i, slot, n):
-        """The first n cached positions of a slot (or a slice of slots) in the model's dtype -> k, v
+        """The first n cached positions of a slot (or a slice or index tensor of slots) in the model's dtype -> k, v
         (slots, Hkv, n, D)."""
-        rows = slot if isinstance(slot, slice) else slice(slot, slot + 1)
+        rows = slot if isinstance(slot, (slice, torch.Tensor)) else slice(slot, slot + 1)
         k, v = self.k[i][rows, :, :n], self.v[i][rows, :, :n]
         if self.quantized:
             k = k.float() * self.k_scale[i][rows, :, :n, None]
@@ -212,6 +259,31 @@ class Runner:
                 self.v_scale[i][dst, :, :n] = self.v_scale[i][src, :, :n]
         self.lens[dst] = n
         self.lens[src] = 0
+
+    def _caches(self):
+        return (self.k, self.v) + ((self.k_scale, self.v_scale) if self.quantized else ())
+
+    def swap(self, a, b):
+        """Slots a and b exchange their sequences."""
+        n = int(self.lens[[a, b]].max())
+        for cache in self._caches():
+            for layer in cache:
+                layer[[a, b], :, :n] = layer[[b, a], :, :n]
+        self.lens[[a, b]] = self.lens[[b, a]]
+
+    def read_kv(self, slot, start, end):
+        """A copy of a slot's cached positions [start, end) in the cache dtype -> tensors with the position on
+        dim 0: k and v (n, L, Hkv, D), and for int8 their scales (n, L, Hkv)."""
+        return tuple(torch.stack([layer[slot, :, start:end] for layer in cache]).movedim(2, 0).contiguous()
+                     for cache in self._caches())
+
+    def write_kv(self, slot, kv):
+        """Fill a slot with the positions 0..n-1 that read_kv returned (its sequence becomes those n)."""
+        n = len(kv[0])
+        for cache, t in zip(self._caches(), kv):
+            for i, layer in enumerate(cache):
+                layer[slot, :, :n] = t[:, i].transpose(0, 1)
+        self.lens[slot] = n
 
 
 class Request:
@@ -237,11 +309,14 @@ class Request:
         self.text = ""
         self.finish_reason = None
         self.stop_token = None     # the stop token id that ended it (not in output_ids)
+        self.slot = None           # its KV slot in the engine while admitted
+        self.cached_tokens = None  # prompt tokens reused from the prefix cache (None until its prefill starts)
         self.cancelled = False
         self.generator = params.generator()
         self.history = torch.tensor(self.prompt_ids, dtype=torch.long) if params.penalized else None
         self.t_submit = time.perf_counter()
         self.t_first = None
+        self.t_tokens = []         # when each token was sampled (inter-token latency, stalls)
         self.t_done = None
         self.done = threading.Event()
         self._on_event = on_event
@@ -256,8 +331,9 @@ class Request:
 
     def _accept(self, token, logprob=None):
         """Record a sampled token (and its logprobs entry); returns True when the request is finished."""
+        self.t_tokens.append(time.perf_counter())
         if self.t_first is None:
-            self.t_first = time.perf_counter()
+            self.t_first = self.t_tokens[0]
         if token in self.stop_ids:
             self.stop_token = token
             return self._finish("stop")
@@ -307,10 +383,19 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer=None, max_batch=8, max_queue=64, max_seq_len=None, cache_dtype="fp32",
-                 stop_tokens=("<|end|>", "<|eos|>"), stop_ids=None, fuse=True):
+                 stop_tokens=("<|end|>", "<|eos|>"), stop_ids=None, fuse=True, prefix_cache_mb=256,
+                 prefill_chunk=512):
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch}, {max_queue}")
+        if prefix_cache_mb < 0 or (prefill_chunk is not None and prefill_chunk < 1):
+            raise ValueError(f"prefix_cache_mb must be >= 0 and prefill_chunk None or >= 1, got {prefix_cache_mb}, "
+                             f"{prefill_chunk}")
         self.runner = Runner(model, max_batch, max_seq_len, cache_dtype, fuse)
+        # 0 MB turns the prefix cache off; prefill_chunk=None prefills every admitted prompt whole and alone
+        # before the next decode step (the running streams wait for all of them). Smaller chunks bound the
+        # streams' stalls tighter but split prompts into more, less efficient forwards.
+        self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb else None
+        self.prefill_chunk = prefill_chunk
         self.tokenizer = tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.max_seq_len = self.runner.max_seq_len
@@ -318,7 +403,8 @@ class Engine:
             stop_ids = [tokenizer.token_to_id(t) for t in stop_tokens] if tokenizer is not None else []
         self.stop_ids = frozenset(i for i in stop_ids if i is not None)
         self.waiting = deque()
-        self.active = []           # requests; active[j] owns slot j
+        self.active = []           # decoding requests; active[j] owns slot j
+        self.prefilling = []       # admitted requests still prefilling, in admission order, each in a slot >= len(active)
         self.cond = threading.Condition()
         self.accepting = True
         self.stopping = False
@@ -344,7 +430,7 @@ class Engine:
         with self.cond:
             if not self.accepting:
                 raise ShuttingDown("the engine is shutting down")
-            if len(self.waiting) >= self.max_queue + max(0, self.max_batch - len(self.active)):
+            if len(self.waiting) >= self.max_queue + self._free_slots():
                 raise QueueFull(f"too many requests waiting ({len(self.waiting)}); retry later")
             self.waiting.append(req)
             self.cond.notify()
@@ -369,9 +455,9 @@ class Engine:
             raise ValueError(f"got {len(per_prompt)} SamplingParams for {len(prompts)} prompts")
         reqs = [self._request(p, sp) for p, sp in zip(prompts, per_prompt)]
         pending = deque(reqs)
-        while pending or self.active:
+        while pending or self.active or self.prefilling:
             admitted = []
-            while pending and len(self.active) + len(admitted) < self.max_batch:
+            while pending and len(admitted) < self._free_slots():
                 admitted.append(pending.popleft())
             self._step(admitted)
         return reqs
@@ -382,7 +468,10 @@ class Engine:
 
     @property
     def num_active(self):
-        return len(self.active)
+        return len(self.active) + len(self.prefilling)
+
+    def _free_slots(self):
+        return self.max_batch - len(self.active) - len(self.prefilling)
 
     def start(self):
         if self.thread is None:
@@ -395,7 +484,7 @@ class Engine:
         with self.cond:
             self.accepting = False
             if not drain:
-                for r in list(self.waiting) + self.active:
+                for r in list(self.waiting) + self.active + self.prefilling:
                     r.cancel()
             self.stopping = True
             self.cond.notify()
@@ -406,47 +495,60 @@ class Engine:
     def _loop(self):
         while True:
             with self.cond:
-                while not self.waiting and not self.active and not self.stopping:
+                while not self.waiting and not self.active and not self.prefilling and not self.stopping:
                     self.cond.wait()
-                if self.stopping and not self.waiting and not self.active:
+                if self.stopping and not self.waiting and not self.active and not self.prefilling:
                     return
                 admitted = []
-                while self.waiting and len(self.active) + len(admitted) < self.max_batch:
+                while self.waiting and len(admitted) < self._free_slots():
                     admitted.append(self.waiting.popleft())
             try:
                 self._step(admitted)
             except Exception as e:   # the batch's forward failed: fail every request in flight, never hang them
-                for r in self.active + admitted:
+                for r in self.active + self.prefilling + admitted:
                     if r.finish_reason is None:
                         r._finish(f"error: {e}")
-                self.active = []
+                self.active, self.prefilling = [], []
                 self.runner.lens.zero_()
 
     def _step(self, admitted):
-        for req in admitted:   # prefill each newcomer into the next free slot, sample its first token
-            if req.cancelled:
-                req._finish("cancelled")
-                continue
-            slot = len(self.active)
-            self.runner.lens[slot] = 0
-            try:
-                logits = self.runner.extend(slot, req.prompt_ids, all_logits=req.params.prompt_logprobs)
-                if req.params.prompt_logprobs:   # (T, V): position t predicts prompt token t + 1
-                    k = req.params.logprobs or 0
-                    req.prompt_logprobs = [token_logprobs(logits[t], req.prompt_ids[t + 1], k)
-                                           for t in range(len(req.prompt_ids) - 1)]
-                    logits = logits[-1]
-            except Exception as e:   # this prompt alone fails; the slot stays free
-                self.runner.lens[slot] = 0
-                req._finish(f"error: {e}")
-                continue
-            self.active.append(req)
-            if self._sample_and_accept(req, logits):
-                self._release(slot)
-        if not self.active:
+        """Admit newcomers, then one forward: the running streams' next tokens together with up to
+        prefill_chunk prompt tokens (chunks of one or more admitted prompts), so a long prompt stalls the
+        running streams for one chunk at a time, and they ride on the chunk's weight pass. With
+        prefill_chunk=None, every admitted prompt is prefilled whole and alone before a decode step."""
+        for req in admitted:
+            self._admit(req)
+        if self.prefill_chunk is None:
+            while plan := self._plan(float("inf"), first_only=True):
+                (req, start, end), = plan
+                try:
+                    logits = self.runner.extend(req.slot, req.prompt_ids[start:end], req.params.prompt_logprobs)
+                except Exception as e:   # this prompt alone fails; its slot is freed
+                    self._drop(req, f"error: {e}")
+                    continue
+                self._prefilled(req, start, end, logits)
+            if self.active:
+                self._decoded(self.runner.decode(self._next_tokens()))
             return
-        tokens = [r.output_ids[-1] if r.output_ids else r.prompt_ids[-1] for r in self.active]
-        logits = self.runner.decode(tokens)                     # (n, V)
+        plan = self._plan(self.prefill_chunk)
+        if not plan:
+            if self.active:
+                self._decoded(self.runner.decode(self._next_tokens()))
+            return
+        n = len(self.active)
+        out = self.runner.forward([(j, [t]) for j, t in enumerate(self._next_tokens())] +
+                                  [(req.slot, req.prompt_ids[a:b]) for req, a, b in plan],
+                                  [False] * n + [req.params.prompt_logprobs for req, _, _ in plan])
+        if n:
+            self._decoded(torch.stack(out[:n]))
+        for (req, start, end), logits in zip(plan, out[n:]):
+            self._prefilled(req, start, end, logits)
+
+    def _next_tokens(self):
+        return [r.output_ids[-1] if r.output_ids else r.prompt_ids[-1] for r in self.active]
+
+    def _decoded(self, logits):
+        """Sample the running streams' next tokens from logits (n, V); release the finished ones."""
         self.steps += 1
         greedy = [j for j, r in enumerate(self.active)
                   if r.params.greedy and not r.params.penalized and r.processor is None]
@@ -461,6 +563,93 @@ class Engine:
                 finished.append(j)
         for j in reversed(finished):
             self._release(j)
+
+    def _admit(self, req):
+        """Give a newcomer a free slot; its prefill starts when _plan reaches it."""
+        if req.cancelled:
+            req._finish("cancelled")
+            return
+        taken = {r.slot for r in self.prefilling}
+        req.slot = next(s for s in range(len(self.active), self.max_batch) if s not in taken)
+        self.runner.lens[req.slot] = 0
+        if req.params.prompt_logprobs:
+            req.prompt_logprobs = []
+        self.prefilling.append(req)
+
+    def _reuse_prefix(self, req):
+        """Fill a request's slot with the longest cached prefix of its prompt, just before its first chunk (so
+        it finds what the prompts prefilled before it left there). At least one prompt token is left to
+        compute, so its logits exist; prompt_logprobs need every position's logits: those compute it all."""
+        req.cached_tokens = 0
+        if self.prefix_cache is not None and not req.params.prompt_logprobs:
+            req.cached_tokens, kv = self.prefix_cache.lookup(req.prompt_ids, len(req.prompt_ids) - 1)
+            if kv is not None:
+                self.runner.write_kv(req.slot, kv)
+
+    def _plan(self, budget, first_only=False):
+        """The prompt chunks of the next forward: admitted prompts in admission order, budget tokens in all ->
+        [(req, start, end)]. A prompt starting now first takes its cached prefix; one whose first block is
+        an earlier prompt's, still prefilling, waits for it to finish and find its blocks cached (concurrent
+        requests with one system prompt prefill it once)."""
+        plan, firsts = [], set()   # firsts: first blocks of the earlier prompts still prefilling
+        B = self.prefix_cache.block_size if self.prefix_cache is not None else 0
+        for req in list(self.prefilling):
+            if budget <= 0 or (first_only and plan):
+                break
+            if req.cancelled:
+                self._drop(req, "cancelled")
+                continue
+            first = tuple(req.prompt_ids[:B]) if len(req.prompt_ids) > B > 0 else None
+            if req.cached_tokens is None:
+                if first is not None and first in firsts:
+                    continue
+                try:
+                    self._reuse_prefix(req)
+                except Exception as e:
+                    self._drop(req, f"error: {e}")
+                    continue
+            firsts.add(first)
+            start = int(self.runner.lens[req.slot])
+            end = min(len(req.prompt_ids), start + budget)
+            plan.append((req, start, end))
+            budget -= end - start
+        return plan
+
+    def _prefilled(self, req, start, end, logits):
+        """Positions start..end-1 of a prompt are in its slot (logits: (T, V) with prompt_logprobs, else the
+        last position's). A complete prompt keeps its blocks in the prefix cache, samples its first token
+        and joins the decoding."""
+        if req.params.prompt_logprobs:   # position t predicts prompt token t + 1
+            k = req.params.logprobs or 0
+            req.prompt_logprobs += [token_logprobs(logits[t - start], req.prompt_ids[t + 1], k)
+                                    for t in range(start, min(end, len(req.prompt_ids) - 1))]
+            logits = logits[-1]
+        if end < len(req.prompt_ids):
+            return
+        self.prefilling.remove(req)
+        if self.prefix_cache is not None:
+            self.prefix_cache.insert(req.prompt_ids, lambda a, b, s=req.slot: self.runner.read_kv(s, a, b))
+        self._join(req)
+        if self._sample_and_accept(req, logits):
+            self._release(len(self.active) - 1)
+
+    def _drop(self, req, reason):
+        self.prefilling.remove(req)
+        self.runner.lens[req.slot] = 0
+        req._finish(reason)
+
+    def _join(self, req):
+        """A prefilled request moves to slot len(active) (swapping with a prefilling one there) and decodes."""
+        n = len(self.active)
+        if req.slot != n:
+            other = next((r for r in self.prefilling if r.slot == n), None)
+            if other is None:
+                self.runner.move(req.slot, n)
+            else:
+                self.runner.swap(req.slot, n)
+                other.slot = req.slot
+            req.slot = n
+        self.active.append(req)
 
     def _sample_and_accept(self, req, logits, token=None):
         """Sample (unless the batched argmax already picked token) and record -> True when req is done.
@@ -478,7 +667,12 @@ class Engine:
             return True
 
     def _release(self, slot):
-        """Free a slot; the last active request moves into it so active slots stay a prefix."""
+        """Free a slot; the last active request moves into it so active slots stay a prefix. The prefix cache
+        keeps the finished sequence's blocks, reply included: a conversation's next turn resends it."""
+        if self.prefix_cache is not None:
+            req, n = self.active[slot], int(self.runner.lens[slot])
+            self.prefix_cache.insert((req.prompt_ids + req.output_ids)[:n],   # the tokens fed so far
+                                     lambda a, b: self.runner.read_kv(slot, a, b))
         last = len(self.active) - 1
         if slot != last:
             self.runner.move(last, slot)

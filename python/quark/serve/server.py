@@ -413,7 +413,8 @@ def create_app(engine, tokenizer, model_name="quark", api_key=None, safety=None,
 
         def usage():
             n = sum(len(r.output_ids) for r in reqs)
-            return {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
+            return {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n,
+                    "prompt_tokens_details": {"cached_tokens": reqs[0].cached_tokens or 0}}   # from the prefix cache
 
         if not stream:
             texts, finishes = [[] for _ in reqs], [None] * len(reqs)
@@ -828,6 +829,11 @@ def create_app(engine, tokenizer, model_name="quark", api_key=None, safety=None,
         gauges = {"quark_queue_depth": ("requests waiting for a batch slot", engine.queue_depth),
                   "quark_active_requests": ("requests in the running batch", engine.num_active),
                   "quark_engine_decode_steps": ("decode steps run by the engine", engine.steps)}
+        if engine.prefix_cache is not None:
+            cache = engine.prefix_cache
+            gauges |= {"quark_prefix_cache_query_tokens": ("prompt tokens looked up in the prefix cache", cache.query_tokens),
+                       "quark_prefix_cache_hit_tokens": ("prompt tokens found in the prefix cache", cache.hit_tokens),
+                       "quark_prefix_cache_bytes": ("bytes of KV the prefix cache holds", cache.nbytes)}
         return PlainTextResponse(metrics.render(gauges), media_type="text/plain; version=0.0.4")
 
     @app.get("/")
@@ -876,6 +882,11 @@ def configure_parser(p):
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (KV cache slots)")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot before 429")
     p.add_argument("--cache-dtype", default="fp32", choices=["fp32", "bf16", "int8"])
+    p.add_argument("--prefix-cache-mb", type=float, default=256,
+                   help="memory for the KV of prompt prefixes shared across requests, evicted least recently used "
+                        "(0: no prefix cache)")
+    p.add_argument("--prefill-chunk", type=int, default=512,
+                   help="prompt tokens prefilled between two decode steps of the running streams (0: whole prompts)")
     p.add_argument("--safety", nargs="?", const="auto", default=None, metavar="FILE",
                    help="screen prompts and outputs with a safety filter the run trained (FILE: its safety.json; "
                         "default: RUN/redteam/safety.json)")
@@ -910,8 +921,11 @@ def run_cli(args):
         from quark.feedback import FeedbackStore
         feedback = FeedbackStore(args.feedback or run_dir / "feedback" / "feedback.sqlite")
     chat = chat_format(tokenizer, model_dir)   # the checkpoint's own template and eos ids, else Quark's
+    if args.prefix_cache_mb < 0 or args.prefill_chunk < 0:
+        print("error: --prefix-cache-mb and --prefill-chunk must be >= 0", file=sys.stderr)
+        return 2
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue, cache_dtype=args.cache_dtype,
-                    stop_ids=chat.stop_ids)
+                    stop_ids=chat.stop_ids, prefix_cache_mb=args.prefix_cache_mb, prefill_chunk=args.prefill_chunk or None)
     name = args.model_name or (run_dir or model_dir).name
     hosts = args.allowed_host or (LOOPBACK_HOSTS if _is_loopback(args.host) else None)
     app = create_app(engine, tokenizer, name, api_key=args.api_key or os.environ.get("QUARK_API_KEY"),

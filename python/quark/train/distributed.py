@@ -65,9 +65,11 @@ def shutdown():
         dist.destroy_process_group()
 
 
-def wrap_model(model, strategy, env: Dist):
+def wrap_model(model, strategy, env: Dist, precision="float32"):
     """DDP: replicate and all-reduce gradients. FSDP2: shard every block, then the root (embeddings,
-    final norm and the tied head, which must stay in one group since they share a parameter)."""
+    final norm and the tied head, which must stay in one group since they share a parameter); with
+    precision "bfloat16" its mixed-precision policy gathers parameters in bf16 (half the all-gather
+    bytes) while gradients are reduced and the fp32 master weights updated in fp32."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
     if strategy == "none" or not env.enabled:
@@ -75,10 +77,12 @@ def wrap_model(model, strategy, env: Dist):
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
         return DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if precision == "bfloat16" else None,
+                                  reduce_dtype=torch.float32)
     for block in model.blocks:
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
     return model
 
 

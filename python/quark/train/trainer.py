@@ -198,13 +198,13 @@ def _train(cfg, data, out_dir, run_dir, until_step, log):
 
     torch.manual_seed(cfg.seed)
     model = GPT(mcfg).to(env.device)
-    model = qdist.wrap_model(model, cfg.strategy, env)
+    precision = resolve_precision(cfg.precision, env.device)
+    model = qdist.wrap_model(model, cfg.strategy, env, precision)
     runner = torch.compile(model) if cfg.compile else model
     loader = TokenLoader(data.train_bin, data.dtype, cfg.batch_size, cfg.seq_len, seed=cfg.seed,
                          rank=env.rank, world_size=env.world_size)
     val = eval_batches(data.val_bin, data.dtype, cfg.batch_size, cfg.seq_len, cfg.eval_batches,
                        rank=env.rank, world_size=env.world_size)
-    precision = resolve_precision(cfg.precision, env.device)
     s = loop_settings(cfg, precision)
     progress = _Progress(loader, mcfg, cfg)
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * env.world_size
