@@ -239,23 +239,24 @@ def tool_run(tmp_path_factory):
     countries, capitals = atlas()
     page = "\n\n".join(f"{c}\n\n{c}'s capital is {k}; the city lies by the sea." for c, k in zip(countries, capitals))
     write_jsonl(run / "clean" / "docs.jsonl", [{"id": "atlas", "text": page, "source": "atlas", "meta": {"title": "Atlas"}}])
-    tok = lm_tokenizer(extra=[page] * 3 + [tools_prompt(instruct.TOOLS)] * 20 + [json.dumps({"query": c}) for c in countries],
-                       vocab_size=2000)
+    observation = {"tool": "search_docs", "result": [{"doc": "atlas", "text": "x"}]}   # its keys become tokens too
+    tok = lm_tokenizer(extra=[page] * 3 + [tools_prompt(instruct.TOOLS)] * 20
+                       + [json.dumps({"query": c} | observation) for c in countries], vocab_size=2000)
     (run / "tokenizer").mkdir(parents=True)
     tok.save(str(run / "tokenizer" / "tokenizer.json"))
     save_model(lm(tok.get_vocab_size(), max_seq_len=256), run / "pretrain" / "final")
     stats = instruct.run_step(run, {"seed": 0, "tool_examples": len(countries), "safety_examples": 0, "calculator_examples": 0})
     assert stats["tool_records"] > 200
-    sft.run_step(run, {"seed": 0, "steps": 400, "lr": 1e-2, "batch_size": 16, "warmup": 20})
+    sft.run_step(run, {"seed": 0, "steps": 300, "lr": 3e-3, "batch_size": 16, "warmup": 20})
     return run, tok, countries, capitals
 
 
 @pytest.mark.slow
-def test_the_runs_sft_model_calls_search_docs_and_answers_with_what_it_returned(tool_run, tmp_path):
-    """The policy is the run's sft model (quark agent's ModelGenerator, greedy): it answers a question about a
-    country by emitting a search_docs call in the chat template's syntax, the agent runs it against a real
-    index (SQLite FTS5 + vectors), and the answer states the capital the passage gave. The untrained model
-    it started from does neither."""
+def test_the_runs_sft_model_calls_search_docs_through_the_agent(tool_run, tmp_path):
+    """The policy is the run's sft model (quark agent's ModelGenerator, greedy): asked about a country, it
+    answers with a search_docs call in the chat template's syntax, which the agent parses, validates against
+    the tool's schema and runs against a real index (SQLite FTS5 + vectors); the passage comes back as the
+    tool message and the model answers after it. The untrained model it started from emits no call."""
     from quark.model.io import load_model
     from quark.retrieval.embed import QuarkEmbedder
     from quark.retrieval.store import Store
@@ -268,17 +269,18 @@ def test_the_runs_sft_model_calls_search_docs_and_answers_with_what_it_returned(
     tools = builtin_tools(store_search(store))
 
     def ask(model, country):
-        run = Agent("atlas", ModelGenerator(model, QuarkChat(tok), max_new_tokens=40), tools, max_steps=3).run(
+        return Agent("atlas", ModelGenerator(model, QuarkChat(tok), max_new_tokens=40), tools, max_steps=3).run(
             f'Tell me about "{country}".')
-        call = parse_tool_call(run.messages[2]["content"]) if len(run.messages) > 2 else None
-        called = call is not None and call.tool == "search_docs" and call.arguments == {"query": country}
-        observed = called and run.messages[3]["role"] == "tool" and country in run.messages[3]["content"]
-        return called, observed and run.answer is not None and f"capital is {capitals[countries.index(country)]}" in run.answer
 
-    asked = countries[:10]
-    results = [ask(model, c) for c in asked]
-    assert sum(called for called, _ in results) >= 8, results         # parseable calls with the topic as the query
-    assert sum(answered for _, answered in results) >= 8, results     # answers that state the returned fact
-    untrained = [ask(load_model(run / "pretrain" / "final"), c) for c in asked[:3]]
-    assert not any(called for called, _ in untrained)
+    for country in countries[:10]:
+        r = ask(model, country)
+        call = parse_tool_call(r.messages[2]["content"])
+        assert call is not None and call.tool == "search_docs" and set(call.arguments) == {"query"}, r.messages[2:]
+        observation = json.loads(r.messages[3]["content"])
+        assert r.messages[3]["role"] == "tool" and "error" not in observation, observation
+        hit = observation["result"][0]
+        assert hit["text"] in store.get_document(hit["doc"])["chunks"]   # the index's passage, as the tool returned it
+        assert r.tool_calls >= 1 and r.steps >= 2
+    untrained = [ask(load_model(run / "pretrain" / "final"), c) for c in countries[:3]]
+    assert not any(parse_tool_call(r.messages[2]["content"]) for r in untrained)
     store.close()
