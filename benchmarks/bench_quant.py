@@ -1,5 +1,6 @@
 """Quantized linear: quark.ops.qlinear (int4 / int8 weight-only, W8A8) vs torch F.linear in fp32 and
-bf16 and torch.ao dynamic int8 quantization (quantize_dynamic), same run, interleaved.
+bf16 and torch.ao dynamic int8 quantization (quantize_dynamic), same run, interleaved; and the dense
+GEMVs of quark.ops.linear (fp32 and bf16, decode rows M <= MAX_ROWS) against the same torch rows.
 
 Each provider cycles through copies of its weights (distinct memory, at least 8, enough to span 1.5x
 the last-level cache: this Xeon reports 480 MiB of L3) so every call streams its weights from DRAM,
@@ -17,7 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from benchmarks.harness import copies_beyond_llc, interleaved, measure_read_bandwidth, summarize
-from quark.ops import QuantizedTensor, qlinear, quantize
+from quark.ops import QuantizedTensor, linear, qlinear, quantize
+from quark.ops.linear import MAX_ROWS
 
 
 def _copies(make):
@@ -89,6 +91,9 @@ def case(N, K, Ms, quick=False):
             "torch fp32": (_rotating(lambda t: F.linear(x, t), ws), N * K * 4),
             "torch bf16": (_rotating(lambda t: F.linear(xb, t), wb), N * K * 2),
         }
+        if M <= MAX_ROWS:   # (beyond it quark.ops.linear is F.linear) half a cycle from torch's copies, as above
+            providers["quark fp32 gemv"] = (_rotating(lambda t: linear(x, t), ws, len(ws) // 2), N * K * 4)
+            providers["quark bf16 gemv"] = (_rotating(lambda t: linear(xb, t), wb, len(wb) // 2), N * K * 2)
         if dyns is not None:
             providers["torch.ao dynamic int8"] = (_rotating(lambda m: m(x), dyns), N * K + N * 4)
         with torch.no_grad():

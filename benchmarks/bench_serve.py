@@ -23,6 +23,7 @@ from benchmarks.harness import Result, interleaved, summarize
 from quark import ops
 from quark.model import GPT, GPTConfig
 from quark.infer.engine import Engine, Runner
+from quark.infer.lora import Adapter
 from quark.infer.sampling import SamplingParams
 
 AREA = "serve"
@@ -168,6 +169,7 @@ def compare(quick=False):
     rows += batching(base, cfg, quick)
     rows += load(base, cfg, quick)
     rows += prefix_hit(base, cfg, quick)
+    rows += multi_lora(quick, base)
     for r in rows:   # the table shows GB/s; tokens/s and TTFT are what serving cares about
         print(f"  {r.case:<44} {r.provider:<20} " + "  ".join(f"{k} {v}" for k, v in r.extra.items()))
     return rows
@@ -309,6 +311,43 @@ def prefix_hit(model, cfg, quick):
     for r in rows:
         r.extra = {"ttft_ms": round(1e3 * r.median_s, 1)}
     rows[1].extra |= {"speedup_vs_miss": round(speedup, 2), "target_met": met}
+    return rows
+
+
+def multi_lora(quick=False, model=None):
+    """Decode tokens/s of a batch of 8 whose rows run 4 LoRA adapters (rank 16 on every projection, rows
+    interleaved a b c d a b c d, as requests arrive) vs the same batch running none: the
+    cost of adding the deltas unmerged (quark.infer.lora)."""
+    torch.manual_seed(0)
+    cfg = make_config(quick)
+    model = model or GPT(cfg).eval()
+    n_tokens, repeats, rank = (16, 5, 16) if quick else (32, 5, 16)
+    widths = {t: getattr(part, t).out_features for part in (model.blocks[0].attn, model.blocks[0].mlp)
+              for t in ("wq", "wk", "wv", "wo", "w1", "w2", "w3") if hasattr(part, t)}
+    ins = {t: cfg.d_model if t != "w2" else cfg.ffn_hidden for t in widths}
+    adapters = [Adapter(f"a{k}", {(i, t): (torch.randn(rank, ins[t]) * 0.05, torch.randn(widths[t], rank) * 0.05)
+                                  for i in range(cfg.n_layer) for t in widths}, widths) for k in range(4)]
+    runner = Runner(model, 8)
+    prompts = [torch.randint(0, cfg.vocab_size, (24 + j,)).tolist() for j in range(8)]
+    for j, p in enumerate(prompts):
+        runner.extend(j, p)
+    start = runner.lens.clone()
+
+    def decode(slot_adapters):
+        def go():
+            runner.slot_adapter[:] = slot_adapters
+            runner.lens.copy_(start)
+            tokens = [p[-1] for p in prompts]
+            for _ in range(n_tokens):
+                tokens = runner.decode(tokens).argmax(-1).tolist()
+        return go
+    providers = {"quark no adapter": decode([None] * 8), "quark 4 adapters": decode(adapters * 2)}
+    times = interleaved(providers, repeats=repeats, warmup=1)
+    rows = summarize(AREA, f"decode batch 8, LoRA r{rank} on all projections", times,
+                     extra={"d_model": cfg.d_model, "layers": cfg.n_layer})
+    for r in rows:
+        r.extra["tokens_per_s"] = round(8 * n_tokens / r.median_s, 1)
+        print(f"  {r.case:<44} {r.provider:<20} tokens_per_s {r.extra['tokens_per_s']}")
     return rows
 
 

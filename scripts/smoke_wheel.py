@@ -1,7 +1,8 @@
 """Smoke test of an installed Quark (the wheel, in a fresh virtual environment with no compiler on
 PATH; .ci/wheel_check runs it): the package comes from site-packages with the version of its
 metadata, `quark info` runs, one call of every kernel family agrees with its oracle in
-quark.ops.reference on this CPU's dispatch path, and a quark.search.Index survives save and load.
+quark.ops.reference on this CPU's dispatch path, a quark.search.Index survives save and load, and
+`quark run finetune --plan` finds the shipped recipe (recipes/finetune.yaml, packaged as quark/recipes).
 Run it from outside the source tree: python scripts/smoke_wheel.py"""
 import importlib.metadata
 import json
@@ -20,7 +21,7 @@ import quark.ops
 import quark.search
 from quark.ops import reference as ref
 
-FAMILIES = {"attention", "distance", "gather_distance", "gemv_f32", "quant", "minhash"}
+FAMILIES = {"attention", "distance", "gather_distance", "gemv_bf16", "gemv_f32", "quant", "minhash"}
 
 
 def check(name, got, want, tol):
@@ -64,12 +65,14 @@ def main():
     qt, lens = torch.randn(2, 4, 32, generator=g), torch.tensor([9, 4])
     check("decode_attention", quark.ops.decode_attention(qt, kq, vq, lens, k_scale=ks, v_scale=vs),
           ref.decode_attention(qt.double(), kq, vq, lens, k_scale=ks, v_scale=vs), 1e-5)
-    # quant and gemv_f32: int4 / int8 / w8a8 linear layers and the fp32 GEMV
+    # quant, gemv_f32 and gemv_bf16: int4 / int8 / w8a8 linear layers and the fp32 and bf16 GEMVs
     x, w, b = torch.randn(3, 96, generator=g), torch.randn(40, 96, generator=g), torch.randn(40, generator=g)
     for scheme in ("int4", "int8", "w8a8"):
         qw = quark.ops.quantize(w, scheme)
         check(f"qlinear {scheme}", quark.ops.qlinear(x, qw, b), ref.qlinear(x.double(), qw, b.double()), 1e-5)
     check("linear", quark.ops.linear(x, w, b), ref.linear(x.double(), w.double(), b.double()), 1e-5)
+    xb, wb, bb = x.bfloat16(), w.bfloat16(), b.bfloat16()   # gemv_bf16: fp32 sums rounded once to bf16
+    check("linear bf16", quark.ops.linear(xb, wb, bb), ref.linear(xb.double(), wb.double(), bb.double()), 2e-2)
     # distance: every metric
     xs, ys = np.random.default_rng(0).standard_normal((2, 7, 33)).astype(np.float32)
     for metric in ("l2", "ip", "cosine"):
@@ -96,8 +99,17 @@ def main():
         after = quark.search.Index.load(f"{tmp}/index.qidx").search(queries, k=4)
     if not all(np.array_equal(x, y) for x, y in zip(before, after)):
         sys.exit("FAIL hnsw Index answers differently after save/load")
-    print("smoke test OK: attention, decode_attention, qlinear int4/int8/w8a8, linear, distance, minhash, "
-          "Index (flat exact; hnsw sq8 save/load)")
+    # the shipped recipes by name, from a directory without recipes/: planned on a tiny base model
+    from quark.model import GPT, preset
+    from quark.model.io import save_model
+    with tempfile.TemporaryDirectory() as tmp:
+        save_model(GPT(preset("nano", vocab_size=256, n_layer=1, d_model=32, n_head=2, n_kv_head=1)), f"{tmp}/base")
+        r = subprocess.run(["quark", "run", "finetune", "--plan", "--base-model", f"{tmp}/base", "--run-dir",
+                            f"{tmp}/run"], capture_output=True, text=True, cwd=tmp)
+    if r.returncode != 0 or "recipe finetune" not in r.stdout or "sft" not in r.stdout:
+        sys.exit(f"FAIL quark run finetune --plan: {r.stdout[-500:]}{r.stderr[-500:]}")
+    print("smoke test OK: attention, decode_attention, qlinear int4/int8/w8a8, linear fp32/bf16, distance, minhash, "
+          "Index (flat exact; hnsw sq8 save/load), quark run finetune --plan")
 
 
 if __name__ == "__main__":

@@ -71,6 +71,21 @@ def make_hf_model(directory, kind="llama", seed=0, dtype=torch.float32, tokenize
     return model
 
 
+def make_peft_adapter(hf_model, directory, seed=0, **lora_config):
+    """Save a peft LoRA adapter of hf_model with random (non-zero) lora_B -> the peft model, in eval mode."""
+    import copy
+
+    import peft
+    pm = peft.get_peft_model(copy.deepcopy(hf_model), peft.LoraConfig(**lora_config))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    pm.save_pretrained(directory)
+    return pm.eval()
+
+
 def make_packed_run(tmp_path):
     """A run with Quark's own tokenizer and its pack (dedup/docs.jsonl of code and documentation, 20%
     held out): the text an HF model with another vocabulary is scored on."""

@@ -1,6 +1,11 @@
 """Shared fixtures of the serve tests: a tiny byte-level BPE tokenizer with the chat special tokens,
-a tiny random GPT saved as a model directory, and a real uvicorn server on a free 127.0.0.1 port."""
+a tiny random GPT saved as a model directory, LoRA adapters of it, and a real uvicorn server on a free 127.0.0.1 port."""
+import contextlib
+import copy
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -11,6 +16,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from quark.chat import SPECIAL_TOKENS
 from quark.model import GPT, GPTConfig
 from quark.model.io import save_model
+from quark.model.lora import LoRAConfig, apply_lora, lora_modules, save_adapter, strip_lora
 
 CORPUS = ["The quick brown fox jumps over the lazy dog.", "Hello world, this is Quark serving text.",
           "def add(a, b):\n    return a + b\n", "Numbers 0123456789 and symbols !?.,;:()[]{}",
@@ -38,6 +44,16 @@ def make_model(vocab_size, seed=0, **overrides):
     return model
 
 
+@torch.no_grad()
+def perturbed(model, scale=0.05):
+    """A copy with noise on every weight: a draft model that mostly agrees with the model."""
+    draft = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(0)
+    for w in draft.parameters():
+        w += scale * torch.randn(w.shape, generator=g) * w.std()
+    return draft
+
+
 def make_model_dir(directory, seed=0, **overrides):
     """A model directory with tokenizer.json, as the training steps write it -> (dir, model, tokenizer)."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -45,6 +61,18 @@ def make_model_dir(directory, seed=0, **overrides):
     model = make_model(tok.get_vocab_size(), seed, **overrides)
     save_model(model, directory)
     return directory, model, tok
+
+
+def make_adapter(base, directory, targets, seed, rank=4, alpha=8.0):
+    """Save a LoRA adapter of base with random (non-zero) B -> a copy of base with it merged into the weights."""
+    m = copy.deepcopy(base)
+    apply_lora(m, LoRAConfig(rank=rank, alpha=alpha, targets=targets))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in lora_modules(m).values():
+            mod.lora_B.copy_(torch.randn(mod.lora_B.shape, generator=g) * 0.3)
+    save_adapter(m, directory)
+    return strip_lora(m).eval()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -89,3 +117,32 @@ class ServerThread:
     def __exit__(self, *exc):
         self.server.should_exit = True
         self.thread.join(30)
+
+
+@contextlib.contextmanager
+def serve_process(*args):
+    """`quark serve ARGS` as a real process on a free 127.0.0.1 port -> its base URL once /health answers."""
+    import httpx
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "quark.cli", "serve", *map(str, args), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.time() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"server did not start: {proc.stdout.read().decode() if proc.poll() is not None else ''}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

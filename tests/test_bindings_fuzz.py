@@ -228,6 +228,8 @@ def valid_calls(d):
                                        r.random() < 0.5],
         "decode_attention": decode,
         "gemv_f32": lambda: [t(B, K), t(N, K), r.choice([None, t(N)]), t(B, N)],
+        "gemv_bf16": lambda: [t(B, K, dtype=torch.bfloat16), t(N, K, dtype=torch.bfloat16),
+                              r.choice([None, t(N, dtype=torch.bfloat16)]), t(B, N, dtype=torch.bfloat16)],
         "qlinear": lambda: [t(B, qt.packed_k, dtype=dt), _C.PackedWeight(*pw), r.choice([None, t(N)]), t(B, N, dtype=dt),
                             r.random() < 0.5],
         "PackedWeight": lambda: list(pw),

@@ -51,6 +51,28 @@ def test_runner_matches_model_forward(model):
     torch.testing.assert_close(r.decode([int(ids[0, 4])])[0], ref[4], atol=2e-5, rtol=1e-4)
 
 
+def test_forward_verifies_ragged_proposals_and_rolls_back(model):
+    """Speculative verification: ragged feeds to three slots holding ragged prefixes score every position
+    as the model's own forward does; lowering lens (rejected proposals) and extending again is exact."""
+    seqs = [torch.randint(8, model.config.vocab_size, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+            for n in (9, 14, 5)]
+    with torch.no_grad():
+        refs = [model(torch.tensor([s]))[0][0] for s in seqs]                                # (n, V) each
+    r = Runner(model, slots=3)
+    cuts = (4, 13, 0)
+    for slot, (s, cut) in enumerate(zip(seqs, cuts)):
+        if cut:
+            r.extend(slot, s[:cut])
+    out = r.forward([(j, s[cut:]) for j, (s, cut) in enumerate(zip(seqs, cuts))], [True] * 3)
+    for got, ref, cut in zip(out, refs, cuts):
+        torch.testing.assert_close(got, ref[cut:], atol=2e-5, rtol=1e-4)
+    assert r.lens.tolist() == [9, 14, 5]
+    r.lens[:] = torch.tensor([2, 3, 4])
+    last = r.forward([(2, seqs[2][4:]), (0, seqs[0][2:6])])
+    torch.testing.assert_close(torch.stack(last), torch.stack([refs[2][4], refs[0][5]]), atol=2e-5, rtol=1e-4)
+    assert r.lens.tolist() == [6, 3, 5]
+
+
 @pytest.mark.parametrize("cache_dtype", ["bf16", "int8"])
 def test_low_precision_caches_are_close(model, cache_dtype):
     ids = list(range(10, 30))

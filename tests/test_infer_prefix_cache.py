@@ -50,3 +50,14 @@ def test_lru_eviction_under_the_budget_takes_leaves_first():
     assert len(tiny) == 0 and tiny.nbytes == 0 and tiny.lookup(a, limit=8) == (0, None)
     with pytest.raises(ValueError, match="budget_bytes"):
         PrefixCache(0)
+
+
+def test_key_spaces_never_share_a_prefix():
+    """KV computed with a LoRA adapter lives in its own key space: the same tokens in another space miss."""
+    cache, read = PrefixCache(1 << 20, block_size=4), Positions()
+    a = list(range(10, 19))
+    cache.insert(a, read, b"adapter:x")
+    assert cache.lookup(a, 8)[0] == 0 and cache.lookup(a, 8, b"adapter:y")[0] == 0
+    assert cache.lookup(a, 8, b"adapter:x")[0] == 8
+    cache.insert(a, read)                       # the base's own blocks: read again, kept beside x's
+    assert read.reads == [(0, 8), (0, 8)] and len(cache) == 4 and cache.lookup(a, 8)[0] == 8

@@ -104,6 +104,15 @@ def test_bf16_checkpoint_keeps_its_dtype(tmp_path):
     assert _rel(ours, exact) <= 2 * _rel(theirs, exact) + 1e-3
 
 
+def test_load_takes_the_device(tmp_path):
+    """Weights and rotary tables go where `device` says (meta here: any device but the default CPU);
+    nothing in the loader pins them to the CPU."""
+    make_hf_model(tmp_path, "qwen2", tokenizer=False)
+    model = load_model(tmp_path, device="meta")
+    tensors = list(model.parameters()) + list(model.buffers())
+    assert tensors and {t.device.type for t in tensors} == {"meta"}
+
+
 def _config(d):
     return json.loads((d / "config.json").read_text())
 

@@ -53,6 +53,35 @@ def test_patched_logits_and_generate(tmp_path, calls, kind, overrides):
     assert calls["decode_attention"] > 0   # (Mistral's decode past its window takes transformers' SDPA path)
 
 
+def test_patched_bf16_model_runs_the_bf16_gemv(tmp_path, monkeypatch):
+    """A bf16 model's projections at decode-sized rows go to the bf16 GEMV, and its logits are no
+    further from the fp32 computation on the same weights than transformers' own bf16 forward."""
+    import copy
+    import importlib
+    linear_module = importlib.import_module("quark.ops.linear")   # (quark.ops.linear is also the function)
+    hf = make_hf_model(tmp_path, "llama", tokenizer=False, dtype=torch.bfloat16)
+    exact = copy.deepcopy(hf).float()
+    x = torch.randint(0, VOCAB, (2, 7))                        # 14 rows: within the GEMV's MAX_ROWS
+    with torch.no_grad():
+        ref, stock = exact(x).logits, hf(x).logits.float()
+    ref_tokens = _generate(hf, x[:1, :5], 16)
+    gemv = {"calls": 0}
+    real = linear_module._KERNELS[torch.bfloat16]
+
+    def counted(*args):
+        gemv["calls"] += 1
+        return real(*args)
+    monkeypatch.setitem(linear_module._KERNELS, torch.bfloat16, counted)
+    quark.patch(hf)
+    with torch.no_grad():
+        ours = hf(x).logits.float()
+    assert gemv["calls"] == 7 * hf.config.num_hidden_layers + 1   # every projection and the head
+    err, theirs = float((ours - ref).abs().max()), float((stock - ref).abs().max())
+    assert 0 < err <= 1.5 * theirs, (err, theirs)
+    tokens = _generate(hf, x[:1, :5], 16)
+    assert tokens.shape == ref_tokens.shape and gemv["calls"] > 8 * hf.config.num_hidden_layers
+
+
 @pytest.mark.parametrize("scheme", ["int8", "int4", "w8a8"])
 def test_quantize_then_generate(tmp_path, scheme):
     hf = quark.patch(make_hf_model(tmp_path, "llama", tokenizer=False))

@@ -8,7 +8,8 @@ import pytest
 
 from quark.config import ConfigError
 from quark.pipeline import run, summary, validate
-from quark.recipe import STEP_NAMES, STEPS, default_recipe_path, load_recipe, recipe_steps, step_config
+from quark.recipe import (STEP_NAMES, STEPS, default_recipe_path, load_recipe, recipe_path, recipe_steps,
+                          recipes_dir, step_config)
 
 
 def write(tmp_path, text):
@@ -21,6 +22,38 @@ def test_default_recipe_loads_and_is_valid():
     r = load_recipe(default_recipe_path())
     assert r["name"] == "default" and r["budget"] == "default"
     assert set(r["steps"]) <= set(STEP_NAMES)
+
+
+def test_shipped_recipes_load_by_name_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)   # no recipes/ here: names resolve to the shipped ones (the wheel's quark/recipes)
+    assert recipe_path("finetune") == recipes_dir() / "finetune.yaml" and recipe_path(None) == default_recipe_path()
+    assert load_recipe("default")["steps"] == load_recipe()["steps"]
+    (tmp_path / "finetune").write_text("name: mine\n")   # a file of that name is the user's recipe
+    assert load_recipe("finetune")["name"] == "mine"
+    with pytest.raises(ConfigError, match=r"recipe 'fintune' is neither a file nor a shipped recipe \(default, finetune"):
+        load_recipe("fintune")
+    with pytest.raises(ConfigError, match="recipe fintune.yaml does not exist"):
+        load_recipe("fintune.yaml")
+
+
+def test_installed_layout_finds_the_shipped_recipes(tmp_path):
+    """The wheel's layout (CMakeLists.txt installs recipes/*.yaml as quark/recipes; no checkout above the
+    package): `quark run finetune` still finds the recipe, from any working directory."""
+    import shutil
+    from pathlib import Path
+
+    import quark
+    from quark.model.io import save_model
+    from tests.tiny_lm import tiny_model
+    site = tmp_path / "site"
+    shutil.copytree(Path(quark.__file__).parent, site / "quark", ignore=shutil.ignore_patterns("__pycache__", "recipes"))
+    shutil.copytree(recipes_dir(), site / "quark" / "recipes", ignore=shutil.ignore_patterns("*.md"))
+    save_model(tiny_model(64), tmp_path / "base")
+    r = subprocess.run([sys.executable, "-m", "quark.cli", "run", "finetune", "--plan", "--base-model",
+                        str(tmp_path / "base"), "--run-dir", str(tmp_path / "run")], capture_output=True, text=True,
+                       timeout=120, cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(site)})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "recipe finetune" in r.stdout and "sft" in r.stdout and "no pretraining to plan" in r.stdout
 
 
 def test_budget_overrides_apply(tmp_path):

@@ -1,4 +1,4 @@
-"""`quark run recipes/finetune.yaml --base-model DIR --budget tiny`: a run that starts from a Hugging
+"""`quark run finetune --base-model DIR --budget tiny` (recipes/finetune.yaml): a run that starts from a Hugging
 Face checkpoint instead of pretraining (instruct -> sft -> dpo -> quantize -> eval -> report), and the
 models it writes read back by transformers (through quark export) and by load_model."""
 import json
@@ -48,7 +48,7 @@ def finetune_run(tmp_path_factory):
 def test_recipe_runs_only_its_steps_and_needs_a_base_model(tmp_path):
     base = make_base(tmp_path / "base")
     assert recipe_steps(load_recipe(RECIPE, base_model=str(base))) == STEPS
-    r = quark("run", str(RECIPE), "--plan", "--run-dir", str(tmp_path / "run"), "--base-model", str(base))
+    r = quark("run", "finetune", "--plan", "--run-dir", str(tmp_path / "run"), "--base-model", str(base))
     assert r.returncode == 0 and "no pretraining to plan" in r.stdout and "pretrain" not in r.stdout.split("starts")[0]
     r = quark("run", str(RECIPE), "--plan", "--run-dir", str(tmp_path / "run"))
     assert r.returncode == 2 and "base_model" in r.stdout and "models/base" in r.stdout

@@ -18,10 +18,13 @@ def test_generate_greedy_and_speculative(tmp_path, capsys):
     assert main(["generate", str(tmp_path / "run"), "--prompt", "The quick", "--max-tokens", "12", "--temperature", "0"]) == 0
     out = capsys.readouterr()
     assert out.out == want + "\n" and "12 generated" in out.err
-    assert main(["generate", str(mdir), "--prompt", "The quick", "--max-tokens", "12", "--temperature", "0",
-                 "--draft", str(draft), "--draft-k", "3"]) == 0
-    out = capsys.readouterr()
-    assert out.out == want + "\n" and "draft tokens accepted" in out.err
+    for spec in (["--draft", str(draft), "--draft-k", "3"], ["--prompt-lookup"]):
+        assert main(["generate", str(mdir), "--prompt", "The quick", "--max-tokens", "12", "--temperature", "0",
+                     *spec]) == 0
+        out = capsys.readouterr()
+        assert out.out == want + "\n" and "proposed tokens accepted" in out.err
+    assert main(["generate", str(mdir), "--prompt", "x", "--draft", str(draft), "--prompt-lookup"]) == 2
+    assert "exclude each other" in capsys.readouterr().err
 
 
 def test_generate_errors(tmp_path, capsys):

@@ -17,7 +17,9 @@ from quark.chat import encode_chat
 from quark.infer.engine import Engine
 from quark.infer.sampling import SamplingParams
 from quark.serve.server import create_app
-from tests.serve_helpers import ServerThread, free_port, make_model, make_model_dir, make_tokenizer, single_thread  # noqa: F401
+from quark.model.io import save_model
+from tests.serve_helpers import (ServerThread, free_port, make_model, make_model_dir, make_tokenizer, perturbed,  # noqa: F401
+                                  serve_process, single_thread)
 
 MSG = [{"role": "user", "content": "Hello world"}]
 
@@ -908,3 +910,131 @@ def test_chat_without_max_tokens_gets_what_fits_and_an_overfull_conversation_is_
     assert e.value.code == "context_length_exceeded" and e.value.param == "messages"
     r = client.chat.completions.create(model="tiny", messages=turns[4:] + turn + turn + MSG, temperature=0)
     assert r.usage.prompt_tokens + r.usage.completion_tokens <= ctx   # the oldest turns dropped: it fits again
+
+
+@pytest.mark.parametrize("spec", ["--draft", "--prompt-lookup"])
+def test_speculative_server_answers_the_models_greedy_text(tmp_path, spec):
+    """`quark serve --draft DIR` / `--prompt-lookup` as a real process, read with the openai client:
+    the same greedy text (chat, and a streamed completion) as the model alone, with proposals kept."""
+    mdir, model, tok = make_model_dir(tmp_path / "model", seed=2)   # its greedy text repeats: prompt lookup has hits
+    save_model(perturbed(model), tmp_path / "draft")
+    prompt = "The quick brown fox jumps over the lazy dog. The quick"
+    want_chat = expected_chat(model, tok, MSG, 40).text
+    eng = Engine(model, tok, max_batch=1)
+    want_text = eng.generate(tok.encode(prompt).ids, SamplingParams(max_tokens=40, temperature=0)).text
+    eng.shutdown()
+    args = [mdir, "--max-batch", "2"] + (["--draft", tmp_path / "draft", "--draft-k", "3"] if spec == "--draft" else [spec])
+    with serve_process(*args) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        chat = client.chat.completions.create(model="model", messages=MSG, max_tokens=40, temperature=0)
+        assert chat.choices[0].message.content == want_chat
+        stream = client.completions.create(model="model", prompt=prompt, max_tokens=40, temperature=0, stream=True)
+        assert "".join(c.choices[0].text for c in stream) == want_text
+        metrics = httpx.get(url + "/metrics").text
+    accepted = next(float(line.split()[1]) for line in metrics.splitlines() if line.startswith("quark_spec_accepted_tokens "))
+    assert accepted > 0
+
+
+def test_serve_speculation_flags_name_what_is_wrong(tmp_path, capsys):
+    from quark.cli import main
+    mdir, _, _ = make_model_dir(tmp_path / "model")
+    assert main(["serve", str(mdir), "--draft", str(tmp_path / "nope")]) == 2
+    assert "config.json is missing" in capsys.readouterr().err
+    assert main(["serve", str(mdir), "--draft", str(mdir), "--prompt-lookup"]) == 2
+    assert "exclude each other" in capsys.readouterr().err
+    make_model_dir(tmp_path / "short", max_seq_len=64)
+    assert main(["serve", str(mdir), "--draft", str(tmp_path / "short")]) == 2
+    assert "draft's context" in capsys.readouterr().err
+
+
+def test_lora_adapters_by_name_through_quark_serve(tmp_path):
+    """`quark serve BASE --adapter q=QUARK_DIR --adapter p=PEFT_DIR` on a tiny HF Llama: /v1/models lists them,
+    each `model` gets its own greedy text (the merged Quark adapter's, peft's own, the base's) while all of
+    them, and requests naming no such adapter (a 404 naming the field), arrive together."""
+    pytest.importorskip("peft")
+    import torch
+
+    from quark.model.hf import load_hf
+    from tests.hf_helpers import make_hf_model, make_peft_adapter
+    from tests.serve_helpers import make_adapter
+    hf = make_hf_model(tmp_path / "base", "llama", max_position_embeddings=128)
+    peft_model = make_peft_adapter(hf, tmp_path / "p", seed=1, r=4, lora_alpha=8,
+                                   target_modules=["q_proj", "v_proj", "o_proj", "up_proj"])
+    merged = make_adapter(load_hf(tmp_path / "base"), tmp_path / "q", ["wq", "wk", "w1", "w2"], seed=2)
+    prompts = [[40, 41, 42, 43], [100, 101, 9], [7, 8, 9, 10, 11, 12]]
+
+    @torch.no_grad()
+    def greedy_text(forward, ids, n=10):
+        out = []
+        while len(out) < n:
+            t = int(forward(torch.tensor([ids + out]))[0, -1].argmax())
+            if t in (0, 2):   # the checkpoint's eos ids
+                break
+            out.append(t)
+        return hf_tok.decode(out, skip_special_tokens=True)
+
+    import transformers
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "base")
+    forwards = {"base": lambda x: hf(x).logits, "base:p": lambda x: peft_model(x).logits,
+                "base:q": lambda x: merged(x)[0]}
+    want = {(m, j): greedy_text(f, p) for m, f in forwards.items() for j, p in enumerate(prompts)}
+    assert want["base:p", 0] != want["base", 0] and want["base:q", 0] != want["base", 0]
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "quark.cli", "serve", str(tmp_path / "base"), "--port", str(port),
+                             "--model-name", "base", "--max-batch", "4", "--adapter", f"q={tmp_path / 'q'}",
+                             "--adapter", f"p={tmp_path / 'p'}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.time() < deadline and proc.poll() is None, proc.stdout.read().decode() if proc.poll() else ""
+            time.sleep(0.2)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        assert [m.id for m in client.models.list().data] == ["base", "base:q", "base:p"]
+        got, errors = {}, []
+
+        def one(model, j):
+            try:
+                r = client.completions.create(model=model, prompt=prompts[j], max_tokens=10, temperature=0)
+                got[model, j] = r.choices[0].text
+                assert r.model == model
+            except openai.NotFoundError as e:
+                errors.append(e)
+        jobs = [(m, j) for m in forwards for j in range(len(prompts))] + [("base:nope", 0), ("p", 1), ("base:", 2)]
+        threads = [threading.Thread(target=one, args=job) for job in jobs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert got == want
+        assert len(errors) == 3
+        for e in errors:
+            assert e.status_code == 404 and e.body["param"] == "model" and "'base:q'" in e.body["message"]
+        text = "".join(c.choices[0].text for c in client.completions.create(
+            model="base:p", prompt=prompts[2], max_tokens=10, temperature=0, stream=True))
+        assert text == want["base:p", 2]
+        bad = httpx.post(url + "/v1/embeddings", json={"model": "base:q", "input": "hi"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "model"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_serve_adapter_flag_says_what_is_wrong(tmp_path, capsys):
+    from quark.cli import main
+    mdir, model, _ = make_model_dir(tmp_path / "model")
+    assert main(["serve", str(mdir), "--adapter", "nodir"]) == 2
+    assert "expected NAME=DIR" in capsys.readouterr().err
+    assert main(["serve", str(mdir), "--adapter", f"a={tmp_path}"]) == 2
+    assert "neither adapter.safetensors" in capsys.readouterr().err
+    from tests.serve_helpers import make_adapter
+    make_adapter(make_model(model.config.vocab_size, d_model=32), tmp_path / "small", ["wq"], seed=0)
+    assert main(["serve", str(mdir), "--adapter", f"a={tmp_path / 'small'}"]) == 2
+    assert "tensor blocks.0.attn.wq.lora_A has shape (4, 32)" in capsys.readouterr().err

@@ -24,3 +24,25 @@ def test_domain_errors(tmp_path):
         domain.run_step(run, {"seed": 0, "general": "bad.jsonl"})
     with pytest.raises(ConfigError, match="replay"):
         domain.validate_config({"replay": 1.5})
+
+
+def test_domain_adaptation_of_a_hugging_face_directory(tmp_path):
+    """init = an HF Llama directory (save_pretrained): its own tokenizer and eos separate the documents,
+    training lowers the domain loss, and the adapted model keeps the checkpoint's tokenizer and template."""
+    pytest.importorskip("transformers")
+    from quark.model.io import load_model
+    from quark.rundir import RunDir
+    from tests.hf_helpers import make_hf_model
+    make_hf_model(tmp_path / "hf", "llama", max_position_embeddings=128)
+    run = tmp_path / "run"
+    write_jsonl(run / "code.jsonl", [{"text": f"def f{i}(x):\n    return x + {i}\n"} for i in range(60)])
+    write_jsonl(run / "docs.jsonl", [{"text": "the quick brown fox jumps over the lazy dog."}] * 60)
+    chat = RunDir(run).chat(tmp_path / "hf")
+    stream = domain.tokenize_corpus(run / "docs.jsonl", chat.tokenizer, chat.eos_id, 10_000)
+    assert chat.eos_id == chat.tokenizer.token_to_id("<|im_end|>") and stream[-1] == chat.eos_id
+    stats = domain.run_step(run, {"seed": 0, "init": str(tmp_path / "hf"), "domain": "code.jsonl",
+                                  "general": "docs.jsonl", "steps": 20, "batch_size": 4, "seq_len": 32, "lr": 5e-3})
+    assert stats["domain_loss_after"] < stats["domain_loss_before"] - 0.5
+    final = run / "domain" / "final"
+    assert (final / "chat_template.jinja").exists() and (final / "tokenizer.json").exists()
+    assert load_model(final).config.vocab_size == chat.tokenizer.get_vocab_size()

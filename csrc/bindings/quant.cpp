@@ -7,6 +7,7 @@
 #include <string>
 
 #include "bindings/common.h"
+#include "quant/gemv_bf16.h"
 #include "quant/gemv_f32.h"
 #include "quant/qlinear.h"
 
@@ -133,6 +134,31 @@ void bind_quant(nb::module_& m) {
       },
       nb::arg("x").noconvert(), nb::arg("weight").noconvert(), nb::arg("bias").noconvert().none(),
       nb::arg("out").noconvert(), "out (M, N) = x (M, K) . weight (N, K)^T + bias, streamed for small M");
+  m.def(
+      "gemv_bf16",
+      [](CArray<nb::ro, nb::ndim<2>> x, CArray<nb::ro, nb::ndim<2>> weight, std::optional<CArray<nb::ro, nb::ndim<1>>> bias,
+         CArray<nb::ndim<2>> out) {
+        check(x.dtype() == kBf16, "x must be bfloat16");
+        check(weight.dtype() == kBf16, "weight must be bfloat16");
+        check(out.dtype() == kBf16, "out must be bfloat16");
+        const int64_t N = weight.shape(0), K = weight.shape(1);
+        check(x.shape(1) == static_cast<size_t>(K),
+              "x has K=" + std::to_string(x.shape(1)) + " but the weight has K=" + std::to_string(K));
+        check(out.shape(0) == x.shape(0) && out.shape(1) == static_cast<size_t>(N),
+              "out must have shape " + shape_str(x.shape(0), N));
+        if (bias) {
+          check(bias->dtype() == kBf16, "bias must be bfloat16");
+          check(bias->shape(0) == static_cast<size_t>(N), "bias must have shape (" + std::to_string(N) + ",)");
+        }
+        GemvBf16Args a{static_cast<const uint16_t*>(x.data()), static_cast<const uint16_t*>(weight.data()),
+                       bias ? static_cast<const uint16_t*>(bias->data()) : nullptr, static_cast<uint16_t*>(out.data()),
+                       static_cast<int64_t>(x.shape(0)), N, K};
+        nb::gil_scoped_release release;
+        gemv_bf16(a);
+      },
+      nb::arg("x").noconvert(), nb::arg("weight").noconvert(), nb::arg("bias").noconvert().none(),
+      nb::arg("out").noconvert(),
+      "out (M, N) = x (M, K) . weight (N, K)^T + bias, all bfloat16 (fp32 sums, one rounding), streamed for small M");
 }
 
 }  // namespace quark::py

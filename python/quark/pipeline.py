@@ -112,7 +112,7 @@ def preview_plan(recipe):
 
 
 def configure_parser(parser):
-    parser.add_argument("recipe", nargs="?", default=None, help="recipe YAML (default: recipes/default.yaml)")
+    parser.add_argument("recipe", nargs="?", default=None, help="recipe YAML file, or a shipped recipe's name: default, finetune (default: default)")
     parser.add_argument("--budget", choices=BUDGETS, default=None,
                         help="scale every step: tiny (CI, minutes), default, large (a bigger model and corpus)")
     parser.add_argument("--run-dir", default=None, help="override the recipe's run directory")

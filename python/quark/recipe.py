@@ -58,15 +58,37 @@ def load_step(name):
     return step
 
 
+def recipes_dir():
+    """The shipped recipes: the checkout's recipes/ (source or editable install), else the wheel's
+    quark/recipes (CMakeLists.txt installs every recipes/*.yaml there)."""
+    source = Path(__file__).resolve().parents[2] / "recipes"
+    return source if (source / "default.yaml").exists() else Path(__file__).parent / "recipes"
+
+
 def default_recipe_path():
-    source = Path(__file__).resolve().parents[2] / "recipes" / "default.yaml"  # source checkout / editable
-    return source if source.exists() else Path(__file__).parent / "recipes" / "default.yaml"  # wheel
+    return recipes_dir() / "default.yaml"
+
+
+def recipe_path(recipe=None):
+    """A recipe file from a YAML path, or the name of a shipped recipe ("finetune": recipes/finetune.yaml,
+    found the same way in a checkout and in an installed wheel); None: the default recipe."""
+    if recipe is None:
+        return default_recipe_path()
+    path = Path(recipe)
+    if path.exists():
+        return path
+    if path.suffix or len(path.parts) > 1:
+        raise ConfigError(f"recipe {path} does not exist")
+    shipped = recipes_dir() / f"{recipe}.yaml"
+    if not shipped.exists():
+        names = ", ".join(sorted(f.stem for f in recipes_dir().glob("*.yaml")))
+        raise ConfigError(f"recipe {recipe!r} is neither a file nor a shipped recipe ({names})")
+    return shipped
 
 
 def load_recipe(path=None, budget=None, run_dir=None, base_model=None):
-    path = Path(path) if path else default_recipe_path()
-    if not path.exists():
-        raise ConfigError(f"recipe {path} does not exist")
+    """The recipe at `path` (a YAML file or a shipped recipe's name; None: the default), checked."""
+    path = recipe_path(path)
     try:
         recipe = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:

@@ -2,6 +2,5 @@
 streaming, speculative decoding). Serving, RAG, eval generation and RL sampling all run it."""
 from quark.infer.engine import Engine, QueueFull, Runner, ShuttingDown, load_for_serving
 from quark.infer.sampling import SamplingParams
-from quark.infer.speculative import SpeculativeDecoder
 
-__all__ = ["Engine", "QueueFull", "Runner", "SamplingParams", "ShuttingDown", "SpeculativeDecoder", "load_for_serving"]
+__all__ = ["Engine", "QueueFull", "Runner", "SamplingParams", "ShuttingDown", "load_for_serving"]

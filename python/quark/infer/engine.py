@@ -16,7 +16,14 @@
   the rest is prefilled at most prefill_chunk tokens per step; each step is one Runner.forward over the
   running streams' next tokens and the prompt chunks (chunked prefill with decodes riding on the chunk:
   Sarathi-Serve, Agrawal et al. 2024), so a long prompt never stalls the streams for longer than one chunk.
+  With a draft model or prompt lookup (quark.infer.speculative), while at most spec_max_batch requests
+  run and no prompt is prefilling, a step is a speculative round instead: proposals for every active
+  slot are verified in one Runner.forward and rejection sampling keeps the target's distribution. Beyond
+  that, plain batched decode already reads each weight once for many tokens, and a round would not pay.
 Any module with the nn.Linear call contract works as a projection, so QuantLinear models run as is.
+LoRA adapters (quark.infer.lora) run unmerged beside the base: each slot names its adapter, and after
+every projection each adapter in the batch adds its low-rank delta to its own rows, so requests with
+different adapters, or none, share every decode step.
 The options of Hugging Face checkpoints (quark.model.hf) run as quark.model.gpt runs them: biases in
 the projections, q/k norms before the rotation, rope scaling through model.rope, and a sliding window
 as a mask (prefill) or windowed attention (decode past the window).
@@ -31,12 +38,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from quark import ops
+from quark.infer.lora import Adapter, RowAdapters
 from quark.infer.prefix_cache import PrefixCache
-from quark.infer.sampling import Detokenizer, SamplingParams, sample, token_logprobs
+from quark.infer.sampling import Detokenizer, SamplingParams, probs, sample, token_logprobs
+from quark.infer.speculative import DraftModel, PromptLookup, verify_token
 from quark.model.gpt import window_attention
 
 # int8: symmetric per (token, head) with float32 scales (quark.ops.quantize_kv), a quarter of fp32's bytes
 CACHE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
+SPEC_MAX_BATCH = 4   # speculate while at most this many requests run; beyond, batched decode is faster
 
 
 class QueueFull(RuntimeError):
@@ -59,6 +69,11 @@ def _linear(module, x):
     if type(module) is nn.Linear:
         return ops.linear(x, module.weight, module.bias)
     return module(x)
+
+
+def _delta(y, x, lora, i, targets):
+    """y, the projection of x over layer i's targets, plus its rows' LoRA deltas (lora: RowAdapters or None)."""
+    return y if lora is None else lora.add(y, x, i, targets)
 
 
 def _fuse(linears):
@@ -95,18 +110,25 @@ class Runner:
             self.k_scale = [torch.zeros(shape[:3]) for _ in range(cfg.n_layer)]                 # (slots, Hkv, Smax)
             self.v_scale = [torch.zeros(shape[:3]) for _ in range(cfg.n_layer)]
         self.lens = torch.zeros(slots, dtype=torch.long)
+        # the LoRA adapter (quark.infer.lora.Adapter) or None each slot's sequence runs with: set before its
+        # prefill, it moves with the sequence; rows of one batch may each run another (RowAdapters)
+        self.slot_adapter = [None] * slots
+        self.lora_cache = {}       # RowAdapters' stacks and masks of the running batch, kept across steps
         # fuse=False leaves the model's parameters alone (fusing replaces them by views of one tensor): for
         # a model that is still being trained between generations, such as the RL policy
         with torch.no_grad():
             self.qkv = [_fuse([b.attn.wq, b.attn.wk, b.attn.wv]) if fuse else None for b in model.blocks]
             self.gate_up = [_fuse([b.mlp.w1, b.mlp.w3]) if fuse else None for b in model.blocks]
 
-    def _project_qkv(self, i, h):
+    def _proj(self, i, module, target, h, lora):
+        return _delta(_linear(module, h), h, lora, i, (target,))
+
+    def _project_qkv(self, i, h, lora):
         a = self.model.blocks[i].attn
         if self.qkv[i] is not None:
-            return ops.linear(h, self.qkv[i]).split(
+            return _delta(ops.linear(h, self.qkv[i]), h, lora, i, ("wq", "wk", "wv")).split(
                 [self.cfg.n_head * self.cfg.head_dim] + [self.cfg.n_kv_head * self.cfg.head_dim] * 2, -1)
-        return _linear(a.wq, h), _linear(a.wk, h), _linear(a.wv, h)
+        return tuple(self._proj(i, getattr(a, t), t, h, lora) for t in ("wq", "wk", "wv"))
 
     def _qk(self, i, q, k, cos, sin):
         """q (T, H, D), k (T, Hkv, D) -> normed (Qwen3) and rotated."""
@@ -115,12 +137,13 @@ class Runner:
             q, k = a.q_norm(q), a.k_norm(k)
         return _rope(q, cos, sin), _rope(k, cos, sin)
 
-    def _mlp(self, i, h):
+    def _mlp(self, i, h, lora):
         m = self.model.blocks[i].mlp
         if self.gate_up[i] is not None:
-            g, u = ops.linear(h, self.gate_up[i]).chunk(2, -1)
-            return _linear(m.w2, F.silu(g) * u)
-        return _linear(m.w2, F.silu(_linear(m.w1, h)) * _linear(m.w3, h))
+            g, u = _delta(ops.linear(h, self.gate_up[i]), h, lora, i, ("w1", "w3")).chunk(2, -1)
+        else:
+            g, u = self._proj(i, m.w1, "w1", h, lora), self._proj(i, m.w3, "w3", h, lora)
+        return self._proj(i, m.w2, "w2", F.silu(g) * u, lora)
 
     def extend(self, slot, ids, all_logits=False):
         """Append ids (T,) to a slot's sequence (a prompt, or tokens to verify) -> logits (T, V) or (V,)
@@ -145,6 +168,7 @@ class Runner:
         pos = torch.cat([torch.arange(p0, p0 + T) for _, p0, T, _ in spans])
         cos, sin = (c[:, None].to(self.dtype) for c in self.model.rope(pos))
         x = self.model.tok_emb(torch.as_tensor([t for _, ids in segments for t in ids], dtype=torch.long))  # (N, d)
+        lora = RowAdapters.of([self.slot_adapter[slot] for slot, ids in segments for _ in ids], self.lora_cache)
         chunks = [sp for sp in spans if sp[2] > 1]
         masks = []   # ops.attention's causal mask is bottom-right aligned: queries at p0.. see keys 0..p0+t
         for _, p0, T, _ in chunks:
@@ -168,7 +192,7 @@ class Runner:
                 one_mask &= keys > one_pos[:, None] - W
             one_mask = one_mask[:, None, None]                                               # (n, 1, 1, S)
         for i, blk in enumerate(self.model.blocks):
-            q, k, v = self._project_qkv(i, blk.attn_norm(x))
+            q, k, v = self._project_qkv(i, blk.attn_norm(x), lora)
             q, k = self._qk(i, q.view(N, H, D), k.view(N, Hkv, D), cos, sin)                 # (N, H|Hkv, D)
             v = v.view(N, Hkv, D)
             y = torch.empty(N, H * D, dtype=q.dtype)
@@ -187,8 +211,8 @@ class Runner:
                 o = F.scaled_dot_product_attention(q[one_rows][:, :, None], kk, vv, attn_mask=one_mask,
                                                    enable_gqa=H != Hkv)                      # (n, H, 1, D)
                 y[one_rows] = o.reshape(len(ones), H * D)
-            x = x + _linear(blk.attn.wo, y)
-            x = x + self._mlp(i, blk.mlp_norm(x))
+            x = x + self._proj(i, blk.attn.wo, "wo", y, lora)
+            x = x + self._mlp(i, blk.mlp_norm(x), lora)
         for slot, p0, T, _ in spans:
             self.lens[slot] = p0 + T
         rows = [torch.arange(r, r + T) if full else torch.tensor([r + T - 1])
@@ -210,8 +234,9 @@ class Runner:
         x = self.model.tok_emb(torch.as_tensor(tokens, dtype=torch.long))                   # (n, d)
         seqlens = (pos + 1).to(torch.int32)
         windowed = W and int(seqlens.max()) > W
+        lora = RowAdapters.of(self.slot_adapter[:n], self.lora_cache)
         for i, blk in enumerate(self.model.blocks):
-            q, k, v = self._project_qkv(i, blk.attn_norm(x))
+            q, k, v = self._project_qkv(i, blk.attn_norm(x), lora)
             q, k = self._qk(i, q.view(n, H, D), k.view(n, Hkv, D), cos, sin)                 # (n, H|Hkv, D)
             self._store(i, rows, pos, k, v.view(n, Hkv, D))                                  # (n, Hkv, D)
             if windowed:   # past Mistral's window: attend to each slot's last W positions only
@@ -223,8 +248,8 @@ class Runner:
                                          k_scale=self.k_scale[i][:n], v_scale=self.v_scale[i][:n])
             else:
                 y = ops.decode_attention(q.to(self.cache_dtype).contiguous(), self.k[i][:n], self.v[i][:n], seqlens)
-            x = x + _linear(blk.attn.wo, y.to(self.dtype).reshape(n, H * D))
-            x = x + self._mlp(i, blk.mlp_norm(x))
+            x = x + self._proj(i, blk.attn.wo, "wo", y.to(self.dtype).reshape(n, H * D), lora)
+            x = x + self._mlp(i, blk.mlp_norm(x), lora)
         self.lens[:n] += 1
         return _linear(self.model.lm_head, self.model.norm(x)).float()
 
@@ -259,6 +284,7 @@ class Runner:
                 self.v_scale[i][dst, :, :n] = self.v_scale[i][src, :, :n]
         self.lens[dst] = n
         self.lens[src] = 0
+        self.slot_adapter[dst], self.slot_adapter[src] = self.slot_adapter[src], None
 
     def _caches(self):
         return (self.k, self.v) + ((self.k_scale, self.v_scale) if self.quantized else ())
@@ -270,6 +296,7 @@ class Runner:
             for layer in cache:
                 layer[[a, b], :, :n] = layer[[b, a], :, :n]
         self.lens[[a, b]] = self.lens[[b, a]]
+        self.slot_adapter[a], self.slot_adapter[b] = self.slot_adapter[b], self.slot_adapter[a]
 
     def read_kv(self, slot, start, end):
         """A copy of a slot's cached positions [start, end) in the cache dtype -> tensors with the position on
@@ -293,12 +320,14 @@ class Request:
     (constrained decoding: quark.infer.constrain.Constraint). With params.logprobs, `logprobs` holds one
     (log p, [(id, log p)] top alternatives) per output token, from the model's own log-softmax (before
     any processor or sampling setting); with params.prompt_logprobs, `prompt_logprobs` holds one per
-    prompt token after the first."""
+    prompt token after the first. adapter: the name of the LoRA adapter it runs with (Engine.adapters), or
+    None for the base model; KV computed for one adapter is never valid for another."""
     _ids = itertools.count()
 
-    def __init__(self, prompt_ids, params, tokenizer, stop_ids, on_event=None, processor=None):
+    def __init__(self, prompt_ids, params, tokenizer, stop_ids, on_event=None, processor=None, adapter=None):
         self.id = next(self._ids)
         self.processor = processor
+        self.adapter = adapter
         self.logprobs = [] if params.logprobs is not None else None
         self.prompt_logprobs = None
         self.prompt_ids = list(prompt_ids)
@@ -380,11 +409,18 @@ class Engine:
         req = engine.submit(ids, SamplingParams(max_tokens=32), on_event=print)
         req.done.wait(); print(req.text)
         engine.shutdown()
+
+    adapters: {name: LoRA adapter directory (Quark or PEFT)} loaded onto the model (quark.infer.lora); a
+    request names one (submit(..., adapter=name)) and runs in the same batch as every other.
+
+    Speculative decoding: draft=a model sharing the tokenizer, or prompt_lookup=True; spec_k tokens
+    proposed per round. Requests with a processor (constrained decoding) take part without proposals.
     """
 
     def __init__(self, model, tokenizer=None, max_batch=8, max_queue=64, max_seq_len=None, cache_dtype="fp32",
                  stop_tokens=("<|end|>", "<|eos|>"), stop_ids=None, fuse=True, prefix_cache_mb=256,
-                 prefill_chunk=512):
+                 prefill_chunk=512, adapters=None, draft=None, prompt_lookup=False, spec_k=4,
+                 spec_max_batch=SPEC_MAX_BATCH):
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch}, {max_queue}")
         if prefix_cache_mb < 0 or (prefill_chunk is not None and prefill_chunk < 1):
@@ -399,6 +435,9 @@ class Engine:
         self.tokenizer = tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.max_seq_len = self.runner.max_seq_len
+        self.speculator = self._speculator(draft, prompt_lookup, spec_k, cache_dtype, fuse)
+        self.spec_max_batch = spec_max_batch
+        self.spec_proposed = self.spec_accepted = 0   # proposals verified / kept (speculative decoding)
         if stop_ids is None:   # by default the tokenizer's stop tokens (none without a tokenizer)
             stop_ids = [tokenizer.token_to_id(t) for t in stop_tokens] if tokenizer is not None else []
         self.stop_ids = frozenset(i for i in stop_ids if i is not None)
@@ -411,10 +450,43 @@ class Engine:
         self.thread = None
         self.steps = 0             # decode steps run (for tests and metrics)
         self.tokens_generated = 0
+        self.adapters = {}
+        for name, directory in (adapters or {}).items():
+            self.add_adapter(name, directory)
+
+    def add_adapter(self, name, directory):
+        """Load the LoRA adapter in directory (checked against the model) under name -> the Adapter."""
+        if not isinstance(name, str) or not name or not all(c.isalnum() or c in "._-" for c in name):
+            raise ValueError(f"adapter name must be a non-empty string of letters, digits, '.', '_' or '-', got {name!r}")
+        if name in self.adapters:
+            raise ValueError(f"adapter {name!r} is already loaded")
+        self.adapters[name] = Adapter.load(directory, self.runner.model, name)
+        return self.adapters[name]
+
+    def _speculator(self, draft, prompt_lookup, k, cache_dtype, fuse):
+        """The proposer of speculative decoding (None: plain decoding)."""
+        if draft is None and not prompt_lookup:
+            return None
+        if draft is not None and prompt_lookup:
+            raise ValueError("draft and prompt_lookup exclude each other: speculate with one proposer")
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"spec_k (tokens proposed per round) must be an integer >= 1, got {k!r}")
+        if prompt_lookup:
+            return PromptLookup(k)
+        cfg = self.runner.cfg
+        if draft.config.vocab_size != cfg.vocab_size:
+            raise ValueError(f"the draft's vocab_size ({draft.config.vocab_size}) must equal the model's "
+                             f"({cfg.vocab_size}): a draft shares the model's tokenizer")
+        if draft.config.max_seq_len < self.max_seq_len:
+            raise ValueError(f"the draft's context ({draft.config.max_seq_len}) is shorter than the model's "
+                             f"({self.max_seq_len}): pass max_seq_len <= {draft.config.max_seq_len}")
+        return DraftModel(Runner(draft, self.max_batch, self.max_seq_len, cache_dtype, fuse), k)
 
     # ---- client side (any thread) ----
-    def _request(self, prompt_ids, params, on_event=None, processor=None):
+    def _request(self, prompt_ids, params, on_event=None, processor=None, adapter=None):
         params = params or SamplingParams()
+        if adapter is not None and adapter not in self.adapters:
+            raise ValueError(f"adapter {adapter!r} is not loaded (loaded: {', '.join(sorted(self.adapters)) or 'none'})")
         if not prompt_ids:
             raise ValueError("prompt is empty: it must hold at least one token")
         if len(prompt_ids) + params.max_tokens > self.max_seq_len:
@@ -423,10 +495,10 @@ class Engine:
         vocab = self.runner.cfg.vocab_size
         if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
             raise ValueError(f"prompt token ids must lie in [0, {vocab})")
-        return Request(prompt_ids, params, self.tokenizer, self.stop_ids, on_event, processor)
+        return Request(prompt_ids, params, self.tokenizer, self.stop_ids, on_event, processor, adapter)
 
-    def submit(self, prompt_ids, params=None, on_event=None, processor=None):
-        req = self._request(prompt_ids, params, on_event, processor)
+    def submit(self, prompt_ids, params=None, on_event=None, processor=None, adapter=None):
+        req = self._request(prompt_ids, params, on_event, processor, adapter)
         with self.cond:
             if not self.accepting:
                 raise ShuttingDown("the engine is shutting down")
@@ -436,24 +508,28 @@ class Engine:
             self.cond.notify()
         return req
 
-    def generate(self, prompt_ids, params=None, on_event=None):
+    def generate(self, prompt_ids, params=None, on_event=None, adapter=None):
         """Submit and wait (starts the loop thread if needed) -> the finished Request."""
         if self.thread is None:
             self.start()
-        req = self.submit(prompt_ids, params, on_event)
+        req = self.submit(prompt_ids, params, on_event, adapter=adapter)
         req.done.wait()
         return req
 
-    def run(self, prompts, params=None):
+    def run(self, prompts, params=None, adapters=None):
         """Generate for every prompt on the caller's thread (no loop thread, no queue bound), max_batch at
         a time with continuous batching -> the finished Requests in prompt order. params: one
-        SamplingParams for all prompts, or a list with one per prompt (e.g. distinct seeds)."""
+        SamplingParams for all prompts, or a list with one per prompt (e.g. distinct seeds); adapters
+        likewise: one adapter name (or None) for all, or a list with one per prompt."""
         if self.thread is not None:
             raise RuntimeError("run() drives the engine itself; this engine already has its loop thread")
         per_prompt = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(per_prompt) != len(prompts):
             raise ValueError(f"got {len(per_prompt)} SamplingParams for {len(prompts)} prompts")
-        reqs = [self._request(p, sp) for p, sp in zip(prompts, per_prompt)]
+        names = adapters if isinstance(adapters, (list, tuple)) else [adapters] * len(prompts)
+        if len(names) != len(prompts):
+            raise ValueError(f"got {len(names)} adapters for {len(prompts)} prompts")
+        reqs = [self._request(p, sp, adapter=a) for p, sp, a in zip(prompts, per_prompt, names)]
         pending = deque(reqs)
         while pending or self.active or self.prefilling:
             admitted = []
@@ -527,12 +603,12 @@ class Engine:
                     self._drop(req, f"error: {e}")
                     continue
                 self._prefilled(req, start, end, logits)
-            if self.active:
+            if self.active and not self._speculate():
                 self._decoded(self.runner.decode(self._next_tokens()))
             return
         plan = self._plan(self.prefill_chunk)
         if not plan:
-            if self.active:
+            if self.active and not self._speculate():
                 self._decoded(self.runner.decode(self._next_tokens()))
             return
         n = len(self.active)
@@ -572,6 +648,7 @@ class Engine:
         taken = {r.slot for r in self.prefilling}
         req.slot = next(s for s in range(len(self.active), self.max_batch) if s not in taken)
         self.runner.lens[req.slot] = 0
+        self.runner.slot_adapter[req.slot] = None if req.adapter is None else self.adapters[req.adapter]
         if req.params.prompt_logprobs:
             req.prompt_logprobs = []
         self.prefilling.append(req)
@@ -582,7 +659,8 @@ class Engine:
         compute, so its logits exist; prompt_logprobs need every position's logits: those compute it all."""
         req.cached_tokens = 0
         if self.prefix_cache is not None and not req.params.prompt_logprobs:
-            req.cached_tokens, kv = self.prefix_cache.lookup(req.prompt_ids, len(req.prompt_ids) - 1)
+            req.cached_tokens, kv = self.prefix_cache.lookup(req.prompt_ids, len(req.prompt_ids) - 1,
+                                                             _cache_space(req))
             if kv is not None:
                 self.runner.write_kv(req.slot, kv)
 
@@ -599,7 +677,7 @@ class Engine:
             if req.cancelled:
                 self._drop(req, "cancelled")
                 continue
-            first = tuple(req.prompt_ids[:B]) if len(req.prompt_ids) > B > 0 else None
+            first = (_cache_space(req), tuple(req.prompt_ids[:B])) if len(req.prompt_ids) > B > 0 else None
             if req.cached_tokens is None:
                 if first is not None and first in firsts:
                     continue
@@ -628,7 +706,8 @@ class Engine:
             return
         self.prefilling.remove(req)
         if self.prefix_cache is not None:
-            self.prefix_cache.insert(req.prompt_ids, lambda a, b, s=req.slot: self.runner.read_kv(s, a, b))
+            self.prefix_cache.insert(req.prompt_ids, lambda a, b, s=req.slot: self.runner.read_kv(s, a, b),
+                                     _cache_space(req))
         self._join(req)
         if self._sample_and_accept(req, logits):
             self._release(len(self.active) - 1)
@@ -651,6 +730,59 @@ class Engine:
             req.slot = n
         self.active.append(req)
 
+    def _speculate(self):
+        """One speculative round for the active slots in place of a decode step: the speculator proposes
+        up to spec_k tokens per request, one target pass scores them all, and rejection sampling keeps a
+        prefix of them plus one token of the target's own -> False (nothing ran) without a speculator, with
+        more than spec_max_batch streams, or when nothing was proposed. Requests with a processor propose
+        nothing (their grammar state cannot take back a token)."""
+        if self.speculator is None or len(self.active) > self.spec_max_batch:
+            return False
+        budgets = [0 if r.processor is not None else min(self.speculator.k, r.params.max_tokens - len(r.output_ids) - 1)
+                   for r in self.active]
+        proposals = self.speculator.propose(self.active, budgets)
+        if not any(tokens for tokens, _ in proposals):
+            return False
+        feeds = [(j, [t] + tokens) for j, (t, (tokens, _)) in enumerate(zip(self._next_tokens(), proposals))]
+        rows = self.runner.forward(feeds, [True] * len(feeds))                            # [(1 + k_j, V)]
+        self.steps += 1
+        finished = []
+        for j, (req, (tokens, q), logits) in enumerate(zip(self.active, proposals, rows)):
+            if req.cancelled:
+                req._finish("cancelled")
+                done = True
+            else:
+                done = self._verify(req, tokens, q, logits)
+            # the caches keep all but the last token: past it lie rejected proposals (also for a finished
+            # request, whose cached positions the prefix cache takes over)
+            n = len(req.prompt_ids) + len(req.output_ids) - 1
+            self.runner.lens[j] = n
+            self.speculator.truncate(j, n)
+            if done:
+                finished.append(j)
+        for j in reversed(finished):
+            self._release(j)
+        return True
+
+    def _verify(self, req, tokens, q, logits):
+        """Accept req's proposals while rejection sampling keeps them, then one more token: the
+        correction at the first rejection, or from the last row when all were kept -> True when done."""
+        try:
+            for i, t in enumerate(tokens):
+                p = probs(logits[i], req.params, req.history)
+                kept, token = verify_token(t, p, None if q is None else q[i], req.params.greedy, req.generator)
+                self.spec_proposed += 1
+                self.spec_accepted += kept
+                if self._sample_and_accept(req, logits[i], token):
+                    return True
+                if not kept:
+                    return False
+        except Exception as e:   # this request alone fails, as in _sample_and_accept
+            if req.finish_reason is None:
+                req._finish(f"error: {e}")
+            return True
+        return self._sample_and_accept(req, logits[len(tokens)])
+
     def _sample_and_accept(self, req, logits, token=None):
         """Sample (unless the batched argmax already picked token) and record -> True when req is done.
         A failure here is this request's alone: it finishes with an error, the batch goes on."""
@@ -672,13 +804,18 @@ class Engine:
         if self.prefix_cache is not None:
             req, n = self.active[slot], int(self.runner.lens[slot])
             self.prefix_cache.insert((req.prompt_ids + req.output_ids)[:n],   # the tokens fed so far
-                                     lambda a, b: self.runner.read_kv(slot, a, b))
+                                     lambda a, b: self.runner.read_kv(slot, a, b), _cache_space(req))
         last = len(self.active) - 1
         if slot != last:
             self.runner.move(last, slot)
             self.active[slot] = self.active[last]
         self.runner.lens[last] = 0
         self.active.pop()
+
+
+def _cache_space(req):
+    """The prefix cache's key space of a request: KV computed with one LoRA adapter (or none) is not another's."""
+    return b"" if req.adapter is None else f"adapter:{req.adapter}".encode()
 
 
 def load_for_serving(path):

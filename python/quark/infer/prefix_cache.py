@@ -25,17 +25,18 @@ class PrefixCache:
         self.query_tokens = 0          # prompt tokens looked up
         self.hit_tokens = 0            # of which found in the cache
 
-    def _keys(self, ids, n_blocks):
-        key = b""
+    def _keys(self, ids, n_blocks, space):
+        key = hashlib.sha256(space).digest() if space else b""
         for i in range(n_blocks):
             block = np.asarray(ids[i * self.block_size:(i + 1) * self.block_size], dtype=np.int64)
             key = hashlib.sha256(key + block.tobytes()).digest()
             yield key
 
-    def lookup(self, ids, limit):
-        """The longest cached prefix of ids, at most limit tokens -> (n tokens, tensors (n, ...)), or (0, None)."""
+    def lookup(self, ids, limit, space=b""):
+        """The longest cached prefix of ids, at most limit tokens -> (n tokens, tensors (n, ...)), or (0, None).
+        space: bytes naming what else the KV depends on (a LoRA adapter); prefixes of other spaces never match."""
         chain = []
-        for key in self._keys(ids, limit // self.block_size):
+        for key in self._keys(ids, limit // self.block_size, space):
             if key not in self.blocks:
                 break
             chain.append(key)
@@ -47,10 +48,10 @@ class PrefixCache:
             return 0, None
         return n, tuple(torch.cat(parts) for parts in zip(*(self.blocks[k] for k in chain)))
 
-    def insert(self, ids, read):
-        """Keep the full blocks of ids whose KV was just computed; read(start, end) -> tensors (end - start, ...)
-        of those positions. Then evict down to the budget."""
-        keys = list(self._keys(ids, len(ids) // self.block_size))
+    def insert(self, ids, read, space=b""):
+        """Keep the full blocks of ids whose KV was just computed (in space, as lookup's); read(start, end) ->
+        tensors (end - start, ...) of those positions. Then evict down to the budget."""
+        keys = list(self._keys(ids, len(ids) // self.block_size, space))
         new = [i for i, k in enumerate(keys) if k not in self.blocks]
         if new:
             B, first = self.block_size, new[0]

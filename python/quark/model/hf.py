@@ -7,7 +7,8 @@ shard by shard into a model built on the "meta" device, so the peak is about one
 stored dtype unless one is asked for. Anything Quark does not implement (a model_type, a config field
 with a non-default value, a tensor without a place) is an error that names it: nothing is ignored,
 except what transformers ignores too (a stored rotary inv_freq, the lm_head copy of tied embeddings).
-`chat_settings(directory)` reads the chat template, special tokens and eos ids the same way.
+`chat_settings(directory)` reads the chat template, special tokens and eos ids the same way, and
+`read_peft(directory)` a PEFT LoRA adapter's tensors under GPT names (quark.infer.lora serves them).
 
 Out: `export_hf(model, out_dir)` writes any GPT as a directory transformers loads with the same
 logits (llama, mistral, qwen2 or qwen3, whichever expresses its options), with the tokenizer files,
@@ -19,16 +20,18 @@ query head h reads KV head h // (n_head / n_kv_head), SwiGLU with gate = w1, up 
 So the mapping is a renaming of tensors, with no permutation.
 """
 import json
+import re
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save
+from safetensors.torch import load_file, save
 
 from quark.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from quark.model.config import GPTConfig, config_from_hf
 from quark.model.gpt import GPT
+from quark.model.lora import TARGETS
 
 # Quark module -> HF module inside layer i (parameters keep their suffix, weight or bias), and globals.
 LAYER_MODULES = {
@@ -365,4 +368,76 @@ def export_peft(model: GPT, out_dir, base_model_name_or_path=None):
         "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
         "inference_mode": True, "modules_to_save": None, "init_lora_weights": True,
         "rank_pattern": {}, "alpha_pattern": {}}, indent=1))
+    return out
+
+
+# PEFT options whose non-default values change what the adapter computes: Quark runs plain LoRA only.
+PEFT_PLAIN = {"peft_type": "LORA", "use_dora": False, "fan_in_fan_out": False, "bias": "none", "modules_to_save": None,
+              "layers_pattern": None, "lora_bias": False, "trainable_token_indices": None}
+# PEFT's target module names -> Quark's LoRA targets (q_proj -> wq, ..., down_proj -> w2)
+PEFT_TARGETS = {LAYER_MODULES[f"{p}.{t}"].split(".")[1]: t for t in TARGETS for p in ("attn", "mlp")
+                if f"{p}.{t}" in LAYER_MODULES}
+
+
+def read_peft(directory):
+    """A PEFT LoRA directory (adapter_config.json + adapter_model.safetensors, as peft's save_pretrained and
+    export_peft write it) -> {GPT module name: (A (r, in), B (out, r), scale, (A's name, B's name) in the
+    file)}. scale is lora_alpha / r (/ sqrt(r) with use_rslora), per module with rank_pattern and
+    alpha_pattern as peft resolves them. A config option Quark does not run (DoRA, trained biases, saved
+    modules), a target without a place in a GPT, a rank other than the config's, or a missing half of a
+    pair is an error naming it."""
+    directory = Path(directory)
+    cfg_path, weights = directory / "adapter_config.json", directory / "adapter_model.safetensors"
+    for p in (cfg_path, weights):
+        if not p.exists():
+            raise FileNotFoundError(f"{directory} is not a PEFT adapter directory: {p.name} is missing")
+    cfg = read_json(cfg_path)
+    for key, plain in PEFT_PLAIN.items():
+        value = cfg.get(key, plain)
+        if value != plain and not (plain is None and not value):   # None, [] and {} all mean "none"
+            raise ValueError(f"{cfg_path}: {key}={value!r} is not supported (Quark serves plain LoRA: {key}={plain!r})")
+    targets = cfg.get("target_modules")
+    if isinstance(targets, list):   # a string is a regular expression over module names, checked by the tensors
+        targets = {t.rsplit(".", 1)[-1] for t in targets}   # a name or a full module path
+        bad = sorted(t for t in targets if t not in PEFT_TARGETS)
+        if bad:
+            raise ValueError(f"{cfg_path}: target module {bad[0]!r} has no LoRA place in Quark (it runs LoRA on "
+                             f"{', '.join(sorted(PEFT_TARGETS))})")
+    try:
+        state = load_file(weights)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{weights} is corrupted or truncated: {e}") from None
+    r, alpha = cfg.get("r", 8), cfg.get("lora_alpha", 8)
+
+    def pattern(patterns, module, default):   # peft's get_pattern_key: the first key matching a name suffix
+        key = next((k for k in patterns or {} if re.match(rf"(.*\.)?({k})$", module)), None)
+        return default if key is None else patterns[key]
+
+    pairs = {}
+    for name in state:
+        m = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])\.weight", name)
+        gpt = from_hf_name(m.group(1) + ".weight") if m else None
+        if gpt is None or gpt.split(".")[-2] not in TARGETS:
+            raise ValueError(f"{weights}: tensor {name} has no place in a LoRA adapter of a GPT "
+                             "(expected base_model.model.model.layers.N.<module>.lora_A|lora_B.weight)")
+        pairs.setdefault(gpt.removesuffix(".weight"), {})[m.group(2)] = (name, m.group(1))
+    out = {}
+    for module, ab in sorted(pairs.items()):
+        if len(ab) < 2:
+            (half, (name, _)), = ab.items()
+            raise ValueError(f"{weights}: tensor {name} has no lora_{'B' if half == 'A' else 'A'} partner")
+        (name_a, hf_module), (name_b, _) = ab["A"], ab["B"]
+        rank = pattern(cfg.get("rank_pattern"), hf_module, r)
+        a, b = state[name_a], state[name_b]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != rank or b.shape[1] != rank:
+            raise ValueError(f"{weights}: tensors {name_a} {tuple(a.shape)} and {name_b} {tuple(b.shape)} are not a "
+                             f"rank-{rank} pair (adapter_config.json r / rank_pattern)")
+        lora_alpha = pattern(cfg.get("alpha_pattern"), hf_module, alpha)
+        scale = lora_alpha / (rank ** 0.5 if cfg.get("use_rslora") else rank)
+        out[module] = (a, b, scale, (name_a, name_b))
+    if isinstance(targets, set):   # modules excluded by name (exclude_modules) may be missing
+        found = {LAYER_MODULES[m.split(".", 2)[2]].split(".")[1] for m in out}
+        if not found <= targets or (found != targets and not cfg.get("exclude_modules")):
+            raise ValueError(f"{cfg_path}: target_modules {sorted(targets)} but {weights.name} holds adapters for "
+                             f"{sorted(found)}")
     return out

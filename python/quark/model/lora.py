@@ -145,20 +145,25 @@ def save_adapter(model, directory, metadata=None):
     return directory
 
 
-def load_adapter(model, directory):
-    """Apply the adapter saved in `directory` onto `model` (a base GPT of the same config)."""
+def read_adapter(directory):
+    """A saved adapter directory -> (LoRAConfig, {"blocks.{i}.{attn|mlp}.{target}.lora_A|lora_B": tensor})."""
     directory = Path(directory)
     cfg_path, weights = directory / "adapter_config.json", directory / "adapter.safetensors"
     for p in (cfg_path, weights):
         if not p.exists():
             raise FileNotFoundError(f"{directory} is not a LoRA adapter directory: {p.name} is missing")
     try:
-        config = from_dict(LoRAConfig, json.loads(cfg_path.read_text()), str(cfg_path))
-        state = load_file(weights)
+        return from_dict(LoRAConfig, json.loads(cfg_path.read_text()), str(cfg_path)), load_file(weights)
     except json.JSONDecodeError as e:
         raise ValueError(f"{cfg_path} is not valid JSON: {e}") from None
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{weights} is corrupted or truncated: {e}") from None
+
+
+def load_adapter(model, directory):
+    """Apply the adapter saved in `directory` onto `model` (a base GPT of the same config)."""
+    config, state = read_adapter(directory)
+    weights = Path(directory) / "adapter.safetensors"
     apply_lora(model, config)
     mods = lora_modules(model)
     expected = {f"{n}.{w}" for n in mods for w in ("lora_A", "lora_B")}

@@ -10,8 +10,9 @@ runs quark.ops.attention (C++ on CPU, Triton on CUDA) and each cached decode ste
 quark.ops.decode_attention over the cache. Anything those kernels do not express (a padding or
 sliding-window mask that is not empty, attention dropout, soft-capping, a dtype the device's kernel
 lacks) goes to transformers' own SDPA path, so outputs never change meaning. The linear layers become
-QuarkLinear, whose forward is quark.ops.linear: the streaming fp32 GEMV at decode-sized row counts on
-CPU and torch's F.linear everywhere else. transformers is imported only when these functions run.
+QuarkLinear, whose forward is quark.ops.linear: the streaming fp32 or bf16 GEMV at decode-sized row
+counts on CPU (for a bf16 model it streams W at the memory's rate, where torch's bf16 matmul widens W
+in a compute-bound loop) and torch's F.linear everywhere else. transformers is imported only when these functions run.
 """
 import torch
 import torch.nn as nn

@@ -1,5 +1,6 @@
 """`quark generate`: one completion from a run or model directory, streamed to stdout, with timings
-on stderr; `--draft` decodes speculatively with a smaller model that shares the tokenizer."""
+on stderr; `--draft DIR` decodes speculatively with a smaller model that shares the tokenizer,
+`--prompt-lookup` with proposals copied from the prompt (both also on `quark serve`)."""
 import argparse
 import sys
 
@@ -28,9 +29,26 @@ def configure_parser(p):
     p.add_argument("path", help="a run directory (uses its latest model) or a model directory")
     p.add_argument("--prompt", required=True, help="the prompt text ('-' reads stdin)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
-    p.add_argument("--draft", default=None, help="a draft model directory for speculative decoding")
-    p.add_argument("--draft-k", type=int, default=4, help="draft tokens proposed per target pass")
+    add_speculation_args(p)
     add_sampling_args(p)
+
+
+def add_speculation_args(p):
+    p.add_argument("--draft", default=None, metavar="DIR",
+                   help="speculative decoding with this draft model directory (it must share the tokenizer)")
+    p.add_argument("--prompt-lookup", action="store_true",
+                   help="speculative decoding without a draft model: propose the continuation of the last n-gram's "
+                        "latest earlier occurrence in the prompt and output")
+    p.add_argument("--draft-k", type=int, default=4, help="tokens proposed per round of speculative decoding")
+
+
+def speculation(args):
+    """The Engine's speculative decoding arguments from the CLI flags (loads the draft model)."""
+    from quark.model.io import load_model
+    if args.draft and args.prompt_lookup:
+        raise ValueError("--draft and --prompt-lookup exclude each other: choose one proposer")
+    return {"draft": load_model(args.draft) if args.draft else None, "prompt_lookup": args.prompt_lookup,
+            "spec_k": args.draft_k}
 
 
 def run_cli(args):
@@ -38,39 +56,34 @@ def run_cli(args):
     try:
         params = sampling_params(args)
         model, tok, model_dir, _ = load_for_serving(args.path)
+        spec = speculation(args)
+        chat = chat_format(tok, model_dir)   # the checkpoint's own template and eos ids, else Quark's
+        engine = Engine(model, tok, max_batch=1, cache_dtype=args.cache_dtype, stop_ids=chat.stop_ids, **spec)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     text = sys.stdin.read() if args.prompt == "-" else args.prompt
-    chat = chat_format(tok, model_dir)   # the checkpoint's own template and eos ids, else Quark's
     if args.chat:
         ids, _ = chat.encode([{"role": "user", "content": text}], add_generation_prompt=True)
     else:
         ids = tok.encode(text, add_special_tokens=False).ids
-    stop_ids = chat.stop_ids
 
     def show(delta):
         sys.stdout.write(delta)
         sys.stdout.flush()
 
     try:
-        if args.draft:
-            from quark.model.io import load_model
-            from quark.infer.speculative import SpeculativeDecoder
-            dec = SpeculativeDecoder(model, load_model(args.draft), k=args.draft_k, cache_dtype=args.cache_dtype)
-            res = dec.generate(ids, params, tok, stop_ids, on_text=show)
-            n, secs = len(res.output_ids), res.seconds
-            extra = f", {res.acceptance_rate:.0%} of draft tokens accepted, {res.target_passes} target passes"
-        else:
-            engine = Engine(model, tok, max_batch=1, cache_dtype=args.cache_dtype, stop_ids=stop_ids)
-            req = engine.generate(ids, params, on_event=lambda kind, v: show(v) if kind == "token" else None)
-            engine.shutdown()
-            n, secs = len(req.output_ids), req.t_done - req.t_submit
-            extra = f", first token after {req.ttft * 1e3:.0f} ms"
+        req = engine.generate(ids, params, on_event=lambda kind, v: show(v) if kind == "token" else None)
+        engine.shutdown()
     except ValueError as e:
         print(f"\nerror: {e}", file=sys.stderr)
         return 2
     print(flush=True)   # the text's newline goes out before the stats line, also when both streams share a pipe
+    n, secs = len(req.output_ids), req.t_done - req.t_submit
+    extra = f", first token after {req.ttft * 1e3:.0f} ms"
+    if engine.speculator is not None:
+        extra += (f", {engine.spec_accepted / max(engine.spec_proposed, 1):.0%} of {engine.spec_proposed} proposed "
+                  f"tokens accepted, {engine.steps} decode passes")
     print(f"[{model_dir}: {len(ids)} prompt tokens, {n} generated in {secs:.2f} s "
           f"({n / max(secs, 1e-9):.1f} tok/s){extra}]", file=sys.stderr)
     return 0

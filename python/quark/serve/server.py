@@ -1,6 +1,7 @@
 """OpenAI-compatible HTTP server over the engine (FastAPI + uvicorn), the web UI, and `quark serve`.
 
-Routes: GET /v1/models; POST /v1/completions and /v1/chat/completions (`stream: true` answers
+Routes: GET /v1/models (the model, and MODEL:NAME for each LoRA adapter, which a request's `model` picks:
+quark.infer.lora batches them together); POST /v1/completions and /v1/chat/completions (`stream: true` answers
 server-sent events, `data: {chunk}` lines ending with `data: [DONE]`), POST /v1/embeddings; POST /v1/feedback (a
 rating of a response, stored in the run's feedback database, quark.feedback); GET /health;
 GET /metrics (Prometheus text); GET / (chat page), /runs (training metrics page), /api/runs[/NAME].
@@ -9,6 +10,8 @@ log-softmax), stop, seed, stream_options.include_usage, completions' token-id pr
 echo; response_format json_object / json_schema and tool_choice "required" / a named function are
 enforced by constrained decoding (quark.infer.constrain); tools render through the chat template and
 tool_choice "auto" reads calls back from the output in quark.chat's <tool_call> syntax.
+`quark serve --draft DIR` or `--prompt-lookup` decodes speculatively (quark.infer.speculative; the same
+greedy text and sampling distribution, fewer passes over the model's weights at small batches).
 Errors use OpenAI's body {"error": {"message", "type", "param", "code"}}: 400 bad input, 401 bad API
 key, 404 unknown model or route, 413 body too large, 415 not JSON, 429 queue full, 503 shutting down.
 uvicorn's graceful shutdown stops accepting connections and lets open requests (streams included)
@@ -41,6 +44,7 @@ from quark.chat import QuarkChat, chat_format, parse_tool_calls, validate_messag
 from quark.infer.constrain import Constraint, json_schema_grammar, tool_call_grammar
 from quark.infer.engine import QueueFull, ShuttingDown
 from quark.infer.sampling import MAX_LOGPROBS, SamplingParams
+from quark.serve.generate import add_speculation_args, speculation
 
 STATIC = Path(__file__).parent / "static"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -296,6 +300,21 @@ def create_app(engine, tokenizer, model_name="quark", api_key=None, safety=None,
     async def _http_error(request, exc):   # unknown route or method, in OpenAI's error shape
         return await _api_error(request, APIError(exc.status_code, str(exc.detail)))
 
+    def model_of(body):
+        """-> (the model id a request names, its adapter or None): the base name (or none) runs the base,
+        'base:NAME' the engine's adapter NAME; anything else is a 404 naming the field."""
+        model = body.get("model")
+        if model is None or model == model_name:
+            return model_name, None
+        adapter = model[len(model_name) + 1:] if isinstance(model, str) and model.startswith(f"{model_name}:") else None
+        if adapter not in engine.adapters:
+            raise APIError(404, f"model {model!r} does not exist; this server serves {', '.join(map(repr, model_ids()))}",
+                           param="model", code="model_not_found")
+        return model, adapter
+
+    def model_ids():
+        return [model_name] + [f"{model_name}:{a}" for a in engine.adapters]
+
     async def read_body(request):
         media = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if media != "application/json":
@@ -318,10 +337,7 @@ def create_app(engine, tokenizer, model_name="quark", api_key=None, safety=None,
             raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
         if not isinstance(body, dict):
             raise APIError(400, "request body must be a JSON object", code="invalid_json")
-        model = body.get("model", model_name)
-        if model != model_name:
-            raise APIError(404, f"model {model!r} does not exist; this server serves {model_name!r}",
-                           param="model", code="model_not_found")
+        model_of(body)
         if not isinstance(body.get("stream", False), bool):
             raise APIError(400, "stream must be a boolean", param="stream")
         return body
@@ -360,8 +376,9 @@ def create_app(engine, tokenizer, model_name="quark", api_key=None, safety=None,
             return decision.text
         return None
 
-    async def run(choices, stream, make_chunk, make_final, prompt, request, include_usage=False):
-        """Submit every choice (prompt_ids, params, processor) to the engine; answer one JSON body or one
+    async def run(choices, stream, make_chunk, make_final, prompt, request, include_usage=False, adapter=None):
+        """Submit every choice (prompt_ids, params, processor) to the engine, running adapter (a LoRA
+        adapter's name, or None for the base); answer one JSON body or one
         SSE stream built by make_chunk(index, text, finish, req, logprobs) / make_final(outputs, usage).
         The choices of a request run side by side in the batch; a failure in one fails the request only."""
         route = _route(request)
@@ -391,7 +408,7 @@ def create_app(engine, tokenizer, model_name="quark", api_key=None, safety=None,
         reqs = []
         try:
             for i, (ids, params, processor) in enumerate(choices):
-                reqs.append(engine.submit(ids, params, processor=processor, on_event=lambda kind, value, i=i:
+                reqs.append(engine.submit(ids, params, processor=processor, adapter=adapter, on_event=lambda kind, value, i=i:
                                           loop.call_soon_threadsafe(events.put_nowait, (i, kind, value))))
         except (QueueFull, ShuttingDown, ValueError) as e:
             for r in reqs:   # all choices or none
@@ -524,6 +541,7 @@ def create_app(engine, tokenizer, model_name="quark", api_key=None, safety=None,
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await read_body(request)
+        model_id, adapter = model_of(body)
         prompts = _one_or_many(body.get("prompt"), MAX_CHOICES, "prompt", "prompt must be a non-empty string, a "
                                f"list of token ids, or a list of at most {MAX_CHOICES} of those")
         n = count(body, "n", 1, 1, MAX_N)
@@ -572,11 +590,11 @@ def create_app(engine, tokenizer, model_name="quark", api_key=None, safety=None,
 
         def chunk(i, text, finish, req, lp):
             if i is None:   # the usage chunk
-                return {"id": cid, "object": "text_completion", "created": created, "model": model_name, "choices": []}
+                return {"id": cid, "object": "text_completion", "created": created, "model": model_id, "choices": []}
             if text is None:
                 return None
             logprobs = None if lp is None else logprobs_of(req, lp, 0)
-            return {"id": cid, "object": "text_completion", "created": created, "model": model_name,
+            return {"id": cid, "object": "text_completion", "created": created, "model": model_id,
                     "choices": [{"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
 
         def final(outputs, usage):
@@ -591,13 +609,13 @@ def create_app(engine, tokenizer, model_name="quark", api_key=None, safety=None,
                     logprobs = logprobs_of(req, entries, 0)
                 out.append({"index": i, "text": (texts[i] if echo else "") + text, "logprobs": logprobs,
                             "finish_reason": finish})
-            return {"id": cid, "object": "text_completion", "created": created, "model": model_name,
+            return {"id": cid, "object": "text_completion", "created": created, "model": model_id,
                     "choices": out, "usage": usage}
 
         if echo and body.get("stream", False):
             raise APIError(400, "echo is not supported with stream: true", param="echo")
         return await run(choices, body.get("stream", False), chunk, final, prompts[0] if len(prompts) == 1 and
-                         isinstance(prompts[0], str) else "\n".join(p for _, p in encoded), request, include_usage)
+                         isinstance(prompts[0], str) else "\n".join(p for _, p in encoded), request, include_usage, adapter)
 
     def tools_of(body):
         """-> (tools as [{"name", "description", "parameters"}] or None, OpenAI's tool list as given)."""
@@ -685,6 +703,7 @@ def create_app(engine, tokenizer, model_name="quark", api_key=None, safety=None,
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await read_body(request)
+        model_id, adapter = model_of(body)
         messages = body.get("messages")
         if isinstance(messages, list) and len(messages) > max_messages:
             raise APIError(400, f"messages holds {len(messages)} messages; at most {max_messages} are allowed",
@@ -713,7 +732,7 @@ def create_app(engine, tokenizer, model_name="quark", api_key=None, safety=None,
                     for j, (name, args) in enumerate(calls)]
 
         def chunk(i, text, finish, req, lp):
-            head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_name}
+            head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_id}
             if i is None:   # the usage chunk
                 return head | {"choices": []}
             if text is None:
@@ -751,14 +770,16 @@ def create_app(engine, tokenizer, model_name="quark", api_key=None, safety=None,
                 if req is not None and req.logprobs is not None:
                     logprobs = {"content": chat_logprobs(list(zip(req.output_ids, req.logprobs)))}
                 out.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": finish})
-            return {"id": cid, "object": "chat.completion", "created": created, "model": model_name,
+            return {"id": cid, "object": "chat.completion", "created": created, "model": model_id,
                     "choices": out, "usage": usage}
 
-        return await run(choices, body.get("stream", False), chunk, final, messages, request, include_usage)
+        return await run(choices, body.get("stream", False), chunk, final, messages, request, include_usage, adapter)
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):
         body = await read_body(request)
+        if model_of(body)[1] is not None:
+            raise APIError(400, f"model: embeddings come from the base model; send model {model_name!r}", param="model")
         inputs = _one_or_many(body.get("input"), MAX_EMBED_INPUTS, "input",
                               f"input must be a string, token ids, or a list of at most {MAX_EMBED_INPUTS} of those")
         fmt = body.get("encoding_format") or "float"
@@ -805,7 +826,7 @@ def create_app(engine, tokenizer, model_name="quark", api_key=None, safety=None,
                                param=key)
         try:
             validate_messages(messages)
-            row = await asyncio.to_thread(feedback.record, messages, body.get("response"), body["rating"], model_name,
+            row = await asyncio.to_thread(feedback.record, messages, body.get("response"), body["rating"], model_of(body)[0],
                                           None, body.get("correction"), body.get("request_id"), body.get("response_id"))
         except ValueError as e:
             raise APIError(400, str(e), param=str(e).split()[0]) from None
@@ -814,8 +835,9 @@ def create_app(engine, tokenizer, model_name="quark", api_key=None, safety=None,
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "quark",
-                                            "context_length": ctx}]}
+        return {"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "quark",
+                                            "context_length": ctx} | ({"parent": model_name} if m != model_name else {})
+                                           for m in model_ids()]}
 
     @app.get("/health")
     async def health():
@@ -828,7 +850,10 @@ def create_app(engine, tokenizer, model_name="quark", api_key=None, safety=None,
     async def prometheus():
         gauges = {"quark_queue_depth": ("requests waiting for a batch slot", engine.queue_depth),
                   "quark_active_requests": ("requests in the running batch", engine.num_active),
-                  "quark_engine_decode_steps": ("decode steps run by the engine", engine.steps)}
+                  "quark_engine_decode_steps": ("decode steps run by the engine", engine.steps),
+                  "quark_spec_proposed_tokens": ("tokens proposed by speculative decoding and verified",
+                                                 engine.spec_proposed),
+                  "quark_spec_accepted_tokens": ("proposed tokens the model kept", engine.spec_accepted)}
         if engine.prefix_cache is not None:
             cache = engine.prefix_cache
             gauges |= {"quark_prefix_cache_query_tokens": ("prompt tokens looked up in the prefix cache", cache.query_tokens),
@@ -887,6 +912,11 @@ def configure_parser(p):
                         "(0: no prefix cache)")
     p.add_argument("--prefill-chunk", type=int, default=512,
                    help="prompt tokens prefilled between two decode steps of the running streams (0: whole prompts)")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="serve a LoRA adapter of the model (repeatable): Quark's (RUN/sft/adapter, trained on the "
+                        "model served: sft's init, named 'base' in its metadata) or a PEFT directory; clients pick it "
+                        "with model 'MODEL:NAME', batched with every other request; the plain model name runs none")
+    add_speculation_args(p)
     p.add_argument("--safety", nargs="?", const="auto", default=None, metavar="FILE",
                    help="screen prompts and outputs with a safety filter the run trained (FILE: its safety.json; "
                         "default: RUN/redteam/safety.json)")
@@ -920,17 +950,30 @@ def run_cli(args):
     if args.feedback != "off" and (args.feedback or run_dir is not None):
         from quark.feedback import FeedbackStore
         feedback = FeedbackStore(args.feedback or run_dir / "feedback" / "feedback.sqlite")
+    adapters = {}
+    for spec in args.adapter:
+        name, sep, directory = spec.partition("=")
+        if not sep or not name or not directory or name in adapters:
+            print(f"error: --adapter {spec!r}: expected NAME=DIR with a name not given before", file=sys.stderr)
+            return 2
+        adapters[name] = directory
     chat = chat_format(tokenizer, model_dir)   # the checkpoint's own template and eos ids, else Quark's
     if args.prefix_cache_mb < 0 or args.prefill_chunk < 0:
         print("error: --prefix-cache-mb and --prefill-chunk must be >= 0", file=sys.stderr)
         return 2
-    engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue, cache_dtype=args.cache_dtype,
-                    stop_ids=chat.stop_ids, prefix_cache_mb=args.prefix_cache_mb, prefill_chunk=args.prefill_chunk or None)
+    try:
+        engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
+                        cache_dtype=args.cache_dtype, stop_ids=chat.stop_ids, prefix_cache_mb=args.prefix_cache_mb,
+                        prefill_chunk=args.prefill_chunk or None, adapters=adapters, **speculation(args))
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     name = args.model_name or (run_dir or model_dir).name
     hosts = args.allowed_host or (LOOPBACK_HOSTS if _is_loopback(args.host) else None)
     app = create_app(engine, tokenizer, name, api_key=args.api_key or os.environ.get("QUARK_API_KEY"),
                      safety=safety, runs_dir=args.runs_dir or run_dir, allowed_hosts=hosts, chat=chat,
                      feedback=feedback)
-    print(f"serving {model_dir} as {name!r} on http://{args.host}:{args.port} (chat UI at /, runs at /runs)")
+    print(f"serving {model_dir} as {name!r}" + "".join(f", {name}:{a}" for a in adapters) +
+          f" on http://{args.host}:{args.port} (chat UI at /, runs at /runs)")
     serve(app, args.host, args.port)
     return 0

@@ -4,9 +4,12 @@ the replay results of Ibrahim et al. 2024). Held-out loss on both corpora is rep
 
 Corpora are JSONL files with a "text" field (a file, or a directory of *.jsonl): by default the
 domain is the run's code (scrape/) and the general corpus its documentation (clean/docs.jsonl).
-Each text is tokenized and followed by <|eos|>; the last val_fraction of each token stream is held out.
+Each text is tokenized with the model's tokenizer and followed by its end-of-document token (<|eos|> for
+Quark's models, the checkpoint's eos for a Hugging Face directory); the last val_fraction of each token
+stream is held out.
 
-`quark domain --run-dir R [--set domain=path/to/domain.jsonl]` -> run_dir/domain/final + metrics.json.
+`quark domain --run-dir R [--set domain=path/to/domain.jsonl] [--set init=HF_OR_MODEL_DIR]`
+-> run_dir/domain/final + metrics.json.
 """
 import time
 from dataclasses import asdict, dataclass
@@ -14,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-from quark.chat import special_ids
 from quark.config import ConfigError, Step, from_dict
 from quark.infer.measure import held_out
 from quark.io import atomic_write_json, read_jsonl
@@ -51,13 +53,13 @@ def validate_config(cfg):
     return from_dict(DomainConfig, cfg, "domain")
 
 
-def tokenize_corpus(path, tokenizer, max_tokens):
-    """All "text" fields of a JSONL file (or directory of them) -> one token stream (N,) int64."""
+def tokenize_corpus(path, tokenizer, eos, max_tokens):
+    """All "text" fields of a JSONL file (or directory of them), each followed by token `eos`, -> one
+    token stream (N,) int64."""
     path = Path(path)
     files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
     if not files or not files[0].exists():
         raise FileNotFoundError(f"corpus {path} does not exist (expected JSONL with a 'text' field)")
-    eos = special_ids(tokenizer)["<|eos|>"]
     ids = []
     for f in files:
         for n, rec in read_jsonl(f):
@@ -107,11 +109,15 @@ def run_step(run_dir, cfg: dict) -> dict:
     torch.manual_seed(seed)
     init = run_dir.model(s.init, before="domain")
     tok_path = run_dir.tokenizer_path(init)
-    tok = run_dir.tokenizer(init, chat=True)
+    chat = run_dir.chat(init)   # the tokenizer and end-of-document token of init (Quark's or an HF checkpoint's)
+    if chat.eos_id is None:
+        raise ValueError(f"the tokenizer of {init} has no eos token to separate documents")
     model = load_model(init)
     seq_len = s.seq_len or model.config.max_seq_len
-    dom_train, dom_val = split_stream(tokenize_corpus(run_dir.path(s.domain), tok, s.max_tokens), s.val_fraction, seq_len)
-    gen_train, gen_val = split_stream(tokenize_corpus(run_dir.path(s.general), tok, s.max_tokens), s.val_fraction, seq_len)
+    corpus = {name: tokenize_corpus(run_dir.path(path), chat.tokenizer, chat.eos_id, s.max_tokens)
+              for name, path in (("domain", s.domain), ("general", s.general))}
+    dom_train, dom_val = split_stream(corpus["domain"], s.val_fraction, seq_len)
+    gen_train, gen_val = split_stream(corpus["general"], s.val_fraction, seq_len)
     t0 = time.time()
     before = {"domain": stream_loss(model, dom_val, seq_len, s.eval_windows), "general": stream_loss(model, gen_val, seq_len, s.eval_windows)}
     out = run_dir.output("domain")
