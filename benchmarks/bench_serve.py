@@ -11,9 +11,12 @@ The model is sized so its weights far exceed the caches (default d_model 1024, 8
 Rates are printed as effective weight bandwidth (GB/s = weight bytes read per token x tokens/s).
 Random weights are fine: speed does not depend on them.
 """
+import json
 import statistics
+import sysconfig
 import threading
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -170,6 +173,7 @@ def compare(quick=False):
     rows += load(base, cfg, quick)
     rows += prefix_hit(base, cfg, quick)
     rows += multi_lora(quick, base)
+    rows += constrained(quick)
     for r in rows:   # the table shows GB/s; tokens/s and TTFT are what serving cares about
         print(f"  {r.case:<44} {r.provider:<20} " + "  ".join(f"{k} {v}" for k, v in r.extra.items()))
     return rows
@@ -311,6 +315,49 @@ def prefix_hit(model, cfg, quick):
     for r in rows:
         r.extra = {"ttft_ms": round(1e3 * r.median_s, 1)}
     rows[1].extra |= {"speedup_vs_miss": round(speedup, 2), "target_met": met}
+    return rows
+
+
+def constrained(quick=False):
+    """Per-token cost of constrained decoding (response_format json_schema through llguidance: the grammar
+    matcher advances and masks every step) vs the same request unconstrained, batch 1, interleaved: time per
+    output token after the first (the grammar's compile and first mask are paid once, before the first
+    token), each request's over the tokens it generated, since the two generate different text."""
+    from quark.data.tokenizer import train as train_tokenizer
+    from quark.infer.constrain import Constraint
+    stdlib = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:40]
+    tok = train_tokenizer([p.read_text(encoding="utf-8", errors="replace") for p in stdlib], vocab_size=4096)
+    torch.manual_seed(0)
+    cfg = make_config(quick)
+    cfg = GPTConfig(**{**cfg.__dict__, "vocab_size": tok.get_vocab_size()})
+    model = GPT(cfg).eval()
+    eos = tok.token_to_id("<|eos|>")
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "tags": {"type": "array", "items": {
+        "enum": ["a", "b", "c"]}}, "size": {"type": "integer"}}, "required": ["name", "tags", "size"]}
+    n_tokens, repeats = (24, 5) if quick else (48, 7)
+    prompt = tok.encode("Describe the object as JSON: ").ids
+    eng = Engine(model, tok, max_batch=1, stop_ids=[eos]).start()
+    params = SamplingParams(max_tokens=n_tokens, temperature=0)
+    per_token = {"unconstrained": [], "json_schema": []}
+
+    def go(name):
+        def run():
+            processor = Constraint.json_schema(tok, schema, eos) if name == "json_schema" else None
+            req = eng.submit(prompt, params, processor=processor)
+            req.done.wait()
+            assert name == "unconstrained" or req.finish_reason == "length" or json.loads(req.text)
+            per_token[name].append((req.t_done - req.t_first) / max(1, len(req.output_ids) - 1))
+        return run
+    interleaved({name: go(name) for name in per_token}, repeats=repeats, warmup=1)
+    eng.shutdown()
+    rows = summarize(AREA, f"decode batch 1, per token, d{cfg.d_model} L{cfg.n_layer}", per_token)
+    overhead = statistics.median(per_token["json_schema"]) / statistics.median(per_token["unconstrained"]) - 1
+    met = overhead <= 0.10
+    print(f"  constrained decoding: {overhead:+.1%} per token vs unconstrained (target <= 10%): "
+          f"{'met' if met else 'not met'}")
+    for r in rows:
+        r.extra = {"ms_per_token": round(1e3 * r.median_s, 2)}
+    rows[1].extra |= {"overhead": round(overhead, 4), "target_met": met}
     return rows
 
 
