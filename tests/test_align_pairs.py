@@ -1,6 +1,6 @@
 import pytest
 
-from quark.align import verifiable as V
+from quark import verifiable as V
 from quark.align.pairs import on_policy_pairs
 from tests.tiny_lm import one_thread, tiny_model, tiny_tokenizer  # noqa: F401 (one_thread is a fixture)
 

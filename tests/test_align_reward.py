@@ -69,13 +69,31 @@ def test_bad_pair_lines_are_named(tmp_path, tok, line, match):
         load_pairs(path, tok, 32)
 
 
+def sentence_records(n, seed):
+    """Chat records whose answers are well-formed sentences: the step pairs each with its own answer cut
+    short or shuffled (mismatch 0), a difference a reward model can learn and check on held-out prompts."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a, b, c = rng.sample(WORDS, 3)
+        out.append({"messages": [{"role": "user", "content": f"tell me about {a}"},
+                                 {"role": "assistant", "content": f"the {a} is quick and the {b} is lazy, but the {c} sleeps in order."}]})
+    return out
+
+
 def test_reward_step(tmp_path):
     run, _ = make_run(tmp_path)
     instruct.run_step(run, {"seed": 0})
     sft.run_step(run, {"seed": 0, "steps": 3})
     extra = write_jsonl(run / "feedback" / "pairs.jsonl", preference_pairs(6, 2))
     stats = reward.run_step(run, {"seed": 0, "steps": 6, "pairs": str(extra)})
-    assert stats["init"].endswith("sft/final") and stats["train_pairs"] > 6
-    assert 0.0 <= stats["heldout_accuracy"] <= 1.0 and stats["heldout_accuracy_before"] == 0.5
+    assert stats["init"].endswith("sft/final") and stats["train_pairs"] > 6 and stats["heldout_accuracy_before"] == 0.5
+    data = run / "sentences"
+    write_jsonl(data / "train.jsonl", sentence_records(96, 3))
+    write_jsonl(data / "val.jsonl", sentence_records(40, 4))
+    stats = reward.run_step(run, {"seed": 0, "steps": 40, "lr": 1e-3, "data": str(data), "mismatch": 0.0,
+                                  "safety_pairs": 0})
+    # 40 held-out pairs, chance 0.5: a guesser reaches 0.75 with probability < 0.1% (binomial tail)
+    assert stats["heldout_pairs"] == 40 and stats["heldout_accuracy"] >= 0.75, stats
     assert load_reward_model(run / "reward" / "final") is not None
     assert json.loads((run / "reward" / "metrics.json").read_text())["history"]

@@ -78,7 +78,8 @@ def test_rl_step(tmp_path):
     stats = rl.run_step(run, {"seed": 0, "steps": 2, "group_size": 2, "prompts_per_step": 2, "max_new_tokens": 6,
                               "tasks": "add,code", "heldout_tasks": 12})
     h = stats["heldout_tasks"]
-    assert stats["reward"] == "verify" and h["n"] == 12 and h["init"] == 0.0 and h["diff"] == h["rl"] - h["init"]
+    assert stats["reward"] == "verify" and h["n"] == 12 and h["baseline"] == 0.0 and h["diff"] == h["rl"] - h["baseline"]
+    assert h["baseline_model"] == stats["init"]
     with pytest.raises(ValueError, match="names neither task families"):
         rl.run_step(run, {"steps": 1, "tasks": "poetry"})
 
@@ -110,7 +111,7 @@ def sft_on(model, tok, records, steps, lr=3e-3, batch=16, seed=0):
 def test_grpo_on_verifiable_tasks_beats_the_sft_model_on_held_out_tasks():
     """GRPO with the verifier's reward on the format task's training numbers makes the model answer more
     held-out numbers (never seen in training) exactly: paired difference over the same 225 items > 2 SE."""
-    from quark.align import verifiable as V
+    from quark import verifiable as V
     train, held = V.make_tasks(["format"], "train"), V.make_tasks(["format"], "heldout")
     tok = tiny_tokenizer(extra=["Reply with only the number, nothing else."] * 20)   # numbers stay digit tokens
     model = sft_on(tiny_model(tok.get_vocab_size()), tok, V.reference_records(train), steps=350)

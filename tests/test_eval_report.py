@@ -52,6 +52,24 @@ def test_history_curves_quantization_and_redteam_sections(tmp_path):
     page = build_report(run)
     assert page.count("data:image/png;base64,") == 3          # pretrain, sft curves + red-team chart
     assert "<h2>Quantization</h2>" in page and "10.5" in page and "<h2>Red-team</h2>" in page
+    assert "built-in suite" in page and "[0.030, 0.300]" in page and "garak" not in page
+
+
+def test_redteam_results_per_source_with_intervals(tmp_path):
+    run = make_run(tmp_path)
+    state = json.loads((run / "pipeline.json").read_text())
+    state["steps"]["redteam"] = {"status": "done", "seconds": 1, "stats": {
+        "n_attacks": 150, "asr_before": 0.4, "asr_before_ci": [0.32, 0.48], "asr_after": 0.05, "asr_after_ci": [0.02, 0.1],
+        "garak_asr_filter_off": {"dan": [0.9, 0.6, 0.98], "encoding": [0.5, 0.24, 0.76]},
+        "garak_asr_filter_on": {"dan": [0.1, 0.02, 0.4], "encoding": [0.3, 0.11, 0.6]}}}
+    (run / "pipeline.json").write_text(json.dumps(state))
+    page = build_report(run)
+    assert page.count("data:image/png;base64,") == 3          # pretrain curves + one chart per source
+    assert "built-in suite (150 attacks" in page and "[0.320, 0.480]" in page and "[0.020, 0.100]" in page
+    assert "garak probes against quark serve" in page
+    for row in ("dan (filter off)</td><td>0.9</td><td>[0.600, 0.980]", "dan (filter on)</td><td>0.1</td><td>[0.020, 0.400]",
+                "encoding (filter on)</td><td>0.3</td><td>[0.110, 0.600]"):
+        assert row in page
 
 
 def test_rl_reward_curve_and_heldout_paired_difference(tmp_path):
@@ -61,11 +79,13 @@ def test_rl_reward_curve_and_heldout_paired_difference(tmp_path):
                                                                      for i in range(8)]}))
     state = json.loads((run / "pipeline.json").read_text())
     state["steps"]["rl"] = {"status": "done", "seconds": 1, "stats": {
-        "heldout_tasks": {"n": 200, "init": 0.15, "rl": 0.25, "diff": 0.1, "se": 0.02, "better": True}}}
+        "heldout_tasks": {"n": 200, "baseline": 0.15, "rl": 0.25, "diff": 0.1, "se": 0.02, "better": True,
+                          "baseline_model": "/r/sft/final"}}}
     (run / "pipeline.json").write_text(json.dumps(state))
     page = build_report(run)
     assert page.count("data:image/png;base64,") == 2   # pretrain curves + the GRPO reward curve
     assert "<h2>RL on verifiable tasks</h2>" in page and "+0.100 &plusmn; 0.040" in page and "'ok'>better" in page
+    assert "sft model 0.150, RL model 0.250" in page
     state["steps"]["rl"]["stats"]["heldout_tasks"] |= {"diff": 0.03, "se": 0.02}
     (run / "pipeline.json").write_text(json.dumps(state))
     assert "not better" in build_report(run)

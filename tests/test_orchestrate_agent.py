@@ -1,5 +1,6 @@
 import json
 import os
+import random
 import re
 import signal
 import subprocess
@@ -15,7 +16,7 @@ from tests.retrieval_helpers import tiny_model, tiny_tokenizer
 from quark.chat import QuarkChat
 from quark.orchestrate.agent import Agent, Coordinator, LeaseLost, TaskBoard
 from quark.retrieval.rag import ModelGenerator
-from quark.retrieval.tools import ToolCall, ToolRegistry, register_http_api
+from quark.retrieval.tools import ToolCall, ToolRegistry, parse_tool_call, register_http_api
 
 FORECAST = {"Oslo": "snow", "Paris": "sun", "Lima": "fog"}
 
@@ -207,3 +208,79 @@ def test_agent_cli_runs_an_hf_model_as_the_policy(tmp_path):
     assert r.returncode in (0, 1), r.stdout[-2000:] + r.stderr[-2000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert result["steps"] == 1 and (result["answer"] is not None or "limit" in result["error"])
+
+
+# ---------------------------------------------------------------- the run's own SFT model through a real tool
+def atlas(n=300, seed=0):
+    """Made-up countries and their capitals: facts no model brings along, one token each under the run's
+    tokenizer (trained on the atlas below)."""
+    rng = random.Random(seed)
+    syllables = ["ka", "lo", "mi", "ru", "te", "vo", "zan", "bel", "dor", "fi", "gus", "hal", "jen", "mur", "nov", "pax"]
+    names = []
+    while len(names) < 2 * n:
+        name = "".join(rng.choice(syllables) for _ in range(3)).capitalize()
+        if name not in names:
+            names.append(name)
+    return names[:n], names[n:]
+
+
+@pytest.fixture(scope="module")
+def tool_run(tmp_path_factory):
+    """A run directory taken through the steps a run takes: an atlas page in clean/docs.jsonl, the instruct
+    step (its search_docs records: topic question -> call -> the passage -> answer), and the sft step on a
+    tiny random model (seeded)."""
+    from quark.chat import tools_prompt
+    from quark.model.io import save_model
+    from quark.tune import instruct, sft
+    from tests.tiny_lm import tiny_model as lm
+    from tests.tiny_lm import tiny_tokenizer as lm_tokenizer
+    from tests.tiny_lm import write_jsonl
+    run = tmp_path_factory.mktemp("tool_run") / "run"
+    countries, capitals = atlas()
+    page = "\n\n".join(f"{c}\n\n{c}'s capital is {k}; the city lies by the sea." for c, k in zip(countries, capitals))
+    write_jsonl(run / "clean" / "docs.jsonl", [{"id": "atlas", "text": page, "source": "atlas", "meta": {"title": "Atlas"}}])
+    observation = {"tool": "search_docs", "result": [{"doc": "atlas", "text": "x"}]}   # its keys become tokens too
+    tok = lm_tokenizer(extra=[page] * 3 + [tools_prompt(instruct.TOOLS)] * 20
+                       + [json.dumps({"query": c} | observation) for c in countries], vocab_size=2000)
+    (run / "tokenizer").mkdir(parents=True)
+    tok.save(str(run / "tokenizer" / "tokenizer.json"))
+    save_model(lm(tok.get_vocab_size(), max_seq_len=256), run / "pretrain" / "final")
+    stats = instruct.run_step(run, {"seed": 0, "tool_examples": len(countries), "safety_examples": 0, "calculator_examples": 0})
+    assert stats["tool_records"] > 200
+    sft.run_step(run, {"seed": 0, "steps": 300, "lr": 3e-3, "batch_size": 16, "warmup": 20})
+    return run, tok, countries, capitals
+
+
+@pytest.mark.slow
+def test_the_runs_sft_model_calls_search_docs_through_the_agent(tool_run, tmp_path):
+    """The policy is the run's sft model (quark agent's ModelGenerator, greedy): asked about a country, it
+    answers with a search_docs call in the chat template's syntax, which the agent parses, validates against
+    the tool's schema and runs against a real index (SQLite FTS5 + vectors); the passage comes back as the
+    tool message and the model answers after it. The untrained model it started from emits no call."""
+    from quark.model.io import load_model
+    from quark.retrieval.embed import QuarkEmbedder
+    from quark.retrieval.store import Store
+    from quark.retrieval.tools import builtin_tools, store_search
+    run, tok, countries, capitals = tool_run
+    model = load_model(run / "sft" / "final")
+    store = Store(tmp_path / "index", QuarkEmbedder(model, tok, name="sft"), tok, chunk_tokens=64, chunk_overlap=0)
+    store.upsert([{"id": c, "text": f"{c}'s capital is {k}; the city lies by the sea.", "source": "atlas"}
+                  for c, k in zip(countries, capitals)])
+    tools = builtin_tools(store_search(store))
+
+    def ask(model, country):
+        return Agent("atlas", ModelGenerator(model, QuarkChat(tok), max_new_tokens=40), tools, max_steps=3).run(
+            f'Tell me about "{country}".')
+
+    for country in countries[:10]:
+        r = ask(model, country)
+        call = parse_tool_call(r.messages[2]["content"])
+        assert call is not None and call.tool == "search_docs" and set(call.arguments) == {"query"}, r.messages[2:]
+        observation = json.loads(r.messages[3]["content"])
+        assert r.messages[3]["role"] == "tool" and "error" not in observation, observation
+        hit = observation["result"][0]
+        assert hit["text"] in store.get_document(hit["doc"])["chunks"]   # the index's passage, as the tool returned it
+        assert r.tool_calls >= 1 and r.steps >= 2
+    untrained = [ask(load_model(run / "pretrain" / "final"), c) for c in countries[:3]]
+    assert not any(parse_tool_call(r.messages[2]["content"]) for r in untrained)
+    store.close()

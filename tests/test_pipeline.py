@@ -100,9 +100,10 @@ def test_plan_lists_every_step(tmp_path):
 
 
 def test_optional_steps_run_only_when_the_recipe_names_them(tmp_path):
-    assert "rl" not in recipe_steps(load_recipe()) and "domain" not in recipe_steps(load_recipe())
+    assert "domain" not in recipe_steps(load_recipe()) and "rl" in recipe_steps(load_recipe())   # the default names rl
+    assert "rl" not in recipe_steps(load_recipe(write(tmp_path, "steps:\n  sft: {steps: 2}\n")))
     assert "rl" in recipe_steps(load_recipe(write(tmp_path, "steps:\n  rl: {steps: 2}\n")))
-    assert [n for n in STEP_NAMES if not STEPS[n][2]] == recipe_steps(load_recipe())
+    assert [n for n in STEP_NAMES if not STEPS[n][2] or n == "rl"] == recipe_steps(load_recipe())
 
 
 def test_budget_large_changes_the_model_and_the_data():
@@ -156,7 +157,8 @@ def test_summary_names_key_metrics_report_and_next_commands():
     steps = {
         "pretrain": {"seconds": 60, "stats": {"params": 2_500_000, "tokens": 409_600, "val_loss": 4.91}},
         "sft": {"seconds": 30, "stats": {"val_loss_before": 3.2, "val_loss_after": 2.5}},
-        "rl": {"seconds": 40, "stats": {"heldout_tasks": {"init": 0.2, "rl": 0.45, "diff": 0.25, "se": 0.05}}},
+        "rl": {"seconds": 40, "stats": {"heldout_tasks": {"baseline": 0.2, "rl": 0.45, "diff": 0.25, "se": 0.05,
+                                                                "baseline_model": "runs/r/sft/final"}}},
         "eval": {"seconds": 20, "stats": {"heldout/bits_per_byte": 1.86, "gate_passed": True}},
         "quantize": {"seconds": 10, "stats": {"source": "x", "int4": {"ratio": 6.1, "perplexity_delta": 0.8,
                                                                       "speedup": 1.9}}},
@@ -165,7 +167,7 @@ def test_summary_names_key_metrics_report_and_next_commands():
     text = "\n".join(summary("runs/r", steps))
     assert "6 steps, 2.7 min" in text
     assert "2.50M parameters, 409,600 tokens, validation loss 4.910" in text
-    assert "3.200 -> 2.500" in text and "20% -> 45%" in text and "+0.250 +- 0.100" in text
+    assert "3.200 -> 2.500" in text and "sft 20%, rl 45%" in text and "+0.250 +- 0.100" in text
     assert "1.860 bits/byte, regression gate passed" in text
     assert "int4: 6.1x smaller, perplexity +0.80, decode 1.90x" in text
     assert "report: runs/r/report.html" in text and "quark chat runs/r" in text

@@ -8,7 +8,8 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from quark.chat import render
-from quark.retrieval.tools import HTTPAPI, ToolCall, ToolError, ToolRegistry, parse_tool_call, register_http_api
+from quark.retrieval.tools import (HTTPAPI, ToolCall, ToolError, ToolRegistry, builtin_tools, parse_tool_call,
+                                   register_http_api)
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "minLength": 1},
                                             "days": {"type": "integer", "minimum": 1, "maximum": 7}},
@@ -237,3 +238,15 @@ def test_http_connector_path_parameters_stay_one_segment(server):
     for bad in ("..", ".", ""):
         with pytest.raises(ToolError, match="may not be"):
             user(name=bad)
+
+
+def test_builtin_calculator_is_exact_and_runs_no_code():
+    reg = builtin_tools()
+    assert [t["function"]["name"] for t in reg.openai_tools()] == ["calculator", "search_docs"]
+    assert reg.call(ToolCall("calculator", {"expression": "874*63 - (10 // 3) + 2**10"})).value == 874 * 63 - 3 + 1024
+    for bad, why in (("__import__('os').system('id')", "not arithmetic"), ("9**9**9", "exponent too large"),
+                     ("1/0", "division by zero"), ("2 +", "not an arithmetic expression")):
+        r = reg.call(ToolCall("calculator", {"expression": bad}))
+        assert not r.ok and why in r.error, (bad, r.error)
+    assert not reg.call(ToolCall("calculator", {"expr": "1+1"})).ok            # the schema names the argument
+    assert reg.call(ToolCall("search_docs", {"query": "x"})).value == []       # no index: no passages

@@ -5,7 +5,9 @@ import pytest
 
 from quark.chat import QuarkChat, check_chat_record
 from quark.tune import instruct
+from quark.retrieval.tools import builtin_tools, calculate
 from quark.tune.instruct import InstructConfig, code_pairs, dedup, doc_pairs, self_instruct
+from quark.verifiable import make_tasks
 from tests.tiny_lm import DOC, chat_record, make_run, one_thread, tiny_model, write_jsonl  # noqa: F401 (one_thread is a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -55,22 +57,39 @@ def test_dedup_on_prompt_and_response():
 
 def test_step_writes_valid_chat_jsonl(tmp_path):
     run, tok = make_run(tmp_path, with_model=False)
-    stats = instruct.run_step(run, {"seed": 0, "system_prompt": True, "max_tokens": 1024})   # room for a tool list
+    cfg = {"seed": 0, "system_prompt": True, "max_tokens": 1024, "calculator_examples": 5, "verifiable_examples": 6}
+    stats = instruct.run_step(run, cfg)   # max_tokens: room for a tool list
     assert stats["code_pairs"] > 5 and stats["doc_pairs"] >= 3 and stats["train"] > stats["val"] >= 1
     lines = (run / "instruct" / "train.jsonl").read_text().splitlines()
     for n, line in enumerate(lines, 1):
         check_chat_record(json.loads(line), f"train.jsonl:{n}")
         assert json.loads(line)["messages"][0]["role"] == "system"
     assert stats["safety_pairs"] <= (stats["train"] + stats["val"]) // 10 + 1
-    # tool-use records: a search_docs call then the answer; SFT reads them with the calls in the template syntax
-    tool_recs = [json.loads(line) for line in lines if '"tool_calls"' in line]
-    assert 1 <= stats["tool_records"] <= (stats["train"] + stats["val"]) // 10 + 1 and tool_recs
-    assert all(r["tools"][0]["function"]["name"] == "search_docs" and r["messages"][-2]["role"] == "tool" for r in tool_recs)
+    # tool-use records list the agent's built-in tools as its registry does, call one, and get the observation
+    # the agent writes; SFT reads them with the calls in the template syntax
+    recs = [json.loads(line) for line in lines + (run / "instruct" / "val.jsonl").read_text().splitlines()]
+    tool_recs = [r for r in recs if r.get("tools")]
+    assert len(tool_recs) == stats["tool_records"] and stats["tool_records"] - 5 <= (stats["train"] + stats["val"]) // 10 + 1
+    assert all(r["tools"] == builtin_tools().openai_tools() for r in tool_recs)
+    calls = [(r["messages"][-3]["tool_calls"][0]["function"], json.loads(r["messages"][-2]["content"]), r) for r in tool_recs]
+    assert {f["name"] for f, _, _ in calls} == {"search_docs", "calculator"}
+    for f, obs, r in calls:
+        if f["name"] == "calculator":   # the answer states what the tool returned, for an expression in the question
+            expression = json.loads(f["arguments"])["expression"]
+            assert f'"{expression}"' in r["messages"][-4]["content"]
+            assert obs == {"tool": "calculator", "result": calculate(expression)} and str(obs["result"]) in r["messages"][-1]["content"]
     from quark.tune.sft import load_chat_jsonl
     examples, _ = load_chat_jsonl(run / "instruct" / "train.jsonl", tok, 100_000)
-    assert sum('<tool_call>{"name": "search_docs"' in tok.decode([t for t, m in zip(ids, mask) if m])
-               for ids, mask in examples) == len(tool_recs)
-    again = instruct.run_step(run, {"seed": 0, "system_prompt": True, "max_tokens": 1024})
+    assert sum('<tool_call>{"name": ' in tok.decode([t for t, m in zip(ids, mask) if m])
+               for ids, mask in examples) == len([line for line in lines if '"tool_calls"' in line])
+    # verifiable records: training-split prompts with their reference answers, never a held-out prompt
+    held = {json.dumps(t["messages"]) for t in make_tasks(split="heldout")}
+    train = {json.dumps(t["messages"]): t["answer"] for t in make_tasks(split="train")}
+    verifiable = [r for r in recs if json.dumps(r["messages"][-2:-1]) in train]
+    assert len(verifiable) == stats["verifiable_records"] == 6
+    assert all(r["messages"][-1]["content"] == train[json.dumps(r["messages"][-2:-1])] for r in verifiable)
+    assert not any(json.dumps(r["messages"][-2:-1]) in held for r in recs)
+    again = instruct.run_step(run, cfg)
     assert again["train"] == stats["train"] and (run / "instruct" / "train.jsonl").read_text().splitlines() == lines
 
 

@@ -85,6 +85,14 @@ def parse_tool_calls(text):
     return (content or None), calls
 
 
+def tools_prompt(tools):
+    """The system text that lists OpenAI tools and the call syntax (what with_tools adds; an agent's
+    ToolRegistry writes the same, so a model fine-tuned on tool records sees its tools as it learned them)."""
+    listing = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
+    return ("You can call these functions. To call one, answer with <tool_call>{\"name\": NAME, \"arguments\": "
+            f"{{...}}}}</tool_call> (one block per call); results come back as tool messages.\n<tools>\n{listing}\n</tools>")
+
+
 def with_tools(messages, tools=None):
     """Messages with tools and tool calls written as text (this template's syntax, above): the tool list
     joins the system message (one is added if there is none), calls follow their message's content."""
@@ -96,9 +104,7 @@ def with_tools(messages, tools=None):
             m = {"role": m["role"], "content": (m.get("content") or "") + calls}
         out.append(m)
     if tools:
-        listing = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
-        text = ("You can call these functions. To call one, answer with <tool_call>{\"name\": NAME, \"arguments\": "
-                f"{{...}}}}</tool_call> (one block per call); results come back as tool messages.\n<tools>\n{listing}\n</tools>")
+        text = tools_prompt(tools)
         if out and out[0]["role"] == "system":
             out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + text}
         else:

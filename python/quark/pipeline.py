@@ -10,6 +10,7 @@ run_dir/pipeline.json keeps each step's stats and timings for the report.
 import dataclasses
 import os
 import time
+from pathlib import Path
 
 from quark.config import ConfigError
 from quark.io import atomic_write_json
@@ -85,7 +86,8 @@ def summary(root, steps):
         before, after = d["heldout_before"]["reward_accuracy"], d["heldout_after"]["reward_accuracy"]
         add("dpo", f"held-out preference accuracy {before:.0%} -> {after:.0%}")
     if (r := st.get("rl")) and (h := r.get("heldout_tasks")):
-        add("rl", f"held-out verifiable tasks solved {h['init']:.0%} -> {h['rl']:.0%} "
+        base = Path(str(h.get("baseline_model", "baseline"))).parent.name or "baseline"
+        add("rl", f"held-out verifiable tasks solved: {base} {h['baseline']:.0%}, rl {h['rl']:.0%} "
                   f"(paired difference {h['diff']:+.3f} +- {2 * h['se']:.3f})")
     if (e := st.get("eval")) and "heldout/bits_per_byte" in e:
         gate = {True: "passed", False: "failed"}.get(e.get("gate_passed"), "not run")

@@ -99,7 +99,7 @@ class DPOConfig:
     data: str = "instruct"
     negatives: Literal["policy", "instruct"] = "policy"   # own samples ranked, or mismatched/corrupted references
     judge: Literal["verify", "model"] = "verify"          # policy: the verifiable tasks' checks, or reward/final
-    tasks: str = "add,format,code"   # judge verify: task families or a tasks JSONL (quark.align.verifiable)
+    tasks: str = "add,format,code"   # judge verify: task families or a tasks JSONL (quark.verifiable)
     reward_model: str = "reward/final"
     samples: int = 4                 # policy: completions sampled per prompt
     max_new_tokens: int = 32
@@ -132,7 +132,7 @@ class DPOConfig:
 def policy_pairs(run_dir, s, model, tok, rng):
     """On-policy pairs (train, held out) from the starting policy's own samples, ranked by the judge."""
     if s.judge == "verify":
-        from quark.align import verifiable as V
+        from quark import verifiable as V
         def sets(split):
             tasks = V.tasks_for(s.tasks, split, run_dir.path)
             return rng.sample(tasks, min(s.max_pairs, len(tasks)))

@@ -11,10 +11,11 @@ pi_old is the policy that sampled the group; `inner_epochs` > 1 reuses a group f
 where the clip matters. The reference is the frozen starting policy.
 
 Rewards (f(prompt messages, completion text, terminated) -> float):
-  - "verify" (default): verifiable tasks (quark.align.verifiable: exact arithmetic, output format, code run
+  - "verify" (default): verifiable tasks (quark.verifiable: exact arithmetic, output format, code run
     against unit tests in the sandbox); a program checks each completion, 1 when it solves its task. The
-    step then scores the starting and the trained model greedily on the held-out tasks (disjoint from
-    training by construction) and reports the paired difference with its standard error.
+    step then scores a baseline (the starting model, or e.g. the sft model) and the trained model greedily
+    on the held-out tasks (disjoint from training by construction) and reports the paired difference with
+    its standard error.
   - "model": the reward model run_dir/reward/final.
   - rules: "terminates" (ends with a stop token), "brevity" (short, terminated answers), "refusal" (refuse
     the harmful requests of the build families in quark.safety_data, answer everything else), "keyword:WORD".
@@ -106,8 +107,10 @@ class RLConfig:
     init: str = "auto"               # policy model dir, or "auto": dpo/final, else sft/final, else pretrain/final
     reward: str = "verify"           # "verify" (verifiable tasks), "model" (run_dir/reward/final), a rule (RULES), "keyword:WORD"
     reward_model: str = "reward/final"
-    tasks: str = "add,format,code"   # verify: task families (quark.align.verifiable), or a tasks JSONL (with TASKS.heldout.jsonl beside it)
-    heldout_tasks: int = 200         # verify: held-out tasks scored for the starting and the trained model (0: none)
+    tasks: str = "add,format,code"   # verify: task families (quark.verifiable), or a tasks JSONL (with TASKS.heldout.jsonl beside it)
+    heldout_tasks: int = 200         # verify: held-out tasks scored for the baseline and the trained model (0: none)
+    baseline: str = "init"           # verify: the model the trained one is paired against on them: "init" (the
+                                     # starting model), a model step (e.g. sft) or a model directory
     prompts: str = "instruct/train.jsonl"   # other rewards: chat records; the messages before the last assistant turn
     max_prompts: int = 64
     steps: int = 20
@@ -181,7 +184,7 @@ def paired_difference(new, old):
     d = [a - b for a, b in zip(new, old)]
     mean = statistics.mean(d)
     se = statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else float("inf")
-    return {"n": len(d), "init": round(statistics.mean(old), 4), "rl": round(statistics.mean(new), 4),
+    return {"n": len(d), "baseline": round(statistics.mean(old), 4), "rl": round(statistics.mean(new), 4),
             "diff": round(mean, 4), "se": round(se, 4), "better": mean > 2 * se}
 
 
@@ -208,7 +211,7 @@ def run_step(run_dir, cfg: dict) -> dict:
     policy = load_model(init)
     heldout = None
     if s.reward == "verify":
-        from quark.align import verifiable as V
+        from quark import verifiable as V
         tasks = V.tasks_for(s.tasks, "train", run_dir.path)
         by_prompt = {json.dumps(t["messages"]): t for t in tasks}
         prompts = [t["messages"] for t in random.Random(seed).sample(tasks, min(s.max_prompts, len(tasks)))]
@@ -218,7 +221,9 @@ def run_step(run_dir, cfg: dict) -> dict:
         if s.heldout_tasks:
             heldout = V.tasks_for(s.tasks, "heldout", run_dir.path)
             heldout = random.Random(seed + 1).sample(heldout, min(s.heldout_tasks, len(heldout)))
-            before = V.solved(policy, chat, heldout, s.max_new_tokens)
+            base_dir = init if s.baseline == "init" else run_dir.model(s.baseline)
+            base = policy if s.baseline == "init" else load_model(base_dir)
+            before = V.solved(base, run_dir.chat(base_dir), heldout, s.max_new_tokens)
     elif s.reward == "model":
         from quark.align.reward import load_reward_model
         rm = load_reward_model(run_dir.path(s.reward_model))
@@ -238,8 +243,9 @@ def run_step(run_dir, cfg: dict) -> dict:
              "reward_first_quarter": round(statistics.mean(h["reward_mean"] for h in first), 4),
              "reward_last_quarter": round(statistics.mean(h["reward_mean"] for h in last), 4),
              "kl_last": history[-1]["kl"], "seconds": round(time.time() - t0, 1), "settings": asdict(s)}
-    if heldout:   # held-out verifiable accuracy, the starting model vs the trained one on the same items
-        stats["heldout_tasks"] = paired_difference(V.solved(policy, chat, heldout, s.max_new_tokens), before)
+    if heldout:   # held-out verifiable accuracy, the baseline vs the trained model on the same items
+        stats["heldout_tasks"] = {**paired_difference(V.solved(policy, chat, heldout, s.max_new_tokens), before),
+                                  "baseline_model": str(base_dir)}
     atomic_write_json(out / "metrics.json", {**stats, "history": history})
     return stats
 

@@ -91,33 +91,52 @@ def quantization_section(run_dir):
     return ["<h2>Quantization</h2>" + table(rows, ["variant", "bytes", "held-out perplexity", "decode tokens/s"])]
 
 
+def _asr_chart(title, present):
+    """Horizontal bars of attack success rates with their intervals: present [(label, rate, [low, high])]."""
+    fig, ax = plt.subplots(figsize=(6, 0.5 + 0.35 * len(present)))
+    err = [[max(0.0, p[1] - p[2][0]) for p in present][::-1], [max(0.0, p[2][1] - p[1]) for p in present][::-1]]
+    ax.barh([p[0] for p in present][::-1], [p[1] for p in present][::-1], xerr=err, color="#b55", capsize=3)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("attack success rate (95% interval)")
+    ax.set_title(title, fontsize=9)
+    return _png(fig)
+
+
 def redteam_section(stats):
-    """Attack success rate before and after alignment, with and without the safety filter (95% Wilson
-    intervals as error bars when the step reported them)."""
+    """Attack success rate per source, each rate with its 95% Wilson interval: the built-in suite (held-out
+    intent families; before and after alignment, with and without the safety filter) and, when it ran,
+    garak's probes per probe family against `quark serve` with the filter off and on."""
     keys = [("before alignment", "asr_before"), ("aligned model only", "asr_after_model_only"),
             ("filter only", "asr_filter_only"), ("aligned + filter", "asr_after")]
     present = [(label, stats[k], stats.get(k + "_ci") or [stats[k], stats[k]])
                for label, k in keys if isinstance(stats.get(k), (int, float))]
-    if not present:
-        return []
-    fig, ax = plt.subplots(figsize=(6, 2.6))
-    err = [[max(0.0, p[1] - p[2][0]) for p in present][::-1], [max(0.0, p[2][1] - p[1]) for p in present][::-1]]
-    ax.barh([p[0] for p in present][::-1], [p[1] for p in present][::-1], xerr=err, color="#b55", capsize=3)
-    ax.set_xlim(0, 1)
-    ax.set_xlabel("attack success rate")
-    ax.set_title("red-team", fontsize=9)
-    return [f"<h2>Red-team</h2><img src='data:image/png;base64,{_png(fig)}'>"]
+    parts = []
+    if present:
+        rows = [(label, rate, f"[{lo:.3f}, {hi:.3f}]") for label, rate, (lo, hi) in present]
+        parts.append(f"<h3>built-in suite ({stats.get('n_attacks', '?')} attacks, held-out intent families)</h3>"
+                     f"<img src='data:image/png;base64,{_asr_chart('red-team: built-in suite', present)}'>"
+                     + table(rows, ["configuration", "attack success", "95% interval"]))
+    garak = [(f"{family} (filter {mode})", *v) for mode in ("off", "on")
+             for family, v in sorted((stats.get(f"garak_asr_filter_{mode}") or {}).items())
+             if isinstance(v, list) and len(v) == 3]
+    if garak:
+        parts.append("<h3>garak probes against quark serve</h3>"
+                     f"<img src='data:image/png;base64,{_asr_chart('red-team: garak', [(g[0], g[1], g[2:]) for g in garak])}'>"
+                     + table([(g[0], g[1], f"[{g[2]:.3f}, {g[3]:.3f}]") for g in garak],
+                             ["probe family", "attack success", "95% interval"]))
+    return ["<h2>Red-team</h2>" + "".join(parts)] if parts else []
 
 
 def rl_section(stats):
-    """Held-out verifiable tasks: the starting (SFT) model's accuracy, the RL model's, and their paired
+    """Held-out verifiable tasks: the baseline (SFT) model's accuracy, the RL model's, and their paired
     difference with +-2 standard errors (the GRPO reward curve is plotted with the other curves)."""
     h = stats.get("heldout_tasks")
-    if not isinstance(h, dict) or not all(isinstance(h.get(k), (int, float)) for k in ("init", "rl", "diff", "se", "n")):
+    if not isinstance(h, dict) or not all(isinstance(h.get(k), (int, float)) for k in ("baseline", "rl", "diff", "se", "n")):
         return []
     verdict = "<span class='ok'>better</span>" if h["diff"] > 2 * h["se"] else "<span class='bad'>not better</span>"
+    base = html.escape(Path(str(h.get("baseline_model", "baseline"))).parent.name or "baseline")
     return [f"<h2>RL on verifiable tasks</h2><p>held-out tasks (disjoint from training by construction), {h['n']} "
-            f"items, greedy: starting model {h['init']:.3f}, RL model {h['rl']:.3f}; paired difference "
+            f"items, greedy: {base} model {h['baseline']:.3f}, RL model {h['rl']:.3f}; paired difference "
             f"<b>{h['diff']:+.3f} &plusmn; {2 * h['se']:.3f}</b> (2 SE): {verdict}</p>"]
 
 

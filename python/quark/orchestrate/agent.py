@@ -281,8 +281,8 @@ class Coordinator:
 
 # ------------------------------------------------------------------------------ CLI `quark agent`
 def configure_parser(parser):
-    parser.add_argument("run_dir", help="run directory (its chat model is the policy; index/ gives a search tool), "
-                                        "or a model directory (Quark or Hugging Face)")
+    parser.add_argument("run_dir", help="run directory (its chat model is the policy; tools: calculator, and "
+                                        "search_docs over index/), or a model directory (Quark or Hugging Face)")
     parser.add_argument("task", help="what the agent should do")
     parser.add_argument("--api", action="append", default=[], metavar="NAME=URL",
                         help="expose an HTTP JSON API as a tool (GET, query-string arguments; host allow-listed)")
@@ -295,20 +295,16 @@ def run_cli(args):
     from quark.chat import chat_format
     from quark.infer.engine import load_for_serving
     from quark.retrieval.rag import ModelGenerator
-    from quark.retrieval.tools import register_http_api
+    from quark.retrieval.tools import builtin_tools, register_http_api, store_search
     from quark.rundir import RunDir
     try:
         model, tokenizer, model_dir, run_root = load_for_serving(args.run_dir)
         run_dir = RunDir(run_root) if run_root is not None else None
-        reg = ToolRegistry()
+        search = None
         if run_dir is not None and run_dir.has("index", "config.json"):
             from quark.retrieval.store import open_run_store
-            store = open_run_store(run_dir)
-            reg.register("search", "search the run's document index; returns the top passages",
-                         {"type": "object", "properties": {"query": {"type": "string", "minLength": 1},
-                                                           "k": {"type": "integer", "minimum": 1, "maximum": 10}},
-                          "required": ["query"], "additionalProperties": False},
-                         lambda query, k=3: [{"doc": h.doc_id, "text": h.text[:400]} for h in store.search(query, k=k)])
+            search = store_search(open_run_store(run_dir))
+        reg = builtin_tools(search)   # the tools the run's SFT data taught its model to call
         for spec in args.api:
             name, _, url = spec.partition("=")
             if not url:

@@ -11,8 +11,10 @@ Arguments are checked against the tool's JSON schema (Draft 2020-12, the `jsonsc
 the tool runs, so a tool body never sees malformed input; every failure becomes an error observation
 the model can read, never an exception in the agent loop.
 """
+import ast
 import http.client
 import json
+import operator
 import socket
 import threading
 import time
@@ -21,7 +23,7 @@ from dataclasses import dataclass, field
 
 import jsonschema
 
-from quark.chat import format_tool_call, parse_tool_calls
+from quark.chat import format_tool_call, parse_tool_calls, tools_prompt
 
 
 class ToolError(Exception):
@@ -115,13 +117,14 @@ class ToolRegistry:
     def specs(self, names=None):
         return [t.spec() for n, t in self.tools.items() if names is None or n in names]
 
+    def openai_tools(self, names=None):
+        """The tools as OpenAI tool objects (what chat requests and instruction records carry)."""
+        return [{"type": "function", "function": s} for s in self.specs(names)]
+
     def system_prompt(self, names=None):
-        """Tool descriptions and the call format, for the system message."""
-        lines = ["You can call tools. To call one, reply with only "
-                 '<tool_call>{"name": NAME, "arguments": {...}}</tool_call>; the result comes back in a tool message.',
-                 "Tools:"]
-        lines += [json.dumps(s) for s in self.specs(names)]
-        return "\n".join(lines)
+        """Tool descriptions and the call format, for the system message: the chat template's own text
+        (quark.chat.tools_prompt), so the run's model sees its tools as its tool-use training showed them."""
+        return tools_prompt(self.openai_tools(names))
 
     def validate(self, call):
         if call.tool not in self.tools:
@@ -147,6 +150,62 @@ class ToolRegistry:
             return ToolResult(call.tool, False, error=str(e), seconds=time.perf_counter() - t0)
         except Exception as e:   # a failing tool is an observation for the model, not a crash of the agent
             return ToolResult(call.tool, False, error=f"{type(e).__name__}: {e}", seconds=time.perf_counter() - t0)
+
+
+# ------------------------------------------------------------------------------ built-in tools
+# The tools the run's own model is fine-tuned to call (quark.tune.instruct writes records with exactly
+# this registry's listing) and the agent offers: a calculator (exact arithmetic, which a small model
+# cannot do itself; Schick et al. 2023, "Toolformer") and a search over the run's document index.
+_ARITH = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+          ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
+
+
+def calculate(expression):
+    """Exact arithmetic on numbers with + - * / // % ** and parentheses (parsed, never evaluated as code)."""
+    if not isinstance(expression, str) or len(expression) > 200:
+        raise ToolError("expression must be a string of at most 200 characters")
+
+    def ev(node):
+        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+            return node.value
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            v = ev(node.operand)
+            return -v if isinstance(node.op, ast.USub) else v
+        if isinstance(node, ast.BinOp) and type(node.op) in _ARITH:
+            a, b = ev(node.left), ev(node.right)
+            if isinstance(node.op, ast.Pow) and (abs(b) > 64 or abs(a) > 1e6):   # bounded: no 9**9**9
+                raise ToolError("exponent too large")
+            try:
+                return _ARITH[type(node.op)](a, b)
+            except ZeroDivisionError:
+                raise ToolError("division by zero") from None
+        raise ToolError(f"not arithmetic: {ast.unparse(node)!r}")
+    try:
+        tree = ast.parse(expression.strip(), mode="eval")
+    except SyntaxError:
+        raise ToolError(f"not an arithmetic expression: {expression!r}") from None
+    return ev(tree.body)
+
+
+# short specs: every tool-use example carries the listing, and a small model's context is short
+CALCULATOR = ("calculator", "Exact arithmetic.",
+              {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]})
+SEARCH_DOCS = ("search_docs", "Search the documentation by topic.",
+               {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]})
+
+
+def builtin_tools(search=None):
+    """A registry with the calculator and, given search(query) -> [{"doc", "text"}], search_docs."""
+    reg = ToolRegistry()
+    reg.register(*CALCULATOR, calculate)
+    reg.register(*SEARCH_DOCS, search or (lambda query: []))
+    return reg
+
+
+def store_search(store, k=1, max_chars=400):
+    """search_docs over a retrieval Store: the top k passages with their document ids (one by default: the
+    tool-use records show one, and a small model's context is short)."""
+    return lambda query: [{"doc": h.doc_id, "text": h.text[:max_chars]} for h in store.search(query, k=k)]
 
 
 # ------------------------------------------------------------------------------ HTTP connector

@@ -6,9 +6,13 @@ Corpus pairs (deterministic, no model needed):
 - docs (run_dir/clean/docs.jsonl): section title -> the paragraph under it, page title -> its first paragraph;
 - safety: harmful requests (the *build* intent families of quark.safety_data) -> the refusal template,
   so SFT teaches refusals without seeing the families the red-team evaluation uses;
-- tool use: a docs question -> a search_docs call (OpenAI tool_calls; the chat template renders it as
-  <tool_call>...</tool_call>, the syntax `quark serve` parses) -> the passage as the tool result -> the
-  answer, so the run's own model learns to emit calls.
+- tool use, with the built-in tools of quark.retrieval.tools listed as the agent lists them: a docs
+  question -> a search_docs call (OpenAI tool_calls; the chat template renders it as
+  <tool_call>...</tool_call>, the syntax `quark serve` and the agent parse) -> the passage as the tool's
+  observation -> the answer; and an arithmetic question -> a calculator call -> its result -> an answer
+  that states it, so the run's own model learns to emit calls and use what comes back;
+- verifiable tasks (quark.verifiable, training split): prompt -> reference answer, so the SFT model is a
+  warm start for GRPO on the same kinds of task (their held-out split stays out of every step's training).
 Self-instruct (Wang et al. 2022, "Self-Instruct"): a teacher model is shown a few sampled instructions,
 writes a new one and answers it; kept only if well-formed and not too similar (word-set Jaccard) to
 any instruction already in the pool.
@@ -33,14 +37,17 @@ from quark.config import ConfigError, Step, from_dict
 from quark.infer.engine import Engine
 from quark.infer.sampling import SamplingParams
 from quark.io import atomic_open, atomic_write_json, read_jsonl
+from quark.retrieval.tools import ToolResult, builtin_tools, calculate
 from quark.rundir import RunDir
 from quark.safety_data import REFUSAL, harmful_requests
+from quark.verifiable import FAMILIES, make_tasks, reference_records
 
 SYSTEM = "You are Quark, a concise assistant for Python and its documentation."
 DOC_PROMPTS = ("Write the docstring for this Python function:\n{sig}", "What does `{sig}` do?",
                "Document this function in one paragraph:\n{sig}")
 CODE_PROMPTS = ("Write a Python function `{name}` that does this: {doc}", "Implement `{name}`. {doc}")
-SECTION_PROMPTS = ("Explain \"{title}\".", "What does the documentation say about {title}?", "Tell me about {title}.")
+# the title in quotes, as a search_docs query writes it in JSON: the same tokens in both, so a call copies them
+SECTION_PROMPTS = ("Explain \"{title}\".", "What does the documentation say about \"{title}\"?", "Tell me about \"{title}\".")
 
 
 @dataclass
@@ -53,7 +60,10 @@ class InstructConfig:
     max_tokens: int = 0               # token budget per example under the run's chat format; 0: 256
     system_prompt: bool = False       # prepend the SYSTEM message to every record
     safety_examples: int = 40         # harmful request -> refusal records (0: none; at most 10% of the data)
-    tool_examples: int = 40           # docs question -> search_docs call -> answer records (0: none; at most 10%)
+    tool_examples: int = 40           # docs question -> search_docs call -> answer records (0: none; one per docs pair at most)
+    calculator_examples: int = 40     # arithmetic question -> calculator call -> answer records (0: none)
+    verifiable_examples: int = 0      # records from verifiable tasks' training split (0: none)
+    verifiable_tasks: str = "add,format,code"   # their families (quark.verifiable)
     self_instruct: int = 0            # new instructions to generate with the teacher model (0: off)
     teacher: str = "auto"             # model dir, a model step, or "auto": the latest model of the run
     max_files: int = 0                # code files to read (0: all)
@@ -64,6 +74,9 @@ class InstructConfig:
             raise ConfigError(f"instruct.val_fraction: must be in (0, 0.5), got {self.val_fraction}")
         if self.max_examples < 10:
             raise ConfigError(f"instruct.max_examples: must be >= 10, got {self.max_examples}")
+        unknown = [f for f in self.verifiable_tasks.split(",") if f.strip() not in FAMILIES]
+        if unknown:
+            raise ConfigError(f"instruct.verifiable_tasks: unknown families {unknown}; known: {list(FAMILIES)}")
 
 
 def validate_config(cfg):
@@ -124,36 +137,54 @@ HEADING = re.compile(r"^[A-Za-z0-9_.()\-:, ]{3,70}$")
 
 
 def doc_pairs(text, title, rng, max_chars=600):
-    """Section title -> the paragraph under it; page title -> the first paragraph."""
+    """Section title -> the paragraph under it; page title -> the first paragraph. Each record keeps its
+    title as "topic" (the query of its search_docs record)."""
     blocks = [b.strip() for b in re.split(r"\n\s*\n", text) if b.strip()]
     out = []
     for head, body in zip(blocks, blocks[1:]):
         if "\n" not in head and HEADING.match(head) and not head.endswith(".") and len(body) >= 40 \
                 and not HEADING.match(body):
-            out.append(chat(rng.choice(SECTION_PROMPTS).format(title=head.strip(":")), clip_sentences(" ".join(body.split()), max_chars)))
+            topic = head.strip(":")
+            out.append(chat(rng.choice(SECTION_PROMPTS).format(title=topic), clip_sentences(" ".join(body.split()), max_chars))
+                       | {"topic": topic})
     if title and blocks:
         body = next((b for b in blocks if len(b) >= 60), None)
         if body:
-            out.append(chat(f"Summarize the documentation page \"{title}\".", clip_sentences(" ".join(body.split()), max_chars)))
+            out.append(chat(f"Summarize the documentation page \"{title}\".", clip_sentences(" ".join(body.split()), max_chars))
+                       | {"topic": title})
     return out
 
 
-SEARCH_TOOL = {"type": "function", "function": {
-    "name": "search_docs", "description": "Search the documentation; returns the best matching passage.",
-    "parameters": {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}}}
+TOOLS = builtin_tools().openai_tools()     # every tool record lists the agent's tools, in its order
+# the expression in quotes, as in the call's JSON: its tokens are the same in both, so the call copies them
+CALC_PROMPTS = ('What is "{e}"?', 'Compute "{e}".', 'Calculate "{e}" exactly.')
+
+
+def tool_record(question, name, arguments, result, answer):
+    """The question, one call, the tool's observation (as the agent writes it) and the answer."""
+    call = {"id": "call_0", "type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}
+    observation = ToolResult(name, True, result).to_message()["content"]
+    return {"tools": TOOLS, "messages": [
+        {"role": "user", "content": question}, {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_0", "content": observation}, {"role": "assistant", "content": answer}]}
 
 
 def tool_records(pairs, n, rng):
-    """Question/answer pairs -> tool-use records: the question, a search_docs call, the passage as the
-    tool's result, and the answer drawn from it."""
+    """Docs question/answer pairs -> search_docs records: the query is the topic, the passage comes back
+    and is the answer."""
+    return [tool_record(r["messages"][-2]["content"], "search_docs", {"query": r["topic"]},
+                        [{"doc": r.get("doc", ""), "text": r["messages"][-1]["content"]}], r["messages"][-1]["content"])
+            for r in rng.sample(pairs, min(n, len(pairs)))]
+
+
+def calculator_records(n, rng):
+    """Arithmetic a small model cannot do itself -> calculator records; the answer states the result."""
     out = []
-    for r in rng.sample(pairs, min(n, len(pairs))):
-        question, answer = r["messages"][-2]["content"], r["messages"][-1]["content"]
-        call = {"id": "call_0", "type": "function",
-                "function": {"name": "search_docs", "arguments": json.dumps({"query": question})}}
-        out.append({"tools": [SEARCH_TOOL], "messages": [
-            {"role": "user", "content": question}, {"role": "assistant", "content": None, "tool_calls": [call]},
-            {"role": "tool", "tool_call_id": "call_0", "content": answer}, {"role": "assistant", "content": answer}]})
+    for _ in range(n):
+        e = f"{rng.randrange(10, 1000)}{rng.choice('+-*')}{rng.randrange(10, 100)}"
+        value = calculate(e)
+        out.append(tool_record(rng.choice(CALC_PROMPTS).format(e=e), "calculator", {"expression": e}, value,
+                               f"The calculator says {value}."))
     return out
 
 
@@ -185,13 +216,18 @@ def keep(rec, s: InstructConfig, fmt=None, max_tokens=256):
         return False
     if sum(c.isprintable() or c in "\n\t" for c in resp) < 0.98 * len(resp):
         return False
-    if fmt is not None:
-        try:
-            ids, _ = fmt.encode(rec["messages"], tools=rec.get("tools"))
-        except ValueError:   # a checkpoint's own template may refuse a record (e.g. tool turns it has no syntax for)
-            return False
-        return len(ids) <= max_tokens
-    return True
+    return fits(rec, fmt, max_tokens)
+
+
+def fits(rec, fmt, max_tokens):
+    """Within the token budget under the run's chat format (no format yet: True)."""
+    if fmt is None:
+        return True
+    try:
+        ids, _ = fmt.encode(rec["messages"], tools=rec.get("tools"))
+    except ValueError:   # a checkpoint's own template may refuse a record (e.g. tool turns it has no syntax for)
+        return False
+    return len(ids) <= max_tokens
 
 
 def jaccard(a, b):
@@ -262,7 +298,8 @@ def corpus_records(run_dir, s: InstructConfig, rng):
             if not isinstance(rec, dict) or "text" not in rec:
                 raise ValueError(f"{clean}:{n}: expected field 'text'")
             meta = rec.get("meta") or {}
-            docs += doc_pairs(rec["text"], meta.get("title") if isinstance(meta, dict) else None, rng, s.max_response_chars)
+            docs += [r | {"doc": str(rec.get("id", ""))} for r in
+                     doc_pairs(rec["text"], meta.get("title") if isinstance(meta, dict) else None, rng, s.max_response_chars)]
     if not paths and not run_dir.has("clean", "docs.jsonl"):
         raise FileNotFoundError(f"{run_dir.root} has neither scrape/files-*.jsonl nor clean/docs.jsonl; run the data steps first")
     return code, docs, files
@@ -287,11 +324,16 @@ def run_step(run_dir, cfg: dict) -> dict:
     rng.shuffle(pool)
     # at most 10% refusals, so a small corpus does not teach the model to refuse everything
     safety = safety_pairs(min(s.safety_examples, len(pool) // 10), rng) if s.safety_examples else []
-    # tool use over the docs pairs: added after dedup (a record repeats its pair's answer), at most 10%
+    # tool use over the docs pairs: added after dedup (a record repeats its pair's answer), one per pair at most
     doc_ids = {id(r) for r in docs}
-    tools = [r for r in tool_records([r for r in pool if id(r) in doc_ids], min(s.tool_examples, len(pool) // 10), rng)
-             if keep(r, s, fmt, max_tokens)] if s.tool_examples else []
-    pool = pool[: max(0, s.max_examples - len(safety) - len(tools))]
+    tools = [r for r in tool_records([r for r in pool if id(r) in doc_ids], s.tool_examples, rng)
+             if keep(r, s, fmt, max_tokens)]
+    # generated, so not bounded by the corpus; short answers: only the token budget applies
+    tools += [r for r in calculator_records(s.calculator_examples, rng) if fits(r, fmt, max_tokens)]
+    tasks = make_tasks([f.strip() for f in s.verifiable_tasks.split(",")], "train")
+    verifiable = [r for r in reference_records(rng.sample(tasks, min(s.verifiable_examples, len(tasks))))
+                  if fits(r, fmt, max_tokens)]
+    pool = pool[: max(0, s.max_examples - len(safety) - len(tools) - len(verifiable))]
     gen_stats = {}
     if s.self_instruct:
         from quark.model.io import load_model
@@ -299,7 +341,7 @@ def run_step(run_dir, cfg: dict) -> dict:
         teacher_chat = run_dir.chat(teacher)
         new, gen_stats = self_instruct(load_model(teacher), teacher_chat, pool, s.self_instruct, rng)
         pool += dedup([r for r in new if keep(r, s, fmt or teacher_chat, max_tokens)])
-    records = pool + safety + tools
+    records = pool + safety + tools + verifiable
     if s.system_prompt:
         records = [r | {"messages": [{"role": "system", "content": SYSTEM}] + r["messages"]} for r in records]
     rng.shuffle(records)
@@ -311,7 +353,7 @@ def run_step(run_dir, cfg: dict) -> dict:
     write_jsonl(out / "train.jsonl", train)
     write_jsonl(out / "val.jsonl", val)
     stats = {"python_files": files, "code_pairs": len(code), "doc_pairs": len(docs), "safety_pairs": len(safety),
-             "tool_records": len(tools),
+             "tool_records": len(tools), "verifiable_records": len(verifiable),
              "self_instruct": gen_stats, "train": len(train), "val": len(val), "settings": asdict(s)}
     atomic_write_json(out / "stats.json", stats)
     return stats
