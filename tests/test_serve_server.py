@@ -980,22 +980,8 @@ def test_lora_adapters_by_name_through_quark_serve(tmp_path):
     want = {(m, j): greedy_text(f, p) for m, f in forwards.items() for j, p in enumerate(prompts)}
     assert want["base:p", 0] != want["base", 0] and want["base:q", 0] != want["base", 0]
 
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "quark.cli", "serve", str(tmp_path / "base"), "--port", str(port),
-                             "--model-name", "base", "--max-batch", "4", "--adapter", f"q={tmp_path / 'q'}",
-                             "--adapter", f"p={tmp_path / 'p'}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.time() < deadline and proc.poll() is None, proc.stdout.read().decode() if proc.poll() else ""
-            time.sleep(0.2)
+    with serve_process(tmp_path / "base", "--model-name", "base", "--max-batch", "4", "--adapter", f"q={tmp_path / 'q'}",
+                       "--adapter", f"p={tmp_path / 'p'}") as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
         assert [m.id for m in client.models.list().data] == ["base", "base:q", "base:p"]
         got, errors = {}, []
@@ -1022,9 +1008,6 @@ def test_lora_adapters_by_name_through_quark_serve(tmp_path):
         assert text == want["base:p", 2]
         bad = httpx.post(url + "/v1/embeddings", json={"model": "base:q", "input": "hi"})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "model"
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 def test_serve_adapter_flag_says_what_is_wrong(tmp_path, capsys):
