@@ -151,12 +151,18 @@ class Draw:
         raise AssertionError(f"{name}: no strategy for parameter type {typ!r}; add one")
 
 
+# Private by design, taking tensors' raw addresses (csrc/bindings/layer.cpp: importing a tensor costs 10-100x
+# their work): no C++ code can check an address, so random ints would write anywhere. Their only caller,
+# quark.ops.layer, checks every argument first; tests/test_ops_layer.py holds it to clear errors.
+RAW_ADDRESS = {"_rmsnorm", "_rope_store"}
+
+
 def targets():
     """(label, make_callable, param lists): module functions, constructors and methods of each class."""
     out = []
     for name in sorted(dir(_C)):
         obj = getattr(_C, name)
-        if name.startswith("__"):
+        if name.startswith("__") or name in RAW_ADDRESS:
             continue
         if isinstance(obj, type):
             out.append((name, lambda obj=obj: obj, [parse_params(s) for s in signatures(obj.__init__, "__init__")]))
@@ -258,7 +264,7 @@ TARGETS = targets()
 
 def test_every_binding_is_fuzzed():
     names = {label for label, _, _ in TARGETS}
-    functions = {n for n in dir(_C) if not n.startswith("__") and callable(getattr(_C, n))}
+    functions = {n for n in dir(_C) if not n.startswith("__") and callable(getattr(_C, n))} - RAW_ADDRESS
     assert functions <= names and len(names) > len(functions)   # the classes' methods too
     for label, _, sigs in TARGETS:
         assert sigs and all(isinstance(p, list) for p in sigs), label
