@@ -499,7 +499,7 @@ def test_memory_bytes_counts_capacity():
 # Run in a fresh interpreter: in a long test process, freed pages, huge-page state and malloc arenas
 # left by earlier tests make the RSS growth of one index unrepeatable.
 _MEMORY_PROBE = """
-import ctypes, gc, json, sys
+import ctypes, gc, json, os, sys
 import numpy as np
 from quark.search import Index
 kind, storage, rows, rows_dir = sys.argv[1:5]
@@ -510,6 +510,10 @@ trim = ctypes.CDLL("libc.so.6").malloc_trim
 rng = np.random.default_rng(20)
 centers = rng.standard_normal((20, 48)).astype(np.float32) * 4
 x = (centers[rng.integers(0, 20, 20000)] + rng.standard_normal((20000, 48))).astype(np.float32)
+os.makedirs(rows_dir + "/warm")
+warm = Index(48, kind=kind, storage=storage, rows=rows, rows_dir=rows_dir + "/warm", M=8, ef_construction=20)
+warm.add(x[:2000]); warm.search(x[:50], 10)   # the kernel threads start, with their stacks and malloc arenas:
+del warm                                      # the process's, not the index's
 gc.collect(); trim(0)
 r0 = rss()
 index = Index(48, kind=kind, storage=storage, rows=rows, rows_dir=rows_dir, M=8, ef_construction=20)
