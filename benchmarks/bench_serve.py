@@ -14,10 +14,8 @@ Random weights are fine: speed does not depend on them.
 """
 import json
 import statistics
-import sysconfig
 import threading
 import time
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -383,10 +381,10 @@ def constrained(quick=False):
     matcher advances and masks every step) vs the same request unconstrained, batch 1, interleaved: time per
     output token after the first (the grammar's compile and first mask are paid once, before the first
     token), each request's over the tokens it generated, since the two generate different text."""
+    from benchmarks.bench_speculative import stdlib_corpus
     from quark.data.tokenizer import train as train_tokenizer
     from quark.infer.constrain import Constraint
-    stdlib = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:40]
-    tok = train_tokenizer([p.read_text(encoding="utf-8", errors="replace") for p in stdlib], vocab_size=4096)
+    tok = train_tokenizer(stdlib_corpus(1_000_000), vocab_size=4096)
     torch.manual_seed(0)
     cfg = make_config(quick)
     cfg = GPTConfig(**{**cfg.__dict__, "vocab_size": tok.get_vocab_size()})
